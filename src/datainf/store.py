@@ -1,0 +1,753 @@
+"""On-disk store of per-example gradients: resumable, atomic per chunk, memory-mapped on read.
+
+A store is a directory holding the per-example gradients of one dataset under one model + adapter + task,
+so that scoring never recomputes them::
+
+    STORE/
+      manifest.json     format version, library version, blocks (names + shapes, in order), storage dtype,
+                        n_examples, chunk_size, fingerprints {model, adapter, task, dataset}, meta, complete
+      chunks/00000/     one folder per chunk of examples: one ``bNNNN.npy`` per block (the chunk's rows,
+                        flattened to (rows, d), in the storage dtype) and ``sq_norms.npy`` ((rows, n_blocks)
+                        float64 squared norms of each example's gradient per block, from the float32 values)
+      lock              present while a writer holds the store: {"pid", "host", "token"}
+
+A chunk is written into ``chunks/.tmp-NNNNN-<pid>``, fsynced, then renamed to ``chunks/NNNNN``: it appears
+whole or not at all. Re-running :meth:`GradientStore.create` with the same settings resumes the store;
+:meth:`GradientStore.missing_chunks` lists what is left to compute.
+
+Fingerprints (short sha256 hex strings) identify what the gradients depend on: :func:`fingerprint_model`,
+:func:`fingerprint_dataset`, :func:`fingerprint_task`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from datainf.errors import DataInfError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16")
+FINGERPRINT_KEYS = ("model", "adapter", "task", "dataset")
+_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FLOAT16_MAX = 65504.0
+
+
+# --------------------------------------------------------------------------------------------------
+# small file helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _library_version() -> str:
+    import datainf
+
+    return str(getattr(datainf, "__version__", "unknown"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the lock
+# --------------------------------------------------------------------------------------------------
+
+
+def _acquire_lock(store: Path) -> dict[str, Any]:
+    """Create STORE/lock exclusively; take over a stale lock (dead pid on this host). Returns its content."""
+    lock = store / "lock"
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            fd = None
+        if fd is None:
+            try:
+                held = json.loads(lock.read_text(encoding="utf-8"))
+                pid, host = int(held["pid"]), str(held["host"])
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except (OSError, ValueError, KeyError, TypeError):
+                raise DataInfError(
+                    f"store {store} is locked by an unknown writer (unreadable {lock}); "
+                    f"remove {lock} if no process is writing this store"
+                ) from None
+            if host == mine["host"] and not _pid_alive(pid):
+                logger.warning("store %s: taking over a stale lock of process %d (no longer running)", store, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            raise DataInfError(
+                f"store {store} is being written by process {pid} on host {host}; "
+                f"wait for it or remove {lock} if that process is gone"
+            )
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(mine, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return mine
+    raise DataInfError(f"store {store}: could not take {lock} (it keeps reappearing); is another writer starting?")
+
+
+def _release_lock(lock: Path, token: str) -> None:
+    """Remove the lock file if it is still ours (called on close, on exit and at garbage collection)."""
+    try:
+        held = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(held, dict) and held.get("token") == token and held.get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)  # (a forked child carries the token but is not the holder)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
+
+
+class StoredBlock:
+    """One block of a store as a row source: rows are read from memory-mapped chunk files on demand.
+
+    ``shape == (n_examples, d)`` (d = prod(block_shape)), ``dtype`` is the dtype ``__getitem__`` returns,
+    ``device`` is cpu. ``block[rows]`` takes a slice, an int, or a 1-D LongTensor / ndarray / list of row
+    indices and returns a tensor ``(rows, d)`` (``(d,)`` for an int), touching only the chunks it needs.
+    Can be passed to :func:`datainf.influence` directly.
+    """
+
+    def __init__(self, store: GradientStore, name: str, dtype: torch.dtype):
+        self.store = store
+        self.name = name
+        self.block_shape = store.block_shapes[name]
+        self.shape = (store.n_examples, math.prod(self.block_shape))
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+        self._file = store._block_file(name)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"StoredBlock({self.name!r}, shape={self.shape}, dtype={self.dtype}, store={str(self.store.path)!r})"
+
+    def _chunk(self, index: int) -> np.ndarray:
+        """The chunk's rows of this block, memory-mapped: (rows_in_chunk, d) in the storage dtype."""
+        path = self.store._chunk_dir(index) / self._file
+        if not path.is_file():
+            rows = self.store.chunk_rows(index)
+            raise DataInfError(
+                f"chunk {index} (examples {rows.start}..{rows.stop - 1}) of store {self.store.path} is not "
+                "written yet; finish computing the store (rerun the same command to resume)"
+            )
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+    def _to_torch(self, array: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.array(array))  # copies only the requested rows out of the memory map
+        if self.store.storage_dtype == "bfloat16":
+            t = t.view(torch.int16).view(torch.bfloat16)
+        return t.to(self.dtype)
+
+    def __getitem__(self, rows: slice | int | Tensor | np.ndarray | list[int]) -> Tensor:
+        n, d = self.shape
+        size = self.store.chunk_size
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            k = int(rows)
+            if not -n <= k < n:
+                raise DataInfError(f"block '{self.name}': row {k} is out of range for {n} examples")
+            return self[slice(k % n, k % n + 1)][0]
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            out = torch.empty(max(stop - start, 0), d, dtype=self.dtype)
+            pos = start
+            while pos < stop:
+                c = pos // size
+                end = min(stop, (c + 1) * size)
+                out[pos - start : end - start] = self._to_torch(self._chunk(c)[pos - c * size : end - c * size])
+                pos = end
+            return out
+        idx = rows.detach().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
+        if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+            raise DataInfError(
+                f"block '{self.name}': rows must be a slice, an int or a 1-D integer index, got "
+                f"{idx.dtype} with shape {idx.shape}"
+            )
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise DataInfError(f"block '{self.name}': row indices must lie in [-{n}, {n}), got {idx.min()}..{idx.max()}")
+        idx = idx % n if n else idx
+        out = torch.empty(len(idx), d, dtype=self.dtype)
+        chunk_of = idx // size
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for group in np.split(order, bounds):
+            if group.size == 0:
+                continue
+            c = int(chunk_of[group[0]])
+            out[torch.from_numpy(group)] = self._to_torch(self._chunk(c)[idx[group] - c * size])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the store
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_spec(
+    path: Path,
+    blocks: Mapping[str, tuple[int, ...]],
+    n_examples: int,
+    fingerprints: Mapping[str, str],
+    chunk_size: int,
+    dtype: str,
+    meta: Mapping[str, Any] | None,
+) -> dict[str, tuple[int, ...]]:
+    """Validate create()'s arguments; returns the block shapes as tuples of ints."""
+    if not isinstance(blocks, Mapping) or not blocks:
+        raise DataInfError(f"store {path}: blocks must be a non-empty mapping name -> shape")
+    shapes = {}
+    for name, shape in blocks.items():
+        if not isinstance(name, str) or not name:
+            raise DataInfError(f"store {path}: block names must be non-empty strings, got {name!r}")
+        dims = tuple(shape) if isinstance(shape, Iterable) else (shape,)
+        if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in dims):
+            raise DataInfError(f"store {path}: block '{name}' has shape {shape!r}; use a tuple of positive ints")
+        shapes[name] = tuple(int(s) for s in dims)
+    if not isinstance(n_examples, (int, np.integer)) or n_examples < 1:
+        raise DataInfError(f"store {path}: n_examples must be an int >= 1, got {n_examples!r}")
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise DataInfError(f"store {path}: chunk_size must be an int >= 1, got {chunk_size!r}")
+    if dtype not in DTYPES:
+        raise DataInfError(f"store {path}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not isinstance(fingerprints, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in fingerprints.items()
+    ):
+        raise DataInfError(f"store {path}: fingerprints must map names (model, adapter, task, dataset) to strings")
+    try:
+        json.dumps(dict(meta or {}))
+    except (TypeError, ValueError) as e:
+        raise DataInfError(f"store {path}: meta must be JSON-serialisable ({e})") from None
+    return shapes
+
+
+class GradientStore:
+    """A directory of per-example gradients (see the module docstring for the layout).
+
+    Attributes: ``path``, ``manifest`` (the parsed manifest.json), ``n_examples``, ``chunk_size``,
+    ``num_chunks``, ``block_names`` (in order), ``block_shapes`` (name -> per-example shape),
+    ``storage_dtype`` ("float32", "float16" or "bfloat16"), ``fingerprints``, ``complete``.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], *, writable: bool, lock_token: str | None = None):
+        """Use :meth:`create` or :meth:`open`."""
+        self.path = path
+        self.manifest = manifest
+        self.n_examples = int(manifest["n_examples"])
+        self.chunk_size = int(manifest["chunk_size"])
+        self.num_chunks = -(-self.n_examples // self.chunk_size)
+        self.block_names = [b["name"] for b in manifest["blocks"]]
+        self.block_shapes = {b["name"]: tuple(b["shape"]) for b in manifest["blocks"]}
+        self.storage_dtype = str(manifest["dtype"])
+        self.fingerprints = dict(manifest["fingerprints"])
+        self._writable = writable
+        self._release = None
+        if lock_token is not None:
+            self._release = weakref.finalize(self, _release_lock, path / "lock", lock_token)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete", False))
+
+    def __repr__(self) -> str:
+        done = self.num_chunks - len(self.missing_chunks())
+        return (
+            f"GradientStore({str(self.path)!r}, n_examples={self.n_examples}, blocks={len(self.block_names)}, "
+            f"dtype={self.storage_dtype}, chunks {done}/{self.num_chunks})"
+        )
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        blocks: Mapping[str, tuple[int, ...]],
+        n_examples: int,
+        fingerprints: Mapping[str, str],
+        chunk_size: int = 256,
+        dtype: str = "float32",
+        meta: Mapping[str, Any] | None = None,
+    ) -> GradientStore:
+        """Create a store for writing, or reopen an existing one made with the same settings (resume).
+
+        Args:
+            path: the store directory (created if needed; an existing one must be a store or empty).
+            blocks: block name -> per-example parameter shape, in the order scores should sum them.
+            n_examples: number of examples (rows) of the dataset.
+            fingerprints: e.g. {"model": ..., "adapter": ..., "task": ..., "dataset": ...}; a reopened
+                store must match every one.
+            chunk_size: examples per chunk (the unit of writing and of resuming).
+            dtype: storage dtype, "float32", "float16" or "bfloat16".
+            meta: free JSON-serialisable information kept in the manifest (not compared on resume).
+        Returns:
+            a writable store holding STORE/lock until :meth:`close` (or the end of a ``with`` block).
+        """
+        path = Path(path)
+        blocks = _check_spec(path, blocks, n_examples, fingerprints, chunk_size, dtype, meta)
+        if path.exists() and not path.is_dir():
+            raise DataInfError(f"store {path} is a file, not a directory; choose a new --store directory")
+        if path.is_dir() and not (path / "manifest.json").exists():
+            stray = [p.name for p in path.iterdir() if p.name not in ("lock", "chunks")]
+            if stray:
+                raise DataInfError(
+                    f"{path} exists and is not a gradient store (no manifest.json, holds {stray[:3]}); "
+                    "choose a new --store directory"
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        lock = _acquire_lock(path)
+        try:
+            wanted = {
+                "format_version": FORMAT_VERSION,
+                "library_version": _library_version(),
+                "blocks": [{"name": k, "shape": list(v)} for k, v in blocks.items()],
+                "dtype": dtype,
+                "n_examples": int(n_examples),
+                "chunk_size": int(chunk_size),
+                "fingerprints": dict(fingerprints),
+                "meta": dict(meta or {}),
+                "complete": False,
+            }
+            manifest_path = path / "manifest.json"
+            if manifest_path.exists():
+                manifest = _read_manifest(path)
+                _compare(path, manifest, wanted)
+            else:
+                manifest = wanted
+                _write_json_atomic(manifest_path, manifest)
+            chunks = path / "chunks"
+            chunks.mkdir(exist_ok=True)
+            for tmp in chunks.glob(".tmp-*"):
+                logger.info("store %s: removing %s left by an interrupted write", path, tmp.name)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            _release_lock(path / "lock", lock["token"])
+            raise
+        return cls(path, manifest, writable=True, lock_token=lock["token"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> GradientStore:
+        """Open a store read-only (no lock). Refuses an unfinished store unless ``allow_incomplete``."""
+        path = Path(path)
+        manifest = _read_manifest(path)
+        store = cls(path, manifest, writable=False)
+        if not store.complete and not allow_incomplete:
+            missing = store.missing_chunks()
+            raise DataInfError(
+                f"store {path} is incomplete ({store.num_chunks - len(missing)} of {store.num_chunks} chunks "
+                "written, not finalized); rerun the command that computes it to resume, or open it with "
+                "allow_incomplete=True"
+            )
+        return store
+
+    def close(self) -> None:
+        """Release the writer's lock. Reading stays possible afterwards; writing does not."""
+        self._writable = False
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- layout
+
+    def _chunk_dir(self, index: int) -> Path:
+        return self.path / "chunks" / f"{index:05d}"
+
+    def _block_file(self, name: str) -> str:
+        return f"b{self.block_names.index(name):04d}.npy"
+
+    def _check_index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_chunks:
+            raise DataInfError(
+                f"store {self.path}: chunk index {index!r} is out of range; it has chunks 0..{self.num_chunks - 1}"
+            )
+        return int(index)
+
+    def chunk_rows(self, index: int) -> range:
+        """The examples chunk ``index`` holds: ``range(index * chunk_size, min(n, (index + 1) * chunk_size))``."""
+        index = self._check_index(index)
+        return range(index * self.chunk_size, min(self.n_examples, (index + 1) * self.chunk_size))
+
+    def missing_chunks(self) -> list[int]:
+        """Indices of the chunks not written yet, ascending."""
+        return [i for i in range(self.num_chunks) if not self._chunk_dir(i).is_dir()]
+
+    # ---------------------------------------------------------------- writing
+
+    def write_chunk(self, index: int, grads: Mapping[str, Tensor]) -> None:
+        """Write the gradients of chunk ``index`` atomically.
+
+        Args:
+            index: chunk index, 0 <= index < num_chunks; must not be written yet.
+            grads: block name -> tensor ``(rows_in_chunk, *block_shape)`` (or ``(rows_in_chunk, d)``) for
+                every block of the store; any floating dtype, any device; values must be finite.
+        """
+        if not self._writable:
+            raise DataInfError(
+                f"store {self.path} is not open for writing (opened read-only or closed); use GradientStore.create"
+            )
+        index = self._check_index(index)
+        rows = self.chunk_rows(index)
+        if self._chunk_dir(index).exists():
+            raise DataInfError(
+                f"store {self.path}: chunk {index} is already written; write only missing_chunks()"
+            )
+        if not isinstance(grads, Mapping) or set(grads) != set(self.block_names):
+            given = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
+            raise DataInfError(
+                f"store {self.path}, chunk {index}: expected blocks {self.block_names}, got {given}"
+            )
+        arrays, sq = {}, np.empty((len(rows), len(self.block_names)), dtype=np.float64)
+        for j, name in enumerate(self.block_names):
+            g = grads[name]
+            shape = self.block_shapes[name]
+            d = math.prod(shape)
+            if not isinstance(g, Tensor) or not g.is_floating_point():
+                raise DataInfError(f"store {self.path}, chunk {index}: block '{name}' must be a floating torch.Tensor")
+            if tuple(g.shape) not in ((len(rows), *shape), (len(rows), d)):
+                raise DataInfError(
+                    f"store {self.path}, chunk {index}: block '{name}' has shape {tuple(g.shape)}; expected "
+                    f"{(len(rows), *shape)} (chunk {index} holds examples {rows.start}..{rows.stop - 1})"
+                )
+            g32 = g.detach().to(device="cpu", dtype=torch.float32).reshape(len(rows), d).contiguous()
+            bad = ~torch.isfinite(g32).all(dim=1)
+            if bool(bad.any()):
+                k = rows.start + int(bad.nonzero()[0])
+                raise DataInfError(
+                    f"store {self.path}: block '{name}', example {k} has a NaN or infinite gradient; "
+                    "drop that example or fix the loss that produced it"
+                )
+            sq[:, j] = (g32.double() ** 2).sum(dim=1).numpy()
+            arrays[name] = self._encode(name, g32, rows)
+        self._commit(index, arrays, sq)
+
+    def _encode(self, name: str, g32: Tensor, rows: range) -> np.ndarray:
+        """float32 rows (r, d) -> the storage array (float32, float16, or bfloat16 bits as uint16)."""
+        if self.storage_dtype == "float32":
+            return g32.numpy()
+        if self.storage_dtype == "float16":
+            too_big = (g32.abs() > _FLOAT16_MAX).any(dim=1)
+            if bool(too_big.any()):
+                k = rows.start + int(too_big.nonzero()[0])
+                raise DataInfError(
+                    f"store {self.path}: block '{name}', example {k} has gradient entries beyond float16's "
+                    f"range (|x| > {_FLOAT16_MAX:g}); create the store with dtype='bfloat16' or 'float32'"
+                )
+            return g32.to(torch.float16).numpy()
+        return g32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+    def _commit(self, index: int, arrays: Mapping[str, np.ndarray], sq: np.ndarray) -> None:
+        chunks = self.path / "chunks"
+        tmp = chunks / f".tmp-{index:05d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            for name, array in arrays.items():
+                _save_npy(tmp / self._block_file(name), array)
+            _save_npy(tmp / "sq_norms.npy", sq)
+            _fsync_dir(tmp)
+            os.rename(tmp, self._chunk_dir(index))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(chunks)
+
+    def finalize(self) -> None:
+        """Check that every chunk is present and mark the store complete (atomic manifest rewrite)."""
+        if not self._writable:
+            raise DataInfError(f"store {self.path} is not open for writing; use GradientStore.create to finish it")
+        missing = self.missing_chunks()
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            raise DataInfError(
+                f"store {self.path} cannot be finalized: {len(missing)} of {self.num_chunks} chunks are missing "
+                f"({shown}); write them first"
+            )
+        needed = [self._block_file(n) for n in self.block_names] + ["sq_norms.npy"]
+        for i in range(self.num_chunks):
+            absent = [f for f in needed if not (self._chunk_dir(i) / f).is_file()]
+            if absent:
+                raise DataInfError(
+                    f"store {self.path}: chunk folder {self._chunk_dir(i)} lacks {absent}; delete that folder "
+                    "and rerun to recompute it"
+                )
+        self.manifest = {**self.manifest, "complete": True}
+        _write_json_atomic(self.path / "manifest.json", self.manifest)
+
+    # ---------------------------------------------------------------- reading
+
+    def _read_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        out = _TORCH_STORAGE[self.storage_dtype] if dtype is None else dtype
+        if not out.is_floating_point:
+            raise DataInfError(f"store {self.path}: read dtype must be a floating torch dtype, got {dtype}")
+        return out
+
+    def block(self, name: str, *, dtype: torch.dtype | None = torch.float32) -> StoredBlock:
+        """A memory-mapped row source over block ``name``: shape (n_examples, d); rows come back in
+        ``dtype`` (float32 by default; None for the storage dtype)."""
+        if name not in self.block_shapes:
+            raise DataInfError(f"store {self.path} has no block '{name}'; it has {self.block_names}")
+        return StoredBlock(self, name, self._read_dtype(dtype))
+
+    def blocks(self, *, dtype: torch.dtype | None = torch.float32) -> dict[str, StoredBlock]:
+        """Every block as a row source, in manifest order; pass it straight to :func:`datainf.influence`."""
+        return {name: self.block(name, dtype=dtype) for name in self.block_names}
+
+    def load(self, name: str, *, dtype: torch.dtype | None = torch.float32) -> Tensor:
+        """Block ``name`` read into memory: (n_examples, *block_shape)."""
+        b = self.block(name, dtype=dtype)
+        return b[:].reshape(self.n_examples, *self.block_shapes[name])
+
+    def sq_norms(self) -> dict[str, Tensor]:
+        """Squared gradient norm of every example per block, name -> float64 tensor (n_examples,), computed
+        from the float32 values before any down-cast to the storage dtype."""
+        parts = []
+        for i in range(self.num_chunks):
+            path = self._chunk_dir(i) / "sq_norms.npy"
+            if not path.is_file():
+                raise DataInfError(f"store {self.path}: chunk {i} is not written yet; finish computing the store")
+            parts.append(np.load(path, allow_pickle=False))
+        sq = torch.from_numpy(np.concatenate(parts, axis=0))
+        return {name: sq[:, j].clone() for j, name in enumerate(self.block_names)}
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise DataInfError(f"{path} is not a gradient store (no manifest.json); check the --store path")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataInfError(f"store {path}: manifest.json is unreadable ({e}); delete the store and recompute") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataInfError(
+            f"store {path} has format version {manifest.get('format_version')!r}, this library reads "
+            f"{FORMAT_VERSION}; recompute it in a new --store directory"
+        )
+    for key in ("blocks", "dtype", "n_examples", "chunk_size", "fingerprints"):
+        if key not in manifest:
+            raise DataInfError(f"store {path}: manifest.json lacks '{key}'; delete the store and recompute")
+    return manifest
+
+
+def _compare(path: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Refuse to resume a store made with different settings, naming the first item that differs."""
+    hint = "use a new --store directory or delete it"
+    old_names = [b["name"] for b in old["blocks"]]
+    new_names = [b["name"] for b in new["blocks"]]
+    if old_names != new_names:
+        raise DataInfError(f"store {path} was made with different blocks ({old_names} != {new_names}); {hint}")
+    for a, b in zip(old["blocks"], new["blocks"]):
+        if list(a["shape"]) != list(b["shape"]):
+            raise DataInfError(
+                f"store {path} was made with a different shape of block '{a['name']}' "
+                f"({tuple(a['shape'])} != {tuple(b['shape'])}); {hint}"
+            )
+    for key, what in (("dtype", "storage dtype"), ("n_examples", "number of examples"), ("chunk_size", "chunk_size")):
+        if old[key] != new[key]:
+            raise DataInfError(f"store {path} was made with a different {what} ({old[key]} != {new[key]}); {hint}")
+    old_fp, new_fp = old["fingerprints"], new["fingerprints"]
+    keys = [k for k in FINGERPRINT_KEYS if k in old_fp or k in new_fp]
+    keys += sorted((set(old_fp) | set(new_fp)) - set(keys))
+    for key in keys:
+        if old_fp.get(key) != new_fp.get(key):
+            raise DataInfError(
+                f"store {path} was made with a different {key} (fingerprint {old_fp.get(key)} != "
+                f"{new_fp.get(key)}); {hint}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprints
+# --------------------------------------------------------------------------------------------------
+
+_SAMPLE = 1024
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"}
+
+
+def _short(h: Any) -> str:
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def _json_default(x: Any) -> Any:
+    """JSON stand-ins for values json cannot write: arrays and tensors by content hash, sets sorted."""
+    if isinstance(x, Tensor):
+        return {"tensor": str(x.dtype), "shape": list(x.shape), "sha256": hashlib.sha256(_tensor_bytes(x)).hexdigest()}
+    if isinstance(x, np.ndarray):
+        data = np.ascontiguousarray(x).tobytes()
+        return {"ndarray": str(x.dtype), "shape": list(x.shape), "sha256": hashlib.sha256(data).hexdigest()}
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (bytes, bytearray)):
+        return {"bytes": hashlib.sha256(bytes(x)).hexdigest()}
+    if isinstance(x, (set, frozenset)):
+        return sorted(x, key=repr)
+    if isinstance(x, Path):
+        return str(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    if hasattr(x, "tobytes") and hasattr(x, "size") and hasattr(x, "mode"):  # a PIL image
+        return {"image": x.mode, "size": list(x.size), "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
+    raise TypeError(f"cannot fingerprint a value of type {type(x).__name__}")
+
+
+def _stable_json(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
+def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        return {"repr": type(config).__name__}
+    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def fingerprint_model(model: torch.nn.Module) -> dict[str, str]:
+    """Fingerprints of a model's base weights and of its adapter.
+
+    Returns:
+        {"model": ..., "adapter": ...}, 16 hex characters each.
+        "model" hashes the config (without paths and library versions) and, for every frozen parameter,
+        its name, shape, dtype, first and last 1024 values and its float64 sum (cheap even for 13B models).
+        "adapter" hashes every trainable parameter's name, shape, dtype and full bytes, plus the PEFT
+        config (rank, alpha, target modules) when the model has one.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise DataInfError(f"fingerprint_model expects a torch.nn.Module, got {type(model).__name__}")
+    base, adapter = hashlib.sha256(), hashlib.sha256()
+    try:
+        base.update(_stable_json(_config_dict(model)).encode())
+        peft_config = getattr(model, "peft_config", None)
+        if peft_config is not None:
+            adapter.update(_stable_json(peft_config).encode())
+    except TypeError as e:
+        raise DataInfError(f"fingerprint_model: the model's config cannot be written as JSON ({e})") from None
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise DataInfError(f"fingerprint_model: parameter '{name}' is on the meta device; load the weights first")
+        header = f"{name}|{tuple(p.shape)}|{p.dtype}|".encode()
+        if p.requires_grad:
+            adapter.update(header)
+            adapter.update(_tensor_bytes(p))
+        else:
+            flat = p.detach().reshape(-1)
+            base.update(header)
+            base.update(_tensor_bytes(flat[:_SAMPLE]))
+            base.update(_tensor_bytes(flat[-_SAMPLE:]))
+            base.update(repr(float(flat.sum(dtype=torch.float64))).encode())
+    return {"model": _short(base), "adapter": _short(adapter)}
+
+
+def fingerprint_dataset(records: Iterable[Any]) -> str:
+    """Fingerprint of a dataset: the stable JSON (sorted keys) of every record, in order (16 hex chars).
+
+    Records may be dicts, sequences, strings, numbers, dataclasses; tensors, arrays, bytes and PIL images
+    inside them are hashed by content.
+    """
+    h = hashlib.sha256()
+    count = 0
+    for k, record in enumerate(records):
+        try:
+            h.update(_stable_json(record).encode())
+        except TypeError as e:
+            raise DataInfError(f"fingerprint_dataset: record {k} cannot be fingerprinted ({e})") from None
+        h.update(b"\n")
+        count += 1
+    h.update(f"n={count}".encode())
+    return _short(h)
+
+
+def fingerprint_task(task_description: str | Mapping[str, Any]) -> str:
+    """Fingerprint of whatever defines the loss (task name, prompt template, label words, ...): 16 hex chars."""
+    if not isinstance(task_description, (str, Mapping)):
+        raise DataInfError(
+            f"fingerprint_task expects a string or a dict, got {type(task_description).__name__}"
+        )
+    try:
+        text = _stable_json(task_description)
+    except TypeError as e:
+        raise DataInfError(f"fingerprint_task: the task description cannot be fingerprinted ({e})") from None
+    return _short(hashlib.sha256(text.encode()))
