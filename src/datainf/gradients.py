@@ -1,0 +1,313 @@
+"""Per-example gradients of a (PEFT / LoRA) model: one gradient per example per tracked parameter tensor.
+
+Fast path: every tracked parameter that is the ``weight`` or ``bias`` of an ``nn.Linear`` (PEFT's
+``lora_A`` / ``lora_B`` and a ``modules_to_save`` classifier are) is handled by hooks. A forward hook saves
+the module's input x (B, ..., in) and a tensor hook on its output catches the output gradient g
+(B, ..., out) during ONE backward pass of the SUM of the per-example losses; since examples do not interact
+(eval mode), ``einsum("b...o,b...i->boi", g, x)`` is each example's weight gradient and ``g`` summed over
+the middle dimensions its bias gradient. Padding cannot leak: a padded position's output gradient is zero.
+
+As a safety net, the per-example gradients summed over the batch are compared with the batch gradient
+autograd computes in the same pass; a parameter whose sums disagree (weights tied to another module, a
+module that folds the batch into another dimension, ...) falls back to the slow path.
+
+Fallback: tracked parameters the fast path does not cover (an embedding LoRA, a raw ``nn.Parameter``, a
+GPT-2 ``Conv1D``) get a loop of single-example forward/backward calls, for those parameters only. The
+choice is logged once (logger ``"datainf.gradients"``, level INFO).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from datainf.errors import DataInfError
+from datainf.tasks import Task, batch_size, empty_examples, per_example_loss
+
+logger = logging.getLogger("datainf.gradients")
+
+ParamFilter = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+
+_NO_TRAINABLE = "no trainable parameters: is this a PEFT model with a LoRA adapter?"
+_LORA_NAME = re.compile(r"^(?P<module>.*)\.lora_[A-Za-z_]+\.(?P<adapter>[^.]+)(\.[^.]+)?$")
+_reported_fallbacks: set[tuple[str, ...]] = set()
+
+
+def tracked_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
+    """The parameters whose per-example gradients are computed, by name (as in ``model.named_parameters()``).
+
+    params: None for every parameter with ``requires_grad=True``; a list of names (each must be a
+    trainable parameter of the model); or a predicate ``(name, param) -> bool`` over the trainable ones.
+    Raises DataInfError when nothing is tracked.
+    """
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise DataInfError(_NO_TRAINABLE)
+    if params is None:
+        return trainable
+    if callable(params):
+        chosen = {name: p for name, p in trainable.items() if params(name, p)}
+        if not chosen:
+            raise DataInfError("the params predicate selected no trainable parameter: loosen the predicate")
+        return chosen
+    if isinstance(params, str):
+        params = [params]
+    everything = dict(model.named_parameters())
+    chosen = {}
+    for name in params:
+        if name not in everything:
+            raise DataInfError(f"params names {name!r}, which is not a parameter of the model")
+        if name not in trainable:
+            raise DataInfError(f"params names {name!r}, which is frozen (requires_grad=False)")
+        chosen[name] = trainable[name]
+    if not chosen:
+        raise DataInfError("params is an empty list: name at least one trainable parameter")
+    return chosen
+
+
+@dataclass
+class _Call:
+    """One call of a hooked nn.Linear: its input (B, ..., in) and, after backward, output grad (B, ..., out)."""
+
+    inputs: Tensor
+    grad: Tensor | None = None
+
+
+@dataclass
+class _LinearRecord:
+    module: nn.Linear
+    weight: str | None  # tracked parameter name of module.weight, if tracked
+    bias: str | None
+    calls: list[_Call] = field(default_factory=list)
+
+
+def _linear_records(model: nn.Module, tracked: dict[str, nn.Parameter]) -> list[_LinearRecord]:
+    """The nn.Linear modules owning a tracked weight or bias."""
+    name_of = {id(p): name for name, p in tracked.items()}
+    records = []
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = name_of.get(id(module.weight))
+        bias = name_of.get(id(module.bias)) if module.bias is not None else None
+        if weight is not None or bias is not None:
+            records.append(_LinearRecord(module, weight, bias))
+    return records
+
+
+def _slice_example(batch: Any, index: int, size: int) -> Any:
+    """Example ``index`` of a batch of ``size``: every tensor with first dimension ``size`` sliced to 1."""
+    if isinstance(batch, Tensor):
+        return batch[index : index + 1]
+    if isinstance(batch, Mapping):
+        return {
+            key: value[index : index + 1] if isinstance(value, Tensor) and value.dim() and value.shape[0] == size
+            else value
+            for key, value in batch.items()
+        }
+    raise DataInfError(f"cannot split a batch of type {type(batch).__name__} into examples: pass a mapping")
+
+
+def _fast_path(
+    model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], records: list[_LinearRecord]
+) -> tuple[dict[str, Tensor], int]:
+    """Per-example gradients (float32, (B, *shape)) of the parameters owned by ``records`` from one forward
+    and one backward pass; parameters whose per-example sums disagree with autograd's batch gradient are
+    left out. Returns (gradients, batch size)."""
+    handles = []
+
+    def forward_hook(record: _LinearRecord) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            call = _Call(args[0].detach())
+            record.calls.append(call)
+
+            def grad_hook(grad: Tensor) -> None:
+                call.grad = grad.detach()
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    try:
+        for record in records:
+            record.calls.clear()
+            handles.append(record.module.register_forward_hook(forward_hook(record)))
+        losses = per_example_loss(task, model, batch)
+        names = [name for record in records for name in (record.weight, record.bias) if name is not None]
+        totals = torch.autograd.grad(losses.sum(), [tracked[name] for name in names], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    size = losses.shape[0]
+    total_of = dict(zip(names, totals))
+
+    grads: dict[str, Tensor] = {}
+    for record in records:
+        weight_grad, bias_grad, ok = None, None, True
+        for call in record.calls:
+            if call.grad is None:
+                continue
+            g, x = call.grad.float(), call.inputs.float()
+            if g.shape[0] != size or x.shape[0] != size or g.shape[:-1] != x.shape[:-1]:
+                ok = False
+                break
+            if record.weight is not None:
+                w = torch.einsum("b...o,b...i->boi", g, x)
+                weight_grad = w if weight_grad is None else weight_grad + w
+            if record.bias is not None:
+                b = g.reshape(size, -1, g.shape[-1]).sum(dim=1)
+                bias_grad = b if bias_grad is None else bias_grad + b
+        record.calls.clear()
+        if not ok:
+            continue
+        for name, grad in ((record.weight, weight_grad), (record.bias, bias_grad)):
+            if name is None:
+                continue
+            param = tracked[name]
+            if grad is None:
+                grad = torch.zeros(size, *param.shape, dtype=torch.float32, device=param.device)
+            if _agrees(grad.sum(dim=0), total_of[name], param.dtype):
+                grads[name] = grad
+    return grads, size
+
+
+def _agrees(summed: Tensor, total: Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the batch sum of per-example gradients matches autograd's batch gradient."""
+    if total is None:
+        return bool(summed.abs().max() == 0) if summed.numel() else True
+    total = total.float()
+    tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    scale = max(total.norm().item(), summed.norm().item())
+    return (summed - total).norm().item() <= tolerance * scale + 1e-12
+
+
+def _loop_path(model: nn.Module, batch: Any, task: Task, params: dict[str, nn.Parameter], size: int) -> dict[str, Tensor]:
+    """Per-example gradients (float32, (B, *shape)) of ``params`` by one forward/backward per example."""
+    rows: dict[str, list[Tensor]] = {name: [] for name in params}
+    names = list(params)
+    for index in range(size):
+        example = _slice_example(batch, index, size)
+        loss = per_example_loss(task, model, example)
+        if loss.shape[0] != 1:
+            raise DataInfError(f"the task's loss returned {loss.shape[0]} values for a single example {index}")
+        grads = torch.autograd.grad(loss.sum(), [params[name] for name in names], allow_unused=True)
+        for name, grad in zip(names, grads):
+            param = params[name]
+            rows[name].append(torch.zeros(param.shape, device=param.device) if grad is None else grad.float())
+    return {name: torch.stack(rows[name]) for name in names}
+
+
+def _group_lora(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Join the LoRA tensors of one module and adapter (A then B, in parameter order) into one flattened
+    block named ``"<module>.lora"`` (``"<module>.lora.<adapter>"`` if several adapters share the module)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    order: list[str | tuple[str, str]] = []
+    for name in grads:
+        match = _LORA_NAME.match(name)
+        if match is None:
+            order.append(name)
+            continue
+        key = (match["module"], match["adapter"])
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(name)
+    adapters_per_module: dict[str, int] = {}
+    for module, _ in groups:
+        adapters_per_module[module] = adapters_per_module.get(module, 0) + 1
+    out: dict[str, Tensor] = {}
+    for item in order:
+        if isinstance(item, str):
+            out[item] = grads[item]
+            continue
+        module, adapter = item
+        block = f"{module}.lora" if adapters_per_module[module] == 1 else f"{module}.lora.{adapter}"
+        parts = [grads[name].flatten(start_dim=1) for name in groups[item]]
+        out[block] = torch.cat(parts, dim=1)
+    return out
+
+
+def per_example_gradients(
+    model: nn.Module,
+    batch: Any,
+    task: Task = "classification",
+    *,
+    params: ParamFilter = None,
+    group_lora: bool = False,
+    train_mode: bool = False,
+) -> dict[str, Tensor]:
+    """The gradient of EACH example's own loss with respect to every tracked parameter tensor.
+
+    model: any torch model, typically a PEFT model with a LoRA adapter.
+    batch: a mapping of model inputs plus ``labels`` (see datainf.tasks), with B examples.
+    task: ``"classification"``, ``"causal_lm"``, ``"causal_lm_mean"`` or a callable
+        ``loss(model, batch) -> (B,)`` (see datainf.tasks).
+    params: which parameters to track (see ``tracked_parameters``); default every trainable one.
+    group_lora: join the lora_A and lora_B of one adapted module into one flattened block named after the
+        module (``"...value.lora"``, shape (B, numel_A + numel_B)).
+    train_mode: run the model in train mode (dropout on; examples of the fast path then see different
+        dropout masks than alone). Default eval mode. The model's modes are restored afterwards.
+
+    Returns {name: float32 tensor (B, *param.shape)} on the parameters' device, in parameter order.
+    Trainable parameters that are not tracked are frozen during the call; ``requires_grad`` flags, ``.grad``
+    fields and train/eval modes are left as they were. An example with no loss tokens gets a zero gradient
+    and a warning naming its index.
+    """
+    tracked = tracked_parameters(model, params)
+    tracked_ids = {id(p) for p in tracked.values()}
+    untracked = [p for p in model.parameters() if p.requires_grad and id(p) not in tracked_ids]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        for p in untracked:
+            p.requires_grad_(False)
+        model.train(train_mode)
+        with torch.enable_grad():
+            grads, size = _run(model, batch, task, tracked)
+    finally:
+        for p in untracked:
+            p.requires_grad_(True)
+        for module, training in modes.items():
+            module.training = training
+
+    empty = empty_examples(task, batch)
+    if empty:
+        warnings.warn(
+            f"examples {empty} of the batch have no response tokens (every label is -100): their gradient is zero",
+            stacklevel=2,
+        )
+        for grad in grads.values():
+            grad[empty] = 0.0
+    grads = {name: grads[name] for name in tracked}
+    return _group_lora(grads) if group_lora else grads
+
+
+def _run(model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter]) -> tuple[dict[str, Tensor], int]:
+    records = _linear_records(model, tracked)
+    grads: dict[str, Tensor] = {}
+    size = batch_size(batch)
+    if records:
+        grads, size = _fast_path(model, batch, task, tracked, records)
+    rest = {name: p for name, p in tracked.items() if name not in grads}
+    if rest:
+        if size is None:
+            raise DataInfError("cannot tell the batch size: give the batch a 'labels' tensor or another tensor input")
+        key = tuple(rest)
+        if key not in _reported_fallbacks:
+            _reported_fallbacks.add(key)
+            logger.info(
+                "per-example gradients of %d parameter tensor(s) not owned by an nn.Linear (or whose hooks "
+                "disagreed with autograd) use a loop of single-example backward calls: %s",
+                len(rest),
+                ", ".join(rest),
+            )
+        grads.update(_loop_path(model, batch, task, rest, size))
+    return grads, size
