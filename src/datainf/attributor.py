@@ -1,0 +1,293 @@
+"""The Attributor: model + dataset -> gradient store -> scores, staged and resumable.
+
+```
+attributor = datainf.Attributor(model, task="causal_lm", store="runs/my-run", tokenizer=tokenizer)
+attributor.fit(train_dataset)                                  # per-example gradients into the store (resumes)
+scores = attributor.scores(query_dataset, method="datainf")    # (n_train, n_query)
+attributor.self_influence(method="datainf")                    # (n_train,)
+attributor.top(scores, k=10)                                   # most helpful / most harmful per query
+```
+Sign convention: ``scores[k, j]`` is the first-order change of query j's loss when training example k is
+up-weighted. Positive = harmful (raises the query's loss), negative = helpful.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from datainf.data.collate import TextCollator
+from datainf.errors import DataInfError
+from datainf.estimators import influence, self_influence
+from datainf.gradients import per_example_gradients, tracked_parameters
+from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
+
+log = logging.getLogger("datainf.attributor")
+
+
+def as_records(dataset: Any) -> Sequence[Any]:
+    """A list of dicts, a torch ``Dataset`` or a Hugging Face ``datasets.Dataset``, as an indexable sequence."""
+    if isinstance(dataset, Sequence) and not isinstance(dataset, (str, bytes)):
+        return dataset
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        return _Indexable(dataset)
+    raise DataInfError(
+        f"cannot read a dataset of type {type(dataset).__name__}: pass a list of dicts, a torch Dataset "
+        "or a Hugging Face datasets.Dataset"
+    )
+
+
+class _Indexable(Sequence):
+    def __init__(self, data: Any):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self.data[j] for j in range(*i.indices(len(self)))]
+        return self.data[int(i)]
+
+
+def _jsonable(record: Any) -> Any:
+    if isinstance(record, Mapping):
+        return {str(k): _jsonable(v) for k, v in record.items()}
+    if isinstance(record, Tensor):
+        return record.tolist()
+    if isinstance(record, (list, tuple)):
+        return [_jsonable(v) for v in record]
+    return record
+
+
+class Attributor:
+    """Influence of training examples on queries for one model (a PEFT model with a LoRA adapter, say).
+
+    Args:
+        model: a ``torch.nn.Module`` whose trainable parameters are the blocks to attribute (for a PEFT model:
+            every LoRA A and B matrix and any ``modules_to_save`` head, each its own block).
+        task: "classification", "causal_lm", "causal_lm_mean" or a callable ``loss(model, batch) -> (B,)``.
+        store: the directory of the training set's gradient store (created, or resumed, by :meth:`fit`).
+        tokenizer: used by the default collate function for records with raw text.
+        collate: ``collate(records) -> batch dict``; default :class:`TextCollator` for the task.
+        batch_size: examples per forward/backward pass.
+        chunk_size: examples per store shard (the unit of resumption).
+        store_dtype: "float32" (default), "float16" or "bfloat16".
+        params, group_lora: which parameters are blocks (see :func:`datainf.per_example_gradients`).
+        device: where the model runs; default the model's device.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: str | Callable[..., Tensor] = "classification",
+        store: str | os.PathLike = "runs/datainf",
+        *,
+        tokenizer: Any = None,
+        collate: Callable[[Sequence[Any]], Mapping[str, Tensor]] | None = None,
+        batch_size: int = 16,
+        chunk_size: int = 256,
+        store_dtype: str = "float32",
+        max_length: int = 128,
+        params: Any = None,
+        group_lora: bool = False,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
+        if batch_size < 1 or chunk_size < 1:
+            raise DataInfError("batch_size and chunk_size must be >= 1")
+        self.model = model
+        self.task = task
+        self.store_path = Path(store)
+        self.tokenizer = tokenizer
+        task_name = task if isinstance(task, str) else "callable"
+        self.collate = collate or TextCollator(tokenizer=tokenizer, task=task_name, max_length=max_length)
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.store_dtype = store_dtype
+        self.params = params
+        self.group_lora = group_lora
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.progress = progress
+        self._store: GradientStore | None = None
+
+    # ---------------------------------------------------------------- gradients
+    def _task_fingerprint(self) -> str:
+        c = self.collate
+        collate = (
+            {k: getattr(c, k) for k in ("task", "max_length", "text_key", "label_key", "prompt_key", "response_key")}
+            if isinstance(c, TextCollator) else getattr(c, "__qualname__", type(c).__qualname__)
+        )
+        task = self.task if isinstance(self.task, str) else getattr(self.task, "__qualname__", "callable")
+        return fingerprint_task({"task": task, "collate": collate, "params": repr(self.params),
+                                 "group_lora": self.group_lora})
+
+    def _batch_grads(self, records: Sequence[Any]) -> dict[str, Tensor]:
+        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in self.collate(records).items()}
+        grads = per_example_gradients(self.model, batch, self.task, params=self.params, group_lora=self.group_lora)
+        return {k: v.detach().to("cpu", torch.float32) for k, v in grads.items()}
+
+    def _block_shapes(self, first: Sequence[Any]) -> dict[str, tuple[int, ...]]:
+        grads = self._batch_grads(first[:1])
+        return {k: tuple(v.shape[1:]) for k, v in grads.items()}
+
+    def gradients(self, dataset: Any, desc: str = "query gradients") -> dict[str, Tensor]:
+        """Per-example gradients of a (small) dataset in memory: block -> (n, *block_shape), float32."""
+        records = as_records(dataset)
+        if len(records) == 0:
+            raise DataInfError("the dataset is empty")
+        parts: dict[str, list[Tensor]] = {}
+        for start in tqdm(range(0, len(records), self.batch_size), desc=desc, disable=not self.progress,
+                          unit="batch"):
+            for k, v in self._batch_grads(records[start : start + self.batch_size]).items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def fit(self, train_dataset: Any) -> GradientStore:
+        """Compute the training set's per-example gradients into the store; resumes an interrupted run.
+
+        A store made with another model, adapter, task or dataset is refused (the message says which).
+        """
+        records = as_records(train_dataset)
+        if len(records) == 0:
+            raise DataInfError("the training dataset is empty")
+        fps = fingerprint_model(self.model)
+        fingerprints = {
+            "model": fps["model"],
+            "adapter": fps["adapter"],
+            "task": self._task_fingerprint(),
+            "dataset": fingerprint_dataset([_jsonable(records[i]) for i in range(len(records))]),
+        }
+        blocks = self._block_shapes(records)
+        store = GradientStore.create(
+            self.store_path,
+            blocks=blocks,
+            n_examples=len(records),
+            fingerprints=fingerprints,
+            chunk_size=self.chunk_size,
+            dtype=self.store_dtype,
+            meta={"task": fingerprints["task"], "blocks_tracked": len(blocks)},
+        )
+        try:
+            missing = store.missing_chunks()
+            done = store.num_chunks - len(missing)
+            if done:
+                log.info("resuming %s: %d of %d chunks already stored", self.store_path, done, store.num_chunks)
+            bar = tqdm(total=len(records), initial=len(records) - sum(len(store.chunk_rows(c)) for c in missing),
+                       desc="train gradients", unit="ex", disable=not self.progress)
+            for c in missing:
+                rows = store.chunk_rows(c)
+                parts: dict[str, list[Tensor]] = {}
+                for start in range(rows.start, rows.stop, self.batch_size):
+                    stop = min(start + self.batch_size, rows.stop)
+                    for k, v in self._batch_grads(records[start:stop]).items():
+                        parts.setdefault(k, []).append(v)
+                    bar.update(stop - start)
+                store.write_chunk(c, {k: torch.cat(v) for k, v in parts.items()})
+            bar.close()
+            store.finalize()
+        finally:
+            store.close()
+        self._store = GradientStore.open(self.store_path)
+        return self._store
+
+    @property
+    def store(self) -> GradientStore:
+        if self._store is None:
+            if not (self.store_path / "manifest.json").exists():
+                raise DataInfError(f"no gradient store at {self.store_path}: call fit(train_dataset) first")
+            self._store = GradientStore.open(self.store_path)
+        return self._store
+
+    # ---------------------------------------------------------------- scores
+    def scores(
+        self,
+        queries: Any,
+        method: str = "datainf",
+        damping: Any = None,
+        *,
+        mean_query: bool = False,
+        save: bool = True,
+        diagnostics: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Influence of every training example on every query: ``(n_train, n_query)``.
+
+        Args:
+            queries: a dataset of queries, or precomputed query gradients (block -> (n_query, *shape)).
+            method, damping, options: as in :func:`datainf.influence`.
+            mean_query: score against the mean query gradient, i.e. the influence on the average query loss
+                (the paper's "influence on the validation loss"); returns ``(n_train, 1)``.
+            save: write the scores and the settings that produced them next to the store.
+        """
+        if isinstance(queries, Mapping) and all(isinstance(v, Tensor) for v in queries.values()):
+            qgrads = dict(queries)
+        else:
+            qgrads = self.gradients(queries)
+        if mean_query:
+            qgrads = {k: v.mean(dim=0, keepdim=True) for k, v in qgrads.items()}
+        info: dict[str, Any] = {} if diagnostics is None else diagnostics
+        t0 = time.perf_counter()
+        out = influence(self.store.blocks(), qgrads, method=method, damping=damping, diagnostics=info, **options)
+        info["seconds"] = time.perf_counter() - t0
+        if save:
+            self._save(f"influence-{method}", out, method, info, options, mean_query=mean_query)
+        return out
+
+    def self_influence(self, method: str = "datainf", damping: Any = None, *, save: bool = True,
+                       **options: Any) -> Tensor:
+        """Self-influence of every training example, ``(n_train,)`` (always <= 0; large magnitude = unusual)."""
+        info: dict[str, Any] = {}
+        out = self_influence(self.store.blocks(), method=method, damping=damping, diagnostics=info, **options)
+        if save:
+            self._save(f"self-{method}", out, method, info, options)
+        return out
+
+    def _save(self, stem: str, scores: Tensor, method: str, info: dict, options: dict, **extra: Any) -> None:
+        folder = self.store_path / "scores"
+        folder.mkdir(exist_ok=True)
+        meta = {
+            "method": method,
+            "options": {k: repr(v) for k, v in options.items()},
+            "damping": info.get("damping"),
+            "seconds": info.get("seconds"),
+            "shape": list(scores.shape),
+            "store_manifest": self.store.manifest,
+            **extra,
+        }
+        tmp = folder / f".{stem}.tmp-{os.getpid()}"
+        save_file({"scores": scores.detach().cpu().contiguous()}, str(tmp),
+                  metadata={"datainf": json.dumps(meta, default=str)})
+        os.replace(tmp, folder / f"{stem}.safetensors")
+
+    @staticmethod
+    def top(scores: Tensor, k: int = 10) -> list[dict[str, list[tuple[int, float]]]]:
+        """For each query (column): the k most helpful (most negative) and most harmful (most positive)
+        training examples as ``(index, score)`` pairs."""
+        if scores.ndim == 1:
+            scores = scores[:, None]
+        k = min(k, scores.shape[0])
+        out = []
+        for j in range(scores.shape[1]):
+            col = scores[:, j]
+            helpful = torch.topk(-col, k)
+            harmful = torch.topk(col, k)
+            out.append({
+                "helpful": [(int(i), float(col[i])) for i in helpful.indices],
+                "harmful": [(int(i), float(col[i])) for i in harmful.indices],
+            })
+        return out
+
+
+__all__ = ["Attributor", "as_records", "tracked_parameters"]
