@@ -1,0 +1,5 @@
+"""`python -m datainf` runs the command line."""
+
+from datainf.cli import main
+
+main()

@@ -1,0 +1,176 @@
+"""The command line on a tiny random BERT: the whole flow, its help, and every bad-input case (message + exit code)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import datainf
+from datainf.cli import main
+from datainf.store import GradientStore
+
+
+def run(argv, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quiet", *argv])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory, tiny_bert_dir):
+    """finetune -> grads (train, val) -> score, once for the module (the expensive part)."""
+    from conftest import SENTENCES
+
+    root = tmp_path_factory.mktemp("cli")
+    train = write_jsonl(root / "train.jsonl", [{"text": t, "label": y, "flipped": i % 5 == 0}
+                                               for i, (t, y) in enumerate(SENTENCES)])
+    val = write_jsonl(root / "val.jsonl", [{"text": t, "label": y} for t, y in SENTENCES[:4]])
+    codes = []
+    for argv in (
+        ["finetune", "--model", str(tiny_bert_dir), "--train", str(train), "--out", str(root / "adapter"),
+         "--epochs", "1", "--batch-size", "4", "--device", "cpu"],
+        ["grads", "--model", str(tiny_bert_dir), "--adapter", str(root / "adapter"), "--data", str(train),
+         "--store", str(root / "train-store"), "--chunk-size", "5", "--batch-size", "3"],
+        ["grads", "--model", str(tiny_bert_dir), "--adapter", str(root / "adapter"), "--data", str(val),
+         "--store", str(root / "val-store")],
+        ["score", "--store", str(root / "train-store"), "--queries", str(root / "val-store"),
+         "--method", "datainf,exact,identity", "--out", str(root / "scores.npz")],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["--quiet", *argv])
+        codes.append(e.value.code)
+    return root, train, val, codes
+
+
+def test_flow_runs_and_scores_match_the_library(flow):
+    root, train, val, codes = flow
+    assert codes == [0, 0, 0, 0]
+    assert (root / "adapter" / "adapter_config.json").exists()
+    tr, va = GradientStore.open(root / "train-store"), GradientStore.open(root / "val-store")
+    assert tr.n_examples == 12 and va.n_examples == 4 and tr.block_names == va.block_names
+    with np.load(root / "scores.npz") as f:
+        saved = {k: f[k] for k in f.files}
+    assert set(saved) == {"datainf", "exact", "identity"}
+    queries = {n: va.load(n) for n in va.block_names}
+    for method, got in saved.items():
+        want = datainf.influence({n: tr.load(n) for n in tr.block_names}, queries, method).double().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+    meta = json.loads((root / "scores.json").read_text())
+    assert set(meta["methods"]) == {"datainf", "exact", "identity"}
+    assert set(meta["methods"]["datainf"]["damping"]) == set(tr.block_names)
+
+
+def test_self_influence_and_report(flow, capsys):
+    root, train, _, _ = flow
+    code, out, err = run(["score", "--store", str(root / "train-store"), "--self", "--method", "identity",
+                          "--out", str(root / "self.npz")], capsys)
+    assert code == 0, err
+    with np.load(root / "self.npz") as f:
+        got = f["identity"]
+    tr = GradientStore.open(root / "train-store")
+    want = -sum((tr.load(n).reshape(12, -1).double() ** 2).sum(1) for n in tr.block_names).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    code, out, err = run(["report", "--scores", str(root / "scores.npz"), "--data", str(train), "--out",
+                          str(root / "report.html")], capsys)
+    assert code == 0, err
+    html = (root / "report.html").read_text()
+    for section in ('id="methods"', 'id="roc"', 'id="harmful"', 'id="helpful"'):
+        assert section in html
+    assert "a tedious mess with no heart" in html
+
+
+def test_help_is_complete(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in ("finetune", "grads", "score", "report", "demo", "experiment"):
+        assert command in out
+    for command, option in (("finetune", "--target-modules"), ("grads", "--store"), ("score", "--mean-query"),
+                            ("report", "--scores"), ("demo", "--n-train")):
+        code, out, _ = run([command, "--help"], capsys)
+        assert code == 0 and option in out
+
+
+def test_config_file_sets_defaults_and_flags_override(flow, tmp_path, capsys):
+    root, *_ = flow
+    config = tmp_path / "run.yaml"
+    config.write_text(f"store: {root / 'train-store'}\nscore:\n  method: identity\n  self: true\n")
+    code, _, err = run(["--config", str(config), "score", "--out", str(tmp_path / "a.npz")], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "a.npz") as f:
+        assert f.files == ["identity"]
+    code, _, err = run(["--config", str(config), "score", "--method", "datainf", "--out",
+                        str(tmp_path / "b.npz")], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "b.npz") as f:
+        assert f.files == ["datainf"]
+
+
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "no_adapter", "bad_method"])
+def test_bad_input_one_line_and_exit_2(case, flow, tiny_bert_dir, tmp_path, capsys):
+    root, train, *_ = flow
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = ["grads", "--model", str(tiny_bert_dir), "--adapter", str(root / "adapter"), "--store",
+            str(tmp_path / "s")]
+    argv, expected = {
+        "missing_file": (base + ["--data", str(tmp_path / "nope.jsonl")], "does not exist"),
+        "missing_column": (base + ["--data", str(train), "--text-column", "sentence"], "has no column 'sentence'"),
+        "empty": (base + ["--data", str(empty)], "holds no examples"),
+        "no_adapter": (["grads", "--model", str(tiny_bert_dir), "--data", str(train), "--store",
+                        str(tmp_path / "s")], "--adapter is required"),
+        "bad_method": (["score", "--store", str(root / "train-store"), "--self", "--method", "magic", "--out",
+                        str(tmp_path / "x.npz")], "unknown method 'magic'"),
+    }[case]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+
+
+def test_adapter_that_does_not_fit(flow, other_tiny_bert_dir, tmp_path, capsys):
+    root, train, *_ = flow
+    code, _, err = run(["grads", "--model", str(other_tiny_bert_dir), "--adapter", str(root / "adapter"),
+                        "--data", str(train), "--store", str(tmp_path / "s")], capsys)
+    assert code == 2 and "does not fit" in err and err.count("\n") == 1, err
+
+
+def test_store_of_another_model_is_refused(flow, tiny_bert_dir, tmp_path, capsys):
+    root, train, val, _ = flow
+    # the validation store exists for other data: pointing the training run at it must be refused
+    code, _, err = run(["grads", "--model", str(tiny_bert_dir), "--adapter", str(root / "adapter"), "--data",
+                        str(train), "--store", str(root / "val-store")], capsys)
+    assert code == 2 and "use a new --store directory" in err, err
+
+
+def test_failed_score_leaves_no_output(flow, tmp_path, capsys):
+    root, *_ = flow
+    out = tmp_path / "scores.npz"
+    code, _, err = run(["score", "--store", str(root / "train-store"), "--self", "--method", "datainf",
+                        "--damping", "-1", "--out", str(out)], capsys)
+    assert code == 2 and "damping" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_asked_without_cuda(flow, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    root, *_ = flow
+    code, _, err = run(["score", "--store", str(root / "train-store"), "--self", "--device", "cuda", "--out",
+                        str(tmp_path / "x.npz")], capsys)
+    assert code == 2 and "no CUDA device" in err
