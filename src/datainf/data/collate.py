@@ -1,6 +1,7 @@
 """Turn records (dicts) into padded model batches for the two text tasks.
 
-* classification: ``{"text": str, "label": int}`` -> ``input_ids``, ``attention_mask``, ``labels`` (B,)
+* classification: ``{"text": str, "label": int}`` (optionally ``"text_pair"`` for sentence pairs) ->
+  ``input_ids``, ``attention_mask``, ``labels`` (B,)
 * causal_lm:      ``{"prompt": str, "response": str}`` -> ``input_ids``, ``attention_mask`` and ``labels`` (B, T)
   with -100 on prompt and padding tokens, so only the response's tokens count in the loss.
 
@@ -57,8 +58,12 @@ class TextCollator:
 
     def _classification(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         texts = [str(self._get(r, self.text_key, i)) for i, r in enumerate(records)]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        pairs = [str(r["text_pair"]) for r in records] if "text_pair" in records[0] else None
+        enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if pairs is not None and "token_type_ids" in enc:
+            batch["token_type_ids"] = enc["token_type_ids"]
         if self.label_key in records[0]:
             batch["labels"] = torch.tensor([int(self._get(r, self.label_key, i)) for i, r in enumerate(records)])
         return batch

@@ -70,13 +70,14 @@ class MislabeledSettings:
 
 
 def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: bool = True,
-                   records: tuple[list[dict], list[dict]] | None = None) -> dict[str, Any]:
+                   records: tuple[list[dict], list[dict]] | None = None, keep_store: bool = True) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, ``scores.npz``, ``train.jsonl`` and ``report.html`` to out_dir.
 
     Args:
         settings: the run's settings.
         out_dir: output folder (the gradient store goes to ``out_dir/store``).
         records: optional (train, val) records instead of ``settings.dataset`` (tests use tiny sets).
+        keep_store: keep the training gradients in ``out_dir/store`` (grids drop them to save disk).
     Returns:
         the results dict (also saved as results.json).
     """
@@ -118,9 +119,8 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
     attributor = Attributor(model, task="classification", store=out / "store", tokenizer=tokenizer,
                             batch_size=settings.grad_batch_size, max_length=settings.max_length, progress=progress)
     t0 = time.perf_counter()
-    attributor.fit([{"text": r["text"], "label": r["label"]} for r in train])
-    val_grads = attributor.gradients([{"text": r["text"], "label": r["label"]} for r in val],
-                                     desc="validation gradients")
+    attributor.fit([_model_record(r) for r in train])
+    val_grads = attributor.gradients([_model_record(r) for r in val], desc="validation gradients")
     gradient_seconds = time.perf_counter() - t0
 
     # 5. influence on the validation loss with each method; AUC against the flipped labels
@@ -170,7 +170,16 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
                  title=f"datainf: mislabeled examples in {settings.dataset}")
     results["wall_seconds"] = time.perf_counter() - t_start
     _atomic_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    if not keep_store:
+        import shutil
+
+        shutil.rmtree(out / "store", ignore_errors=True)
     return results
+
+
+def _model_record(r: dict) -> dict:
+    """What the model sees of a record (never the flipped/true_label bookkeeping)."""
+    return {k: r[k] for k in ("text", "text_pair", "label") if k in r}
 
 
 def _atomic_text(path: Path, text: str) -> None:

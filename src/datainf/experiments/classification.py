@@ -1,0 +1,366 @@
+"""The paper's classification experiments (sections 4.1, 4.2 and appendix F), scaled to what a machine runs.
+
+* ``approximation``  Pearson/Spearman correlation of each method's scores with exact, per dataset and LoRA rank;
+* ``mislabeled``     ROC AUC of finding flipped labels and each method's wall time, same grid;
+* ``selection``      retrain on the 70% of training data each method ranks least harmful; validation accuracy;
+* ``scaling``        time of each method as n_train and the block size grow; fitted log-log exponents.
+
+``approximation`` and ``mislabeled`` come from one grid of :func:`run_mislabeled` runs (every run measures
+both); each run's results.json is cached, so a killed grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_split
+from datainf.errors import DataInfError
+from datainf.estimators import METHODS, influence
+from datainf.experiments.mislabeled import MislabeledSettings, run_mislabeled
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_dataset_records(dataset: str, n_train: int, n_val: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val) records from a built-in offline set, a local file/folder, or ``glue:TASK`` (needs the hub).
+
+    A local file or ``save_to_disk`` folder needs ``text`` and ``label`` columns. ``glue:mrpc`` and other GLUE
+    tasks are read with ``datasets.load_dataset`` (network needed: for the paper's own setting on a machine
+    that has it); pairs of sentences become ``text`` + ``text_pair``.
+    """
+    if dataset in DATASETS:
+        return sample_split(load_text_dataset(dataset), n_train, n_val, seed=seed)
+    if dataset.startswith("glue:"):
+        import datasets
+
+        task = dataset.split(":", 1)[1]
+        raw = datasets.load_dataset("glue", task)
+        cols = [c for c in raw["train"].column_names if c not in ("label", "idx")]
+
+        def convert(split):
+            out = []
+            for r in split:
+                rec = {"text": r[cols[0]], "label": int(r["label"])}
+                if len(cols) > 1:
+                    rec["text_pair"] = r[cols[1]]
+                out.append(rec)
+            return out
+
+        train = convert(raw["train"].shuffle(seed=seed).select(range(min(n_train, len(raw["train"])))))
+        val = convert(raw["validation"].shuffle(seed=seed).select(range(min(n_val, len(raw["validation"])))))
+        return train, val
+    path = Path(dataset)
+    if not path.exists():
+        raise DataInfError(f"unknown dataset '{dataset}': use one of {', '.join(DATASETS)}, a local "
+                           ".jsonl/.csv file or save_to_disk folder, or glue:TASK")
+    records = list(load_records(path))
+    return sample_split(records, min(n_train, len(records) - n_val), n_val, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+
+def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], seeds: list[int],
+             out_dir: str | os.PathLike, *, target_sets: list[tuple[str, ...]] | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """One :func:`run_mislabeled` per (dataset, rank, target modules, seed); cached per run in out_dir/runs."""
+    out = Path(out_dir)
+    runs = []
+    target_sets = target_sets or [tuple(base.target_modules)]
+    for dataset, rank, targets, seed in itertools.product(datasets, ranks, target_sets, seeds):
+        run_dir = out / "runs" / f"{Path(dataset).stem}-r{rank}-{'+'.join(targets)}-s{seed}"
+        cached = run_dir / "results.json"
+        if cached.exists():
+            runs.append(json.loads(cached.read_text()))
+            continue
+        settings = replace(base, dataset=dataset, rank=rank, target_modules=tuple(targets), seed=seed)
+        records = None
+        if dataset not in DATASETS:
+            records = load_dataset_records(dataset, base.n_train, base.n_val, seed)
+        runs.append(run_mislabeled(settings, run_dir, progress=progress, records=records, keep_store=False))
+    return runs
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Rows (dataset, rank, targets, method) with mean and standard deviation of `metric` over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        s = r["settings"]
+        key = (Path(s["dataset"]).stem, s["rank"], "+".join(s["target_modules"]))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (dataset, rank, targets), rs in sorted(groups.items()):
+        for method in rs[0]["methods"]:
+            mean, sd = _mean_sd([r["methods"][method].get(metric) for r in rs])
+            rows.append({"dataset": dataset, "rank": rank, "targets": targets, "method": method,
+                         "mean": mean, "sd": sd, "runs": len(rs)})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, fmt: str = ".3f") -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    keys = list(dict.fromkeys((r["dataset"], r["rank"], r["targets"]) for r in rows))
+    lines = ["| dataset | rank | LoRA on | runs | " + " | ".join(methods) + " |",
+             "|---|---|---|---|" + "---|" * len(methods)]
+    for key in keys:
+        cells = {r["method"]: r for r in rows if (r["dataset"], r["rank"], r["targets"]) == key}
+        runs = next(iter(cells.values()))["runs"]
+        vals = [f"{cells[m]['mean']:{fmt}} ± {cells[m]['sd']:{fmt}}" if m in cells else "n/a" for m in methods]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {runs} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + f"\n\n(mean ± standard deviation over seeds of {metric})\n"
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def run_selection(base: MislabeledSettings, out_dir: str | os.PathLike, *, keep: float = 0.7,
+                  methods: tuple[str, ...] = ("datainf", "identity", "lissa", "exact"), progress: bool = True,
+                  records: tuple[list[dict], list[dict]] | None = None) -> dict[str, Any]:
+    """Appendix F: keep the `keep` share of training data with the lowest (most helpful) scores and retrain.
+
+    Compares each method's selection with a random selection of the same size and with all (noisy) data;
+    reports validation accuracy of the retrained classifier.
+    """
+    from datainf.data.assets import minilm_dir
+    from datainf.finetune import (
+        LoraSettings,
+        TrainSettings,
+        evaluate_classifier,
+        finetune_classifier,
+        load_classifier,
+    )
+
+    out = Path(out_dir)
+    scores_run = run_mislabeled(replace(base, methods=tuple(methods)), out / "scores-run", progress=progress,
+                                records=records, keep_store=False)
+    train = [json.loads(line) for line in (out / "scores-run" / "train.jsonl").read_text().splitlines()]
+    if records is None:
+        _, val = load_dataset_records(base.dataset, base.n_train, base.n_val, base.seed)
+    else:
+        val = records[1]
+    with np.load(out / "scores-run" / "scores.npz") as f:
+        scores = {k: f[k] for k in f.files}
+    n_keep = int(round(keep * len(train)))
+    rng = np.random.default_rng(base.seed)
+    subsets = {"all data": np.arange(len(train)), "random": np.sort(rng.permutation(len(train))[:n_keep])}
+    for m, s in scores.items():
+        subsets[m] = np.sort(np.argsort(s, kind="stable")[:n_keep])
+    model_dir = base.model_dir or str(minilm_dir())
+    results: dict[str, Any] = {"keep": keep, "n_keep": n_keep, "settings": scores_run["settings"], "selections": {}}
+    for name, idx in subsets.items():
+        model, tok = load_classifier(model_dir, max(r["label"] for r in train) + 1,
+                                     LoraSettings(rank=base.rank, alpha=base.alpha,
+                                                  target_modules=tuple(base.target_modules)), seed=base.seed)
+        finetune_classifier(model, tok, [train[i] for i in idx], TrainSettings(
+            epochs=base.epochs, learning_rate=base.learning_rate, batch_size=base.batch_size,
+            max_length=base.max_length, seed=base.seed), progress=progress)
+        acc = evaluate_classifier(model, tok, val, max_length=base.max_length)["accuracy"]
+        flipped_kept = int(sum(train[i]["flipped"] for i in idx))
+        results["selections"][name] = {"validation_accuracy": acc, "n": int(len(idx)), "flipped_kept": flipped_kept}
+    _write_json(out / "selection.json", results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+
+def run_scaling(out_dir: str | os.PathLike, *, n_values: tuple[int, ...] = (250, 500, 1000, 2000, 4000),
+                d_values: tuple[int, ...] = (256, 1024, 4096), blocks: int = 4, n_query: int = 1,
+                methods: tuple[str, ...] = METHODS, seed: int = 0) -> dict[str, Any]:
+    """Wall time of each method on random gradients as n_train (at the largest d) and d (at n = 1000) grow.
+
+    Fitted exponents are slopes of log(seconds) against log(n) or log(d); the paper's table 1 expects
+    datainf O(n d), lissa O(n d) per iteration, exact O(n d^2 + d^3) (ours: O(min(n d^2 + d^3, n^2 d + n^3))).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def timed(n: int, d: int, method: str) -> float:
+        G = [torch.randn(n, d, generator=gen) for _ in range(blocks)]
+        V = [torch.randn(n_query, d, generator=gen) for _ in range(blocks)]
+        opts = {"iterations": 10} if method == "lissa" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lissa at 10 iterations is not converged; only its time counts here
+            influence(G[:1], V[:1], method, **opts)  # warm-up
+            t0 = time.perf_counter()
+            influence(G, V, method, **opts)
+            return time.perf_counter() - t0
+
+    rows = []
+    d_fixed, n_fixed = max(d_values), 1000
+    for method in methods:
+        for n in n_values:
+            rows.append({"method": method, "vary": "n", "n": n, "d": d_fixed, "seconds": timed(n, d_fixed, method)})
+        for d in d_values:
+            rows.append({"method": method, "vary": "d", "n": n_fixed, "d": d, "seconds": timed(n_fixed, d, method)})
+    exponents = {}
+    for method in methods:
+        for vary in ("n", "d"):
+            pts = [(r[vary], r["seconds"]) for r in rows if r["method"] == method and r["vary"] == vary]
+            x, y = np.log([p[0] for p in pts]), np.log([max(p[1], 1e-6) for p in pts])
+            exponents[f"{method}/{vary}"] = float(np.polyfit(x, y, 1)[0])
+    result = {"blocks": blocks, "n_query": n_query, "lissa_iterations": 10, "rows": rows, "exponents": exponents}
+    out = Path(out_dir)
+    _write_json(out / "scaling.json", result)
+    _scaling_plot(result, out / "scaling.png")
+    return result
+
+
+def _scaling_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, vary in zip(axes, ("n", "d")):
+        for method in dict.fromkeys(r["method"] for r in result["rows"]):
+            pts = [(r[vary], r["seconds"]) for r in result["rows"] if r["method"] == method and r["vary"] == vary]
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-",
+                      label=f"{method} (slope {result['exponents'][f'{method}/{vary}']:.2f})")
+        ax.set_xlabel("n_train" if vary == "n" else "block dimension d")
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise DataInfError(f"expected comma-separated integers, got '{value}'") from None
+
+
+def _grid_options(f):
+    options = [
+        click.option("--out", "out_dir", default="runs/classification", type=click.Path(file_okay=False)),
+        click.option("--datasets", default="rotten_tomatoes,sms_spam,trec_coarse",
+                     help="Comma-separated: built-in offline sets, local files/folders, or glue:TASK."),
+        click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+                     help="Local HF encoder folder; default the offline all-MiniLM-L6-v2."),
+        click.option("--ranks", default="1,2,4,8", help="LoRA ranks."),
+        click.option("--seeds", default="0,1,2,3,4", help="Seeds (data sample, noise, training)."),
+        click.option("--targets", default="value;query,value",
+                     help="';'-separated LoRA target sets, each comma-separated module names."),
+        click.option("--n-train", type=int, default=1000),
+        click.option("--n-val", type=int, default=200),
+        click.option("--epochs", type=int, default=3),
+        click.option("--lr", type=float, default=1e-3),
+        click.option("--methods", default=",".join(METHODS)),
+        click.option("--lissa-iterations", type=int, default=100),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _base(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations) -> MislabeledSettings:
+    return MislabeledSettings(model_dir=model_dir, n_train=n_train, n_val=n_val, epochs=epochs, learning_rate=lr,
+                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                              lissa_iterations=lissa_iterations)
+
+
+def _grid_command(metric: str, title: str):
+    @click.command(name=metric)
+    @_grid_options
+    @click.pass_context
+    def command(ctx, out_dir, datasets, model_dir, ranks, seeds, targets, n_train, n_val, epochs, lr, methods,
+                lissa_iterations):
+        progress = not ctx.find_root().params.get("quiet")
+        base = _base(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations)
+        target_sets = [tuple(t.strip() for t in ts.split(",") if t.strip()) for ts in targets.split(";") if ts]
+        runs = run_grid(base, [d for d in datasets.split(",") if d], _ints(ranks), _ints(seeds), out_dir,
+                        target_sets=target_sets, progress=progress)
+        key = {"approximation": ["pearson_with_exact", "spearman_with_exact"], "mislabeled": ["auc", "seconds"]}
+        text = ""
+        for m in key[metric]:
+            text += f"\n### {m}\n\n" + markdown_table(summarize(runs, m), m)
+        _write_json(Path(out_dir) / f"{metric}.json", {m: summarize(runs, m) for m in key[metric]})
+        (Path(out_dir) / f"{metric}.md").write_text(f"## {title}\n{text}")
+        click.echo(text)
+
+    command.__doc__ = title
+    return command
+
+
+@click.command(name="selection")
+@click.option("--out", "out_dir", default="runs/selection", type=click.Path(file_okay=False))
+@click.option("--dataset", default="rotten_tomatoes")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--rank", type=int, default=4)
+@click.option("--keep", type=float, default=0.7, help="Share of training data kept.")
+@click.option("--n-train", type=int, default=1000)
+@click.option("--n-val", type=int, default=200)
+@click.option("--epochs", type=int, default=3)
+@click.option("--lr", type=float, default=1e-3)
+@click.option("--methods", default="datainf,identity,lissa,exact")
+@click.option("--seed", type=int, default=0)
+@click.pass_context
+def selection_command(ctx, out_dir, dataset, model_dir, rank, keep, n_train, n_val, epochs, lr, methods, seed):
+    """Data selection (appendix F): retrain on the least harmful share of the data per method."""
+    if not 0 < keep <= 1:
+        raise DataInfError(f"--keep must be in (0, 1], got {keep}")
+    base = replace(_base(model_dir, n_train, n_val, epochs, lr, methods, 100), dataset=dataset, rank=rank, seed=seed)
+    records = None if dataset in DATASETS else load_dataset_records(dataset, n_train, n_val, seed)
+    res = run_selection(base, out_dir, keep=keep, methods=base.methods,
+                        progress=not ctx.find_root().params.get("quiet"), records=records)
+    for name, r in res["selections"].items():
+        click.echo(f"{name:<10} n={r['n']:5d} flipped kept={r['flipped_kept']:4d} "
+                   f"validation accuracy={r['validation_accuracy']:.3f}")
+
+
+@click.command(name="scaling")
+@click.option("--out", "out_dir", default="runs/scaling", type=click.Path(file_okay=False))
+@click.option("--n-values", default="250,500,1000,2000,4000")
+@click.option("--d-values", default="256,1024,4096")
+@click.option("--blocks", type=int, default=4)
+@click.option("--methods", default=",".join(METHODS))
+def scaling_command(out_dir, n_values, d_values, blocks, methods):
+    """Time of each method as n_train and the block size grow, with fitted log-log exponents."""
+    res = run_scaling(out_dir, n_values=tuple(_ints(n_values)), d_values=tuple(_ints(d_values)), blocks=blocks,
+                      methods=tuple(m for m in methods.split(",") if m))
+    for k, v in res["exponents"].items():
+        click.echo(f"{k:<16} exponent {v:.2f}")
+
+
+cli_commands = {
+    "approximation": _grid_command("approximation", "Correlation of each method's scores with exact influence."),
+    "mislabeled": _grid_command("mislabeled", "Mislabeled-data detection: AUC of flipped labels and wall time."),
+    "selection": selection_command,
+    "scaling": scaling_command,
+}
+
+__all__ = ["cli_commands", "load_dataset_records", "run_grid", "run_scaling", "run_selection", "summarize"]
