@@ -27,8 +27,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from datainf.data.collate import TextCollator
+from datainf.distributed import (
+    batched_chunk_fn,
+    distributed_influence,
+    distributed_self_influence,
+    is_distributed,
+    is_main_process,
+    write_store,
+)
 from datainf.errors import DataInfError
-from datainf.estimators import influence, self_influence
 from datainf.gradients import per_example_gradients, tracked_parameters
 from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
 
@@ -170,6 +177,14 @@ class Attributor:
             "dataset": fingerprint_dataset([_jsonable(records[i]) for i in range(len(records))]),
         }
         blocks = self._block_shapes(records)
+        if is_distributed():  # under torchrun: ranks split the missing chunks, rank 0 owns manifest and lock
+            self._store = write_store(
+                self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
+                compute_chunk=batched_chunk_fn(records, self._batch_grads, self.batch_size),
+                chunk_size=self.chunk_size, dtype=self.store_dtype,
+                meta={"task": fingerprints["task"], "blocks_tracked": len(blocks)}, progress=self.progress,
+            )
+            return self._store
         store = GradientStore.create(
             self.store_path,
             blocks=blocks,
@@ -239,9 +254,10 @@ class Attributor:
             qgrads = {k: v.mean(dim=0, keepdim=True) for k, v in qgrads.items()}
         info: dict[str, Any] = {} if diagnostics is None else diagnostics
         t0 = time.perf_counter()
-        out = influence(self.store.blocks(), qgrads, method=method, damping=damping, diagnostics=info, **options)
+        out = distributed_influence(self.store.blocks(), qgrads, method=method, damping=damping, diagnostics=info,
+                                    **options)  # = datainf.influence in one process; blocks split under torchrun
         info["seconds"] = time.perf_counter() - t0
-        if save:
+        if save and is_main_process():
             self._save(f"influence-{method}", out, method, info, options, mean_query=mean_query)
         return out
 
@@ -249,8 +265,9 @@ class Attributor:
                        **options: Any) -> Tensor:
         """Self-influence of every training example, ``(n_train,)`` (always <= 0; large magnitude = unusual)."""
         info: dict[str, Any] = {}
-        out = self_influence(self.store.blocks(), method=method, damping=damping, diagnostics=info, **options)
-        if save:
+        out = distributed_self_influence(self.store.blocks(), method=method, damping=damping, diagnostics=info,
+                                         **options)
+        if save and is_main_process():
             self._save(f"self-{method}", out, method, info, options)
         return out
 

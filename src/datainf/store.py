@@ -307,6 +307,7 @@ class GradientStore:
         self.storage_dtype = str(manifest["dtype"])
         self.fingerprints = dict(manifest["fingerprints"])
         self._writable = writable
+        self.lock_token = lock_token
         self._release = None
         if lock_token is not None:
             self._release = weakref.finalize(self, _release_lock, path / "lock", lock_token)
@@ -406,6 +407,26 @@ class GradientStore:
                 "allow_incomplete=True"
             )
         return store
+
+    @classmethod
+    def join(cls, path: str | os.PathLike[str], lock_token: str) -> GradientStore:
+        """Open for writing a store whose lock another process of the same job holds (distributed writing).
+
+        The process that called :meth:`create` (rank 0) shares its ``lock_token``; the others join with it and
+        may then write their own chunks. A joined store never releases the lock: its creator does.
+        """
+        path = Path(path)
+        lock = path / "lock"
+        try:
+            held = json.loads(lock.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            held = None
+        if not isinstance(held, dict) or held.get("token") != lock_token:
+            raise DataInfError(
+                f"store {path}: the lock is not held by this job (missing or another writer's {lock}); "
+                "open it with GradientStore.create on rank 0 first and pass its lock_token"
+            )
+        return cls(path, _read_manifest(path), writable=True)
 
     def close(self) -> None:
         """Release the writer's lock. Reading stays possible afterwards; writing does not."""

@@ -1,0 +1,124 @@
+"""Scoring a gradient store twice as large as the memory the process may use: streaming, same scores.
+
+The cap is an address-space limit (RLIMIT_AS) set inside a child process right after it imported torch and
+datainf: cap = that baseline + CAP_MB (120). torch's import alone maps several hundred MB of address space, so a
+fixed cap would measure the import, not the scoring. The store holds 2 * CAP_MB of float32 gradients. A
+control child that tries to read the whole store into memory under the same cap must fail, which shows
+the cap really is smaller than the store. Memory maps count towards RLIMIT_AS, so this also checks that
+the store's reads map one chunk file at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+CAP_MB = 120
+N, CHUNK = 640, 32  # 20 chunks of 32 examples
+SHAPES = {"lora_A": (200, 250), "lora_B": (250, 200)}  # 2 blocks of 50,000 values: 640 * 100,000 * 4 B = 256 MB
+N_QUERY = 4
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    torch.set_num_threads(1)
+    import datainf
+    from datainf.store import GradientStore
+
+    def vm_bytes(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    mode, store_path, query_path, out_path, cap_mb = sys.argv[1:6]
+    queries = torch.load(query_path)
+    store = GradientStore.open(store_path)
+    base = vm_bytes("VmSize")
+    cap = base + int(cap_mb) * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if mode == "load":  # the control: the store does not fit under the cap
+        try:
+            whole = {name: store.load(name) for name in store.block_names}
+            print(json.dumps({"loaded": True}))
+        except (MemoryError, RuntimeError) as e:
+            print(json.dumps({"loaded": False, "error": type(e).__name__}))
+        sys.exit(0)
+    scores = datainf.influence(store.blocks(), queries, method=mode, chunk_size=int(sys.argv[6]))
+    torch.save(scores, out_path)
+    print(json.dumps({"baseline_mb": base / 2**20, "peak_above_baseline_mb": (vm_bytes("VmPeak") - base) / 2**20}))
+    """
+)
+
+
+def _run_child(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """A 256 MB float32 store written chunk by chunk, plus the same gradients in memory and the queries."""
+    from datainf.store import GradientStore
+
+    folder = tmp_path_factory.mktemp("ooc")
+    g = torch.Generator().manual_seed(0)
+    grads = {name: torch.empty(N, *shape) for name, shape in SHAPES.items()}
+    with GradientStore.create(folder / "store", blocks=SHAPES, n_examples=N, fingerprints={"model": "synthetic"},
+                              chunk_size=CHUNK) as store:
+        for c in range(store.num_chunks):
+            rows = store.chunk_rows(c)
+            chunk = {}
+            for k, (name, shape) in enumerate(SHAPES.items()):
+                scale = 0.01 * (k + 1) * (1 + torch.rand(len(rows), 1, 1, generator=g))  # uneven norms
+                chunk[name] = torch.randn(len(rows), *shape, generator=g) * scale
+                grads[name][rows.start : rows.stop] = chunk[name]
+            store.write_chunk(c, chunk)
+        store.finalize()
+    queries = {name: torch.randn(N_QUERY, *shape, generator=g) * 0.01 for name, shape in SHAPES.items()}
+    torch.save(queries, folder / "queries.pt")
+    size = sum(p.stat().st_size for p in (folder / "store").rglob("*.npy"))
+    assert size >= 2 * CAP_MB * 2**20
+    return folder, grads, queries
+
+
+def _datainf_dense(grads: dict, queries: dict) -> torch.Tensor:
+    """DataInf from its definition, in float64, with the paper's damping per block."""
+    total = torch.zeros(N, N_QUERY, dtype=torch.float64)
+    for name in SHAPES:
+        G = grads[name].reshape(N, -1).double()
+        V = queries[name].reshape(N_QUERY, -1).double()
+        sq = (G * G).sum(dim=1)
+        lam = 0.1 * float(sq.mean()) / G.shape[1]
+        # (1/n) sum_i (g_i g_i^T + lam I)^{-1} v = (1/(n lam)) sum_i (v - g_i (g_i . v) / (lam + ||g_i||^2))
+        R = (V - ((G @ V.T) / (lam + sq)[:, None]).T @ G / N) / lam
+        total -= G @ R.T
+    return total
+
+
+def test_the_cap_is_smaller_than_the_store(big_store):
+    folder, _, _ = big_store
+    result = _run_child("load", str(folder / "store"), str(folder / "queries.pt"), "-", str(CAP_MB))
+    assert result == {"loaded": False, "error": result.get("error")}
+
+
+def test_streaming_scores_under_the_cap_match_in_memory(big_store):
+    from datainf.estimators import influence
+
+    folder, grads, queries = big_store
+    out = folder / "scores.pt"
+    info = _run_child("datainf", str(folder / "store"), str(folder / "queries.pt"), str(out), str(CAP_MB), str(CHUNK))
+    assert info["peak_above_baseline_mb"] <= CAP_MB
+    streamed = torch.load(out)
+    in_memory = influence(grads, queries, method="datainf", chunk_size=CHUNK)
+    torch.testing.assert_close(streamed, in_memory, rtol=1e-5, atol=1e-7)
+    dense = _datainf_dense(grads, queries)
+    torch.testing.assert_close(streamed.double(), dense, rtol=2e-3, atol=1e-6 * float(dense.abs().max()))
