@@ -82,6 +82,13 @@ def _setup(ctx: click.Context, device: str | None) -> tuple[bool, str]:
     return not quiet, device
 
 
+def _rank_device(device: str, rank_world: tuple[int, int]) -> str:
+    """Under torchrun with CUDA, each process takes the GPU of its LOCAL_RANK."""
+    if rank_world[1] > 1 and device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
 def _methods(value: str) -> list[str]:
     methods = [m.strip() for m in value.split(",") if m.strip()]
     for m in methods:
@@ -289,14 +296,19 @@ def grads(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_path
           batch_size: int, chunk_size: int, dtype: str, max_length: int, device: str | None) -> None:
     """Per-example gradients of a dataset into a gradient store (resumes an interrupted run)."""
     from datainf.attributor import Attributor
+    from datainf.distributed import init_distributed, is_main_process
 
     progress, device = _setup(ctx, device)
+    device = _rank_device(device, init_distributed())
+    progress = progress and is_main_process()
     records = _read_data(data_path, task, text_column, label_column, prompt_column, response_column)
     model, tokenizer = _load_model(model_dir, adapter_dir, task, num_labels, device)
     attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, batch_size=batch_size,
                             chunk_size=chunk_size, store_dtype=dtype, max_length=max_length, progress=progress)
     store = attributor.fit(records)
-    click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks, in {store_dir}")
+    if is_main_process():
+        click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks, "
+                   f"in {store_dir}")
 
 
 def _read_data(path: str, task: str, text_column: str, label_column: str, prompt_column: str,
@@ -331,10 +343,17 @@ def score(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: b
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
     import numpy as np
 
-    from datainf.estimators import influence, self_influence
+    from datainf.distributed import (
+        distributed_influence,
+        distributed_self_influence,
+        init_distributed,
+        is_main_process,
+    )
     from datainf.store import GradientStore
 
     _, device = _setup(ctx, device)
+    device = _rank_device(device, init_distributed())
+    main_rank = is_main_process()
     if self_inf == (query_dir is not None):
         raise DataInfError("give exactly one of --queries STORE or --self")
     train = GradientStore.open(store_dir)
@@ -354,13 +373,17 @@ def score(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: b
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
         if self_inf:
-            s = self_influence(train.blocks(), method, damping, device=device, diagnostics=info, **opts)
+            s = distributed_self_influence(train.blocks(), method, damping, device=device, diagnostics=info, **opts)
         else:
-            s = influence(train.blocks(), query, method, damping, device=device, diagnostics=info, **opts)
+            s = distributed_influence(train.blocks(), query, method, damping, device=device, diagnostics=info,
+                                      **opts)
         seconds = time.perf_counter() - t0
         arrays[method] = s.double().cpu().numpy()
         meta["methods"][method] = {"seconds": seconds, "damping": info.get("damping"), "shape": list(s.shape)}
-        click.echo(f"{method}: {tuple(s.shape)} scores in {seconds:.2f} s")
+        if main_rank:
+            click.echo(f"{method}: {tuple(s.shape)} scores in {seconds:.2f} s")
+    if not main_rank:
+        return
     out = Path(out_path)
     _atomic_write(out, lambda p: np.savez(p, **arrays))
     _atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
