@@ -128,7 +128,7 @@ def _as_blocks(grads: Blocks, what: str) -> list[tuple[str, Any]]:
             raise DataInfError(f"{what}: block '{name}' is a scalar; expected shape (n_examples, *block_shape)")
         if not (t.is_floating_point()):
             raise DataInfError(f"{what}: block '{name}' has dtype {t.dtype}; expected a floating-point dtype")
-        out.append((name, t.reshape(t.shape[0], -1)))
+        out.append((name, t.reshape(t.shape[0], math.prod(t.shape[1:]))))
     return out
 
 
@@ -543,6 +543,11 @@ def influence(
     Returns:
         ``(n_train, n_query)`` scores in the compute dtype.
     """
+    if method in ("kfac", "ekfac"):  # datainf.kfac, with factors=KFACFactors or KFACCurvature as a keyword
+        from datainf.kfac import kfac_influence
+
+        return kfac_influence(train_grads, query_grads, method=method, damping=damping, chunk_size=chunk_size,
+                              dtype=dtype, device=device, diagnostics=diagnostics, **options)
     lissa = _parse_options(method, options)
     blocks = _prepare(train_grads, query_grads, damping, chunk_size, dtype, device)
     if not blocks:
@@ -586,6 +591,11 @@ def self_influence(
     always <= 0 under this sign convention; large magnitudes flag unusual (often mislabeled) examples.
     Arguments as in :func:`influence`.
     """
+    if method in ("kfac", "ekfac"):  # datainf.kfac, with factors=KFACFactors or KFACCurvature as a keyword
+        from datainf.kfac import kfac_self_influence
+
+        return kfac_self_influence(train_grads, method=method, damping=damping, chunk_size=chunk_size,
+                                   dtype=dtype, device=device, diagnostics=diagnostics, **options)
     lissa = _parse_options(method, options)
     blocks = _prepare(train_grads, None, damping, chunk_size, dtype, device)
     if not blocks:
