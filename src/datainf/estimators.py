@@ -619,7 +619,8 @@ def _report(
         if worst[1].get("relative_residual", 0.0) > 0.1:
             warnings.warn(
                 f"lissa has not converged: block '{worst[0]}' has relative residual "
-                f"{worst[1]['relative_residual']:.2g}; raise iterations for scores closer to exact",
+                f"{worst[1]['relative_residual']:.2g}; raise iterations for scores closer to exact (when "
+                "n_train < d this overstates the score error: residual outside the gradients' span is unseen)",
                 stacklevel=3,
             )
     if diagnostics is None:

@@ -116,7 +116,8 @@ def _slice_example(batch: Any, index: int, size: int) -> Any:
 
 
 def _fast_path(
-    model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], records: list[_LinearRecord]
+    model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], records: list[_LinearRecord],
+    factors: Any = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Per-example gradients (float32, (B, *shape)) of the parameters owned by ``records`` from one forward
     and one backward pass; parameters whose per-example sums disagree with autograd's batch gradient are
@@ -166,9 +167,10 @@ def _fast_path(
             if record.bias is not None:
                 b = g.reshape(size, -1, g.shape[-1]).sum(dim=1)
                 bias_grad = b if bias_grad is None else bias_grad + b
-        record.calls.clear()
+        calls, record.calls = record.calls, []
         if not ok:
             continue
+        kept = []
         for name, grad in ((record.weight, weight_grad), (record.bias, bias_grad)):
             if name is None:
                 continue
@@ -177,6 +179,15 @@ def _fast_path(
                 grad = torch.zeros(size, *param.shape, dtype=torch.float32, device=param.device)
             if _agrees(grad.sum(dim=0), total_of[name], param.dtype):
                 grads[name] = grad
+                kept.append(name)
+        if factors is not None:  # K-FAC factors from the same inputs and output gradients (datainf.kfac)
+            weight, bias = (n if n in kept else None for n in (record.weight, record.bias))
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            for call in calls:
+                if call.grad is not None and (weight or bias):
+                    factors.update(weight, bias, call.inputs, call.grad, mask)
+    if factors is not None:
+        factors.add_examples(size)
     return grads, size
 
 
@@ -244,6 +255,7 @@ def per_example_gradients(
     params: ParamFilter = None,
     group_lora: bool = False,
     train_mode: bool = False,
+    factors: Any = None,
 ) -> dict[str, Tensor]:
     """The gradient of EACH example's own loss with respect to every tracked parameter tensor.
 
@@ -256,6 +268,9 @@ def per_example_gradients(
         module (``"...value.lora"``, shape (B, numel_A + numel_B)).
     train_mode: run the model in train mode (dropout on; examples of the fast path then see different
         dropout masks than alone). Default eval mode. The model's modes are restored afterwards.
+    factors: a ``datainf.kfac.KFACFactors`` to accumulate the K-FAC factors of the hooked nn.Linear
+        blocks into, from the same forward/backward pass (padding excluded via ``batch["attention_mask"]``).
+        Blocks on the slow path get no factors. Keyed by parameter name (also with group_lora).
 
     Returns {name: float32 tensor (B, *param.shape)} on the parameters' device, in parameter order.
     Trainable parameters that are not tracked are frozen during the call; ``requires_grad`` flags, ``.grad``
@@ -271,7 +286,7 @@ def per_example_gradients(
             p.requires_grad_(False)
         model.train(train_mode)
         with torch.enable_grad():
-            grads, size = _run(model, batch, task, tracked)
+            grads, size = _run(model, batch, task, tracked, factors)
     finally:
         for p in untracked:
             p.requires_grad_(True)
@@ -290,12 +305,14 @@ def per_example_gradients(
     return _group_lora(grads) if group_lora else grads
 
 
-def _run(model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter]) -> tuple[dict[str, Tensor], int]:
+def _run(
+    model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], factors: Any = None
+) -> tuple[dict[str, Tensor], int]:
     records = _linear_records(model, tracked)
     grads: dict[str, Tensor] = {}
     size = batch_size(batch)
     if records:
-        grads, size = _fast_path(model, batch, task, tracked, records)
+        grads, size = _fast_path(model, batch, task, tracked, records, factors)
     rest = {name: p for name, p in tracked.items() if name not in grads}
     if rest:
         if size is None:

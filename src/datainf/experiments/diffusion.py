@@ -65,12 +65,12 @@ class DiffusionSettings:
     """Settings of one run. Defaults: the full CPU runs of docs/results/diffusion.md."""
 
     experiment: str = "style"              # "style" or "subject"
-    n_train_per_style: int = 60
-    n_test_per_style: int = 10
-    n_subjects: int = 40
+    n_train_per_style: int = 30
+    n_test_per_style: int = 5
+    n_subjects: int = 30
     views: int = 3
     rank: int = 4
-    steps: int = 150                       # LoRA fine-tuning steps
+    steps: int = 80                        # LoRA fine-tuning steps
     batch_size: int = 16
     learning_rate: float = 2e-3
     timesteps: tuple[int, ...] = PAPER_TIMESTEPS
@@ -171,7 +171,6 @@ def run_diffusion(settings: DiffusionSettings, out_dir: str | os.PathLike, *, de
                             progress=progress)
     finetune_seconds = time.perf_counter() - t0
     test_loss = _mean_loss(model, task, collate, test, device, settings.grad_batch_size)
-    train_loss = _mean_loss(model, task, collate, train, device, settings.grad_batch_size)
 
     # 2. per-example gradients of the fixed-timestep denoising loss
     attributor = Attributor(model, task=task, store=out / "store", collate=collate,
@@ -213,7 +212,6 @@ def run_diffusion(settings: DiffusionSettings, out_dir: str | os.PathLike, *, de
         "n_lora_parameters": int(sum(v[0].numel() for v in query_grads.values())),
         "test_loss_base": base_test_loss,
         "test_loss_lora": test_loss,
-        "train_loss_lora": train_loss,
         "finetune_first_last_loss": [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))],
         "finetune_seconds": finetune_seconds,
         "train_gradient_seconds": train_gradient_seconds,
@@ -324,7 +322,7 @@ def _parse_ints(value: str, name: str) -> tuple[int, ...]:
 def _common(f):
     options = [
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder."),
-        click.option("--steps", default=150, show_default=True, help="LoRA fine-tuning steps."),
+        click.option("--steps", default=80, show_default=True, help="LoRA fine-tuning steps."),
         click.option("--batch-size", default=16, show_default=True, help="Fine-tuning batch size."),
         click.option("--lr", "learning_rate", default=2e-3, show_default=True, help="LoRA learning rate."),
         click.option("--rank", default=4, show_default=True, help="LoRA rank (alpha = rank)."),
@@ -363,8 +361,8 @@ def _run_cli(ctx: click.Context, experiment: str, out: str, methods: str, timest
 
 @click.command("diffusion-style")
 @_common
-@click.option("--n-train-per-style", default=60, show_default=True, help="Training images per style.")
-@click.option("--n-test-per-style", default=10, show_default=True, help="Held-out query images per style.")
+@click.option("--n-train-per-style", default=30, show_default=True, help="Training images per style.")
+@click.option("--n-test-per-style", default=5, show_default=True, help="Held-out query images per style.")
 @click.pass_context
 def style_command(ctx: click.Context, **kw: Any) -> None:
     """Which training images of a LoRA-tuned diffusion model share a query image's style? (paper table 2)"""
@@ -373,7 +371,7 @@ def style_command(ctx: click.Context, **kw: Any) -> None:
 
 @click.command("diffusion-subject")
 @_common
-@click.option("--n-subjects", default=40, show_default=True, help="Subjects (each one MNIST image + augmentations).")
+@click.option("--n-subjects", default=30, show_default=True, help="Subjects (each one MNIST image + augmentations).")
 @click.option("--views", default=3, show_default=True, help="Training images per subject.")
 @click.pass_context
 def subject_command(ctx: click.Context, **kw: Any) -> None:
