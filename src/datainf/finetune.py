@@ -1,0 +1,315 @@
+"""LoRA fine-tuning of a sequence classifier (transformers + peft), sized for a CPU.
+
+Typical use::
+
+    model, tokenizer = load_classifier(minilm_dir(), num_labels=2, lora=LoraSettings(rank=4))
+    finetune_classifier(model, tokenizer, train_records, TrainSettings(epochs=2))
+    evaluate_classifier(model, tokenizer, val_records)   # {"accuracy": ..., "loss": ..., "n": ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from datainf.errors import DataInfError
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter: rank r, scale alpha / r (alpha=None -> alpha = r, as in the DataInf paper)."""
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("value",)
+    modules_to_save: tuple[str, ...] = ("classifier",)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        self.modules_to_save = tuple(self.modules_to_save)
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise DataInfError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise DataInfError(f"LoRA alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DataInfError(f"LoRA dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise DataInfError(
+                f"target_modules must be a non-empty list of module names, got {self.target_modules!r}"
+            )
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass
+class TrainSettings:
+    """AdamW with a linear schedule and warm-up; batches are shuffled with ``seed``."""
+
+    epochs: int = 3
+    learning_rate: float = 3e-4
+    batch_size: int = 32
+    max_length: int = 128
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise DataInfError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not self.learning_rate > 0:
+            raise DataInfError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise DataInfError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise DataInfError(f"max_length must be an integer >= 2 (tokens), got {self.max_length!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise DataInfError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
+        if not self.weight_decay >= 0:
+            raise DataInfError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide the load report about the freshly initialised classifier head and the weight-loading bar."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bar_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_base(model_dir: str | Path, num_labels: int) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers model")
+    if not isinstance(num_labels, int) or num_labels < 2:
+        raise DataInfError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), num_labels=num_labels, dtype=torch.float32
+        )
+    return model, tokenizer
+
+
+def load_classifier(
+    model_dir: str | Path, num_labels: int, lora: LoraSettings | None = None, seed: int = 0
+) -> tuple[Any, Any]:
+    """A pretrained encoder with a fresh ``num_labels``-way head, wrapped with LoRA adapters (peft).
+
+    Only the LoRA matrices and the modules in ``lora.modules_to_save`` are trainable. ``seed`` fixes the
+    random initialisation of the head and of the LoRA A matrices. Returns (PeftModel, tokenizer).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = lora or LoraSettings()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, tokenizer = _load_base(model_dir, num_labels)
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=lora.rank,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            modules_to_save=list(lora.modules_to_save),
+        )
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as error:
+            raise DataInfError(
+                f"cannot put LoRA on {list(lora.target_modules)} in {model_dir}: {str(error).splitlines()[0]}"
+            ) from None
+    return peft_model, tokenizer
+
+
+def encode(
+    tokenizer: Any,
+    records: Sequence[dict],
+    max_length: int = 128,
+    text_key: str = "text",
+    label_key: str = "label",
+) -> dict[str, torch.Tensor]:
+    """Tokenise records into one batch padded to its longest text (at most ``max_length`` tokens).
+
+    Returns input_ids / attention_mask (and token_type_ids for BERT) of shape (b, t), plus ``labels``
+    of shape (b,) when every record has ``label_key``.
+    """
+    if len(records) == 0:
+        raise DataInfError("encode got no records; pass at least one")
+    texts = []
+    for i, record in enumerate(records):
+        text = record.get(text_key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataInfError(
+                f"record {i} has no text under key {text_key!r}; each record needs {{{text_key!r}: str}}"
+            )
+        texts.append(text)
+    batch = dict(
+        tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    )
+    if all(label_key in record for record in records):
+        batch["labels"] = torch.tensor([int(record[label_key]) for record in records], dtype=torch.long)
+    return batch
+
+
+def _check_labels(records: Sequence[dict], num_labels: int, label_key: str = "label") -> None:
+    for i, record in enumerate(records):
+        if label_key not in record:
+            raise DataInfError(
+                f"record {i} has no {label_key!r}; training and evaluation need labelled records"
+            )
+        if not 0 <= int(record[label_key]) < num_labels:
+            raise DataInfError(
+                f"record {i} has label {record[label_key]}, outside 0..{num_labels - 1} for this classifier"
+            )
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def finetune_classifier(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict],
+    settings: TrainSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the trainable (LoRA + head) parameters with cross-entropy on ``records`` in place.
+
+    Batches are reshuffled every epoch with ``settings.seed`` (dropout is seeded too) and padded to their own
+    longest text. Returns {"losses": per-step training losses, "steps": int, "seconds": float}.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    settings = settings or TrainSettings()
+    if len(records) == 0:
+        raise DataInfError("no training records; pass at least one")
+    _check_labels(records, model.config.num_labels)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise DataInfError("the model has no trainable parameters; load it with load_classifier")
+    steps_per_epoch = math.ceil(len(records) / settings.batch_size)
+    total_steps = settings.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, round(settings.warmup_ratio * total_steps), total_steps
+    )
+    device = _device(model)
+    rng = random.Random(settings.seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    with (
+        torch.random.fork_rng(devices=[]),
+        tqdm(total=total_steps, disable=not progress, desc="fine-tuning") as bar,
+    ):
+        torch.manual_seed(settings.seed)
+        for _ in range(settings.epochs):
+            order = list(range(len(records)))
+            rng.shuffle(order)
+            for first in range(0, len(order), settings.batch_size):
+                chunk = [records[i] for i in order[first : first + settings.batch_size]]
+                batch = {k: v.to(device) for k, v in encode(tokenizer, chunk, settings.max_length).items()}
+                loss = model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return {"losses": losses, "steps": total_steps, "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: Any, tokenizer: Any, records: Sequence[dict], batch_size: int = 64, max_length: int = 128
+) -> dict:
+    """Accuracy and mean cross-entropy of the model (in eval mode) on labelled records.
+
+    Returns {"accuracy": float, "loss": float, "n": int}.
+    """
+    if len(records) == 0:
+        raise DataInfError("no evaluation records; pass at least one")
+    if batch_size < 1:
+        raise DataInfError(f"batch_size must be >= 1, got {batch_size}")
+    _check_labels(records, model.config.num_labels)
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    correct, total_loss = 0, 0.0
+    for first in range(0, len(records), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in encode(tokenizer, records[first : first + batch_size], max_length).items()
+        }
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        total_loss += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    model.train(was_training)
+    return {"accuracy": correct / len(records), "loss": total_loss / len(records), "n": len(records)}
+
+
+def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
+    """Write the LoRA adapter and the trained head (peft ``save_pretrained``) to ``adapter_dir``."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise DataInfError(
+            f"save_adapter needs a peft model (from load_classifier), got {type(model).__name__}"
+        )
+    adapter_dir = Path(adapter_dir)
+    model.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+def load_adapter(
+    model_dir: str | Path, adapter_dir: str | Path, num_labels: int, is_trainable: bool = False
+) -> tuple[Any, Any]:
+    """Rebuild a saved classifier: the base model from ``model_dir`` plus the adapter in ``adapter_dir``.
+
+    Returns (PeftModel in eval mode, tokenizer). An adapter that does not fit the base model (other sizes,
+    other number of labels, missing target modules) raises DataInfError.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DataInfError(f"{adapter_dir} has no adapter_config.json; pass a folder written by save_adapter")
+    base, tokenizer = _load_base(model_dir, num_labels)
+    try:
+        with _quiet_transformers():
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise DataInfError(
+            f"the adapter in {adapter_dir} does not fit the base model {model_dir} with num_labels={num_labels}: "
+            f"{reason}"
+        ) from None
+    model.eval()
+    return model, tokenizer
