@@ -277,8 +277,8 @@ def _grid_options(f):
                      help="';'-separated LoRA target sets, each comma-separated module names."),
         click.option("--n-train", type=int, default=1000),
         click.option("--n-val", type=int, default=200),
-        click.option("--epochs", type=int, default=3),
-        click.option("--lr", type=float, default=1e-3),
+        click.option("--epochs", type=int, default=4),
+        click.option("--lr", type=float, default=3e-3),
         click.option("--methods", default=",".join(METHODS)),
         click.option("--lissa-iterations", type=int, default=100),
     ]
@@ -324,8 +324,8 @@ def _grid_command(metric: str, title: str):
 @click.option("--keep", type=float, default=0.7, help="Share of training data kept.")
 @click.option("--n-train", type=int, default=1000)
 @click.option("--n-val", type=int, default=200)
-@click.option("--epochs", type=int, default=3)
-@click.option("--lr", type=float, default=1e-3)
+@click.option("--epochs", type=int, default=4)
+@click.option("--lr", type=float, default=3e-3)
 @click.option("--methods", default="datainf,identity,lissa,exact")
 @click.option("--seed", type=int, default=0)
 @click.pass_context

@@ -42,8 +42,8 @@ class LdsSettings:
     n_query: int = 50
     noise_fraction: float = 0.2
     rank: int = 4
-    epochs: int = 3
-    learning_rate: float = 1e-3
+    epochs: int = 4
+    learning_rate: float = 3e-3
     batch_size: int = 16
     max_length: int = 64
     subsets: int = 50
@@ -226,8 +226,8 @@ def _bar(it, desc: str, progress: bool):
 @click.option("--n-train", type=int, default=200)
 @click.option("--n-query", type=int, default=50)
 @click.option("--noise", type=float, default=0.2)
-@click.option("--epochs", type=int, default=3)
-@click.option("--lr", type=float, default=1e-3)
+@click.option("--epochs", type=int, default=4)
+@click.option("--lr", type=float, default=3e-3)
 @click.option("--subsets", type=int, default=50)
 @click.option("--loo-examples", type=int, default=20)
 @click.option("--loo-seeds", type=int, default=3)

@@ -331,6 +331,9 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DataInfError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if (load_in_8bit or load_in_4bit) and not device.startswith("cuda"):
+        raise DataInfError("--load-in-8bit/--load-in-4bit need bitsandbytes and a CUDA GPU (--device cuda); "
+                           "drop the flag on a CPU")
     if model_dir is not None and not (Path(model_dir) / "config.json").is_file():
         raise DataInfError(f"--model {model_dir} is not a transformers model folder (no config.json)")
     settings = LLMIdentificationSettings(
