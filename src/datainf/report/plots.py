@@ -64,13 +64,14 @@ def roc_points(scores: Any, positives: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def roc_auc(scores: Any, positives: Any) -> float | None:
-    """Area under :func:`roc_points` (trapezoids, so ties count one half); None without both classes."""
+    """ROC AUC (:func:`datainf.metrics.roc_auc`, ties count one half); None without both classes."""
+    from datainf import metrics
+
     values = as_vector(scores, "scores")
     flags = _positives(positives, values.shape[0])
     if flags.all() or not flags.any():
         return None
-    fpr, tpr = roc_points(values, flags)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    return metrics.roc_auc(values, flags)
 
 
 def _png(figure: Figure) -> bytes:
