@@ -1,0 +1,214 @@
+"""The LLM identification experiment end to end on a tiny random Llama (no downloads), and its metrics
+against an independent computation."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from datainf.data.generation import make_task  # noqa: E402
+from datainf.errors import DataInfError  # noqa: E402
+from datainf.experiments.llm_identification import (  # noqa: E402
+    LLMIdentificationSettings,
+    identification_metrics,
+    run_llm_identification,
+)
+from datainf.finetune import LoraSettings  # noqa: E402
+from datainf.llm import load_causal_lm  # noqa: E402
+
+METHODS = ("datainf", "identity", "exact", "lissa")
+
+
+def _word_tokenizer(texts: list[str]):
+    """A word-level fast tokenizer built offline from ``texts`` (whitespace + punctuation split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved random tiny LlamaForCausalLM + word tokenizer covering the three tasks' texts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    texts = [r["prompt"] + r["response"] for t in ("sentences", "math", "math-reasoning")
+             for r in make_task(t, classes=3, per_class=6)]
+    tok = _word_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def _check_outputs(out, results, n_train, n_test, methods=METHODS):
+    for name in ("results.json", "scores.npz", "train.jsonl", "test.jsonl", "report.html"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["n_train"] == n_train and saved["n_test"] == n_test
+    assert set(saved["methods"]) == set(methods)
+    for m in methods:
+        entry = saved["methods"][m]
+        assert 0.0 <= entry["auc"] <= 1.0 and 0.0 <= entry["recall"] <= 1.0
+        assert math.isfinite(entry["seconds"])
+        assert len(saved["per_query"][m]["auc"]) == n_test
+    if "exact" in methods:
+        assert math.isfinite(saved["methods"]["datainf"]["pearson_with_exact"])
+    with np.load(out / "scores.npz") as f:
+        for m in methods:
+            assert f[m].shape == (n_train, n_test) and np.all(np.isfinite(f[m]))
+        assert f["train_labels"].shape == (n_train,) and f["test_labels"].shape == (n_test,)
+    assert (out / "store").is_dir()
+    assert sum(1 for _ in (out / "train.jsonl").open()) == n_train
+    assert results["methods"].keys() == saved["methods"].keys()
+
+
+def test_run_llm_identification_on_a_tiny_llama(tiny_model_dir, tmp_path):
+    lora = LoraSettings(rank=2, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=())
+    model, tok = load_causal_lm(tiny_model_dir, lora, seed=0)
+    settings = LLMIdentificationSettings(task="sentences", classes=3, train_per_class=4, test_per_class=2,
+                                         epochs=1, batch_size=4, lissa_iterations=5, grad_batch_size=4)
+    results = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
+    _check_outputs(tmp_path, results, n_train=12, n_test=6)
+    assert results["trainable_parameters"] == 2 * 2 * (2 * 32 + 2 * 32)  # layers x (q, v) x (A + B)
+    assert math.isfinite(results["test_loss_before"]) and math.isfinite(results["test_loss_after"])
+
+
+def test_cli_command_runs_the_whole_pipeline(tiny_model_dir, tmp_path):
+    from datainf.cli import cli
+
+    out = tmp_path / "out"
+    args = ["--quiet", "experiment", "llm-identification", "--task", "math-reasoning", "--out", str(out),
+            "--model", str(tiny_model_dir), "--classes", "3", "--train-per-class", "3", "--test-per-class", "1",
+            "--epochs", "1", "--rank", "2", "--alpha", "4", "--methods", "datainf,exact,identity",
+            "--lissa-iterations", "3", "--device", "cpu", "--seed", "1"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "datainf" in result.output and "AUC" in result.output
+    _check_outputs(out, None or json.loads((out / "results.json").read_text()), n_train=9, n_test=3,
+                   methods=("datainf", "exact", "identity"))
+
+
+def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path):
+    from datainf.cli import main
+
+    for extra in (["--methods", "datainf,nope"], ["--load-in-8bit", "--model", str(tiny_model_dir)],
+                  ["--classes", "11", "--model", str(tiny_model_dir)], ["--model", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--quiet", "experiment", "llm-identification", "--out", str(tmp_path / "o"), "--device", "cpu",
+                  *extra])
+        assert exc.value.code == 2, extra
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _independent_metrics(scores, train_labels, query_labels):
+    aucs, recalls = [], []
+    for j, label in enumerate(query_labels):
+        pos = (train_labels == label).astype(int)
+        aucs.append(roc_auc_score(pos, -scores[:, j]))
+        k = int(pos.sum())
+        top = np.argsort(scores[:, j], kind="stable")[:k]  # most negative = most helpful first
+        recalls.append(pos[top].sum() / k)
+    return float(np.mean(aucs)), float(np.mean(recalls)), aucs, recalls
+
+
+def test_identification_metrics_match_sklearn_and_a_sort():
+    rng = np.random.default_rng(0)
+    train_labels = np.repeat(np.arange(4), 7)
+    query_labels = np.array([0, 1, 2, 3, 1, 0])
+    # same-class examples get lower (more helpful) scores on average; continuous, so no ties
+    scores = rng.normal(size=(28, 6)) - 1.5 * (train_labels[:, None] == query_labels[None, :])
+    got = identification_metrics(scores, train_labels, query_labels)
+    auc, recall, aucs, recalls = _independent_metrics(scores, train_labels, query_labels)
+    assert got["auc"] == pytest.approx(auc, abs=1e-12)
+    assert got["recall"] == pytest.approx(recall, abs=1e-12)
+    np.testing.assert_allclose(got["auc_per_query"], aucs, atol=1e-12)
+    np.testing.assert_allclose(got["recall_per_query"], recalls, atol=1e-12)
+
+
+def test_identification_metrics_hand_made_cases():
+    train_labels = np.array([0, 0, 1, 1, 2, 2])
+    query_labels = np.array([0, 2])
+    perfect = np.array([[-5.0, 1.0], [-4.0, 2.0], [1.0, 3.0], [2.0, 4.0], [3.0, -9.0], [4.0, -8.0]])
+    got = identification_metrics(perfect, train_labels, query_labels)
+    assert got["auc"] == 1.0 and got["recall"] == 1.0
+    # query 0: its class ranked last by helpfulness -> AUC 0, recall 0; harmful is not helpful
+    got = identification_metrics(-perfect, train_labels, query_labels)
+    assert got["auc"] == 0.0 and got["recall"] == 0.0
+    # one of the two same-class examples in the top 2 -> recall 1/2; it beats 4 of 4 and the other 2 of 4
+    scores = np.array([[-5.0], [0.5], [-4.0], [1.0], [2.0], [0.0]])
+    got = identification_metrics(scores, train_labels, np.array([0]))
+    assert got["recall"] == 0.5 and got["auc"] == pytest.approx((4 + 2) / 8)
+    with pytest.raises(DataInfError):
+        identification_metrics(scores[:5], train_labels, np.array([0]))
+
+
+# ------------------------------------------------------------------------------------------ datainf.llm
+def test_finetune_lowers_the_response_loss_and_ignores_the_prompt(tiny_model_dir):
+    import torch.nn.functional as F
+
+    from datainf.data.collate import TextCollator
+    from datainf.llm import finetune_causal_lm, response_loss, response_nll
+
+    lora = LoraSettings(rank=4, alpha=16, target_modules=("q_proj", "v_proj"), modules_to_save=())
+    model, tok = load_causal_lm(tiny_model_dir, lora, seed=0)
+    records = [{"prompt": r["prompt"], "response": r["response"]} for r in make_task("math", classes=3, per_class=4)]
+    # response_nll against a direct computation: each example alone, cross-entropy of its response tokens
+    batch = TextCollator(tok, task="causal_lm", max_length=128)(records[:3])
+    with torch.no_grad():
+        total, n_tokens = response_nll(model, batch)
+        want, count = 0.0, 0
+        for i in range(3):
+            keep = batch["attention_mask"][i].bool()
+            ids, labels = batch["input_ids"][i][keep], batch["labels"][i][keep]
+            logits = model(input_ids=ids[None]).logits[0]
+            response = (labels != -100).nonzero().flatten()
+            response = response[response > 0]
+            want += float(F.cross_entropy(logits[response - 1], ids[response], reduction="sum"))
+            count += len(response)
+    assert n_tokens == count
+    assert float(total) == pytest.approx(want, rel=1e-4)
+    before = response_loss(model, tok, records)
+    stats = finetune_causal_lm(model, tok, records, epochs=4, lr=1e-2, batch_size=4, progress=False)
+    assert stats["steps"] == 12 and len(stats["losses"]) == 12
+    assert response_loss(model, tok, records) < before
+    assert not model.training
+
+
+def test_smollm2_dir_never_trusts_an_incomplete_cache(tmp_path, monkeypatch):
+    import datainf.llm as llm
+
+    monkeypatch.setenv("DATAINF_CACHE", str(tmp_path))
+    target = tmp_path / llm.SMOLLM2_NAME
+    target.mkdir()
+    (target / "config.json").write_text("{}")  # an interrupted conversion: no weights
+
+    def no_gguf():
+        raise DataInfError("no gguf here")
+
+    monkeypatch.setattr(llm, "smollm2_gguf", no_gguf)
+    with pytest.raises(DataInfError, match="no gguf"):
+        llm.smollm2_dir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (target / name).write_text("x")
+    assert llm.smollm2_dir() == target  # complete: used as is, no conversion
+    with pytest.raises(DataInfError, match="no gguf"):
+        llm.smollm2_dir(rebuild=True)
