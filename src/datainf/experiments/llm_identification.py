@@ -218,6 +218,7 @@ def run_llm_identification(settings: LLMIdentificationSettings, out_dir: str | o
         "library_version": datainf.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "task": "causal_lm",
+        "auc_label": "AUC (same class)",
         "experiment": "llm-identification",
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
         "model": model_name,

@@ -262,7 +262,9 @@ def _methods_table(results: Mapping[str, Any], method_names: list[str]) -> str:
             raise DataInfError(f"results['methods'][{name!r}]: expected a dict of metrics or None")
     known = {key for key, _ in _METRIC_COLUMNS}
     extra = list(dict.fromkeys(key for entry in metrics.values() if entry for key in entry if key not in known))
-    columns = list(_METRIC_COLUMNS) + [(key, key) for key in extra]
+    auc_label = results.get("auc_label") or ("AUC (flipped)" if results.get("task", "classification") ==
+                                             "classification" else "AUC")
+    columns = [(k, auc_label if k == "auc" else label) for k, label in _METRIC_COLUMNS] + [(k, k) for k in extra]
     numeric = {"auc", "seconds", "pearson_with_exact", "spearman_with_exact"}
     header = "<th>Method</th>" + "".join(
         f'<th class="num">{_e(label)}</th>' if key in numeric else f"<th>{_e(label)}</th>"
