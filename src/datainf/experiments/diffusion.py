@@ -70,9 +70,9 @@ class DiffusionSettings:
     n_subjects: int = 30
     views: int = 3
     rank: int = 4
-    steps: int = 80                        # LoRA fine-tuning steps
+    steps: int = 160                       # LoRA fine-tuning steps
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     timesteps: tuple[int, ...] = PAPER_TIMESTEPS
     noise_draws: int = 1
     methods: tuple[str, ...] = ("datainf", "identity", "exact")
@@ -322,9 +322,9 @@ def _parse_ints(value: str, name: str) -> tuple[int, ...]:
 def _common(f):
     options = [
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder."),
-        click.option("--steps", default=80, show_default=True, help="LoRA fine-tuning steps."),
+        click.option("--steps", default=160, show_default=True, help="LoRA fine-tuning steps."),
         click.option("--batch-size", default=16, show_default=True, help="Fine-tuning batch size."),
-        click.option("--lr", "learning_rate", default=2e-3, show_default=True, help="LoRA learning rate."),
+        click.option("--lr", "learning_rate", default=5e-3, show_default=True, help="LoRA learning rate."),
         click.option("--rank", default=4, show_default=True, help="LoRA rank (alpha = rank)."),
         click.option("--timesteps", default=",".join(map(str, PAPER_TIMESTEPS)), show_default=True,
                      help="Fixed timesteps of the attribution loss."),
