@@ -119,7 +119,8 @@ def test_config_file_sets_defaults_and_flags_override(flow, tmp_path, capsys):
         assert f.files == ["datainf"]
 
 
-@pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "no_adapter", "bad_method"])
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "no_adapter", "not_an_adapter",
+                                  "bad_method"])
 def test_bad_input_one_line_and_exit_2(case, flow, tiny_bert_dir, tmp_path, capsys):
     root, train, *_ = flow
     empty = tmp_path / "empty.jsonl"
@@ -132,6 +133,8 @@ def test_bad_input_one_line_and_exit_2(case, flow, tiny_bert_dir, tmp_path, caps
         "empty": (base + ["--data", str(empty)], "holds no examples"),
         "no_adapter": (["grads", "--model", str(tiny_bert_dir), "--data", str(train), "--store",
                         str(tmp_path / "s")], "--adapter is required"),
+        "not_an_adapter": (["grads", "--model", str(tiny_bert_dir), "--adapter", str(tiny_bert_dir), "--data",
+                            str(train), "--store", str(tmp_path / "s")], "has no adapter_config.json"),
         "bad_method": (["score", "--store", str(root / "train-store"), "--self", "--method", "magic", "--out",
                         str(tmp_path / "x.npz")], "unknown method 'magic'"),
     }[case]
