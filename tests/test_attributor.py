@@ -75,6 +75,24 @@ def test_scores_match_loop_reference(tmp_path, tokenizer, sentence_records):
     assert set(meta["damping"]) == set(store.block_names)
 
 
+def test_ekfac_uses_the_stores_curvature(tmp_path, tokenizer, sentence_records):
+    from datainf.kfac import curvature_from_gradients
+
+    model = _model()
+    att = Attributor(model, store=tmp_path / "s", tokenizer=tokenizer, progress=False)
+    att.fit(sentence_records[:9])
+    ref_train = _loop_gradients(model, tokenizer, sentence_records[:9])
+    ref_val = _loop_gradients(model, tokenizer, sentence_records[9:])
+    f64 = torch.float64
+    got = att.scores(sentence_records[9:], method="ekfac", dtype=f64)
+    want = datainf.influence(ref_train, ref_val, "ekfac", factors=curvature_from_gradients(ref_train), dtype=f64)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    saved = tmp_path / "s" / "kfac.safetensors"
+    stamp = saved.stat().st_mtime_ns
+    att.scores(sentence_records[9:], method="kfac", save=False)
+    assert saved.stat().st_mtime_ns == stamp  # computed once, then reused
+
+
 def test_fit_resumes_without_recomputing(tmp_path, tokenizer, sentence_records):
     model = _model()
     calls = []

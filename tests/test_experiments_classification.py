@@ -59,7 +59,7 @@ def test_approximation_and_mislabeled_grid(tiny_bert_dir, local_data, tmp_path):
     mis = json.loads((tmp_path / "mislabeled.json").read_text())
     assert set(approx) == {"pearson_with_exact", "spearman_with_exact"} and set(mis) == {"auc", "seconds"}
     for rows in list(approx.values()) + list(mis.values()):
-        assert {r["method"] for r in rows} == {"datainf", "exact", "lissa", "identity"}
+        assert {r["method"] for r in rows} == {"datainf", "exact", "lissa", "identity", "kfac", "ekfac"}
         assert all(_finite(r["mean"]) for r in rows)
     exact_rows = [r for r in approx["pearson_with_exact"] if r["method"] == "exact"]
     assert all(abs(r["mean"] - 1) < 1e-9 for r in exact_rows)  # exact correlates perfectly with itself
@@ -67,6 +67,10 @@ def test_approximation_and_mislabeled_grid(tiny_bert_dir, local_data, tmp_path):
     for p in runs:
         res = json.loads((p / "results.json").read_text())
         assert 0 <= res["validation_accuracy"] <= 1 and not (p / "store").exists()
+        diag = res["diagnostics"]["per_method"]
+        assert set(diag) == {"datainf", "lissa", "kfac", "ekfac"}
+        assert all(-1 <= v["median_block_correlation_with_exact"] <= 1 for v in diag.values())
+        assert 'id="diagnostics"' in (p / "report.html").read_text()
 
 
 def test_selection(tiny_bert_dir, local_data, tmp_path):

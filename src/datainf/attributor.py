@@ -254,6 +254,7 @@ class Attributor:
             qgrads = {k: v.mean(dim=0, keepdim=True) for k, v in qgrads.items()}
         info: dict[str, Any] = {} if diagnostics is None else diagnostics
         t0 = time.perf_counter()
+        options = self._with_curvature(method, options)
         out = distributed_influence(self.store.blocks(), qgrads, method=method, damping=damping, diagnostics=info,
                                     **options)  # = datainf.influence in one process; blocks split under torchrun
         info["seconds"] = time.perf_counter() - t0
@@ -265,18 +266,41 @@ class Attributor:
                        **options: Any) -> Tensor:
         """Self-influence of every training example, ``(n_train,)`` (always <= 0; large magnitude = unusual)."""
         info: dict[str, Any] = {}
+        options = self._with_curvature(method, options)
         out = distributed_self_influence(self.store.blocks(), method=method, damping=damping, diagnostics=info,
                                          **options)
         if save and is_main_process():
             self._save(f"self-{method}", out, method, info, options)
         return out
 
+    def curvature(self) -> Any:
+        """EK-FAC/K-FAC curvature of the store's blocks (eigenbasis from the per-example gradients' Kronecker
+        factors, eigenvalues corrected by one pass): computed once, saved as ``<store>/kfac.safetensors`` with
+        the store's fingerprints, and reused."""
+        from datainf.kfac import FILE_NAME, curvature_from_gradients, load_curvature, save_curvature
+
+        if (self.store.path / FILE_NAME).exists():
+            return load_curvature(self.store)
+        curvature = curvature_from_gradients(self.store.blocks(), shapes=self.store.block_shapes)
+        if is_main_process():
+            save_curvature(curvature, self.store)
+        return curvature
+
+    def _with_curvature(self, method: str, options: dict[str, Any]) -> dict[str, Any]:
+        from datainf.kfac import KFAC_METHODS
+
+        if method in KFAC_METHODS and "factors" not in options:
+            if self.group_lora:
+                raise DataInfError(f"method '{method}' needs one block per weight matrix; use group_lora=False")
+            return {**options, "factors": self.curvature()}
+        return options
+
     def _save(self, stem: str, scores: Tensor, method: str, info: dict, options: dict, **extra: Any) -> None:
         folder = self.store_path / "scores"
         folder.mkdir(exist_ok=True)
         meta = {
             "method": method,
-            "options": {k: repr(v) for k, v in options.items()},
+            "options": {k: repr(v) for k, v in options.items() if k != "factors"},
             "damping": info.get("damping"),
             "seconds": info.get("seconds"),
             "shape": list(scores.shape),

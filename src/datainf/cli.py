@@ -19,7 +19,7 @@ import click
 
 from datainf.errors import DataInfError
 
-METHOD_NAMES = ("datainf", "exact", "lissa", "identity")
+METHOD_NAMES = ("datainf", "exact", "lissa", "identity", "kfac", "ekfac")
 
 
 def _load_config(path: str) -> dict[str, Any]:
@@ -329,7 +329,8 @@ def _read_data(path: str, task: str, text_column: str, label_column: str, prompt
 @click.option("--queries", "query_dir", type=click.Path(file_okay=False), default=None,
               help="Gradient store of the queries (e.g. the validation set).")
 @click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
-@click.option("--method", "methods", default="datainf", help="Comma-separated: datainf,exact,lissa,identity.")
+@click.option("--method", "methods", default="datainf",
+              help="Comma-separated: datainf,exact,lissa,identity,kfac,ekfac.")
 @click.option("--mean-query", is_flag=True,
               help="Score against the mean query gradient: influence on the average query loss.")
 @click.option("--damping", type=float, default=None, help="One damping for every block; default the paper's rule.")
@@ -368,8 +369,14 @@ def score(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: b
             query = {k: v.mean(0, keepdim=True) for k, v in query.items()}
     arrays, meta = {}, {"store": str(store_dir), "queries": query_dir, "self_influence": self_inf,
                         "mean_query": mean_query, "methods": {}}
+    curvature = None
     for method in _methods(methods):
-        opts = {"iterations": lissa_iterations} if method == "lissa" else {}
+        opts: dict[str, Any] = {"iterations": lissa_iterations} if method == "lissa" else {}
+        if method in ("kfac", "ekfac"):
+            from datainf.kfac import curvature_from_gradients
+
+            curvature = curvature or curvature_from_gradients(train.blocks(), shapes=train.block_shapes)
+            opts["factors"] = curvature
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
         if self_inf:

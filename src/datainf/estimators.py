@@ -38,6 +38,8 @@ from torch import Tensor
 from datainf.errors import DataInfError
 
 METHODS = ("datainf", "exact", "lissa", "identity")
+#: every method, including the Kronecker-factored ones (which need ``factors=``; see datainf.kfac)
+ALL_METHODS = METHODS + ("kfac", "ekfac")
 
 class RowSource(Protocol):
     """Anything that serves rows of an (n, d) matrix without holding it in memory (a gradient store's

@@ -27,7 +27,7 @@ import torch
 
 from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_split
 from datainf.errors import DataInfError
-from datainf.estimators import METHODS, influence
+from datainf.estimators import ALL_METHODS, METHODS, influence
 from datainf.experiments.mislabeled import MislabeledSettings, run_mislabeled
 
 # ---------------------------------------------------------------------------------------------- data
@@ -279,7 +279,7 @@ def _grid_options(f):
         click.option("--n-val", type=int, default=200),
         click.option("--epochs", type=int, default=4),
         click.option("--lr", type=float, default=3e-3),
-        click.option("--methods", default=",".join(METHODS)),
+        click.option("--methods", default=",".join(ALL_METHODS)),
         click.option("--lissa-iterations", type=int, default=100),
     ]
     for option in reversed(options):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from datainf.errors import DataInfError
-from datainf.estimators import METHODS
+from datainf.estimators import ALL_METHODS
 from datainf.metrics import pearson, spearman
 
 
@@ -50,7 +50,7 @@ class LdsSettings:
     subset_fraction: float = 0.5
     loo_examples: int = 20
     loo_seeds: int = 3
-    methods: tuple[str, ...] = ("datainf", "exact", "lissa", "identity")
+    methods: tuple[str, ...] = ("datainf", "exact", "lissa", "identity", "ekfac")
     lissa_iterations: int = 100
     seed: int = 0
 
@@ -62,8 +62,8 @@ class LdsSettings:
         if self.loo_examples > self.n_train:
             raise DataInfError("--loo-examples cannot exceed --n-train")
         for m in self.methods:
-            if m not in METHODS:
-                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(METHODS)}")
+            if m not in ALL_METHODS:
+                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(ALL_METHODS)}")
 
 
 class ClassifierTrainer:
@@ -231,7 +231,7 @@ def _bar(it, desc: str, progress: bool):
 @click.option("--subsets", type=int, default=50)
 @click.option("--loo-examples", type=int, default=20)
 @click.option("--loo-seeds", type=int, default=3)
-@click.option("--methods", default="datainf,exact,lissa,identity")
+@click.option("--methods", default="datainf,exact,lissa,identity,ekfac")
 @click.option("--seed", type=int, default=0)
 @click.pass_context
 def lds_command(ctx, out_dir, dataset, model_dir, n_train, n_query, noise, epochs, lr, subsets, loo_examples,
