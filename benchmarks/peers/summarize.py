@@ -1,4 +1,4 @@
-"""Collect runs/peers/result-*.json into the table of docs/benchmarks-peers.md (printed; --write to save).
+"""Collect runs/peers/result-*.json into the table of docs/benchmarks.md (printed; --write to save).
 
 Correlations are with datainf's exact scores of the same run (same adapter, same data); AUC ranks the
 training examples most harmful first against the flipped labels.
@@ -39,12 +39,12 @@ def table() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--write", action="store_true", help="replace the table in docs/benchmarks-peers.md")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/benchmarks.md")
     args = parser.parse_args()
     text = table()
     print(text)
     if args.write:
-        doc = ROOT / "docs" / "benchmarks-peers.md"
+        doc = ROOT / "docs" / "benchmarks.md"
         body = doc.read_text()
         start, end = "<!-- table -->", "<!-- /table -->"
         doc.write_text(body.split(start)[0] + start + "\n" + text + "\n" + end + body.split(end)[1])

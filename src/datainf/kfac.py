@@ -268,7 +268,7 @@ def fit_curvature(
       of the per-example gradients (one pass), with K-FAC eigenvalues ``s_G a_G^T / tr(A_G)``, which equals
       ``A kron S`` in the exact cases (one token, factorial design). It weighs each token by how much it
       moves the gradient, and gave a clearly better EK-FAC basis on the LoRA demo (pearson with exact
-      0.87 vs 0.74, docs/benchmarks-peers.md). The hooks' factors then only provide the block shapes.
+      0.87 vs 0.74, docs/benchmarks.md). The hooks' factors then only provide the block shapes.
     """
     if basis not in ("activations", "gradients"):
         raise DataInfError(f"basis must be 'activations' or 'gradients', got {basis!r}")
