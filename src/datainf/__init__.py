@@ -6,16 +6,24 @@ loss when training example k is up-weighted. Positive = harmful (raises the quer
 negative = helpful.
 """
 
+from datainf.attributor import Attributor
 from datainf.errors import DataInfError
-from datainf.estimators import METHODS, default_damping, influence, self_influence
+from datainf.estimators import ALL_METHODS, METHODS, default_damping, influence, self_influence
+from datainf.gradients import per_example_gradients, tracked_parameters
+from datainf.store import GradientStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_METHODS",
     "METHODS",
+    "Attributor",
     "DataInfError",
+    "GradientStore",
     "__version__",
     "default_damping",
     "influence",
+    "per_example_gradients",
     "self_influence",
+    "tracked_parameters",
 ]
