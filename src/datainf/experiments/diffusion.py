@@ -62,7 +62,7 @@ PAPER = {
 
 @dataclass
 class DiffusionSettings:
-    """Settings of one run. Defaults: the full CPU runs of docs/results/diffusion.md."""
+    """Settings of one run. Defaults: the full CPU runs in docs/results.md (diffusion section)."""
 
     experiment: str = "style"              # "style" or "subject"
     n_train_per_style: int = 30
