@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from datainf import atomic
 from datainf.errors import DataInfError
 
 METHOD_NAMES = ("datainf", "exact", "lissa", "identity", "kfac", "ekfac")
@@ -97,17 +98,6 @@ def _methods(value: str) -> list[str]:
     if not methods:
         raise DataInfError("--method needs at least one method")
     return methods
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _device_option(f):
@@ -342,7 +332,6 @@ def _read_data(path: str, task: str, text_column: str, label_column: str, prompt
 def score(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, methods: str, mean_query: bool,
           damping: float | None, lissa_iterations: int, out_path: str, device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
-    import numpy as np
 
     from datainf.distributed import (
         distributed_influence,
@@ -392,8 +381,8 @@ def score(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: b
     if not main_rank:
         return
     out = Path(out_path)
-    _atomic_write(out, lambda p: np.savez(p, **arrays))
-    _atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    atomic.savez(out, arrays)
+    atomic.write_json(out.with_suffix(".json"), meta)
     click.echo(f"wrote {out} and {out.with_suffix('.json')}")
 
 

@@ -25,6 +25,7 @@ import click
 import numpy as np
 import torch
 
+from datainf import atomic
 from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_split
 from datainf.errors import DataInfError
 from datainf.estimators import ALL_METHODS, METHODS, influence
@@ -176,7 +177,7 @@ def run_selection(base: MislabeledSettings, out_dir: str | os.PathLike, *, keep:
         acc = evaluate_classifier(model, tok, val, max_length=base.max_length)["accuracy"]
         flipped_kept = int(sum(train[i]["flipped"] for i in idx))
         results["selections"][name] = {"validation_accuracy": acc, "n": int(len(idx)), "flipped_kept": flipped_kept}
-    _write_json(out / "selection.json", results)
+    atomic.write_json(out / "selection.json", results)
     return results
 
 
@@ -219,7 +220,7 @@ def run_scaling(out_dir: str | os.PathLike, *, n_values: tuple[int, ...] = (250,
             exponents[f"{method}/{vary}"] = float(np.polyfit(x, y, 1)[0])
     result = {"blocks": blocks, "n_query": n_query, "lissa_iterations": 10, "rows": rows, "exponents": exponents}
     out = Path(out_dir)
-    _write_json(out / "scaling.json", result)
+    atomic.write_json(out / "scaling.json", result)
     _scaling_plot(result, out / "scaling.png")
     return result
 
@@ -244,13 +245,6 @@ def _scaling_plot(result: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 
 
@@ -308,7 +302,7 @@ def _grid_command(metric: str, title: str):
         text = ""
         for m in key[metric]:
             text += f"\n### {m}\n\n" + markdown_table(summarize(runs, m), m)
-        _write_json(Path(out_dir) / f"{metric}.json", {m: summarize(runs, m) for m in key[metric]})
+        atomic.write_json(Path(out_dir) / f"{metric}.json", {m: summarize(runs, m) for m in key[metric]})
         (Path(out_dir) / f"{metric}.md").write_text(f"## {title}\n{text}")
         click.echo(text)
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 import datainf
+from datainf import atomic
 from datainf.attributor import Attributor
 from datainf.diffusion import (
     PAPER_TIMESTEPS,
@@ -220,12 +221,12 @@ def run_diffusion(settings: DiffusionSettings, out_dir: str | os.PathLike, *, de
         "paper": PAPER[settings.experiment],
         "torch_threads": torch.get_num_threads(),
     }
-    _atomic_np(out / "scores.npz", scores)
+    atomic.savez(out / "scores.npz", scores)
     report_method = "datainf" if "datainf" in scores else next(iter(scores))
     write_image_report(out / "report.html", results=results, train=train, test=test, scores=scores[report_method],
                        method=report_method, group_key=group_key)
     results["wall_seconds"] = time.perf_counter() - t_start
-    _atomic_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     return results
 
 
@@ -283,20 +284,8 @@ images) are averaged over queries; top1 = share of queries whose most helpful im
 <p>Green border: same {group_key} as the query; red: different. Scores: positive = harmful.</p>
 {''.join(queries)}
 <h2>Settings</h2><pre>{settings}</pre></body></html>"""
-    _atomic_text(path, text)
+    atomic.write_text(path, text)
     return path
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_np(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import datainf
+from datainf import atomic
 from datainf.attributor import Attributor
 from datainf.data.generation import TASKS, make_task, split_task
 from datainf.errors import DataInfError
@@ -238,10 +239,10 @@ def run_llm_identification(settings: LLMIdentificationSettings, out_dir: str | o
     }
 
     # 5. outputs, each written whole then renamed
-    _atomic_np(out / "scores.npz", {**{k: v.astype(np.float32) for k, v in scores.items()},
+    atomic.savez(out / "scores.npz", {**{k: v.astype(np.float32) for k, v in scores.items()},
                                     "train_labels": train_labels, "test_labels": test_labels})
-    _atomic_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
-    _atomic_text(out / "test.jsonl", "".join(json.dumps(r) + "\n" for r in test))
+    atomic.write_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
+    atomic.write_text(out / "test.jsonl", "".join(json.dumps(r) + "\n" for r in test))
     report_train = [{"text": r["prompt"] + r["response"], "label": r["label"], "label_name": r["class_name"]}
                     for r in train]
     report_queries = [{"prompt": r["prompt"], "response": r["response"]} for r in test]
@@ -252,20 +253,8 @@ def run_llm_identification(settings: LLMIdentificationSettings, out_dir: str | o
     if not settings.keep_store:
         shutil.rmtree(store, ignore_errors=True)
     results["wall_seconds"] = time.perf_counter() - t_start
-    _atomic_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     return results
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_np(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def format_table(results: dict[str, Any]) -> str:

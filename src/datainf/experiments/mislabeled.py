@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import datainf
+from datainf import atomic
 from datainf.attributor import Attributor
 from datainf.data.noise import flip_labels
 from datainf.data.text import load_text_dataset, sample_split
@@ -181,12 +182,12 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
     results["wall_seconds"] = time.perf_counter() - t_start
 
     # 6. outputs: scores, training records, results, report (each written whole, then renamed)
-    _atomic_np(out / "scores.npz", scores)
-    _atomic_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
+    atomic.savez(out / "scores.npz", scores)
+    atomic.write_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
     write_report(out / "report.html", results=results, train=train, scores=scores,
                  title=f"datainf: mislabeled examples in {settings.dataset}")
     results["wall_seconds"] = time.perf_counter() - t_start
-    _atomic_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     if not keep_store:
         import shutil
 
@@ -214,18 +215,6 @@ def _summarize_diagnostics(report: dict[str, Any]) -> dict[str, Any]:
 def _model_record(r: dict) -> dict:
     """What the model sees of a record (never the flipped/true_label bookkeeping)."""
     return {k: r[k] for k in ("text", "text_pair", "label") if k in r}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_np(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def format_table(results: dict[str, Any]) -> str:
