@@ -107,24 +107,28 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch size {args.batch_size}")
     for name in args.models.split(","):
         model, batches, task = {"minilm": _minilm, "smollm2": _smollm2}[name](args.batch_size, args.batches)
-        model.eval()
-        n = sum(b["input_ids"].shape[0] for b in batches)
-        n_loop = sum(b["input_ids"].shape[0] for b in batches[: args.loop_batches])
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        _floor(model, batches[0], task)  # warm-up
-        per_example_gradients(model, batches[0], task)
-        t_floor = _time(lambda b: _floor(model, b, task), batches, repeats=2)
-        t_ours = _time(lambda b: per_example_gradients(model, b, task), batches, repeats=2)
-        t_loop = _time(lambda b: _loop(model, b, task), batches[: args.loop_batches]) * n / n_loop
-        print(f"\n{name}: {trainable:,} trainable parameters, {n} examples, mean length "
-              f"{float(torch.cat([b['attention_mask'].sum(1) for b in batches]).float().mean()):.1f} tokens")
-        print(f"  floor (batched fwd+bwd)     {n / t_floor:8.1f} ex/s")
-        print(f"  ours  (per-example, hooks)  {n / t_ours:8.1f} ex/s")
-        print(f"  loop  (batch size 1)        {n / t_loop:8.1f} ex/s   (timed on {n_loop} examples)")
-        r1, r2 = t_ours / t_floor, t_loop / t_ours
-        print(f"  ours / floor = {r1:.2f}x  (target <= 1.5x: {'PASS' if r1 <= 1.5 else 'MISS'})")
-        print(f"  loop / ours  = {r2:.1f}x  (target >= 5x: {'PASS' if r2 >= 5 else 'MISS'})")
+        _report(name, model, batches, task, args.loop_batches)
 
+
+def _report(name: str, model, batches, task: str, loop_batches: int) -> None:
+    """Time the three ways on the same batches and print examples per second and the ratios."""
+    model.eval()
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    n_loop = sum(b["input_ids"].shape[0] for b in batches[:loop_batches])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _floor(model, batches[0], task)  # warm-up
+    per_example_gradients(model, batches[0], task)
+    t_floor = _time(lambda b: _floor(model, b, task), batches, repeats=2)
+    t_ours = _time(lambda b: per_example_gradients(model, b, task), batches, repeats=2)
+    t_loop = _time(lambda b: _loop(model, b, task), batches[:loop_batches]) * n / n_loop
+    print(f"\n{name}: {trainable:,} trainable parameters, {n} examples, mean length "
+          f"{float(torch.cat([b['attention_mask'].sum(1) for b in batches]).float().mean()):.1f} tokens")
+    print(f"  floor (batched fwd+bwd)     {n / t_floor:8.1f} ex/s")
+    print(f"  ours  (per-example, hooks)  {n / t_ours:8.1f} ex/s")
+    print(f"  loop  (batch size 1)        {n / t_loop:8.1f} ex/s   (timed on {n_loop} examples)")
+    r1, r2 = t_ours / t_floor, t_loop / t_ours
+    print(f"  ours / floor = {r1:.2f}x  (target <= 1.5x: {'PASS' if r1 <= 1.5 else 'MISS'})")
+    print(f"  loop / ours  = {r2:.1f}x  (target >= 5x: {'PASS' if r2 >= 5 else 'MISS'})")
 
 if __name__ == "__main__":
     main()
