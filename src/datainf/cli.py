@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,8 @@ def cli(ctx: click.Context, config_path: str | None, quiet: bool, verbose: bool)
     or everything at once on a real offline model and data set:
       datainf demo --out demo-out
     """
+    # peft asks transformers a deprecated question on every load; it is not the user's to fix
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s")
     if config_path:
