@@ -146,10 +146,12 @@ def approximation_report(
                 report["flags"].append({"block": name, "method": method,
                                         "score_correlation": corr if math.isfinite(corr) else None})
     if report["flags"]:
-        listed = ", ".join(f"{f['method']} on '{f['block']}' (r={f['score_correlation']})" for f in report["flags"][:5])
+        listed = ", ".join(f"{f['method']} on '{f['block']}' (r={f['score_correlation']:.2f})"
+                           for f in report["flags"][:5])
         warnings.warn(
-            f"approximations far from exact (score correlation < {threshold}): {listed}"
-            f"{' ...' if len(report['flags']) > 5 else ''}; prefer exact or ekfac for these blocks",
+            f"{len(report['flags'])} approximation(s) far from exact (score correlation < {threshold}): {listed}"
+            f"{' ...' if len(report['flags']) > 5 else ''}; their scores rank examples differently from exact "
+            "influence (which is not always the better predictor of retraining: see `datainf experiment lds`)",
             stacklevel=2,
         )
     return report
