@@ -17,19 +17,21 @@ import argparse
 from common import SETTINGS, Timer, encode, load_data, load_model, write_result
 
 import datainf
+from datainf.attributor import length_sorted_batches
 from datainf.gradients import per_example_gradients
 from datainf.kfac import KFACFactors, curvature_from_gradients, fit_curvature
 
 
 def gradients(model, tokenizer, records, factors=None):
-    parts: dict = {}
-    for start in range(0, len(records), SETTINGS.grad_batch_size):
-        batch = encode(tokenizer, records[start : start + SETTINGS.grad_batch_size])
-        for k, v in per_example_gradients(model, batch, "classification", factors=factors).items():
-            parts.setdefault(k, []).append(v)
+    """Per-example gradients in record order, computed in length-sorted batches (as the Attributor does)."""
     import torch
 
-    return {k: torch.cat(v) for k, v in parts.items()}
+    out: dict = {}
+    for idx in length_sorted_batches(records, SETTINGS.grad_batch_size):
+        batch = encode(tokenizer, [records[i] for i in idx])
+        for k, v in per_example_gradients(model, batch, "classification", factors=factors).items():
+            out.setdefault(k, torch.empty((len(records), *v.shape[1:]), dtype=v.dtype))[idx] = v
+    return out
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from datainf.data.collate import TextCollator
 from datainf.distributed import (
-    batched_chunk_fn,
     distributed_influence,
     distributed_self_influence,
     is_distributed,
@@ -65,6 +64,19 @@ class _Indexable(Sequence):
         if isinstance(i, slice):
             return [self.data[j] for j in range(*i.indices(len(self)))]
         return self.data[int(i)]
+
+
+def length_sorted_batches(records: Sequence[Any], batch_size: int) -> list[list[int]]:
+    """Indices of ``records`` in batches of similar length (longest first), so that padded batches waste
+    little compute on padding tokens. The length of a record is that of its text fields (a cheap proxy for
+    its token count); records without text keep their order."""
+    def size(r: Any) -> int:
+        if isinstance(r, Mapping):
+            return sum(len(v) for v in r.values() if isinstance(v, str))
+        return 0
+
+    order = sorted(range(len(records)), key=lambda i: -size(records[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _jsonable(record: Any) -> Any:
@@ -154,12 +166,22 @@ class Attributor:
         records = as_records(dataset)
         if len(records) == 0:
             raise DataInfError("the dataset is empty")
-        parts: dict[str, list[Tensor]] = {}
-        for start in tqdm(range(0, len(records), self.batch_size), desc=desc, disable=not self.progress,
-                          unit="batch"):
-            for k, v in self._batch_grads(records[start : start + self.batch_size]).items():
-                parts.setdefault(k, []).append(v)
-        return {k: torch.cat(v) for k, v in parts.items()}
+        return self._grads_in_order(records, range(len(records)), desc=desc)
+
+    def _grads_in_order(self, records: Sequence[Any], rows: range, desc: str | None = None,
+                        bar: Any = None) -> dict[str, Tensor]:
+        """Gradients of ``records[rows]`` in row order, computed in length-sorted batches."""
+        subset = [records[i] for i in rows]
+        out: dict[str, Tensor] = {}
+        batches = length_sorted_batches(subset, self.batch_size)
+        for idx in tqdm(batches, desc=desc, disable=not self.progress or desc is None, unit="batch"):
+            for k, v in self._batch_grads([subset[i] for i in idx]).items():
+                if k not in out:
+                    out[k] = torch.empty((len(subset), *v.shape[1:]), dtype=v.dtype)
+                out[k][idx] = v
+            if bar is not None:
+                bar.update(len(idx))
+        return out
 
     def fit(self, train_dataset: Any) -> GradientStore:
         """Compute the training set's per-example gradients into the store; resumes an interrupted run.
@@ -180,7 +202,7 @@ class Attributor:
         if is_distributed():  # under torchrun: ranks split the missing chunks, rank 0 owns manifest and lock
             self._store = write_store(
                 self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
-                compute_chunk=batched_chunk_fn(records, self._batch_grads, self.batch_size),
+                compute_chunk=lambda rows: self._grads_in_order(records, rows),
                 chunk_size=self.chunk_size, dtype=self.store_dtype,
                 meta={"task": fingerprints["task"], "blocks_tracked": len(blocks)}, progress=self.progress,
             )
@@ -202,14 +224,7 @@ class Attributor:
             bar = tqdm(total=len(records), initial=len(records) - sum(len(store.chunk_rows(c)) for c in missing),
                        desc="train gradients", unit="ex", disable=not self.progress)
             for c in missing:
-                rows = store.chunk_rows(c)
-                parts: dict[str, list[Tensor]] = {}
-                for start in range(rows.start, rows.stop, self.batch_size):
-                    stop = min(start + self.batch_size, rows.stop)
-                    for k, v in self._batch_grads(records[start:stop]).items():
-                        parts.setdefault(k, []).append(v)
-                    bar.update(stop - start)
-                store.write_chunk(c, {k: torch.cat(v) for k, v in parts.items()})
+                store.write_chunk(c, self._grads_in_order(records, store.chunk_rows(c), bar=bar))
             bar.close()
             store.finalize()
         finally:
