@@ -310,9 +310,12 @@ def _read_data(path: str, task: str, text_column: str, label_column: str, prompt
 
     if task == "classification":
         return list(load_records(path, text_column=text_column, label_column=label_column))
-    prompts = load_records(path, text_column=prompt_column, label_column=None)
-    responses = load_records(path, text_column=response_column, label_column=None)
-    return [{"prompt": p["text"], "response": r["text"]} for p, r in zip(prompts, responses)]
+    records = load_records(path, text_column=prompt_column, label_column=None, extra_columns=(response_column,))
+    for i, r in enumerate(records):
+        if not isinstance(r.get(response_column), str):
+            raise DataInfError(f"{path}: row {i} has no text in column {response_column!r}; name the response "
+                               "column with --response-column, or fill it in")
+    return [{"prompt": r["text"], "response": r[response_column]} for r in records]
 
 
 # ------------------------------------------------------------------------------------------------ score
@@ -405,7 +408,7 @@ def report(scores_path: str, data_path: str, text_column: str, label_column: str
     """An HTML report (self-contained) from a scores file."""
     import numpy as np
 
-    from datainf.data.text import _read_table, load_records
+    from datainf.data.text import load_records
     from datainf.metrics import pearson, roc_auc, spearman
     from datainf.report import write_report
 
@@ -415,11 +418,11 @@ def report(scores_path: str, data_path: str, text_column: str, label_column: str
         arrays = {k: f[k] for k in f.files}
     meta_path = Path(scores_path).with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"methods": {}}
-    records = list(load_records(data_path, text_column=text_column, label_column=label_column))
-    rows, columns = _read_table(Path(data_path), None)
-    if flipped_column in columns:
-        for r, row in zip(records, rows):
-            r["flipped"] = str(row[flipped_column]).lower() in ("1", "true", "yes")
+    records = list(load_records(data_path, text_column=text_column, label_column=label_column,
+                                extra_columns=(flipped_column,)))
+    if any(flipped_column in r for r in records):
+        for r in records:
+            r["flipped"] = str(r.pop(flipped_column, False)).lower() in ("1", "true", "yes")
     n = len(records)
     for k, a in arrays.items():
         if a.shape[0] != n:

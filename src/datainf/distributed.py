@@ -120,23 +120,6 @@ def _agree(error: BaseException | None, group: Any, what: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def batched_chunk_fn(
-    records: Sequence[Any], batch_grads: Callable[[Sequence[Any]], Mapping[str, Tensor]], batch_size: int
-) -> Callable[[range], dict[str, Tensor]]:
-    """A ``compute_chunk(rows)`` for :func:`write_store`: ``batch_grads`` over ``records[rows]`` in batches
-    of ``batch_size`` starting at the chunk's first row (as ``Attributor.fit`` batches in one process), so
-    the values do not depend on which rank computes the chunk. Returns block -> (len(rows), *block_shape)."""
-
-    def compute_chunk(rows: range) -> dict[str, Tensor]:
-        parts: dict[str, list[Tensor]] = {}
-        for start in range(rows.start, rows.stop, batch_size):
-            for k, v in batch_grads(records[start : min(start + batch_size, rows.stop)]).items():
-                parts.setdefault(k, []).append(v)
-        return {k: torch.cat(v) for k, v in parts.items()}
-
-    return compute_chunk
-
-
 def write_store(
     path: str | os.PathLike[str],
     *,
@@ -156,7 +139,8 @@ def write_store(
         path, blocks, n_examples, fingerprints, chunk_size, dtype, meta: as in :meth:`GradientStore.create`
             (only rank 0 reads them to create or resume the store).
         compute_chunk: ``compute_chunk(rows: range) -> {block: (len(rows), *block_shape)}``, the gradients of
-            the examples ``rows`` (see :func:`batched_chunk_fn`). Must give the same values on any rank.
+            the examples ``rows`` (``Attributor.fit`` passes its length-sorted batching of the chunk). Must give
+            the same values on any rank.
         progress: show a progress bar on rank 0 (its own chunks).
         group: the process group (default: the world).
     Returns:
@@ -397,7 +381,6 @@ def distributed_self_influence(
 
 __all__ = [
     "assign_blocks",
-    "batched_chunk_fn",
     "distributed_influence",
     "distributed_self_influence",
     "init_distributed",

@@ -190,11 +190,14 @@ def load_records(
     text_column: str = "text",
     label_column: str | None = "label",
     split: str | None = None,
+    extra_columns: Sequence[str] = (),
 ) -> TextDataset:
     """Read ``{"text", "label"}`` records from JSONL, JSON, CSV/TSV, or a ``datasets`` ``save_to_disk`` folder.
 
     Integer labels are kept; other labels (e.g. "pos"/"neg") become ids in sorted order, with the names in
     ``label_names``. ``label_column=None`` reads texts only. ``split`` picks a split of a saved DatasetDict.
+    ``extra_columns`` are copied as they are into each record that has a value for them (the caller decides
+    whether a missing one is an error), so one read of the file serves every column.
     """
     path = Path(path)
     if not path.exists():
@@ -214,7 +217,8 @@ def load_records(
                 f"{path}: row {row_number} has no text in column {text_column!r}; fill it in or drop the row"
             )
         texts.append(text)
+    extras = [{c: row[c] for c in extra_columns if row.get(c) is not None} for row in rows]
     if label_column is None:
-        return TextDataset([{"text": text} for text in texts])
+        return TextDataset([{"text": text, **extra} for text, extra in zip(texts, extras)])
     labels, names = _label_to_int([row.get(label_column) for row in rows], path, label_column)
-    return TextDataset([{"text": t, "label": y} for t, y in zip(texts, labels)], names)
+    return TextDataset([{"text": t, "label": y, **e} for t, y, e in zip(texts, labels, extras)], names)
