@@ -87,9 +87,9 @@ def _worker(mode: str, store: str, out: str) -> None:
     result["self-datainf"] = attributor.self_influence("datainf", save=False)
     if rank == 0:
         torch.save(result, out)
-    import torch.distributed as dist
+    from datainf.distributed import shutdown_distributed
 
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _torchrun(mode: str, store: Path, out: Path, nproc: int = 2) -> subprocess.CompletedProcess:

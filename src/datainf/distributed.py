@@ -23,6 +23,7 @@ Errors are collective: if one rank fails (bad input, a mismatched store), every 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
@@ -87,7 +88,23 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, **kwargs)
+    atexit.register(shutdown_distributed)
     return rank_and_world()
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then leave the process group (a no-op when none is initialized).
+
+    :func:`init_distributed` registers this to run at exit; call it yourself to leave earlier. Leaving
+    together matters: a rank that tears its gloo connections down while a peer still uses them (or whose
+    interpreter exits with the group alive) can die with SIGABRT after all its work is done.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _src(group: Any) -> int:
@@ -384,6 +401,7 @@ __all__ = [
     "distributed_influence",
     "distributed_self_influence",
     "init_distributed",
+    "shutdown_distributed",
     "is_distributed",
     "is_main_process",
     "rank_and_world",
