@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT saved like a real model folder, paired with the real MiniLM tokenizer."""
+"""Shared fixtures: a tiny random BERT saved like a real model folder (with the real MiniLM tokenizer), and a
+tiny random Llama with a word tokenizer covering the generated LLM tasks."""
 
 import os
 
@@ -55,3 +56,34 @@ SENTENCES = [
 @pytest.fixture()
 def sentence_records() -> list[dict]:
     return [{"text": t, "label": y} for t, y in SENTENCES]
+
+
+def _word_tokenizer(texts: list[str]):
+    """A word-level fast tokenizer built offline from ``texts`` (whitespace + punctuation split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A saved random tiny LlamaForCausalLM + word tokenizer covering the three tasks' texts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from datainf.data.generation import make_task
+
+    texts = [r["prompt"] + r["response"] for t in ("sentences", "math", "math-reasoning")
+             for r in make_task(t, classes=3, per_class=6)]
+    tok = _word_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder

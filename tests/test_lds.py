@@ -13,6 +13,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from datainf.cli import main
+from datainf.errors import DataInfError
 from datainf.experiments import lds as lds_module
 
 
@@ -50,3 +51,41 @@ def test_lds_smoke_and_resume(tiny_bert_dir, tmp_path, sentence_records, monkeyp
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0 and calls == []
+
+
+def test_lds_on_a_causal_lm_and_refuses_other_settings(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = ["--quiet", "experiment", "lds", "--task", "math", "--out", str(out), "--model", str(tiny_llama_dir),
+            "--classes", "3", "--n-train", "9", "--n-query", "3", "--rank", "2", "--epochs", "1", "--subsets", "3",
+            "--loo-examples", "2", "--loo-seeds", "1", "--methods", "datainf,identity,exact", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    res = json.loads((out / "lds.json").read_text())
+    assert res["settings"]["task"] == "math" and res["settings"]["alpha"] == 32.0 and res["n_flipped"] == 0
+    assert set(res["methods"]) == {"datainf", "identity", "exact"}
+    for r in res["methods"].values():
+        assert all(math.isfinite(r[k]) for k in ("lds", "loo_pearson", "loo_spearman", "seconds"))
+    losses = [json.loads(p.read_text()) for p in sorted((out / "subsets").glob("*.json"))]
+    assert len(losses) == 3 and all(len(q) == 3 and min(q) > 0 for q in losses)  # summed NLL per query
+    # the same folder with other settings is refused in one line, before any training
+    calls = []
+    monkeypatch.setattr(lds_module.CausalLMTrainer, "fit", lambda *a, **k: calls.append(1))
+    other = list(argv)
+    other[other.index("--subsets") + 1] = "4"
+    with pytest.raises(SystemExit) as e:
+        main(other)
+    assert e.value.code == 2 and calls == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (subsets)" in err[0]
+
+
+def test_lds_settings_errors():
+    with pytest.raises(DataInfError, match="multiples of --classes"):
+        lds_module.LdsSettings(task="sentences", n_train=25, n_query=10)
+    with pytest.raises(DataInfError, match="unknown --task"):
+        lds_module.LdsSettings(task="poetry")
+    s = lds_module.LdsSettings(task="sentences", n_train=20, n_query=10)
+    assert (s.rank, s.alpha, s.learning_rate, s.batch_size) == (8, 32.0, 1e-3, 8)
+    c = lds_module.LdsSettings()
+    assert (c.rank, c.alpha, c.epochs, c.learning_rate) == (4, 4.0, 4, 3e-3)

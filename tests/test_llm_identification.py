@@ -30,35 +30,6 @@ from datainf.llm import load_causal_lm  # noqa: E402
 METHODS = ("datainf", "identity", "exact", "lissa")
 
 
-def _word_tokenizer(texts: list[str]):
-    """A word-level fast tokenizer built offline from ``texts`` (whitespace + punctuation split)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A saved random tiny LlamaForCausalLM + word tokenizer covering the three tasks' texts."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    texts = [r["prompt"] + r["response"] for t in ("sentences", "math", "math-reasoning")
-             for r in make_task(t, classes=3, per_class=6)]
-    tok = _word_tokenizer(texts)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
-
-
 def _check_outputs(out, results, n_train, n_test, methods=METHODS):
     for name in ("results.json", "scores.npz", "train.jsonl", "test.jsonl", "report.html"):
         assert (out / name).is_file(), name
@@ -81,9 +52,9 @@ def _check_outputs(out, results, n_train, n_test, methods=METHODS):
     assert results["methods"].keys() == saved["methods"].keys()
 
 
-def test_run_llm_identification_on_a_tiny_llama(tiny_model_dir, tmp_path):
+def test_run_llm_identification_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     lora = LoraSettings(rank=2, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=())
-    model, tok = load_causal_lm(tiny_model_dir, lora, seed=0)
+    model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
     settings = LLMIdentificationSettings(task="sentences", classes=3, train_per_class=4, test_per_class=2,
                                          epochs=1, batch_size=4, lissa_iterations=5, grad_batch_size=4)
     results = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
@@ -92,12 +63,12 @@ def test_run_llm_identification_on_a_tiny_llama(tiny_model_dir, tmp_path):
     assert math.isfinite(results["test_loss_before"]) and math.isfinite(results["test_loss_after"])
 
 
-def test_cli_command_runs_the_whole_pipeline(tiny_model_dir, tmp_path):
+def test_cli_command_runs_the_whole_pipeline(tiny_llama_dir, tmp_path):
     from datainf.cli import cli
 
     out = tmp_path / "out"
     args = ["--quiet", "experiment", "llm-identification", "--task", "math-reasoning", "--out", str(out),
-            "--model", str(tiny_model_dir), "--classes", "3", "--train-per-class", "3", "--test-per-class", "1",
+            "--model", str(tiny_llama_dir), "--classes", "3", "--train-per-class", "3", "--test-per-class", "1",
             "--epochs", "1", "--rank", "2", "--alpha", "4", "--methods", "datainf,exact,identity",
             "--lissa-iterations", "3", "--device", "cpu", "--seed", "1"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
@@ -107,11 +78,11 @@ def test_cli_command_runs_the_whole_pipeline(tiny_model_dir, tmp_path):
                    methods=("datainf", "exact", "identity"))
 
 
-def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path):
+def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path):
     from datainf.cli import main
 
-    for extra in (["--methods", "datainf,nope"], ["--load-in-8bit", "--model", str(tiny_model_dir)],
-                  ["--classes", "11", "--model", str(tiny_model_dir)], ["--model", str(tmp_path)]):
+    for extra in (["--methods", "datainf,nope"], ["--load-in-8bit", "--model", str(tiny_llama_dir)],
+                  ["--classes", "11", "--model", str(tiny_llama_dir)], ["--model", str(tmp_path)]):
         with pytest.raises(SystemExit) as exc:
             main(["--quiet", "experiment", "llm-identification", "--out", str(tmp_path / "o"), "--device", "cpu",
                   *extra])
@@ -162,14 +133,14 @@ def test_identification_metrics_hand_made_cases():
 
 
 # ------------------------------------------------------------------------------------------ datainf.llm
-def test_finetune_lowers_the_response_loss_and_ignores_the_prompt(tiny_model_dir):
+def test_finetune_lowers_the_response_loss_and_ignores_the_prompt(tiny_llama_dir):
     import torch.nn.functional as F
 
     from datainf.data.collate import TextCollator
     from datainf.llm import finetune_causal_lm, response_loss, response_nll
 
     lora = LoraSettings(rank=4, alpha=16, target_modules=("q_proj", "v_proj"), modules_to_save=())
-    model, tok = load_causal_lm(tiny_model_dir, lora, seed=0)
+    model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
     records = [{"prompt": r["prompt"], "response": r["response"]} for r in make_task("math", classes=3, per_class=4)]
     # response_nll against a direct computation: each example alone, cross-entropy of its response tokens
     batch = TextCollator(tok, task="causal_lm", max_length=128)(records[:3])

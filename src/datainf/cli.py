@@ -72,11 +72,6 @@ def _setup(ctx: click.Context, device: str | None) -> tuple[bool, str]:
     import torch
 
     quiet = bool(ctx.find_root().params.get("quiet"))
-    if quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -133,6 +128,11 @@ def cli(ctx: click.Context, config_path: str | None, quiet: bool, verbose: bool)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s")
+    if quiet:  # every command, experiments included: no model-loading bars or transformers notices either
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     if config_path:
         ctx.default_map = _default_map(_load_config(config_path), cli.commands)
 
