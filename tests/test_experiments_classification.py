@@ -64,6 +64,7 @@ def test_approximation_and_mislabeled_grid(tiny_bert_dir, local_data, tmp_path):
     exact_rows = [r for r in approx["pearson_with_exact"] if r["method"] == "exact"]
     assert all(abs(r["mean"] - 1) < 1e-9 for r in exact_rows)  # exact correlates perfectly with itself
     assert "| dataset | rank |" in (tmp_path / "approximation.md").read_text()
+    assert (tmp_path / "approximation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for p in runs:
         res = json.loads((p / "results.json").read_text())
         assert 0 <= res["validation_accuracy"] <= 1 and not (p / "store").exists()

@@ -130,6 +130,47 @@ def markdown_table(rows: list[dict[str, Any]], metric: str, fmt: str = ".3f") ->
     return "\n".join(lines) + f"\n\n(mean ± standard deviation over seeds of {metric})\n"
 
 
+def rank_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """One panel per dataset: ``metric`` (mean ± sd over seeds) against LoRA rank, a line per method; other
+    LoRA target sets than the most common one are drawn as separate markers at their rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)
+               if not (m == "exact" and metric.endswith("with_exact"))]  # 1 by definition
+    ranks = sorted(set(r["rank"] for r in rows))
+    main_targets = max(set(r["targets"] for r in rows), key=lambda t: sum(r["targets"] == t for r in rows))
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(3.4 * len(datasets), 3.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for method in methods:
+            pts = sorted((r["rank"], r["mean"], r["sd"]) for r in rows
+                         if r["dataset"] == dataset and r["method"] == method and r["targets"] == main_targets)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=2, color=colors[method], label=method)
+            for r in rows:
+                if r["dataset"] == dataset and r["method"] == method and r["targets"] != main_targets:
+                    ax.errorbar([r["rank"] * 1.08], [r["mean"]], yerr=[r["sd"]], marker="s", mfc="none",
+                                capsize=2, color=colors[method])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
+        ax.set_title(f"{dataset} (LoRA on {main_targets}; open squares: other targets)", fontsize=7)
+        ax.set_xlabel("LoRA rank r")
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------- selection
 
 
@@ -303,7 +344,8 @@ def _grid_command(metric: str, title: str):
         for m in key[metric]:
             text += f"\n### {m}\n\n" + markdown_table(summarize(runs, m), m)
         atomic.write_json(Path(out_dir) / f"{metric}.json", {m: summarize(runs, m) for m in key[metric]})
-        (Path(out_dir) / f"{metric}.md").write_text(f"## {title}\n{text}")
+        atomic.write_text(Path(out_dir) / f"{metric}.md", f"## {title}\n{text}")
+        rank_plot(summarize(runs, key[metric][0]), key[metric][0], Path(out_dir) / f"{metric}.png")
         click.echo(text)
 
     command.__doc__ = title
