@@ -13,7 +13,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,34 +190,36 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def finetune_classifier(
+def train_epochs(
     model: Any,
-    tokenizer: Any,
-    records: Sequence[dict],
-    settings: TrainSettings | None = None,
+    records: Sequence[Any],
+    make_batch: Callable[[list[Any]], dict[str, torch.Tensor]],
+    batch_loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+    settings: TrainSettings,
     progress: bool = True,
 ) -> dict:
-    """Train the trainable (LoRA + head) parameters with cross-entropy on ``records`` in place.
+    """The fine-tuning loop shared by the classifier and the causal LM; trains in place.
 
-    Batches are reshuffled every epoch with ``settings.seed`` (dropout is seeded too) and padded to their own
-    longest text. Returns {"losses": per-step training losses, "steps": int, "seconds": float}.
+    AdamW on the trainable parameters with a linear warm-up (``settings.warmup_ratio`` of the steps) then a
+    linear decay; ``settings.epochs`` passes over ``records``, reshuffled every epoch with ``settings.seed``.
+    Torch's RNG (dropout) is seeded with it too and restored afterwards. ``make_batch(records)`` builds a
+    batch (moved here to the model's device); ``batch_loss(model, batch)`` is the scalar to minimise.
+    Returns {"losses": per-step losses, "steps", "seconds", "final_epoch_loss"}; the model ends in eval mode.
     """
     from transformers import get_linear_schedule_with_warmup
 
-    settings = settings or TrainSettings()
     if len(records) == 0:
         raise DataInfError("no training records; pass at least one")
-    _check_labels(records, model.config.num_labels)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise DataInfError("the model has no trainable parameters; load it with load_classifier")
+        raise DataInfError("the model has no trainable parameters; load it with load_classifier or load_causal_lm")
     steps_per_epoch = math.ceil(len(records) / settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(settings.warmup_ratio * total_steps), total_steps
     )
-    device = _device(model)
+    device = params[0].device
     rng = random.Random(settings.seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -232,8 +234,8 @@ def finetune_classifier(
             rng.shuffle(order)
             for first in range(0, len(order), settings.batch_size):
                 chunk = [records[i] for i in order[first : first + settings.batch_size]]
-                batch = {k: v.to(device) for k, v in encode(tokenizer, chunk, settings.max_length).items()}
-                loss = model(**batch).loss
+                batch = {k: v.to(device) for k, v in make_batch(chunk).items()}
+                loss = batch_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -242,7 +244,30 @@ def finetune_classifier(
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    return {"losses": losses, "steps": total_steps, "seconds": time.perf_counter() - start}
+    last = losses[-steps_per_epoch:]
+    return {"losses": losses, "steps": total_steps, "seconds": time.perf_counter() - start,
+            "final_epoch_loss": sum(last) / len(last)}
+
+
+def finetune_classifier(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict],
+    settings: TrainSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the trainable (LoRA + head) parameters with cross-entropy on ``records`` in place.
+
+    The loop is :func:`train_epochs` (batches reshuffled every epoch with ``settings.seed``, dropout seeded
+    too), each batch padded to its own longest text. Returns {"losses": per-step training losses, "steps",
+    "seconds", "final_epoch_loss"}.
+    """
+    settings = settings or TrainSettings()
+    if len(records) == 0:
+        raise DataInfError("no training records; pass at least one")
+    _check_labels(records, model.config.num_labels)
+    return train_epochs(model, records, lambda chunk: encode(tokenizer, chunk, settings.max_length),
+                        lambda m, batch: m(**batch).loss, settings, progress)
 
 
 @torch.no_grad()

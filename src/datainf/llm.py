@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -28,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
-from datainf.finetune import LoraSettings
+from datainf.finetune import LoraSettings, TrainSettings, train_epochs
 
 log = logging.getLogger("datainf.llm")
 
@@ -196,50 +193,17 @@ def finetune_causal_lm(
     warm-up then linear decay; batches reshuffled every epoch with ``seed`` and padded to their own longest
     example. Returns {"losses": per-step losses, "steps", "seconds", "final_epoch_loss"}.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     if len(records) == 0:
         raise DataInfError("no training records; pass at least one {'prompt', 'response'} record")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise DataInfError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if not lr > 0:
-        raise DataInfError(f"the learning rate must be > 0, got {lr!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataInfError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise DataInfError("the model has no trainable parameters; load it with load_causal_lm")
+    settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
+                             warmup_ratio=warmup_ratio, weight_decay=0.0, seed=seed)
     collate = TextCollator(tokenizer=tokenizer, task="causal_lm", max_length=max_length)
-    steps_per_epoch = math.ceil(len(records) / batch_size)
-    total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * total), total)
-    device = next(p.device for p in params)
-    rng = random.Random(seed)
-    losses: list[float] = []
-    start = time.perf_counter()
-    model.train()
-    with torch.random.fork_rng(devices=[]), tqdm(total=total, disable=not progress, desc="fine-tuning") as bar:
-        torch.manual_seed(seed)
-        for _ in range(epochs):
-            order = list(range(len(records)))
-            rng.shuffle(order)
-            for first in range(0, len(order), batch_size):
-                batch = collate([records[i] for i in order[first : first + batch_size]])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                total_nll, n_tokens = response_nll(model, batch)
-                loss = total_nll / max(n_tokens, 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    last = losses[-steps_per_epoch:]
-    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start,
-            "final_epoch_loss": sum(last) / len(last)}
+
+    def mean_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        total_nll, n_tokens = response_nll(model, batch)
+        return total_nll / max(n_tokens, 1)
+
+    return train_epochs(model, records, collate, mean_token_nll, settings, progress)
 
 
 @torch.no_grad()
