@@ -1,0 +1,20 @@
+"""The prepared GPU-check script runs on a CPU too: its correctness checks (device scores against float64
+CPU scores, hook gradients against a single-example backward loop) must pass here, timings skipped."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_checks  # noqa: E402
+
+
+def test_gpu_checks_pass_on_cpu(tmp_path):
+    code = gpu_checks.main(["--device", "cpu", "--quick", "--models", "minilm", "--skip-timings",
+                            "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert code == 0 and result["failed"] == []
+    assert set(result["estimators"]["methods"]) == {"datainf", "exact", "identity", "lissa"}
+    grads = result["gradients"]["minilm"]
+    assert grads["max_rel_error_vs_loop"] < 1e-4 and grads["bfloat16_min_cosine"] > 0.9
