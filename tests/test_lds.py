@@ -68,16 +68,26 @@ def test_lds_on_a_causal_lm_and_refuses_other_settings(tiny_llama_dir, tmp_path,
         assert all(math.isfinite(r[k]) for k in ("lds", "loo_pearson", "loo_spearman", "seconds"))
     losses = [json.loads(p.read_text()) for p in sorted((out / "subsets").glob("*.json"))]
     assert len(losses) == 3 and all(len(q) == 3 and min(q) > 0 for q in losses)  # summed NLL per query
-    # the same folder with other settings is refused in one line, before any training
+    # more subsets in the same folder: the cached retrains are reused, only the new one is trained
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "subsets").glob("*.json")}
+    more = list(argv)
+    more[more.index("--subsets") + 1] = "4"
+    with pytest.raises(SystemExit) as e:
+        main(more)
+    assert e.value.code == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "subsets").glob("*.json")}
+    assert len(after) == 4 and all(after[name] == t for name, t in stamps.items())
+    # the same folder with other training settings is refused in one line, before any training
+    capsys.readouterr()
     calls = []
     monkeypatch.setattr(lds_module.CausalLMTrainer, "fit", lambda *a, **k: calls.append(1))
     other = list(argv)
-    other[other.index("--subsets") + 1] = "4"
+    other[other.index("--epochs") + 1] = "2"
     with pytest.raises(SystemExit) as e:
         main(other)
     assert e.value.code == 2 and calls == []
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "other settings (subsets)" in err[0]
+    assert len(err) == 1 and "other settings (epochs)" in err[0]
 
 
 def test_lds_settings_errors():

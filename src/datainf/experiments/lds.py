@@ -208,11 +208,16 @@ def _settings_dict(s: LdsSettings) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()}
 
 
+# Settings that only say how many retrains to run: a rerun with more of them reuses the cached ones (the
+# subset masks and the LOO examples are drawn so that the first ones stay the same).
+EXTENDABLE = ("subsets", "loo_examples", "loo_seeds", "device")
+
+
 def _check_same_settings(path: Path, s: LdsSettings) -> None:
     """The cached retrains in a folder are only valid for the settings that made them: refuse others."""
-    mine = {k: v for k, v in _settings_dict(s).items() if k != "device"}
+    mine = {k: v for k, v in _settings_dict(s).items() if k not in EXTENDABLE}
     if path.exists():
-        theirs = json.loads(path.read_text())
+        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in EXTENDABLE}
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise DataInfError(f"{path.parent} holds retrains made with other settings ({', '.join(differ)}); "
