@@ -77,14 +77,17 @@ def _floor(model, batch, task) -> None:
     torch.autograd.grad(loss, params)
 
 
+def one_example(batch: dict, i: int) -> dict:
+    """Example ``i`` of a padded batch alone, its padding removed (a batch of size 1)."""
+    mask = batch["attention_mask"][i].bool()
+    return {k: v[i : i + 1][:, mask] if v.ndim == 2 else v[i : i + 1] for k, v in batch.items()}
+
+
 def _loop(model, batch, task) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     fn = resolve_task(task)
-    n = batch["input_ids"].shape[0]
-    for i in range(n):
-        mask = batch["attention_mask"][i].bool()
-        one = {k: v[i : i + 1][:, mask] if v.ndim == 2 else v[i : i + 1] for k, v in batch.items()}
-        torch.autograd.grad(fn(model, one).sum(), params)
+    for i in range(batch["input_ids"].shape[0]):
+        torch.autograd.grad(fn(model, one_example(batch, i)).sum(), params)
 
 
 def _time(fn, batches, repeats: int = 1) -> float:

@@ -98,9 +98,7 @@ def _loop_grads(model: torch.nn.Module, batch: dict, task: str) -> dict[str, tor
     fn = bg.resolve_task(task)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k, _ in named}
     for i in range(batch["input_ids"].shape[0]):
-        mask = batch["attention_mask"][i].bool()
-        one = {k: v[i : i + 1][:, mask] if v.ndim == 2 else v[i : i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(fn(model, one).sum(), [p for _, p in named])
+        grads = torch.autograd.grad(fn(model, bg.one_example(batch, i)).sum(), [p for _, p in named])
         for (k, _), gr in zip(named, grads):
             rows[k].append(gr.float())
     return {k: torch.stack(v) for k, v in rows.items()}

@@ -42,3 +42,18 @@ def savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def savefig(figure: Any, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG to ``path`` atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path, ".png")
+    try:
+        figure.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(figure)

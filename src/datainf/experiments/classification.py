@@ -165,10 +165,7 @@ def rank_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic.savefig(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -283,10 +280,7 @@ def _scaling_plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic.savefig(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

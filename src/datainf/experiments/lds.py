@@ -32,6 +32,7 @@ import click
 import numpy as np
 import torch
 
+from datainf import atomic
 from datainf.errors import DataInfError
 from datainf.estimators import ALL_METHODS
 from datainf.metrics import pearson, spearman
@@ -223,20 +224,14 @@ def _check_same_settings(path: Path, s: LdsSettings) -> None:
             raise DataInfError(f"{path.parent} holds retrains made with other settings ({', '.join(differ)}); "
                                "use another --out or the same settings")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(mine, indent=2))
-    os.replace(tmp, path)
+    atomic.write_json(path, mine)
 
 
 def _cached(path: Path, compute) -> Any:
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(value))
     return value
 
 
@@ -333,9 +328,7 @@ def run_lds(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool
         }
     results["loo"] = {"examples": loo_idx, "mean_effect": effects.tolist(), "seed_std_of_full_loss": seed_noise}
     results["wall_seconds_this_call"] = time.perf_counter() - t_start
-    tmp = out / f".lds.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "lds.json")
+    atomic.write_json(out / "lds.json", results)
     return results
 
 
