@@ -113,9 +113,13 @@ def check_gradients(device: torch.device, quick: bool, models: list[str]) -> dic
         batch = {k: v.to(device) for k, v in batches[0].items()}
         ours = per_example_gradients(model, batch, task)
         ref = _loop_grads(model, batch, task)
+        # each example's error against its own largest gradient entry over all blocks: a block that is zero in
+        # exact arithmetic is then held to rounding relative to the example, not to its own noise
+        scale = torch.stack([r.flatten(1).abs().max(dim=1).values for r in ref.values()]).max(dim=0).values
         errors = {}
         for k, r in ref.items():
-            errors[k] = float((ours[k] - r).abs().max() / r.abs().max().clamp_min(1e-30))
+            per_example = (ours[k] - r).flatten(1).abs().max(dim=1).values / scale.clamp_min(1e-30)
+            errors[k] = float(per_example.max())
         worst = max(errors.values())
         entry: dict[str, Any] = {"task": task, "batch_size": batch_size, "blocks": len(errors),
                                  "max_rel_error_vs_loop": worst, "ok": worst <= 1e-3}

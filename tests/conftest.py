@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# DATAINF_TEST_THREADS=N runs the suite with torch.set_num_threads(N): the tolerances (tests/reference.py) must
+# hold whatever the reduction order, so the suite is run with 1 and 2 threads (and OMP_NUM_THREADS=1) too
+if os.environ.get("DATAINF_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["DATAINF_TEST_THREADS"]))
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 

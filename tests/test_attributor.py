@@ -1,4 +1,8 @@
-"""The Attributor end to end on a tiny random BERT, checked against a loop of single-example backward calls."""
+"""The Attributor end to end on a tiny random BERT, checked against a loop of single-example backward calls.
+
+The model runs in float64 and the store keeps float64 (``store_dtype="float64"``), so every comparison is
+against a float64 reference at FLOAT64_TOL (tests/reference.py); a gradient stored in the wrong row, a
+chunk recomputed from other data or a scoring path that drops the mean over queries is an O(1) error."""
 
 import os
 
@@ -17,6 +21,7 @@ from datainf.attributor import Attributor
 from datainf.data.assets import minilm_dir
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
+from reference import assert_close_to, assert_per_example_close
 from tiny_models import tiny_bert_classifier
 
 
@@ -26,7 +31,10 @@ def tokenizer():
 
 
 def _model(seed=0):
-    return tiny_bert_classifier(vocab_size=30522, seed=seed, lora_targets=("value",))
+    return tiny_bert_classifier(vocab_size=30522, seed=seed, lora_targets=("value",)).double()
+
+
+F64 = {"store_dtype": "float64", "progress": False}
 
 
 def _loop_gradients(model, tokenizer, records):
@@ -49,23 +57,22 @@ def test_scores_match_loop_reference(tmp_path, tokenizer, sentence_records):
     model = _model()
     train, val = sentence_records[:9], sentence_records[9:]
     att = Attributor(model, task="classification", store=tmp_path / "s", tokenizer=tokenizer, batch_size=4,
-                     chunk_size=4, progress=False)
+                     chunk_size=4, **F64)
     store = att.fit(train)
     assert store.complete and store.n_examples == 9
     ref_train = _loop_gradients(model, tokenizer, train)
     ref_val = _loop_gradients(model, tokenizer, val)
     assert set(ref_train) == set(store.block_names)
-    # float64 scoring: the damping of these untrained LoRA blocks is ~1e-9, where float32 loses ~1e-4
-    f64 = torch.float64
+    # float64 throughout: the damping of these untrained LoRA blocks is ~1e-9, where float32 would lose ~1e-4
     for method in ("datainf", "exact", "identity"):
-        got = att.scores(val, method=method, dtype=f64)
-        want = datainf.influence(ref_train, ref_val, method=method, dtype=f64)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-        mean = att.scores(val, method=method, mean_query=True, dtype=f64)
-        torch.testing.assert_close(mean[:, 0], want.mean(1), rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-    selfs = att.self_influence(method="datainf", dtype=f64)
-    want = datainf.self_influence(ref_train, method="datainf", dtype=f64)
-    torch.testing.assert_close(selfs, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        got = att.scores(val, method=method)
+        assert got.dtype == torch.float64
+        want = datainf.influence(ref_train, ref_val, method=method)
+        assert_close_to(got, want, what=method)
+        mean = att.scores(val, method=method, mean_query=True)
+        assert_close_to(mean[:, 0], want.mean(1), what=f"{method}, mean query")
+    selfs = att.self_influence(method="datainf")
+    assert_close_to(selfs, datainf.self_influence(ref_train, method="datainf"), what="self-influence")
     # scores are saved next to the store, with what produced them
     saved = tmp_path / "s" / "scores" / "influence-identity.safetensors"
     with safe_open(str(saved), "pt") as f:
@@ -79,14 +86,13 @@ def test_ekfac_uses_the_stores_curvature(tmp_path, tokenizer, sentence_records):
     from datainf.kfac import curvature_from_gradients
 
     model = _model()
-    att = Attributor(model, store=tmp_path / "s", tokenizer=tokenizer, progress=False)
+    att = Attributor(model, store=tmp_path / "s", tokenizer=tokenizer, **F64)
     att.fit(sentence_records[:9])
     ref_train = _loop_gradients(model, tokenizer, sentence_records[:9])
     ref_val = _loop_gradients(model, tokenizer, sentence_records[9:])
-    f64 = torch.float64
-    got = att.scores(sentence_records[9:], method="ekfac", dtype=f64)
-    want = datainf.influence(ref_train, ref_val, "ekfac", factors=curvature_from_gradients(ref_train), dtype=f64)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    got = att.scores(sentence_records[9:], method="ekfac")
+    want = datainf.influence(ref_train, ref_val, "ekfac", factors=curvature_from_gradients(ref_train))
+    assert_close_to(got, want, what="ekfac")
     saved = tmp_path / "s" / "kfac.safetensors"
     stamp = saved.stat().st_mtime_ns
     att.scores(sentence_records[9:], method="kfac", save=False)
@@ -106,7 +112,7 @@ def test_fit_resumes_without_recomputing(tmp_path, tokenizer, sentence_records):
 
     fail_after = [3]
     collate = Failing(tokenizer=tokenizer)
-    att = Attributor(model, store=tmp_path / "s", collate=collate, batch_size=2, chunk_size=4, progress=False)
+    att = Attributor(model, store=tmp_path / "s", collate=collate, batch_size=2, chunk_size=4, **F64)
     with pytest.raises(KeyboardInterrupt):
         att.fit(sentence_records)
     # chunk 0 (examples 0-3, two batches) is stored; the first batch of chunk 1 failed
@@ -118,8 +124,7 @@ def test_fit_resumes_without_recomputing(tmp_path, tokenizer, sentence_records):
     assert calls == [1, 2, 2, 2, 2]
     assert first == 3 + 1
     ref = _loop_gradients(model, tokenizer, sentence_records)
-    for name in att.store.block_names:
-        torch.testing.assert_close(att.store.load(name), ref[name], rtol=1e-4, atol=1e-7)
+    assert_per_example_close({name: att.store.load(name) for name in att.store.block_names}, ref)
 
 
 def test_store_of_another_adapter_is_refused(tmp_path, tokenizer, sentence_records):
@@ -138,11 +143,10 @@ def test_hf_dataset_and_top(tmp_path, tokenizer, sentence_records):
     import datasets
 
     model = _model()
-    att = Attributor(model, store=tmp_path / "s", tokenizer=tokenizer, progress=False)
+    att = Attributor(model, store=tmp_path / "s", tokenizer=tokenizer, **F64)
     att.fit(datasets.Dataset.from_list(sentence_records))
     ref = _loop_gradients(model, tokenizer, sentence_records)
-    for name in att.store.block_names:
-        torch.testing.assert_close(att.store.load(name), ref[name], rtol=1e-4, atol=1e-7)
+    assert_per_example_close({name: att.store.load(name) for name in att.store.block_names}, ref)
     scores = att.scores(sentence_records[:2], method="identity", save=False)
     top = att.top(scores, k=3)
     for j, entry in enumerate(top):

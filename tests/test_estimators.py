@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import datainf
 from datainf import DataInfError, default_damping, influence, self_influence
+from reference import FLOAT32_TOL
 
 F64 = torch.float64
 METHODS_DENSE = ("exact", "datainf", "identity")
@@ -370,12 +371,12 @@ def test_half_precision_inputs_give_float32(low: torch.dtype, method: str) -> No
     Gs = [g.to(low) for g in make_blocks(50, [8, 70], [0.5, 2.0], seed=17, dtype=torch.float32)]
     Vs = [v.to(low) for v in make_blocks(3, [8, 70], [0.5, 2.0], seed=18, dtype=torch.float32)]
     got = run(method, Gs, Vs)
-    assert got.dtype == torch.float32
-    upcast = run(method, [g.float() for g in Gs], [v.float() for v in Vs])
-    assert rel_err(got, upcast) < 1e-5
-    # and float32 on these values is close to float64 on them
+    assert got.dtype == torch.float32  # accumulated and returned in float32, never in the half dtype
+    # float32 on these values is float64 on them up to float32 rounding (tests/reference.py, FLOAT32_TOL;
+    # measured 1e-7 to 2e-6 for the closed forms and 2.3e-4 for LiSSA's 100 iterations); a half-precision
+    # result or a dropped block is >= 1e-2 off
     ref = run(method, [g.double() for g in Gs], [v.double() for v in Vs])
-    assert rel_err(got, ref) < 1e-3
+    assert rel_err(got, ref) < FLOAT32_TOL
     assert self_influence(Gs, "datainf").dtype == torch.float32
 
 

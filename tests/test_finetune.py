@@ -24,6 +24,7 @@ from datainf.finetune import (
     load_classifier,
     save_adapter,
 )
+from reference import FLOAT32_TOL, assert_close_to
 
 # peft calls a transformers method that transformers 5 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -128,7 +129,9 @@ def test_adapter_round_trip_and_mismatch(tiny_dir, tmp_path):
     loaded, _ = load_adapter(tiny_dir, adapter, num_labels=2)
     with torch.no_grad():
         got = loaded(**batch).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # the reloaded adapter holds the same float32 weights (safetensors is exact), so the logits differ by
+    # kernel rounding at most (tests/reference.py, FLOAT32_TOL); a head or LoRA matrix not restored is O(1)
+    assert_close_to(got, expected, tol=FLOAT32_TOL, what="logits after reload")
     fresh, _ = load_classifier(tiny_dir, num_labels=2, lora=LoraSettings(), seed=0)
     with torch.no_grad():
         assert not torch.allclose(fresh.eval()(**batch).logits, expected)  # training changed the logits

@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_checks  # noqa: E402
+from reference import FLOAT32_TOL  # noqa: E402
 
 
 def test_gpu_checks_pass_on_cpu(tmp_path):
@@ -17,4 +18,6 @@ def test_gpu_checks_pass_on_cpu(tmp_path):
     assert code == 0 and result["failed"] == []
     assert set(result["estimators"]["methods"]) == {"datainf", "exact", "identity", "lissa"}
     grads = result["gradients"]["minilm"]
-    assert grads["max_rel_error_vs_loop"] < 1e-4 and grads["bfloat16_min_cosine"] > 0.9
+    # float32 model: hooks vs loop within the float32 bound of tests/reference.py (FLOAT32_TOL); a leaked
+    # padding position or a missed module call is O(1e-2) or more
+    assert grads["max_rel_error_vs_loop"] < FLOAT32_TOL and grads["bfloat16_min_cosine"] > 0.9

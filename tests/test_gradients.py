@@ -1,7 +1,10 @@
 """Per-example LoRA gradients against a loop of single-example backward calls on the UNPADDED examples.
 
 The reference losses are independent of datainf.tasks: cross-entropy of the logits for classification and
-the model's own Hugging Face loss (a mean over response tokens) times the token count for causal LMs.
+the next-token cross-entropy of the unpadded example's response tokens (summed, or averaged) for causal LMs.
+Models run in float64, so hooks and loop agree to rounding (tests/reference.py states the bound); what the
+comparisons catch: a padded position leaking into a gradient, a call of a module missed by the hooks, a
+wrong loss reduction, a wrong example order, all O(1e-2) or more of the largest entry.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.gradients import per_example_gradients, tracked_parameters  # noqa: E402
 from datainf.tasks import per_example_loss  # noqa: E402
+from reference import FLOAT32_TOL, assert_close_to, assert_per_example_close  # noqa: E402
 from tiny_models import (  # noqa: E402
     random_causal_lm_batch,
     random_classification_batch,
@@ -37,9 +41,12 @@ def reference_loss(model: nn.Module, example: dict, task: str) -> torch.Tensor:
     inputs = {k: v for k, v in example.items() if k != "labels"}
     if task == "classification":
         return F.cross_entropy(model(**inputs).logits, example["labels"])
-    count = int((example["labels"][0, 1:] != -100).sum())
-    mean = model(**inputs, labels=example["labels"]).loss  # Hugging Face: mean over response tokens
-    return mean * count if task == "causal_lm" else mean
+    # next-token cross-entropy over the response tokens, written out (Hugging Face's own loss casts the
+    # logits to float32, which would make a float64 reference a float32 one)
+    logits = model(**inputs).logits[0, :-1]
+    targets = example["labels"][0, 1:]
+    total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    return total if task == "causal_lm" else total / int((targets != -100).sum())
 
 
 def reference_gradients(model: nn.Module, batch: dict, task: str) -> dict[str, torch.Tensor]:
@@ -57,21 +64,30 @@ def reference_gradients(model: nn.Module, batch: dict, task: str) -> dict[str, t
 
 
 def assert_blocks_close(actual: dict, expected: dict) -> None:
-    assert list(actual) == list(expected)
-    for name, e in expected.items():
-        a = actual[name]
-        assert a.dtype == torch.float32 and a.shape == e.shape, name
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()), msg=name)
+    """float64 gradients of a float64 model, equal to the loop's to float64 rounding (per example)."""
+    assert all(a.dtype == torch.float64 for a in actual.values()), {n: a.dtype for n, a in actual.items()}
+    assert_per_example_close(actual, expected)
 
 
 @pytest.fixture(scope="module")
 def bert():
-    return tiny_bert_classifier(num_labels=3)
+    return tiny_bert_classifier(num_labels=3).double()
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return tiny_llama_causal_lm()
+    return tiny_llama_causal_lm().double()
+
+
+def test_float32_model_gives_float32_gradients_within_float32_rounding():
+    """The float32 path itself: float32 gradients, within FLOAT32_TOL of the float64 loop on the same weights
+    (tests/reference.py: under 1e4 accumulated terms at 6e-8 each); a wrong mask or loss is O(1e-1) off."""
+    model32 = tiny_llama_causal_lm()
+    batch = random_causal_lm_batch(5, padding="left", seed=14)
+    actual = per_example_gradients(model32, batch, "causal_lm")
+    assert all(a.dtype == torch.float32 for a in actual.values())
+    expected = reference_gradients(tiny_llama_causal_lm().double(), batch, "causal_lm")
+    assert_per_example_close(actual, expected, tol=FLOAT32_TOL)
 
 
 def test_bert_padded_batch_matches_unpadded_loop(bert):
@@ -106,7 +122,7 @@ def test_causal_lm_loss_matches_unpadded_examples(llama, padding):
     with torch.no_grad():
         losses = per_example_loss("causal_lm", llama, batch)
         expected = torch.stack([reference_loss(llama, unpad(batch, i), "causal_lm") for i in range(5)])
-    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    assert_close_to(losses, expected, what="per-example causal LM losses")  # float64: a wrong mask is O(1e-1)
 
 
 def test_group_lora_is_the_concatenation(bert):
@@ -140,7 +156,7 @@ def test_params_filter_names_and_predicate(bert):
 
 
 def test_embedding_lora_falls_back_to_the_loop(caplog):
-    model = tiny_llama_causal_lm(lora_targets=("embed_tokens", "v_proj"), seed=7)
+    model = tiny_llama_causal_lm(lora_targets=("embed_tokens", "v_proj"), seed=7).double()
     assert any("lora_embedding_A" in n for n, p in model.named_parameters() if p.requires_grad)
     batch = random_causal_lm_batch(4, padding="left", seed=8)
     with caplog.at_level(logging.INFO, logger="datainf.gradients"):
@@ -170,16 +186,20 @@ def raw_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def test_raw_parameter_and_tied_weight_fall_back_to_the_loop():
-    model = RawModel().eval()
+    model = RawModel().double().eval()
     generator = torch.Generator().manual_seed(1)
-    batch = {"x": torch.randn(4, 6, 5, generator=generator), "y": torch.randn(4, 3, generator=generator)}
+    batch = {"x": torch.randn(4, 6, 5, generator=generator, dtype=torch.float64),
+             "y": torch.randn(4, 3, generator=generator, dtype=torch.float64)}
     actual = per_example_gradients(model, batch, raw_loss)
+    expected: dict[str, list[torch.Tensor]] = {name: [] for name, _ in model.named_parameters()}
     for i in range(4):
         model.zero_grad(set_to_none=True)
         raw_loss(model, {"x": batch["x"][i : i + 1], "y": batch["y"][i : i + 1]}).sum().backward()
         for name, p in model.named_parameters():
-            torch.testing.assert_close(actual[name][i], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+            expected[name].append(p.grad.detach().clone())
     model.zero_grad(set_to_none=True)
+    # the tied head.weight term missed by hooks alone would be an O(1) error
+    assert_per_example_close(actual, {name: torch.stack(rows) for name, rows in expected.items()})
 
 
 def test_example_without_response_tokens_gets_zero_gradient_and_warning(llama):
@@ -258,7 +278,8 @@ def test_left_padding_with_absolute_positions_matches_unpadded():
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)
-    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(target_modules=["c_attn"], r=4, fan_in_fan_out=True)).eval()
+    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(target_modules=["c_attn"], r=4, fan_in_fan_out=True))
+    model = model.double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -19,6 +19,8 @@ import textwrap
 import pytest
 import torch
 
+from reference import FLOAT32_TOL, assert_close_to
+
 CAP_MB = 120
 N, CHUNK = 640, 32  # 20 chunks of 32 examples
 SHAPES = {"lora_A": (200, 250), "lora_B": (250, 200)}  # 2 blocks of 50,000 values: 640 * 100,000 * 4 B = 256 MB
@@ -119,6 +121,8 @@ def test_streaming_scores_under_the_cap_match_in_memory(big_store):
     assert info["peak_above_baseline_mb"] <= CAP_MB
     streamed = torch.load(out)
     in_memory = influence(grads, queries, method="datainf", chunk_size=CHUNK)
-    torch.testing.assert_close(streamed, in_memory, rtol=1e-5, atol=1e-7)
-    dense = _datainf_dense(grads, queries)
-    torch.testing.assert_close(streamed.double(), dense, rtol=2e-3, atol=1e-6 * float(dense.abs().max()))
+    # float32 (the store must be float32 to be twice the cap): streamed and in-memory evaluate one formula on
+    # the same float32 values, and both are within float32 rounding of the float64 dense formula
+    # (tests/reference.py, FLOAT32_TOL); a skipped or repeated chunk is an O(1/20) error
+    assert_close_to(streamed, in_memory, tol=FLOAT32_TOL, what="streamed vs in memory")
+    assert_close_to(streamed, _datainf_dense(grads, queries), tol=FLOAT32_TOL, what="streamed vs dense float64")

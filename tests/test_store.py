@@ -29,6 +29,7 @@ from datainf.store import (
     fingerprint_model,
     fingerprint_task,
 )
+from reference import assert_close_to
 
 SHAPES = {"lora_A": (3, 8), "lora_B": (8, 2), "bias": (5,)}
 FPS = {"model": "m" * 16, "adapter": "a" * 16, "task": "t" * 16, "dataset": "d" * 16}
@@ -99,17 +100,20 @@ def test_out_of_range_rows_are_refused(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:lissa has not converged")
 def test_streaming_influence_equals_in_memory(tmp_path):
-    grads = make_grads(50, seed=3)
-    queries = make_grads(4, seed=4)
-    store = fill(tmp_path / "s", grads, chunk_size=7)
+    # float64 gradients in a float64 store: streaming and in-memory agree to float64 rounding
+    # (tests/reference.py); a row read from the wrong chunk or a chunk border read twice is an O(1) error
+    grads = {k: v.double() for k, v in make_grads(50, seed=3).items()}
+    queries = {k: v.double() for k, v in make_grads(4, seed=4).items()}
+    store = fill(tmp_path / "s", grads, chunk_size=7, dtype="float64")
     for method in ("datainf", "exact", "identity"):
         expected = datainf.influence(grads, queries, method=method)
         # a chunk_size that is not a multiple of the store's makes reads straddle chunk borders
         got = datainf.influence(store.blocks(), queries, method=method, chunk_size=10)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert got.dtype == torch.float64
+        assert_close_to(got, expected, what=method)
     lissa = dict(method="lissa", iterations=5, batch_size=16)
-    torch.testing.assert_close(datainf.influence(store.blocks(), queries, **lissa),
-                               datainf.influence(grads, queries, **lissa), rtol=1e-4, atol=1e-5)
+    assert_close_to(datainf.influence(store.blocks(), queries, **lissa), datainf.influence(grads, queries, **lissa),
+                    what="lissa with mini-batches")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ class Attributor:
         collate: ``collate(records) -> batch dict``; default :class:`TextCollator` for the task.
         batch_size: examples per forward/backward pass.
         chunk_size: examples per store shard (the unit of resumption).
-        store_dtype: "float32" (default), "float16" or "bfloat16".
+        store_dtype: "float32" (default), "float16", "bfloat16", or "float64" (for float64 models: exact
+            references in tests).
         params, group_lora: which parameters are blocks (see :func:`datainf.per_example_gradients`).
         device: where the model runs; default the model's device.
         progress: show progress bars.
@@ -155,14 +156,15 @@ class Attributor:
     def _batch_grads(self, records: Sequence[Any]) -> dict[str, Tensor]:
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in self.collate(records).items()}
         grads = per_example_gradients(self.model, batch, self.task, params=self.params, group_lora=self.group_lora)
-        return {k: v.detach().to("cpu", torch.float32) for k, v in grads.items()}
+        return {k: v.detach().to("cpu") for k, v in grads.items()}  # float32 (float64 for a float64 model)
 
     def _block_shapes(self, first: Sequence[Any]) -> dict[str, tuple[int, ...]]:
         grads = self._batch_grads(first[:1])
         return {k: tuple(v.shape[1:]) for k, v in grads.items()}
 
     def gradients(self, dataset: Any, desc: str = "query gradients") -> dict[str, Tensor]:
-        """Per-example gradients of a (small) dataset in memory: block -> (n, *block_shape), float32."""
+        """Per-example gradients of a (small) dataset in memory: block -> (n, *block_shape), float32 (float64
+        for a float64 model)."""
         records = as_records(dataset)
         if len(records) == 0:
             raise DataInfError("the dataset is empty")

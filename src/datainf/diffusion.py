@@ -61,7 +61,7 @@ class DiffusionLoss:
     The batch: ``pixel_values`` or ``latents`` (B, C, H, W), plus ``encoder_hidden_states`` (B, L, D) and
     optional ``encoder_attention_mask`` (B, L) for a UNet2DConditionModel, or ``class_labels`` (B,) for a
     class-conditional UNet2DModel. Returns the MSE between the model's prediction and the target,
-    averaged over pixels, timesteps and draws: float32 (B,).
+    averaged over pixels, timesteps and draws: (B,), float32 (float64 for a float64 model and batch).
     """
 
     def __init__(self, scheduler: Any, timesteps: Sequence[int] = PAPER_TIMESTEPS, noise_draws: int = 1,
@@ -110,7 +110,7 @@ class DiffusionLoss:
                 kwargs[key] = batch[key]
         noise = self.noise(seeds, tuple(x0.shape[1:])).to(device=x0.device, dtype=x0.dtype)
         prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        total = torch.zeros(size, device=x0.device, dtype=torch.float32)
+        total = torch.zeros(size, device=x0.device, dtype=torch.promote_types(x0.dtype, torch.float32))
         for d in range(self.noise_draws):
             for k, t in enumerate(self.timesteps):
                 eps = noise[:, d, k]
@@ -125,7 +125,7 @@ class DiffusionLoss:
                     target = x0
                 else:
                     raise DataInfError(f"unsupported scheduler prediction_type {prediction_type!r}")
-                total = total + (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+                total = total + (pred.to(total.dtype) - target.to(total.dtype)).pow(2).flatten(1).mean(dim=1)
         return total / (self.noise_draws * len(self.timesteps))
 
 

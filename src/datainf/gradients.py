@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from datainf.errors import DataInfError
-from datainf.tasks import Task, batch_size, empty_examples, per_example_loss
+from datainf.tasks import Task, batch_size, empty_examples, per_example_loss, upcast
 
 logger = logging.getLogger("datainf.gradients")
 
@@ -119,7 +119,7 @@ def _fast_path(
     model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], records: list[_LinearRecord],
     factors: Any = None,
 ) -> tuple[dict[str, Tensor], int]:
-    """Per-example gradients (float32, (B, *shape)) of the parameters owned by ``records`` from one forward
+    """Per-example gradients ((B, *shape), float32 or float64) of the parameters owned by ``records`` from one forward
     and one backward pass; parameters whose per-example sums disagree with autograd's batch gradient are
     left out. Returns (gradients, batch size)."""
     handles = []
@@ -157,7 +157,7 @@ def _fast_path(
         for call in record.calls:
             if call.grad is None:
                 continue
-            g, x = call.grad.float(), call.inputs.float()
+            g, x = upcast(call.grad), upcast(call.inputs)
             if g.shape[0] != size or x.shape[0] != size or g.shape[:-1] != x.shape[:-1]:
                 ok = False
                 break
@@ -176,7 +176,7 @@ def _fast_path(
                 continue
             param = tracked[name]
             if grad is None:
-                grad = torch.zeros(size, *param.shape, dtype=torch.float32, device=param.device)
+                grad = torch.zeros(size, *param.shape, dtype=upcast(param).dtype, device=param.device)
             if _agrees(grad.sum(dim=0), total_of[name], param.dtype):
                 grads[name] = grad
                 kept.append(name)
@@ -195,14 +195,14 @@ def _agrees(summed: Tensor, total: Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the batch sum of per-example gradients matches autograd's batch gradient."""
     if total is None:
         return bool(summed.abs().max() == 0) if summed.numel() else True
-    total = total.float()
+    total = upcast(total)
     tolerance = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     scale = max(total.norm().item(), summed.norm().item())
     return (summed - total).norm().item() <= tolerance * scale + 1e-12
 
 
 def _loop_path(model: nn.Module, batch: Any, task: Task, params: dict[str, nn.Parameter], size: int) -> dict[str, Tensor]:
-    """Per-example gradients (float32, (B, *shape)) of ``params`` by one forward/backward per example."""
+    """Per-example gradients ((B, *shape), float32 or float64) of ``params`` by one forward/backward each."""
     rows: dict[str, list[Tensor]] = {name: [] for name in params}
     names = list(params)
     for index in range(size):
@@ -213,7 +213,8 @@ def _loop_path(model: nn.Module, batch: Any, task: Task, params: dict[str, nn.Pa
         grads = torch.autograd.grad(loss.sum(), [params[name] for name in names], allow_unused=True)
         for name, grad in zip(names, grads):
             param = params[name]
-            rows[name].append(torch.zeros(param.shape, device=param.device) if grad is None else grad.float())
+            rows[name].append(torch.zeros(param.shape, dtype=upcast(param).dtype, device=param.device)
+                              if grad is None else upcast(grad))
     return {name: torch.stack(rows[name]) for name in names}
 
 
@@ -272,7 +273,8 @@ def per_example_gradients(
         blocks into, from the same forward/backward pass (padding excluded via ``batch["attention_mask"]``).
         Blocks on the slow path get no factors. Keyed by parameter name (also with group_lora).
 
-    Returns {name: float32 tensor (B, *param.shape)} on the parameters' device, in parameter order.
+    Returns {name: tensor (B, *param.shape)} on the parameters' device, in parameter order: float32, or
+    float64 for a float64 model (half-precision models are accumulated in float32).
     Trainable parameters that are not tracked are frozen during the call; ``requires_grad`` flags, ``.grad``
     fields and train/eval modes are left as they were. An example with no loss tokens gets a zero gradient
     and a warning naming its index.

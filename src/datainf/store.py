@@ -8,7 +8,7 @@ so that scoring never recomputes them::
                         n_examples, chunk_size, fingerprints {model, adapter, task, dataset}, meta, complete
       chunks/00000/     one folder per chunk of examples: one ``bNNNN.npy`` per block (the chunk's rows,
                         flattened to (rows, d), in the storage dtype) and ``sq_norms.npy`` ((rows, n_blocks)
-                        float64 squared norms of each example's gradient per block, from the float32 values)
+                        float64 squared norms of each example's gradient per block, from the float32 (float64) values)
       lock              present while a writer holds the store: {"pid", "host", "token"}
 
 A chunk is written into ``chunks/.tmp-NNNNN-<pid>``, fsynced, then renamed to ``chunks/NNNNN``: it appears
@@ -44,10 +44,13 @@ from datainf.errors import DataInfError
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 FINGERPRINT_KEYS = ("model", "adapter", "task", "dataset")
-_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-_TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64}
+_TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
+#: ``dtype`` default of the readers: float32 rows, float64 for a float64 store
+AUTO = "auto"
 _FLOAT16_MAX = 65504.0
 
 
@@ -292,7 +295,7 @@ class GradientStore:
 
     Attributes: ``path``, ``manifest`` (the parsed manifest.json), ``n_examples``, ``chunk_size``,
     ``num_chunks``, ``block_names`` (in order), ``block_shapes`` (name -> per-example shape),
-    ``storage_dtype`` ("float32", "float16" or "bfloat16"), ``fingerprints``, ``complete``.
+    ``storage_dtype`` ("float32", "float16", "bfloat16" or "float64"), ``fingerprints``, ``complete``.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], *, writable: bool, lock_token: str | None = None):
@@ -346,7 +349,7 @@ class GradientStore:
             fingerprints: e.g. {"model": ..., "adapter": ..., "task": ..., "dataset": ...}; a reopened
                 store must match every one.
             chunk_size: examples per chunk (the unit of writing and of resuming).
-            dtype: storage dtype, "float32", "float16" or "bfloat16".
+            dtype: storage dtype, "float32", "float16", "bfloat16" or "float64".
             meta: free JSON-serialisable information kept in the manifest (not compared on resume).
         Returns:
             a writable store holding STORE/lock until :meth:`close` (or the end of a ``with`` block).
@@ -501,7 +504,8 @@ class GradientStore:
                     f"store {self.path}, chunk {index}: block '{name}' has shape {tuple(g.shape)}; expected "
                     f"{(len(rows), *shape)} (chunk {index} holds examples {rows.start}..{rows.stop - 1})"
                 )
-            g32 = g.detach().to(device="cpu", dtype=torch.float32).reshape(len(rows), d).contiguous()
+            work = torch.float64 if self.storage_dtype == "float64" else torch.float32
+            g32 = g.detach().to(device="cpu", dtype=work).reshape(len(rows), d).contiguous()
             bad = ~torch.isfinite(g32).all(dim=1)
             if bool(bad.any()):
                 k = rows.start + int(bad.nonzero()[0])
@@ -514,8 +518,9 @@ class GradientStore:
         self._commit(index, arrays, sq)
 
     def _encode(self, name: str, g32: Tensor, rows: range) -> np.ndarray:
-        """float32 rows (r, d) -> the storage array (float32, float16, or bfloat16 bits as uint16)."""
-        if self.storage_dtype == "float32":
+        """float32 (float64) rows (r, d) -> the storage array (float32, float16, bfloat16 bits as uint16, or
+        float64 for a float64 store)."""
+        if self.storage_dtype in ("float32", "float64"):
             return g32.numpy()
         if self.storage_dtype == "float16":
             too_big = (g32.abs() > _FLOAT16_MAX).any(dim=1)
@@ -569,24 +574,26 @@ class GradientStore:
 
     # ---------------------------------------------------------------- reading
 
-    def _read_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+    def _read_dtype(self, dtype: torch.dtype | str | None) -> torch.dtype:
+        if dtype == AUTO:
+            return torch.float64 if self.storage_dtype == "float64" else torch.float32
         out = _TORCH_STORAGE[self.storage_dtype] if dtype is None else dtype
         if not out.is_floating_point:
             raise DataInfError(f"store {self.path}: read dtype must be a floating torch dtype, got {dtype}")
         return out
 
-    def block(self, name: str, *, dtype: torch.dtype | None = torch.float32) -> StoredBlock:
+    def block(self, name: str, *, dtype: torch.dtype | str | None = AUTO) -> StoredBlock:
         """A memory-mapped row source over block ``name``: shape (n_examples, d); rows come back in
-        ``dtype`` (float32 by default; None for the storage dtype)."""
+        ``dtype`` (default float32, or float64 for a float64 store; None for the storage dtype)."""
         if name not in self.block_shapes:
             raise DataInfError(f"store {self.path} has no block '{name}'; it has {self.block_names}")
         return StoredBlock(self, name, self._read_dtype(dtype))
 
-    def blocks(self, *, dtype: torch.dtype | None = torch.float32) -> dict[str, StoredBlock]:
+    def blocks(self, *, dtype: torch.dtype | str | None = AUTO) -> dict[str, StoredBlock]:
         """Every block as a row source, in manifest order; pass it straight to :func:`datainf.influence`."""
         return {name: self.block(name, dtype=dtype) for name in self.block_names}
 
-    def load(self, name: str, *, dtype: torch.dtype | None = torch.float32) -> Tensor:
+    def load(self, name: str, *, dtype: torch.dtype | str | None = AUTO) -> Tensor:
         """Block ``name`` read into memory: (n_examples, *block_shape)."""
         b = self.block(name, dtype=dtype)
         return b[:].reshape(self.n_examples, *self.block_shapes[name])

@@ -75,6 +75,12 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return False
 
 
+def upcast(t: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32 for the loss; float32 and float64 stay as they are (a float64 model gives
+    float64 losses and gradients, which the tests use as exact references)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in batch.items() if key != "labels"}
 
@@ -82,7 +88,7 @@ def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 def classification_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     """Per-example cross-entropy of ``model(**inputs).logits`` (B, C) against ``batch["labels"]`` (B,).
 
-    Returns a float tensor of shape (B,).
+    Returns a float tensor of shape (B,) (float32, or float64 for a float64 model).
     """
     labels = _labels(batch, "classification")
     if labels.dim() != 1 or labels.dtype.is_floating_point:
@@ -96,7 +102,7 @@ def classification_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
             f"task 'classification' needs logits of shape (B, num_labels) with B = {labels.shape[0]}, "
             f"got {tuple(logits.shape)}: is this a sequence-classification model?"
         )
-    return F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
+    return F.cross_entropy(upcast(logits), labels.to(logits.device), reduction="none")
 
 
 def response_token_counts(labels: Tensor) -> Tensor:
@@ -133,7 +139,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any], *, reduction: str
             f"got {tuple(logits.shape)}: is this a causal LM?"
         )
     targets = labels[:, 1:].to(logits.device)
-    predictions = logits[:, :-1].float()
+    predictions = upcast(logits[:, :-1])
     keep = targets != IGNORE_INDEX
     # Ignored positions get loss exactly 0 and gradient exactly 0 (the where also stops NaN from
     # fully masked padding rows reaching the backward pass).
