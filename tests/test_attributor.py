@@ -9,11 +9,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
 import datainf
@@ -21,6 +19,7 @@ from datainf.attributor import Attributor
 from datainf.data.assets import minilm_dir
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
+from datainf.scoring import load_scores
 from reference import assert_close_to, assert_per_example_close
 from tiny_models import tiny_bert_classifier
 
@@ -74,16 +73,16 @@ def test_scores_match_loop_reference(tmp_path, tokenizer, sentence_records):
     selfs = att.self_influence(method="datainf")
     assert_close_to(selfs, datainf.self_influence(ref_train, method="datainf"), what="self-influence")
     # scores are saved next to the store, with what produced them
-    saved = tmp_path / "s" / "scores" / "influence-identity.safetensors"
-    with safe_open(str(saved), "pt") as f:
-        meta = json.loads(f.metadata()["datainf"])
-        assert torch.equal(f.get_tensor("scores"), mean)
-    assert meta["method"] == "identity" and meta["mean_query"] is True
-    assert set(meta["damping"]) == set(store.block_names)
+    saved = load_scores(tmp_path / "s" / "scores" / "influence-identity-mean.safetensors")
+    assert torch.equal(saved.scores["identity"], mean)
+    settings = saved.settings["identity"]
+    assert settings["arguments"]["method"] == "identity" and settings["arguments"]["mean_query"] is True
+    assert set(settings["damping"]) == set(store.block_names)
+    assert saved.meta["train_store"]["fingerprints"] == store.fingerprints
 
 
 def test_ekfac_uses_the_stores_curvature(tmp_path, tokenizer, sentence_records):
-    from datainf.kfac import curvature_from_gradients
+    from datainf.estimators.kfac import curvature_from_gradients
 
     model = _model()
     att = Attributor(model, store=tmp_path / "s", tokenizer=tokenizer, **F64)

@@ -8,12 +8,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import datainf
 from datainf.cli import main
+from datainf.scoring import load_scores
 from datainf.store import GradientStore
 from reference import FLOAT32_TOL, assert_close_to
 
@@ -49,7 +49,7 @@ def flow(tmp_path_factory, tiny_bert_dir):
         ["grads", "--model", str(tiny_bert_dir), "--adapter", str(root / "adapter"), "--data", str(val),
          "--store", str(root / "val-store")],
         ["score", "--store", str(root / "train-store"), "--queries", str(root / "val-store"),
-         "--method", "datainf,exact,identity", "--out", str(root / "scores.npz")],
+         "--method", "datainf,exact,identity", "--out", str(root / "scores.safetensors")],
     ):
         with pytest.raises(SystemExit) as e:
             main(["--quiet", *argv])
@@ -63,8 +63,8 @@ def test_flow_runs_and_scores_match_the_library(flow):
     assert (root / "adapter" / "adapter_config.json").exists()
     tr, va = GradientStore.open(root / "train-store"), GradientStore.open(root / "val-store")
     assert tr.n_examples == 12 and va.n_examples == 4 and tr.block_names == va.block_names
-    with np.load(root / "scores.npz") as f:
-        saved = {k: f[k] for k in f.files}
+    loaded = load_scores(root / "scores.safetensors")
+    saved = {k: v.numpy() for k, v in loaded.scores.items()}
     assert set(saved) == {"datainf", "exact", "identity"}
     # the CLI scores in float32; the reference is the library in float64 on the same stored gradients, so
     # the two differ by float32 rounding only (FLOAT32_TOL, tests/reference.py); scoring the wrong store,
@@ -74,22 +74,21 @@ def test_flow_runs_and_scores_match_the_library(flow):
     for method, got in saved.items():
         want = datainf.influence(train_blocks, queries, method)
         assert_close_to(torch.from_numpy(got), want, tol=FLOAT32_TOL, what=method)
-    meta = json.loads((root / "scores.json").read_text())
-    assert set(meta["methods"]) == {"datainf", "exact", "identity"}
-    assert set(meta["methods"]["datainf"]["damping"]) == set(tr.block_names)
+    assert set(loaded.settings) == {"datainf", "exact", "identity"}
+    assert set(loaded.settings["datainf"]["damping"]) == set(tr.block_names)
+    assert loaded.meta["train_store"]["fingerprints"] == tr.fingerprints
 
 
 def test_self_influence_and_report(flow, capsys):
     root, train, _, _ = flow
     code, out, err = run(["score", "--store", str(root / "train-store"), "--self", "--method", "identity",
-                          "--out", str(root / "self.npz")], capsys)
+                          "--out", str(root / "self.safetensors")], capsys)
     assert code == 0, err
-    with np.load(root / "self.npz") as f:
-        got = f["identity"]
+    got = load_scores(root / "self.safetensors").scores["identity"].numpy()
     tr = GradientStore.open(root / "train-store")
     want = -sum((tr.load(n).reshape(12, -1).double() ** 2).sum(1) for n in tr.block_names)
     assert_close_to(torch.from_numpy(got), want, tol=FLOAT32_TOL, what="self-influence, identity")
-    code, out, err = run(["report", "--scores", str(root / "scores.npz"), "--data", str(train), "--out",
+    code, out, err = run(["report", "--scores", str(root / "scores.safetensors"), "--data", str(train), "--out",
                           str(root / "report.html")], capsys)
     assert code == 0, err
     html = (root / "report.html").read_text()
@@ -113,15 +112,13 @@ def test_config_file_sets_defaults_and_flags_override(flow, tmp_path, capsys):
     root, *_ = flow
     config = tmp_path / "run.yaml"
     config.write_text(f"store: {root / 'train-store'}\nscore:\n  method: identity\n  self: true\n")
-    code, _, err = run(["--config", str(config), "score", "--out", str(tmp_path / "a.npz")], capsys)
+    code, _, err = run(["--config", str(config), "score", "--out", str(tmp_path / "a.safetensors")], capsys)
     assert code == 0, err
-    with np.load(tmp_path / "a.npz") as f:
-        assert f.files == ["identity"]
+    assert list(load_scores(tmp_path / "a.safetensors").scores) == ["identity"]
     code, _, err = run(["--config", str(config), "score", "--method", "datainf", "--out",
-                        str(tmp_path / "b.npz")], capsys)
+                        str(tmp_path / "b.safetensors")], capsys)
     assert code == 0, err
-    with np.load(tmp_path / "b.npz") as f:
-        assert f.files == ["datainf"]
+    assert list(load_scores(tmp_path / "b.safetensors").scores) == ["datainf"]
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "empty", "no_adapter", "not_an_adapter",
@@ -141,7 +138,7 @@ def test_bad_input_one_line_and_exit_2(case, flow, tiny_bert_dir, tmp_path, caps
         "not_an_adapter": (["grads", "--model", str(tiny_bert_dir), "--adapter", str(tiny_bert_dir), "--data",
                             str(train), "--store", str(tmp_path / "s")], "has no adapter_config.json"),
         "bad_method": (["score", "--store", str(root / "train-store"), "--self", "--method", "magic", "--out",
-                        str(tmp_path / "x.npz")], "unknown method 'magic'"),
+                        str(tmp_path / "x.safetensors")], "unknown method 'magic'"),
     }[case]
     code, out, err = run(argv, capsys)
     assert code == 2
@@ -168,7 +165,7 @@ def test_store_of_another_model_is_refused(flow, tiny_bert_dir, tmp_path, capsys
 
 def test_failed_score_leaves_no_output(flow, tmp_path, capsys):
     root, *_ = flow
-    out = tmp_path / "scores.npz"
+    out = tmp_path / "scores.safetensors"
     code, _, err = run(["score", "--store", str(root / "train-store"), "--self", "--method", "datainf",
                         "--damping", "-1", "--out", str(out)], capsys)
     assert code == 2 and "damping" in err
@@ -180,5 +177,5 @@ def test_cuda_asked_without_cuda(flow, tmp_path, capsys):
         pytest.skip("a CUDA device is present")
     root, *_ = flow
     code, _, err = run(["score", "--store", str(root / "train-store"), "--self", "--device", "cuda", "--out",
-                        str(tmp_path / "x.npz")], capsys)
+                        str(tmp_path / "x.safetensors")], capsys)
     assert code == 2 and "no CUDA device" in err

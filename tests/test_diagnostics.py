@@ -8,7 +8,7 @@ import torch
 
 from datainf.diagnostics import approximation_report
 from datainf.errors import DataInfError
-from datainf.kfac import KFACFactors
+from datainf.estimators.kfac import KFACFactors
 
 
 def test_single_example_makes_datainf_exact():

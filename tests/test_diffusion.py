@@ -18,8 +18,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: 
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 import datainf.gradients as gradients_module  # noqa: E402
+from datainf.data.collate import DiffusionCollate  # noqa: E402
 from datainf.data.images import apply_style, load_mnist, style_sets, subject_sets  # noqa: E402
-from datainf.diffusion import DiffusionCollate, DiffusionLoss, PromptEncoder, add_lora  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.experiments.diffusion import (  # noqa: E402
     DiffusionSettings,
@@ -28,6 +28,9 @@ from datainf.experiments.diffusion import (  # noqa: E402
     run_diffusion,
 )
 from datainf.gradients import per_example_gradients  # noqa: E402
+from datainf.models.diffusion import PromptEncoder, add_lora  # noqa: E402
+from datainf.scoring import load_scores  # noqa: E402
+from datainf.tasks import DiffusionLoss  # noqa: E402
 from reference import FLOAT32_TOL, assert_close_to, assert_per_example_close  # noqa: E402
 
 TIMESTEPS = (25, 925)
@@ -227,7 +230,7 @@ def test_style_experiment_end_to_end_on_a_tiny_unet(tmp_path):
         r = results["methods"][m]
         assert 0 <= r["auc"] <= 1 and 0 <= r["recall"] <= 1
     assert results["methods"]["exact"]["pearson_with_exact"] == pytest.approx(1.0)
-    scores = np.load(tmp_path / "scores.npz")
+    scores = load_scores(tmp_path / "scores.safetensors").scores
     assert scores["datainf"].shape == (9, 3)
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 * (1 + 2 * 5)

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertModel
 
 from datainf.data import minilm_dir
 from datainf.errors import DataInfError
-from datainf.finetune import (
+from datainf.models.finetune import (
     LoraSettings,
     TrainSettings,
     encode,

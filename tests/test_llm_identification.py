@@ -25,15 +25,16 @@ from datainf.experiments.llm_identification import (  # noqa: E402
     identification_metrics,
     run_llm_identification,
 )
-from datainf.finetune import LoraSettings  # noqa: E402
-from datainf.llm import load_causal_lm  # noqa: E402
+from datainf.models.finetune import LoraSettings  # noqa: E402
+from datainf.models.llm import load_causal_lm  # noqa: E402
+from datainf.scoring import load_scores  # noqa: E402
 from reference import FLOAT64_TOL  # noqa: E402
 
 METHODS = ("datainf", "identity", "exact", "lissa")
 
 
 def _check_outputs(out, results, n_train, n_test, methods=METHODS):
-    for name in ("results.json", "scores.npz", "train.jsonl", "test.jsonl", "report.html"):
+    for name in ("results.json", "scores.safetensors", "train.jsonl", "test.jsonl", "report.html"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert saved["n_train"] == n_train and saved["n_test"] == n_test
@@ -45,10 +46,10 @@ def _check_outputs(out, results, n_train, n_test, methods=METHODS):
         assert len(saved["per_query"][m]["auc"]) == n_test
     if "exact" in methods:
         assert math.isfinite(saved["methods"]["datainf"]["pearson_with_exact"])
-    with np.load(out / "scores.npz") as f:
-        for m in methods:
-            assert f[m].shape == (n_train, n_test) and np.all(np.isfinite(f[m]))
-        assert f["train_labels"].shape == (n_train,) and f["test_labels"].shape == (n_test,)
+    loaded = load_scores(out / "scores.safetensors")
+    for m in methods:
+        assert loaded.scores[m].shape == (n_train, n_test) and bool(loaded.scores[m].isfinite().all())
+    assert len(loaded.meta["train_labels"]) == n_train and len(loaded.meta["test_labels"]) == n_test
     assert (out / "store").is_dir()
     assert sum(1 for _ in (out / "train.jsonl").open()) == n_train
     assert results["methods"].keys() == saved["methods"].keys()
@@ -139,7 +140,7 @@ def test_finetune_lowers_the_response_loss_and_ignores_the_prompt(tiny_llama_dir
     import torch.nn.functional as F
 
     from datainf.data.collate import TextCollator
-    from datainf.llm import finetune_causal_lm, response_loss, response_nll
+    from datainf.models.llm import finetune_causal_lm, response_loss, response_nll
 
     lora = LoraSettings(rank=4, alpha=16, target_modules=("q_proj", "v_proj"), modules_to_save=())
     model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
@@ -170,7 +171,7 @@ def test_finetune_lowers_the_response_loss_and_ignores_the_prompt(tiny_llama_dir
 
 
 def test_smollm2_dir_never_trusts_an_incomplete_cache(tmp_path, monkeypatch):
-    import datainf.llm as llm
+    import datainf.models.llm as llm
 
     monkeypatch.setenv("DATAINF_CACHE", str(tmp_path))
     target = tmp_path / llm.SMOLLM2_NAME

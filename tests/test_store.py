@@ -183,7 +183,7 @@ def test_write_chunk_validation(tmp_path):
         with pytest.raises(DataInfError, match="already written"):
             s.write_chunk(0, rows_of(grads, range(0, 4)))
         assert s.missing_chunks() == [1, 2]
-        assert not list((tmp_path / "s" / "chunks").glob(".tmp-*"))  # failed writes leave nothing behind
+        assert not list((tmp_path / "s" / "chunks").glob(".*.tmp-*"))  # failed writes leave nothing behind
     with pytest.raises(DataInfError, match="not open for writing"):
         s.write_chunk(1, rows_of(grads, range(4, 8)))
 
@@ -202,7 +202,7 @@ def test_resume_after_dropping_the_writer(tmp_path):
     store = GradientStore.create(path, blocks=SHAPES, n_examples=20, fingerprints=FPS, chunk_size=4)
     for i in (0, 3):
         store.write_chunk(i, rows_of(grads, store.chunk_rows(i)))
-    half = path / "chunks" / ".tmp-00001-99999"  # what a killed write leaves behind
+    half = path / "chunks" / ".00001.tmp-99999"  # what a killed write leaves behind
     half.mkdir()
     (half / "b0000.npy").write_bytes(b"\x93NUMPY garbage")
     before = _chunk_ids(path, (0, 3))
@@ -246,8 +246,9 @@ def test_resume_after_killing_a_writer_mid_chunk(tmp_path, caplog):
     proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"
-        tmp_dirs = list((path / "chunks").glob(".tmp-00003-*"))
-        assert len(tmp_dirs) == 1 and len(list(tmp_dirs[0].iterdir())) == 1  # half-written chunk 3
+        tmp_dirs = list((path / "chunks").glob(".00003.tmp-*"))
+        # chunk 3 is written but not yet renamed into place: invisible to readers
+        assert len(tmp_dirs) == 1 and any(tmp_dirs[0].iterdir()) and not (path / "chunks" / "00003").exists()
         with pytest.raises(DataInfError, match=f"being written by process {proc.pid}"):
             GradientStore.create(path, blocks=SHAPES, n_examples=20, fingerprints=FPS, chunk_size=4)
     finally:
@@ -262,7 +263,7 @@ def test_resume_after_killing_a_writer_mid_chunk(tmp_path, caplog):
     assert "stale lock" in caplog.text and str(proc.pid) in caplog.text
     with store:
         assert store.missing_chunks() == [1, 3, 4]
-        assert not list((path / "chunks").glob(".tmp-*"))
+        assert not list((path / "chunks").glob(".*.tmp-*"))
         for i in store.missing_chunks():
             store.write_chunk(i, rows_of(grads, store.chunk_rows(i)))
         store.finalize()

@@ -13,29 +13,22 @@ up-weighted. Positive = harmful (raises the query's loss), negative = helpful.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from datainf.data.collate import TextCollator
-from datainf.distributed import (
-    distributed_influence,
-    distributed_self_influence,
-    is_distributed,
-    is_main_process,
-    write_store,
-)
+from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError
+from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.gradients import per_example_gradients, tracked_parameters
+from datainf.scoring import curvature_for, save_scores, score_store
 from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
 
 log = logging.getLogger("datainf.attributor")
@@ -201,37 +194,14 @@ class Attributor:
             "dataset": fingerprint_dataset([_jsonable(records[i]) for i in range(len(records))]),
         }
         blocks = self._block_shapes(records)
-        if is_distributed():  # under torchrun: ranks split the missing chunks, rank 0 owns manifest and lock
-            self._store = write_store(
-                self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
-                compute_chunk=lambda rows: self._grads_in_order(records, rows),
-                chunk_size=self.chunk_size, dtype=self.store_dtype,
-                meta={"task": fingerprints["task"], "blocks_tracked": len(blocks)}, progress=self.progress,
-            )
-            return self._store
-        store = GradientStore.create(
-            self.store_path,
-            blocks=blocks,
-            n_examples=len(records),
-            fingerprints=fingerprints,
-            chunk_size=self.chunk_size,
-            dtype=self.store_dtype,
-            meta={"task": fingerprints["task"], "blocks_tracked": len(blocks)},
+        # one writing path for one process or torchrun: ranks split the missing chunks, rank 0 owns the lock
+        self._store = write_store(
+            self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
+            compute_chunk=lambda rows, bar: self._grads_in_order(records, rows, bar=bar),
+            chunk_size=self.chunk_size, dtype=self.store_dtype,
+            meta={"task": self._task_name(), "task_fingerprint": fingerprints["task"], "blocks_tracked": len(blocks)},
+            progress=self.progress,
         )
-        try:
-            missing = store.missing_chunks()
-            done = store.num_chunks - len(missing)
-            if done:
-                log.info("resuming %s: %d of %d chunks already stored", self.store_path, done, store.num_chunks)
-            bar = tqdm(total=len(records), initial=len(records) - sum(len(store.chunk_rows(c)) for c in missing),
-                       desc="train gradients", unit="ex", disable=not self.progress)
-            for c in missing:
-                store.write_chunk(c, self._grads_in_order(records, store.chunk_rows(c), bar=bar))
-            bar.close()
-            store.finalize()
-        finally:
-            store.close()
-        self._store = GradientStore.open(self.store_path)
         return self._store
 
     @property
@@ -243,91 +213,81 @@ class Attributor:
         return self._store
 
     # ---------------------------------------------------------------- scores
-    def scores(
-        self,
-        queries: Any,
-        method: str = "datainf",
-        damping: Any = None,
-        *,
-        mean_query: bool = False,
-        save: bool = True,
-        diagnostics: dict[str, Any] | None = None,
-        **options: Any,
-    ) -> Tensor:
-        """Influence of every training example on every query: ``(n_train, n_query)``.
+    def _task_name(self) -> str:
+        return self.task if isinstance(self.task, str) else getattr(self.task, "__qualname__", "callable")
+
+    def _query_gradients(self, queries: Any) -> GradientStore | dict[str, Tensor]:
+        if isinstance(queries, GradientStore):
+            return queries
+        if isinstance(queries, Mapping) and queries and all(isinstance(v, Tensor) for v in queries.values()):
+            return dict(queries)
+        return self.gradients(queries)
+
+    def _arguments(self, arguments: ScoreArguments | None, settings: dict[str, Any]) -> ScoreArguments:
+        if arguments is not None:
+            if settings:
+                raise DataInfError(f"pass either arguments= or settings {sorted(settings)}, not both")
+            return arguments
+        fields = {"method", "damping", "chunk_size", "dtype", "device", "normalize", "mean_query", "options"}
+        direct = {k: v for k, v in settings.items() if k in fields}
+        options = {**direct.pop("options", {}), **{k: v for k, v in settings.items() if k not in fields}}
+        return ScoreArguments(**direct, options=options)
+
+    def score(self, queries: Any, arguments: ScoreArguments | None = None, *, save: bool = True,
+              **settings: Any) -> ScoreResult:
+        """Influence of every training example on every query, as a :class:`ScoreResult` (scores
+        ``(n_train, n_query)``, damping per block, diagnostics, seconds).
 
         Args:
-            queries: a dataset of queries, or precomputed query gradients (block -> (n_query, *shape)).
-            method, damping, options: as in :func:`datainf.influence`.
-            mean_query: score against the mean query gradient, i.e. the influence on the average query loss
-                (the paper's "influence on the validation loss"); returns ``(n_train, 1)``.
-            save: write the scores and the settings that produced them next to the store.
+            queries: a dataset of queries, precomputed query gradients (block -> (n_query, *shape)), or a
+                query GradientStore (refused if made with another model, adapter or task).
+            arguments: a :class:`ScoreArguments`; or its fields as keywords (``method="exact"``,
+                ``mean_query=True``, ``normalize=True``, ...), with any other keyword a method option
+                (``iterations=20`` for lissa).
+            save: write the scores (and what produced them) to ``<store>/scores/``.
         """
-        if isinstance(queries, Mapping) and all(isinstance(v, Tensor) for v in queries.values()):
-            qgrads = dict(queries)
-        else:
-            qgrads = self.gradients(queries)
-        if mean_query:
-            qgrads = {k: v.mean(dim=0, keepdim=True) for k, v in qgrads.items()}
-        info: dict[str, Any] = {} if diagnostics is None else diagnostics
-        t0 = time.perf_counter()
-        options = self._with_curvature(method, options)
-        out = distributed_influence(self.store.blocks(), qgrads, method=method, damping=damping, diagnostics=info,
-                                    **options)  # = datainf.influence in one process; blocks split under torchrun
-        info["seconds"] = time.perf_counter() - t0
+        arguments = self._arguments(arguments, settings)
+        self._check_blocks(arguments)
+        result = score_store(self.store, self._query_gradients(queries), arguments)
         if save and is_main_process():
-            self._save(f"influence-{method}", out, method, info, options, mean_query=mean_query)
-        return out
+            self._save("influence", result)
+        return result
+
+    def score_self(self, arguments: ScoreArguments | None = None, *, save: bool = True,
+                   **settings: Any) -> ScoreResult:
+        """Self-influence of every training example as a :class:`ScoreResult` (scores ``(n_train,)``)."""
+        arguments = self._arguments(arguments, settings)
+        self._check_blocks(arguments)
+        result = score_store(self.store, None, arguments)
+        if save and is_main_process():
+            self._save("self", result)
+        return result
+
+    def scores(self, queries: Any, method: str = "datainf", damping: Any = None, *, mean_query: bool = False,
+               save: bool = True, **options: Any) -> Tensor:
+        """:meth:`score` returning only the tensor ``(n_train, n_query)`` (``(n_train, 1)`` with
+        ``mean_query``, the influence on the average query loss, the paper's "validation loss")."""
+        return self.score(queries, method=method, damping=damping, mean_query=mean_query, save=save,
+                          **options).scores
 
     def self_influence(self, method: str = "datainf", damping: Any = None, *, save: bool = True,
                        **options: Any) -> Tensor:
         """Self-influence of every training example, ``(n_train,)`` (always <= 0; large magnitude = unusual)."""
-        info: dict[str, Any] = {}
-        options = self._with_curvature(method, options)
-        out = distributed_self_influence(self.store.blocks(), method=method, damping=damping, diagnostics=info,
-                                         **options)
-        if save and is_main_process():
-            self._save(f"self-{method}", out, method, info, options)
-        return out
+        return self.score_self(method=method, damping=damping, save=save, **options).scores
 
     def curvature(self) -> Any:
-        """EK-FAC/K-FAC curvature of the store's blocks (eigenbasis from the per-example gradients' Kronecker
-        factors, eigenvalues corrected by one pass): computed once, saved as ``<store>/kfac.safetensors`` with
-        the store's fingerprints, and reused."""
-        from datainf.kfac import FILE_NAME, curvature_from_gradients, load_curvature, save_curvature
+        """EK-FAC/K-FAC curvature of the store's blocks, fitted once and cached as
+        ``<store>/kfac.safetensors`` with the store's fingerprints (see :func:`datainf.scoring.curvature_for`)."""
+        return curvature_for(self.store)[0]
 
-        if (self.store.path / FILE_NAME).exists():
-            return load_curvature(self.store)
-        curvature = curvature_from_gradients(self.store.blocks(), shapes=self.store.block_shapes)
-        if is_main_process():
-            save_curvature(curvature, self.store)
-        return curvature
+    def _check_blocks(self, arguments: ScoreArguments) -> None:
+        if get_method(arguments.method).needs_curvature and self.group_lora:
+            raise DataInfError(f"method '{arguments.method}' needs one block per weight matrix; use group_lora=False")
 
-    def _with_curvature(self, method: str, options: dict[str, Any]) -> dict[str, Any]:
-        from datainf.kfac import KFAC_METHODS
-
-        if method in KFAC_METHODS and "factors" not in options:
-            if self.group_lora:
-                raise DataInfError(f"method '{method}' needs one block per weight matrix; use group_lora=False")
-            return {**options, "factors": self.curvature()}
-        return options
-
-    def _save(self, stem: str, scores: Tensor, method: str, info: dict, options: dict, **extra: Any) -> None:
-        folder = self.store_path / "scores"
-        folder.mkdir(exist_ok=True)
-        meta = {
-            "method": method,
-            "options": {k: repr(v) for k, v in options.items() if k != "factors"},
-            "damping": info.get("damping"),
-            "seconds": info.get("seconds"),
-            "shape": list(scores.shape),
-            "store_manifest": self.store.manifest,
-            **extra,
-        }
-        tmp = folder / f".{stem}.tmp-{os.getpid()}"
-        save_file({"scores": scores.detach().cpu().contiguous()}, str(tmp),
-                  metadata={"datainf": json.dumps(meta, default=str)})
-        os.replace(tmp, folder / f"{stem}.safetensors")
+    def _save(self, kind: str, result: ScoreResult) -> None:
+        a = result.arguments
+        stem = f"{kind}-{a.method}" + ("-mean" if a.mean_query else "") + ("-normalized" if a.normalize else "")
+        save_scores(self.store_path / "scores" / f"{stem}.safetensors", {a.method: result}, train_store=self.store)
 
     @staticmethod
     def top(scores: Tensor, k: int = 10) -> list[dict[str, list[tuple[int, float]]]]:

@@ -28,19 +28,16 @@ import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
-from datainf.estimators import (
-    Blocks,
-    Damping,
-    LissaOptions,
-    _as_blocks,
-    _Block,
-    _lissa_solve,
-    _pair_blocks,
-    _resolve_damping,
-)
-from datainf.kfac import BlockCurvature, KFACCurvature, KFACFactors, _precondition, fit_curvature
+from datainf.estimators.blocks import BlockRows, Blocks, Damping, as_blocks, pair_blocks, resolve_damping
+from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, fit_curvature, precondition
+from datainf.estimators.lissa import LissaOptions, lissa_solve
+from datainf.estimators.registry import get_method, method_names
 
-DIAGNOSED_METHODS = ("datainf", "lissa", "kfac", "ekfac")
+
+def diagnosed_methods() -> tuple[str, ...]:
+    """Every registered method except exact (the reference) and identity (which has no curvature to
+    compare): the default of :func:`approximation_report`."""
+    return tuple(m for m in method_names() if m not in ("exact", "identity"))
 
 
 def exact_ihvp(G: Tensor, V: Tensor, lam: float) -> Tensor:
@@ -71,7 +68,7 @@ def approximation_report(
     train_grads: Blocks,
     query_grads: Blocks | None = None,
     *,
-    methods: Sequence[str] = DIAGNOSED_METHODS,
+    methods: Sequence[str] | None = None,
     factors: KFACFactors | KFACCurvature | None = None,
     damping: Damping = None,
     n_sub: int = 256,
@@ -85,7 +82,8 @@ def approximation_report(
     Args:
         train_grads: per-block training gradients, each (n, *block_shape); tensors or row sources.
         query_grads: the same blocks for queries (m, *block_shape); None uses training gradients.
-        methods: any of "datainf", "lissa", "kfac", "ekfac".
+        methods: registered methods other than exact; default :func:`diagnosed_methods` (datainf, lissa,
+            kfac, ekfac and any method you registered).
         factors: K-FAC factors (or fitted curvature) for kfac/ekfac; without them these are skipped.
         damping: None for the paper's rule on the subsample; a float, sequence or mapping per block.
         n_sub: training examples sampled per block; n_vectors: query vectors per block.
@@ -95,15 +93,17 @@ def approximation_report(
         {"score_correlation", "ihvp_relative_error": {"mean", "max"}, "far"} or {"skipped": reason}}}},
         "flags": [{"block", "method", "score_correlation"}]}``
     """
-    unknown = [m for m in methods if m not in DIAGNOSED_METHODS]
+    methods = diagnosed_methods() if methods is None else tuple(methods)
+    unknown = [m for m in methods if m not in method_names() or m == "exact"]
     if unknown:
-        raise DataInfError(f"approximation_report: unknown method(s) {unknown}; choose from {DIAGNOSED_METHODS}")
+        raise DataInfError(f"approximation_report: unknown method(s) {unknown}; choose from "
+                           f"{[m for m in method_names() if m != 'exact']}")
     if n_sub < 1 or n_vectors < 1:
         raise DataInfError("approximation_report: n_sub and n_vectors must be >= 1")
-    train = _as_blocks(train_grads, "train_grads")
-    query = None if query_grads is None else _as_blocks(query_grads, "query_grads")
-    pairs = _pair_blocks(train, query)
-    lams = _resolve_damping(damping, [name for name, _ in train])
+    train = as_blocks(train_grads, "train_grads")
+    query = None if query_grads is None else as_blocks(query_grads, "query_grads")
+    pairs = pair_blocks(train, query)
+    lams = resolve_damping(damping, [name for name, _ in train])
     curvature = fit_curvature(factors) if isinstance(factors, KFACFactors) else factors
     gen = torch.Generator().manual_seed(seed)
     report: dict[str, Any] = {
@@ -164,19 +164,23 @@ def _method_ihvp(
     if method == "datainf":
         return datainf_ihvp(G, V, lam)
     if method == "lissa":
-        block = _Block(name, G, torch.float64, torch.device("cpu"), 4096)
-        return _lissa_solve(block, V, lam, LissaOptions(iterations=lissa_iterations, seed=seed), None)
+        block = BlockRows(name, G, torch.float64, torch.device("cpu"), 4096)
+        return lissa_solve(block, V, lam, LissaOptions(iterations=lissa_iterations, seed=seed), None)
+    estimator = get_method(method)
+    if not estimator.needs_curvature:  # any other registered method, through its own preconditioner
+        block = BlockRows(name, G, torch.float64, torch.device("cpu"), 4096)
+        return estimator(block, lam, (G * G).sum(dim=1), None, None).precondition(V)
     if curvature is None:
         return None
-    b = curvature._block(name)
+    b = curvature.block(name)
     if method == "kfac":
-        return _precondition(b, V, b.eigenvalues("kfac"), lam, name)
+        return precondition(b, V, b.eigenvalues("kfac"), lam, name)
     out, inn = b.shape
     if out * inn != G.shape[1]:
         raise DataInfError(f"block '{name}' has {G.shape[1]} entries but its K-FAC factors are {out} x {inn}")
     corrected = ((b.q_s.T @ G.reshape(-1, out, inn) @ b.q_a) ** 2).mean(dim=0)
     sub = BlockCurvature(b.q_a, b.a, b.q_s, b.s, corrected)
-    return _precondition(sub, V, corrected, lam, name)
+    return precondition(sub, V, corrected, lam, name)
 
 
-__all__ = ["DIAGNOSED_METHODS", "approximation_report", "datainf_ihvp", "exact_ihvp"]
+__all__ = ["approximation_report", "datainf_ihvp", "diagnosed_methods", "exact_ihvp"]

@@ -11,11 +11,12 @@ function falls back to the single-process code.
   every rank is done (a collective), rank 0 finalizes. Chunks are computed by the same code in every case,
   so the store holds the same values whatever the number of processes. A rank that dies leaves the chunks
   already written; rerunning with any number of processes computes only the missing ones.
-* Scoring (:func:`distributed_influence`, :func:`distributed_self_influence`): scores are sums over blocks,
-  so the blocks are split across ranks (largest first, to the least loaded rank); each rank runs the pure
-  estimators of :mod:`datainf.estimators` on its blocks over all training rows, which keeps each block's
-  damping rule and curvature exactly as in one process, and the partial ``(n_train, n_query)`` sums are
-  all-reduced. Every rank returns the full matrix.
+* Scoring (:func:`distributed_score`): scores are sums over blocks, so the blocks are split across ranks
+  (largest first, to the least loaded rank); each rank runs the pure estimators of
+  :mod:`datainf.estimators` on its blocks over all training rows with the same :class:`ScoreArguments`
+  (:func:`~datainf.estimators.partial_scores`), which keeps each block's damping rule and curvature exactly
+  as in one process; the partial sums (and, with ``normalize``, the preconditioned norms) are all-reduced
+  and finished as in one process. Every rank returns the full result.
 
 Errors are collective: if one rank fails (bad input, a mismatched store), every rank raises a
 :class:`~datainf.errors.DataInfError` naming it instead of waiting forever for the others.
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,11 +38,22 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from datainf.errors import DataInfError
-from datainf.estimators import Blocks, Damping, influence, self_influence
+from datainf.errors import AllBlocksZeroError, DataInfError
+from datainf.estimators import (
+    Blocks,
+    Damping,
+    PartialScores,
+    ScoreArguments,
+    ScoreResult,
+    as_blocks,
+    finish,
+    partial_scores,
+    score,
+    score_self,
+)
 from datainf.store import GradientStore
 
-_ALL_ZERO = "every block has all-zero training gradients"
+logger = logging.getLogger("datainf.distributed")
 
 # --------------------------------------------------------------------------------------------------
 # process group helpers
@@ -143,7 +157,7 @@ def write_store(
     blocks: Mapping[str, tuple[int, ...]],
     n_examples: int,
     fingerprints: Mapping[str, str],
-    compute_chunk: Callable[[range], Mapping[str, Tensor]],
+    compute_chunk: Callable[[range, Any], Mapping[str, Tensor]],
     chunk_size: int = 256,
     dtype: str = "float32",
     meta: Mapping[str, Any] | None = None,
@@ -155,10 +169,11 @@ def write_store(
     Args:
         path, blocks, n_examples, fingerprints, chunk_size, dtype, meta: as in :meth:`GradientStore.create`
             (only rank 0 reads them to create or resume the store).
-        compute_chunk: ``compute_chunk(rows: range) -> {block: (len(rows), *block_shape)}``, the gradients of
-            the examples ``rows`` (``Attributor.fit`` passes its length-sorted batching of the chunk). Must give
-            the same values on any rank.
-        progress: show a progress bar on rank 0 (its own chunks).
+        compute_chunk: ``compute_chunk(rows: range, bar) -> {block: (len(rows), *block_shape)}``, the
+            gradients of the examples ``rows`` (``Attributor.fit`` passes its length-sorted batching of the
+            chunk); ``bar`` is a tqdm bar counting examples, to update as batches finish. Must give the same
+            values on any rank.
+        progress: show a progress bar (in examples) on rank 0: its own chunks, after those already stored.
         group: the process group (default: the world).
     Returns:
         the finished store, opened read-only, on every rank.
@@ -196,13 +211,19 @@ def write_store(
             missing = store.missing_chunks()  # type: ignore[union-attr]
         assert store is not None
         mine = missing[rank::world]
+        if rank == 0 and len(missing) < store.num_chunks:
+            logger.info("resuming %s: %d of %d chunks already stored", path, store.num_chunks - len(missing),
+                        store.num_chunks)
         failure: BaseException | None = None
+        todo = sum(len(store.chunk_rows(c)) for c in mine)
+        bar = tqdm(total=todo, desc="train gradients", unit="ex", disable=not (progress and rank == 0))
         try:
-            bar = tqdm(mine, desc="train gradients (chunks)", unit="chunk", disable=not (progress and rank == 0))
-            for c in bar:
-                store.write_chunk(c, compute_chunk(store.chunk_rows(c)))
+            for c in mine:
+                store.write_chunk(c, compute_chunk(store.chunk_rows(c), bar))
         except Exception as e:
             failure = e
+        finally:
+            bar.close()
         if world > 1:
             _agree(failure, group, "computing the gradient store")
         elif failure is not None:
@@ -231,17 +252,7 @@ def _named(grads: Blocks | GradientStore, what: str) -> list[tuple[str, Any]]:
     """Blocks as (name, tensor or row source) pairs, named like datainf.influence names them."""
     if isinstance(grads, GradientStore):
         return list(grads.blocks().items())
-    if isinstance(grads, Tensor) or (hasattr(grads, "shape") and hasattr(grads, "__getitem__")
-                                     and not isinstance(grads, (Mapping, Sequence))):
-        return [("0", grads)]
-    if isinstance(grads, Mapping):
-        return [(str(k), v) for k, v in grads.items()]
-    if isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)):
-        return [(str(i), v) for i, v in enumerate(grads)]
-    raise DataInfError(
-        f"{what}: expected a GradientStore, a tensor, a sequence of tensors or a mapping name -> tensor, "
-        f"got {type(grads).__name__}"
-    )
+    return as_blocks(grads, what)
 
 
 def assign_blocks(sizes: Sequence[int], world_size: int) -> list[list[int]]:
@@ -262,45 +273,57 @@ def assign_blocks(sizes: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(s) for s in share]
 
 
-def _subset_damping(damping: Damping, names: list[str], mine: list[int]) -> Damping:
+def _subset_damping(damping: Any, names: list[str], mine: list[int]) -> Any:
+    """This rank's share of a per-block damping (a number applies to every block as it is)."""
     if damping is None or isinstance(damping, (int, float)):
         return damping
     if isinstance(damping, Mapping):
-        if set(map(str, damping)) != set(names):
-            raise DataInfError(f"damping names blocks {sorted(map(str, damping))} but the gradients have {names}")
-        by_name = {str(k): v for k, v in damping.items()}
-        return {names[i]: by_name[names[i]] for i in mine}
-    if isinstance(damping, Sequence) and not isinstance(damping, (str, bytes)):
-        if len(damping) != len(names):
-            raise DataInfError(f"damping has {len(damping)} values but there are {len(names)} blocks")
-        return {names[i]: damping[i] for i in mine}
-    return damping  # anything else: let the estimator report it
+        return {names[i]: damping[names[i]] for i in mine if names[i] in damping}
+    return {names[i]: damping[i] for i in mine}
 
 
-def _run_split(
-    estimator: Callable[..., Tensor],
+def _all_reduce(t: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                group: Any) -> Tensor:
+    total = (t if t is not None else torch.zeros(shape, dtype=dtype, device=device)).to(_comm_device(group))
+    total = total.contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.to(device)
+
+
+def distributed_score(
     train_grads: Blocks | GradientStore,
     query_grads: Blocks | None,
-    method: str,
-    damping: Damping,
-    group: Any,
-    kwargs: dict[str, Any],
-) -> Tensor:
-    """Run ``estimator`` on this rank's blocks and all-reduce the partial sums (collective)."""
+    arguments: ScoreArguments,
+    *,
+    curvature: Any = None,
+    group: Any = None,
+) -> ScoreResult:
+    """:func:`datainf.estimators.score` (``query_grads`` given) or :func:`~datainf.estimators.score_self`
+    (``query_grads`` None) with the blocks split across the ranks of ``group``; same arguments, same result.
+
+    Every rank must call it with the same arguments (collective) and gets the full result, equal to the
+    single-process one up to float rounding (blocks are summed in another order). Without a process group
+    it is exactly the single-process function.
+    """
+    if not is_distributed(group):
+        train = train_grads.blocks() if isinstance(train_grads, GradientStore) else train_grads
+        if query_grads is None:
+            return score_self(train, arguments, curvature=curvature)
+        return score(train, query_grads, arguments, curvature=curvature)
     rank, world = rank_and_world(group)
-    diagnostics = kwargs.pop("diagnostics")
-    local: dict[str, Any] = {}
+    t0 = time.perf_counter()
     error: BaseException | None = None
-    partial: Tensor | None = None
-    all_zero = False
+    partial = PartialScores(None)
+    names: list[str] = []
+    shape: tuple[int, ...] = ()
+    dtype, device = torch.float32, torch.device("cpu")
     try:
         train = _named(train_grads, "train_grads")
         names = [n for n, _ in train]
-        sizes = [math.prod(tuple(g.shape)[1:]) for _, g in train]
-        mine = assign_blocks(sizes, world)[rank]
-        n = int(train[0][1].shape[0]) if train else 0
-        shape: tuple[int, ...] = (n,)
+        mine = assign_blocks([math.prod(tuple(g.shape)[1:]) for _, g in train], world)[rank]
+        n = int(train[0][1].shape[0])
         sub_query = None
+        m = 0
         if query_grads is not None:
             query = dict(_named(query_grads, "query_grads"))
             if set(query) != set(names):
@@ -309,101 +332,71 @@ def _run_split(
                     "pass the same blocks"
                 )
             sub_query = {names[i]: query[names[i]] for i in mine}
-            shape = (n, int(query[names[0]].shape[0]))
+            m = 1 if arguments.mean_query else int(query[names[0]].shape[0])
+        shape = (n,) if query_grads is None else (n, m)
         first = train[0][1]
-        dtype = kwargs["dtype"] or (torch.float64 if first.dtype == torch.float64 else torch.float32)
-        device = torch.device(kwargs["device"]) if kwargs["device"] is not None else getattr(
+        dtype = arguments.torch_dtype or (torch.float64 if first.dtype == torch.float64 else torch.float32)
+        device = torch.device(arguments.device) if arguments.device is not None else getattr(
             first, "device", torch.device("cpu"))
-        sub_damping = _subset_damping(damping, names, mine)
         if mine:
+            sub_args = arguments.replace(damping=_subset_damping(arguments.damping, names, mine))
             sub_train = {names[i]: train[i][1] for i in mine}
-            args = (sub_train,) if sub_query is None else (sub_train, sub_query)
-            try:
-                partial = estimator(*args, method=method, damping=sub_damping, diagnostics=local, **kwargs)
-            except DataInfError as e:
-                if _ALL_ZERO not in str(e):
-                    raise
-                all_zero = True
-        if partial is None:
-            partial = torch.zeros(shape, dtype=dtype, device=device)
+            partial = partial_scores(sub_train, sub_query, sub_args, curvature)
+    except AllBlocksZeroError:
+        pass  # this rank's blocks are all zero: it contributes zeros
     except BaseException as e:
         error = e
-    _agree(error, group, f"scoring ({method})")
-    assert partial is not None
+    _agree(error, group, f"scoring ({arguments.method})")
     infos: list[Any] = [None] * world
-    dist.all_gather_object(infos, (all_zero or not mine, local), group=group)
-    if all(z for z, _ in infos):
-        raise DataInfError(f"{_ALL_ZERO}; nothing to score")
-    out_device = partial.device
-    total = partial.to(_comm_device(group)).contiguous()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    if diagnostics is not None:
-        merged: dict[str, Any] = {}
-        for _, info in infos:
-            merged.setdefault("damping", {}).update(info.get("damping", {}))
-            if "lissa" in info:
-                merged.setdefault("lissa", {}).update(info["lissa"])
-        merged["damping"] = {k: merged["damping"][k] for k in names if k in merged.get("damping", {})}
-        diagnostics.update(method=method, world_size=world, **merged)
-    return total.to(out_device)
+    dist.all_gather_object(infos, (partial.scores is None, partial.damping, partial.diagnostics,
+                                   partial.curvature_seconds), group=group)
+    if all(empty for empty, *_ in infos):
+        raise AllBlocksZeroError("every block has all-zero training gradients; nothing to score")
+    total = PartialScores(_all_reduce(partial.scores, shape, dtype, device, group))
+    if arguments.normalize and query_grads is not None:
+        total.train_quadratic = _all_reduce(partial.train_quadratic, (shape[0],), dtype, device, group)
+        total.query_quadratic = _all_reduce(partial.query_quadratic, (shape[1],), dtype, device, group)
+    for _, damping, diagnostics, seconds in infos:
+        total.damping.update(damping)
+        total.diagnostics.update(diagnostics)
+        total.curvature_seconds = max(total.curvature_seconds, seconds)
+    kind = "self_influence" if query_grads is None else "influence"
+    return finish(total, arguments, kind, time.perf_counter() - t0, world_size=world, block_order=names)
 
 
-def distributed_influence(
-    train_grads: Blocks | GradientStore,
-    query_grads: Blocks,
-    method: str = "datainf",
-    damping: Damping = None,
-    *,
-    chunk_size: int = 2048,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    diagnostics: dict[str, Any] | None = None,
-    group: Any = None,
-    **options: Any,
-) -> Tensor:
-    """:func:`datainf.influence` with the blocks split across the ranks of ``group``; same arguments.
-
-    ``train_grads`` may also be a :class:`GradientStore` (its memory-mapped blocks are read, each rank only
-    its own blocks). Every rank must call it with the same arguments (collective); every rank returns the
-    full ``(n_train, n_query)`` scores, equal to the single-process result up to float rounding (blocks
-    are summed in another order). ``diagnostics`` gets the damping of every block and ``world_size``.
-    Without a process group it is exactly :func:`datainf.influence`.
-    """
-    kwargs = dict(chunk_size=chunk_size, dtype=dtype, device=device, diagnostics=diagnostics, **options)
-    if not is_distributed(group):
-        train = train_grads.blocks() if isinstance(train_grads, GradientStore) else train_grads
-        return influence(train, query_grads, method, damping, **kwargs)
-    return _run_split(influence, train_grads, query_grads, method, damping, group, kwargs)
+def _legacy(method: str, damping: Damping, chunk_size: int, dtype: Any, device: Any,
+            options: dict[str, Any]) -> tuple[ScoreArguments, Any]:
+    curvature = options.pop("factors", None)
+    return ScoreArguments(method=method, damping=damping, chunk_size=chunk_size, dtype=dtype,
+                          device=None if device is None else str(device), options=options), curvature
 
 
-def distributed_self_influence(
-    train_grads: Blocks | GradientStore,
-    method: str = "datainf",
-    damping: Damping = None,
-    *,
-    chunk_size: int = 2048,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    diagnostics: dict[str, Any] | None = None,
-    group: Any = None,
-    **options: Any,
-) -> Tensor:
+def distributed_influence(train_grads: Blocks | GradientStore, query_grads: Blocks, method: str = "datainf",
+                          damping: Damping = None, *, chunk_size: int = 2048, dtype: torch.dtype | None = None,
+                          device: torch.device | str | None = None, group: Any = None, **options: Any) -> Tensor:
+    """:func:`datainf.influence` with the blocks split across ranks (see :func:`distributed_score`)."""
+    arguments, curvature = _legacy(method, damping, chunk_size, dtype, device, dict(options))
+    return distributed_score(train_grads, query_grads, arguments, curvature=curvature, group=group).scores
+
+
+def distributed_self_influence(train_grads: Blocks | GradientStore, method: str = "datainf",
+                               damping: Damping = None, *, chunk_size: int = 2048,
+                               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                               group: Any = None, **options: Any) -> Tensor:
     """:func:`datainf.self_influence` with the blocks split across ranks: ``(n_train,)`` on every rank."""
-    kwargs = dict(chunk_size=chunk_size, dtype=dtype, device=device, diagnostics=diagnostics, **options)
-    if not is_distributed(group):
-        train = train_grads.blocks() if isinstance(train_grads, GradientStore) else train_grads
-        return self_influence(train, method, damping, **kwargs)
-    return _run_split(self_influence, train_grads, None, method, damping, group, kwargs)
+    arguments, curvature = _legacy(method, damping, chunk_size, dtype, device, dict(options))
+    return distributed_score(train_grads, None, arguments, curvature=curvature, group=group).scores
 
 
 __all__ = [
     "assign_blocks",
     "distributed_influence",
+    "distributed_score",
     "distributed_self_influence",
     "init_distributed",
-    "shutdown_distributed",
     "is_distributed",
     "is_main_process",
     "rank_and_world",
+    "shutdown_distributed",
     "write_store",
 ]

@@ -180,7 +180,7 @@ def _fast_path(
             if _agrees(grad.sum(dim=0), total_of[name], param.dtype):
                 grads[name] = grad
                 kept.append(name)
-        if factors is not None:  # K-FAC factors from the same inputs and output gradients (datainf.kfac)
+        if factors is not None:  # K-FAC factors from the same inputs and output gradients (datainf.estimators.kfac)
             weight, bias = (n if n in kept else None for n in (record.weight, record.bias))
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             for call in calls:
@@ -269,7 +269,7 @@ def per_example_gradients(
         module (``"...value.lora"``, shape (B, numel_A + numel_B)).
     train_mode: run the model in train mode (dropout on; examples of the fast path then see different
         dropout masks than alone). Default eval mode. The model's modes are restored afterwards.
-    factors: a ``datainf.kfac.KFACFactors`` to accumulate the K-FAC factors of the hooked nn.Linear
+    factors: a ``datainf.estimators.kfac.KFACFactors`` to accumulate the K-FAC factors of the hooked nn.Linear
         blocks into, from the same forward/backward pass (padding excluded via ``batch["attention_mask"]``).
         Blocks on the slow path get no factors. Keyed by parameter name (also with group_lora).
 

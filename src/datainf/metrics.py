@@ -127,3 +127,21 @@ def spearman(a: Any, b: Any) -> float:
     """Spearman rank correlation (Pearson correlation of average ranks) of two vectors of shape (n,)."""
     x, y = _pair(a, b)
     return pearson(average_ranks(x), average_ranks(y))
+
+
+def method_summary(per_example: dict[str, Any], flagged: Any = None, reference: str = "exact"
+                   ) -> dict[str, dict[str, float | None]]:
+    """Per method: the AUC of its scores (n,) against a mask of known-bad examples (``flagged``, e.g.
+    flipped labels; ranked most harmful first) and its Pearson / Spearman correlation with ``reference``'s
+    scores when that method is present. Missing quantities are left out, never filled with placeholders."""
+    out: dict[str, dict[str, float | None]] = {}
+    mask = None if flagged is None else _mask(flagged, len(next(iter(per_example.values()))))
+    for method, values in per_example.items():
+        entry: dict[str, float | None] = {}
+        if mask is not None and 0 < mask.sum() < len(mask):
+            entry["auc"] = roc_auc(values, mask)
+        if reference in per_example:
+            entry["pearson_with_exact"] = pearson(values, per_example[reference])
+            entry["spearman_with_exact"] = spearman(values, per_example[reference])
+        out[method] = entry
+    return out

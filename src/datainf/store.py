@@ -11,7 +11,7 @@ so that scoring never recomputes them::
                         float64 squared norms of each example's gradient per block, from the float32 (float64) values)
       lock              present while a writer holds the store: {"pid", "host", "token"}
 
-A chunk is written into ``chunks/.tmp-NNNNN-<pid>``, fsynced, then renamed to ``chunks/NNNNN``: it appears
+A chunk is written into ``chunks/.NNNNN.tmp-<pid>``, fsynced, then renamed to ``chunks/NNNNN``: it appears
 whole or not at all. Re-running :meth:`GradientStore.create` with the same settings resumes the store;
 :meth:`GradientStore.missing_chunks` lists what is left to compute.
 
@@ -39,7 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from datainf import atomic
 from datainf.errors import DataInfError
+from datainf.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -59,36 +61,10 @@ _FLOAT16_MAX = 65504.0
 # --------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    """One block of a chunk (flushed to disk by the chunk's atomic.new_directory(fsync=True))."""
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -101,12 +77,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _library_version() -> str:
-    import datainf
-
-    return str(getattr(datainf, "__version__", "unknown"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +340,7 @@ class GradientStore:
         try:
             wanted = {
                 "format_version": FORMAT_VERSION,
-                "library_version": _library_version(),
+                "library_version": __version__,
                 "blocks": [{"name": k, "shape": list(v)} for k, v in blocks.items()],
                 "dtype": dtype,
                 "n_examples": int(n_examples),
@@ -385,10 +355,10 @@ class GradientStore:
                 _compare(path, manifest, wanted)
             else:
                 manifest = wanted
-                _write_json_atomic(manifest_path, manifest)
+                atomic.write_json(manifest_path, manifest, fsync=True)
             chunks = path / "chunks"
             chunks.mkdir(exist_ok=True)
-            for tmp in chunks.glob(".tmp-*"):
+            for tmp in chunks.glob(".*.tmp-*"):
                 logger.info("store %s: removing %s left by an interrupted write", path, tmp.name)
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
@@ -534,21 +504,10 @@ class GradientStore:
         return g32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
     def _commit(self, index: int, arrays: Mapping[str, np.ndarray], sq: np.ndarray) -> None:
-        chunks = self.path / "chunks"
-        tmp = chunks / f".tmp-{index:05d}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with atomic.new_directory(self._chunk_dir(index), fsync=True) as tmp:
             for name, array in arrays.items():
                 _save_npy(tmp / self._block_file(name), array)
             _save_npy(tmp / "sq_norms.npy", sq)
-            _fsync_dir(tmp)
-            os.rename(tmp, self._chunk_dir(index))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(chunks)
 
     def finalize(self) -> None:
         """Check that every chunk is present and mark the store complete (atomic manifest rewrite)."""
@@ -570,7 +529,7 @@ class GradientStore:
                     "and rerun to recompute it"
                 )
         self.manifest = {**self.manifest, "complete": True}
-        _write_json_atomic(self.path / "manifest.json", self.manifest)
+        atomic.write_json(self.path / "manifest.json", self.manifest, fsync=True)
 
     # ---------------------------------------------------------------- reading
 
@@ -662,6 +621,8 @@ def _compare(path: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None
 # --------------------------------------------------------------------------------------------------
 
 _SAMPLE = 1024
+#: the module PEFT keeps beside a trained ``modules_to_save`` copy: re-initialized at every load, never used
+PEFT_REINITIALIZED = "original_module"
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"}
 
 
@@ -719,7 +680,9 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, str]:
     Returns:
         {"model": ..., "adapter": ...}, 16 hex characters each.
         "model" hashes the config (without paths and library versions) and, for every frozen parameter,
-        its name, shape, dtype, first and last 1024 values and its float64 sum (cheap even for 13B models).
+        its name, shape, dtype, first and last 1024 values and its float64 sum (cheap even for 13B models);
+        PEFT's ``original_module`` copies of ``modules_to_save`` heads are left out (they get fresh random
+        weights at every adapter load and take no part in the forward pass).
         "adapter" hashes every trainable parameter's name, shape, dtype and full bytes, plus the PEFT
         config (rank, alpha, target modules) when the model has one.
     """
@@ -734,6 +697,8 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, str]:
     except TypeError as e:
         raise DataInfError(f"fingerprint_model: the model's config cannot be written as JSON ({e})") from None
     for name, p in model.named_parameters():
+        if not p.requires_grad and PEFT_REINITIALIZED in name.split("."):
+            continue  # PEFT's copy of a modules_to_save head: freshly initialized at every load, never used
         if p.device.type == "meta":
             raise DataInfError(f"fingerprint_model: parameter '{name}' is on the meta device; load the weights first")
         header = f"{name}|{tuple(p.shape)}|{p.dtype}|".encode()

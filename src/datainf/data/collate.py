@@ -1,16 +1,18 @@
-"""Turn records (dicts) into padded model batches for the two text tasks.
+"""Turn records (dicts) into model batches: padded token batches for the text tasks, image batches for the
+diffusion task.
 
 * classification: ``{"text": str, "label": int}`` (optionally ``"text_pair"`` for sentence pairs) ->
   ``input_ids``, ``attention_mask``, ``labels`` (B,)
 * causal_lm:      ``{"prompt": str, "response": str}`` -> ``input_ids``, ``attention_mask`` and ``labels`` (B, T)
   with -100 on prompt and padding tokens, so only the response's tokens count in the loss.
 
-Records that already hold ``input_ids`` are padded as they are.
+Records that already hold ``input_ids`` are padded as they are. :class:`DiffusionCollate` stacks images,
+seeds and prompt embeddings (or class labels) for :class:`datainf.tasks.DiffusionLoss`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,3 +118,38 @@ def _pad(rows: list[list[int]], labels: list[list[int]] | None, pad_id: int, lef
     if labels is not None:
         batch["labels"] = lab
     return batch
+
+
+class DiffusionCollate:
+    """``collate(records) -> batch``: records hold ``image`` (C, H, W) in [-1, 1] (or precomputed ``latents``),
+    ``seed`` (int) and ``prompt`` (str, needs an encoder: a PromptEncoder or any ``encoder(prompts) -> (n, L, D)``)
+    or ``class_label`` (int).
+
+    Returns {"pixel_values" (B, C, H, W), "seed" (B,), and "encoder_hidden_states" (B, L, D) or
+    "class_labels" (B,)}.
+    """
+
+    def __init__(self, encoder: Callable[[Sequence[str]], Tensor] | None = None):
+        self.encoder = encoder
+        self.__qualname__ = "DiffusionCollate"
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not records:
+            raise DataInfError("cannot collate an empty list of records")
+        out: dict[str, Tensor] = {}
+        for n, r in enumerate(records):
+            if "image" not in r and "latents" not in r:
+                raise DataInfError(f"record {n} has no 'image' (or 'latents') tensor")
+            if "seed" not in r:
+                raise DataInfError(f"record {n} has no 'seed': give each example a unique integer seed")
+        key = "latents" if "latents" in records[0] else "image"
+        out["latents" if key == "latents" else "pixel_values"] = torch.stack(
+            [torch.as_tensor(r[key], dtype=torch.float32) for r in records])
+        out["seed"] = torch.tensor([int(r["seed"]) for r in records], dtype=torch.long)
+        if "prompt" in records[0]:
+            if self.encoder is None:
+                raise DataInfError("records have prompts but DiffusionCollate has no PromptEncoder")
+            out["encoder_hidden_states"] = self.encoder([str(r["prompt"]) for r in records])
+        elif "class_label" in records[0]:
+            out["class_labels"] = torch.tensor([int(r["class_label"]) for r in records], dtype=torch.long)
+        return out

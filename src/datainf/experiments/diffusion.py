@@ -1,6 +1,6 @@
 """The paper's diffusion experiments (section 4.3, table 2), scaled to a CPU: style and subject attribution.
 
-A small text-conditional UNet pre-trained on plain MNIST digits (datainf.diffusion.base_model) is LoRA
+A small text-conditional UNet pre-trained on plain MNIST digits (datainf.models.diffusion.base_model) is LoRA
 fine-tuned on
 
 * style:   digits drawn in three styles (inverted, sketch, pixel), prompted "an image in {style} style of
@@ -9,10 +9,10 @@ fine-tuned on
 * subject: DreamBooth-style subjects (one MNIST image and its small augmentations, bound to a made-up word:
   "an image of {word} digit"); queries are unseen augmentations of each subject. Relevant = same subject.
 
-Every training image's influence on every query's denoising loss (datainf.diffusion.DiffusionLoss) is
+Every training image's influence on every query's denoising loss (datainf.tasks.DiffusionLoss) is
 computed with each method; training images are ranked by helpfulness (-score) and scored per query with
 ROC AUC (relevant vs not) and recall among the top k (k = number of relevant training images), averaged
-over queries. Outputs: results.json, scores.npz, report.html (each query beside its most helpful and most
+over queries. Outputs: results.json, scores.safetensors, report.html (each query beside its most helpful and most
 harmful training images).
 """
 
@@ -35,22 +35,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import datainf
 from datainf import atomic
 from datainf.attributor import Attributor
-from datainf.diffusion import (
-    PAPER_TIMESTEPS,
-    DiffusionCollate,
-    DiffusionLoss,
-    PromptEncoder,
-    add_lora,
-    base_model,
-    make_scheduler,
-    train_denoiser,
-)
+from datainf.data.collate import DiffusionCollate
 from datainf.errors import DataInfError
-from datainf.estimators import METHODS
+from datainf.estimators import method_names
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
+from datainf.models.diffusion import PromptEncoder, add_lora, base_model, make_scheduler, train_denoiser
+from datainf.scoring import save_scores
+from datainf.tasks import PAPER_TIMESTEPS, DiffusionLoss
+from datainf.version import __version__
 
 log = logging.getLogger("datainf.experiments")
 
@@ -86,8 +80,8 @@ class DiffusionSettings:
         if self.experiment not in ("style", "subject"):
             raise DataInfError(f"experiment must be 'style' or 'subject', got {self.experiment!r}")
         for m in self.methods:
-            if m not in METHODS:
-                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(METHODS)}")
+            if m not in method_names():
+                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
         if not self.methods:
             raise DataInfError("give at least one method")
         if self.steps < 1 or self.rank < 1 or self.batch_size < 1 or self.grad_batch_size < 1:
@@ -143,7 +137,7 @@ def attribution_metrics(scores: np.ndarray, train_groups: list[Any], test_groups
 def run_diffusion(settings: DiffusionSettings, out_dir: str | os.PathLike, *, device: str = "cpu",
                   progress: bool = True, unet: torch.nn.Module | None = None, encoder: PromptEncoder | None = None,
                   rebuild_base: bool = False) -> dict[str, Any]:
-    """Run the style or subject experiment; write results.json, scores.npz and report.html to out_dir.
+    """Run the style or subject experiment; write results.json, scores.safetensors and report.html to out_dir.
 
     unet: a base UNet2DConditionModel to use instead of the cached pre-trained one (tests pass a tiny
     random one). encoder: the prompt encoder (default MiniLM). Returns the results dict.
@@ -188,12 +182,13 @@ def run_diffusion(settings: DiffusionSettings, out_dir: str | os.PathLike, *, de
     test_groups = [r[group_key] for r in test]
     scores: dict[str, np.ndarray] = {}
     methods: dict[str, dict[str, Any]] = {}
+    results_by_method = {}
     for method in settings.methods:
-        info: dict[str, Any] = {}
-        s = attributor.scores(query_grads, method=method, damping=settings.damping, save=False, diagnostics=info)
-        scores[method] = s.double().cpu().numpy()
+        result = attributor.score(query_grads, method=method, damping=settings.damping, save=False)
+        results_by_method[method] = result
+        scores[method] = result.scores.double().cpu().numpy()
         methods[method] = {**attribution_metrics(scores[method], train_groups, test_groups),
-                           "seconds": info["seconds"]}
+                           "seconds": result.seconds}
         log.info("%s: %s", method, methods[method])
     if "exact" in scores:
         for method, s in scores.items():
@@ -201,7 +196,7 @@ def run_diffusion(settings: DiffusionSettings, out_dir: str | os.PathLike, *, de
             methods[method]["spearman_with_exact"] = spearman(s.ravel(), scores["exact"].ravel())
 
     results = {
-        "library_version": datainf.__version__,
+        "library_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "experiment": f"diffusion-{settings.experiment}",
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
@@ -221,7 +216,8 @@ def run_diffusion(settings: DiffusionSettings, out_dir: str | os.PathLike, *, de
         "paper": PAPER[settings.experiment],
         "torch_threads": torch.get_num_threads(),
     }
-    atomic.savez(out / "scores.npz", scores)
+    save_scores(out / "scores.safetensors", results_by_method, train_store=attributor.store,
+                extra={"experiment": f"diffusion-{settings.experiment}"})
     report_method = "datainf" if "datainf" in scores else next(iter(scores))
     write_image_report(out / "report.html", results=results, train=train, test=test, scores=scores[report_method],
                        method=report_method, group_key=group_key)

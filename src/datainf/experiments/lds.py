@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch
 
 from datainf import atomic
 from datainf.errors import DataInfError
-from datainf.estimators import ALL_METHODS
+from datainf.estimators import method_names
 from datainf.metrics import pearson, spearman
 
 # Per model kind: (rank, alpha, epochs, learning rate, batch size, max length). The classifier's are the
@@ -73,7 +73,7 @@ class LdsSettings:
     subset_fraction: float = 0.5
     loo_examples: int = 20
     loo_seeds: int = 3
-    methods: tuple[str, ...] = ("datainf", "exact", "lissa", "identity", "ekfac")
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(m for m in method_names() if m != "kfac"))
     lissa_iterations: int = 100
     device: str | None = None
     seed: int = 0
@@ -102,8 +102,8 @@ class LdsSettings:
             raise DataInfError(f"--n-train ({self.n_train}) and --n-query ({self.n_query}) must be multiples of "
                                f"--classes ({self.classes}) for task '{self.task}' (same count per class)")
         for m in self.methods:
-            if m not in ALL_METHODS:
-                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(ALL_METHODS)}")
+            if m not in method_names():
+                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
 
 
 class ClassifierTrainer:
@@ -113,7 +113,7 @@ class ClassifierTrainer:
 
     def __init__(self, s: LdsSettings, train: list[dict], queries: list[dict]):
         from datainf.data.assets import minilm_dir
-        from datainf.finetune import LoraSettings
+        from datainf.models.finetune import LoraSettings
 
         self.s, self.train, self.queries = s, train, queries
         self.model_dir = s.model_dir or str(minilm_dir())
@@ -121,7 +121,7 @@ class ClassifierTrainer:
         self.lora = LoraSettings(rank=s.rank, alpha=s.alpha, target_modules=("value",))
 
     def fit(self, indices: list[int], train_seed: int):
-        from datainf.finetune import TrainSettings, finetune_classifier, load_classifier
+        from datainf.models.finetune import TrainSettings, finetune_classifier, load_classifier
 
         model, tok = load_classifier(self.model_dir, self.num_labels, self.lora, seed=self.s.seed)
         finetune_classifier(model, tok, [self.train[i] for i in indices], TrainSettings(
@@ -149,8 +149,8 @@ class CausalLMTrainer:
     task = "causal_lm"
 
     def __init__(self, s: LdsSettings, train: list[dict], queries: list[dict]):
-        from datainf.finetune import LoraSettings
-        from datainf.llm import smollm2_dir
+        from datainf.models.finetune import LoraSettings
+        from datainf.models.llm import smollm2_dir
 
         self.s, self.train, self.queries = s, train, queries
         self.model_dir = s.model_dir or str(smollm2_dir())
@@ -158,7 +158,7 @@ class CausalLMTrainer:
                                  modules_to_save=())
 
     def fit(self, indices: list[int], train_seed: int):
-        from datainf.llm import finetune_causal_lm, load_causal_lm
+        from datainf.models.llm import finetune_causal_lm, load_causal_lm
 
         model, tok = load_causal_lm(self.model_dir, self.lora, device=self.s.device, seed=self.s.seed)
         finetune_causal_lm(model, tok, [self.train[i] for i in indices], epochs=self.s.epochs,
@@ -358,17 +358,18 @@ def _bar(it, desc: str, progress: bool):
 @click.option("--subsets", type=int, default=50, show_default=True)
 @click.option("--loo-examples", type=int, default=20, show_default=True)
 @click.option("--loo-seeds", type=int, default=3, show_default=True)
-@click.option("--methods", default="datainf,exact,lissa,identity,ekfac", show_default=True)
+@click.option("--methods", default=None, help="Comma-separated; default every registered method but kfac.")
 @click.option("--device", default=None, help="Causal LM only: cpu or cuda [default: cuda when available].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_context
 def lds_command(ctx, out_dir, task, dataset, model_dir, n_train, n_query, noise, classes, rank, epochs, lr, subsets,
                 loo_examples, loo_seeds, methods, device, seed):
     """Linear datamodeling score and leave-one-out correlation of each method (retrains; cached, resumable)."""
+    chosen = {"methods": tuple(m for m in methods.split(",") if m)} if methods else {}
     settings = LdsSettings(task=task, dataset=dataset, model_dir=model_dir, n_train=n_train, n_query=n_query,
                            noise_fraction=noise, classes=classes, rank=rank, epochs=epochs, learning_rate=lr,
-                           subsets=subsets, loo_examples=loo_examples, loo_seeds=loo_seeds,
-                           methods=tuple(m for m in methods.split(",") if m), device=device, seed=seed)
+                           subsets=subsets, loo_examples=loo_examples, loo_seeds=loo_seeds, device=device,
+                           seed=seed, **chosen)
     records = None
     if task == "classification" and dataset not in ("rotten_tomatoes", "sms_spam", "trec_coarse"):
         from datainf.experiments.classification import load_dataset_records

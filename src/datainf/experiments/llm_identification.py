@@ -28,15 +28,16 @@ import click
 import numpy as np
 import torch
 
-import datainf
 from datainf import atomic
 from datainf.attributor import Attributor
 from datainf.data.generation import TASKS, make_task, split_task
 from datainf.errors import DataInfError
-from datainf.estimators import METHODS
-from datainf.finetune import LoraSettings
-from datainf.llm import finetune_causal_lm, load_causal_lm, response_loss, smollm2_dir
+from datainf.estimators import method_names
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
+from datainf.models.finetune import LoraSettings
+from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss, smollm2_dir
+from datainf.scoring import save_scores
+from datainf.version import __version__
 
 log = logging.getLogger("datainf.experiments")
 
@@ -74,8 +75,8 @@ class LLMIdentificationSettings:
         if self.task not in TASKS:
             raise DataInfError(f"unknown task '{self.task}'; choose from {', '.join(TASKS)}")
         for m in self.methods:
-            if m not in METHODS:
-                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(METHODS)}")
+            if m not in method_names():
+                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
         if not self.methods:
             raise DataInfError("give at least one method")
         if not isinstance(self.classes, int) or not 2 <= self.classes <= 10:
@@ -129,7 +130,7 @@ def _mean_column_correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, float
 # ------------------------------------------------------------------------------------------------- run
 def run_llm_identification(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progress: bool = True,
                            model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
-    """Run the experiment; write results.json, scores.npz, train.jsonl, test.jsonl and report.html.
+    """Run the experiment; write results.json, scores.safetensors, train.jsonl, test.jsonl and report.html.
 
     Args:
         settings: the run's settings.
@@ -194,21 +195,22 @@ def run_llm_identification(settings: LLMIdentificationSettings, out_dir: str | o
     scores: dict[str, np.ndarray] = {}
     methods: dict[str, dict[str, Any]] = {}
     per_query: dict[str, dict[str, list[float]]] = {}
+    results_by_method = {}
     for method in settings.methods:
         options = {"iterations": settings.lissa_iterations} if method == "lissa" else {}
-        info: dict[str, Any] = {}
-        s = attributor.scores(query_grads, method=method, damping=settings.damping, save=False,
-                              diagnostics=info, **options)
+        result = attributor.score(query_grads, method=method, damping=settings.damping, save=False, **options)
+        results_by_method[method] = result
+        s = result.scores
         scores[method] = s.double().cpu().numpy()
         if not np.all(np.isfinite(scores[method])):
             raise DataInfError(f"method {method} gave NaN or infinite scores; try a larger --damping")
         m = identification_metrics(scores[method], train_labels, test_labels)
         per_query[method] = {"auc": m["auc_per_query"], "recall": m["recall_per_query"]}
-        methods[method] = {"auc": m["auc"], "recall": m["recall"], "seconds": info["seconds"],
+        methods[method] = {"auc": m["auc"], "recall": m["recall"], "seconds": result.seconds,
                            "damping": "paper rule per block" if settings.damping is None else settings.damping}
-        if method == "lissa" and "lissa" in info:
-            methods[method]["max_relative_residual"] = max(v["relative_residual"] for v in info["lissa"].values())
-        log.info("%s: AUC %.3f recall %.3f (%.1f s)", method, m["auc"], m["recall"], info["seconds"])
+        if method == "lissa" and result.diagnostics:
+            methods[method]["max_relative_residual"] = max(v["relative_residual"] for v in result.diagnostics.values())
+        log.info("%s: AUC %.3f recall %.3f (%.1f s)", method, m["auc"], m["recall"], result.seconds)
     if "exact" in scores:
         for method, s in scores.items():
             p, r = _mean_column_correlation(s, scores["exact"])
@@ -216,7 +218,7 @@ def run_llm_identification(settings: LLMIdentificationSettings, out_dir: str | o
             methods[method]["spearman_with_exact"] = r
 
     results = {
-        "library_version": datainf.__version__,
+        "library_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "task": "causal_lm",
         "auc_label": "AUC (same class)",
@@ -239,8 +241,9 @@ def run_llm_identification(settings: LLMIdentificationSettings, out_dir: str | o
     }
 
     # 5. outputs, each written whole then renamed
-    atomic.savez(out / "scores.npz", {**{k: v.astype(np.float32) for k, v in scores.items()},
-                                    "train_labels": train_labels, "test_labels": test_labels})
+    save_scores(out / "scores.safetensors", results_by_method, train_store=attributor.store,
+                extra={"experiment": "llm-identification", "train_labels": train_labels.tolist(),
+                       "test_labels": test_labels.tolist()})
     atomic.write_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
     atomic.write_text(out / "test.jsonl", "".join(json.dumps(r) + "\n" for r in test))
     report_train = [{"text": r["prompt"] + r["response"], "label": r["label"], "label_name": r["class_name"]}
@@ -283,7 +286,7 @@ def _split_list(value: str, what: str) -> tuple[str, ...]:
 @click.command("llm-identification")
 @click.option("--task", type=click.Choice(list(TASKS)), default="sentences", help="Synthetic generation task.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="llm-identification-out",
-              help="Output folder: results.json, scores.npz, train/test.jsonl, report.html, store/.")
+              help="Output folder: results.json, scores.safetensors, train/test.jsonl, report.html, store/.")
 @click.option("--model", "model_dir", type=click.Path(), default=None,
               help="Local Hugging Face causal LM folder; default SmolLM2-135M-Instruct (converted once).")
 @click.option("--classes", type=int, default=10, help="Number of classes (2-10).")
@@ -336,7 +339,7 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
     click.echo(f"\n{settings.task}: {results['n_train']} training / {results['n_test']} test examples; "
                f"test response loss {results['test_loss_before']:.3f} -> {results['test_loss_after']:.3f} per token")
     click.echo(format_table(results))
-    click.echo(f"\nwall time {results['wall_seconds']:.0f} s; wrote {out_dir}/results.json, {out_dir}/scores.npz, "
+    click.echo(f"\nwall time {results['wall_seconds']:.0f} s; wrote {out_dir}/results.json, {out_dir}/scores.safetensors, "
                f"{out_dir}/report.html")
 
 

@@ -18,21 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
-import datainf
 from datainf import atomic
 from datainf.attributor import Attributor
 from datainf.data.noise import flip_labels
 from datainf.data.text import load_text_dataset, sample_split
 from datainf.errors import DataInfError
-from datainf.estimators import ALL_METHODS
-from datainf.finetune import (
+from datainf.estimators import ScoreResult, method_names
+from datainf.metrics import pearson, roc_auc, spearman
+from datainf.models.finetune import (
     LoraSettings,
     TrainSettings,
     evaluate_classifier,
     finetune_classifier,
     load_classifier,
 )
-from datainf.metrics import pearson, roc_auc, spearman
+from datainf.scoring import save_scores
+from datainf.version import __version__
 
 log = logging.getLogger("datainf.experiments")
 
@@ -53,7 +54,7 @@ class MislabeledSettings:
     learning_rate: float = 3e-3           # (measured: lr 3e-4 stays at chance, 3e-3 x 4 epochs reaches ~0.74)
     batch_size: int = 32
     max_length: int = 64
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = field(default_factory=method_names)
     damping: float | None = None          # None: the paper's rule per block
     lissa_iterations: int = 100
     grad_batch_size: int = 32
@@ -62,9 +63,10 @@ class MislabeledSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
         for m in self.methods:
-            if m not in ALL_METHODS:
-                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(ALL_METHODS)}")
+            if m not in method_names():
+                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
         if not 0 <= self.noise_fraction < 1:
             raise DataInfError(f"noise_fraction must be in [0, 1), got {self.noise_fraction}")
         if self.n_train < 2 or self.n_val < 1:
@@ -73,7 +75,7 @@ class MislabeledSettings:
 
 def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: bool = True,
                    records: tuple[list[dict], list[dict]] | None = None, keep_store: bool = True) -> dict[str, Any]:
-    """Run the experiment; write ``results.json``, ``scores.npz``, ``train.jsonl`` and ``report.html`` to out_dir.
+    """Run the experiment; write ``results.json``, ``scores.safetensors``, ``train.jsonl`` and ``report.html``.
 
     Args:
         settings: the run's settings.
@@ -129,20 +131,20 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
     is_flipped = np.array([r["flipped"] for r in train])
     scores: dict[str, np.ndarray] = {}
     methods: dict[str, dict[str, Any]] = {}
+    results_by_method: dict[str, ScoreResult] = {}
     for method in settings.methods:
         options = {"iterations": settings.lissa_iterations} if method == "lissa" else {}
-        info: dict[str, Any] = {}
-        s = attributor.scores(val_grads, method=method, damping=settings.damping, mean_query=True,
-                              diagnostics=info, **options)[:, 0]
-        scores[method] = s.double().cpu().numpy()
+        result = attributor.score(val_grads, method=method, damping=settings.damping, mean_query=True, **options)
+        results_by_method[method] = result
+        scores[method] = result.scores[:, 0].double().cpu().numpy()
         methods[method] = {
             "auc": roc_auc(scores[method], is_flipped) if 0 < is_flipped.sum() < len(train) else None,
-            "seconds": info["seconds"],
+            "seconds": result.seconds,
             "damping": "paper rule per block" if settings.damping is None else settings.damping,
         }
         if method == "lissa":
             methods[method]["max_relative_residual"] = max(
-                v["relative_residual"] for v in info["lissa"].values())
+                v["relative_residual"] for v in result.diagnostics.values())
         log.info("%s: %s", method, methods[method])
     if "exact" in scores:
         for method, s in scores.items():
@@ -152,9 +154,9 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
     # how far each approximation is from exact, per block, on a subsample (cheap)
     diagnostics = None
     if settings.diagnose:
-        from datainf.diagnostics import approximation_report
+        from datainf.diagnostics import approximation_report, diagnosed_methods
 
-        diagnosed = [m for m in ("datainf", "lissa", "kfac", "ekfac") if m in settings.methods]
+        diagnosed = [m for m in diagnosed_methods() if m in settings.methods]
         if diagnosed:
             report = approximation_report(
                 attributor.store.blocks(), {k: v.mean(0, keepdim=True) for k, v in val_grads.items()},
@@ -164,7 +166,7 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
             diagnostics = _summarize_diagnostics(report)
 
     results = {
-        "library_version": datainf.__version__,
+        "library_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "task": "classification",
         "experiment": "mislabeled",
@@ -182,7 +184,8 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
     results["wall_seconds"] = time.perf_counter() - t_start
 
     # 6. outputs: scores, training records, results, report (each written whole, then renamed)
-    atomic.savez(out / "scores.npz", scores)
+    save_scores(out / "scores.safetensors", results_by_method, train_store=attributor.store,
+                extra={"experiment": "mislabeled", "query": "mean validation gradient"})
     atomic.write_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
     write_report(out / "report.html", results=results, train=train, scores=scores,
                  title=f"datainf: mislabeled examples in {settings.dataset}")

@@ -25,8 +25,6 @@ import numpy as np
 from datainf.errors import DataInfError
 from datainf.report.plots import as_vector, histogram_png, roc_curve_png
 
-#: methods listed first, in this order; any other method follows in the order given
-PREFERRED_ORDER = ("datainf", "exact", "lissa", "identity")
 #: at most this many queries are shown in the ``queries`` section
 MAX_QUERIES = 20
 #: training texts longer than this are cut in tables (the full text is in the cell's tooltip)
@@ -101,9 +99,12 @@ def _metric_cell(key: str, value: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------- checking
 def _ordered(names: Sequence[str]) -> list[str]:
+    """Registered methods first, in the registry's order; any other entry follows in the order given."""
+    from datainf.estimators.registry import method_names
+
     unique = list(dict.fromkeys(names))
-    first = [name for name in PREFERRED_ORDER if name in unique]
-    return first + [name for name in unique if name not in PREFERRED_ORDER]
+    first = [name for name in method_names() if name in unique]
+    return first + [name for name in unique if name not in first]
 
 
 def _check_train(train: Sequence[dict]) -> bool:

@@ -1,8 +1,8 @@
-"""LoRA-tuned diffusion models: the per-example denoising loss, a small pre-trained base and LoRA fine-tuning.
+"""LoRA-tuned diffusion models: a small pre-trained base, LoRA on its attention, fine-tuning and sampling.
 
-The task (what a training image's and a query image's gradient is taken of) follows the paper's notebook:
-the noise-prediction MSE at fixed timesteps (25, 225, 425, 525, 725, 925), averaged over them, with noise
-drawn from a per-example seed, so the same example always gets the same loss::
+The per-example loss (what a training image's and a query image's gradient is taken of) is
+:class:`datainf.tasks.DiffusionLoss`, the paper notebook's noise-prediction MSE at fixed timesteps with
+per-example seeded noise; batches come from :class:`datainf.data.collate.DiffusionCollate`::
 
     loss = DiffusionLoss(DDPMScheduler(num_train_timesteps=1000))
     model = add_lora(unet)                             # LoRA on to_q, to_k, to_v, to_out.0
@@ -25,9 +25,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,96 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datainf import atomic
+from datainf.data.assets import cache_root
+from datainf.data.collate import DiffusionCollate
 from datainf.errors import DataInfError
+from datainf.tasks import PAPER_TIMESTEPS
 
-log = logging.getLogger("datainf.diffusion")
+log = logging.getLogger("datainf.models.diffusion")
 
-PAPER_TIMESTEPS = (25, 225, 425, 525, 725, 925)
+
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-# ----------------------------------------------------------------------------------------------- the task
-class DiffusionLoss:
-    """Per-example denoising loss ``loss(model, batch) -> (B,)``, deterministic per example.
-
-    Args:
-        scheduler: a diffusers noise scheduler with ``add_noise`` (DDPMScheduler, DDIMScheduler, ...);
-            its ``prediction_type`` ("epsilon", "v_prediction" or "sample") sets the target.
-        timesteps: the fixed timesteps the loss is averaged over.
-        noise_draws: noise samples per timestep (averaged).
-        seed: global seed; example noise is drawn from ``seed`` and the example's ``batch["seed"]`` (or
-            ``batch["index"]``), a (B,) integer tensor. Without either, example i of the batch uses i
-            (then the loss depends on the batch order: pass seeds).
-
-    The batch: ``pixel_values`` or ``latents`` (B, C, H, W), plus ``encoder_hidden_states`` (B, L, D) and
-    optional ``encoder_attention_mask`` (B, L) for a UNet2DConditionModel, or ``class_labels`` (B,) for a
-    class-conditional UNet2DModel. Returns the MSE between the model's prediction and the target,
-    averaged over pixels, timesteps and draws: (B,), float32 (float64 for a float64 model and batch).
-    """
-
-    def __init__(self, scheduler: Any, timesteps: Sequence[int] = PAPER_TIMESTEPS, noise_draws: int = 1,
-                 seed: int = 0):
-        total = int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000))
-        timesteps = tuple(int(t) for t in timesteps)
-        if not timesteps:
-            raise DataInfError("DiffusionLoss needs at least one timestep")
-        bad = [t for t in timesteps if not 0 <= t < total]
-        if bad:
-            raise DataInfError(f"timesteps {bad} are outside the scheduler's range 0..{total - 1}")
-        if noise_draws < 1:
-            raise DataInfError(f"noise_draws must be >= 1, got {noise_draws}")
-        if not hasattr(scheduler, "add_noise"):
-            raise DataInfError("the scheduler has no add_noise method: pass a diffusers DDPMScheduler or alike")
-        self.scheduler = scheduler
-        self.timesteps = timesteps
-        self.noise_draws = int(noise_draws)
-        self.seed = int(seed)
-        self.__qualname__ = f"DiffusionLoss(t={list(timesteps)}, draws={noise_draws}, seed={seed})"
-
-    def noise(self, seeds: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """Noise (B, draws, T, *shape) on the CPU, example b's drawn from its own generator."""
-        out = []
-        for s in seeds.tolist():
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(s))
-            out.append(torch.randn(self.noise_draws, len(self.timesteps), *shape, generator=generator))
-        return torch.stack(out)
-
-    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-        if not isinstance(batch, Mapping):
-            raise DataInfError("the diffusion task needs the batch as a mapping with 'pixel_values' or 'latents'")
-        x0 = batch.get("latents", batch.get("pixel_values"))
-        if not isinstance(x0, Tensor) or x0.dim() != 4:
-            raise DataInfError("the diffusion batch needs 'pixel_values' (or 'latents') of shape (B, C, H, W)")
-        size = x0.shape[0]
-        seeds = batch.get("seed", batch.get("index"))
-        if seeds is None:
-            seeds = torch.arange(size)
-        seeds = torch.as_tensor(seeds).reshape(-1)
-        if seeds.shape[0] != size:
-            raise DataInfError(f"batch['seed'] has {seeds.shape[0]} entries for {size} images; give one per image")
-        kwargs: dict[str, Any] = {}
-        for key in ("encoder_hidden_states", "encoder_attention_mask", "class_labels"):
-            if batch.get(key) is not None:
-                kwargs[key] = batch[key]
-        noise = self.noise(seeds, tuple(x0.shape[1:])).to(device=x0.device, dtype=x0.dtype)
-        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        total = torch.zeros(size, device=x0.device, dtype=torch.promote_types(x0.dtype, torch.float32))
-        for d in range(self.noise_draws):
-            for k, t in enumerate(self.timesteps):
-                eps = noise[:, d, k]
-                steps = torch.full((size,), t, dtype=torch.long, device=x0.device)
-                noisy = self.scheduler.add_noise(x0, eps, steps)
-                pred = model(noisy, steps, **kwargs, return_dict=False)[0]
-                if prediction_type == "epsilon":
-                    target = eps
-                elif prediction_type == "v_prediction":
-                    target = self.scheduler.get_velocity(x0, eps, steps)
-                elif prediction_type == "sample":
-                    target = x0
-                else:
-                    raise DataInfError(f"unsupported scheduler prediction_type {prediction_type!r}")
-                total = total + (pred.to(total.dtype) - target.to(total.dtype)).pow(2).flatten(1).mean(dim=1)
-        return total / (self.noise_draws * len(self.timesteps))
 
 
 def training_loss(model: nn.Module, batch: Mapping[str, Tensor], scheduler: Any,
@@ -156,16 +75,14 @@ class PromptEncoder:
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None, max_length: int = 16):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
         if model_dir is None:
             from datainf.data.assets import minilm_dir
 
             model_dir = minilm_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModel.from_pretrained(str(model_dir)).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
         self.max_length = max_length
         self.hidden_size = int(self.model.config.hidden_size)
         self._cache: dict[str, Tensor] = {}
@@ -180,41 +97,6 @@ class PromptEncoder:
             for p, h in zip(new, hidden):
                 self._cache[p] = h.clone()
         return torch.stack([self._cache[p] for p in prompts])
-
-
-class DiffusionCollate:
-    """``collate(records) -> batch``: records hold ``image`` (C, H, W) in [-1, 1] (or precomputed ``latents``),
-    ``seed`` (int) and ``prompt`` (str, needs an encoder: a PromptEncoder or any ``encoder(prompts) -> (n, L, D)``)
-    or ``class_label`` (int).
-
-    Returns {"pixel_values" (B, C, H, W), "seed" (B,), and "encoder_hidden_states" (B, L, D) or
-    "class_labels" (B,)}.
-    """
-
-    def __init__(self, encoder: Callable[[Sequence[str]], Tensor] | None = None):
-        self.encoder = encoder
-        self.__qualname__ = "DiffusionCollate"
-
-    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-        if not records:
-            raise DataInfError("cannot collate an empty list of records")
-        out: dict[str, Tensor] = {}
-        for n, r in enumerate(records):
-            if "image" not in r and "latents" not in r:
-                raise DataInfError(f"record {n} has no 'image' (or 'latents') tensor")
-            if "seed" not in r:
-                raise DataInfError(f"record {n} has no 'seed': give each example a unique integer seed")
-        key = "latents" if "latents" in records[0] else "image"
-        out["latents" if key == "latents" else "pixel_values"] = torch.stack(
-            [torch.as_tensor(r[key], dtype=torch.float32) for r in records])
-        out["seed"] = torch.tensor([int(r["seed"]) for r in records], dtype=torch.long)
-        if "prompt" in records[0]:
-            if self.encoder is None:
-                raise DataInfError("records have prompts but DiffusionCollate has no PromptEncoder")
-            out["encoder_hidden_states"] = self.encoder([str(r["prompt"]) for r in records])
-        elif "class_label" in records[0]:
-            out["class_labels"] = torch.tensor([int(r["class_label"]) for r in records], dtype=torch.long)
-        return out
 
 
 # ------------------------------------------------------------------------------------------- the base model
@@ -240,11 +122,6 @@ class BaseSettings:
         """A short hash naming the cache folder of these settings."""
         text = json.dumps(asdict(self), sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    """``$DATAINF_CACHE`` or ``~/.cache/datainf``."""
-    return Path(os.environ.get("DATAINF_CACHE", Path.home() / ".cache" / "datainf"))
 
 
 def build_unet(settings: BaseSettings, seed: int | None = None) -> nn.Module:
@@ -330,20 +207,12 @@ def pretrain_base(settings: BaseSettings, out_dir: str | os.PathLike, *, encoder
                             batch_size=settings.batch_size, learning_rate=settings.learning_rate,
                             seed=settings.seed, device=device, progress=progress)
     seconds = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    meta = {"settings": asdict(settings), "train_seconds": seconds, "first_losses": losses[:10],
+            "last_losses": losses[-10:], "n_images": len(records),
+            "torch_threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with atomic.new_directory(out, replace=True) as tmp:
         unet.to("cpu").save_pretrained(tmp, safe_serialization=True)
-        meta = {"settings": asdict(settings), "train_seconds": seconds, "first_losses": losses[:10],
-                "last_losses": losses[-10:], "n_images": len(records),
-                "torch_threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "datainf_base.json").write_text(json.dumps(meta, indent=2, default=list))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -366,7 +235,7 @@ def base_model(path: str | os.PathLike | None = None, *, settings: BaseSettings 
     if path is not None and not rebuild:
         return load_unet(path), Path(path)
     settings = settings or BaseSettings()
-    folder = Path(path) if path is not None else cache_dir() / f"diffusion-base-{settings.key()}"
+    folder = Path(path) if path is not None else cache_root() / f"diffusion-base-{settings.key()}"
     if rebuild or not (folder / "datainf_base.json").is_file():
         log.info("pre-training the diffusion base into %s", folder)
         pretrain_base(settings, folder, device=device, progress=progress)
@@ -413,13 +282,10 @@ __all__ = [
     "LORA_TARGETS",
     "PAPER_TIMESTEPS",
     "BaseSettings",
-    "DiffusionCollate",
-    "DiffusionLoss",
     "PromptEncoder",
     "add_lora",
     "base_model",
     "build_unet",
-    "cache_dir",
     "generate",
     "load_unet",
     "make_scheduler",

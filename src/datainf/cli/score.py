@@ -1,0 +1,73 @@
+"""`datainf score`: a thin wrapper over :func:`datainf.scoring.score_store`, one scores file out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from datainf.cli.common import check_output, device_option, parse_methods, rank_device, setup
+from datainf.errors import DataInfError
+from datainf.estimators import method_names
+
+
+@click.command("score")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Gradient store of the training set.")
+@click.option("--queries", "query_dir", type=click.Path(file_okay=False), default=None,
+              help="Gradient store of the queries (e.g. the validation set).")
+@click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
+@click.option("--method", "methods", default="datainf", help=f"Comma-separated: {', '.join(method_names())}.")
+@click.option("--mean-query", is_flag=True,
+              help="Score against the mean query gradient: influence on the average query loss.")
+@click.option("--normalize", is_flag=True,
+              help="Cosine similarity after preconditioning: divide each score by both gradients' preconditioned "
+                   "norms (TrackStar).")
+@click.option("--damping", type=float, default=None, help="One damping for every block; default the paper's rule.")
+@click.option("--lissa-iterations", type=int, default=100)
+@click.option("--compute-dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="Compute dtype; default float32 (float64 for a float64 store).")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Score a query store made with another adapter or task (a cross-checkpoint comparison); the "
+                   "differences are recorded in the scores file.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside).")
+@device_option
+@click.pass_context
+def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, methods: str,
+            mean_query: bool, normalize: bool, damping: float | None, lissa_iterations: int,
+            compute_dtype: str | None, allow_mismatch: bool, out_path: str, device: str | None) -> None:
+    """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
+    from datainf.distributed import init_distributed, is_main_process
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import save_scores, score_store
+    from datainf.store import GradientStore
+
+    if self_inf == (query_dir is not None):
+        raise DataInfError("give exactly one of --queries STORE or --self")
+    if Path(out_path).suffix != ".safetensors":
+        raise DataInfError(f"--out {out_path}: scores are written as .safetensors; name it "
+                           f"{Path(out_path).with_suffix('.safetensors')}")
+    check_output(out_path, inputs={"training store": store_dir, "query store": query_dir})
+    _, device = setup(ctx, device)
+    device = rank_device(device, init_distributed())
+    names = parse_methods(methods)
+    train = GradientStore.open(store_dir)
+    queries = GradientStore.open(query_dir) if query_dir is not None else None
+    results = {}
+    for method in names:
+        options = {"iterations": lissa_iterations} if method == "lissa" else {}
+        arguments = ScoreArguments(method=method, damping=damping, dtype=compute_dtype, device=device,
+                                   mean_query=mean_query, normalize=normalize, options=options)
+        result = score_store(train, queries, arguments, allow_mismatch=allow_mismatch)
+        results[method] = result
+        if is_main_process():
+            fit = f" (curvature fit {result.curvature_seconds:.2f} s)" if result.curvature_seconds else ""
+            click.echo(f"{method}: {tuple(result.scores.shape)} scores in {result.seconds:.2f} s{fit}")
+            if "mismatch" in result.diagnostics:
+                click.echo(f"warning: scored across stores that differ in {'; '.join(result.diagnostics['mismatch'])}",
+                           err=True)
+    if is_main_process():
+        save_scores(out_path, results, train_store=train, query_store=queries,
+                    extra={"allow_mismatch": allow_mismatch})
+        click.echo(f"wrote {out_path}")

@@ -1,0 +1,175 @@
+"""The one arguments object of every scoring call, and the typed result it produces.
+
+``ScoreArguments`` is validated once, where it is made, and travels unchanged through the library
+(:func:`datainf.influence`, the Attributor, the distributed path, ``datainf score``); it is saved with every
+scores file, so a result always says what produced it. ``ScoreResult`` carries the scores together with the
+damping each block used, the method's diagnostics and the time it took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from datainf.errors import DataInfError
+from datainf.estimators.registry import get_method, parse_options
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        for name, value in _DTYPES.items():
+            if value == dtype:
+                return name
+        raise DataInfError(f"compute dtype must be float32 or float64, got {dtype}")
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return dtype
+    raise DataInfError(f"compute dtype must be 'float32', 'float64' or None, got {dtype!r}")
+
+
+def _damping_value(damping: Any) -> float | tuple[float, ...] | dict[str, float] | None:
+    """None, one number, a tuple (one per block, in block order) or a dict block -> number, each checked."""
+    if damping is None:
+        return None
+    if isinstance(damping, Mapping):
+        out: Any = {str(k): _one_damping(v, f"damping for block '{k}'") for k, v in damping.items()}
+    elif isinstance(damping, Sequence) and not isinstance(damping, (str, bytes)):
+        out = tuple(_one_damping(v, f"damping for block '{i}'") for i, v in enumerate(damping))
+    else:
+        out = _one_damping(damping, "damping")
+    return out
+
+
+def _one_damping(value: Any, what: str) -> float:
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        raise DataInfError(f"{what} must be a number, got {value!r}") from None
+    if not (math.isfinite(lam) and lam > 0) or not math.isfinite(1.0 / lam):
+        raise DataInfError(f"{what} is {lam}; it must be a finite number > 0 (or none, for the paper's rule)")
+    return lam
+
+
+@dataclass(frozen=True)
+class ScoreArguments:
+    """Everything that decides a score, validated once.
+
+    method: a registered method (``datainf.estimators.method_names()``): "datainf", "exact", "lissa",
+        "identity", "kfac", "ekfac", or one you registered.
+    damping: None for the method's default rule per block (the paper's ``0.1 * mean_i ||g_i||^2 / d`` for
+        all but kfac/ekfac, which use ``0.1 * mean eigenvalue``); a number for every block; a sequence or a
+        mapping block -> number for one value per block. Finite and > 0.
+    chunk_size: training rows processed at once (memory O(chunk_size * d + n_query * d) per block).
+    dtype: compute dtype, "float32" or "float64"; None: float32, or float64 when the gradients are float64
+        (float16/bfloat16 gradients are always accumulated in float32).
+    device: compute device ("cpu", "cuda", "cuda:1"); None: where the training gradients are.
+    normalize: divide every score by the preconditioned norms of its two gradients,
+        ``score[k, j] / sqrt(|s_k| |q_j|)`` with ``s_k = g_k^T P g_k`` and ``q_j = v_j^T P v_j`` (P the
+        method's inverse): cosine similarity after preconditioning, as TrackStar (Chang et al., ICLR 2025)
+        does; with identity it is the cosine of the raw gradients. The sign convention is kept.
+    mean_query: score against the mean of the query gradients (the influence on the mean query loss, the
+        paper's "influence on the validation loss"); the result has one column.
+    options: the method's own options (LiSSA: iterations, scale, batch_size, seed), validated by it.
+    """
+
+    method: str = "datainf"
+    damping: float | tuple[float, ...] | Mapping[str, float] | None = None
+    chunk_size: int = 2048
+    dtype: str | None = None
+    device: str | None = None
+    normalize: bool = False
+    mean_query: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str):
+            raise DataInfError(f"method must be a name, got {self.method!r}")
+        get_method(self.method)
+        set_ = object.__setattr__
+        set_(self, "damping", _damping_value(self.damping))
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise DataInfError(f"chunk_size must be >= 1, got {self.chunk_size!r}")
+        set_(self, "dtype", _dtype_name(self.dtype))
+        if self.device is not None:
+            set_(self, "device", str(self.device))
+        set_(self, "normalize", bool(self.normalize))
+        set_(self, "mean_query", bool(self.mean_query))
+        if not isinstance(self.options, Mapping):
+            raise DataInfError(f"options must be a mapping of the method's options, got {self.options!r}")
+        set_(self, "options", dict(self.options))
+        parse_options(self.method, self.options)  # an unknown or bad option fails here, by name
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+    def method_options(self) -> Any:
+        """The method's options dataclass (or None for a method without options)."""
+        return parse_options(self.method, self.options)
+
+    def replace(self, **changes: Any) -> ScoreArguments:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; :meth:`from_dict` reads it back."""
+        out = dataclasses.asdict(self)
+        out["damping"] = list(self.damping) if isinstance(self.damping, tuple) else self.damping
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreArguments:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise DataInfError(f"score arguments have no field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+@dataclass
+class ScoreResult:
+    """Scores and everything that produced them.
+
+    scores: ``(n_train, n_query)`` for influence (one column with ``mean_query``) or ``(n_train,)`` for
+        self-influence. ``score[k, j]`` is the first-order change of query j's loss when training example k
+        is up-weighted: positive = harmful, negative = helpful.
+    arguments: the :class:`ScoreArguments` used.
+    kind: "influence" or "self_influence".
+    damping: the lambda each block used (blocks whose training gradients are all zero are left out).
+    diagnostics: per block, what the method reports (LiSSA: scale, last relative change, residual).
+    seconds: wall time of the scoring, curvature fit included.
+    curvature_seconds: the part of ``seconds`` (or, for a cached curvature, of the run that made it) spent
+        fitting K-FAC / EK-FAC curvature.
+    world_size: number of processes that shared the blocks.
+    """
+
+    scores: Tensor
+    arguments: ScoreArguments
+    kind: str
+    damping: dict[str, float]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    curvature_seconds: float = 0.0
+    world_size: int = 1
+
+    @property
+    def method(self) -> str:
+        return self.arguments.method
+
+    def settings(self) -> dict[str, Any]:
+        """Everything but the scores, JSON-able."""
+        return {"kind": self.kind, "arguments": self.arguments.to_dict(), "shape": list(self.scores.shape),
+                "damping": dict(self.damping), "diagnostics": self.diagnostics, "seconds": self.seconds,
+                "curvature_seconds": self.curvature_seconds, "world_size": self.world_size}
+
+
+__all__ = ["ScoreArguments", "ScoreResult"]

@@ -1,0 +1,298 @@
+"""What every estimator works on: blocks of per-example gradients, read in chunks, and their damping.
+
+A *block* is one parameter tensor of the adapter (a LoRA ``A`` or ``B`` matrix, a classifier head weight),
+its per-example gradients flattened to the rows of an ``(n, d)`` matrix ``G``. Blocks arrive as tensors or as
+*row sources* (anything with ``shape``, ``dtype`` and ``[rows]``, such as a gradient store's memory-mapped
+block), given as one tensor, a sequence or a mapping name -> block. This module turns them into
+:class:`BlockRows` (rows cast to the compute dtype on the fly, ``chunk`` rows at a time), pairs training and
+query blocks by name, and holds the paper's damping rule ``lambda_l = 0.1 * mean_i ||g_il||^2 / d_l``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from datainf.errors import DataInfError
+
+#: the paper's damping constant: lambda_l = DAMPING_FACTOR * mean_i ||g_il||^2 / d_l
+DAMPING_FACTOR = 0.1
+
+
+class RowSource(Protocol):
+    """Anything that serves rows of an (n, d) matrix without holding it in memory (a gradient store's
+    memory-mapped block, say): ``shape == (n, d)``, a floating ``dtype``, and ``source[rows]`` returning a
+    torch.Tensor for a slice or a 1-D index tensor of rows."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __getitem__(self, rows: slice | Tensor) -> Tensor: ...
+
+
+Block = Tensor | RowSource
+Blocks = Block | Sequence[Block] | Mapping[str, Block]
+Damping = float | Sequence[float] | Mapping[str, float] | None
+
+
+def is_row_source(x: Any) -> bool:
+    """True for a non-tensor object serving rows (``shape``, ``dtype`` and ``[rows]``)."""
+    return not isinstance(x, Tensor) and hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")
+
+
+def as_blocks(grads: Blocks, what: str) -> list[tuple[str, Any]]:
+    """Normalise gradients to a list of (name, (n, d) tensor or row source); rows are not copied.
+
+    Blocks given as a sequence are named "0", "1", ...; a single tensor is block "0".
+    """
+    if isinstance(grads, Tensor) or is_row_source(grads):
+        items = [("0", grads)]
+    elif isinstance(grads, Mapping):
+        items = [(str(k), v) for k, v in grads.items()]
+    elif isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)):
+        items = [(str(i), v) for i, v in enumerate(grads)]
+    else:
+        raise DataInfError(
+            f"{what}: expected a tensor, a sequence of tensors or a mapping name -> tensor, "
+            f"got {type(grads).__name__}"
+        )
+    if not items:
+        raise DataInfError(f"{what}: no blocks given; pass at least one gradient tensor")
+    out = []
+    for name, t in items:
+        if is_row_source(t):
+            if len(t.shape) != 2 or not t.dtype.is_floating_point:
+                raise DataInfError(f"{what}: block '{name}' must serve (n, d) floating rows, got {tuple(t.shape)}")
+            out.append((name, t))
+            continue
+        if not isinstance(t, Tensor):
+            raise DataInfError(f"{what}: block '{name}' is a {type(t).__name__}, expected a torch.Tensor")
+        if t.ndim < 1:
+            raise DataInfError(f"{what}: block '{name}' is a scalar; expected shape (n_examples, *block_shape)")
+        if not t.is_floating_point():
+            raise DataInfError(f"{what}: block '{name}' has dtype {t.dtype}; expected a floating-point dtype")
+        out.append((name, t.reshape(t.shape[0], math.prod(t.shape[1:]))))
+    return out
+
+
+def pair_blocks(
+    train: list[tuple[str, Any]], query: list[tuple[str, Any]] | None
+) -> list[tuple[str, Any, Any | None]]:
+    """Match train and query blocks by name and check their shapes; (name, train, query or None) per block."""
+    n = train[0][1].shape[0]
+    for name, g in train:
+        if g.shape[0] != n:
+            raise DataInfError(
+                f"train_grads: block '{name}' has {g.shape[0]} examples but block '{train[0][0]}' has {n}; "
+                "every block must hold the same examples"
+            )
+        if g.shape[1] == 0:
+            raise DataInfError(f"train_grads: block '{name}' has no parameters (d = 0)")
+    if n == 0:
+        raise DataInfError("train_grads: the training set is empty (n_train = 0)")
+    if query is None:
+        return [(name, g, None) for name, g in train]
+    if len(query) != len(train):
+        raise DataInfError(
+            f"query_grads has {len(query)} blocks but train_grads has {len(train)}; pass the same blocks"
+        )
+    qmap = dict(query)
+    if set(qmap) != {name for name, _ in train}:
+        missing = sorted({name for name, _ in train} - set(qmap))
+        extra = sorted(set(qmap) - {name for name, _ in train})
+        raise DataInfError(
+            f"query_grads and train_grads name different blocks: missing from query_grads {missing}, "
+            f"not in train_grads {extra}"
+        )
+    m = query[0][1].shape[0]
+    if m == 0:
+        raise DataInfError("query_grads: the query set is empty (n_query = 0)")
+    pairs = []
+    for name, g in train:
+        v = qmap[name]
+        if v.shape[0] != m:
+            raise DataInfError(
+                f"query_grads: block '{name}' has {v.shape[0]} examples but block '{query[0][0]}' has {m}"
+            )
+        if v.shape[1] != g.shape[1]:
+            raise DataInfError(
+                f"block '{name}': query gradients have {v.shape[1]} entries per example but training "
+                f"gradients have {g.shape[1]}; both must come from the same parameter tensor"
+            )
+        pairs.append((name, g, v))
+    return pairs
+
+
+def compute_dtype(t: Any, dtype: torch.dtype | None) -> torch.dtype:
+    """float16/bfloat16 are accumulated in float32 at least; float64 stays float64; ``dtype`` overrides."""
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise DataInfError(f"dtype must be a floating-point dtype, got {dtype}")
+        return dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of ``size`` rows covering ``range(n)``."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class BlockRows:
+    """One block's training gradients ``G`` (n, d), read ``chunk`` rows at a time in the compute dtype.
+
+    ``rows()`` yields ``(slice, (rows, d) tensor)``; ``matvec(X)`` is ``H X^T`` as (m, d) with
+    ``H = G^T G / n`` (or on a subset of rows); ``sq_norms()`` the squared norm of every row.
+    """
+
+    def __init__(self, name: str, g: Any, dtype: torch.dtype, device: torch.device, chunk: int):
+        self.name, self.g, self.dtype, self.device, self.chunk = name, g, dtype, device, chunk
+        self.n, self.d = int(g.shape[0]), int(g.shape[1])
+
+    def rows(self) -> Iterator[tuple[slice, Tensor]]:
+        for s in chunks(self.n, self.chunk):
+            yield s, self.g[s].to(device=self.device, dtype=self.dtype)
+
+    def take(self, rows: Tensor) -> Tensor:
+        """The rows of ``G`` at the (sorted) indices ``rows``, in the compute dtype."""
+        return self.g[rows].to(device=self.device, dtype=self.dtype)
+
+    def sq_norms(self) -> Tensor:
+        """Squared norm of every example's gradient, (n,); names the first non-finite example."""
+        out = torch.empty(self.n, dtype=self.dtype, device=self.device)
+        for s, gc in self.rows():
+            out[s] = (gc * gc).sum(dim=1)
+        bad = ~torch.isfinite(out)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            raise DataInfError(
+                f"train_grads: block '{self.name}', example {k} has a NaN or infinite value; "
+                "drop that example or fix the loss that produced it"
+            )
+        return out
+
+    def dot(self, X: Tensor) -> Tensor:
+        """``G X^T``: (n, m) for X (m, d), one pass over the rows."""
+        out = torch.empty(self.n, X.shape[0], dtype=self.dtype, device=self.device)
+        for s, gc in self.rows():
+            out[s] = gc @ X.T
+        return out
+
+    def matvec(self, X: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``H X^T`` as (m, d) for X (m, d), H the block's Fisher ``G^T G / n`` (on ``rows`` if given)."""
+        if rows is not None:
+            gc = self.take(rows)
+            return (X @ gc.T) @ gc / len(rows)
+        out = torch.zeros_like(X)
+        for _, gc in self.rows():
+            out += (X @ gc.T) @ gc
+        return out / self.n
+
+    def gram(self) -> Tensor:
+        """``K = G G^T`` (n, n), from chunk pairs."""
+        K = torch.empty(self.n, self.n, dtype=self.dtype, device=self.device)
+        for s, gc in self.rows():
+            for t, gt in self.rows():
+                if t.start < s.start:
+                    continue
+                part = gc @ gt.T
+                K[s, t] = part
+                K[t, s] = part.T
+        return K
+
+    def fisher(self, lam: float) -> Tensor:
+        """``H + lambda I`` (d, d)."""
+        H = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)
+        for _, gc in self.rows():
+            H += gc.T @ gc
+        H /= self.n
+        H.diagonal().add_(lam)
+        return H
+
+
+def check_finite_queries(name: str, v: Tensor) -> None:
+    """Refuse a query block with a NaN or infinite entry, naming the first such query."""
+    bad = ~torch.isfinite(v).all(dim=1)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0])
+        raise DataInfError(
+            f"query_grads: block '{name}', example {j} has a NaN or infinite value; "
+            "drop that query or fix the loss that produced it"
+        )
+
+
+def resolve_damping(damping: Damping, names: list[str]) -> list[float | None]:
+    """One lambda per block; None means the method's default rule, filled in once the block is known."""
+    if damping is None:
+        return [None] * len(names)
+    if isinstance(damping, Mapping):
+        if set(map(str, damping)) != set(names):
+            raise DataInfError(
+                f"damping names blocks {sorted(map(str, damping))} but the gradients have {sorted(names)}"
+            )
+        by_name = {str(k): v for k, v in damping.items()}
+        values = [float(by_name[n]) for n in names]
+    elif isinstance(damping, Sequence) and not isinstance(damping, (str, bytes)):
+        if len(damping) != len(names):
+            raise DataInfError(f"damping has {len(damping)} values but there are {len(names)} blocks")
+        values = [float(x) for x in damping]
+    else:
+        values = [float(damping)] * len(names)
+    for name, lam in zip(names, values):
+        check_damping(name, lam)
+    return values
+
+
+def check_damping(name: str, lam: float) -> None:
+    """A damping must be a finite number > 0 (and not so small that 1/lambda overflows)."""
+    if not (math.isfinite(lam) and lam > 0) or not math.isfinite(1.0 / lam):
+        raise DataInfError(f"damping for block '{name}' is {lam}; it must be a finite number > 0")
+
+
+def paper_damping(sq_norms: Tensor, d: int) -> float:
+    """The paper's rule from the squared row norms (n,) of a block of dimension d: ``0.1 * mean / d``."""
+    return DAMPING_FACTOR * float(sq_norms.mean()) / d
+
+
+def default_damping(train_grads: Blocks) -> dict[str, float]:
+    """The paper's damping rule per block: ``lambda_l = 0.1 * (1/(n d_l)) * sum_i ||g_il||^2``.
+
+    Args:
+        train_grads: per-block training gradients, each ``(n, *block_shape)``.
+    Returns:
+        block name -> lambda (blocks given as a sequence are named "0", "1", ...).
+    """
+    blocks = as_blocks(train_grads, "train_grads")
+    pair_blocks(blocks, None)
+    out = {}
+    for name, g in blocks:
+        b = BlockRows(name, g, compute_dtype(g, None), getattr(g, "device", torch.device("cpu")), 4096)
+        out[name] = paper_damping(b.sq_norms(), b.d)
+    return out
+
+
+__all__ = [
+    "DAMPING_FACTOR",
+    "Block",
+    "BlockRows",
+    "Blocks",
+    "Damping",
+    "RowSource",
+    "as_blocks",
+    "check_damping",
+    "check_finite_queries",
+    "chunks",
+    "compute_dtype",
+    "default_damping",
+    "is_row_source",
+    "pair_blocks",
+    "paper_damping",
+    "resolve_damping",
+]

@@ -1,0 +1,20 @@
+"""Hessian-free influence: no curvature at all, ``score[k, j] = -v_j . g_k`` (the gradient dot product, as in
+TracIn-style gradient similarity; the paper's "Hessian-free" baseline)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from datainf.estimators.registry import Estimator, register
+
+
+@register
+class Identity(Estimator):
+    name = "identity"
+    summary = "Hessian-free: the gradient dot product -v . g_k"
+
+    def precondition(self, V: Tensor) -> Tensor:
+        return V
+
+    def self_scores(self) -> Tensor:
+        return -self.sq_norms
