@@ -147,11 +147,18 @@ def test_hf_dataset_and_top(tmp_path, tokenizer, sentence_records):
     ref = _loop_gradients(model, tokenizer, sentence_records)
     assert_per_example_close({name: att.store.load(name) for name in att.store.block_names}, ref)
     scores = att.scores(sentence_records[:2], method="identity", save=False)
-    top = att.top(scores, k=3)
-    for j, entry in enumerate(top):
+    rows = att.top(scores, k=3, queries=sentence_records[:2], method="identity")
+    assert len(rows) == 2 * 2 * 3  # queries x (helpful, harmful) x k
+    for j in range(2):
         order = torch.argsort(scores[:, j])
-        assert [i for i, _ in entry["helpful"]] == order[:3].tolist()
-        assert [i for i, _ in entry["harmful"]] == order.flip(0)[:3].tolist()
+        helpful = [r for r in rows if r["query"] == f"query {j}" and r["kind"] == "helpful"]
+        harmful = [r for r in rows if r["query"] == f"query {j}" and r["kind"] == "harmful"]
+        assert [r["train_index"] for r in helpful] == order[:3].tolist()
+        assert [r["train_index"] for r in harmful] == order.flip(0)[:3].tolist()
+        for r in helpful + harmful:  # the texts of the store's own records, and the query's
+            assert r["train_text"] == sentence_records[r["train_index"]]["text"]
+            assert r["score"] == pytest.approx(float(scores[r["train_index"], j]), rel=1e-12)
+            assert r["query_text"] == sentence_records[j]["text"] and r["rank"] in (1, 2, 3)
 
 
 def test_empty_dataset_and_missing_store(tmp_path, tokenizer):

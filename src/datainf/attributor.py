@@ -5,7 +5,7 @@ attributor = datainf.Attributor(model, task="causal_lm", store="runs/my-run", to
 attributor.fit(train_dataset)                                  # per-example gradients into the store (resumes)
 scores = attributor.scores(query_dataset, method="datainf")    # (n_train, n_query)
 attributor.self_influence(method="datainf")                    # (n_train,)
-attributor.top(scores, k=10)                                   # most helpful / most harmful per query
+attributor.top(scores, k=10)                                   # most helpful / most harmful, as rows
 ```
 Sign convention: ``scores[k, j]`` is the first-order change of query j's loss when training example k is
 up-weighted. Positive = harmful (raises the query's loss), negative = helpful.
@@ -28,6 +28,7 @@ from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.gradients import per_example_gradients, tracked_parameters
+from datainf.ranking import top_examples
 from datainf.scoring import curvature_for, save_scores, score_store
 from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
 
@@ -70,6 +71,27 @@ def length_sorted_batches(records: Sequence[Any], batch_size: int) -> list[list[
 
     order = sorted(range(len(records)), key=lambda i: -size(records[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def plain_records(records: Sequence[Any]) -> list[dict] | None:
+    """The records as plain JSON objects (texts, numbers, chat messages), or None when any holds something
+    else (tensors, images): only plain records are kept in the store."""
+    def plain(x: Any) -> bool:
+        if isinstance(x, (str, int, float, bool)) or x is None:
+            return True
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        if isinstance(x, Mapping):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        return False
+
+    out = []
+    for i in range(len(records)):
+        r = records[i]
+        if not isinstance(r, Mapping) or not plain(r):
+            return None
+        out.append(dict(r))
+    return out
 
 
 def _jsonable(record: Any) -> Any:
@@ -136,12 +158,14 @@ class Attributor:
         self._store: GradientStore | None = None
 
     # ---------------------------------------------------------------- gradients
-    def _task_fingerprint(self) -> str:
+    def _collate_settings(self) -> dict[str, Any] | str:
         c = self.collate
-        collate = (
-            {k: getattr(c, k) for k in ("task", "max_length", "text_key", "label_key", "prompt_key", "response_key")}
-            if isinstance(c, TextCollator) else getattr(c, "__qualname__", type(c).__qualname__)
-        )
+        if isinstance(c, TextCollator):
+            return c.settings()
+        return getattr(c, "__qualname__", type(c).__qualname__)
+
+    def _task_fingerprint(self) -> str:
+        collate = self._collate_settings()
         task = self.task if isinstance(self.task, str) else getattr(self.task, "__qualname__", "callable")
         return fingerprint_task({"task": task, "collate": collate, "params": repr(self.params),
                                  "group_lora": self.group_lora})
@@ -199,10 +223,18 @@ class Attributor:
             self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
             compute_chunk=lambda rows, bar: self._grads_in_order(records, rows, bar=bar),
             chunk_size=self.chunk_size, dtype=self.store_dtype,
-            meta={"task": self._task_name(), "task_fingerprint": fingerprints["task"], "blocks_tracked": len(blocks)},
-            progress=self.progress,
+            meta={"task": self._task_name(), "task_fingerprint": fingerprints["task"], "blocks_tracked": len(blocks),
+                  "collate": self._collate_settings()},
+            records=plain_records(records), progress=self.progress,
         )
         return self._store
+
+    def differences(self, store: GradientStore) -> list[str]:
+        """What differs between this Attributor's model and the one ``store`` was made with: "model
+        (fingerprint a vs b)" and/or "adapter (...)"; empty when they are the same."""
+        mine = fingerprint_model(self.model)
+        return [f"{key} (fingerprint {store.fingerprints.get(key)} vs this one's {mine[key]})"
+                for key in ("model", "adapter") if store.fingerprints.get(key) not in (None, mine[key])]
 
     @property
     def store(self) -> GradientStore:
@@ -289,23 +321,17 @@ class Attributor:
         stem = f"{kind}-{a.method}" + ("-mean" if a.mean_query else "") + ("-normalized" if a.normalize else "")
         save_scores(self.store_path / "scores" / f"{stem}.safetensors", {a.method: result}, train_store=self.store)
 
-    @staticmethod
-    def top(scores: Tensor, k: int = 10) -> list[dict[str, list[tuple[int, float]]]]:
-        """For each query (column): the k most helpful (most negative) and most harmful (most positive)
-        training examples as ``(index, score)`` pairs."""
-        if scores.ndim == 1:
-            scores = scores[:, None]
-        k = min(k, scores.shape[0])
-        out = []
-        for j in range(scores.shape[1]):
-            col = scores[:, j]
-            helpful = torch.topk(-col, k)
-            harmful = torch.topk(col, k)
-            out.append({
-                "helpful": [(int(i), float(col[i])) for i in helpful.indices],
-                "harmful": [(int(i), float(col[i])) for i in harmful.indices],
-            })
-        return out
+    def top(self, scores: Tensor | ScoreResult, k: int = 10, *, queries: Sequence[Any] | None = None,
+            method: str | None = None) -> list[dict[str, Any]]:
+        """For each query (column), the k most helpful (most negative) and most harmful (most positive)
+        training examples, as rows {"method", "query", "kind", "rank", "train_index", "score", and the
+        example's texts} (see :func:`datainf.ranking.top_examples`); texts come from the store's records."""
+        if isinstance(scores, ScoreResult):
+            method = method or scores.method
+            scores = scores.scores
+        plain = plain_records(as_records(queries)) if queries is not None else None
+        return top_examples(scores, k, method=method or "", train_records=self.store.records(),
+                            query_records=plain)
 
 
 __all__ = ["Attributor", "as_records", "tracked_parameters"]

@@ -161,6 +161,7 @@ def write_store(
     chunk_size: int = 256,
     dtype: str = "float32",
     meta: Mapping[str, Any] | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
     progress: bool = False,
     group: Any = None,
 ) -> GradientStore:
@@ -173,6 +174,8 @@ def write_store(
             gradients of the examples ``rows`` (``Attributor.fit`` passes its length-sorted batching of the
             chunk); ``bar`` is a tqdm bar counting examples, to update as batches finish. Must give the same
             values on any rank.
+        records: the examples as plain JSON objects, kept in the store (rank 0, before finalizing); None
+            keeps none.
         progress: show a progress bar (in examples) on rank 0: its own chunks, after those already stored.
         group: the process group (default: the world).
     Returns:
@@ -230,6 +233,8 @@ def write_store(
             raise failure
         if rank == 0:
             try:
+                if records is not None and failure is None:
+                    store.write_records(records)
                 store.finalize()
             except Exception as e:
                 failure = e

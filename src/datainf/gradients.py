@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from datainf.adapters import adapter_parameters
 from datainf.errors import DataInfError
 from datainf.tasks import Task, batch_size, empty_examples, per_example_loss, upcast
 
@@ -35,7 +36,8 @@ logger = logging.getLogger("datainf.gradients")
 
 ParamFilter = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
 
-_NO_TRAINABLE = "no trainable parameters: is this a PEFT model with a LoRA adapter?"
+_NO_TRAINABLE = ("no trainable parameters and no LoRA adapter: load a PEFT model with a LoRA adapter "
+                 "(PeftModel.from_pretrained(base, adapter_folder))")
 _LORA_NAME = re.compile(r"^(?P<module>.*)\.lora_[A-Za-z_]+\.(?P<adapter>[^.]+)(\.[^.]+)?$")
 _reported_fallbacks: set[tuple[str, ...]] = set()
 
@@ -43,11 +45,12 @@ _reported_fallbacks: set[tuple[str, ...]] = set()
 def tracked_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
     """The parameters whose per-example gradients are computed, by name (as in ``model.named_parameters()``).
 
-    params: None for every parameter with ``requires_grad=True``; a list of names (each must be a
-    trainable parameter of the model); or a predicate ``(name, param) -> bool`` over the trainable ones.
+    params: None for every parameter with ``requires_grad=True`` (for a PEFT model loaded for inference,
+    with every parameter frozen: its LoRA and ``modules_to_save`` parameters, see :mod:`datainf.adapters`);
+    a list of names (each must be one of those); or a predicate ``(name, param) -> bool`` over them.
     Raises DataInfError when nothing is tracked.
     """
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    trainable = adapter_parameters(model)  # or, for a PEFT model loaded for inference, its LoRA parameters
     if not trainable:
         raise DataInfError(_NO_TRAINABLE)
     if params is None:
@@ -282,16 +285,21 @@ def per_example_gradients(
     tracked = tracked_parameters(model, params)
     tracked_ids = {id(p) for p in tracked.values()}
     untracked = [p for p in model.parameters() if p.requires_grad and id(p) not in tracked_ids]
+    frozen = [p for p in tracked.values() if not p.requires_grad]  # an adapter loaded for inference
     modes = {module: module.training for module in model.modules()}
     try:
         for p in untracked:
             p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
         model.train(train_mode)
         with torch.enable_grad():
             grads, size = _run(model, batch, task, tracked, factors)
     finally:
         for p in untracked:
             p.requires_grad_(True)
+        for p in frozen:
+            p.requires_grad_(False)
         for module, training in modes.items():
             module.training = training
 

@@ -9,6 +9,8 @@ so that scoring never recomputes them::
       chunks/00000/     one folder per chunk of examples: one ``bNNNN.npy`` per block (the chunk's rows,
                         flattened to (rows, d), in the storage dtype) and ``sq_norms.npy`` ((rows, n_blocks)
                         float64 squared norms of each example's gradient per block, from the float32 (float64) values)
+      records.jsonl     (optional) the examples themselves, one JSON object a line, in row order, when they
+                        are plain JSON (texts, chat messages, labels): what `explain`, `top` and `report` show
       lock              present while a writer holds the store: {"pid", "host", "token"}
 
 A chunk is written into ``chunks/.NNNNN.tmp-<pid>``, fsynced, then renamed to ``chunks/NNNNN``: it appears
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from datainf import atomic
+from datainf.adapters import adapter_parameters
 from datainf.errors import DataInfError
 from datainf.version import __version__
 
@@ -48,6 +51,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 FINGERPRINT_KEYS = ("model", "adapter", "task", "dataset")
+RECORDS_FILE = "records.jsonl"
 _NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64}
 _TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                   "float64": torch.float64}
@@ -509,6 +513,38 @@ class GradientStore:
                 _save_npy(tmp / self._block_file(name), array)
             _save_npy(tmp / "sq_norms.npy", sq)
 
+    def write_records(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Keep the examples (plain JSON objects, one per row, in row order) beside their gradients, atomically.
+
+        Refused unless there is exactly one record per example; a record that JSON cannot write is refused
+        by its row number.
+        """
+        if not self._writable:
+            raise DataInfError(f"store {self.path} is not open for writing; records are written by its creator")
+        lines = []
+        for i, record in enumerate(records):
+            try:
+                lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
+            except (TypeError, ValueError) as e:
+                raise DataInfError(f"store {self.path}: record {i} cannot be written as JSON ({e})") from None
+        if len(lines) != self.n_examples:
+            raise DataInfError(f"store {self.path}: {len(lines)} records for {self.n_examples} examples")
+        atomic.write_text(self.path / RECORDS_FILE, "\n".join(lines) + "\n", fsync=True)
+
+    def records(self) -> list[dict[str, Any]] | None:
+        """The examples kept by :meth:`write_records` (None if the store has none), one per row."""
+        path = self.path / RECORDS_FILE
+        if not path.is_file():
+            return None
+        try:
+            out = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise DataInfError(f"store {self.path}: {RECORDS_FILE} is unreadable ({e}); rerun `datainf grads`") from None
+        if len(out) != self.n_examples:
+            raise DataInfError(f"store {self.path}: {RECORDS_FILE} holds {len(out)} records for {self.n_examples} "
+                               "examples; rerun `datainf grads` in a new --store directory")
+        return out
+
     def finalize(self) -> None:
         """Check that every chunk is present and mark the store complete (atomic manifest rewrite)."""
         if not self._writable:
@@ -683,7 +719,9 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, str]:
         its name, shape, dtype, first and last 1024 values and its float64 sum (cheap even for 13B models);
         PEFT's ``original_module`` copies of ``modules_to_save`` heads are left out (they get fresh random
         weights at every adapter load and take no part in the forward pass).
-        "adapter" hashes every trainable parameter's name, shape, dtype and full bytes, plus the PEFT
+        "adapter" hashes every adapter parameter's (:func:`datainf.adapters.adapter_parameters`: the
+        trainable ones, or PEFT's LoRA ones of a model loaded for inference) name, shape, dtype and full
+        bytes, plus the PEFT
         config (rank, alpha, target modules) when the model has one.
     """
     if not isinstance(model, torch.nn.Module):
@@ -696,13 +734,14 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, str]:
             adapter.update(_stable_json(peft_config).encode())
     except TypeError as e:
         raise DataInfError(f"fingerprint_model: the model's config cannot be written as JSON ({e})") from None
+    adapter_names = set(adapter_parameters(model))
     for name, p in model.named_parameters():
-        if not p.requires_grad and PEFT_REINITIALIZED in name.split("."):
+        if name not in adapter_names and PEFT_REINITIALIZED in name.split("."):
             continue  # PEFT's copy of a modules_to_save head: freshly initialized at every load, never used
         if p.device.type == "meta":
             raise DataInfError(f"fingerprint_model: parameter '{name}' is on the meta device; load the weights first")
         header = f"{name}|{tuple(p.shape)}|{p.dtype}|".encode()
-        if p.requires_grad:
+        if name in adapter_names:
             adapter.update(header)
             adapter.update(_tensor_bytes(p))
         else:

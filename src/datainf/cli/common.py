@@ -106,45 +106,83 @@ def check_output(path: str | os.PathLike, *, inputs: dict[str, str | os.PathLike
     return Path(path)
 
 
-def load_model(model_dir: str, adapter_dir: str | None, task: str, num_labels: int | None, device: str):
-    """A PEFT model (LoRA tracked) and its tokenizer, for gradients."""
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def model_dtype_option(f: Any) -> Any:
+    return click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), default="float32",
+                        help="dtype the model is loaded in (gradients are accumulated in float32 at least).")(f)
+
+
+def load_model(model_dir: str, adapter_dir: str | None, task: str, num_labels: int | None, device: str,
+               model_dtype: str = "float32"):
+    """A PEFT model with its LoRA adapter, and its tokenizer, for gradients."""
+    import torch
+
+    dtype = getattr(torch, model_dtype)
     if adapter_dir is None:
         raise DataInfError("--adapter is required: gradients are taken with respect to the LoRA weights")
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise DataInfError(f"{adapter_dir} has no adapter_config.json; pass a folder written by `datainf finetune` "
+                           "or peft's save_pretrained")
     if task == "classification":
         from datainf.models.finetune import load_adapter
 
         if num_labels is None:
             meta = Path(adapter_dir) / "datainf_finetune.json"
             num_labels = json.loads(meta.read_text())["num_labels"] if meta.exists() else 2
-        model, tokenizer = load_adapter(model_dir, adapter_dir, num_labels, is_trainable=True)
+        model, tokenizer = load_adapter(model_dir, adapter_dir, num_labels, is_trainable=True, dtype=dtype)
     else:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from datainf.models.llm import load_causal_lm_adapter
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir)
-        try:
-            model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-        except Exception as e:  # noqa: BLE001
-            raise DataInfError(f"adapter {adapter_dir} does not fit model {model_dir}: {e}".splitlines()[0]) from None
+        model, tokenizer = load_causal_lm_adapter(model_dir, adapter_dir, dtype=dtype)
     return model.to(device), tokenizer
 
 
-def read_data(path: str, task: str, text_column: str, label_column: str, prompt_column: str,
-              response_column: str) -> list[dict]:
-    """Records for a task from a data file: {"text", "label"} for classification, {"prompt", "response"}
-    for the causal LM tasks."""
-    from datainf.data.text import load_records
+def data_options(f: Any) -> Any:
+    """The options that say how a data file becomes records (shared by grads, finetune, explain)."""
+    options = [
+        click.option("--data-format", "data_format", type=click.Choice(["auto", "messages", "prompt-response", "text"]),
+                     default="auto", help="Causal LM record format; auto: a 'messages' column is chat, then "
+                                          "prompt/response, then text."),
+        click.option("--messages-column", default="messages", help="causal LM: the chat column (list of turns)."),
+        click.option("--prompt-column", default="prompt", help="causal LM: the prompt column."),
+        click.option("--response-column", default="response",
+                     help="causal LM: the response column (scored); 'completion' is found too."),
+        click.option("--text-column", default="text", help="The text column (classification, or plain LM text)."),
+        click.option("--label-column", default="label", help="classification: the label column."),
+        click.option("--chat-template", is_flag=True,
+                     help="causal LM: wrap prompt/response records in the tokenizer's chat template (user, assistant)."),
+        click.option("--assistant-turns", type=click.Choice(["all", "last"]), default="all",
+                     help="chat records: loss on all assistant turns or only the last."),
+        click.option("--split", default=None, help="The split of a save_to_disk DatasetDict folder."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def read_data(path: str, task: str, *, data_format: str = "auto", text_column: str = "text",
+              label_column: str = "label", prompt_column: str = "prompt", response_column: str = "response",
+              messages_column: str = "messages", split: str | None = None, **_: Any) -> list[dict]:
+    """Records for a task from a data file: {"text", "label"} for classification; for the causal LM tasks
+    chat ({"messages"}), {"prompt", "response"} or {"text"} records (see datainf.data.text.load_lm_records)."""
+    from datainf.data.text import load_lm_records, load_records
 
     if task == "classification":
-        return list(load_records(path, text_column=text_column, label_column=label_column))
-    records = load_records(path, text_column=prompt_column, label_column=None, extra_columns=(response_column,))
-    for i, r in enumerate(records):
-        if not isinstance(r.get(response_column), str):
-            raise DataInfError(f"{path}: row {i} has no text in column {response_column!r}; name the response "
-                               "column with --response-column, or fill it in")
-    return [{"prompt": r["text"], "response": r[response_column]} for r in records]
+        return list(load_records(path, text_column=text_column, label_column=label_column, split=split))
+    return load_lm_records(path, format=data_format, messages_column=messages_column, prompt_column=prompt_column,
+                           response_column=response_column, text_column=text_column, split=split)
 
 
-__all__ = ["check_output", "default_map", "device_option", "load_config", "load_model", "parse_methods",
-           "rank_device", "read_data", "setup"]
+def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: bool = False,
+                  assistant_turns: str = "all", **_: Any) -> Any:
+    """The collator that tokenizes records as the model was trained on them."""
+    from datainf.data.collate import TextCollator
+
+    return TextCollator(tokenizer=tokenizer, task=task, max_length=max_length, chat_template=chat_template,
+                        assistant_turns=assistant_turns)
+
+
+__all__ = ["MODEL_DTYPES", "check_output", "data_options", "default_map", "device_option", "load_config",
+           "load_model", "make_collator", "model_dtype_option", "parse_methods", "rank_device", "read_data", "setup"]

@@ -1,13 +1,14 @@
-"""`datainf finetune`: LoRA fine-tuning of a local model; writes a PEFT adapter folder."""
+"""`datainf finetune`: LoRA fine-tuning of a local classifier or causal LM; writes a PEFT adapter folder."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from datainf.cli.common import check_output, device_option, setup
+from datainf.cli.common import check_output, data_options, device_option, make_collator, read_data, setup
 from datainf.errors import DataInfError
 
 #: the file that marks an adapter folder as written by `datainf finetune`
@@ -33,52 +34,73 @@ def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Local Hugging Face model folder (config.json, weights, tokenizer).")
 @click.option("--train", "train_path", required=True, type=click.Path(),
-              help="Training data: JSONL, CSV or a `datasets` save_to_disk folder.")
+              help="Training data: JSONL, JSON, CSV/TSV, parquet or a `datasets` save_to_disk folder.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for the LoRA adapter (save_pretrained); new, empty, or an adapter written by this command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder that this command did not write.")
-@click.option("--text-column", default="text")
-@click.option("--label-column", default="label")
-@click.option("--rank", type=int, default=4)
-@click.option("--alpha", type=float, default=None, help="LoRA alpha; default = rank.")
-@click.option("--target-modules", default="value", help="Comma-separated module names to adapt.")
+@click.option("--task", type=click.Choice(["classification", "causal_lm"]), default="classification",
+              help="classification: a sequence classifier (new head); causal_lm: a causal LM on chat, "
+                   "prompt/response or text records.")
+@data_options
+@click.option("--rank", type=int, default=None, help="LoRA rank; default 4 (classification) or 8 (causal_lm).")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha; default = rank (classification) or 32.")
+@click.option("--target-modules", default=None,
+              help="Comma-separated module names to adapt; default value (classification) or q_proj,v_proj.")
 @click.option("--epochs", type=int, default=3)
 @click.option("--lr", type=float, default=1e-3)
-@click.option("--batch-size", type=int, default=32)
-@click.option("--max-length", type=int, default=128)
+@click.option("--batch-size", type=int, default=None, help="Default 32 (classification) or 8 (causal_lm).")
+@click.option("--max-length", type=click.IntRange(min=2), default=128)
 @click.option("--seed", type=int, default=0)
 @device_option
 @click.pass_context
-def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, overwrite: bool, text_column: str,
-            label_column: str, rank: int, alpha: float | None, target_modules: str, epochs: int, lr: float,
-            batch_size: int, max_length: int, seed: int, device: str | None) -> None:
-    """LoRA fine-tuning of a local sequence classifier; writes the adapter with save_pretrained."""
+def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, overwrite: bool, task: str,
+            rank: int | None, alpha: float | None, target_modules: str | None, epochs: int, lr: float,
+            batch_size: int | None, max_length: int, seed: int, device: str | None, **data: Any) -> None:
+    """LoRA fine-tuning of a local model; writes the adapter (and, for a causal LM, its tokenizer)."""
     from datainf import atomic
-    from datainf.data.text import load_records
-    from datainf.models.finetune import (
-        LoraSettings,
-        TrainSettings,
-        evaluate_classifier,
-        finetune_classifier,
-        load_classifier,
-        save_adapter,
-    )
+    from datainf.models.finetune import LoraSettings, save_adapter
 
     replace = check_adapter_out(out_dir, model_dir, overwrite)
     progress, device = setup(ctx, device)
-    records = load_records(train_path, text_column=text_column, label_column=label_column)
-    num_labels = max(r["label"] for r in records) + 1
-    lora = LoraSettings(rank=rank, alpha=alpha,
-                        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
-    model, tokenizer = load_classifier(model_dir, max(num_labels, 2), lora, seed=seed)
-    model.to(device)
-    stats = finetune_classifier(model, tokenizer, records, TrainSettings(
-        epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed),
-        progress=progress)
-    acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
+    records = read_data(train_path, task, **data)
+    lm = task == "causal_lm"
+    targets = tuple(t.strip() for t in (target_modules or ("q_proj,v_proj" if lm else "value")).split(",")
+                    if t.strip())
+    rank = rank or (8 if lm else 4)
+    lora = LoraSettings(rank=rank, alpha=alpha if alpha is not None else (32.0 if lm else None),
+                        target_modules=targets, modules_to_save=() if lm else ("classifier",))
+    batch_size = batch_size or (8 if lm else 32)
+    if lm:
+        from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss
+
+        model, tokenizer = load_causal_lm(model_dir, lora, device=device, seed=seed)
+        collate = make_collator(tokenizer, "causal_lm", max_length, **data)
+        stats = finetune_causal_lm(model, tokenizer, records, epochs=epochs, lr=lr, batch_size=batch_size,
+                                   max_length=max_length, seed=seed, progress=progress, collate=collate)
+        summary = {"train_loss_per_token": response_loss(model, tokenizer, records, collate=collate),
+                   "collate": collate.settings()}
+        shown = f"training loss {summary['train_loss_per_token']:.3f} per token"
+    else:
+        from datainf.models.finetune import (
+            TrainSettings,
+            evaluate_classifier,
+            finetune_classifier,
+            load_classifier,
+        )
+
+        num_labels = max(max(r["label"] for r in records) + 1, 2)
+        model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=seed)
+        model.to(device)
+        stats = finetune_classifier(model, tokenizer, records, TrainSettings(
+            epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed),
+            progress=progress)
+        acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
+        summary = {"num_labels": num_labels, "train_accuracy": acc}
+        shown = f"training accuracy {acc:.3f}"
     with atomic.new_directory(out_dir, replace=replace) as tmp:
         save_adapter(model, tmp)
-        (tmp / MARKER).write_text(json.dumps({
-            "num_labels": max(num_labels, 2), "train": str(train_path), "train_accuracy": acc,
-            "seconds": stats.get("seconds")}, indent=2))
-    click.echo(f"adapter written to {out_dir} (training accuracy {acc:.3f})")
+        if lm:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / MARKER).write_text(json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"),
+                                              **summary}, indent=2))
+    click.echo(f"adapter written to {out_dir} ({shown})")

@@ -2,36 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from datainf.cli.common import check_output, device_option, load_model, rank_device, read_data, setup
+from datainf.cli.common import (
+    check_output,
+    data_options,
+    device_option,
+    load_model,
+    make_collator,
+    model_dtype_option,
+    rank_device,
+    read_data,
+    setup,
+)
 
 
 @click.command("grads")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Local Hugging Face base model folder.")
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="LoRA adapter folder (from `datainf finetune` or peft's save_pretrained).")
-@click.option("--data", "data_path", required=True, type=click.Path(), help="JSONL, CSV or save_to_disk folder.")
+              help="LoRA adapter folder (from `datainf finetune`, TRL, the Trainer or peft's save_pretrained).")
+@click.option("--data", "data_path", required=True, type=click.Path(),
+              help="JSONL, JSON, CSV/TSV, parquet or a save_to_disk folder.")
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
               help="Gradient store folder (created, or resumed when it exists).")
 @click.option("--task", type=click.Choice(["classification", "causal_lm", "causal_lm_mean"]),
-              default="classification")
-@click.option("--text-column", default="text")
-@click.option("--label-column", default="label")
-@click.option("--prompt-column", default="prompt", help="causal_lm: the prompt column.")
-@click.option("--response-column", default="response", help="causal_lm: the response column (scored).")
+              default="classification",
+              help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: "
+                   "averaged over them.")
+@data_options
 @click.option("--num-labels", type=int, default=None, help="Classification: number of classes.")
 @click.option("--batch-size", type=int, default=16)
 @click.option("--chunk-size", type=int, default=256, help="Examples per store shard (unit of resumption).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
               help="Storage dtype of the gradients.")
-@click.option("--max-length", type=int, default=128)
+@click.option("--max-length", type=click.IntRange(min=2), default=128, help="Token limit per example.")
+@model_dtype_option
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_path: str, store_dir: str, task: str,
-            text_column: str, label_column: str, prompt_column: str, response_column: str, num_labels: int | None,
-            batch_size: int, chunk_size: int, dtype: str, max_length: int, device: str | None) -> None:
+            num_labels: int | None, batch_size: int, chunk_size: int, dtype: str, max_length: int,
+            model_dtype: str, device: str | None, **data: Any) -> None:
     """Per-example gradients of a dataset into a gradient store (resumes an interrupted run)."""
     from datainf.attributor import Attributor
     from datainf.distributed import init_distributed, is_main_process
@@ -40,10 +53,11 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     progress, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     progress = progress and is_main_process()
-    records = read_data(data_path, task, text_column, label_column, prompt_column, response_column)
-    model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device)
-    attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, batch_size=batch_size,
-                            chunk_size=chunk_size, store_dtype=dtype, max_length=max_length, progress=progress)
+    records = read_data(data_path, task, **data)
+    model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
+    collate = make_collator(tokenizer, task, max_length, **data)
+    attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
+                            batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress)
     store = attributor.fit(records)
     if is_main_process():
         click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks, "

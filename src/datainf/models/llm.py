@@ -97,6 +97,27 @@ def smollm2_dir(rebuild: bool = False) -> Path:
     return target
 
 
+def smollm2_tokenizer_dir() -> Path:
+    """A folder holding only SmolLM2-135M-Instruct's tokenizer (with its chat template): the converted model
+    folder if it exists, else ``cache_root() / "smollm2-135m-instruct-tokenizer"``, converted from the GGUF
+    file on first use (seconds, no weights read)."""
+    full = cache_root() / SMOLLM2_NAME
+    if _is_complete(full):
+        return full
+    target = cache_root() / f"{SMOLLM2_NAME}-tokenizer"
+    if (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file():
+        return target
+    gguf_path = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise DataInfError("reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf`")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with atomic.new_directory(target, replace=True) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    return target
+
+
 def load_causal_lm(
     model_dir: str | os.PathLike,
     lora: LoraSettings | None = None,
@@ -152,6 +173,35 @@ def load_causal_lm(
     return model.eval(), tokenizer
 
 
+def load_causal_lm_adapter(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,
+                           dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+                           ) -> tuple[Any, Any]:
+    """A local causal LM with a saved LoRA adapter (a PEFT folder, e.g. from TRL, the Trainer or
+    ``datainf finetune``), its LoRA parameters trainable; returns (PeftModel in eval mode, tokenizer). The
+    tokenizer comes from the adapter folder when it holds one (TRL saves it there), else from the model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
+    if not (model_dir / "config.json").is_file():
+        raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers causal LM")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DataInfError(f"{adapter_dir} has no adapter_config.json; pass a folder written by peft's save_pretrained")
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file() or (adapter_dir / "tokenizer.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir if has_tokenizer else model_dir))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    except Exception as e:  # noqa: BLE001 - peft raises several kinds for an adapter that does not fit
+        raise DataInfError(f"adapter {adapter_dir} does not fit model {model_dir}: "
+                           f"{' '.join(str(e).split())[:300]}") from None
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
 def response_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed NLL of the response tokens of a padded batch (input_ids, attention_mask, labels: (B, T)) and
     the number of those tokens."""
@@ -173,18 +223,22 @@ def finetune_causal_lm(
     seed: int = 0,
     warmup_ratio: float = 0.06,
     progress: bool = True,
+    collate: TextCollator | None = None,
 ) -> dict[str, Any]:
-    """Train the LoRA parameters in place on ``{"prompt", "response"}`` records.
+    """Train the LoRA parameters in place on causal LM records: chat (``{"messages"}``), ``{"prompt",
+    "response"}`` or ``{"text"}`` (see :class:`datainf.data.collate.TextCollator`, which ``collate`` may set
+    up, e.g. with ``chat_template=True``; default: its defaults at ``max_length``).
 
-    Loss: mean NLL per response token of each batch (prompt and padding excluded). AdamW with a linear
-    warm-up then linear decay; batches reshuffled every epoch with ``seed`` and padded to their own longest
-    example. Returns {"losses": per-step losses, "steps", "seconds", "final_epoch_loss"}.
+    Loss: mean NLL per loss token of each batch (response / assistant tokens, or every token of a text
+    record; padding excluded). AdamW with a linear warm-up then linear decay; batches reshuffled every epoch
+    with ``seed`` and padded to their own longest example. Returns {"losses": per-step losses, "steps",
+    "seconds", "final_epoch_loss"}.
     """
     if len(records) == 0:
         raise DataInfError("no training records; pass at least one {'prompt', 'response'} record")
     settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
                              warmup_ratio=warmup_ratio, weight_decay=0.0, seed=seed)
-    collate = TextCollator(tokenizer=tokenizer, task="causal_lm", max_length=max_length)
+    collate = collate or TextCollator(tokenizer=tokenizer, task="causal_lm", max_length=max_length)
 
     def mean_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         total_nll, n_tokens = response_nll(model, batch)
@@ -195,11 +249,12 @@ def finetune_causal_lm(
 
 @torch.no_grad()
 def response_loss(model: Any, tokenizer: Any, records: Sequence[dict], batch_size: int = 16,
-                  max_length: int = 128) -> float:
-    """Mean NLL per response token of ``records`` under the model (eval mode)."""
+                  max_length: int = 128, collate: TextCollator | None = None) -> float:
+    """Mean NLL per loss token (response, assistant or text tokens) of ``records`` under the model (eval
+    mode), tokenized by ``collate`` (default: a TextCollator at ``max_length``)."""
     if len(records) == 0:
         raise DataInfError("no records to evaluate")
-    collate = TextCollator(tokenizer=tokenizer, task="causal_lm", max_length=max_length)
+    collate = collate or TextCollator(tokenizer=tokenizer, task="causal_lm", max_length=max_length)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -213,4 +268,5 @@ def response_loss(model: Any, tokenizer: Any, records: Sequence[dict], batch_siz
     return total / max(count, 1)
 
 
-__all__ = ["finetune_causal_lm", "load_causal_lm", "response_loss", "smollm2_dir", "smollm2_gguf"]
+__all__ = ["finetune_causal_lm", "load_causal_lm", "load_causal_lm_adapter", "response_loss", "smollm2_dir",
+           "smollm2_gguf", "smollm2_tokenizer_dir"]

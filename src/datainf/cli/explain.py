@@ -1,0 +1,167 @@
+"""`datainf explain`: why did my model say this? One prompt (and response) against a training store.
+
+Loads the model and adapter once, takes a prompt from the command line (and a response, or generates one),
+tokenizes it as the training data was (the chat template when the store holds chat records), computes its
+gradient, scores it against the store with each method and prints the most helpful and most harmful
+training examples. ``--interactive`` keeps the model loaded and asks for the next prompt.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from datainf.cli.common import device_option, model_dtype_option, parse_methods, setup
+from datainf.errors import DataInfError
+from datainf.estimators import method_names
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: max(width - 1, 1)] + "…"
+
+
+def query_record(prompt: str, response: str, chat: bool) -> dict[str, Any]:
+    """The query as a record of the store's kind: a user and an assistant turn for a chat store."""
+    if chat:
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+    return {"prompt": prompt, "response": response}
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, chat: bool, max_new_tokens: int) -> str:
+    """The model's own greedy continuation of the prompt (through the chat template for a chat store)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        inputs = {k: v.to(device) for k, v in ids.items()}
+    else:
+        inputs = {k: v.to(device) for k, v in tokenizer(prompt, return_tensors="pt").items()}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
+    """The terminal table of one method's helpful and harmful examples."""
+    lines = []
+    for kind, meaning in (("helpful", "score < 0: up-weighting it makes this response more likely"),
+                          ("harmful", "score > 0: up-weighting it makes this response less likely")):
+        picked = [r for r in rows if r["method"] == method and r["kind"] == kind]
+        lines.append(f"{method}: the {len(picked)} most {kind} training examples ({meaning})")
+        lines.append(f"  {'rank':>4}  {'score':>10}  {'#':>6}  example")
+        text_width = max(width - 28, 20)
+        for r in picked:
+            if "train_prompt" in r:
+                text = f"{r['train_prompt']} -> {r['train_response']}"
+            else:
+                text = str(r.get("train_text", "(no text kept in the store)"))
+                if "train_label" in r:
+                    text = f"[{r.get('train_label_name', r['train_label'])}] {text}"
+            lines.append(f"  {r['rank']:>4}  {r['score']:>+10.3e}  {r['train_index']:>6}  {_cut(text, text_width)}")
+    return "\n".join(lines)
+
+
+@click.command("explain")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Local Hugging Face base model folder.")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The LoRA adapter the training store was made with.")
+@click.option("--store", "store_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The training set's gradient store (from `datainf grads`).")
+@click.option("--prompt", default=None, help="The prompt to explain (asked for with --interactive).")
+@click.option("--response", default=None, help="The response to explain; default: the model's own (generated).")
+@click.option("--method", "methods", default="datainf", help=f"Comma-separated: {', '.join(method_names())}.")
+@click.option("--k", type=click.IntRange(min=1), default=10, help="Examples shown per list.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows (and settings) as JSON to this file.")
+@click.option("--interactive", is_flag=True, help="Keep the model loaded and ask for the next prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Length of a generated response.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Explain with a model or adapter other than the store's (a cross-checkpoint comparison).")
+@model_dtype_option
+@device_option
+@click.pass_context
+def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str, prompt: str | None,
+            response: str | None, methods: str, k: int, json_path: str | None, interactive: bool,
+            max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
+    """Which training examples made the model give this response to this prompt?"""
+    from datainf.attributor import Attributor
+    from datainf.cli.common import load_model
+    from datainf.data.collate import TextCollator
+    from datainf.estimators import ScoreArguments
+    from datainf.ranking import top_examples
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    if prompt is None and not interactive:
+        raise DataInfError("give --prompt TEXT (or --interactive to type prompts)")
+    names = parse_methods(methods)
+    store = GradientStore.open(store_dir)
+    meta = store.manifest.get("meta", {})
+    task = meta.get("task")
+    if task not in ("causal_lm", "causal_lm_mean"):
+        raise DataInfError(f"store {store_dir} holds gradients of task {task!r}; explain answers for causal LM "
+                           "stores (made by `datainf grads --task causal_lm`)")
+    settings = dict(meta.get("collate") or {})
+    records = store.records()
+    chat = bool(settings.get("chat_template")) or bool(records and "messages" in records[0])
+    _, device = setup(ctx, device)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_dir, adapter_dir, task, None, device, model_dtype)
+    load_seconds = time.perf_counter() - t0
+    query_settings = {key: settings[key] for key in ("max_length", "append_eos") if key in settings}
+    collate = TextCollator(tokenizer=tokenizer, task=task, assistant_turns="last", **query_settings)
+    attributor = Attributor(model, task=task, store=store_dir, collate=collate, progress=False)
+    differences = attributor.differences(store)
+    if differences and not allow_mismatch:
+        raise DataInfError(f"store {store_dir} was made with a different {differences[0]}; explain with the model "
+                           "and adapter it was made with, or pass --allow-mismatch")
+    click.echo(f"loaded {model_dir} + {adapter_dir} in {load_seconds:.1f} s; store: {store.n_examples} training "
+               f"examples, {len(store.block_names)} blocks{' (chat)' if chat else ''}")
+    width = shutil.get_terminal_size((120, 24)).columns
+    answers = []
+    while True:
+        if interactive and prompt is None:
+            prompt = click.prompt("prompt (empty to stop)", default="", show_default=False)
+            if not prompt.strip():
+                break
+        assert prompt is not None
+        generated = response is None
+        if generated:
+            response = generate(model, tokenizer, prompt, chat, max_new_tokens)
+        click.echo(f"\nprompt:   {_cut(prompt, width - 10)}\nresponse: {_cut(response, width - 10)}"
+                   f"{'   (generated by the model, greedy)' if generated else ''}")
+        t0 = time.perf_counter()
+        record = query_record(prompt, response, chat)
+        qgrads = attributor.gradients([record], desc=None)
+        rows, timings = [], {}
+        for method in names:
+            options = {"iterations": 100} if method == "lissa" else {}
+            result = score_store(store, qgrads, ScoreArguments(method=method, options=options),
+                                 allow_mismatch=allow_mismatch)
+            timings[method] = result.seconds
+            rows += top_examples(result.scores, k, method=method, train_records=records, query_names=["query"])
+        seconds = time.perf_counter() - t0
+        for method in names:
+            click.echo("\n" + render(rows, method, k, width))
+        click.echo(f"\n(gradient + scoring against {store.n_examples} examples: {seconds:.2f} s)")
+        answers.append({"prompt": prompt, "response": response, "generated": generated, "methods": timings,
+                        "rows": rows})
+        if not interactive:
+            break
+        prompt, response = None, None
+    if json_path is not None:
+        from datainf import atomic
+
+        atomic.write_json(Path(json_path), {"store": str(store_dir), "model": model_dir, "adapter": adapter_dir,
+                                            "k": k, "answers": answers, "mismatch": differences})
+        click.echo(f"wrote {json_path}")

@@ -1,0 +1,96 @@
+"""`datainf top`: the top-k helpful and harmful training examples of every query and method, as data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from datainf.cli.common import check_output, data_options
+from datainf.errors import DataInfError
+
+COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "score", "train_prompt", "train_response",
+           "train_text", "train_label", "train_label_name")
+
+
+def training_records(loaded: Any, data_path: str | None, data: dict[str, Any]) -> list[dict] | None:
+    """The training examples of a scores file: from ``--data`` (checked against the store's dataset
+    fingerprint, so texts are never attached to the wrong scores), else the store's own records."""
+    from datainf.cli.common import read_data
+    from datainf.store import GradientStore, fingerprint_dataset
+
+    train = loaded.meta.get("train_store") or {}
+    if data_path is not None:
+        task = train.get("task") or "classification"
+        records = read_data(data_path, task if task in ("causal_lm", "causal_lm_mean") else "classification", **data)
+        expected = (train.get("fingerprints") or {}).get("dataset")
+        if expected is not None and fingerprint_dataset(records) != expected:
+            raise DataInfError(f"{data_path} is not the data the scores' training store was made from (its rows "
+                               "differ); pass that file, with the column and format options given to `datainf grads`")
+        if len(records) != loaded.n_train:
+            raise DataInfError(f"{data_path} has {len(records)} rows but the scores have {loaded.n_train}")
+        return records
+    path = train.get("path")
+    if path and Path(path).is_dir():
+        return GradientStore.open(path).records()
+    return None
+
+
+def query_records(loaded: Any) -> list[dict] | None:
+    from datainf.store import GradientStore
+
+    path = (loaded.meta.get("query_store") or {}).get("path")
+    if path and Path(path).is_dir():
+        return GradientStore.open(path).records()
+    return None
+
+
+@click.command("top")
+@click.option("--scores", "scores_path", required=True, type=click.Path(dir_okay=False),
+              help="A scores file from `datainf score`.")
+@click.option("--data", "data_path", type=click.Path(), default=None,
+              help="The training data (default: the examples kept in the training store).")
+@data_options
+@click.option("--k", type=click.IntRange(min=1), default=20, help="Examples per list (helpful, harmful).")
+@click.option("--method", "only", default=None, help="Only these methods (comma-separated); default all in the file.")
+@click.option("--format", "out_format", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Output file; default stdout.")
+def command(scores_path: str, data_path: str | None, k: int, only: str | None, out_format: str,
+            out_path: str | None, **data: Any) -> None:
+    """Per method and query: rank, training index, score and the training example's text."""
+    from datainf.ranking import top_examples
+    from datainf.scoring import load_scores
+
+    if out_path is not None:
+        check_output(out_path, inputs={"scores file": scores_path, "data file": data_path})
+    loaded = load_scores(scores_path)
+    methods = [m.strip() for m in only.split(",")] if only else list(loaded.scores)
+    missing = [m for m in methods if m not in loaded.scores]
+    if missing:
+        raise DataInfError(f"{scores_path} holds no scores for {missing}; it has {list(loaded.scores)}")
+    train, queries = training_records(loaded, data_path, data), query_records(loaded)
+    rows = []
+    for method in methods:
+        scores = loaded.scores[method]
+        qs = queries if queries is not None and scores.ndim == 2 and scores.shape[1] == len(queries) else None
+        rows += top_examples(scores, k, method=method, train_records=train, query_records=qs)
+    if out_format == "jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[c for c in COLUMNS if any(c in r for r in rows)],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    if out_path is None:
+        click.echo(text, nl=False)
+    else:
+        from datainf import atomic
+
+        atomic.write_text(out_path, text)
+        click.echo(f"wrote {len(rows)} rows to {out_path}", err=True)
