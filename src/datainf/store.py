@@ -730,8 +730,10 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, str]:
     try:
         base.update(_stable_json(_config_dict(model)).encode())
         peft_config = getattr(model, "peft_config", None)
-        if peft_config is not None:
-            adapter.update(_stable_json(peft_config).encode())
+        if peft_config is not None:  # without inference_mode: loading for inference or training is the same adapter
+            configs = {name: {k: v for k, v in (c.to_dict() if hasattr(c, "to_dict") else dict(c)).items()
+                              if k != "inference_mode"} for name, c in dict(peft_config).items()}
+            adapter.update(_stable_json(configs).encode())
     except TypeError as e:
         raise DataInfError(f"fingerprint_model: the model's config cannot be written as JSON ({e})") from None
     adapter_names = set(adapter_parameters(model))

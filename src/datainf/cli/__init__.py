@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("datainf.cli.top", "The top-k helpful and harmful training examples per query, as JSONL or CSV."),
     "report": ("datainf.cli.report", "A self-contained HTML report from a scores file."),
     "experiment": ("datainf.cli.experiment", "The paper's experiments (see docs/results.md)."),
+    "assets": ("datainf.cli.assets", "Print the folder of an offline model (converted once)."),
+    "example-data": ("datainf.cli.assets", "Write a generated chat or prompt/response training set as JSONL."),
 }
 
 
@@ -55,7 +57,9 @@ class LazyGroup(click.Group):
                 raise
             raise DataInfError(f"`datainf {name}` needs the package {e.name!r}, which is not installed: "
                                f"pip install {e.name}") from None
-        command = module.command
+        command = getattr(module, name.replace("-", "_"), None)  # a module may define several commands
+        if not isinstance(command, click.Command):
+            command = module.command
         self.commands[name] = command
         return command
 

@@ -252,6 +252,23 @@ def make_task(name: str, classes: int = 10, per_class: int = 100, seed: int = 0)
     return records
 
 
+def chat_records(records: Sequence[dict]) -> list[dict]:
+    """The same examples as chat ``{"messages": [...]}`` records (TRL's conversational format), keeping
+    ``label`` and ``class_name``: for "sentences" the chatbot's description is the system turn and the
+    sentence the user turn; for the math tasks the problem is the user turn. The assistant turn is the
+    response without its leading space."""
+    out = []
+    for r in records:
+        if "input" in r:  # sentences: "You are {bot}, a chatbot that can only {instruction}.\nSentence: ..."
+            system = r["prompt"].split("\n", 1)[0]
+            turns = [{"role": "system", "content": system}, {"role": "user", "content": r["input"]}]
+        else:
+            turns = [{"role": "user", "content": r["prompt"].removesuffix("\nAnswer:")}]
+        turns.append({"role": "assistant", "content": r["response"].strip()})
+        out.append({"messages": turns, "label": r["label"], "class_name": r["class_name"]})
+    return out
+
+
 def split_task(records: Sequence[dict], train_per_class: int = 90, test_per_class: int = 10) -> tuple[list[dict], list[dict]]:
     """(train, test): the first ``train_per_class`` records of each class and the next ``test_per_class``.
 
@@ -273,4 +290,4 @@ def split_task(records: Sequence[dict], train_per_class: int = 90, test_per_clas
     return train, test
 
 
-__all__ = ["MATH_CLASSES", "SENTENCE_CLASSES", "TASKS", "make_task", "random_sentence", "split_task"]
+__all__ = ["MATH_CLASSES", "SENTENCE_CLASSES", "TASKS", "chat_records", "make_task", "random_sentence", "split_task"]

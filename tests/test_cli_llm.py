@@ -1,0 +1,234 @@
+"""The LLM practitioner's path from the command line, on a tiny random Llama with SmolLM2's real tokenizer
+(and chat template): finetune -> grads -> explain / score -> top, stores that do not belong together, an
+adapter loaded for inference, and the bad inputs (one `error:` line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import datainf  # noqa: E402
+from datainf.cli import main  # noqa: E402
+from datainf.data.generation import chat_records, make_task  # noqa: E402
+from datainf.scoring import load_scores  # noqa: E402
+from datainf.store import GradientStore  # noqa: E402
+from reference import FLOAT64_TOL, assert_close_to  # noqa: E402
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quiet", *argv])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A saved random 1-layer Llama over SmolLM2's vocabulary, with SmolLM2's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from datainf.models.llm import smollm2_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flow(chat_model_dir, tmp_path_factory):
+    """example-data -> finetune (causal_lm, chat) -> grads, once for the module."""
+    root = tmp_path_factory.mktemp("llm-flow")
+    data = root / "chat.jsonl"
+    records = chat_records(make_task("sentences", classes=2, per_class=3, seed=0))
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(SystemExit) as e:
+        main(["--quiet", "finetune", "--task", "causal_lm", "--model", str(chat_model_dir), "--train", str(data),
+              "--out", str(root / "adapter"), "--epochs", "1", "--rank", "2", "--lr", "1e-2", "--device", "cpu"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["--quiet", "grads", "--task", "causal_lm", "--model", str(chat_model_dir), "--adapter",
+              str(root / "adapter"), "--data", str(data), "--store", str(root / "store"), "--chunk-size", "4",
+              "--batch-size", "2", "--dtype", "float64", "--model-dtype", "float64"])
+    assert e.value.code == 0
+    return root, data, records
+
+
+def test_finetune_writes_an_adapter_with_its_tokenizer_and_the_store_keeps_the_chat(flow):
+    root, _, records = flow
+    adapter = root / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "tokenizer_config.json").is_file()
+    meta = json.loads((adapter / "datainf_finetune.json").read_text())
+    assert meta["task"] == "causal_lm" and meta["collate"]["assistant_turns"] == "all"
+    store = GradientStore.open(root / "store")
+    assert store.records() == [{"messages": r["messages"]} for r in records]
+    assert store.manifest["meta"]["task"] == "causal_lm"
+
+
+def test_explain_prints_and_writes_the_top_examples_of_an_independent_score(flow, chat_model_dir, capsys):
+    root, _, records = flow
+    system, prompt, response = (records[0]["messages"][0]["content"], "the old fox finds the book",
+                                "book the finds fox old the")
+    code, out, err = run(["explain", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"),
+                          "--store", str(root / "store"), "--system", system, "--prompt", prompt, "--response",
+                          response, "--method", "datainf,identity", "--k", "3", "--json", str(root / "explain.json"),
+                          "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    assert "most helpful" in out and "most harmful" in out and "generated" not in out
+    answer = json.loads((root / "explain.json").read_text())["answers"][0]
+    # independent: the query's gradient from the chat template (float64 model), scored by the library
+    from datainf.attributor import Attributor
+    from datainf.data.collate import TextCollator
+    from datainf.models.llm import load_causal_lm_adapter
+
+    model, tok = load_causal_lm_adapter(chat_model_dir, root / "adapter", dtype=torch.float64)
+    query = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt},
+                          {"role": "assistant", "content": response}]}
+    att = Attributor(model, task="causal_lm", store=root / "store", collate=TextCollator(tok, task="causal_lm"),
+                     progress=False)
+    qgrads = att.gradients([query])
+    store = GradientStore.open(root / "store")
+    for method in ("datainf", "identity"):
+        scores = datainf.influence(store.blocks(), qgrads, method)[:, 0]
+        rows = [r for r in answer["rows"] if r["method"] == method]
+        helpful = [r["train_index"] for r in rows if r["kind"] == "helpful"]
+        assert helpful == torch.argsort(scores)[:3].tolist()
+        for r in rows:
+            assert r["score"] == pytest.approx(float(scores[r["train_index"]]), rel=FLOAT64_TOL, abs=1e-300)
+            assert r["train_response"] == records[r["train_index"]]["messages"][-1]["content"]
+            assert r["train_prompt"] in out or len(r["train_prompt"]) > 40
+
+
+def test_explain_generates_a_response_when_none_is_given(flow, chat_model_dir, capsys):
+    root, *_ = flow
+    code, out, err = run(["explain", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"),
+                          "--store", str(root / "store"), "--prompt", "the old fox finds the book", "--k", "2",
+                          "--max-new-tokens", "4", "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    assert "generated by the model" in out
+
+
+def test_score_refuses_a_query_store_of_another_adapter_unless_asked(flow, chat_model_dir, tmp_path, capsys):
+    root, data, _ = flow
+    other = tmp_path / "adapter2"
+    assert run(["finetune", "--task", "causal_lm", "--model", str(chat_model_dir), "--train", str(data), "--out",
+                str(other), "--epochs", "1", "--rank", "2", "--lr", "5e-2", "--seed", "3", "--device", "cpu"],
+               capsys)[0] == 0
+    assert run(["grads", "--task", "causal_lm", "--model", str(chat_model_dir), "--adapter", str(other), "--data",
+                str(data), "--store", str(tmp_path / "q"), "--model-dtype", "float64", "--dtype", "float64"],
+               capsys)[0] == 0
+    out = tmp_path / "s.safetensors"
+    code, _, err = run(["score", "--store", str(root / "store"), "--queries", str(tmp_path / "q"), "--out", str(out)],
+                       capsys)
+    assert code == 2 and err.startswith("error:") and "different adapter" in err and err.count("\n") == 1
+    assert not out.exists()
+    code, _, err = run(["score", "--store", str(root / "store"), "--queries", str(tmp_path / "q"), "--out", str(out),
+                        "--allow-mismatch"], capsys)
+    assert code == 0 and "warning: scored across stores" in err
+    assert "adapter" in load_scores(out).settings["datainf"]["diagnostics"]["mismatch"][0]
+
+
+def test_top_writes_csv_and_jsonl_rows_with_the_training_texts(flow, tmp_path, capsys):
+    root, _, records = flow
+    scores = tmp_path / "self.safetensors"
+    assert run(["score", "--store", str(root / "store"), "--self", "--method", "identity,datainf", "--out",
+                str(scores)], capsys)[0] == 0
+    code, out, err = run(["top", "--scores", str(scores), "--k", "2", "--format", "csv"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    loaded = load_scores(scores)
+    assert len(rows) == 2 * 2 * 2  # methods x (helpful, harmful) x k
+    for r in rows:
+        value = loaded.scores[r["method"]][int(r["train_index"])]
+        assert float(r["score"]) == pytest.approx(float(value), rel=1e-12)
+        assert r["train_response"] == records[int(r["train_index"])]["messages"][-1]["content"]
+    harmful = [int(r["train_index"]) for r in rows if r["method"] == "identity" and r["kind"] == "harmful"]
+    assert harmful == torch.argsort(-loaded.scores["identity"])[:2].tolist()
+    code, out, _ = run(["top", "--scores", str(scores), "--k", "1", "--method", "datainf", "--format", "jsonl",
+                        "--out", str(tmp_path / "top.jsonl")], capsys)
+    lines = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["kind"] for r in lines] == ["helpful", "harmful"]
+
+
+def test_an_adapter_loaded_for_inference_is_attributed_and_left_frozen(flow, chat_model_dir):
+    """PeftModel.from_pretrained(base, folder) without is_trainable: every parameter is frozen, the usual way
+    to load an adapter. Its LoRA gradients are those of the same adapter loaded trainable."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datainf.data.collate import TextCollator
+
+    root, _, records = flow
+    tok = AutoTokenizer.from_pretrained(str(root / "adapter"))
+    frozen = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(chat_model_dir), dtype=torch.float64),
+                                       str(root / "adapter"))
+    assert not any(p.requires_grad for p in frozen.parameters())
+    batch = TextCollator(tok, task="causal_lm")(records[:3])
+    got = datainf.per_example_gradients(frozen, batch, "causal_lm")
+    assert not any(p.requires_grad for p in frozen.parameters())  # restored
+    trainable = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(chat_model_dir),
+                                                                               dtype=torch.float64),
+                                          str(root / "adapter"), is_trainable=True)
+    want = datainf.per_example_gradients(trainable, batch, "causal_lm")
+    assert list(got) == list(want) and all("lora_" in n for n in got)
+    for name in want:
+        assert_close_to(got[name], want[name], what=name)
+    from datainf.store import fingerprint_model
+
+    assert fingerprint_model(frozen) == fingerprint_model(trainable)  # the same adapter, the same fingerprint
+
+
+@pytest.mark.parametrize("case", ["no_chat_template", "bad_messages", "no_columns", "split_on_a_file", "explain_on_a_classification_store"])
+def test_bad_llm_input_is_one_line_and_exit_2(case, flow, chat_model_dir, tiny_llama_dir, tmp_path, capsys):
+    root, data, _ = flow
+    bad = tmp_path / "bad.jsonl"
+    store = tmp_path / "s"
+    grads = ["grads", "--task", "causal_lm", "--adapter", str(root / "adapter"), "--store", str(store)]
+    if case == "no_chat_template":  # a model whose tokenizer has no chat template, given chat records
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
+                                    LoraConfig(r=2, target_modules=["q_proj"]))
+        peft_model.save_pretrained(str(tmp_path / "plain-adapter"))
+        argv = ["grads", "--task", "causal_lm", "--model", str(tiny_llama_dir), "--adapter",
+                str(tmp_path / "plain-adapter"), "--data", str(data), "--store", str(store)]
+        expected = "no chat template"
+    elif case == "bad_messages":
+        bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+        argv, expected = grads + ["--model", str(chat_model_dir), "--data", str(bad)], "row 0, column 'messages'"
+    elif case == "no_columns":
+        bad.write_text(json.dumps({"question": "hi", "answer": "yo"}) + "\n")
+        argv, expected = grads + ["--model", str(chat_model_dir), "--data", str(bad)], "--prompt-column"
+    elif case == "split_on_a_file":
+        argv, expected = grads + ["--model", str(chat_model_dir), "--data", str(data), "--split", "train"], "--split"
+    else:
+        argv = ["explain", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"), "--store",
+                str(tmp_path / "cls-store"), "--prompt", "hi"]
+        with GradientStore.create(tmp_path / "cls-store", blocks={"w": (2,)}, n_examples=1, fingerprints={},
+                                  meta={"task": "classification"}) as cls_store:
+            cls_store.write_chunk(0, {"w": torch.ones(1, 2)})
+            cls_store.finalize()
+        expected = "explain answers for causal LM stores"
+    before = tree(tmp_path)
+    code, _, err = run(argv, capsys)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], err
+    assert tree(tmp_path) == before
