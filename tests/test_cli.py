@@ -108,6 +108,21 @@ def test_help_is_complete(capsys):
         assert code == 0 and option in out
 
 
+def test_help_imports_no_torch():
+    """`datainf --help` and `datainf experiment --help` list the commands without importing torch."""
+    import subprocess
+    import sys
+
+    child = ("import sys\nfrom datainf.cli import main\nfor argv in (['--help'], ['experiment', '--help']):\n"
+             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+             "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("experiment", "mislabeled", "approximation", "selection", "scaling", "llm-identification",
+                 "diffusion-style", "diffusion-subject", "lds"):
+        assert name in proc.stdout
+
+
 def test_config_file_sets_defaults_and_flags_override(flow, tmp_path, capsys):
     root, *_ = flow
     config = tmp_path / "run.yaml"
