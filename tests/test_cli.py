@@ -123,6 +123,22 @@ def test_help_imports_no_torch():
         assert name in proc.stdout
 
 
+def test_missing_optional_dependency_is_one_line(monkeypatch, capsys):
+    """An experiment whose optional package is absent names the package; it is not an unknown command."""
+    import sys
+
+    from datainf.cli.experiment import command as experiment_group
+
+    monkeypatch.setattr(experiment_group, "commands", {})  # nothing loaded yet
+    for module in ("datainf.cli.experiment.diffusion", "datainf.experiments.diffusion", "datainf.models.diffusion"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` raises ModuleNotFoundError
+    code, _, err = run(["experiment", "diffusion-style", "--help"], capsys)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: `datainf experiment diffusion-style` needs the package 'diffusers'"), err
+
+
 def test_config_file_sets_defaults_and_flags_override(flow, tmp_path, capsys):
     root, *_ = flow
     config = tmp_path / "run.yaml"
