@@ -34,7 +34,7 @@ from datainf.tasks import resolve_task
 def _minilm(batch_size: int, batches: int):
     from datainf.data.assets import minilm_dir
     from datainf.data.text import load_text_dataset
-    from datainf.finetune import LoraSettings, load_classifier
+    from datainf.models.finetune import LoraSettings, load_classifier
 
     model, tok = load_classifier(minilm_dir(), 2, LoraSettings(rank=4, target_modules=("value",)))
     records = load_text_dataset("rotten_tomatoes")[: batch_size * batches]
@@ -48,7 +48,7 @@ def _smollm2(batch_size: int, batches: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from datainf.data.generation import make_task
-    from datainf.llm import smollm2_dir
+    from datainf.models.llm import smollm2_dir
 
     path = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(path)

@@ -108,6 +108,37 @@ def test_help_is_complete(capsys):
         assert code == 0 and option in out
 
 
+def test_help_imports_no_torch():
+    """`datainf --help` and `datainf experiment --help` list the commands without importing torch."""
+    import subprocess
+    import sys
+
+    child = ("import sys\nfrom datainf.cli import main\nfor argv in (['--help'], ['experiment', '--help']):\n"
+             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+             "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("experiment", "mislabeled", "approximation", "selection", "scaling", "llm-identification",
+                 "diffusion-style", "diffusion-subject", "lds"):
+        assert name in proc.stdout
+
+
+def test_missing_optional_dependency_is_one_line(monkeypatch, capsys):
+    """An experiment whose optional package is absent names the package; it is not an unknown command."""
+    import sys
+
+    from datainf.cli.experiment import command as experiment_group
+
+    monkeypatch.setattr(experiment_group, "commands", {})  # nothing loaded yet
+    for module in ("datainf.cli.experiment.diffusion", "datainf.experiments.diffusion", "datainf.models.diffusion"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` raises ModuleNotFoundError
+    code, _, err = run(["experiment", "diffusion-style", "--help"], capsys)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: `datainf experiment diffusion-style` needs the package 'diffusers'"), err
+
+
 def test_config_file_sets_defaults_and_flags_override(flow, tmp_path, capsys):
     root, *_ = flow
     config = tmp_path / "run.yaml"

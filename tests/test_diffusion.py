@@ -18,13 +18,13 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: 
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 import datainf.gradients as gradients_module  # noqa: E402
+from datainf.cli.experiment.diffusion import commands  # noqa: E402
 from datainf.data.collate import DiffusionCollate  # noqa: E402
 from datainf.data.images import apply_style, load_mnist, style_sets, subject_sets  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.experiments.diffusion import (  # noqa: E402
     DiffusionSettings,
     attribution_metrics,
-    cli_commands,
     run_diffusion,
 )
 from datainf.gradients import per_example_gradients  # noqa: E402
@@ -224,12 +224,14 @@ def test_style_experiment_end_to_end_on_a_tiny_unet(tmp_path):
     settings = DiffusionSettings(experiment="style", n_train_per_style=3, n_test_per_style=1, steps=1,
                                  batch_size=4, timesteps=(525,), grad_batch_size=9,
                                  methods=("datainf", "identity", "exact"))
-    results = run_diffusion(settings, tmp_path, unet=tiny_text_unet(), encoder=_HashEncoder(), progress=False)
-    assert results["n_train"] == 9 and results["n_test"] == 3
+    result = run_diffusion(settings, tmp_path, unet=tiny_text_unet(), encoder=_HashEncoder(), progress=False)
+    assert result.n_train == 9 and result.n_test == 3
     for m in ("datainf", "identity", "exact"):
-        r = results["methods"][m]
-        assert 0 <= r["auc"] <= 1 and 0 <= r["recall"] <= 1
-    assert results["methods"]["exact"]["pearson_with_exact"] == pytest.approx(1.0)
+        r = result.methods[m]
+        assert 0 <= r.auc <= 1 and 0 <= r.recall <= 1
+    assert result.methods["exact"].pearson_with_exact == pytest.approx(1.0)
+    assert json.loads((tmp_path / "results.json").read_text())["methods"] == json.loads(
+        json.dumps(result.to_dict()["methods"]))
     scores = load_scores(tmp_path / "scores.safetensors").scores
     assert scores["datainf"].shape == (9, 3)
     page = (tmp_path / "report.html").read_text()
@@ -244,11 +246,11 @@ def test_subject_cli_with_a_saved_base_and_the_minilm_encoder(tmp_path):
     args = ["--out", str(out), "--base", str(tmp_path / "base"), "--n-subjects", "2", "--views", "2",
             "--steps", "1", "--batch-size", "2", "--timesteps", "525", "--methods", "datainf,identity",
             "--device", "cpu"]
-    result = CliRunner().invoke(cli_commands["diffusion-subject"], args, obj={})
+    result = CliRunner().invoke(commands["diffusion-subject"], args, obj={})
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["n_train"] == 4 and set(results["methods"]) == {"datainf", "identity"}
-    bad = CliRunner().invoke(cli_commands["diffusion-subject"], args[:-4] + ["--methods", "magic"])
+    bad = CliRunner().invoke(commands["diffusion-subject"], args[:-4] + ["--methods", "magic"])
     assert isinstance(bad.exception, DataInfError)
 
 

@@ -60,10 +60,10 @@ def test_run_llm_identification_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
     settings = LLMIdentificationSettings(task="sentences", classes=3, train_per_class=4, test_per_class=2,
                                          epochs=1, batch_size=4, lissa_iterations=5, grad_batch_size=4)
-    results = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
-    _check_outputs(tmp_path, results, n_train=12, n_test=6)
-    assert results["trainable_parameters"] == 2 * 2 * (2 * 32 + 2 * 32)  # layers x (q, v) x (A + B)
-    assert math.isfinite(results["test_loss_before"]) and math.isfinite(results["test_loss_after"])
+    result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
+    _check_outputs(tmp_path, result.to_dict(), n_train=12, n_test=6)
+    assert result.trainable_parameters == 2 * 2 * (2 * 32 + 2 * 32)  # layers x (q, v) x (A + B)
+    assert math.isfinite(result.test_loss_before) and math.isfinite(result.test_loss_after)
 
 
 def test_cli_command_runs_the_whole_pipeline(tiny_llama_dir, tmp_path):

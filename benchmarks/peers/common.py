@@ -45,7 +45,7 @@ def load_data() -> dict[str, Any]:
 def load_model() -> tuple[Any, Any]:
     """The fine-tuned LoRA MiniLM (eval mode) and its tokenizer, from the saved adapter."""
     from datainf.data.assets import minilm_dir
-    from datainf.finetune import load_adapter
+    from datainf.models.finetune import load_adapter
 
     data = load_data()
     return load_adapter(minilm_dir(), WORK / "adapter", data["num_labels"], is_trainable=True)

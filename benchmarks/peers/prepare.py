@@ -14,7 +14,7 @@ from common import SETTINGS, WORK
 from datainf.data.assets import minilm_dir
 from datainf.data.noise import flip_labels
 from datainf.data.text import load_text_dataset, sample_split
-from datainf.finetune import (
+from datainf.models.finetune import (
     LoraSettings,
     TrainSettings,
     evaluate_classifier,

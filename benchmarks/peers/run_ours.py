@@ -18,8 +18,8 @@ from common import SETTINGS, Timer, encode, load_data, load_model, write_result
 
 import datainf
 from datainf.attributor import length_sorted_batches
+from datainf.estimators.kfac import KFACFactors, curvature_from_gradients, fit_curvature
 from datainf.gradients import per_example_gradients
-from datainf.kfac import KFACFactors, curvature_from_gradients, fit_curvature
 
 
 def gradients(model, tokenizer, records, factors=None):

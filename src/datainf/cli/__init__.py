@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 import warnings
+from types import ModuleType
 from typing import Any
 
 import click
@@ -55,13 +56,17 @@ class LazyGroup(click.Group):
         except ModuleNotFoundError as e:
             if e.name and e.name.split(".")[0] == "datainf":
                 raise
-            raise DataInfError(f"`datainf {name}` needs the package {e.name!r}, which is not installed: "
-                               f"pip install {e.name}") from None
-        command = getattr(module, name.replace("-", "_"), None)  # a module may define several commands
-        if not isinstance(command, click.Command):
-            command = module.command
+            raise DataInfError(f"`{ctx.command_path} {name}` needs the package {e.name!r}, which is not "
+                               f"installed: pip install {e.name}") from None
+        command = self.command_of(module, name)
         self.commands[name] = command
         return command
+
+    def command_of(self, module: ModuleType, name: str) -> click.Command:
+        """The command named ``name`` in its lazily imported module: a command object named after it
+        (``example_data`` for "example-data", when a module defines several), else the module's ``command``."""
+        command = getattr(module, name.replace("-", "_"), None)
+        return command if isinstance(command, click.Command) else module.command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, help_) for name, (_, help_) in self.lazy.items()]

@@ -34,16 +34,16 @@ def command(ctx: click.Context, out_dir: str, dataset: str, n_train: int, n_val:
     finds the flipped labels (ROC AUC). Writes results.json, scores.safetensors and report.html; prints a
     table.
     """
-    from datainf.experiments.mislabeled import MislabeledSettings, format_table, run_mislabeled
+    from datainf.experiments.mislabeled import MislabeledSettings, format_table, run
 
     progress, device = setup(ctx, device)
     if device != "cpu":
         raise DataInfError("the demo runs on the CPU; drop --device")
     settings = MislabeledSettings(dataset=dataset, n_train=n_train, n_val=n_val, noise_fraction=noise, rank=rank,
                                   epochs=epochs, learning_rate=lr, methods=tuple(parse_methods(methods)), seed=seed)
-    results = run_mislabeled(settings, out_dir, progress=progress)
-    click.echo(f"\nvalidation accuracy {results['validation_accuracy']:.3f} after fine-tuning on "
-               f"{n_train} sentences ({results['n_flipped']} labels flipped)")
-    click.echo(format_table(results))
-    click.echo(f"\nwall time {results['wall_seconds']:.0f} s; wrote {out_dir}/results.json, "
+    result = run(settings, out_dir, progress=progress)
+    click.echo(f"\nvalidation accuracy {result.validation_accuracy:.3f} after fine-tuning on "
+               f"{n_train} sentences ({result.n_flipped} labels flipped)")
+    click.echo(format_table(result))
+    click.echo(f"\nwall time {result.wall_seconds:.0f} s; wrote {out_dir}/results.json, "
                f"{out_dir}/scores.safetensors, {out_dir}/report.html")

@@ -6,7 +6,8 @@
 * ``scaling``        time of each method as n_train and the block size grow; fitted log-log exponents.
 
 ``approximation`` and ``mislabeled`` come from one grid of :func:`run_mislabeled` runs (every run measures
-both); each run's results.json is cached, so a killed grid resumes where it stopped.
+both, :func:`run_grid`), summarized by :func:`write_grid_summary`; each run's results.json is cached, so a
+killed grid resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import math
 import os
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 
@@ -73,11 +73,21 @@ def load_dataset_records(dataset: str, n_train: int, n_val: int, seed: int) -> t
 
 # ---------------------------------------------------------------------------------------------- grid
 
+#: grid summary name -> (title, the per-method metrics it tabulates; the first is plotted against the rank)
+GRID_SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "approximation": ("Correlation of each method's scores with exact influence.",
+                      ("pearson_with_exact", "spearman_with_exact")),
+    "mislabeled": ("Mislabeled-data detection: AUC of flipped labels and wall time.", ("auc", "seconds")),
+}
+
 
 def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], seeds: list[int],
              out_dir: str | os.PathLike, *, target_sets: list[tuple[str, ...]] | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
-    """One :func:`run_mislabeled` per (dataset, rank, target modules, seed); cached per run in out_dir/runs."""
+    """One :func:`run_mislabeled` per (dataset, rank, target modules, seed), cached per run in out_dir/runs.
+
+    Returns each run's results.json contents (``MislabeledResult.to_dict()``), in grid order.
+    """
     out = Path(out_dir)
     runs = []
     target_sets = target_sets or [tuple(base.target_modules)]
@@ -91,8 +101,23 @@ def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], se
         records = None
         if dataset not in DATASETS:
             records = load_dataset_records(dataset, base.n_train, base.n_val, seed)
-        runs.append(run_mislabeled(settings, run_dir, progress=progress, records=records, keep_store=False))
+        result = run_mislabeled(settings, run_dir, progress=progress, records=records, keep_store=False)
+        runs.append(result.to_dict())
     return runs
+
+
+def write_grid_summary(runs: list[dict[str, Any]], name: str, out_dir: str | os.PathLike) -> str:
+    """``{name}.json``, ``{name}.md`` and ``{name}.png`` (one of :data:`GRID_SUMMARIES`) from a grid's runs;
+    returns the markdown tables."""
+    title, metrics = GRID_SUMMARIES[name]
+    out = Path(out_dir)
+    text = ""
+    for m in metrics:
+        text += f"\n### {m}\n\n" + markdown_table(summarize(runs, m), m)
+    atomic.write_json(out / f"{name}.json", {m: summarize(runs, m) for m in metrics})
+    atomic.write_text(out / f"{name}.md", f"## {title}\n{text}")
+    rank_plot(summarize(runs, metrics[0]), metrics[0], out / f"{name}.png")
+    return text
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -172,14 +197,68 @@ def rank_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- selection
 
 
+@dataclass
+class Selection:
+    """One training subset and the validation accuracy of the classifier retrained on it."""
+
+    validation_accuracy: float
+    n: int
+    flipped_kept: int
+
+
+@dataclass
+class SelectionResult:
+    """``to_dict()`` is selection.json. ``selections``: "all data", "random", then one per method."""
+
+    keep: float
+    n_keep: int
+    settings: dict[str, Any]
+    selections: dict[str, Selection]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "n_keep": self.n_keep, "settings": self.settings,
+                "selections": {k: asdict(v) for k, v in self.selections.items()}}
+
+
 def run_selection(base: MislabeledSettings, out_dir: str | os.PathLike, *, keep: float = 0.7,
                   methods: tuple[str, ...] = ("datainf", "identity", "lissa", "exact"), progress: bool = True,
-                  records: tuple[list[dict], list[dict]] | None = None) -> dict[str, Any]:
+                  records: tuple[list[dict], list[dict]] | None = None) -> SelectionResult:
     """Appendix F: keep the `keep` share of training data with the lowest (most helpful) scores and retrain.
 
     Compares each method's selection with a random selection of the same size and with all (noisy) data;
-    reports validation accuracy of the retrained classifier.
+    reports validation accuracy of the retrained classifier. Writes ``selection.json``.
     """
+    out = Path(out_dir)
+    scores_run = run_mislabeled(replace(base, methods=tuple(methods)), out / "scores-run", progress=progress,
+                                records=records, keep_store=False)
+    train = [json.loads(line) for line in (out / "scores-run" / "train.jsonl").read_text().splitlines()]
+    if records is None:
+        _, val = load_dataset_records(base.dataset, base.n_train, base.n_val, base.seed)
+    else:
+        val = records[1]
+    n_keep = int(round(keep * len(train)))
+    subsets = selection_subsets(out / "scores-run" / "scores.safetensors", len(train), n_keep, base.seed)
+    result = SelectionResult(keep=keep, n_keep=n_keep, settings=scores_run.settings,
+                             selections={name: retrain_on(base, train, val, idx, progress)
+                                         for name, idx in subsets.items()})
+    atomic.write_json(out / "selection.json", result.to_dict())
+    return result
+
+
+def selection_subsets(scores_path: Path, n_train: int, n_keep: int, seed: int) -> dict[str, np.ndarray]:
+    """Sorted indices kept: all data, ``n_keep`` random ones, and per method the ``n_keep`` lowest scores."""
+    loaded = load_scores(scores_path)
+    scores = {k: v[:, 0].double().numpy() for k, v in loaded.scores.items()}
+    rng = np.random.default_rng(seed)
+    subsets = {"all data": np.arange(n_train), "random": np.sort(rng.permutation(n_train)[:n_keep])}
+    for m, s in scores.items():
+        subsets[m] = np.sort(np.argsort(s, kind="stable")[:n_keep])
+    return subsets
+
+
+def retrain_on(base: MislabeledSettings, train: list[dict], val: list[dict], idx: np.ndarray,
+               progress: bool) -> Selection:
+    """Fine-tune afresh (same initialisation and seed) on ``train[idx]``; its validation accuracy."""
     from datainf.data.assets import minilm_dir
     from datainf.models.finetune import (
         LoraSettings,
@@ -189,83 +268,97 @@ def run_selection(base: MislabeledSettings, out_dir: str | os.PathLike, *, keep:
         load_classifier,
     )
 
-    out = Path(out_dir)
-    scores_run = run_mislabeled(replace(base, methods=tuple(methods)), out / "scores-run", progress=progress,
-                                records=records, keep_store=False)
-    train = [json.loads(line) for line in (out / "scores-run" / "train.jsonl").read_text().splitlines()]
-    if records is None:
-        _, val = load_dataset_records(base.dataset, base.n_train, base.n_val, base.seed)
-    else:
-        val = records[1]
-    loaded = load_scores(out / "scores-run" / "scores.safetensors")
-    scores = {k: v[:, 0].double().numpy() for k, v in loaded.scores.items()}
-    n_keep = int(round(keep * len(train)))
-    rng = np.random.default_rng(base.seed)
-    subsets = {"all data": np.arange(len(train)), "random": np.sort(rng.permutation(len(train))[:n_keep])}
-    for m, s in scores.items():
-        subsets[m] = np.sort(np.argsort(s, kind="stable")[:n_keep])
     model_dir = base.model_dir or str(minilm_dir())
-    results: dict[str, Any] = {"keep": keep, "n_keep": n_keep, "settings": scores_run["settings"], "selections": {}}
-    for name, idx in subsets.items():
-        model, tok = load_classifier(model_dir, max(r["label"] for r in train) + 1,
-                                     LoraSettings(rank=base.rank, alpha=base.alpha,
-                                                  target_modules=tuple(base.target_modules)), seed=base.seed)
-        finetune_classifier(model, tok, [train[i] for i in idx], TrainSettings(
-            epochs=base.epochs, learning_rate=base.learning_rate, batch_size=base.batch_size,
-            max_length=base.max_length, seed=base.seed), progress=progress)
-        acc = evaluate_classifier(model, tok, val, max_length=base.max_length)["accuracy"]
-        flipped_kept = int(sum(train[i]["flipped"] for i in idx))
-        results["selections"][name] = {"validation_accuracy": acc, "n": int(len(idx)), "flipped_kept": flipped_kept}
-    atomic.write_json(out / "selection.json", results)
-    return results
+    model, tok = load_classifier(model_dir, max(r["label"] for r in train) + 1,
+                                 LoraSettings(rank=base.rank, alpha=base.alpha,
+                                              target_modules=tuple(base.target_modules)), seed=base.seed)
+    finetune_classifier(model, tok, [train[i] for i in idx], TrainSettings(
+        epochs=base.epochs, learning_rate=base.learning_rate, batch_size=base.batch_size,
+        max_length=base.max_length, seed=base.seed), progress=progress)
+    acc = evaluate_classifier(model, tok, val, max_length=base.max_length)["accuracy"]
+    return Selection(validation_accuracy=acc, n=int(len(idx)), flipped_kept=int(sum(train[i]["flipped"] for i in idx)))
 
 
 # ---------------------------------------------------------------------------------------------- scaling
 
+#: LiSSA's iterations in the timing runs (not converged: only its time per iteration counts here)
+SCALING_LISSA_ITERATIONS = 10
+
+
+@dataclass
+class ScalingRow:
+    method: str
+    vary: str       # "n" or "d"
+    n: int
+    d: int
+    seconds: float
+
+
+@dataclass
+class ScalingResult:
+    """``to_dict()`` is scaling.json; ``exponents["{method}/{n or d}"]`` the fitted log-log slopes."""
+
+    blocks: int
+    n_query: int
+    rows: list[ScalingRow]
+    exponents: dict[str, float]
+    lissa_iterations: int = SCALING_LISSA_ITERATIONS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "n_query": self.n_query, "lissa_iterations": self.lissa_iterations,
+                "rows": [asdict(r) for r in self.rows], "exponents": self.exponents}
+
 
 def run_scaling(out_dir: str | os.PathLike, *, n_values: tuple[int, ...] = (250, 500, 1000, 2000, 4000),
                 d_values: tuple[int, ...] = (256, 1024, 4096), blocks: int = 4, n_query: int = 1,
-                methods: tuple[str, ...] | None = None, seed: int = 0) -> dict[str, Any]:
+                methods: tuple[str, ...] | None = None, seed: int = 0) -> ScalingResult:
     """Wall time of each method on random gradients as n_train (at the largest d) and d (at n = 1000) grow.
 
     Fitted exponents are slopes of log(seconds) against log(n) or log(d); the paper's table 1 expects
     datainf O(n d), lissa O(n d) per iteration, exact O(n d^2 + d^3) (ours: O(min(n d^2 + d^3, n^2 d + n^3))).
+    Writes ``scaling.json`` and ``scaling.png``.
     """
     methods = methods or tuple(m for m in method_names() if not get_method(m).needs_curvature)
     gen = torch.Generator().manual_seed(seed)
-
-    def timed(n: int, d: int, method: str) -> float:
-        G = [torch.randn(n, d, generator=gen) for _ in range(blocks)]
-        V = [torch.randn(n_query, d, generator=gen) for _ in range(blocks)]
-        opts = {"iterations": 10} if method == "lissa" else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # lissa at 10 iterations is not converged; only its time counts here
-            influence(G[:1], V[:1], method, **opts)  # warm-up
-            t0 = time.perf_counter()
-            influence(G, V, method, **opts)
-            return time.perf_counter() - t0
-
     rows = []
     d_fixed, n_fixed = max(d_values), 1000
     for method in methods:
         for n in n_values:
-            rows.append({"method": method, "vary": "n", "n": n, "d": d_fixed, "seconds": timed(n, d_fixed, method)})
+            rows.append(ScalingRow(method, "n", n, d_fixed, time_method(n, d_fixed, method, blocks, n_query, gen)))
         for d in d_values:
-            rows.append({"method": method, "vary": "d", "n": n_fixed, "d": d, "seconds": timed(n_fixed, d, method)})
-    exponents = {}
-    for method in methods:
-        for vary in ("n", "d"):
-            pts = [(r[vary], r["seconds"]) for r in rows if r["method"] == method and r["vary"] == vary]
-            x, y = np.log([p[0] for p in pts]), np.log([max(p[1], 1e-6) for p in pts])
-            exponents[f"{method}/{vary}"] = float(np.polyfit(x, y, 1)[0])
-    result = {"blocks": blocks, "n_query": n_query, "lissa_iterations": 10, "rows": rows, "exponents": exponents}
+            rows.append(ScalingRow(method, "d", n_fixed, d, time_method(n_fixed, d, method, blocks, n_query, gen)))
+    result = ScalingResult(blocks=blocks, n_query=n_query, rows=rows, exponents=fit_exponents(rows, methods))
     out = Path(out_dir)
-    atomic.write_json(out / "scaling.json", result)
-    _scaling_plot(result, out / "scaling.png")
+    atomic.write_json(out / "scaling.json", result.to_dict())
+    scaling_plot(result, out / "scaling.png")
     return result
 
 
-def _scaling_plot(result: dict[str, Any], path: Path) -> None:
+def time_method(n: int, d: int, method: str, blocks: int, n_query: int, gen: torch.Generator) -> float:
+    """Seconds of one influence call on ``blocks`` random (n, d) blocks, after a one-block warm-up."""
+    G = [torch.randn(n, d, generator=gen) for _ in range(blocks)]
+    V = [torch.randn(n_query, d, generator=gen) for _ in range(blocks)]
+    opts = {"iterations": SCALING_LISSA_ITERATIONS} if method == "lissa" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lissa at 10 iterations is not converged; only its time counts here
+        influence(G[:1], V[:1], method, **opts)  # warm-up
+        t0 = time.perf_counter()
+        influence(G, V, method, **opts)
+        return time.perf_counter() - t0
+
+
+def fit_exponents(rows: list[ScalingRow], methods: tuple[str, ...]) -> dict[str, float]:
+    """Per method and varied size: the slope of log(seconds) against log(size)."""
+    exponents = {}
+    for method in methods:
+        for vary in ("n", "d"):
+            pts = [(getattr(r, vary), r.seconds) for r in rows if r.method == method and r.vary == vary]
+            x, y = np.log([p[0] for p in pts]), np.log([max(p[1], 1e-6) for p in pts])
+            exponents[f"{method}/{vary}"] = float(np.polyfit(x, y, 1)[0])
+    return exponents
+
+
+def scaling_plot(result: ScalingResult, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,10 +366,10 @@ def _scaling_plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, vary in zip(axes, ("n", "d")):
-        for method in dict.fromkeys(r["method"] for r in result["rows"]):
-            pts = [(r[vary], r["seconds"]) for r in result["rows"] if r["method"] == method and r["vary"] == vary]
+        for method in dict.fromkeys(r.method for r in result.rows):
+            pts = [(getattr(r, vary), r.seconds) for r in result.rows if r.method == method and r.vary == vary]
             ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-",
-                      label=f"{method} (slope {result['exponents'][f'{method}/{vary}']:.2f})")
+                      label=f"{method} (slope {result.exponents[f'{method}/{vary}']:.2f})")
         ax.set_xlabel("n_train" if vary == "n" else "block dimension d")
         ax.set_ylabel("seconds")
         ax.legend(fontsize=7)
@@ -285,114 +378,6 @@ def _scaling_plot(result: dict[str, Any], path: Path) -> None:
     atomic.savefig(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _ints(value: str) -> list[int]:
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise DataInfError(f"expected comma-separated integers, got '{value}'") from None
-
-
-def _grid_options(f):
-    options = [
-        click.option("--out", "out_dir", default="runs/classification", type=click.Path(file_okay=False)),
-        click.option("--datasets", default="rotten_tomatoes,sms_spam,trec_coarse",
-                     help="Comma-separated: built-in offline sets, local files/folders, or glue:TASK."),
-        click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                     help="Local HF encoder folder; default the offline all-MiniLM-L6-v2."),
-        click.option("--ranks", default="1,2,4,8", help="LoRA ranks."),
-        click.option("--seeds", default="0,1,2,3,4", help="Seeds (data sample, noise, training)."),
-        click.option("--targets", default="value;query,value",
-                     help="';'-separated LoRA target sets, each comma-separated module names."),
-        click.option("--n-train", type=int, default=1000),
-        click.option("--n-val", type=int, default=200),
-        click.option("--epochs", type=int, default=4),
-        click.option("--lr", type=float, default=3e-3),
-        click.option("--methods", default=",".join(method_names())),
-        click.option("--lissa-iterations", type=int, default=100),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _base(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations) -> MislabeledSettings:
-    return MislabeledSettings(model_dir=model_dir, n_train=n_train, n_val=n_val, epochs=epochs, learning_rate=lr,
-                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                              lissa_iterations=lissa_iterations)
-
-
-def _grid_command(metric: str, title: str):
-    @click.command(name=metric)
-    @_grid_options
-    @click.pass_context
-    def command(ctx, out_dir, datasets, model_dir, ranks, seeds, targets, n_train, n_val, epochs, lr, methods,
-                lissa_iterations):
-        progress = not ctx.find_root().params.get("quiet")
-        base = _base(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations)
-        target_sets = [tuple(t.strip() for t in ts.split(",") if t.strip()) for ts in targets.split(";") if ts]
-        runs = run_grid(base, [d for d in datasets.split(",") if d], _ints(ranks), _ints(seeds), out_dir,
-                        target_sets=target_sets, progress=progress)
-        key = {"approximation": ["pearson_with_exact", "spearman_with_exact"], "mislabeled": ["auc", "seconds"]}
-        text = ""
-        for m in key[metric]:
-            text += f"\n### {m}\n\n" + markdown_table(summarize(runs, m), m)
-        atomic.write_json(Path(out_dir) / f"{metric}.json", {m: summarize(runs, m) for m in key[metric]})
-        atomic.write_text(Path(out_dir) / f"{metric}.md", f"## {title}\n{text}")
-        rank_plot(summarize(runs, key[metric][0]), key[metric][0], Path(out_dir) / f"{metric}.png")
-        click.echo(text)
-
-    command.__doc__ = title
-    return command
-
-
-@click.command(name="selection")
-@click.option("--out", "out_dir", default="runs/selection", type=click.Path(file_okay=False))
-@click.option("--dataset", default="rotten_tomatoes")
-@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False))
-@click.option("--rank", type=int, default=4)
-@click.option("--keep", type=float, default=0.7, help="Share of training data kept.")
-@click.option("--n-train", type=int, default=1000)
-@click.option("--n-val", type=int, default=200)
-@click.option("--epochs", type=int, default=4)
-@click.option("--lr", type=float, default=3e-3)
-@click.option("--methods", default="datainf,identity,lissa,exact")
-@click.option("--seed", type=int, default=0)
-@click.pass_context
-def selection_command(ctx, out_dir, dataset, model_dir, rank, keep, n_train, n_val, epochs, lr, methods, seed):
-    """Data selection (appendix F): retrain on the least harmful share of the data per method."""
-    if not 0 < keep <= 1:
-        raise DataInfError(f"--keep must be in (0, 1], got {keep}")
-    base = replace(_base(model_dir, n_train, n_val, epochs, lr, methods, 100), dataset=dataset, rank=rank, seed=seed)
-    records = None if dataset in DATASETS else load_dataset_records(dataset, n_train, n_val, seed)
-    res = run_selection(base, out_dir, keep=keep, methods=base.methods,
-                        progress=not ctx.find_root().params.get("quiet"), records=records)
-    for name, r in res["selections"].items():
-        click.echo(f"{name:<10} n={r['n']:5d} flipped kept={r['flipped_kept']:4d} "
-                   f"validation accuracy={r['validation_accuracy']:.3f}")
-
-
-@click.command(name="scaling")
-@click.option("--out", "out_dir", default="runs/scaling", type=click.Path(file_okay=False))
-@click.option("--n-values", default="250,500,1000,2000,4000")
-@click.option("--d-values", default="256,1024,4096")
-@click.option("--blocks", type=int, default=4)
-@click.option("--methods", default=None, help="Comma-separated; default every method that needs no curvature.")
-def scaling_command(out_dir, n_values, d_values, blocks, methods):
-    """Time of each method as n_train and the block size grow, with fitted log-log exponents."""
-    res = run_scaling(out_dir, n_values=tuple(_ints(n_values)), d_values=tuple(_ints(d_values)), blocks=blocks,
-                      methods=tuple(m for m in methods.split(",") if m) if methods else None)
-    for k, v in res["exponents"].items():
-        click.echo(f"{k:<16} exponent {v:.2f}")
-
-
-cli_commands = {
-    "approximation": _grid_command("approximation", "Correlation of each method's scores with exact influence."),
-    "mislabeled": _grid_command("mislabeled", "Mislabeled-data detection: AUC of flipped labels and wall time."),
-    "selection": selection_command,
-    "scaling": scaling_command,
-}
-
-__all__ = ["cli_commands", "load_dataset_records", "run_grid", "run_scaling", "run_selection", "summarize"]
+__all__ = ["GRID_SUMMARIES", "ScalingResult", "ScalingRow", "Selection", "SelectionResult", "load_dataset_records",
+           "markdown_table", "rank_plot", "run_grid", "run_scaling", "run_selection", "summarize",
+           "write_grid_summary"]

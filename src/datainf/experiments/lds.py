@@ -16,7 +16,8 @@ labelled text set with flipped labels; a generation task (``"sentences"``, ``"ma
 retrains a LoRA causal LM (SmolLM2-135M-Instruct by default) on that generated task, the query loss being
 each query's summed NLL of its response tokens (the loss its gradient, and so its score, is about).
 
-Every retrained model's losses are cached in ``out_dir`` as they finish, so a killed run resumes.
+Every retrained model's losses are cached in ``out_dir`` as they finish, so a killed run resumes. :func:`run`
+returns an :class:`LdsResult`; its ``to_dict()`` is what lds.json holds.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 
 from datainf import atomic
 from datainf.errors import DataInfError
 from datainf.estimators import method_names
+from datainf.experiments.common import check_methods, method_options, settings_dict
 from datainf.metrics import pearson, spearman
 
 # Per model kind: (rank, alpha, epochs, learning rate, batch size, max length). The classifier's are the
@@ -101,9 +102,7 @@ class LdsSettings:
         if self.kind == "causal_lm" and (self.n_train % self.classes or self.n_query % self.classes):
             raise DataInfError(f"--n-train ({self.n_train}) and --n-query ({self.n_query}) must be multiples of "
                                f"--classes ({self.classes}) for task '{self.task}' (same count per class)")
-        for m in self.methods:
-            if m not in method_names():
-                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
+        check_methods(self.methods)
 
 
 class ClassifierTrainer:
@@ -205,10 +204,6 @@ def _records(s: LdsSettings, records: tuple[list[dict], list[dict]] | None) -> t
     return train, queries, int(sum(flipped))
 
 
-def _settings_dict(s: LdsSettings) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()}
-
-
 # Settings that only say how many retrains to run: a rerun with more of them reuses the cached ones (the
 # subset masks and the LOO examples are drawn so that the first ones stay the same).
 EXTENDABLE = ("subsets", "loo_examples", "loo_seeds", "device")
@@ -216,7 +211,7 @@ EXTENDABLE = ("subsets", "loo_examples", "loo_seeds", "device")
 
 def _check_same_settings(path: Path, s: LdsSettings) -> None:
     """The cached retrains in a folder are only valid for the settings that made them: refuse others."""
-    mine = {k: v for k, v in _settings_dict(s).items() if k not in EXTENDABLE}
+    mine = {k: v for k, v in settings_dict(s).items() if k not in EXTENDABLE}
     if path.exists():
         theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in EXTENDABLE}
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -250,14 +245,48 @@ def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> tuple[floa
     return float(np.mean(per_query)), per_query
 
 
-def run_lds(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool = True,
-            records: tuple[list[dict], list[dict]] | None = None) -> dict[str, Any]:
+@dataclass
+class LdsMethod:
+    """One method: LDS (mean and spread over queries), LOO correlations, and the time of its scores."""
+
+    lds: float
+    lds_sd_over_queries: float
+    loo_pearson: float
+    loo_spearman: float
+    seconds: float
+
+
+@dataclass
+class LooOutcome:
+    """The removed examples, the measured effect of removing each on the mean query loss, and the seed noise."""
+
+    examples: list[int]
+    mean_effect: list[float]
+    seed_std_of_full_loss: float | None   # None with a single training seed
+
+
+@dataclass
+class LdsResult:
+    """``to_dict()`` is lds.json."""
+
+    settings: dict[str, Any]
+    n_flipped: int
+    methods: dict[str, LdsMethod]
+    loo: LooOutcome
+    wall_seconds_this_call: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "n_flipped": self.n_flipped,
+                "methods": {m: asdict(r) for m, r in self.methods.items()}, "loo": asdict(self.loo),
+                "wall_seconds_this_call": self.wall_seconds_this_call}
+
+
+def run(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool = True,
+        records: tuple[list[dict], list[dict]] | None = None) -> LdsResult:
     """Run LDS and LOO for every method on the settings' model; writes ``lds.json``; resumes from its cache.
 
     ``records``: (train, query) classification records to use instead of loading ``settings.dataset``.
     """
-    from datainf.attributor import Attributor
-
     t_start = time.perf_counter()
     s = settings
     out = Path(out_dir)
@@ -266,41 +295,83 @@ def run_lds(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool
     train, queries, n_flipped = _records(s, records)
     trainer = ClassifierTrainer(s, train, queries) if s.kind == "classification" else CausalLMTrainer(
         s, train, queries)
-    everyone = list(range(len(train)))
-
-    # scores of the model trained on all data
-    def full_scores() -> dict[str, list]:
-        model, tok = trainer.fit(everyone, train_seed=s.seed)
-        att = Attributor(model, trainer.task, store=out / "store", tokenizer=tok, max_length=s.max_length,
-                         batch_size=s.batch_size, progress=progress)
-        att.fit(train)
-        qgrads = att.gradients(queries)
-        res = {}
-        for m in s.methods:
-            opts = {"iterations": s.lissa_iterations} if m == "lissa" else {}
-            t0 = time.perf_counter()
-            res[m] = att.scores(qgrads, method=m, save=False, **opts).double().numpy().tolist()
-            res[m + ":seconds"] = time.perf_counter() - t0
-        return res
-
-    full = _cached(out / "scores.json", full_scores)
+    full = _cached(out / "scores.json", lambda: full_model_scores(s, trainer, train, queries, out, progress))
     scores = {m: np.array(full[m]) for m in s.methods}
+    masks = subset_masks(s, len(train))
+    losses = subset_losses(s, trainer, masks, out, progress)
+    loo_idx = loo_examples(s, len(train))
+    effects, seed_noise = loo_effects(s, trainer, loo_idx, len(train), out, progress)
+    methods = {}
+    for m in s.methods:
+        mean_lds, per_query = lds(scores[m], masks, losses)
+        predicted_removal = -scores[m][loo_idx].mean(axis=1)
+        methods[m] = LdsMethod(lds=mean_lds, lds_sd_over_queries=float(np.std(per_query)),
+                               loo_pearson=pearson(predicted_removal, effects),
+                               loo_spearman=spearman(predicted_removal, effects), seconds=full[m + ":seconds"])
+    result = LdsResult(settings=settings_dict(s), n_flipped=n_flipped, methods=methods,
+                       loo=LooOutcome(loo_idx, effects.tolist(), seed_noise),
+                       wall_seconds_this_call=time.perf_counter() - t_start)
+    atomic.write_json(out / "lds.json", result.to_dict())
+    return result
 
-    # LDS: random subsets, one retrain each (same initialisation and training seed, only the data changes)
+
+#: the name callers know
+run_lds = run
+
+
+def full_model_scores(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrainer, train: list[dict],
+                      queries: list[dict], out: Path, progress: bool) -> dict[str, Any]:
+    """Every method's scores (as lists) and seconds (``"{method}:seconds"``) on the model trained on all data."""
+    from datainf.attributor import Attributor
+
+    model, tok = trainer.fit(list(range(len(train))), train_seed=s.seed)
+    att = Attributor(model, trainer.task, store=out / "store", tokenizer=tok, max_length=s.max_length,
+                     batch_size=s.batch_size, progress=progress)
+    att.fit(train)
+    qgrads = att.gradients(queries)
+    res: dict[str, Any] = {}
+    for m in s.methods:
+        t0 = time.perf_counter()
+        res[m] = att.scores(qgrads, method=m, save=False, **method_options(m, s.lissa_iterations)
+                            ).double().numpy().tolist()
+        res[m + ":seconds"] = time.perf_counter() - t0
+    return res
+
+
+def subset_masks(s: LdsSettings, n_train: int) -> np.ndarray:
+    """(subsets, n_train) booleans: each row keeps a random ``subset_fraction`` of the training set (the first
+    rows stay the same when more subsets are asked for)."""
     rng = np.random.default_rng(s.seed + 1)
-    masks = np.zeros((s.subsets, len(train)), dtype=bool)
-    k = int(round(s.subset_fraction * len(train)))
+    masks = np.zeros((s.subsets, n_train), dtype=bool)
+    k = int(round(s.subset_fraction * n_train))
     for i in range(s.subsets):
-        masks[i, rng.permutation(len(train))[:k]] = True
+        masks[i, rng.permutation(n_train)[:k]] = True
+    return masks
+
+
+def subset_losses(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrainer, masks: np.ndarray, out: Path,
+                  progress: bool) -> np.ndarray:
+    """(subsets, n_query) query losses, one retrain per subset (same initialisation and training seed, only
+    the data changes); each cached in ``out/subsets``."""
     losses = []
-    for i in _bar(range(s.subsets), "LDS retrains", progress):
+    for i in _bar(range(len(masks)), "LDS retrains", progress):
         idx = np.flatnonzero(masks[i]).tolist()
         losses.append(_cached(out / "subsets" / f"{i:04d}.json",
                               lambda idx=idx: trainer.query_losses(*trainer.fit(idx, s.seed)).tolist()))
-    losses = np.array(losses)
+    return np.array(losses)
 
-    # LOO: remove each of a few examples, with several training seeds
-    loo_idx = np.sort(np.random.default_rng(s.seed + 2).permutation(len(train))[: s.loo_examples]).tolist()
+
+def loo_examples(s: LdsSettings, n_train: int) -> list[int]:
+    """The (sorted) training examples removed one at a time."""
+    return np.sort(np.random.default_rng(s.seed + 2).permutation(n_train)[: s.loo_examples]).tolist()
+
+
+def loo_effects(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrainer, loo_idx: list[int], n_train: int,
+                out: Path, progress: bool) -> tuple[np.ndarray, float | None]:
+    """Per removed example, the seed-matched change of the mean query loss (averaged over ``loo_seeds``
+    training seeds); and the spread over seeds of the full model's mean loss (None with one seed). Each
+    retrain is cached in ``out/loo``."""
+    everyone = list(range(n_train))
     base = []
     for r in range(s.loo_seeds):
         base.append(_cached(out / "loo" / f"full-seed{r}.json",
@@ -313,23 +384,8 @@ def run_lds(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool
                                          *trainer.fit(keep, s.seed + r)).tolist())) - np.array(base[r])
                     for r in range(s.loo_seeds)]
         effects.append(np.mean(per_seed, axis=0).mean())  # effect on the mean query loss
-    effects = np.array(effects)
     seed_noise = float(np.std([np.mean(b) for b in base])) if s.loo_seeds > 1 else None
-
-    results: dict[str, Any] = {"settings": _settings_dict(s),
-                               "n_flipped": n_flipped, "methods": {}}
-    for m in s.methods:
-        mean_lds, per_query = lds(scores[m], masks, losses)
-        predicted_removal = -scores[m][loo_idx].mean(axis=1)
-        results["methods"][m] = {
-            "lds": mean_lds, "lds_sd_over_queries": float(np.std(per_query)),
-            "loo_pearson": pearson(predicted_removal, effects), "loo_spearman": spearman(predicted_removal, effects),
-            "seconds": full[m + ":seconds"],
-        }
-    results["loo"] = {"examples": loo_idx, "mean_effect": effects.tolist(), "seed_std_of_full_loss": seed_noise}
-    results["wall_seconds_this_call"] = time.perf_counter() - t_start
-    atomic.write_json(out / "lds.json", results)
-    return results
+    return np.array(effects), seed_noise
 
 
 def _bar(it, desc: str, progress: bool):
@@ -338,47 +394,5 @@ def _bar(it, desc: str, progress: bool):
     return tqdm(it, desc=desc, disable=not progress)
 
 
-@click.command(name="lds")
-@click.option("--out", "out_dir", default="runs/lds", type=click.Path(file_okay=False))
-@click.option("--task", default="classification", show_default=True,
-              type=click.Choice(["classification", "sentences", "math", "math-reasoning"]),
-              help="classification: a LoRA sequence classifier on --dataset; the others: a LoRA causal LM on "
-                   "that generated task.")
-@click.option("--dataset", default="rotten_tomatoes", show_default=True,
-              help="Classification only: built-in offline set, a local file, or glue:TASK.")
-@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Local HF model folder; default MiniLM (classification) or SmolLM2-135M-Instruct.")
-@click.option("--n-train", type=int, default=200, show_default=True)
-@click.option("--n-query", type=int, default=50, show_default=True)
-@click.option("--noise", type=float, default=0.2, show_default=True, help="Classification only: flipped share.")
-@click.option("--classes", type=int, default=10, show_default=True, help="Generation tasks only.")
-@click.option("--rank", type=int, default=None, help="LoRA rank [default: 4 classifier, 8 causal LM].")
-@click.option("--epochs", type=int, default=None, help="[default: 4 classifier, 2 causal LM]")
-@click.option("--lr", type=float, default=None, help="[default: 3e-3 classifier, 1e-3 causal LM]")
-@click.option("--subsets", type=int, default=50, show_default=True)
-@click.option("--loo-examples", type=int, default=20, show_default=True)
-@click.option("--loo-seeds", type=int, default=3, show_default=True)
-@click.option("--methods", default=None, help="Comma-separated; default every registered method but kfac.")
-@click.option("--device", default=None, help="Causal LM only: cpu or cuda [default: cuda when available].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.pass_context
-def lds_command(ctx, out_dir, task, dataset, model_dir, n_train, n_query, noise, classes, rank, epochs, lr, subsets,
-                loo_examples, loo_seeds, methods, device, seed):
-    """Linear datamodeling score and leave-one-out correlation of each method (retrains; cached, resumable)."""
-    chosen = {"methods": tuple(m for m in methods.split(",") if m)} if methods else {}
-    settings = LdsSettings(task=task, dataset=dataset, model_dir=model_dir, n_train=n_train, n_query=n_query,
-                           noise_fraction=noise, classes=classes, rank=rank, epochs=epochs, learning_rate=lr,
-                           subsets=subsets, loo_examples=loo_examples, loo_seeds=loo_seeds, device=device,
-                           seed=seed, **chosen)
-    records = None
-    if task == "classification" and dataset not in ("rotten_tomatoes", "sms_spam", "trec_coarse"):
-        from datainf.experiments.classification import load_dataset_records
-
-        records = load_dataset_records(dataset, n_train, n_query, seed)
-    res = run_lds(settings, out_dir, progress=not ctx.find_root().params.get("quiet"), records=records)
-    click.echo(f"{'method':<10} {'LDS':>7} {'LOO pearson':>12} {'LOO spearman':>13}")
-    for m, r in res["methods"].items():
-        click.echo(f"{m:<10} {r['lds']:7.3f} {r['loo_pearson']:12.3f} {r['loo_spearman']:13.3f}")
-
-
-cli_commands = {"lds": lds_command}
+__all__ = ["EXTENDABLE", "TASK_DEFAULTS", "CausalLMTrainer", "ClassifierTrainer", "LdsMethod", "LdsResult",
+           "LdsSettings", "LooOutcome", "lds", "run", "run_lds"]

@@ -2,28 +2,38 @@
 
 Fine-tune a LoRA classifier on a training set with a share of its labels flipped, score every training
 example's influence on the validation loss with each method, rank by influence (most harmful first) and
-measure how well that finds the flipped labels (ROC AUC). Returns a JSON-able results dict.
+measure how well that finds the flipped labels (ROC AUC). :func:`run` returns a :class:`MislabeledResult`;
+its ``to_dict()`` is what results.json holds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from datainf import atomic
 from datainf.attributor import Attributor
 from datainf.data.noise import flip_labels
 from datainf.data.text import load_text_dataset, sample_split
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreResult, method_names
+from datainf.experiments.common import (
+    check_methods,
+    damping_label,
+    max_relative_residual,
+    method_options,
+    present,
+    settings_dict,
+    write_jsonl,
+    write_results,
+)
 from datainf.metrics import pearson, roc_auc, spearman
 from datainf.models.finetune import (
     LoraSettings,
@@ -64,17 +74,61 @@ class MislabeledSettings:
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
-        for m in self.methods:
-            if m not in method_names():
-                raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
+        check_methods(self.methods)
         if not 0 <= self.noise_fraction < 1:
             raise DataInfError(f"noise_fraction must be in [0, 1), got {self.noise_fraction}")
         if self.n_train < 2 or self.n_val < 1:
             raise DataInfError("n_train must be >= 2 and n_val >= 1")
 
 
-def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: bool = True,
-                   records: tuple[list[dict], list[dict]] | None = None, keep_store: bool = True) -> dict[str, Any]:
+@dataclass
+class MislabeledMethod:
+    """One method's outcome: how well its ranking finds the flipped labels, its time, its closeness to exact."""
+
+    auc: float | None                     # None when no label (or every label) is flipped
+    seconds: float
+    damping: float | str
+    max_relative_residual: float | None = None   # lissa only
+    pearson_with_exact: float | None = None      # when exact ran
+    spearman_with_exact: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"auc": self.auc, "seconds": self.seconds, "damping": self.damping,
+                **present(self, "max_relative_residual", "pearson_with_exact", "spearman_with_exact")}
+
+
+@dataclass
+class MislabeledResult:
+    """What one run measured; ``to_dict()`` is results.json. ``scores`` (method -> (n_train,) influence on
+    the validation loss) stays out of the JSON; it is in scores.safetensors."""
+
+    settings: dict[str, Any]
+    validation_accuracy: float
+    validation_loss: float | None
+    n_flipped: int
+    finetune_seconds: float
+    gradient_seconds: float
+    methods: dict[str, MislabeledMethod]
+    diagnostics: dict[str, Any] | None = None
+    wall_seconds: float | None = None
+    library_version: str = __version__
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    torch_threads: int = field(default_factory=torch.get_num_threads)
+    scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"library_version": self.library_version, "created": self.created, "task": "classification",
+               "experiment": "mislabeled", "settings": self.settings,
+               "validation_accuracy": self.validation_accuracy, "validation_loss": self.validation_loss,
+               "n_flipped": self.n_flipped, "finetune_seconds": self.finetune_seconds,
+               "gradient_seconds": self.gradient_seconds,
+               "methods": {m: r.to_dict() for m, r in self.methods.items()}, "torch_threads": self.torch_threads}
+        return out | present(self, "diagnostics", "wall_seconds")
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: bool = True,
+        records: tuple[list[dict], list[dict]] | None = None, keep_store: bool = True) -> MislabeledResult:
     """Run the experiment; write ``results.json``, ``scores.safetensors``, ``train.jsonl`` and ``report.html``.
 
     Args:
@@ -82,17 +136,40 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
         out_dir: output folder (the gradient store goes to ``out_dir/store``).
         records: optional (train, val) records instead of ``settings.dataset`` (tests use tiny sets).
         keep_store: keep the training gradients in ``out_dir/store`` (grids drop them to save disk).
-    Returns:
-        the results dict (also saved as results.json).
     """
-    from datainf.report import write_report
-
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
+    train, val, num_labels = noisy_split(settings, records)
+    model, tokenizer, finetune_seconds, val_metrics = finetune(settings, train, val, num_labels, progress)
+    attributor, val_grads, gradient_seconds = gradients(settings, model, tokenizer, train, val, out, progress)
+    scored = score_methods(settings, attributor, val_grads)
+    scores = {m: r.scores[:, 0].double().cpu().numpy() for m, r in scored.items()}
+    is_flipped = np.array([r["flipped"] for r in train])
+    result = MislabeledResult(
+        settings=settings_dict(settings), validation_accuracy=val_metrics["accuracy"],
+        validation_loss=val_metrics.get("loss"), n_flipped=int(is_flipped.sum()),
+        finetune_seconds=finetune_seconds, gradient_seconds=gradient_seconds,
+        methods=method_outcomes(settings, scored, scores, is_flipped),
+        diagnostics=diagnose(settings, attributor, val_grads) if settings.diagnose else None, scores=scores)
+    result.wall_seconds = time.perf_counter() - t_start
+    write_outputs(result, out, settings, train, scored, attributor)
+    result.wall_seconds = time.perf_counter() - t_start
+    write_results(out / "results.json", result.to_dict())
+    if not keep_store:
+        shutil.rmtree(out / "store", ignore_errors=True)
+    return result
 
-    # 1-2. data, with a share of the training labels flipped
+
+#: the name callers know
+run_mislabeled = run
+
+
+def noisy_split(settings: MislabeledSettings, records: tuple[list[dict], list[dict]] | None,
+                ) -> tuple[list[dict], list[dict], int]:
+    """(train, val, number of labels); a share of the training labels flipped (``true_label`` and ``flipped``
+    kept)."""
     if records is None:
         data = load_text_dataset(settings.dataset)
         train, val = sample_split(data, settings.n_train, settings.n_val, seed=settings.seed)
@@ -103,8 +180,11 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
                                  seed=settings.seed)
     train = [dict(r, true_label=int(r["label"]), label=int(y), flipped=bool(f))
              for r, y, f in zip(train, noisy, flipped)]
+    return train, val, num_labels
 
-    # 3. LoRA fine-tuning on the noisy training set
+
+def finetune(settings: MislabeledSettings, train: list[dict], val: list[dict], num_labels: int, progress: bool):
+    """LoRA fine-tuning on the noisy training set: (model, tokenizer, seconds, validation metrics)."""
     model_dir = settings.model_dir
     if model_dir is None:
         from datainf.data.assets import minilm_dir
@@ -116,89 +196,72 @@ def run_mislabeled(settings: MislabeledSettings, out_dir: str | os.PathLike, *, 
     finetune_classifier(model, tokenizer, train, TrainSettings(
         epochs=settings.epochs, learning_rate=settings.learning_rate, batch_size=settings.batch_size,
         max_length=settings.max_length, seed=settings.seed), progress=progress)
-    finetune_seconds = time.perf_counter() - t0
-    val_metrics = evaluate_classifier(model, tokenizer, val, max_length=settings.max_length)
+    seconds = time.perf_counter() - t0
+    return model, tokenizer, seconds, evaluate_classifier(model, tokenizer, val, max_length=settings.max_length)
 
-    # 4. per-example gradients: training set into a store, validation set in memory (mean = the query)
+
+def gradients(settings: MislabeledSettings, model: Any, tokenizer: Any, train: list[dict], val: list[dict],
+              out: Path, progress: bool) -> tuple[Attributor, dict[str, torch.Tensor], float]:
+    """Training gradients into ``out/store``, validation gradients in memory: (attributor, val grads, seconds)."""
     attributor = Attributor(model, task="classification", store=out / "store", tokenizer=tokenizer,
                             batch_size=settings.grad_batch_size, max_length=settings.max_length, progress=progress)
     t0 = time.perf_counter()
-    attributor.fit([_model_record(r) for r in train])
-    val_grads = attributor.gradients([_model_record(r) for r in val], desc="validation gradients")
-    gradient_seconds = time.perf_counter() - t0
+    attributor.fit([model_record(r) for r in train])
+    val_grads = attributor.gradients([model_record(r) for r in val], desc="validation gradients")
+    return attributor, val_grads, time.perf_counter() - t0
 
-    # 5. influence on the validation loss with each method; AUC against the flipped labels
-    is_flipped = np.array([r["flipped"] for r in train])
-    scores: dict[str, np.ndarray] = {}
-    methods: dict[str, dict[str, Any]] = {}
-    results_by_method: dict[str, ScoreResult] = {}
-    for method in settings.methods:
-        options = {"iterations": settings.lissa_iterations} if method == "lissa" else {}
-        result = attributor.score(val_grads, method=method, damping=settings.damping, mean_query=True, **options)
-        results_by_method[method] = result
-        scores[method] = result.scores[:, 0].double().cpu().numpy()
-        methods[method] = {
-            "auc": roc_auc(scores[method], is_flipped) if 0 < is_flipped.sum() < len(train) else None,
-            "seconds": result.seconds,
-            "damping": "paper rule per block" if settings.damping is None else settings.damping,
-        }
-        if method == "lissa":
-            methods[method]["max_relative_residual"] = max(
-                v["relative_residual"] for v in result.diagnostics.values())
-        log.info("%s: %s", method, methods[method])
+
+def score_methods(settings: MislabeledSettings, attributor: Attributor, val_grads: dict[str, torch.Tensor],
+                  ) -> dict[str, ScoreResult]:
+    """Each method's influence of every training example on the mean validation loss."""
+    return {m: attributor.score(val_grads, method=m, damping=settings.damping, mean_query=True,
+                                **method_options(m, settings.lissa_iterations)) for m in settings.methods}
+
+
+def method_outcomes(settings: MislabeledSettings, scored: dict[str, ScoreResult], scores: dict[str, np.ndarray],
+                    is_flipped: np.ndarray) -> dict[str, MislabeledMethod]:
+    """Per method: AUC against the flipped labels, time, and (when exact ran) the correlations with exact."""
+    outcomes = {}
+    for m, result in scored.items():
+        auc = roc_auc(scores[m], is_flipped) if 0 < is_flipped.sum() < len(is_flipped) else None
+        outcomes[m] = MislabeledMethod(auc=auc, seconds=result.seconds, damping=damping_label(settings.damping),
+                                       max_relative_residual=max_relative_residual(result) if m == "lissa" else None)
+        log.info("%s: %s", m, outcomes[m].to_dict())
     if "exact" in scores:
-        for method, s in scores.items():
-            methods[method]["pearson_with_exact"] = pearson(s, scores["exact"])
-            methods[method]["spearman_with_exact"] = spearman(s, scores["exact"])
+        for m, s in scores.items():
+            outcomes[m].pearson_with_exact = pearson(s, scores["exact"])
+            outcomes[m].spearman_with_exact = spearman(s, scores["exact"])
+    return outcomes
 
-    # how far each approximation is from exact, per block, on a subsample (cheap)
-    diagnostics = None
-    if settings.diagnose:
-        from datainf.diagnostics import approximation_report, diagnosed_methods
 
-        diagnosed = [m for m in diagnosed_methods() if m in settings.methods]
-        if diagnosed:
-            report = approximation_report(
-                attributor.store.blocks(), {k: v.mean(0, keepdim=True) for k, v in val_grads.items()},
-                methods=diagnosed, damping=settings.damping, lissa_iterations=settings.lissa_iterations,
-                factors=attributor.curvature() if {"kfac", "ekfac"} & set(diagnosed) else None,
-                seed=settings.seed)
-            diagnostics = _summarize_diagnostics(report)
+def diagnose(settings: MislabeledSettings, attributor: Attributor, val_grads: dict[str, torch.Tensor],
+             ) -> dict[str, Any] | None:
+    """How far each approximation is from exact, per block, on a subsample (cheap); None if none applies."""
+    from datainf.diagnostics import approximation_report, diagnosed_methods
 
-    results = {
-        "library_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "task": "classification",
-        "experiment": "mislabeled",
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
-        "validation_accuracy": val_metrics["accuracy"],
-        "validation_loss": val_metrics.get("loss"),
-        "n_flipped": int(is_flipped.sum()),
-        "finetune_seconds": finetune_seconds,
-        "gradient_seconds": gradient_seconds,
-        "methods": methods,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if diagnostics is not None:
-        results["diagnostics"] = diagnostics
-    results["wall_seconds"] = time.perf_counter() - t_start
+    diagnosed = [m for m in diagnosed_methods() if m in settings.methods]
+    if not diagnosed:
+        return None
+    report = approximation_report(
+        attributor.store.blocks(), {k: v.mean(0, keepdim=True) for k, v in val_grads.items()},
+        methods=diagnosed, damping=settings.damping, lissa_iterations=settings.lissa_iterations,
+        factors=attributor.curvature() if {"kfac", "ekfac"} & set(diagnosed) else None, seed=settings.seed)
+    return summarize_diagnostics(report)
 
-    # 6. outputs: scores, training records, results, report (each written whole, then renamed)
-    save_scores(out / "scores.safetensors", results_by_method, train_store=attributor.store,
+
+def write_outputs(result: MislabeledResult, out: Path, settings: MislabeledSettings, train: list[dict],
+                  scored: dict[str, ScoreResult], attributor: Attributor) -> None:
+    """scores.safetensors, train.jsonl and report.html (results.json is written last, by :func:`run`)."""
+    from datainf.report import write_report
+
+    save_scores(out / "scores.safetensors", scored, train_store=attributor.store,
                 extra={"experiment": "mislabeled", "query": "mean validation gradient"})
-    atomic.write_text(out / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train))
-    write_report(out / "report.html", results=results, train=train, scores=scores,
+    write_jsonl(out / "train.jsonl", train)
+    write_report(out / "report.html", results=result.to_dict(), train=train, scores=result.scores,
                  title=f"datainf: mislabeled examples in {settings.dataset}")
-    results["wall_seconds"] = time.perf_counter() - t_start
-    atomic.write_text(out / "results.json", json.dumps(results, indent=2, default=str))
-    if not keep_store:
-        import shutil
-
-        shutil.rmtree(out / "store", ignore_errors=True)
-    return results
 
 
-def _summarize_diagnostics(report: dict[str, Any]) -> dict[str, Any]:
+def summarize_diagnostics(report: dict[str, Any]) -> dict[str, Any]:
     """Per method: the median and worst per-block score correlation with exact and the mean iHVP error."""
     per_method: dict[str, dict[str, list[float]]] = {}
     for block in report["blocks"].values():
@@ -215,12 +278,12 @@ def _summarize_diagnostics(report: dict[str, Any]) -> dict[str, Any]:
                     "with exact, and relative error of the inverse-Hessian-vector product"}
 
 
-def _model_record(r: dict) -> dict:
+def model_record(r: dict) -> dict:
     """What the model sees of a record (never the flipped/true_label bookkeeping)."""
     return {k: r[k] for k in ("text", "text_pair", "label") if k in r}
 
 
-def format_table(results: dict[str, Any]) -> str:
+def format_table(result: MislabeledResult) -> str:
     """The printed table: one row per method."""
     lines = [f"{'method':<10} {'AUC':>7} {'seconds':>9} {'pearson':>9} {'spearman':>9}",
              "-" * 48]
@@ -228,8 +291,12 @@ def format_table(results: dict[str, Any]) -> str:
     def f(x: Any, fmt: str) -> str:
         return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
 
-    for m, r in results["methods"].items():
-        lines.append(f"{m:<10} {f(r.get('auc'), '7.3f')} {f(r.get('seconds'), '9.3f')} "
-                     f"{f(r.get('pearson_with_exact'), '9.3f')} {f(r.get('spearman_with_exact'), '9.3f')}")
+    for m, r in result.methods.items():
+        lines.append(f"{m:<10} {f(r.auc, '7.3f')} {f(r.seconds, '9.3f')} "
+                     f"{f(r.pearson_with_exact, '9.3f')} {f(r.spearman_with_exact, '9.3f')}")
     lines.append("(AUC of finding the flipped labels, ranked most harmful first; pearson/spearman: with exact)")
     return "\n".join(lines)
+
+
+__all__ = ["MislabeledMethod", "MislabeledResult", "MislabeledSettings", "format_table", "run", "run_mislabeled",
+           "summarize_diagnostics"]

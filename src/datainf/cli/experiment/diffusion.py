@@ -1,0 +1,80 @@
+"""`datainf experiment diffusion-style | diffusion-subject` (datainf.experiments.diffusion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import diffusers  # noqa: F401 - the experiments' optional dependency: without it the command says so in one line
+
+from datainf.cli.common import setup
+from datainf.errors import DataInfError
+from datainf.experiments.diffusion import DiffusionSettings, format_table, run
+from datainf.tasks import PAPER_TIMESTEPS
+
+
+def parse_ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise DataInfError(f"--{name} must be comma-separated integers, got {value!r}") from None
+
+
+def common_options(f):
+    options = [
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder."),
+        click.option("--steps", default=160, show_default=True, help="LoRA fine-tuning steps."),
+        click.option("--batch-size", default=16, show_default=True, help="Fine-tuning batch size."),
+        click.option("--lr", "learning_rate", default=5e-3, show_default=True, help="LoRA learning rate."),
+        click.option("--rank", default=4, show_default=True, help="LoRA rank (alpha = rank)."),
+        click.option("--timesteps", default=",".join(map(str, PAPER_TIMESTEPS)), show_default=True,
+                     help="Fixed timesteps of the attribution loss."),
+        click.option("--methods", default="datainf,identity,exact", show_default=True,
+                     help="Comma-separated: datainf, identity, exact, lissa."),
+        click.option("--damping", type=float, default=None, help="Damping; default the paper's rule per block."),
+        click.option("--grad-batch-size", default=16, show_default=True, help="Examples per gradient pass."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--base", default=None, type=click.Path(file_okay=False),
+                     help="Pre-trained base UNet folder; default the cached one (built if missing)."),
+        click.option("--rebuild-base", is_flag=True, help="Pre-train the base again (a few minutes)."),
+        click.option("--device", default=None, help="cpu or cuda[:N]; default cuda when available."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_command(ctx: click.Context, experiment: str, out: str, methods: str, timesteps: str, device: str | None,
+                rebuild_base: bool, **kw: Any) -> None:
+    progress, device = setup(ctx, device)
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    settings = DiffusionSettings(experiment=experiment, methods=names,
+                                 timesteps=parse_ints(timesteps, "timesteps"), **kw)
+    result = run(settings, out, device=device, progress=progress, rebuild_base=rebuild_base)
+    click.echo(format_table(result))
+    click.echo(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.html'} "
+               f"({result.wall_seconds:.0f} s)")
+
+
+@click.command("diffusion-style")
+@common_options
+@click.option("--n-train-per-style", default=30, show_default=True, help="Training images per style.")
+@click.option("--n-test-per-style", default=5, show_default=True, help="Held-out query images per style.")
+@click.pass_context
+def style_command(ctx: click.Context, **kw: Any) -> None:
+    """Which training images of a LoRA-tuned diffusion model share a query image's style? (paper table 2)"""
+    run_command(ctx, "style", **kw)
+
+
+@click.command("diffusion-subject")
+@common_options
+@click.option("--n-subjects", default=30, show_default=True, help="Subjects (each one MNIST image + augmentations).")
+@click.option("--views", default=3, show_default=True, help="Training images per subject.")
+@click.pass_context
+def subject_command(ctx: click.Context, **kw: Any) -> None:
+    """Which training images of a DreamBooth-style LoRA show a query's subject? (paper table 2)"""
+    run_command(ctx, "subject", **kw)
+
+
+commands = {"diffusion-style": style_command, "diffusion-subject": subject_command}

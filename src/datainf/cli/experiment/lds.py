@@ -1,0 +1,54 @@
+"""`datainf experiment lds` (datainf.experiments.lds)."""
+
+from __future__ import annotations
+
+import click
+
+from datainf.data.generation import TASKS
+from datainf.data.text import DATASETS
+from datainf.experiments.classification import load_dataset_records
+from datainf.experiments.lds import LdsSettings, run
+
+
+@click.command(name="lds")
+@click.option("--out", "out_dir", default="runs/lds", type=click.Path(file_okay=False))
+@click.option("--task", default="classification", show_default=True,
+              type=click.Choice(["classification", *TASKS]),
+              help="classification: a LoRA sequence classifier on --dataset; the others: a LoRA causal LM on "
+                   "that generated task.")
+@click.option("--dataset", default="rotten_tomatoes", show_default=True,
+              help="Classification only: built-in offline set, a local file, or glue:TASK.")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Local HF model folder; default MiniLM (classification) or SmolLM2-135M-Instruct.")
+@click.option("--n-train", type=int, default=200, show_default=True)
+@click.option("--n-query", type=int, default=50, show_default=True)
+@click.option("--noise", type=float, default=0.2, show_default=True, help="Classification only: flipped share.")
+@click.option("--classes", type=int, default=10, show_default=True, help="Generation tasks only.")
+@click.option("--rank", type=int, default=None, help="LoRA rank [default: 4 classifier, 8 causal LM].")
+@click.option("--epochs", type=int, default=None, help="[default: 4 classifier, 2 causal LM]")
+@click.option("--lr", type=float, default=None, help="[default: 3e-3 classifier, 1e-3 causal LM]")
+@click.option("--subsets", type=int, default=50, show_default=True)
+@click.option("--loo-examples", type=int, default=20, show_default=True)
+@click.option("--loo-seeds", type=int, default=3, show_default=True)
+@click.option("--methods", default=None, help="Comma-separated; default every registered method but kfac.")
+@click.option("--device", default=None, help="Causal LM only: cpu or cuda [default: cuda when available].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def lds_command(ctx, out_dir, task, dataset, model_dir, n_train, n_query, noise, classes, rank, epochs, lr, subsets,
+                loo_examples, loo_seeds, methods, device, seed):
+    """Linear datamodeling score and leave-one-out correlation of each method (retrains; cached, resumable)."""
+    chosen = {"methods": tuple(m for m in methods.split(",") if m)} if methods else {}
+    settings = LdsSettings(task=task, dataset=dataset, model_dir=model_dir, n_train=n_train, n_query=n_query,
+                           noise_fraction=noise, classes=classes, rank=rank, epochs=epochs, learning_rate=lr,
+                           subsets=subsets, loo_examples=loo_examples, loo_seeds=loo_seeds, device=device,
+                           seed=seed, **chosen)
+    records = None
+    if task == "classification" and dataset not in DATASETS:
+        records = load_dataset_records(dataset, n_train, n_query, seed)
+    result = run(settings, out_dir, progress=not ctx.find_root().params.get("quiet"), records=records)
+    click.echo(f"{'method':<10} {'LDS':>7} {'LOO pearson':>12} {'LOO spearman':>13}")
+    for m, r in result.methods.items():
+        click.echo(f"{m:<10} {r.lds:7.3f} {r.loo_pearson:12.3f} {r.loo_spearman:13.3f}")
+
+
+commands = {"lds": lds_command}
