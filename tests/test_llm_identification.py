@@ -28,9 +28,9 @@ from datainf.experiments.llm_identification import (  # noqa: E402
 from datainf.models.finetune import LoraSettings  # noqa: E402
 from datainf.models.llm import load_causal_lm  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
-from reference import FLOAT64_TOL  # noqa: E402
+from reference import FLOAT32_TOL, FLOAT64_TOL  # noqa: E402
 
-METHODS = ("datainf", "identity", "exact", "lissa")
+METHODS = ("datainf", "identity", "exact", "lissa", "ekfac")  # the experiment's default
 
 
 def _check_outputs(out, results, n_train, n_test, methods=METHODS):
@@ -189,3 +189,37 @@ def test_smollm2_dir_never_trusts_an_incomplete_cache(tmp_path, monkeypatch):
     assert llm.smollm2_dir() == target  # complete: used as is, no conversion
     with pytest.raises(DataInfError, match="no gguf"):
         llm.smollm2_dir(rebuild=True)
+
+
+def test_paper_protocol_gradients_are_the_prompt_only_mean_lm_loss(tiny_llama_dir, tmp_path):
+    """--protocol paper: every influence gradient is of the mean LM loss over the prompt's tokens, as the
+    research code's LORAEngineGeneration computes it (labels = input_ids of the prompt alone). Checked against
+    an independent single-example backward of Hugging Face's own loss on the tokenized prompt."""
+    from datainf.store import GradientStore
+
+    lora = LoraSettings(rank=2, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=())
+    model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
+    settings = LLMIdentificationSettings(task="math", classes=2, train_per_class=3, test_per_class=1, epochs=1,
+                                         batch_size=3, grad_batch_size=2, protocol="paper", normalize=True,
+                                         methods=("datainf", "identity", "lissa"), lissa_iterations=3)
+    result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
+    assert result.protocol == "paper" and set(result.methods) == {
+        "datainf", "identity", "lissa", "datainf+normalized", "identity+normalized"}  # lissa is not normalized
+    store = GradientStore.open(tmp_path / "store")
+    assert store.manifest["meta"]["task"] == "causal_lm_mean"
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    for i, record in enumerate(train):
+        ids = torch.tensor([tok(record["prompt"])["input_ids"]])
+        loss = model(input_ids=ids, labels=ids).loss  # the mean over the prompt's predicted tokens
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for (name, _), g in zip(params.items(), grads):
+            stored = store.block(name)[i].reshape(g.shape)
+            scale = max(float(store.block(n)[i].abs().max()) for n in params)
+            assert float((stored - g).abs().max()) <= FLOAT32_TOL * scale, (name, i)
+    # normalized identity is minus the cosine of the stored gradients
+    loaded = load_scores(tmp_path / "scores.safetensors")
+    G = torch.cat([store.block(n)[0:6].double() for n in store.block_names], dim=1)
+    assert float(loaded.scores["identity+normalized"].abs().max()) <= 1 + 1e-6
+    assert G.shape[0] == 6

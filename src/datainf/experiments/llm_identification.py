@@ -1,9 +1,18 @@
 """Influential-data identification on LoRA-tuned causal LMs (the paper's section 4.3, table 2).
 
 Generate a synthetic generation task (10 classes; 90 training and 10 test examples per class), fine-tune
-LoRA (r=8, alpha=32 on q_proj and v_proj; loss = NLL of the response tokens) on the training examples,
-then, for each test example (one query = its prompt + response), score every training example with each
-influence method. A method is good when the most helpful training examples (most NEGATIVE scores) of a
+LoRA (r=8, alpha=32 on q_proj and v_proj) on the training examples, then, for each test example, score every
+training example with each influence method. Two protocols (``protocol``):
+
+* ``"paper"``, what the paper's research code computes (``LORAEngineGeneration``): fine-tune on prompt +
+  response, every token (TRL's SFT on the ``text`` field), and take every influence gradient, training and
+  test alike, of the mean LM loss over the *prompt's* tokens (which carry the class: the chatbot's name and
+  transformation, the math template);
+* ``"response"`` (the better-posed question "which training examples made the model give this response"):
+  fine-tune on the response tokens, gradients of the summed NLL of the response given the prompt.
+
+With ``normalize`` the methods are also scored with unit-normalized preconditioned gradients (cosine
+similarity after preconditioning, as TrackStar does), reported as ``"<method>+normalized"``. A method is good when the most helpful training examples (most NEGATIVE scores) of a
 test prompt come from the prompt's own class. Per test prompt:
 
 * AUC: ROC AUC of ranking the training examples by helpfulness (-score) against "same class as the prompt";
@@ -28,6 +37,7 @@ import numpy as np
 import torch
 
 from datainf.attributor import Attributor
+from datainf.data.collate import TextCollator
 from datainf.data.generation import TASKS, make_task, split_task
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreResult
@@ -49,6 +59,12 @@ from datainf.version import __version__
 
 log = logging.getLogger("datainf.experiments")
 
+#: the two ways of posing the question (see the module docstring)
+PROTOCOLS = ("paper", "response")
+#: methods whose normalized variant is also scored with normalize (LiSSA's self-influence would run its
+#: recursion for every training example: n times the cost of scoring)
+NORMALIZED_EXCLUDED = ("lissa",)
+
 
 @dataclass
 class LLMIdentificationSettings:
@@ -67,8 +83,10 @@ class LLMIdentificationSettings:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    methods: tuple[str, ...] = ("datainf", "identity", "exact", "lissa")
+    methods: tuple[str, ...] = ("datainf", "identity", "exact", "lissa", "ekfac")
     damping: float | None = None          # None: the paper's rule per block
+    protocol: str = "response"            # "paper": prompt-only LM loss, as the research code; "response"
+    normalize: bool = False               # also score every method but lissa with normalized gradients
     lissa_iterations: int = 100
     grad_batch_size: int = 8
     seed: int = 0
@@ -83,6 +101,8 @@ class LLMIdentificationSettings:
         if self.task not in TASKS:
             raise DataInfError(f"unknown task '{self.task}'; choose from {', '.join(TASKS)}")
         check_methods(self.methods)
+        if self.protocol not in PROTOCOLS:
+            raise DataInfError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if not self.methods:
             raise DataInfError("give at least one method")
         if not isinstance(self.classes, int) or not 2 <= self.classes <= 10:
@@ -129,6 +149,8 @@ class LLMIdentificationResult:
     train_gradient_seconds: float
     query_gradient_seconds: float
     methods: dict[str, LLMMethod]
+    protocol: str = "response"
+    test_response_loss_after: float | None = None   # the response NLL per token, whatever the protocol
     wall_seconds: float | None = None
     library_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -139,7 +161,8 @@ class LLMIdentificationResult:
                "auc_label": "AUC (same class)", "experiment": "llm-identification", "settings": self.settings,
                "model": self.model, "n_train": self.n_train, "n_test": self.n_test,
                "trainable_parameters": self.trainable_parameters, "blocks": self.blocks,
-               "test_loss_before": self.test_loss_before, "test_loss_after": self.test_loss_after,
+               "protocol": self.protocol, "test_loss_before": self.test_loss_before,
+               "test_loss_after": self.test_loss_after, "test_response_loss_after": self.test_response_loss_after,
                "final_epoch_train_loss": self.final_epoch_train_loss, "finetune_seconds": self.finetune_seconds,
                "train_gradient_seconds": self.train_gradient_seconds,
                "query_gradient_seconds": self.query_gradient_seconds,
@@ -209,7 +232,8 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     train_pr, test_pr = prompts_and_responses(train), prompts_and_responses(test)
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loss_before, stats, loss_after = finetune(settings, model, tokenizer, train_pr, test_pr, progress)
+    loss_before, stats, loss_after, response_after = finetune(settings, model, tokenizer, train_pr, test_pr,
+                                                              progress)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
                                                                       test_pr, out / "store", progress)
     scored = score_methods(settings, attributor, query_grads)
@@ -220,7 +244,8 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
         test_loss_after=loss_after, final_epoch_train_loss=stats["final_epoch_loss"],
         finetune_seconds=stats["seconds"], train_gradient_seconds=train_seconds,
         query_gradient_seconds=query_seconds,
-        methods=method_outcomes(settings, scored, scores, [r["label"] for r in train], [r["label"] for r in test]))
+        methods=method_outcomes(settings, scored, scores, [r["label"] for r in train], [r["label"] for r in test]),
+        protocol=settings.protocol, test_response_loss_after=response_after)
     write_outputs(result, out, settings, train, test, scored, scores, attributor)
     if not settings.keep_store:
         shutil.rmtree(out / "store", ignore_errors=True)
@@ -259,32 +284,58 @@ def load_model(settings: LLMIdentificationSettings, model: Any, tokenizer: Any) 
     return model, tokenizer, str(model_dir)
 
 
+def protocol_collator(settings: LLMIdentificationSettings, tokenizer: Any, stage: str) -> TextCollator:
+    """How the protocol tokenizes: for fine-tuning ("train") and for the influence gradients ("gradients").
+
+    paper: prompt + response as one text, loss on every token (no EOS, as the research code's TRL did), and
+    gradients of the MEAN LM loss over the prompt's tokens; response: the response tokens after the prompt
+    (then EOS), gradients of their SUMMED NLL.
+    """
+    if settings.protocol == "paper":
+        task = "causal_lm" if stage == "train" else "causal_lm_mean"
+        return TextCollator(tokenizer, task=task, max_length=settings.max_length, format="text", append_eos=False)
+    return TextCollator(tokenizer, task="causal_lm", max_length=settings.max_length)
+
+
+def protocol_records(settings: LLMIdentificationSettings, records: list[dict], stage: str) -> list[dict]:
+    """The records the protocol feeds the model: text records for the paper's protocol (prompt + response
+    to fine-tune on, the prompt alone for the gradients), prompt/response records otherwise."""
+    if settings.protocol == "paper":
+        return [{"text": r["prompt"] + r["response"] if stage == "train" else r["prompt"]} for r in records]
+    return records
+
+
 def finetune(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
-             test_pr: list[dict], progress: bool) -> tuple[float, dict[str, Any], float]:
-    """LoRA fine-tuning on the training examples: (test response loss before, training stats, loss after)."""
-    loss_before = response_loss(model, tokenizer, test_pr, max_length=settings.max_length)
-    stats = finetune_causal_lm(model, tokenizer, train_pr, epochs=settings.epochs, lr=settings.learning_rate,
+             test_pr: list[dict], progress: bool) -> tuple[float, dict[str, Any], float, float]:
+    """LoRA fine-tuning on the training examples, with the protocol's loss: (test loss before, training
+    stats, test loss after (the protocol's, per token), test response loss after (per response token))."""
+    collate = protocol_collator(settings, tokenizer, "train")
+    train, test = protocol_records(settings, train_pr, "train"), protocol_records(settings, test_pr, "train")
+    loss_before = response_loss(model, tokenizer, test, collate=collate)
+    stats = finetune_causal_lm(model, tokenizer, train, epochs=settings.epochs, lr=settings.learning_rate,
                                batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
-                               progress=progress)
-    loss_after = response_loss(model, tokenizer, test_pr, max_length=settings.max_length)
-    log.info("fine-tuned in %.0f s: test response loss %.3f -> %.3f per token", stats["seconds"], loss_before,
-             loss_after)
-    return loss_before, stats, loss_after
+                               progress=progress, collate=collate)
+    loss_after = response_loss(model, tokenizer, test, collate=collate)
+    response_after = response_loss(model, tokenizer, test_pr, max_length=settings.max_length)
+    log.info("fine-tuned in %.0f s (%s protocol): test loss %.3f -> %.3f per token; response loss %.3f",
+             stats["seconds"], settings.protocol, loss_before, loss_after, response_after)
+    return loss_before, stats, loss_after, response_after
 
 
 def gradients(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
               test_pr: list[dict], store: Path, progress: bool):
-    """Training gradients into a fresh ``store``, test gradients in memory:
+    """Training gradients into a fresh ``store``, test gradients in memory, both of the protocol's loss:
     (attributor, query gradients, training seconds, query seconds)."""
     if store.exists():
         shutil.rmtree(store)
-    attributor = Attributor(model, task="causal_lm", store=store, tokenizer=tokenizer,
-                            batch_size=settings.grad_batch_size, max_length=settings.max_length, progress=progress)
+    collate = protocol_collator(settings, tokenizer, "gradients")
+    attributor = Attributor(model, task=collate.task, store=store, tokenizer=tokenizer, collate=collate,
+                            batch_size=settings.grad_batch_size, progress=progress)
     t0 = time.perf_counter()
-    attributor.fit(train_pr)
+    attributor.fit(protocol_records(settings, train_pr, "gradients"))
     train_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    query_grads = attributor.gradients(test_pr, desc="test gradients")
+    query_grads = attributor.gradients(protocol_records(settings, test_pr, "gradients"), desc="test gradients")
     return attributor, query_grads, train_seconds, time.perf_counter() - t0
 
 
@@ -292,11 +343,13 @@ def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,
                   query_grads: dict[str, torch.Tensor]) -> dict[str, ScoreResult]:
     """Each method's influence of every training example on every test example; NaN or inf is refused."""
     scored = {}
-    for m in settings.methods:
-        scored[m] = attributor.score(query_grads, method=m, damping=settings.damping, save=False,
-                                     **method_options(m, settings.lissa_iterations))
-        if not np.all(np.isfinite(scored[m].scores.double().cpu().numpy())):
-            raise DataInfError(f"method {m} gave NaN or infinite scores; try a larger --damping")
+    variants = [(m, False) for m in settings.methods]
+    if settings.normalize:
+        variants += [(m, True) for m in settings.methods if m not in NORMALIZED_EXCLUDED]
+    for m, normalize in variants:
+        name = f"{m}+normalized" if normalize else m
+        scored[name] = attributor.score(query_grads, method=m, damping=settings.damping, save=False,
+                                        normalize=normalize, **method_options(m, settings.lissa_iterations))
     return scored
 
 
@@ -311,7 +364,8 @@ def method_outcomes(settings: LLMIdentificationSettings, scored: dict[str, Score
             auc=metrics["auc"], recall=metrics["recall"], seconds=result.seconds,
             damping=damping_label(settings.damping), auc_per_query=metrics["auc_per_query"],
             recall_per_query=metrics["recall_per_query"],
-            max_relative_residual=max_relative_residual(result) if m == "lissa" and result.diagnostics else None)
+            max_relative_residual=max_relative_residual(result) if result.method == "lissa" and result.diagnostics
+            else None)
         log.info("%s: AUC %.3f recall %.3f (%.1f s)", m, metrics["auc"], metrics["recall"], result.seconds)
     if "exact" in scores:
         for m, s in scores.items():
@@ -354,5 +408,5 @@ def format_table(result: LLMIdentificationResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LLMIdentificationResult", "LLMIdentificationSettings", "LLMMethod", "format_table",
+__all__ = ["PROTOCOLS", "LLMIdentificationResult", "LLMIdentificationSettings", "LLMMethod", "format_table",
            "identification_metrics", "mean_column_correlation", "run", "run_llm_identification"]

@@ -35,7 +35,12 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 @click.option("--rank", type=int, default=8, help="LoRA rank.")
 @click.option("--alpha", type=float, default=32.0, help="LoRA alpha.")
 @click.option("--target-modules", default="q_proj,v_proj", help="Comma-separated module names to adapt.")
-@click.option("--methods", default="datainf,identity,exact,lissa", help="Comma-separated influence methods.")
+@click.option("--methods", default="datainf,identity,exact,lissa,ekfac", help="Comma-separated influence methods.")
+@click.option("--protocol", type=click.Choice(["paper", "response"]), default="response",
+              help="paper: fine-tune on prompt + response, gradients of the mean LM loss over the prompt's tokens "
+                   "(the research code); response: fine-tune on and attribute the response's NLL.")
+@click.option("--normalize", is_flag=True,
+              help="Also score every method but lissa with unit-normalized preconditioned gradients.")
 @click.option("--damping", type=float, default=None, help="Damping for every block; default the paper's rule.")
 @click.option("--lissa-iterations", type=int, default=100)
 @click.option("--seed", type=int, default=0)
@@ -47,8 +52,9 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 def llm_identification_command(ctx: click.Context, task: str, out_dir: str, model_dir: str | None, classes: int,
                                train_per_class: int, test_per_class: int, epochs: int, lr: float, batch_size: int,
                                max_length: int, rank: int, alpha: float, target_modules: str, methods: str,
-                               damping: float | None, lissa_iterations: int, seed: int, load_in_8bit: bool,
-                               load_in_4bit: bool, keep_store: bool, device: str | None) -> None:
+                               protocol: str, normalize: bool, damping: float | None, lissa_iterations: int,
+                               seed: int, load_in_8bit: bool, load_in_4bit: bool, keep_store: bool,
+                               device: str | None) -> None:
     """Which training examples does a LoRA-tuned causal LM use for each test prompt? (paper section 4.3)
 
     Fine-tunes LoRA on a synthetic task of `--classes` classes, scores every training example's influence
@@ -65,11 +71,13 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         task=task, model_dir=model_dir, classes=classes, train_per_class=train_per_class,
         test_per_class=test_per_class, epochs=epochs, learning_rate=lr, batch_size=batch_size,
         max_length=max_length, rank=rank, alpha=alpha, target_modules=split_list(target_modules, "--target-modules"),
-        methods=split_list(methods, "--methods"), damping=damping, lissa_iterations=lissa_iterations, seed=seed,
+        methods=split_list(methods, "--methods"), protocol=protocol, normalize=normalize, damping=damping,
+        lissa_iterations=lissa_iterations, seed=seed,
         load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_store=keep_store, device=device)
     result = run(settings, out_dir, progress=progress)
-    click.echo(f"\n{settings.task}: {result.n_train} training / {result.n_test} test examples; "
-               f"test response loss {result.test_loss_before:.3f} -> {result.test_loss_after:.3f} per token")
+    click.echo(f"\n{settings.task} ({settings.protocol} protocol): {result.n_train} training / {result.n_test} test "
+               f"examples; test loss {result.test_loss_before:.3f} -> {result.test_loss_after:.3f} per token "
+               f"(response loss {result.test_response_loss_after:.3f})")
     click.echo(format_table(result))
     click.echo(f"\nwall time {result.wall_seconds:.0f} s; wrote {out_dir}/results.json, {out_dir}/scores.safetensors, "
                f"{out_dir}/report.html")
