@@ -51,14 +51,11 @@ def write_jsonl(path, records):
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory, tiny_llama_dir):
-    """Training and query stores of a tiny Llama with LoRA (B initialised at random, so every block has a
-    gradient), scored per query and against the mean query by `datainf score`."""
-    from datainf.attributor import Attributor
+def tiny_lm(tiny_llama_dir):
+    """A tiny Llama with LoRA, B initialised at random (so every block has a gradient), and its tokenizer."""
     from datainf.models.finetune import LoraSettings
     from datainf.models.llm import load_causal_lm
 
-    root = tmp_path_factory.mktemp("report-lm")
     lora = LoraSettings(rank=2, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=())
     model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
     torch.manual_seed(1)
@@ -66,6 +63,17 @@ def lm_run(tmp_path_factory, tiny_llama_dir):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory, tiny_lm):
+    """Training and query stores of prompt/response records (kept in the stores), scored per query and
+    against the mean query by `datainf score`."""
+    from datainf.attributor import Attributor
+
+    root = tmp_path_factory.mktemp("report-lm")
+    model, tok = tiny_lm
     for records, store in ((TRAIN, "train-store"), (QUERIES, "query-store")):
         Attributor(model, task="causal_lm", store=root / store, tokenizer=tok, batch_size=4,
                    progress=False).fit(records)
@@ -98,12 +106,12 @@ def open_tables(node: Node) -> list[tuple[str, Node]]:
     return out
 
 
-def expected_order(column: torch.Tensor, kind: str) -> list[int]:
-    """The top-K training indices, computed independently of the report: sorted by (score, index)."""
+def expected_order(column: torch.Tensor, kind: str, k: int = K) -> list[int]:
+    """The top-k training indices, computed independently of the report: sorted by (score, index)."""
     values = column.double().tolist()
     if kind == "helpful":
-        return sorted(range(len(values)), key=lambda i: (values[i], i))[:K]
-    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:K]
+        return sorted(range(len(values)), key=lambda i: (values[i], i))[:k]
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
 
 
 def test_generation_report_per_query(lm_run, capsys):
@@ -236,3 +244,50 @@ def test_wrong_data_is_refused_and_nothing_is_written(lm_run, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "not the data" in lines[0], err
     assert not out.exists() and not list(lm_run.glob(".wrong.html*"))
+
+
+def chat(*turns):
+    roles = ("user", "assistant") * len(turns)
+    return {"messages": [{"role": role, "content": text} for role, text in zip(roles, turns)]}
+
+
+def test_chat_records_show_their_last_user_and_assistant_turns(tiny_lm, tmp_path, capsys):
+    """Chat records (the SFT format) kept in the stores: the report shows each one's last user turn as the
+    prompt and its last assistant turn as the response, and says when earlier turns are left out."""
+    from datainf.attributor import Attributor
+    from datainf.data.collate import TextCollator
+
+    model, tok = tiny_lm
+    base = TextCollator(tokenizer=tok, task="causal_lm")
+
+    def collate(records):  # the word tokenizer has no chat template: join the turns as prompt + response
+        return base([{"prompt": " ".join(m["content"] for m in r["messages"][:-1]),
+                      "response": " " + r["messages"][-1]["content"]} for r in records])
+
+    train = [chat(r["prompt"], r["response"].strip()) for r in TRAIN[:5]]
+    train[2] = chat("What is 1 plus 1 ?", "2", TRAIN[2]["prompt"], TRAIN[2]["response"].strip())
+    queries = [chat(QUERIES[0]["prompt"], QUERIES[0]["response"].strip())]
+    for records, store in ((train, "train"), (queries, "queries")):
+        Attributor(model, task="causal_lm", store=tmp_path / store, tokenizer=tok, collate=collate,
+                   progress=False).fit(records)
+    with pytest.raises(SystemExit) as e:
+        main(["--quiet", "score", "--store", str(tmp_path / "train"), "--queries", str(tmp_path / "queries"),
+              "--method", "identity", "--out", str(tmp_path / "s.safetensors")])
+    assert e.value.code == 0
+    code, _, err = cli(["report", "--scores", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "r.html"),
+                        "--top-k", "5"], capsys)
+    assert code == 0, err
+    root = parse(tmp_path / "r.html")
+    article = root.find_id("query-0")
+    shown = {n.attrs["class"].split()[-1]: n.text() for n in article.iter("pre")}
+    assert shown == {"prompt": QUERIES[0]["prompt"], "response": QUERIES[0]["response"].strip()}
+    assert root.find_id("helpful") is None  # one query: its own lists are the only ones
+    column = load_scores(tmp_path / "s.safetensors").scores["identity"][:, 0]
+    table = open_tables(article)[0][1]
+    rows = body_rows(table)
+    assert [int(r[1]) for r in rows] == expected_order(column, "helpful", 5)
+    for row in rows:
+        i = int(row[1])
+        prompt, response = TRAIN[i]["prompt"], TRAIN[i]["response"].strip()
+        assert row[3] == (f"[last turn of 4 messages] {prompt}" if i == 2 else prompt)
+        assert row[4] == response

@@ -34,7 +34,8 @@ GENERATION_TASKS = ("causal_lm", "causal_lm_mean")
 @click.option("--title", default=None, help="The page's title.")
 def command(scores_path: str, data_path: str | None, flipped_column: str, out_path: str, top_k: int,
             title: str | None, **data: Any) -> None:
-    """An HTML report (self-contained) from a scores file."""
+    """A self-contained HTML report from a scores file, laid out for its task (generations: each query's
+    prompt and response first, with its most helpful and harmful training examples)."""
     from datainf.metrics import method_summary
     from datainf.report import write_report
     from datainf.scoring import load_scores
@@ -105,11 +106,11 @@ def command(scores_path: str, data_path: str | None, flipped_column: str, out_pa
                          **summary[name]}
         options = _options(settings)
         if options:
-            methods[name]["options"] = options
+            methods[name]["Options"] = options
     kinds = set(targets.values())
     if len(kinds) > 1:
         for name in methods:
-            methods[name]["lists over"] = _TARGET_WORDS[targets[name]]
+            methods[name]["Lists over"] = _TARGET_WORDS[targets[name]]
     seconds = [(loaded.settings.get(n) or {}).get("seconds") for n in overall]
     results = {
         "task": task,
@@ -148,7 +149,7 @@ def _scores_over(kinds: set[str], targets: dict[str, str], n_queries: int | None
 
             return f"for the query “{query_name(queries[0], 60)}”"
         return "for the one query"
-    return "per method over the mean query or its own target (see “lists over” in Methods)"
+    return "per method over the mean query or its own target (see “Lists over” in Methods)"
 
 
 def _options(settings: dict[str, Any]) -> str:

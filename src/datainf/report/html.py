@@ -574,7 +574,8 @@ def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict
                      f"</span> {_e(names[j])}</h3>{body}{_per_method(methods, render)}</article>")
     note = f"Showing the first {shown} of {len(queries)} queries." if shown < len(queries) else ""
     if generation:
-        intro = ("Each query's prompt and response, then the training examples that made that response more "
+        intro = (("The query's" if len(queries) == 1 else "Each query's") + " prompt and response, then the "
+                 "training examples that made that response more "
                  "likely (helpful: they lower its loss, most negative first) and less likely (harmful: they "
                  "raise it, most positive first). " + note)
     else:
