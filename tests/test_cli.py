@@ -92,9 +92,24 @@ def test_self_influence_and_report(flow, capsys):
                           str(root / "report.html")], capsys)
     assert code == 0, err
     html = (root / "report.html").read_text()
-    for section in ('id="methods"', 'id="roc"', 'id="harmful"', 'id="helpful"'):
+    for section in ('id="methods"', 'id="roc"', 'id="harmful"', 'id="helpful"', 'id="queries"', 'id="damping-blocks"'):
         assert section in html
     assert "a tedious mess with no heart" in html
+    # a classification report: labels and the flipped column of --data, queries named by their texts
+    assert "n/a" not in html and "query 0" not in html.lower()
+    assert "<th>Given label</th>" in html and "<th>Flipped</th>" in html and "Mislabeled examples" in html
+    assert "averaged over the 4 queries" in html
+    from conftest import SENTENCES
+
+    for text, _ in SENTENCES[:4]:
+        assert f'<pre class="query-text">{text}</pre>' in html
+    # without --data: the store's own records (texts and labels; no flipped column, so no ROC)
+    code, out, err = run(["report", "--scores", str(root / "scores.safetensors"), "--out",
+                          str(root / "report-store.html")], capsys)
+    assert code == 0, err
+    html = (root / "report-store.html").read_text()
+    assert "a tedious mess with no heart" in html and "<th>Label</th>" in html
+    assert 'id="roc"' not in html and "Flipped" not in html and "Mislabeled" not in html and "n/a" not in html
 
 
 def test_help_is_complete(capsys):

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from datainf.errors import DataInfError
 from datainf.report import histogram_png, roc_auc, roc_curve_png, roc_points, write_report
+from datainf.report.html import MISSING
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -155,8 +156,10 @@ def test_full_report_sections_tables_and_images(tmp_path):
     auc_column = header_cells(methods_table).index("AUC (flipped)")
     assert rows["datainf"][auc_column] == "0.750"
     assert rows["exact"][auc_column] == "0.813"
-    assert rows["lissa"][auc_column] == "n/a" and rows["identity"][auc_column] == "n/a"
-    assert set(rows["identity"][1:]) == {"n/a"}
+    # not measured: a dash in the cell, never "n/a"
+    assert rows["lissa"][auc_column] == MISSING and rows["identity"][auc_column] == MISSING
+    assert set(rows["identity"][1:]) == {MISSING}
+    assert "n/a" not in path.read_text(encoding="utf-8")
 
     # harmful: the largest scores, descending, and the top one is the flipped example with the largest score
     datainf = scores["datainf"]
@@ -308,3 +311,58 @@ def test_bad_query_input_raises(tmp_path):
                      query_scores={"datainf": np.zeros((N_TRAIN, 2))}, queries=[{"text": "only one"}])
     with pytest.raises(DataInfError, match="top_k"):
         write_report(tmp_path / "r.html", results=results, train=train, scores=scores, top_k=0)
+
+
+def cards(root: Node) -> dict[str, str]:
+    """Card label -> value text."""
+    out = {}
+    for card in root.iter("div"):
+        if card.attrs.get("class") == "card":
+            label, value = [node for node in card.iter("div")][:2]
+            out[label.text().strip()] = value.text().strip()
+    return out
+
+
+def test_cards_leave_out_what_was_not_recorded(tmp_path):
+    results, train, scores, _ = fake_run(with_flipped=False)
+    for key in ("library_version", "created", "validation_accuracy", "wall_seconds"):
+        del results[key]
+    path = write_report(tmp_path / "r.html", results=results, train=train, scores=scores)
+    raw = path.read_text(encoding="utf-8")
+    assert "n/a" not in raw
+    root = parse(path)
+    assert set(cards(root)) == {"Task", "Training examples", "Methods"}
+    assert "Mislabeled" not in root.text()  # no flipped labels: no hint about them
+    header = next(root.iter("header")).text()
+    assert "datainf" in header and "created" not in header
+
+    results, train, scores, _ = fake_run()
+    got = cards(parse(write_report(tmp_path / "full.html", results=results, train=train, scores=scores)))
+    assert got["Created"] == "2026-11-29 18:00" and got["datainf version"] == "0.1.0"
+    assert got["Validation accuracy"] == "80.0%" and got["Wall time"] == "5 min 00 s"
+    assert got["Flipped labels"].startswith("8 ")
+    assert "Mislabeled examples should rank near the top" in parse(tmp_path / "full.html").text()
+
+
+def test_per_block_damping_is_summarized_with_the_table_collapsed(tmp_path):
+    results, train, scores, _ = fake_run()
+    damping = {f"layer.{i}.lora_B": value for i, value in enumerate((4e-3, 1e-3, 2e-2, 5e-4, 9e-3))}
+    results["methods"]["exact"]["damping"] = damping
+    results["methods"]["lissa"]["damping"] = {"layer.0.lora_B": 0.5}
+    root = parse(write_report(tmp_path / "r.html", results=results, train=train, scores=scores))
+    table = next(root.find_id("methods").iter("table"))
+    head = header_cells(table)
+    column = next(i for i, name in enumerate(head) if name.startswith("Damping"))
+    rows = {row[0]: row for row in body_rows(table)}
+    assert rows["exact"][column] == "min 5.00e-04 · median 4.00e-03 · max 2.00e-02 (5 blocks)"
+    assert rows["lissa"][column] == "5.00e-01 (1 block)"
+    assert rows["datainf"][column] == "paper rule per block"
+    details = root.find_id("damping-blocks")
+    assert details.tag == "details" and "open" not in details.attrs
+    per_block = next(details.iter("table"))
+    assert header_cells(per_block) == ["Block", "exact", "lissa"]
+    got = {row[0]: row[1:] for row in body_rows(per_block)}
+    assert list(got) == list(damping)
+    assert [float(got[block][0]) for block in damping] == list(damping.values())
+    assert got["layer.0.lora_B"][1] == "5.000e-01" and got["layer.1.lora_B"][1] == MISSING
+    assert "{" not in table.text()  # no dict printed in a cell

@@ -2,7 +2,13 @@
 
 Everything is inline: CSS in a <style> block, plots as base64 PNG data URIs, no JavaScript, so the file
 opens offline and can be mailed around. Sections carry stable ``id`` attributes (``settings``, ``methods``,
-``roc``, ``histograms``, ``harmful``, ``helpful``, ``queries``, ``diagnostics``).
+``roc``, ``histograms``, ``harmful``, ``helpful``, ``queries``, ``diagnostics``; the per-block damping table
+is the ``<details id="damping-blocks">`` of ``methods``).
+
+Two layouts: the default one (a classification run: settings, methods, ROC and histograms when flipped
+labels are known, the harmful and helpful lists, the queries) and, with ``generation=True``, one made for
+generations: each query's prompt and response first, with its own lists of helpful and harmful training
+examples (prompt and response too), then the lists over the mean query, the methods and the settings.
 
 Sign convention: a score is the first-order change of the validation (or query) loss when the training
 example is up-weighted. Positive = harmful (raises the loss), negative = helpful.
@@ -17,6 +23,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +36,23 @@ from datainf.report.plots import as_vector, histogram_png, roc_curve_png
 MAX_QUERIES = 20
 #: training texts longer than this are cut in tables (the full text is in the cell's tooltip)
 MAX_TEXT_CHARS = 300
+#: what a table cell shows for a value that was not measured
+MISSING = "—"
+#: a query's name (headings, captions, the index) is its text cut to this many characters
+QUERY_NAME_CHARS = 90
 
 _METRIC_COLUMNS = (
     ("auc", "AUC (flipped)"),
     ("seconds", "Time"),
     ("pearson_with_exact", "Pearson vs exact"),
     ("spearman_with_exact", "Spearman vs exact"),
-    ("damping", "Damping"),
+    ("damping", "Damping (per block: min · median · max)"),
 )
+_TASK_NOTES = {
+    "classification": "cross-entropy of the label",
+    "causal_lm": "generation: loss summed over the response tokens",
+    "causal_lm_mean": "generation: loss averaged over the response tokens",
+}
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -45,17 +61,29 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _known(value: Any) -> bool:
+    """Whether a value was measured: not None, not NaN, not an empty string."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return False
+    if isinstance(value, (float, np.floating)) and math.isnan(float(value)):
+        return False
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def format_value(value: Any) -> str:
-    """A short human string for a setting or metric: None/NaN -> 'n/a', floats to 4 significant digits."""
-    if value is None:
-        return "n/a"
+    """A short human string for a setting or metric: None/NaN -> MISSING, floats to 4 significant digits."""
+    if not _known(value):
+        return MISSING
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        number = float(value)
-        return "n/a" if math.isnan(number) else f"{number:.4g}"
+        return f"{float(value):.4g}"
     if isinstance(value, str):
         return value
     return json.dumps(value, default=str)
@@ -63,18 +91,18 @@ def format_value(value: Any) -> str:
 
 def _format_fixed(value: Any, digits: int = 3) -> str:
     """Numbers in [0, 1]-ish ranges (AUC, correlations) with a fixed number of decimals."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return "n/a" if value is None else format_value(value)
-    return "n/a" if math.isnan(float(value)) else f"{float(value):.{digits}f}"
+    if not _is_number(value):
+        return format_value(value)
+    return MISSING if math.isnan(float(value)) else f"{float(value):.{digits}f}"
 
 
 def format_seconds(value: Any) -> str:
-    """'0.41 s', '12.3 s', '5 min 03 s', '1 h 02 min'; 'n/a' when missing."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return "n/a" if value is None else format_value(value)
+    """'0.41 s', '12.3 s', '5 min 03 s', '1 h 02 min'; MISSING when missing."""
+    if not _is_number(value):
+        return format_value(value)
     seconds = float(value)
     if math.isnan(seconds):
-        return "n/a"
+        return MISSING
     if seconds < 10:
         return f"{seconds:.2f} s"
     if seconds < 60:
@@ -89,12 +117,45 @@ def format_score(value: float) -> str:
     return f"{value:+.3e}"
 
 
+def _block_values(value: Any) -> dict[str, float] | None:
+    """A per-block damping dict (block -> number) as floats, or None when ``value`` is something else."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    if not all(_is_number(v) for v in value.values()):
+        return None
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def damping_summary(value: Any) -> str:
+    """One cell for a method's damping: a per-block dict as 'min · median · max (N blocks)', or one value
+    for every block; a number or a description (e.g. 'paper rule per block') as it is."""
+    blocks = _block_values(value)
+    if blocks is None:
+        if isinstance(value, Mapping):
+            return MISSING if not value else json.dumps(value, default=str)
+        return format_value(value)
+    values = np.array(list(blocks.values()))
+    n = len(values)
+    if np.allclose(values, values[0], rtol=1e-12, atol=0.0):
+        return f"{values[0]:.2e} (all {n} blocks)" if n > 1 else f"{values[0]:.2e} (1 block)"
+    return (f"min {values.min():.2e} · median {float(np.median(values)):.2e} · max {values.max():.2e} "
+            f"({n} blocks)")
+
+
 def _metric_cell(key: str, value: Any) -> str:
     if key == "seconds":
         return format_seconds(value)
     if key in ("auc", "pearson_with_exact", "spearman_with_exact"):
         return _format_fixed(value)
+    if key == "damping":
+        return damping_summary(value)
     return format_value(value)
+
+
+def _one_line(text: Any, limit: int) -> str:
+    """Text on one line (whitespace collapsed), cut to ``limit`` characters with an ellipsis."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit].rstrip() + " …"
 
 
 # ----------------------------------------------------------------------------------------------- checking
@@ -107,24 +168,43 @@ def _ordered(names: Sequence[str]) -> list[str]:
     return first + [name for name in unique if name not in first]
 
 
-def _check_train(train: Sequence[dict]) -> bool:
-    """Validates the training examples; returns whether they carry the 'flipped' flag."""
+@dataclass(frozen=True)
+class _TrainInfo:
+    """What the training examples carry, which decides the columns of every example table."""
+
+    flipped: bool  # every example has "flipped"
+    label: bool  # every example has "label"
+    prompt: bool  # some example has "prompt" (generation records): Prompt and Response columns, not Text
+
+
+def _check_train(train: Sequence[dict], generation: bool = False) -> _TrainInfo:
+    """Validates the training examples. Classification: every example needs "text" and "label".
+    Generation: "prompt" (with "response") or "text"; "label" is optional (all or none)."""
     if isinstance(train, (str, bytes)) or not isinstance(train, Sequence):
         raise DataInfError("train: expected a list with one dict per training example")
     if len(train) == 0:
         raise DataInfError("train: is empty; pass one dict per training example")
-    with_flag = 0
+    with_flag = with_label = with_prompt = 0
     for index, example in enumerate(train):
         if not isinstance(example, Mapping):
-            raise DataInfError(f"train[{index}]: expected a dict with 'text' and 'label', got "
-                               f"{type(example).__name__}")
-        if "text" not in example or "label" not in example:
+            wanted = "'prompt' and 'response' (or 'text')" if generation else "'text' and 'label'"
+            raise DataInfError(f"train[{index}]: expected a dict with {wanted}, got {type(example).__name__}")
+        if generation:
+            if "prompt" not in example and "text" not in example:
+                raise DataInfError(f"train[{index}]: missing 'prompt' (and 'response') or 'text'; every "
+                                   f"example needs one of them")
+        elif "text" not in example or "label" not in example:
             raise DataInfError(f"train[{index}]: missing 'text' or 'label'; every example needs both")
         with_flag += "flipped" in example
+        with_label += "label" in example
+        with_prompt += "prompt" in example
     if 0 < with_flag < len(train):
         raise DataInfError(f"train: 'flipped' is given for {with_flag} of {len(train)} examples; give it for "
                            f"every example or for none")
-    return with_flag == len(train)
+    if 0 < with_label < len(train):
+        raise DataInfError(f"train: 'label' is given for {with_label} of {len(train)} examples; give it for "
+                           f"every example or for none")
+    return _TrainInfo(flipped=with_flag == len(train), label=with_label == len(train), prompt=with_prompt > 0)
 
 
 def _check_scores(scores: Mapping[str, Any], n_train: int) -> dict[str, np.ndarray]:
@@ -149,15 +229,19 @@ def _as_matrix(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _check_query_scores(query_scores: Mapping[str, Any], queries: Sequence[dict] | None,
-                        n_train: int) -> dict[str, np.ndarray]:
-    if not isinstance(query_scores, Mapping) or not query_scores:
-        raise DataInfError("query_scores: expected a non-empty dict method -> (n_train, n_query) array")
+def _check_queries(queries: Any) -> None:
     if queries is None or isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence):
         raise DataInfError("queries: query_scores was given, so pass one dict with 'text' per query")
     for index, query in enumerate(queries):
         if not isinstance(query, Mapping):
             raise DataInfError(f"queries[{index}]: expected a dict with 'text', got {type(query).__name__}")
+
+
+def _check_query_scores(query_scores: Mapping[str, Any], queries: Sequence[dict] | None,
+                        n_train: int) -> dict[str, np.ndarray]:
+    if not isinstance(query_scores, Mapping) or not query_scores:
+        raise DataInfError("query_scores: expected a non-empty dict method -> (n_train, n_query) array")
+    _check_queries(queries)
     checked = {}
     for name in _ordered(list(query_scores)):
         matrix = _as_matrix(query_scores[name])
@@ -179,11 +263,18 @@ def _label(example: Mapping, key: str = "label") -> str:
     return format_value(value)
 
 
-def _text_cell(text: Any, limit: int = MAX_TEXT_CHARS) -> str:
+def _cut(text: Any, limit: int) -> tuple[str, str]:
+    """(shown, tooltip attribute) of a text cut to ``limit`` characters; the tooltip holds the full text."""
     full = str(text)
     shown = full if len(full) <= limit else full[:limit].rstrip() + " …"
     tooltip = f' title="{_e(full[:4000])}"' if shown != full else ""
-    return f'<td class="text"{tooltip}>{_e(shown)}</td>'
+    return shown, tooltip
+
+
+def _text_cell(text: Any, limit: int = MAX_TEXT_CHARS, note: str = "") -> str:
+    shown, tooltip = _cut(text, limit)
+    lead = f'<span class="muted">{_e(note)}</span> ' if note else ""
+    return f'<td class="text"{tooltip}>{lead}{_e(shown)}</td>'
 
 
 def _score_cell(value: float) -> str:
@@ -191,31 +282,61 @@ def _score_cell(value: float) -> str:
     return f'<td class="num score {kind}">{_e(format_score(value))}</td>'
 
 
-def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict], has_flipped: bool,
+def _turns_note(example: Mapping) -> str:
+    turns = example.get("turns")
+    return f"[last turn of {int(turns)} messages]" if _is_number(turns) and int(turns) > 2 else ""
+
+
+def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict], info: _TrainInfo,
                    caption: str, text_limit: int = MAX_TEXT_CHARS) -> str:
     """Table of training examples ``order`` (indices into train) with their ``values`` (n_train,)."""
     has_true = any("true_label" in train[int(index)] for index in order)
-    head = ["Rank", "#", "Score", "Given label"] + (["True label"] if has_true else [])
-    head += (["Flipped"] if has_flipped else []) + ["Text"]
+    head = ["Rank", "#", "Score"]
+    if info.label:
+        head += ["Given label" if info.flipped else "Label"] + (["True label"] if has_true else [])
+    head += ["Flipped"] if info.flipped else []
+    head += ["Prompt", "Response"] if info.prompt else ["Text"]
     rows = []
     for rank, index in enumerate(order, start=1):
         example = train[int(index)]
         flipped = bool(example.get("flipped", False))
         cells = [f'<td class="num">{rank}</td>', f'<td class="num muted">{int(index)}</td>',
-                 _score_cell(float(values[index])), f"<td>{_e(_label(example))}</td>"]
-        if has_true:
-            cells.append(f"<td>{_e(format_value(example.get('true_label')))}</td>")
-        if has_flipped:
+                 _score_cell(float(values[index]))]
+        if info.label:
+            cells.append(f"<td>{_e(_label(example))}</td>")
+            if has_true:
+                cells.append(f"<td>{_e(format_value(example.get('true_label')))}</td>")
+        if info.flipped:
             badge = '<span class="badge flip">yes</span>' if flipped else '<span class="muted">no</span>'
             cells.append(f"<td>{badge}</td>")
-        cells.append(_text_cell(example["text"], text_limit))
+        if info.prompt:
+            if "prompt" in example:
+                cells.append(_text_cell(example["prompt"], text_limit, _turns_note(example)))
+                cells.append(_text_cell(example.get("response", ""), text_limit))
+            else:  # a plain-text record among prompt/response ones
+                cells.append(_text_cell(example.get("text", ""), text_limit))
+                cells.append(f'<td class="muted">{MISSING}</td>')
+        else:
+            cells.append(_text_cell(example["text"], text_limit))
         row_class = ' class="flipped"' if flipped else ""
         rows.append(f"<tr{row_class}>{''.join(cells)}</tr>")
     numeric = {"Rank", "#", "Score"}
     header = "".join(f'<th class="num">{_e(name)}</th>' if name in numeric else f"<th>{_e(name)}</th>"
                      for name in head)
-    return (f'<table class="examples"><caption>{_e(caption)}</caption><thead><tr>{header}</tr></thead>'
+    css = "examples generation" if info.prompt else "examples"
+    return (f'<table class="{css}"><caption>{_e(caption)}</caption><thead><tr>{header}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _sign_note(values: np.ndarray, top_k: int, harmful: bool) -> str:
+    """A caption's note when fewer than ``top_k`` examples have the list's sign (the rest of it has the other)."""
+    n = int((values > 0).sum() if harmful else (values < 0).sum())
+    if n >= min(top_k, len(values)):
+        return ""
+    if n == 0:
+        return f"; no training example {'raises' if harmful else 'lowers'} this loss"
+    return (f"; only {n} training example{'s' if n > 1 else ''} {'raise' if harmful else 'lower'}"
+            f"{'' if n > 1 else 's'} it, the rest {'lower' if harmful else 'raise'} it")
 
 
 def _top(values: np.ndarray, top_k: int, harmful: bool) -> np.ndarray:
@@ -229,14 +350,25 @@ def _image(png: bytes, alt: str) -> str:
     return f'<img class="plot" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _setting_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and len(value) > 12:
+        return f"{len(value)} values: {json.dumps(list(value[:6]), default=str)[:-1]}, …]"
+    return format_value(value)
+
+
 def _key_value_table(items: Mapping[str, Any], css_class: str = "kv") -> str:
+    """Rows ``key | value``; values that were not measured (None, NaN) are left out."""
     rows = []
     for key, value in items.items():
-        if isinstance(value, (Mapping, list, tuple)) and value:
+        if not _known(value) or (isinstance(value, (Mapping, list, tuple)) and not value):
+            continue
+        if isinstance(value, Mapping):
             shown = f"<pre>{_e(json.dumps(value, indent=2, default=str))}</pre>"
         else:
-            shown = _e(format_value(value))
+            shown = _e(_setting_text(value))
         rows.append(f'<tr><th scope="row">{_e(key)}</th><td>{shown}</td></tr>')
+    if not rows:
+        return '<p class="muted">No settings recorded.</p>'
     return f'<table class="{css_class}"><tbody>{"".join(rows)}</tbody></table>'
 
 
@@ -248,53 +380,129 @@ def _section(section_id: str, heading: str, body: str, intro: str = "") -> str:
 def _per_method(methods: list[str], render) -> str:
     """The first method shown openly, every other one in a collapsed <details> block."""
     first, rest = methods[0], methods[1:]
-    parts = [f'<h3>{_e(first)}</h3>{render(first)}']
+    parts = [f'<h3 class="method">{_e(first)}</h3>{render(first)}']
     for name in rest:
         parts.append(f'<details><summary>{_e(name)}</summary>{render(name)}</details>')
     return "".join(parts)
 
 
-def _methods_table(results: Mapping[str, Any], method_names: list[str]) -> str:
+def _damping_details(metrics: Mapping[str, Any], names: list[str]) -> str:
+    """The full per-block damping of every method that has one, in a collapsed <details> block."""
+    per_method = {name: blocks for name in names
+                  if (blocks := _block_values((metrics.get(name) or {}).get("damping"))) is not None}
+    if not per_method:
+        return ""
+    blocks = list(dict.fromkeys(block for values in per_method.values() for block in values))
+    header = "<th>Block</th>" + "".join(f'<th class="num">{_e(name)}</th>' for name in per_method)
+    rows = []
+    for block in blocks:
+        cells = "".join(f'<td class="num">{values[block]:.3e}</td>' if block in values
+                        else f'<td class="num na">{MISSING}</td>' for values in per_method.values())
+        rows.append(f'<tr><th scope="row" class="block">{_e(block)}</th>{cells}</tr>')
+    note = ("" if all(len(v) == len(blocks) for v in per_method.values()) else
+            f'<p class="muted">{MISSING}: the block was left out (its training gradients are all zero).</p>')
+    return (f'<details id="damping-blocks"><summary>Damping per block ({len(blocks)} blocks)</summary>'
+            f'<table class="damping"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f"{note}</details>")
+
+
+def _methods_table(results: Mapping[str, Any], method_names: list[str]) -> tuple[str, str]:
+    """(the methods section's body, its intro); a column is shown when some method has a value for it."""
     metrics = results.get("methods") or {}
     if not isinstance(metrics, Mapping):
         raise DataInfError("results['methods']: expected a dict method -> {auc, seconds, ...}")
     for name, entry in metrics.items():
         if entry is not None and not isinstance(entry, Mapping):
             raise DataInfError(f"results['methods'][{name!r}]: expected a dict of metrics or None")
+    names = _ordered(list(metrics) + method_names)
     known = {key for key, _ in _METRIC_COLUMNS}
     extra = list(dict.fromkeys(key for entry in metrics.values() if entry for key in entry if key not in known))
     auc_label = results.get("auc_label") or ("AUC (flipped)" if results.get("task", "classification") ==
                                              "classification" else "AUC")
     columns = [(k, auc_label if k == "auc" else label) for k, label in _METRIC_COLUMNS] + [(k, k) for k in extra]
+    columns = [(k, label) for k, label in columns
+               if any(_known((metrics.get(name) or {}).get(k)) for name in names)]
     numeric = {"auc", "seconds", "pearson_with_exact", "spearman_with_exact"}
     header = "<th>Method</th>" + "".join(
         f'<th class="num">{_e(label)}</th>' if key in numeric else f"<th>{_e(label)}</th>"
         for key, label in columns)
     rows = []
-    for name in _ordered(list(metrics) + method_names):
+    for name in names:
         entry = metrics.get(name) or {}
         cells = []
         for key, _ in columns:
             text = _metric_cell(key, entry.get(key))
-            css = ("num" if key in numeric else "") + (" na" if text == "n/a" else "")
+            css = ("num" if key in numeric else "") + (" na" if text == MISSING else "")
             cells.append(f'<td class="{css.strip()}">{_e(text)}</td>')
         rows.append(f'<tr><th scope="row">{_e(name)}</th>{"".join(cells)}</tr>')
-    return f'<table class="methods"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    table = f'<table class="methods"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    keys = {key for key, _ in columns}
+    intro = []
+    if "auc" in keys:
+        intro.append(f"{auc_label}: how well ranking by score (largest first) finds the "
+                     + ("flipped labels." if auc_label == "AUC (flipped)" else "examples it looks for."))
+    if keys & {"pearson_with_exact", "spearman_with_exact"}:
+        intro.append("Correlations compare each method's scores with the exact inverse.")
+    if "seconds" in keys:
+        intro.append("Time: the method's scoring time.")
+    if "damping" in keys:
+        intro.append("Damping: the λ added to each block's curvature before inverting it.")
+    if MISSING in table:
+        intro.append(f"{MISSING}: not measured for that method.")
+    return table + _damping_details(metrics, names), " ".join(intro)
 
 
-def _summary(results: Mapping[str, Any], n_train: int, n_flipped: int | None) -> str:
-    cards = [("Task", format_value(results.get("task"))), ("Training examples", str(n_train))]
+def _card(label: str, value: str, note: str = "", mono: bool = False) -> str:
+    css = "card-value mono" if mono else "card-value"
+    sub = f'<div class="card-note">{_e(note)}</div>' if note else ""
+    return (f'<div class="card"><div class="card-label">{_e(label)}</div>'
+            f'<div class="{css}">{_e(value)}</div>{sub}</div>')
+
+
+def _created(value: Any) -> str:
+    text = str(value)
+    return text.replace("T", " ")[:16] if len(text) >= 16 and text[10:11] == "T" else text
+
+
+def _summary(results: Mapping[str, Any], n_train: int, n_flipped: int | None, n_query: int | None,
+             methods: list[str]) -> str:
+    """The cards at the top: only what the run recorded, never a placeholder."""
+    cards = []
+    task = results.get("task")
+    if _known(task):
+        cards.append(_card("Task", str(task), _TASK_NOTES.get(str(task), "")))
+    cards.append(_card("Training examples", str(n_train)))
+    if n_query is not None:
+        cards.append(_card("Queries", str(n_query)))
     if n_flipped is not None:
-        cards.append(("Flipped labels", f"{n_flipped} ({n_flipped / n_train:.1%})"))
+        cards.append(_card("Flipped labels", f"{n_flipped} ({n_flipped / n_train:.1%})"))
     accuracy = results.get("validation_accuracy")
-    if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and not math.isnan(accuracy):
-        cards.append(("Validation accuracy", f"{accuracy:.1%}"))
-    else:
-        cards.append(("Validation accuracy", format_value(accuracy)))
-    cards.append(("Wall time", format_seconds(results.get("wall_seconds"))))
-    body = "".join(f'<div class="card"><div class="card-label">{_e(label)}</div>'
-                   f'<div class="card-value">{_e(value)}</div></div>' for label, value in cards)
-    return f'<div class="cards">{body}</div>'
+    if _is_number(accuracy) and not math.isnan(float(accuracy)):
+        cards.append(_card("Validation accuracy", f"{float(accuracy):.1%}"))
+    cards.append(_card("Methods" if len(methods) > 1 else "Method", ", ".join(methods)))
+    fingerprints = results.get("fingerprints")
+    if isinstance(fingerprints, Mapping):
+        for key, label in (("model", "Model"), ("adapter", "Adapter")):
+            if _known(fingerprints.get(key)):
+                cards.append(_card(label, str(fingerprints[key]), "fingerprint", mono=True))
+    if _known(results.get("created")):
+        cards.append(_card("Created", _created(results["created"])))
+    if _known(results.get("library_version")):
+        cards.append(_card("datainf version", str(results["library_version"])))
+    for key, label in (("wall_seconds", "Wall time"), ("scoring_seconds", "Scoring time")):
+        value = results.get(key)
+        if _is_number(value) and not math.isnan(float(value)):
+            cards.append(_card(label, format_seconds(value)))
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _query_parts(query: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """(prompt, response, text) of a query record; any may be None."""
+    prompt = query.get("prompt")
+    response = query.get("response", query.get("completion")) if prompt is not None else None
+    text = query.get("text")
+    return (None if prompt is None else str(prompt), None if response is None else str(response),
+            None if text is None else str(text))
 
 
 def _query_text(query: Mapping[str, Any]) -> str:
@@ -304,27 +512,89 @@ def _query_text(query: Mapping[str, Any]) -> str:
     return "\n".join(parts) if parts else json.dumps(dict(query), default=str)
 
 
+def query_name(query: Mapping[str, Any], limit: int = QUERY_NAME_CHARS) -> str:
+    """A query's name in headings and captions: its prompt (else its text), on one line, cut to ``limit``."""
+    prompt, _, text = _query_parts(query)
+    return _one_line(prompt if prompt is not None else text if text is not None else _query_text(query), limit)
+
+
+def query_names(queries: Sequence[Mapping[str, Any]], limit: int = QUERY_NAME_CHARS) -> list[str]:
+    """Each query's name (:func:`query_name`); a long beginning that every query shares (an instruction, a
+    system prompt) is left out, "… " in its place, so that the names tell the queries apart."""
+    full = [query_name(query, 100_000) for query in queries]
+    if len(full) > 1:
+        shared = os.path.commonprefix(full)
+        cut = shared.rfind(" ") + 1  # at a word boundary
+        if cut >= 20 and all(name[cut:].strip() for name in full):
+            return [_one_line("… " + name[cut:], limit) for name in full]
+    return [_one_line(name, limit) for name in full]
+
+
+def _query_body(query: Mapping[str, Any]) -> str:
+    """The query's prompt and response side by side (or its text)."""
+    prompt, response, text = _query_parts(query)
+    if prompt is None:
+        return f'<pre class="query-text">{_e(text if text is not None else _query_text(query))}</pre>'
+    turns = _turns_note(query)
+    label = f"Prompt {turns}" if turns else "Prompt"
+    return (f'<div class="qa"><div class="qa-part"><div class="qa-label">{_e(label)}</div>'
+            f'<pre class="query-text prompt">{_e(prompt)}</pre></div>'
+            f'<div class="qa-part"><div class="qa-label">Response</div>'
+            f'<pre class="query-text response">{_e(response or "")}</pre></div></div>')
+
+
+def _query_index(names: Sequence[str], shown: int, linked: bool) -> str:
+    items = []
+    for j in range(shown):
+        name = _e(names[j])
+        items.append(f'<li><a href="#query-{j}">{name}</a></li>' if linked else f"<li>{name}</li>")
+    return f'<ol class="query-index">{"".join(items)}</ol>'
+
+
 def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict], train: Sequence[dict],
-                     has_flipped: bool, top_k: int) -> str:
+                     info: _TrainInfo, top_k: int, generation: bool = False) -> str:
     methods = list(query_scores)
     shown = min(len(queries), MAX_QUERIES)
-    parts = []
+    names, short = query_names(queries), query_names(queries, 60)
+    parts = [_query_index(names, shown, linked=True)] if generation and shown > 1 else []
     for j in range(shown):
-        def render(name: str, j: int = j) -> str:
-            column = query_scores[name][:, j]
-            helpful = _example_table(column, _top(column, top_k, harmful=False), train, has_flipped,
-                                     f"Most helpful for query {j}, most negative first ({name})", 200)
-            harmful = _example_table(column, _top(column, top_k, harmful=True), train, has_flipped,
-                                     f"Most harmful for query {j}, most positive first ({name})", 200)
+
+        def render(method: str, j: int = j) -> str:
+            column = query_scores[method][:, j]
+            helpful = _example_table(column, _top(column, top_k, harmful=False), train, info,
+                                     f"Most helpful for “{short[j]}”, most negative first ({method})"
+                                     + _sign_note(column, top_k, harmful=False), 200)
+            harmful = _example_table(column, _top(column, top_k, harmful=True), train, info,
+                                     f"Most harmful for “{short[j]}”, most positive first ({method})"
+                                     + _sign_note(column, top_k, harmful=True), 200)
             return helpful + harmful
 
-        parts.append(f'<article class="query" id="query-{j}"><h3>Query {j}</h3>'
-                     f'<pre class="query-text">{_e(_query_text(queries[j]))}</pre>'
-                     f"{_per_method(methods, render)}</article>")
+        body = _query_body(queries[j]) if generation else f'<pre class="query-text">{_e(_query_text(queries[j]))}</pre>'
+        parts.append(f'<article class="query" id="query-{j}"><h3 class="query-name"><span class="muted">{j + 1}.'
+                     f"</span> {_e(names[j])}</h3>{body}{_per_method(methods, render)}</article>")
     note = f"Showing the first {shown} of {len(queries)} queries." if shown < len(queries) else ""
-    intro = ("For each query, the training examples that lowered (helpful, most negative first) and raised "
-             "(harmful, most positive first) its loss the most. " + note)
-    return _section("queries", "Queries", "".join(parts), _e(intro))
+    if generation:
+        intro = (("The query's" if len(queries) == 1 else "Each query's") + " prompt and response, then the "
+                 "training examples that made that response more "
+                 "likely (helpful: they lower its loss, most negative first) and less likely (harmful: they "
+                 "raise it, most positive first). " + note)
+    else:
+        intro = ("For each query, the training examples that lowered (helpful, most negative first) and raised "
+                 "(harmful, most positive first) its loss the most. " + note)
+    heading = "Queries" if len(queries) != 1 else "The query"
+    return _section("queries", heading, "".join(parts), _e(intro.strip()))
+
+
+def _queries_list_section(queries: Sequence[dict]) -> str:
+    """The queries of a run scored against their mean: each one's prompt and response, no lists of their own."""
+    shown = min(len(queries), MAX_QUERIES)
+    names = query_names(queries)
+    parts = [f'<article class="query" id="query-{j}"><h3 class="query-name"><span class="muted">{j + 1}.</span> '
+             f"{_e(names[j])}</h3>{_query_body(queries[j])}</article>" for j in range(shown)]
+    note = f" Showing the first {shown} of {len(queries)}." if shown < len(queries) else ""
+    intro = ("These queries were scored together, as their mean (one gradient: the mean of theirs), so the lists "
+             "below are over the mean query, not over any one of them." + note)
+    return _section("queries", "Queries (scored as their mean)", "".join(parts), _e(intro))
 
 
 # ----------------------------------------------------------------------------------------------- document
@@ -336,7 +606,7 @@ body { margin:0; background:var(--bg); color:var(--fg);
        font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
 header { background:#1d2d4a; color:#fff; padding:28px 0 20px; }
 header .wrap, main, nav .wrap { max-width:1160px; margin:0 auto; padding:0 24px; }
-header h1 { margin:0 0 4px; font-size:26px; font-weight:600; }
+header h1 { margin:0 0 4px; font-size:26px; font-weight:600; overflow-wrap:anywhere; }
 header .meta { color:#c7d2e5; font-size:13px; }
 nav { background:#fff; border-bottom:1px solid var(--line); position:sticky; top:0; z-index:1; }
 nav a { display:inline-block; padding:10px 12px 10px 0; margin-right:8px; color:var(--accent);
@@ -347,11 +617,17 @@ nav a:hover { text-decoration:underline; }
 .howto .harm { color:var(--harm); font-weight:600; } .howto .help { color:var(--help); font-weight:600; }
 section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:18px 22px; margin:20px 0; }
 h2 { margin:0 0 10px; font-size:20px; } h3 { margin:18px 0 8px; font-size:16px; }
+h3.query-name { font-size:17px; overflow-wrap:anywhere; }
+h3.method { font-size:14px; color:#374151; margin:14px 0 4px; }
 .lead { color:var(--muted); margin:0 0 12px; font-size:14px; }
 .cards { display:flex; flex-wrap:wrap; gap:12px; margin-top:20px; }
-.card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px 16px; min-width:150px; }
+.card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px 16px; min-width:150px;
+        max-width:100%; }
 .card-label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
-.card-value { font-size:20px; font-weight:600; }
+.card-value { font-size:20px; font-weight:600; overflow-wrap:anywhere; }
+.card-value.mono { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:15px;
+                   padding-top:4px; }
+.card-note { color:var(--muted); font-size:12px; }
 table { border-collapse:collapse; width:100%; font-size:14px; margin:6px 0 10px; }
 caption { text-align:left; color:var(--muted); font-size:13px; padding-bottom:4px; }
 th, td { border-bottom:1px solid var(--line); padding:6px 10px; text-align:left; vertical-align:top; }
@@ -359,13 +635,19 @@ thead th { background:#f1f3f6; font-weight:600; font-size:13px; white-space:nowr
 tbody tr:nth-child(even) { background:#fafbfc; }
 tbody th { font-weight:600; white-space:nowrap; }
 table.kv { width:auto; min-width:50%; } table.kv th { color:#374151; font-weight:500; padding-right:28px; }
+table.kv td { overflow-wrap:anywhere; }
 td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap;
          font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:13px; }
 th.num { text-align:right; }
 table.examples td.num, table.examples th.num { width:1%; }
-td.na { color:var(--muted); font-style:italic; font-family:inherit; }
+table.methods thead th { white-space:normal; }
+td.na { color:var(--muted); font-family:inherit; }
 td.score.harm { color:var(--harm); } td.score.help { color:var(--help); }
 td.text { max-width:620px; overflow-wrap:anywhere; }
+table.generation td.text { width:45%; max-width:none; white-space:pre-wrap; }
+table.damping { width:auto; min-width:40%; }
+table.damping th.block { font-weight:400; white-space:normal; overflow-wrap:anywhere;
+                         font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12.5px; }
 tr.flipped, tbody tr.flipped:nth-child(even) { background:var(--flip); }
 .badge { display:inline-block; padding:0 7px; border-radius:9px; font-size:12px; font-weight:600; }
 .badge.flip { background:#fde6c8; color:#93370d; }
@@ -376,31 +658,48 @@ summary { cursor:pointer; font-weight:600; }
 .plots { display:flex; flex-wrap:wrap; gap:16px; }
 img.plot { max-width:100%; height:auto; border:1px solid var(--line); border-radius:6px; background:#fff; }
 pre { background:#f5f6f8; border:1px solid var(--line); border-radius:6px; padding:8px 10px; margin:0;
-      font-size:12.5px; overflow-x:auto; white-space:pre-wrap; }
+      font-size:12.5px; overflow-x:auto; white-space:pre-wrap; overflow-wrap:anywhere; }
+.qa { display:grid; grid-template-columns:1fr 1fr; gap:12px; margin:4px 0 8px; }
+.qa-label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
+.qa pre { max-height:16em; overflow-y:auto; font-size:13.5px; }
+.qa pre.response { background:#f1f8f4; }
+@media (max-width: 760px) { .qa { grid-template-columns:1fr; } }
+ol.query-index { margin:0 0 8px; padding-left:26px; columns:2; font-size:14px; }
+ol.query-index a { color:var(--accent); text-decoration:none; }
 .query { border-top:2px solid var(--line); padding-top:6px; margin-top:18px; }
 .query:first-of-type { border-top:0; }
 footer { color:var(--muted); font-size:12px; text-align:center; padding:10px 0 30px; }
 """
 
-_HOWTO = ('<p class="howto"><strong>How to read this:</strong> a score is the first-order change of the '
-          'validation (or query) loss when that training example is up-weighted. '
-          '<span class="harm">Positive = harmful</span> (raises the loss); '
-          '<span class="help">negative = helpful</span> (lowers it). Mislabeled examples should rank near '
-          'the top of the harmful list.</p>')
+
+def _howto(generation: bool, has_flipped: bool) -> str:
+    target = ("query's loss (the loss of its response)" if generation else "validation (or query) loss")
+    text = (f'<p class="howto"><strong>How to read this:</strong> a score is the first-order change of the '
+            f'{target} when that training example is up-weighted. '
+            '<span class="harm">Positive = harmful</span> (raises the loss); '
+            '<span class="help">negative = helpful</span> (lowers it).')
+    if generation:
+        text += " Helpful examples are the ones that made the model more likely to give the response."
+    if has_flipped:
+        text += " Mislabeled examples should rank near the top of the harmful list."
+    return text + "</p>"
 
 
 def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, Any],
                   query_scores: Mapping[str, Any] | None = None, queries: Sequence[dict] | None = None,
-                  top_k: int = 10, title: str = "datainf report") -> str:
+                  top_k: int = 10, title: str = "datainf report", generation: bool = False,
+                  scores_over: str | None = None) -> str:
     """The report as one HTML string; arguments as in :func:`write_report`."""
     if not isinstance(results, Mapping):
         raise DataInfError("results: expected a dict like results.json (settings, methods, ...)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise DataInfError(f"top_k: expected a positive integer, got {top_k!r}")
-    has_flipped = _check_train(train)
+    info = _check_train(train, generation)
     n_train = len(train)
     vectors = _check_scores(scores, n_train)
     per_query = _check_query_scores(query_scores, queries, n_train) if query_scores is not None else None
+    if generation and queries is not None and per_query is None:
+        _check_queries(queries)
     flipped = np.array([bool(example.get("flipped", False)) for example in train])
     methods = list(vectors)
     k = min(top_k, n_train)
@@ -408,19 +707,50 @@ def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, 
     sections = []
     nav = []
 
-    def add(section_id: str, heading: str, body: str, intro: str = "") -> None:
+    def add(section_id: str, heading: str, body: str, intro: str = "", link: str | None = None) -> None:
         sections.append(_section(section_id, heading, body, intro))
-        nav.append(f'<a href="#{section_id}">{_e(heading)}</a>')
+        nav.append(f'<a href="#{section_id}">{_e(link or heading)}</a>')
 
     settings = results.get("settings") or {}
     if not isinstance(settings, Mapping):
         raise DataInfError("results['settings']: expected a flat dict of settings")
-    add("settings", "Settings",
-        _key_value_table(settings) if settings else '<p class="muted">No settings recorded.</p>')
-    add("methods", "Methods", _methods_table(results, methods),
-        "AUC: how well ranking by score (largest first) finds the flipped labels; correlations compare each "
-        "method's scores with the exact inverse.")
-    if has_flipped:
+    methods_body, methods_intro = _methods_table(results, methods)
+
+    def add_settings() -> None:
+        add("settings", "Settings",
+            _key_value_table(settings) if settings else '<p class="muted">No settings recorded.</p>')
+
+    def add_lists(order: tuple[str, ...]) -> None:
+        over = f": {scores_over}" if scores_over else ""
+        loss = "the queries' loss" if generation else "the validation loss"
+        for kind in order:
+            harmful = kind == "harmful"
+            body = _per_method(methods, lambda name, harmful=harmful: _example_table(
+                vectors[name], _top(vectors[name], k, harmful=harmful), train, info,
+                f"Top {k} by score, {'largest' if harmful else 'most negative'} first ({name})"
+                + _sign_note(vectors[name], k, harmful)))
+            if harmful:
+                add("harmful", f"Most harmful training examples{over}", body,
+                    _e(f"Largest positive scores: up-weighting these raises {loss}."), "Most harmful")
+            else:
+                add("helpful", f"Most helpful training examples{over}", body,
+                    _e(f"Most negative scores: up-weighting these lowers {loss}."), "Most helpful")
+
+    if generation:
+        if per_query is not None:
+            sections.append(_queries_section(per_query, queries, train, info, k, generation=True))
+            nav.append(f'<a href="#queries">{"Queries" if len(queries) != 1 else "The query"}</a>')
+        elif queries:
+            sections.append(_queries_list_section(queries))
+            nav.append('<a href="#queries">Queries</a>')
+        if per_query is None or len(queries) > 1:  # one query: its own lists are the overall ones
+            add_lists(("helpful", "harmful"))
+        add("methods", "Methods", methods_body, _e(methods_intro))
+        add_settings()
+    else:
+        add_settings()
+        add("methods", "Methods", methods_body, _e(methods_intro))
+    if info.flipped:
         if flipped.any() and not flipped.all():
             roc = _image(roc_curve_png(vectors, flipped), "ROC curves of every method for finding flipped labels")
             hist = _image(histogram_png(vectors, flipped), "Score histograms, flipped vs clean, per method")
@@ -431,19 +761,11 @@ def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, 
             "corner finds the flipped labels early.")
         add("histograms", "Score distributions", f'<div class="plots">{hist}</div>',
             "Flipped examples should sit to the right (positive, harmful) of the clean ones.")
-    add("harmful", "Most harmful training examples",
-        _per_method(methods, lambda name: _example_table(
-            vectors[name], _top(vectors[name], k, harmful=True), train, has_flipped,
-            f"Top {k} by score, largest first ({name})")),
-        "Largest positive scores: up-weighting these raises the validation loss.")
-    add("helpful", "Most helpful training examples",
-        _per_method(methods, lambda name: _example_table(
-            vectors[name], _top(vectors[name], k, harmful=False), train, has_flipped,
-            f"Top {k} by score, most negative first ({name})")),
-        "Most negative scores: up-weighting these lowers the validation loss.")
-    if per_query is not None:
-        sections.append(_queries_section(per_query, queries, train, has_flipped, k))
-        nav.append('<a href="#queries">Queries</a>')
+    if not generation:
+        add_lists(("harmful", "helpful"))
+        if per_query is not None:
+            sections.append(_queries_section(per_query, queries, train, info, k))
+            nav.append('<a href="#queries">Queries</a>')
     diagnostics = results.get("diagnostics")
     if diagnostics:
         body = (_key_value_table(diagnostics) if isinstance(diagnostics, Mapping)
@@ -451,16 +773,23 @@ def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, 
         add("diagnostics", "Diagnostics", body)
 
     meta = " · ".join(_e(part) for part in (
-        f"datainf {results.get('library_version', 'n/a')}", f"created {results.get('created', 'n/a')}",
-        f"task {results.get('task', 'n/a')}"))
-    n_flipped = int(flipped.sum()) if has_flipped else None
+        f"datainf {results['library_version']}" if _known(results.get("library_version")) else "",
+        f"created {_created(results['created'])}" if _known(results.get("created")) else "",
+        f"task {results['task']}" if _known(results.get("task")) else "") if part)
+    n_flipped = int(flipped.sum()) if info.flipped else None
+    n_query = results.get("n_query")
+    if not (_is_number(n_query) and int(n_query) > 0):
+        n_query = len(queries) if queries is not None and (per_query is not None or generation) else None
+    meta_line = f'<div class="meta">{meta}</div>' if meta else ""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f'<header><div class="wrap"><h1>{_e(title)}</h1><div class="meta">{meta}</div></div></header>'
+        f'<header><div class="wrap"><h1>{_e(title)}</h1>{meta_line}</div></header>'
         f'<nav><div class="wrap">{"".join(nav)}</div></nav>'
-        f"<main>{_HOWTO}{_summary(results, n_train, n_flipped)}{''.join(sections)}</main>"
+        f"<main>{_howto(generation, info.flipped)}"
+        f"{_summary(results, n_train, n_flipped, None if n_query is None else int(n_query), methods)}"
+        f"{''.join(sections)}</main>"
         "<footer>Generated by datainf. Self-contained file: no network needed to view it.</footer>"
         "</body></html>\n"
     )
@@ -485,21 +814,34 @@ def _write_atomically(path: Path, text: str) -> None:
 def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict],
                  scores: Mapping[str, Any], query_scores: Mapping[str, Any] | None = None,
                  queries: Sequence[dict] | None = None, top_k: int = 10,
-                 title: str = "datainf report") -> Path:
+                 title: str = "datainf report", generation: bool = False,
+                 scores_over: str | None = None) -> Path:
     """Writes the self-contained HTML report of an influence run to ``path`` (atomically); returns the path.
 
     results: JSON-able dict like the demo's results.json (library_version, created, task, settings,
         validation_accuracy, wall_seconds, methods -> {auc, seconds, pearson_with_exact,
-        spearman_with_exact, damping}, optional diagnostics); missing values show as "n/a".
+        spearman_with_exact, damping (a description, one number or a dict block -> lambda: shown as
+        min / median / max, the full table in a collapsed block), ...}, optional diagnostics; optional
+        fingerprints {model, adapter}, n_query, scoring_seconds for the cards). What is missing is left
+        out (a card, a column) or shown as MISSING in a table cell, never as a placeholder value.
     train: one dict per training example: "text", "label", optionally "flipped", "true_label",
-        "label_name". "flipped" (all examples or none) enables the ROC and histogram sections.
+        "label_name". "flipped" (all examples or none) enables the ROC and histogram sections. With
+        ``generation``: "prompt" and "response" (or "text"), "label" optional (all examples or none).
     scores: method -> (n_train,) influence on the validation loss (positive = harmful).
     query_scores: optional method -> (n_train, n_query) influence on each query's loss; needs ``queries``,
-        one dict with "text" (or "prompt"/"response") per query. The first MAX_QUERIES are shown.
+        one dict with "text" (or "prompt"/"response") per query. The first MAX_QUERIES are shown, each
+        named by its text (prompt).
     top_k: rows of each harmful/helpful table.
+    generation: the layout for generations: the queries (prompt and response) first, each with its own
+        helpful and harmful lists, then the lists over all queries (left out for one query: they would
+        repeat its lists), methods and settings; ``queries`` without ``query_scores`` are listed as the
+        queries whose mean was scored.
+    scores_over: what the ``scores`` lists are over, said in their headings (e.g. "over the mean query
+        (scores averaged over the 3 queries)"); default: no qualifier.
     """
     document = render_report(results=results, train=train, scores=scores, query_scores=query_scores,
-                             queries=queries, top_k=top_k, title=title)
+                             queries=queries, top_k=top_k, title=title, generation=generation,
+                             scores_over=scores_over)
     target = Path(path)
     _write_atomically(target, document)
     return target
