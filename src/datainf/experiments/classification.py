@@ -111,7 +111,7 @@ def write_grid_summary(runs: list[dict[str, Any]], name: str, out_dir: str | os.
     returns the markdown tables."""
     title, metrics = GRID_SUMMARIES[name]
     out = Path(out_dir)
-    text = ""
+    text = "\n### validation accuracy\n\n" + accuracy_table(runs)
     for m in metrics:
         text += f"\n### {m}\n\n" + markdown_table(summarize(runs, m), m)
     atomic.write_json(out / f"{name}.json", {m: summarize(runs, m) for m in metrics})
@@ -141,6 +141,31 @@ def summarize(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
             rows.append({"dataset": dataset, "rank": rank, "targets": targets, "method": method,
                          "mean": mean, "sd": sd, "runs": len(rs)})
     return rows
+
+
+def accuracy_table(runs: list[dict[str, Any]]) -> str:
+    """Per (dataset, rank, LoRA targets): validation accuracy trained on the clean labels and on the noisy
+    ones (mean ± sd over seeds), the majority-class accuracy, and how many runs did not learn (noisy-label
+    accuracy within 2 points of the majority class): a grid row whose models did not learn says little."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        s = r["settings"]
+        groups.setdefault((Path(s["dataset"]).stem, s["rank"], "+".join(s["target_modules"])), []).append(r)
+    lines = ["| dataset | rank | LoRA on | runs | clean labels | 20% flipped | majority class | did not learn |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(values: list[Any]) -> str:
+        mean, sd = _mean_sd([v for v in values if v is not None])
+        return "—" if not math.isfinite(mean) else f"{mean:.3f} ± {sd:.3f}"
+
+    for (dataset, rank, targets), rs in sorted(groups.items()):
+        failed = sum(1 for r in rs if r.get("learned") is False)
+        lines.append(f"| {dataset} | {rank} | {targets} | {len(rs)} | "
+                     f"{cell([r.get('clean_validation_accuracy') for r in rs])} | "
+                     f"{cell([r.get('validation_accuracy') for r in rs])} | "
+                     f"{cell([r.get('majority_accuracy') for r in rs])} | "
+                     f"{failed if any('learned' in r for r in rs) else '—'} |")
+    return "\n".join(lines) + "\n\n(validation accuracy, mean ± standard deviation over seeds)\n"
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str, fmt: str = ".3f") -> str:

@@ -47,6 +47,9 @@ from datainf.version import __version__
 
 log = logging.getLogger("datainf.experiments")
 
+#: a model within this much of the majority-class accuracy is reported as not having learned
+LEARNED_MARGIN = 0.02
+
 
 @dataclass
 class MislabeledSettings:
@@ -69,6 +72,7 @@ class MislabeledSettings:
     lissa_iterations: int = 100
     grad_batch_size: int = 32
     diagnose: bool = True                 # per-block distance of each approximation from exact
+    clean_baseline: bool = False          # also fine-tune on the clean labels, to record what the set-up learns
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +113,8 @@ class MislabeledResult:
     finetune_seconds: float
     gradient_seconds: float
     methods: dict[str, MislabeledMethod]
+    majority_accuracy: float | None = None          # the validation accuracy of always predicting the commonest
+    clean_validation_accuracy: float | None = None  # the same set-up trained on the clean labels (clean_baseline)
     diagnostics: dict[str, Any] | None = None
     wall_seconds: float | None = None
     library_version: str = __version__
@@ -116,10 +122,19 @@ class MislabeledResult:
     torch_threads: int = field(default_factory=torch.get_num_threads)
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
+    @property
+    def learned(self) -> bool | None:
+        """Whether the noisy-label model beats always predicting the commonest class by more than 2 points."""
+        if self.majority_accuracy is None:
+            return None
+        return self.validation_accuracy > self.majority_accuracy + LEARNED_MARGIN
+
     def to_dict(self) -> dict[str, Any]:
         out = {"library_version": self.library_version, "created": self.created, "task": "classification",
                "experiment": "mislabeled", "settings": self.settings,
                "validation_accuracy": self.validation_accuracy, "validation_loss": self.validation_loss,
+               **present(self, "majority_accuracy", "clean_validation_accuracy"),
+               **({"learned": self.learned} if self.learned is not None else {}),
                "n_flipped": self.n_flipped, "finetune_seconds": self.finetune_seconds,
                "gradient_seconds": self.gradient_seconds,
                "methods": {m: r.to_dict() for m, r in self.methods.items()}, "torch_threads": self.torch_threads}
@@ -142,6 +157,7 @@ def run(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: b
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     train, val, num_labels = noisy_split(settings, records)
+    clean_accuracy = clean_baseline(settings, train, val, num_labels, progress) if settings.clean_baseline else None
     model, tokenizer, finetune_seconds, val_metrics = finetune(settings, train, val, num_labels, progress)
     attributor, val_grads, gradient_seconds = gradients(settings, model, tokenizer, train, val, out, progress)
     scored = score_methods(settings, attributor, val_grads)
@@ -152,7 +168,12 @@ def run(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: b
         validation_loss=val_metrics.get("loss"), n_flipped=int(is_flipped.sum()),
         finetune_seconds=finetune_seconds, gradient_seconds=gradient_seconds,
         methods=method_outcomes(settings, scored, scores, is_flipped),
+        majority_accuracy=majority_accuracy(val), clean_validation_accuracy=clean_accuracy,
         diagnostics=diagnose(settings, attributor, val_grads) if settings.diagnose else None, scores=scores)
+    if result.learned is False:
+        log.warning("the classifier did not learn: validation accuracy %.3f is within %.0f points of the majority "
+                    "class (%.3f); its influence scores say little", result.validation_accuracy,
+                    100 * LEARNED_MARGIN, result.majority_accuracy)
     result.wall_seconds = time.perf_counter() - t_start
     write_outputs(result, out, settings, train, scored, attributor)
     result.wall_seconds = time.perf_counter() - t_start
@@ -181,6 +202,20 @@ def noisy_split(settings: MislabeledSettings, records: tuple[list[dict], list[di
     train = [dict(r, true_label=int(r["label"]), label=int(y), flipped=bool(f))
              for r, y, f in zip(train, noisy, flipped)]
     return train, val, num_labels
+
+
+def majority_accuracy(records: list[dict]) -> float:
+    """The accuracy of always predicting the commonest label of ``records``."""
+    labels = [int(r["label"]) for r in records]
+    return max(labels.count(y) for y in set(labels)) / len(labels)
+
+
+def clean_baseline(settings: MislabeledSettings, train: list[dict], val: list[dict], num_labels: int,
+                   progress: bool) -> float:
+    """The validation accuracy of the same set-up fine-tuned on the clean (unflipped) labels."""
+    clean = [dict(r, label=r["true_label"]) for r in train]
+    _, _, _, metrics = finetune(settings, clean, val, num_labels, progress)
+    return metrics["accuracy"]
 
 
 def finetune(settings: MislabeledSettings, train: list[dict], val: list[dict], num_labels: int, progress: bool):
@@ -298,5 +333,5 @@ def format_table(result: MislabeledResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MislabeledMethod", "MislabeledResult", "MislabeledSettings", "format_table", "run", "run_mislabeled",
-           "summarize_diagnostics"]
+__all__ = ["LEARNED_MARGIN", "MislabeledMethod", "MislabeledResult", "MislabeledSettings", "format_table",
+           "majority_accuracy", "run", "run_mislabeled", "summarize_diagnostics"]

@@ -44,16 +44,19 @@ def grid_options(f):
         click.option("--lr", type=float, default=3e-3),
         click.option("--methods", default=",".join(method_names())),
         click.option("--lissa-iterations", type=int, default=100),
+        click.option("--clean-baseline/--no-clean-baseline", default=True,
+                     help="Also fine-tune each run on the clean labels, to record what the set-up learns."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations) -> MislabeledSettings:
+def base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations,
+                  clean_baseline: bool = False) -> MislabeledSettings:
     return MislabeledSettings(model_dir=model_dir, n_train=n_train, n_val=n_val, epochs=epochs, learning_rate=lr,
                               methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                              lissa_iterations=lissa_iterations)
+                              lissa_iterations=lissa_iterations, clean_baseline=clean_baseline)
 
 
 def grid_command(name: str) -> click.Command:
@@ -63,9 +66,9 @@ def grid_command(name: str) -> click.Command:
     @grid_options
     @click.pass_context
     def command(ctx, out_dir, datasets, model_dir, ranks, seeds, targets, n_train, n_val, epochs, lr, methods,
-                lissa_iterations):
+                lissa_iterations, clean_baseline):
         progress = not ctx.find_root().params.get("quiet")
-        base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations)
+        base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline)
         target_sets = [tuple(t.strip() for t in ts.split(",") if t.strip()) for ts in targets.split(";") if ts]
         runs = run_grid(base, [d for d in datasets.split(",") if d], ints(ranks), ints(seeds), out_dir,
                         target_sets=target_sets, progress=progress)
