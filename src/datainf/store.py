@@ -666,10 +666,11 @@ class GradientStore:
                 problems.append((i, problem))
         return problems
 
-    def verify(self) -> list[str]:
+    def verify(self) -> list[StoreProblem]:
         """Check everything: every chunk (as :meth:`open` does, plus every file's sha256 and every example's
         squared norms recomputed from its stored gradients) and records.jsonl. Returns one line per problem,
-        each naming its chunk (empty when the store is sound)."""
+        each naming its chunk (``.chunk``: its index, None for a problem of the manifest or records; empty when
+        the store is sound)."""
         problems = self._layout_problems(checksums=True)
         bad = {i for i, _ in problems}
         for i in range(self.num_chunks):
@@ -678,15 +679,15 @@ class GradientStore:
             problem = self._norms_problem(i)
             if problem is not None:
                 problems.append((i, problem))
-        lines = [_problem_line(i, text) for i, text in problems]
+        lines = [StoreProblem(_problem_line(i, text), chunk=i) for i, text in problems]
         if not self.complete:
             missing = self.missing_chunks()
-            lines.append(f"the store is not finished: {len(missing)} of {self.num_chunks} chunks are not "
-                         "written yet")
+            lines.append(StoreProblem(f"the store is not finished: {len(missing)} of {self.num_chunks} chunks "
+                                      "are not written yet"))
         try:
             self.records()
         except DataInfError as e:
-            lines.append(str(e).replace(f"store {self.path}: ", ""))
+            lines.append(StoreProblem(str(e).replace(f"store {self.path}: ", "")))
         return lines
 
     def _norms_problem(self, index: int) -> str | None:
@@ -961,6 +962,18 @@ class GradientStore:
             parts.append(np.array(self._mapped(i, "sq_norms.npy")))
         sq = torch.from_numpy(np.concatenate(parts, axis=0))
         return {name: sq[:, j].clone() for j, name in enumerate(self.block_names)}
+
+
+class StoreProblem(str):
+    """One line of :meth:`GradientStore.verify`; ``chunk`` is the bad chunk's index (None: the manifest,
+    the records, or an unfinished store), which a rerun of `datainf grads` recomputes."""
+
+    chunk: int | None
+
+    def __new__(cls, text: str, chunk: int | None = None) -> StoreProblem:
+        out = super().__new__(cls, text)
+        out.chunk = chunk
+        return out
 
 
 class _ChunkProblem(Exception):

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("datainf.cli.explain", "Why did my model say this? One prompt against a training store."),
     "top": ("datainf.cli.top", "The top-k helpful and harmful training examples per query, as JSONL or CSV."),
     "report": ("datainf.cli.report", "A self-contained HTML report from a scores file."),
+    "store": ("datainf.cli.store", "Check a gradient store: `datainf store verify STORE`."),
     "experiment": ("datainf.cli.experiment", "The paper's experiments (see docs/results.md)."),
     "assets": ("datainf.cli.assets", "Print the folder of an offline model (converted once)."),
     "example-data": ("datainf.cli.assets", "Write a generated chat or prompt/response training set as JSONL."),
