@@ -25,7 +25,7 @@ def command(scores_path: str, data_path: str, text_column: str, label_column: st
     """An HTML report (self-contained) from a scores file."""
     import numpy as np
 
-    from datainf.data.text import load_records
+    from datainf.cli.common import scored_training_data
     from datainf.metrics import method_summary
     from datainf.report import write_report
     from datainf.scoring import load_scores
@@ -33,8 +33,8 @@ def command(scores_path: str, data_path: str, text_column: str, label_column: st
     check_output(out_path, inputs={"scores file": scores_path, "data file": data_path})
     loaded = load_scores(scores_path)
     arrays = {k: v.double().numpy() for k, v in loaded.scores.items()}
-    records = list(load_records(data_path, text_column=text_column, label_column=label_column,
-                                extra_columns=(flipped_column,)))
+    records = [dict(r) for r in scored_training_data(loaded, data_path, text_column=text_column,
+                                                      label_column=label_column, extra_columns=(flipped_column,))]
     if any(flipped_column in r for r in records):
         for r in records:
             r["flipped"] = str(r.pop(flipped_column, False)).lower() in ("1", "true", "yes")

@@ -20,21 +20,12 @@ COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "scor
 def training_records(loaded: Any, data_path: str | None, data: dict[str, Any]) -> list[dict] | None:
     """The training examples of a scores file: from ``--data`` (checked against the store's dataset
     fingerprint, so texts are never attached to the wrong scores), else the store's own records."""
-    from datainf.cli.common import read_data
-    from datainf.store import GradientStore, fingerprint_dataset
+    from datainf.cli.common import scored_training_data
+    from datainf.store import GradientStore
 
-    train = loaded.meta.get("train_store") or {}
     if data_path is not None:
-        task = train.get("task") or "classification"
-        records = read_data(data_path, task if task in ("causal_lm", "causal_lm_mean") else "classification", **data)
-        expected = (train.get("fingerprints") or {}).get("dataset")
-        if expected is not None and fingerprint_dataset(records) != expected:
-            raise DataInfError(f"{data_path} is not the data the scores' training store was made from (its rows "
-                               "differ); pass that file, with the column and format options given to `datainf grads`")
-        if len(records) != loaded.n_train:
-            raise DataInfError(f"{data_path} has {len(records)} rows but the scores have {loaded.n_train}")
-        return records
-    path = train.get("path")
+        return scored_training_data(loaded, data_path, **data)
+    path = (loaded.meta.get("train_store") or {}).get("path")
     if path and Path(path).is_dir():
         return GradientStore.open(path).records()
     return None
