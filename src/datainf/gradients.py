@@ -198,7 +198,8 @@ def _fast_path(
 def check_finite_losses(losses: Tensor, offset: int = 0) -> None:
     """Refuse a batch in which some example's loss is NaN or infinite (its gradient would be stored as if it
     were fine: zero where a NaN was masked, finite for an infinite loss), naming the examples."""
-    bad = ~torch.isfinite(losses.detach())
+    losses = losses.detach()
+    bad = ~torch.isfinite(losses)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()
         values = [float(losses[i]) for i in idx]

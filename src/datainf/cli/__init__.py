@@ -126,8 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.exceptions.NoArgsIsHelpError as e:
+        e.show()  # the help text of a group called without a command
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # a bad option value, a missing option: one line too
+        message = " ".join(e.format_message().split())
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            message += f" (see `{e.ctx.command_path} --help`)"
+        click.echo(f"error: {message}", err=True)
         sys.exit(e.exit_code)
     except DataInfError as e:
         click.echo(f"error: {e}", err=True)
