@@ -451,6 +451,8 @@ def test_6_cli_nonfinite_loss_then_skip_nonfinite(rel, tiny_bert_dir, tmp_path, 
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
+    from conftest import SENTENCES
+
     root, train, _ = rel
     model = copy(tiny_bert_dir, tmp_path / "nan-model")
     token = AutoTokenizer.from_pretrained(str(model)).convert_tokens_to_ids("plot")  # only in row 5
@@ -472,7 +474,11 @@ def test_6_cli_nonfinite_loss_then_skip_nonfinite(rel, tiny_bert_dir, tmp_path, 
     assert code == 0, err
     code, out, err = run(["top", "--scores", str(scores), "--data", str(train), "--k", "11"], capsys)
     assert code == 0, err
-    assert "the plot makes no sense" not in out and len(out.strip().splitlines()) == 22
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert "the plot makes no sense" not in out and len(rows) == 22
+    for row in rows:  # store row -> row of the data file, which lacks nothing
+        assert row["train_data_row"] == row["train_index"] + (row["train_index"] >= 5)
+        assert row["train_text"] == SENTENCES[row["train_data_row"]][0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import click
 from datainf.cli.common import check_output, data_options
 from datainf.errors import DataInfError
 
-COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "score", "train_prompt", "train_response",
-           "train_text", "train_label", "train_label_name")
+COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "train_data_row", "score", "train_prompt",
+           "train_response", "train_text", "train_label", "train_label_name")
 
 
 def training_records(loaded: Any, data_path: str | None, data: dict[str, Any]) -> list[dict] | None:
@@ -69,6 +69,11 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
         scores = loaded.scores[method]
         qs = queries if queries is not None and scores.ndim == 2 and scores.shape[1] == len(queries) else None
         rows += top_examples(scores, k, method=method, train_records=train, query_records=qs)
+    dropped = set((loaded.meta.get("train_store") or {}).get("dropped_rows") or [])
+    if dropped:  # the store left out examples with a non-finite loss: say which row of the data each one is
+        source = [i for i in range(loaded.n_train + len(dropped)) if i not in dropped]
+        for row in rows:
+            row["train_data_row"] = source[row["train_index"]]
     if out_format == "jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     else:
