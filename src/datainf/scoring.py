@@ -76,7 +76,8 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
     train_names = ((train.manifest.get("meta") or {}).get("labels") or {}).get("names")
     query_names = ((queries.manifest.get("meta") or {}).get("labels") or {}).get("names")
     if train_names is not None and query_names is not None and train_names != query_names:
-        from datainf.data.labels import describe
+        def describe(names: list[str]) -> str:
+            return ", ".join(f"{i}={name}" for i, name in enumerate(names))
 
         raise DataInfError(
             f"query store {queries.path} reads class names as {describe(query_names)} but the training store "
