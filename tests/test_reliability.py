@@ -373,6 +373,25 @@ def test_5_labels_that_are_not_class_ids_are_refused_by_row(labels, adapter, wor
     assert not store.exists()
 
 
+@pytest.mark.parametrize("label, words", [(1.5, "training example 3 has label 1.5; classification needs an "
+                                                  "integer class id"),
+                                           ([1], "training example 3 has label [1]"),
+                                           (7, "training example 3 has label 7, but the classifier has 2 classes")])
+def test_5_the_attributor_refuses_labels_that_are_no_class_before_writing(label, words, tmp_path):
+    from datainf import Attributor
+    from tiny_models import tiny_bert_classifier
+
+    records = [{"input_ids": [1, 5, 6, 9], "label": np.int64(i % 2)} for i in range(6)]  # numpy ids are ids
+    records[3]["label"] = label
+    store = tmp_path / "store"
+    attributor = Attributor(tiny_bert_classifier(), store=store, chunk_size=2, progress=False)
+    with pytest.raises(DataInfError, match=words.replace("[", "\\[").replace("]", "\\]")):
+        attributor.fit(records)
+    assert not store.exists()
+    records[3]["label"] = 1.0  # a whole number is that class
+    assert attributor.fit(records).n_examples == 6
+
+
 def test_5_finetune_refuses_label_ids_with_gaps(tiny_bert_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": f"text {i}", "label": y}
                                                    for i, y in enumerate([0, 1, 7, 0, 1, 7])])

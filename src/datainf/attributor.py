@@ -14,6 +14,7 @@ up-weighted. Positive = harmful (raises the query's loss), negative = helpful.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -225,12 +226,14 @@ class Attributor:
             if not isinstance(r, Mapping) or "label" not in r:
                 continue
             y = r["label"]
-            if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point():
+            if isinstance(y, Tensor) and y.numel() == 1:
                 y = y.item()
-            if isinstance(y, bool) or not isinstance(y, int):
+            if isinstance(y, float) and y.is_integer():
+                y = int(y)  # (1.0 is class 1; 1.5 is no class)
+            if isinstance(y, bool) or not isinstance(y, numbers.Integral):
                 raise DataInfError(f"{what} example {i} has label {y!r}; classification needs an integer class id "
                                    "(read files with datainf.data.text.load_records to map class names)")
-            if n is not None and not 0 <= y < n:
+            if n is not None and not 0 <= int(y) < n:
                 raise DataInfError(f"{what} example {i} has label {y}, but the classifier has {n} classes (ids "
                                    f"0..{n - 1}); fix the label, or load the model with the number of classes it "
                                    "was trained with (--num-labels)")
