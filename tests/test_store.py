@@ -490,3 +490,238 @@ def test_fingerprint_dataset_and_task():
     assert fingerprint_task("sst2") != fingerprint_task("sst2 ")
     with pytest.raises(DataInfError, match="string or a dict"):
         fingerprint_task(3)
+
+
+# --------------------------------------------------------------------------------------------------
+# integrity: chunk manifests, checksums, setting bad chunks aside
+# --------------------------------------------------------------------------------------------------
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> digest): the "nothing changed" check."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _overwrite_values(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-8:] = np.array([3.0, -7.0], dtype=np.float32).tobytes()  # same size, other values
+    file.write_bytes(bytes(data))
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name("swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def _edit_manifest(path: Path, **changes) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
+CORRUPTIONS = {
+    # name: (how, found by open() cheaply?, words of the message)
+    "overwritten values": (lambda p: _overwrite_values(p / "chunks/00001/b0000.npy"), False,
+                           "chunk 1 (chunks/00001) b0000.npy does not match its sha256 checksum"),
+    "swapped chunk folders": (lambda p: _swap(p / "chunks/00000", p / "chunks/00001"), True,
+                              "chunk 0 (chunks/00000) holds chunk 1 (examples 4..7), not chunk 0"),
+    "edited n_examples": (lambda p: _edit_manifest(p, n_examples=9), True,
+                          "chunk 2 holds examples 8..9, but manifest.json (n_examples=9, chunk_size=4) puts "
+                          "examples 8..8 in it"),
+    "fewer n_examples": (lambda p: _edit_manifest(p, n_examples=4), True,
+                         "chunk folder chunks/00001 lies beyond the 1 chunks"),
+    "truncated shard": (lambda p: (p / "chunks/00002/b0001.npy").write_bytes(
+        (p / "chunks/00002/b0001.npy").read_bytes()[:100]), True,
+        "chunk 2 (chunks/00002) b0001.npy has 100 bytes"),
+    "zero-byte shard": (lambda p: (p / "chunks/00000/b0002.npy").write_bytes(b""), True,
+                        "chunk 0 (chunks/00000) b0002.npy has 0 bytes"),
+    "bad sq_norms": (lambda p: _overwrite_values(p / "chunks/00001/sq_norms.npy"), False,
+                     "chunk 1 (chunks/00001) sq_norms.npy does not match its sha256 checksum"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_every_corruption_is_caught_by_name(tmp_path, case):
+    """Each way a store was found to be silently wrong (issue 17, defect 3) is refused, naming the chunk:
+    by open() when a cheap check sees it, else on the first read (checksum) and by verify()."""
+    corrupt, cheap, words = CORRUPTIONS[case]
+    path = tmp_path / "s"
+    fill(path, make_grads(10))
+    corrupt(path)
+    before = folder_hashes(path)
+    if cheap:
+        with pytest.raises(DataInfError) as err:
+            GradientStore.open(path)
+        message = str(err.value)
+        assert "\n" not in message
+    else:
+        store = GradientStore.open(path)  # sizes agree: only the checksum can tell
+        with pytest.raises(DataInfError) as err:
+            for name in store.block_names:
+                store.load(name)
+            store.sq_norms()
+        message = str(err.value)
+        problems = store.verify()
+        assert len(problems) == 1 and words in problems[0], problems
+    assert words in message, message
+    assert "rerun `datainf grads`" in message or "new --store directory" in message, message
+    assert folder_hashes(path) == before  # looking never changes anything
+
+
+def test_resume_sets_a_bad_chunk_aside_and_recomputes_just_it(tmp_path, caplog):
+    path, grads = tmp_path / "s", make_grads(10)
+    fill(path, grads)
+    _overwrite_values(path / "chunks/00001/b0001.npy")
+    bad_bytes = (path / "chunks/00001/b0001.npy").read_bytes()
+    kept = _chunk_ids(path, (0, 2))
+    with caplog.at_level(logging.WARNING, logger="datainf.store"):
+        store = GradientStore.create(path, blocks=SHAPES, n_examples=10, fingerprints=FPS, chunk_size=4)
+    assert "chunk 1 b0001.npy does not match its sha256 checksum" in caplog.text
+    assert store.missing_chunks() == [1] and not store.complete
+    aside = list((path / "chunks").glob(".corrupt-00001-*"))
+    assert len(aside) == 1 and (aside[0] / "b0001.npy").read_bytes() == bad_bytes  # moved, not deleted
+    with store:
+        store.write_chunk(1, rows_of(grads, store.chunk_rows(1)))
+        store.finalize()
+    assert _chunk_ids(path, (0, 2)) == kept
+    fresh = GradientStore.open(path)
+    assert fresh.verify() == []
+    for name, g in grads.items():
+        assert torch.equal(fresh.load(name), g)
+
+
+def test_swapped_chunks_are_both_recomputed_on_resume(tmp_path):
+    path, grads = tmp_path / "s", make_grads(10)
+    fill(path, grads)
+    _swap(path / "chunks/00000", path / "chunks/00001")
+    with GradientStore.create(path, blocks=SHAPES, n_examples=10, fingerprints=FPS, chunk_size=4) as store:
+        assert store.missing_chunks() == [0, 1]
+        for i in store.missing_chunks():
+            store.write_chunk(i, rows_of(grads, store.chunk_rows(i)))
+        store.finalize()
+    assert torch.equal(GradientStore.open(path).load("lora_A"), grads["lora_A"])
+
+
+def test_verify_recomputes_the_squared_norms(tmp_path):
+    """A sq_norms.npy whose chunk.json was rewritten to match it is still caught: verify recomputes them."""
+    import hashlib
+
+    path = tmp_path / "s"
+    fill(path, make_grads(10))
+    sq_file = path / "chunks/00002/sq_norms.npy"
+    doubled = np.load(sq_file) * 2.0
+    with open(sq_file, "wb") as f:
+        np.save(f, doubled)
+    info = json.loads((path / "chunks/00002/chunk.json").read_text())
+    info["files"]["sq_norms.npy"]["sha256"] = hashlib.sha256(sq_file.read_bytes()).hexdigest()
+    (path / "chunks/00002/chunk.json").write_text(json.dumps(info))
+    problems = GradientStore.open(path).verify()
+    assert len(problems) == 1 and "chunk 2 (chunks/00002) sq_norms.npy disagrees with b0000.npy" in problems[0]
+
+
+def test_an_old_store_without_chunk_manifests_is_read_with_a_warning(tmp_path, caplog):
+    path, grads = tmp_path / "s", make_grads(10)
+    fill(path, grads)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["integrity"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    for f in (path / "chunks").glob("*/chunk.json"):
+        f.unlink()
+    with caplog.at_level(logging.WARNING, logger="datainf.store"):
+        store = GradientStore.open(path)
+    assert "without chunk checksums" in caplog.text
+    assert torch.equal(store.load("bias"), grads["bias"]) and store.verify() == []
+    (path / "chunks/00001/b0000.npy").write_bytes((path / "chunks/00001/b0000.npy").read_bytes()[:-4])
+    with pytest.raises(DataInfError, match="chunk 1 \\(chunks/00001\\) b0000.npy has 508 bytes, expected 512"):
+        GradientStore.open(path)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(chunk_size=0), "chunk_size=0"),
+    (dict(n_examples="10"), "n_examples='10'"),
+    (dict(blocks=[{"name": "lora_A", "shape": [3, 0]}]), "shape [3, 0]"),
+    (dict(blocks="lora_A"), "no list of blocks"),
+    (dict(dtype="int8"), "dtype 'int8'"),
+    (dict(fingerprints=["m"]), "no mapping of fingerprints"),
+])
+def test_a_bad_manifest_is_one_clear_refusal(tmp_path, edit, words):
+    path = tmp_path / "s"
+    fill(path, make_grads(10))
+    _edit_manifest(path, **edit)
+    before = folder_hashes(path)
+    with pytest.raises(DataInfError) as err:
+        GradientStore.open(path)
+    assert words in str(err.value) and "manifest.json" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DataInfError):
+        GradientStore.create(path, blocks=SHAPES, n_examples=10, fingerprints=FPS, chunk_size=4)
+    assert folder_hashes(path) == before
+
+
+def test_records_are_checked_against_their_checksum(tmp_path):
+    path = tmp_path / "s"
+    with GradientStore.create(path, blocks={"w": (2,)}, n_examples=2, fingerprints=FPS, chunk_size=2) as store:
+        store.write_chunk(0, {"w": torch.ones(2, 2)})
+        store.write_records([{"text": "a"}, {"text": "b"}])
+        store.finalize()
+    assert GradientStore.open(path).records() == [{"text": "a"}, {"text": "b"}]
+    (path / "records.jsonl").write_text('{"text": "b"}\n{"text": "a"}\n')
+    with pytest.raises(DataInfError, match="records.jsonl does not match its sha256 checksum"):
+        GradientStore.open(path).records()
+
+
+def test_a_refused_first_chunk_leaves_no_store_behind(tmp_path):
+    path = tmp_path / "new"
+    store = GradientStore.create(path, blocks={"w": (2,)}, n_examples=4, fingerprints=FPS, chunk_size=2)
+    assert store.discard_if_unused() and not path.exists()
+    existing = tmp_path / "old"
+    fill(existing, make_grads(10))
+    before = folder_hashes(existing)
+    store = GradientStore.create(existing, blocks=SHAPES, n_examples=10, fingerprints=FPS, chunk_size=4)
+    assert not store.discard_if_unused()  # not made by this run: kept
+    store.close()
+    assert folder_hashes(existing) == before
+
+
+_TAKEOVER = """
+import sys, time
+from datainf import store as st
+from datainf.errors import DataInfError
+real = st._pid_alive
+def slow(pid):  # widen the window between seeing the stale lock and taking it
+    time.sleep(0.05)
+    return real(pid)
+st._pid_alive = slow
+path, go = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, go - time.time()))
+try:
+    s = st.GradientStore.create(path, blocks={"w": (2,)}, n_examples=4, fingerprints={"model": "m"}, chunk_size=2)
+except DataInfError as e:
+    print("refused" if "being written by process" in str(e) else f"other: {e}", flush=True)
+else:
+    print("took", flush=True)
+    time.sleep(1.5)  # hold it while the others try
+    s.close()
+"""
+
+
+def test_two_writers_never_both_take_over_a_stale_lock(tmp_path):
+    """Issue 17, defect 9: writers racing for a stale lock; exactly one wins every trial."""
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for trial in range(4):
+        path = tmp_path / f"s{trial}"
+        GradientStore.create(path, blocks={"w": (2,)}, n_examples=4, fingerprints={"model": "m"},
+                             chunk_size=2).close()
+        (path / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "token": "x"}))
+        go = time.time() + 4.0  # every process is started and importing by then
+        procs = [subprocess.Popen([sys.executable, "-c", _TAKEOVER, str(path), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+        outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+        assert outcomes == ["refused", "refused", "took"], (trial, outcomes, [p.returncode for p in procs])

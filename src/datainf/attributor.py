@@ -14,6 +14,7 @@ up-weighted. Positive = harmful (raises the query's loss), negative = helpful.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,12 +26,13 @@ from tqdm.auto import tqdm
 
 from datainf.data.collate import TextCollator
 from datainf.distributed import is_main_process, write_store
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, NonFiniteError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.gradients import per_example_gradients, tracked_parameters
 from datainf.ranking import top_examples
 from datainf.scoring import curvature_for, save_scores, score_store
 from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
+from datainf.tasks import per_example_loss
 
 log = logging.getLogger("datainf.attributor")
 
@@ -94,6 +96,18 @@ def plain_records(records: Sequence[Any]) -> list[dict] | None:
     return out
 
 
+def _nonfinite_message(rows: list[int], error: NonFiniteError) -> str:
+    """One line naming the examples (by their index in the data) whose loss or gradient is not finite."""
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    if error.what == "loss":
+        values = ", ".join(str(v) for v in error.values[:3])
+        return (f"example {shown} of the data has a non-finite loss ({values}): its gradient would be stored as "
+                "if it were fine; fix that example or the model, or pass --skip-nonfinite "
+                "(Attributor(skip_nonfinite=True)) to drop it")
+    return (f"example {shown} of the data has a finite loss but a NaN or infinite gradient; fix that example or "
+            "the model, or drop it from the data")
+
+
 def _jsonable(record: Any) -> Any:
     if isinstance(record, Mapping):
         return {str(k): _jsonable(v) for k, v in record.items()}
@@ -121,6 +135,11 @@ class Attributor:
         params, group_lora: which parameters are blocks (see :func:`datainf.per_example_gradients`).
         device: where the model runs; default the model's device.
         progress: show progress bars.
+        label_names: classification: the names the class ids stand for (the run's mapping), kept in the
+            store's manifest so that query files are read the same way.
+        skip_nonfinite: drop the training examples whose loss is NaN or infinite (found by one extra forward
+            pass before the store is laid out; recorded in the manifest) instead of refusing them. Without it,
+            such an example stops :meth:`fit` with its index.
     """
 
     def __init__(
@@ -139,6 +158,8 @@ class Attributor:
         group_lora: bool = False,
         device: str | torch.device | None = None,
         progress: bool = True,
+        label_names: Sequence[str] | None = None,
+        skip_nonfinite: bool = False,
     ):
         if batch_size < 1 or chunk_size < 1:
             raise DataInfError("batch_size and chunk_size must be >= 1")
@@ -155,6 +176,8 @@ class Attributor:
         self.group_lora = group_lora
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.progress = progress
+        self.label_names = list(label_names) if label_names is not None else None
+        self.skip_nonfinite = bool(skip_nonfinite)
         self._store: GradientStore | None = None
 
     # ---------------------------------------------------------------- gradients
@@ -185,16 +208,52 @@ class Attributor:
         records = as_records(dataset)
         if len(records) == 0:
             raise DataInfError("the dataset is empty")
+        self._check_labels(records, "query")
         return self._grads_in_order(records, range(len(records)), desc=desc)
 
+    def _num_labels(self) -> int | None:
+        n = getattr(getattr(self.model, "config", None), "num_labels", None)
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+
+    def _check_labels(self, records: Sequence[Any], what: str) -> None:
+        """Classification: every label an integer class id the model has a class for, refused by its row
+        before anything is computed or written."""
+        if self.task != "classification":
+            return
+        n = self._num_labels()
+        for i in range(len(records)):
+            r = records[i]
+            if not isinstance(r, Mapping) or "label" not in r:
+                continue
+            y = r["label"]
+            if isinstance(y, Tensor) and y.numel() == 1:
+                y = y.item()
+            if isinstance(y, float) and y.is_integer():
+                y = int(y)  # (1.0 is class 1; 1.5 is no class)
+            if isinstance(y, bool) or not isinstance(y, numbers.Integral):
+                raise DataInfError(f"{what} example {i} has label {y!r}; classification needs an integer class id "
+                                   "(read files with datainf.data.text.load_records to map class names)")
+            if n is not None and not 0 <= int(y) < n:
+                raise DataInfError(f"{what} example {i} has label {y}, but the classifier has {n} classes (ids "
+                                   f"0..{n - 1}); fix the label, or load the model with the number of classes it "
+                                   "was trained with (--num-labels)")
+
     def _grads_in_order(self, records: Sequence[Any], rows: range, desc: str | None = None,
-                        bar: Any = None) -> dict[str, Tensor]:
-        """Gradients of ``records[rows]`` in row order, computed in length-sorted batches."""
+                        bar: Any = None, source: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Gradients of ``records[rows]`` in row order, computed in length-sorted batches. ``source`` maps a
+        row to the example's index in the data (when examples were dropped), for messages."""
         subset = [records[i] for i in rows]
         out: dict[str, Tensor] = {}
         batches = length_sorted_batches(subset, self.batch_size)
         for idx in tqdm(batches, desc=desc, disable=not self.progress or desc is None, unit="batch"):
-            for k, v in self._batch_grads([subset[i] for i in idx]).items():
+            try:
+                grads = self._batch_grads([subset[i] for i in idx])
+            except NonFiniteError as e:
+                where = [rows[idx[k]] for k in e.examples]
+                if source is not None:
+                    where = [source[w] for w in where]
+                raise NonFiniteError(_nonfinite_message(where, e), where, e.what, e.values) from None
+            for k, v in grads.items():
                 if k not in out:
                     out[k] = torch.empty((len(subset), *v.shape[1:]), dtype=v.dtype)
                 out[k][idx] = v
@@ -202,14 +261,49 @@ class Attributor:
                 bar.update(len(idx))
         return out
 
+    def losses(self, dataset: Any) -> Tensor:
+        """Every example's loss under the task (one forward pass in eval mode, no gradients): (n,) float64."""
+        records = as_records(dataset)
+        out = torch.empty(len(records), dtype=torch.float64)
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                for idx in length_sorted_batches(records, self.batch_size):
+                    batch = {k: v.to(self.device) if isinstance(v, Tensor) else v
+                             for k, v in self.collate([records[i] for i in idx]).items()}
+                    out[idx] = per_example_loss(self.task, self.model, batch).detach().double().cpu()
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        return out
+
     def fit(self, train_dataset: Any) -> GradientStore:
         """Compute the training set's per-example gradients into the store; resumes an interrupted run.
 
-        A store made with another model, adapter, task or dataset is refused (the message says which).
+        A store made with another model, adapter, task or dataset is refused (the message says which). Labels
+        outside the classifier's classes are refused before anything is written; an example whose loss is
+        not finite stops the run with its index, or is dropped with ``skip_nonfinite`` (the manifest's
+        ``meta.nonfinite.dropped`` lists the rows, and the store holds the other examples in order).
         """
         records = as_records(train_dataset)
         if len(records) == 0:
             raise DataInfError("the training dataset is empty")
+        self._check_labels(records, "training")
+        nonfinite: dict[str, Any] = {"policy": "skip" if self.skip_nonfinite else "refuse", "dropped": []}
+        source = None
+        if self.skip_nonfinite:
+            losses = self.losses(records)
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            if bad:
+                nonfinite["dropped"] = [{"row": i, "loss": str(float(losses[i]))} for i in bad]
+                nonfinite["source_rows"] = len(records)
+                log.warning("dropping %d examples with a non-finite loss (rows %s)", len(bad), bad[:20])
+                dropped = set(bad)
+                source = [i for i in range(len(records)) if i not in dropped]
+                records = [records[i] for i in source]
+                if not records:
+                    raise DataInfError("every training example has a non-finite loss; nothing is left to attribute")
         fps = fingerprint_model(self.model)
         fingerprints = {
             "model": fps["model"],
@@ -217,14 +311,21 @@ class Attributor:
             "task": self._task_fingerprint(),
             "dataset": fingerprint_dataset([_jsonable(records[i]) for i in range(len(records))]),
         }
-        blocks = self._block_shapes(records)
+        try:
+            blocks = self._block_shapes(records)
+        except NonFiniteError as e:
+            where = [source[k] if source is not None else k for k in e.examples]
+            raise NonFiniteError(_nonfinite_message(where, e), where, e.what, e.values) from None
+        meta: dict[str, Any] = {"task": self._task_name(), "task_fingerprint": fingerprints["task"],
+                                "blocks_tracked": len(blocks), "collate": self._collate_settings(),
+                                "nonfinite": nonfinite}
+        if self.task == "classification":
+            meta["labels"] = {"names": self.label_names, "num_labels": self._num_labels()}
         # one writing path for one process or torchrun: ranks split the missing chunks, rank 0 owns the lock
         self._store = write_store(
             self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
-            compute_chunk=lambda rows, bar: self._grads_in_order(records, rows, bar=bar),
-            chunk_size=self.chunk_size, dtype=self.store_dtype,
-            meta={"task": self._task_name(), "task_fingerprint": fingerprints["task"], "blocks_tracked": len(blocks),
-                  "collate": self._collate_settings()},
+            compute_chunk=lambda rows, bar: self._grads_in_order(records, rows, bar=bar, source=source),
+            chunk_size=self.chunk_size, dtype=self.store_dtype, meta=meta,
             records=plain_records(records), progress=self.progress,
         )
         return self._store

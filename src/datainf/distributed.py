@@ -188,6 +188,7 @@ def write_store(
     rank, world = rank_and_world(group)
     store: GradientStore | None = None
     error: BaseException | None = None
+    finished = False
     if rank == 0:
         try:
             store = GradientStore.create(path, blocks=blocks, n_examples=n_examples, fingerprints=fingerprints,
@@ -242,8 +243,11 @@ def write_store(
             _agree(failure, group, "finalizing the gradient store")
         elif failure is not None:
             raise failure
+        finished = True
     finally:
         if store is not None:
+            if not finished and rank == 0:
+                store.discard_if_unused()  # refused before its first chunk: a new store leaves nothing behind
             store.close()  # rank 0 releases the lock (finished chunks stay: a rerun resumes)
     return GradientStore.open(path)
 

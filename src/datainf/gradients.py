@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from datainf.adapters import adapter_parameters
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, NonFiniteError
 from datainf.tasks import Task, batch_size, empty_examples, per_example_loss, upcast
 
 logger = logging.getLogger("datainf.gradients")
@@ -146,6 +146,7 @@ def _fast_path(
             record.calls.clear()
             handles.append(record.module.register_forward_hook(forward_hook(record)))
         losses = per_example_loss(task, model, batch)
+        check_finite_losses(losses)
         names = [name for record in records for name in (record.weight, record.bias) if name is not None]
         totals = torch.autograd.grad(losses.sum(), [tracked[name] for name in names], allow_unused=True)
     finally:
@@ -194,6 +195,31 @@ def _fast_path(
     return grads, size
 
 
+def check_finite_losses(losses: Tensor, offset: int = 0) -> None:
+    """Refuse a batch in which some example's loss is NaN or infinite (its gradient would be stored as if it
+    were fine: zero where a NaN was masked, finite for an infinite loss), naming the examples."""
+    losses = losses.detach()
+    bad = ~torch.isfinite(losses)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        values = [float(losses[i]) for i in idx]
+        shown = ", ".join(f"{offset + i} ({v})" for i, v in zip(idx[:10], values))
+        raise NonFiniteError(f"examples of the batch have a non-finite loss: {shown}",
+                             [offset + i for i in idx], "loss", values)
+
+
+def check_finite_gradients(grads: Mapping[str, Tensor]) -> None:
+    """Refuse per-example gradients with a NaN or infinite entry, naming the examples (batch indices)."""
+    bad = None
+    for g in grads.values():
+        rows = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+        bad = rows if bad is None else bad | rows
+    if bad is not None and bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise NonFiniteError(f"examples {idx[:10]} of the batch have a finite loss but a NaN or infinite gradient",
+                             idx, "gradient")
+
+
 def _agrees(summed: Tensor, total: Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the batch sum of per-example gradients matches autograd's batch gradient."""
     if total is None:
@@ -213,6 +239,7 @@ def _loop_path(model: nn.Module, batch: Any, task: Task, params: dict[str, nn.Pa
         loss = per_example_loss(task, model, example)
         if loss.shape[0] != 1:
             raise DataInfError(f"the task's loss returned {loss.shape[0]} values for a single example {index}")
+        check_finite_losses(loss, offset=index)
         grads = torch.autograd.grad(loss.sum(), [params[name] for name in names], allow_unused=True)
         for name, grad in zip(names, grads):
             param = params[name]
@@ -278,6 +305,9 @@ def per_example_gradients(
 
     Returns {name: tensor (B, *param.shape)} on the parameters' device, in parameter order: float32, or
     float64 for a float64 model (half-precision models are accumulated in float32).
+    An example whose loss or gradient is NaN or infinite raises :class:`~datainf.errors.NonFiniteError`
+    naming it (by its index in the batch): a masked NaN would otherwise give a zero gradient, an infinite
+    loss a finite one.
     Trainable parameters that are not tracked are frozen during the call; ``requires_grad`` flags, ``.grad``
     fields and train/eval modes are left as they were. An example with no loss tokens gets a zero gradient
     and a warning naming its index.
@@ -312,6 +342,7 @@ def per_example_gradients(
         for grad in grads.values():
             grad[empty] = 0.0
     grads = {name: grads[name] for name in tracked}
+    check_finite_gradients(grads)
     return _group_lora(grads) if group_lora else grads
 
 

@@ -73,6 +73,17 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
     """Refuse a query store made with another base model, adapter or task than the training store (one
     line naming what differs); with ``allow_mismatch`` (a deliberate cross-checkpoint comparison) return the
     differences instead, for the caller to record. Different blocks are refused either way."""
+    train_names = ((train.manifest.get("meta") or {}).get("labels") or {}).get("names")
+    query_names = ((queries.manifest.get("meta") or {}).get("labels") or {}).get("names")
+    if train_names is not None and query_names is not None and train_names != query_names:
+        def describe(names: list[str]) -> str:
+            return ", ".join(f"{i}={name}" for i, name in enumerate(names))
+
+        raise DataInfError(
+            f"query store {queries.path} reads class names as {describe(query_names)} but the training store "
+            f"{train.path} as {describe(train_names)}, so their label ids mean different classes; rerun `datainf "
+            f"grads` for the queries with --labels-from {train.path}"
+        )
     problems = store_mismatch(train, queries)
     if not problems:
         return []
@@ -242,8 +253,10 @@ class ScoresFile:
 def _store_summary(store: GradientStore | None) -> dict[str, Any] | None:
     if store is None:
         return None
+    meta = store.manifest.get("meta") or {}
     return {"path": str(store.path), "n_examples": store.n_examples, "fingerprints": dict(store.fingerprints),
-            "blocks": len(store.block_names), "task": store.manifest.get("meta", {}).get("task")}
+            "blocks": len(store.block_names), "task": meta.get("task"), "labels": meta.get("labels"),
+            "dropped_rows": [d["row"] for d in (meta.get("nonfinite") or {}).get("dropped", [])]}
 
 
 def save_scores(
@@ -289,12 +302,28 @@ def load_scores(path: str | os.PathLike) -> ScoresFile:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("datainf", "{}"))
             scores = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DataInfError(f"{path} is not a scores file ({str(e).splitlines()[0]}); make it with `datainf score`") from None
-    if meta.get("format") != SCORES_FORMAT:
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError, EOFError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise DataInfError(f"{path} is not a scores file ({reason}); make it with `datainf score`") from None
+    if not isinstance(meta, dict) or meta.get("format") != SCORES_FORMAT:
         raise DataInfError(f"{path} is a safetensors file but not a datainf scores file; make it with `datainf score`")
     entries = meta.pop("entries", {})
-    return ScoresFile(scores=scores, settings=entries, meta=meta, path=path)
+    _check_scores(path, scores)
+    return ScoresFile(scores=scores, settings=entries if isinstance(entries, dict) else {}, meta=meta, path=path)
+
+
+def _check_scores(path: Path, scores: Mapping[str, Tensor]) -> None:
+    """A scores file holds at least one entry, each (n_train,) or (n_train, n_query) floats, one n_train."""
+    if not scores:
+        raise DataInfError(f"{path} holds no scores; make it with `datainf score`")
+    rows = set()
+    for name, t in scores.items():
+        if t.ndim not in (1, 2) or not t.is_floating_point() or t.shape[0] == 0:
+            raise DataInfError(f"{path}: entry '{name}' is {t.dtype} {tuple(t.shape)}, not (n_train[, n_query]) "
+                               "scores; make the file with `datainf score`")
+        rows.add(int(t.shape[0]))
+    if len(rows) > 1:
+        raise DataInfError(f"{path}: entries have different numbers of training rows {sorted(rows)}")
 
 
 def _load_npz(path: Path) -> ScoresFile:
@@ -302,14 +331,24 @@ def _load_npz(path: Path) -> ScoresFile:
 
     warnings.warn(f"{path}: .npz scores are deprecated; rerun `datainf score` to write .safetensors",
                   DeprecationWarning, stacklevel=3)
+    import zipfile
+
     try:
-        with np.load(path, allow_pickle=False) as f:
+        f = np.load(path, allow_pickle=False)
+        if not hasattr(f, "files"):
+            raise ValueError("a single array, not an archive of scores")
+        with f:
             scores = {k: torch.from_numpy(np.array(f[k])) for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DataInfError(f"{path} is not a scores file ({str(e).splitlines()[0]}); make it with `datainf score`") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise DataInfError(f"{path} is not a scores file ({reason}); make it with `datainf score`") from None
     side = path.with_suffix(".json")
-    meta = json.loads(side.read_text()) if side.is_file() else {}
-    settings = {k: dict(v) for k, v in meta.pop("methods", {}).items()}
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        settings = {k: dict(v) for k, v in meta.pop("methods", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise DataInfError(f"{side} (the settings beside {path.name}) is unreadable ({e}); rerun `datainf score`") from None
+    _check_scores(path, scores)
     return ScoresFile(scores=scores, settings=settings, meta=meta, path=path)
 
 

@@ -7,15 +7,28 @@ so that scoring never recomputes them::
       manifest.json     format version, library version, blocks (names + shapes, in order), storage dtype,
                         n_examples, chunk_size, fingerprints {model, adapter, task, dataset}, meta, complete
       chunks/00000/     one folder per chunk of examples: one ``bNNNN.npy`` per block (the chunk's rows,
-                        flattened to (rows, d), in the storage dtype) and ``sq_norms.npy`` ((rows, n_blocks)
-                        float64 squared norms of each example's gradient per block, from the float32 (float64) values)
+                        flattened to (rows, d), in the storage dtype), ``sq_norms.npy`` ((rows, n_blocks)
+                        float64 squared norms of each example's gradient per block, from the float32 (float64)
+                        values) and ``chunk.json`` (the chunk's own manifest: its index, its row range, and for
+                        every file its size, shape, dtype and sha256)
       records.jsonl     (optional) the examples themselves, one JSON object a line, in row order, when they
                         are plain JSON (texts, chat messages, labels): what `explain`, `top` and `report` show
       lock              present while a writer holds the store: {"pid", "host", "token"}
+      .writer.lock      the OS lock (``filelock``) under which a writer reads, takes over or releases ``lock``
 
 A chunk is written into ``chunks/.NNNNN.tmp-<pid>``, fsynced, then renamed to ``chunks/NNNNN``: it appears
 whole or not at all. Re-running :meth:`GradientStore.create` with the same settings resumes the store;
 :meth:`GradientStore.missing_chunks` lists what is left to compute.
+
+Integrity: :meth:`GradientStore.open` checks every chunk cheaply (its chunk.json names this chunk and its
+rows, every file has the size, shape and dtype it was written with; no chunk folder lies beyond
+``n_examples``; a complete store lacks none), reading a chunk file checks its sha256 the first time this
+store object touches it, and :meth:`GradientStore.verify` (``datainf store verify``) checks everything,
+squared norms included. A failure names the chunk. Resuming (:meth:`GradientStore.create` on an existing
+store) checks every stored chunk's checksums and moves a bad one aside to ``chunks/.corrupt-NNNNN-<time>``
+(nothing is deleted), so the rerun recomputes just that chunk. Stores written before chunk manifests
+existed (no ``integrity`` key in manifest.json) are still read, with a warning: only their sizes and
+shapes can be checked.
 
 Fingerprints (short sha256 hex strings) identify what the gradients depend on: :func:`fingerprint_model`,
 :func:`fingerprint_dataset`, :func:`fingerprint_task`.
@@ -25,12 +38,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -52,6 +68,15 @@ FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 FINGERPRINT_KEYS = ("model", "adapter", "task", "dataset")
 RECORDS_FILE = "records.jsonl"
+#: a chunk's own manifest, inside its folder
+CHUNK_MANIFEST = "chunk.json"
+#: the checksum of every chunk file (recorded as the manifest's ``integrity``)
+CHECKSUM = "sha256"
+#: the OS lock guarding the JSON ``lock`` file (never deleted while the store lives)
+WRITER_LOCK = ".writer.lock"
+#: how long a writer waits for another's short critical section on the lock
+LOCK_TIMEOUT_S = 60.0
+_CHUNK_NAME = re.compile(r"^\d{5}$")
 _NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64}
 _TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                   "float64": torch.float64}
@@ -65,10 +90,32 @@ _FLOAT16_MAX = 65504.0
 # --------------------------------------------------------------------------------------------------
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """One block of a chunk (flushed to disk by the chunk's atomic.new_directory(fsync=True))."""
+def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """One file of a chunk (flushed to disk by the chunk's atomic.new_directory(fsync=True)); returns what
+    its chunk.json records: size in bytes, shape, dtype and sha256 of the bytes written."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    data = buffer.getbuffer()
     with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+        f.write(data)
+    return {"bytes": len(data), "shape": list(array.shape), "dtype": array.dtype.str,
+            CHECKSUM: hashlib.sha256(data).hexdigest()}
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, CHECKSUM).hexdigest()
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
+    """(shape, dtype str, data offset) of a .npy file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        return tuple(int(x) for x in shape), dtype.str, f.tell()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,50 +135,70 @@ def _pid_alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def _writer_lock(store: Path, timeout: float = LOCK_TIMEOUT_S) -> Any:
+    """The OS lock (fcntl/msvcrt through ``filelock``) held while the JSON lock is read and replaced."""
+    import filelock
+
+    return filelock.FileLock(str(store / WRITER_LOCK), timeout=timeout)
+
+
 def _acquire_lock(store: Path) -> dict[str, Any]:
-    """Create STORE/lock exclusively; take over a stale lock (dead pid on this host). Returns its content."""
+    """Take STORE/lock, or take over a stale one (dead pid on this host). Returns its content.
+
+    The check and the (over)write happen under the OS lock STORE/.writer.lock, so two writers can never both
+    see a stale lock and both take it; the JSON file keeps who holds the store (for messages, and for the
+    ranks of a distributed job, which join with its token)."""
+    import filelock
+
     lock = store / "lock"
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            fd = None
-        if fd is None:
-            try:
-                held = json.loads(lock.read_text(encoding="utf-8"))
-                pid, host = int(held["pid"]), str(held["host"])
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            except (OSError, ValueError, KeyError, TypeError):
-                raise DataInfError(
-                    f"store {store} is locked by an unknown writer (unreadable {lock}); "
-                    f"remove {lock} if no process is writing this store"
-                ) from None
-            if host == mine["host"] and not _pid_alive(pid):
-                logger.warning("store %s: taking over a stale lock of process %d (no longer running)", store, pid)
-                lock.unlink(missing_ok=True)
-                continue
-            raise DataInfError(
-                f"store {store} is being written by process {pid} on host {host}; "
-                f"wait for it or remove {lock} if that process is gone"
-            )
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(mine, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return mine
-    raise DataInfError(f"store {store}: could not take {lock} (it keeps reappearing); is another writer starting?")
+    try:
+        with _writer_lock(store):
+            held = None
+            if lock.exists():
+                try:
+                    held = json.loads(lock.read_text(encoding="utf-8"))
+                    pid, host = int(held["pid"]), str(held["host"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    raise DataInfError(
+                        f"store {store} is locked by an unknown writer (unreadable {lock}); "
+                        f"remove {lock} if no process is writing this store"
+                    ) from None
+                if host == mine["host"] and not _pid_alive(pid):
+                    logger.warning("store %s: taking over a stale lock of process %d (no longer running)",
+                                   store, pid)
+                else:
+                    raise DataInfError(
+                        f"store {store} is being written by process {pid} on host {host}; "
+                        f"wait for it or remove {lock} if that process is gone"
+                    )
+            atomic.write_text(lock, json.dumps(mine), fsync=True)  # replaces a stale lock in one rename
+    except filelock.Timeout:
+        raise DataInfError(
+            f"store {store}: another process has held {store / WRITER_LOCK} for {LOCK_TIMEOUT_S:g} s; "
+            "is a writer of this store stuck?"
+        ) from None
+    return mine
 
 
 def _release_lock(lock: Path, token: str) -> None:
     """Remove the lock file if it is still ours (called on close, on exit and at garbage collection)."""
-    try:
-        held = json.loads(lock.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    def ours() -> bool:
+        try:
+            held = json.loads(lock.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        # (a forked child carries the token but is not the holder)
+        return isinstance(held, dict) and held.get("token") == token and held.get("pid") == os.getpid()
+
+    if not ours():
         return
-    if isinstance(held, dict) and held.get("token") == token and held.get("pid") == os.getpid():
-        lock.unlink(missing_ok=True)  # (a forked child carries the token but is not the holder)
+    try:
+        with _writer_lock(lock.parent, timeout=10):
+            if ours():
+                lock.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - at interpreter exit or on a read-only store: ours alone, so remove it
+        lock.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,14 +232,7 @@ class StoredBlock:
 
     def _chunk(self, index: int) -> np.ndarray:
         """The chunk's rows of this block, memory-mapped: (rows_in_chunk, d) in the storage dtype."""
-        path = self.store._chunk_dir(index) / self._file
-        if not path.is_file():
-            rows = self.store.chunk_rows(index)
-            raise DataInfError(
-                f"chunk {index} (examples {rows.start}..{rows.stop - 1}) of store {self.store.path} is not "
-                "written yet; finish computing the store (rerun the same command to resume)"
-            )
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return self.store._mapped(index, self._file)
 
     def _to_torch(self, array: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.array(array))  # copies only the requested rows out of the memory map
@@ -272,8 +332,10 @@ class GradientStore:
     ``storage_dtype`` ("float32", "float16", "bfloat16" or "float64"), ``fingerprints``, ``complete``.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], *, writable: bool, lock_token: str | None = None):
+    def __init__(self, path: Path, manifest: dict[str, Any], *, writable: bool, lock_token: str | None = None,
+                 checksums: bool = True):
         """Use :meth:`create` or :meth:`open`."""
+        _validate_manifest(path, manifest)
         self.path = path
         self.manifest = manifest
         self.n_examples = int(manifest["n_examples"])
@@ -285,6 +347,11 @@ class GradientStore:
         self.fingerprints = dict(manifest["fingerprints"])
         self._writable = writable
         self.lock_token = lock_token
+        #: check each chunk file's sha256 the first time it is read through this object
+        self.checksums = checksums
+        self._verified: set[tuple[int, str]] = set()
+        self._chunk_info: dict[int, dict[str, Any] | None] = {}
+        self._created: dict[str, bool] | None = None  # what create() made, for discard_if_unused()
         self._release = None
         if lock_token is not None:
             self._release = weakref.finalize(self, _release_lock, path / "lock", lock_token)
@@ -292,6 +359,11 @@ class GradientStore:
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete", False))
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the store was written with chunk manifests (every chunk has a chunk.json with checksums)."""
+        return self.manifest.get("integrity") == CHECKSUM
 
     def __repr__(self) -> str:
         done = self.num_chunks - len(self.missing_chunks())
@@ -332,8 +404,9 @@ class GradientStore:
         blocks = _check_spec(path, blocks, n_examples, fingerprints, chunk_size, dtype, meta)
         if path.exists() and not path.is_dir():
             raise DataInfError(f"store {path} is a file, not a directory; choose a new --store directory")
+        made_dir = not path.exists()
         if path.is_dir() and not (path / "manifest.json").exists():
-            stray = [p.name for p in path.iterdir() if p.name not in ("lock", "chunks")]
+            stray = [p.name for p in path.iterdir() if p.name not in ("lock", "chunks", WRITER_LOCK)]
             if stray:
                 raise DataInfError(
                     f"{path} exists and is not a gradient store (no manifest.json, holds {stray[:3]}); "
@@ -351,31 +424,49 @@ class GradientStore:
                 "chunk_size": int(chunk_size),
                 "fingerprints": dict(fingerprints),
                 "meta": dict(meta or {}),
+                "integrity": CHECKSUM,
                 "complete": False,
             }
             manifest_path = path / "manifest.json"
-            if manifest_path.exists():
+            fresh = not manifest_path.exists()
+            if not fresh:
                 manifest = _read_manifest(path)
                 _compare(path, manifest, wanted)
             else:
                 manifest = wanted
                 atomic.write_json(manifest_path, manifest, fsync=True)
             chunks = path / "chunks"
+            made_chunks = not chunks.exists()
             chunks.mkdir(exist_ok=True)
             for tmp in chunks.glob(".*.tmp-*"):
                 logger.info("store %s: removing %s left by an interrupted write", path, tmp.name)
                 shutil.rmtree(tmp, ignore_errors=True)
+            store = cls(path, manifest, writable=True, lock_token=lock["token"])
+            store._created = {"dir": made_dir, "manifest": fresh, "chunks": made_chunks}
+            if not fresh:
+                store._set_aside_bad_chunks()
         except BaseException:
             _release_lock(path / "lock", lock["token"])
             raise
-        return cls(path, manifest, writable=True, lock_token=lock["token"])
+        return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> GradientStore:
-        """Open a store read-only (no lock). Refuses an unfinished store unless ``allow_incomplete``."""
+    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False,
+             checksums: bool = True) -> GradientStore:
+        """Open a store read-only (no lock). Refuses an unfinished store unless ``allow_incomplete``.
+
+        Every chunk is checked cheaply (see the module docstring); a bad one is refused by name.
+        ``checksums=False`` skips the sha256 check of each chunk file on its first read.
+        """
         path = Path(path)
         manifest = _read_manifest(path)
-        store = cls(path, manifest, writable=False)
+        store = cls(path, manifest, writable=False, checksums=checksums)
+        problems = store._layout_problems(checksums=False)
+        if problems:
+            raise DataInfError(_problems_message(path, problems))
+        if not store.has_checksums:
+            logger.warning("store %s was written by an older datainf, without chunk checksums: only sizes and "
+                           "shapes are checked; recompute it in a new --store directory to get them", path)
         if not store.complete and not allow_incomplete:
             missing = store.missing_chunks()
             raise DataInfError(
@@ -404,6 +495,28 @@ class GradientStore:
                 "open it with GradientStore.create on rank 0 first and pass its lock_token"
             )
         return cls(path, _read_manifest(path), writable=True)
+
+    def discard_if_unused(self) -> bool:
+        """Remove what :meth:`create` made when no chunk and no records were written (a run refused before
+        its first chunk leaves nothing behind). Only a writer of a store it created itself does so; returns
+        whether it did."""
+        made = self._created
+        if not self._writable or not made or not made["manifest"]:
+            return False
+        chunks = self.path / "chunks"
+        if (self.path / RECORDS_FILE).exists() or (chunks.is_dir() and any(chunks.iterdir())):
+            return False
+        (self.path / "manifest.json").unlink(missing_ok=True)
+        if made["chunks"] and chunks.is_dir():
+            chunks.rmdir()
+        self.close()
+        if made["dir"]:
+            (self.path / WRITER_LOCK).unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # something else appeared meanwhile: not ours to remove
+        return True
 
     def close(self) -> None:
         """Release the writer's lock. Reading stays possible afterwards; writing does not."""
@@ -440,6 +553,229 @@ class GradientStore:
     def missing_chunks(self) -> list[int]:
         """Indices of the chunks not written yet, ascending."""
         return [i for i in range(self.num_chunks) if not self._chunk_dir(i).is_dir()]
+
+    # ---------------------------------------------------------------- integrity
+
+    def _expected_files(self, index: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """File name -> (shape, numpy dtype str) of what chunk ``index`` must hold."""
+        rows = len(self.chunk_rows(index))
+        storage = np.dtype(_NUMPY_STORAGE[self.storage_dtype]).str
+        out = {self._block_file(name): ((rows, math.prod(self.block_shapes[name])), storage)
+               for name in self.block_names}
+        out["sq_norms.npy"] = ((rows, len(self.block_names)), np.dtype(np.float64).str)
+        return out
+
+    def _read_chunk_manifest(self, index: int) -> dict[str, Any] | None:
+        """The chunk's chunk.json (None when it has none); raises _ChunkProblem when it is unreadable."""
+        if index in self._chunk_info:
+            return self._chunk_info[index]
+        file = self._chunk_dir(index) / CHUNK_MANIFEST
+        if not file.exists():
+            info = None
+        else:
+            try:
+                info = json.loads(file.read_text(encoding="utf-8"))
+                if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+                    raise ValueError("not a chunk manifest")
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                raise _ChunkProblem(f"its {CHUNK_MANIFEST} is unreadable ({e})") from None
+        self._chunk_info[index] = info
+        return info
+
+    def _chunk_problem(self, index: int, *, checksums: bool) -> str | None:
+        """What is wrong with the written chunk ``index`` (None if nothing): its chunk.json must name this chunk
+        and its rows, and list exactly the expected files with the sizes, shapes and dtypes they have; with
+        ``checksums`` every file's sha256 is checked too. A chunk without chunk.json (an old store) has its
+        .npy headers and sizes checked instead."""
+        folder = self._chunk_dir(index)
+        rows = self.chunk_rows(index)
+        expected = self._expected_files(index)
+        try:
+            info = self._read_chunk_manifest(index)
+        except _ChunkProblem as e:
+            return str(e)
+        if info is None:
+            if self.has_checksums:
+                return f"has no {CHUNK_MANIFEST} (damaged, or copied from an older store)"
+            for name, (shape, dtype) in expected.items():
+                file = folder / name
+                if not file.is_file():
+                    return f"lacks {name}"
+                try:
+                    got_shape, got_dtype, offset = _npy_header(file)
+                except (OSError, ValueError, EOFError) as e:
+                    return f"{name} is not a readable .npy file ({str(e).splitlines()[0][:120]})"
+                if (got_shape, got_dtype) != (shape, dtype):
+                    return f"{name} holds {got_dtype} {got_shape}, expected {dtype} {shape}"
+                size = file.stat().st_size
+                want = offset + math.prod(shape) * np.dtype(dtype).itemsize
+                if size != want:
+                    return f"{name} has {size} bytes, expected {want} (truncated or overwritten)"
+            return None
+        recorded = info.get("chunk")
+        recorded_rows = info.get("rows")
+        if recorded != index:
+            return (f"holds chunk {recorded} (examples {_span(recorded_rows)}), not chunk {index}: chunk folders "
+                    "were swapped, renamed or copied")
+        if recorded_rows != [rows.start, rows.stop]:
+            raise _ManifestProblem(
+                f"chunk {index} holds examples {_span(recorded_rows)}, but manifest.json (n_examples="
+                f"{self.n_examples}, chunk_size={self.chunk_size}) puts examples {_span([rows.start, rows.stop])} "
+                "in it: manifest.json was edited or belongs to another store"
+            )
+        files = info["files"]
+        if set(files) != set(expected):
+            return f"{CHUNK_MANIFEST} lists files {sorted(files)}, expected {sorted(expected)}"
+        for name, (shape, dtype) in expected.items():
+            entry = files[name]
+            file = folder / name
+            if not isinstance(entry, dict) or (list(shape), dtype) != (entry.get("shape"), entry.get("dtype")):
+                return f"{name} was written as {entry.get('dtype')} {entry.get('shape')}, expected {dtype} {list(shape)}"
+            if not file.is_file():
+                return f"lacks {name}"
+            size = file.stat().st_size
+            if size != entry.get("bytes"):
+                return f"{name} has {size} bytes, {entry.get('bytes')} when it was written (truncated or overwritten)"
+            if checksums and _file_digest(file) != entry.get(CHECKSUM):
+                return f"{name} does not match its {CHECKSUM} checksum (its bytes changed after it was written)"
+        return None
+
+    def _layout_problems(self, *, checksums: bool) -> list[tuple[int | None, str]]:
+        """Problems of the store's chunks as (chunk index or None for the manifest, text), cheapest first."""
+        problems: list[tuple[int | None, str]] = []
+        chunks = self.path / "chunks"
+        if chunks.is_dir():
+            beyond = sorted(int(p.name) for p in chunks.iterdir()
+                            if _CHUNK_NAME.match(p.name) and int(p.name) >= self.num_chunks)
+            if beyond:
+                problems.append((None, f"chunk folder chunks/{beyond[0]:05d} lies beyond the {self.num_chunks} "
+                                       f"chunks that manifest.json (n_examples={self.n_examples}, chunk_size="
+                                       f"{self.chunk_size}) gives: manifest.json was edited or belongs to "
+                                       "another store"))
+        for i in range(self.num_chunks):
+            if not self._chunk_dir(i).is_dir():
+                if self.complete:
+                    problems.append((i, "is missing, but the store is marked complete"))
+                continue
+            try:
+                problem = self._chunk_problem(i, checksums=checksums)
+            except _ManifestProblem as e:
+                problems.append((None, str(e)))
+                continue
+            if problem is not None:
+                problems.append((i, problem))
+        return problems
+
+    def verify(self) -> list[StoreProblem]:
+        """Check everything: every chunk (as :meth:`open` does, plus every file's sha256 and every example's
+        squared norms recomputed from its stored gradients) and records.jsonl. Returns one line per problem,
+        each naming its chunk (``.chunk``: its index, None for a problem of the manifest or records; empty when
+        the store is sound)."""
+        problems = self._layout_problems(checksums=True)
+        bad = {i for i, _ in problems}
+        for i in range(self.num_chunks):
+            if i in bad or None in bad or not self._chunk_dir(i).is_dir():
+                continue
+            problem = self._norms_problem(i)
+            if problem is not None:
+                problems.append((i, problem))
+        lines = [StoreProblem(_problem_line(i, text), chunk=i) for i, text in problems]
+        if not self.complete:
+            missing = self.missing_chunks()
+            lines.append(StoreProblem(f"the store is not finished: {len(missing)} of {self.num_chunks} chunks "
+                                      "are not written yet"))
+        try:
+            self.records()
+        except DataInfError as e:
+            lines.append(StoreProblem(str(e).replace(f"store {self.path}: ", "")))
+        return lines
+
+    def _norms_problem(self, index: int) -> str | None:
+        """Whether sq_norms.npy agrees with the chunk's stored gradients (up to the storage rounding)."""
+        try:
+            sq = np.asarray(self._mapped(index, "sq_norms.npy", verify=False), dtype=np.float64)
+            tol = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}[self.storage_dtype]
+            for j, name in enumerate(self.block_names):
+                stored = self._to_work(self._mapped(index, self._block_file(name), verify=False))
+                if not bool(torch.isfinite(stored).all()):
+                    return f"{self._block_file(name)} holds a NaN or infinite value"
+                got = (stored.double() ** 2).sum(dim=1).numpy()
+                scale = np.maximum(np.abs(sq[:, j]), 1e-30)
+                off = np.abs(got - sq[:, j]) > tol * scale + 1e-30
+                if off.any():
+                    k = int(np.flatnonzero(off)[0])
+                    return (f"sq_norms.npy disagrees with {self._block_file(name)} (example "
+                            f"{self.chunk_rows(index).start + k}: {sq[k, j]:.6g} recorded, {got[k]:.6g} stored)")
+        except DataInfError as e:
+            return str(e)
+        return None
+
+    def _to_work(self, array: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.array(array))
+        if self.storage_dtype == "bfloat16":
+            t = t.view(torch.int16).view(torch.bfloat16)
+        return t.to(torch.float64 if self.storage_dtype == "float64" else torch.float32)
+
+    def _mapped(self, index: int, file: str, *, verify: bool | None = None) -> np.ndarray:
+        """A file of chunk ``index``, memory-mapped, checked against what the chunk must hold (and, the
+        first time this object reads it and ``checksums`` is on, against its sha256)."""
+        path = self._chunk_dir(index) / file
+        if not path.is_file():
+            rows = self.chunk_rows(index)
+            if self._chunk_dir(index).is_dir():
+                raise self._chunk_error(index, f"lacks {file}")
+            raise DataInfError(
+                f"chunk {index} (examples {rows.start}..{rows.stop - 1}) of store {self.path} is not "
+                "written yet; finish computing the store (rerun the same command to resume)"
+            )
+        verify = self.checksums if verify is None else verify
+        if verify and (index, file) not in self._verified:
+            try:
+                info = self._read_chunk_manifest(index)
+            except _ChunkProblem as e:
+                raise self._chunk_error(index, str(e)) from None
+            entry = (info or {}).get("files", {}).get(file)
+            if info is not None and (not isinstance(entry, dict) or _file_digest(path) != entry.get(CHECKSUM)):
+                raise self._chunk_error(
+                    index, f"{file} does not match its {CHECKSUM} checksum (its bytes changed after it was written)")
+            self._verified.add((index, file))
+        shape, dtype = self._expected_files(index)[file]
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise self._chunk_error(index, f"{file} is unreadable ({reason})") from None
+        if tuple(array.shape) != shape or array.dtype.str != dtype:
+            raise self._chunk_error(index, f"{file} holds {array.dtype.str} {tuple(array.shape)}, expected {dtype} {shape}")
+        return array
+
+    def _chunk_error(self, index: int, text: str) -> DataInfError:
+        return DataInfError(_problems_message(self.path, [(index, text)]))
+
+    def _set_aside_bad_chunks(self) -> list[int]:
+        """On resume: check every written chunk (checksums included) and move each bad one aside to
+        ``chunks/.corrupt-NNNNN-<time>`` (logged, never deleted), so that it is computed again."""
+        bad = []
+        for i in range(self.num_chunks):
+            if not self._chunk_dir(i).is_dir():
+                continue
+            try:
+                problem = self._chunk_problem(i, checksums=True)
+            except _ManifestProblem as e:
+                problem = str(e)
+            if problem is None:
+                continue
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            aside = self.path / "chunks" / f".corrupt-{i:05d}-{stamp}-{os.getpid()}"
+            os.rename(self._chunk_dir(i), aside)
+            self._chunk_info.pop(i, None)
+            logger.warning("store %s: chunk %d %s; moved it to chunks/%s and computing it again",
+                           self.path, i, problem, aside.name)
+            bad.append(i)
+        if bad and self.complete:
+            self.manifest = {**self.manifest, "complete": False}
+            atomic.write_json(self.path / "manifest.json", self.manifest, fsync=True)
+        return bad
 
     # ---------------------------------------------------------------- writing
 
@@ -508,10 +844,15 @@ class GradientStore:
         return g32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
     def _commit(self, index: int, arrays: Mapping[str, np.ndarray], sq: np.ndarray) -> None:
+        rows = self.chunk_rows(index)
         with atomic.new_directory(self._chunk_dir(index), fsync=True) as tmp:
+            files = {}
             for name, array in arrays.items():
-                _save_npy(tmp / self._block_file(name), array)
-            _save_npy(tmp / "sq_norms.npy", sq)
+                files[self._block_file(name)] = _save_npy(tmp / self._block_file(name), array)
+            files["sq_norms.npy"] = _save_npy(tmp / "sq_norms.npy", sq)
+            info = {"format": "datainf-chunk", "chunk": index, "rows": [rows.start, rows.stop],
+                    "checksum": CHECKSUM, "files": files}
+            (tmp / CHUNK_MANIFEST).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
     def write_records(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Keep the examples (plain JSON objects, one per row, in row order) beside their gradients, atomically.
@@ -529,16 +870,28 @@ class GradientStore:
                 raise DataInfError(f"store {self.path}: record {i} cannot be written as JSON ({e})") from None
         if len(lines) != self.n_examples:
             raise DataInfError(f"store {self.path}: {len(lines)} records for {self.n_examples} examples")
-        atomic.write_text(self.path / RECORDS_FILE, "\n".join(lines) + "\n", fsync=True)
+        text = "\n".join(lines) + "\n"
+        atomic.write_text(self.path / RECORDS_FILE, text, fsync=True)
+        data = text.encode("utf-8")
+        self._records_digest = {"bytes": len(data), CHECKSUM: hashlib.sha256(data).hexdigest()}
 
     def records(self) -> list[dict[str, Any]] | None:
         """The examples kept by :meth:`write_records` (None if the store has none), one per row."""
         path = self.path / RECORDS_FILE
         if not path.is_file():
+            if self.manifest.get("records"):
+                raise DataInfError(f"store {self.path}: {RECORDS_FILE} is missing; rerun `datainf grads` to rewrite it")
             return None
         try:
-            out = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            data = path.read_bytes()
+            digest = self.manifest.get("records")
+            if isinstance(digest, dict) and hashlib.sha256(data).hexdigest() != digest.get(CHECKSUM):
+                raise DataInfError(f"store {self.path}: {RECORDS_FILE} does not match its {CHECKSUM} checksum (edited "
+                                   "after it was written); rerun `datainf grads` to rewrite it")
+            out = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
         except (OSError, ValueError, UnicodeDecodeError) as e:
+            if isinstance(e, DataInfError):
+                raise
             raise DataInfError(f"store {self.path}: {RECORDS_FILE} is unreadable ({e}); rerun `datainf grads`") from None
         if len(out) != self.n_examples:
             raise DataInfError(f"store {self.path}: {RECORDS_FILE} holds {len(out)} records for {self.n_examples} "
@@ -564,7 +917,13 @@ class GradientStore:
                     f"store {self.path}: chunk folder {self._chunk_dir(i)} lacks {absent}; delete that folder "
                     "and rerun to recompute it"
                 )
+        problems = self._layout_problems(checksums=False)
+        if problems:
+            raise DataInfError(_problems_message(self.path, problems))
         self.manifest = {**self.manifest, "complete": True}
+        digest = getattr(self, "_records_digest", None)
+        if digest is not None:
+            self.manifest["records"] = digest
         atomic.write_json(self.path / "manifest.json", self.manifest, fsync=True)
 
     # ---------------------------------------------------------------- reading
@@ -598,12 +957,93 @@ class GradientStore:
         from the float32 values before any down-cast to the storage dtype."""
         parts = []
         for i in range(self.num_chunks):
-            path = self._chunk_dir(i) / "sq_norms.npy"
-            if not path.is_file():
+            if not self._chunk_dir(i).is_dir():
                 raise DataInfError(f"store {self.path}: chunk {i} is not written yet; finish computing the store")
-            parts.append(np.load(path, allow_pickle=False))
+            parts.append(np.array(self._mapped(i, "sq_norms.npy")))
         sq = torch.from_numpy(np.concatenate(parts, axis=0))
         return {name: sq[:, j].clone() for j, name in enumerate(self.block_names)}
+
+
+class StoreProblem(str):
+    """One line of :meth:`GradientStore.verify`; ``chunk`` is the bad chunk's index (None: the manifest,
+    the records, or an unfinished store), which a rerun of `datainf grads` recomputes."""
+
+    chunk: int | None
+
+    def __new__(cls, text: str, chunk: int | None = None) -> StoreProblem:
+        out = super().__new__(cls, text)
+        out.chunk = chunk
+        return out
+
+
+class _ChunkProblem(Exception):
+    """A chunk that cannot be trusted (internal: becomes a DataInfError naming the chunk)."""
+
+
+class _ManifestProblem(Exception):
+    """manifest.json disagrees with the chunks (internal)."""
+
+
+def _span(rows: Any) -> str:
+    if isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows):
+        return f"{rows[0]}..{rows[1] - 1}"
+    return repr(rows)
+
+
+def _problem_line(index: int | None, text: str, path: Path | None = None) -> str:
+    where = f"store {path}: " if path is not None else ""
+    if index is None:
+        return f"{where}{text}"
+    return f"{where}chunk {index} (chunks/{index:05d}) {text}"
+
+
+def _problems_message(path: Path, problems: list[tuple[int | None, str]]) -> str:
+    """One line for a store's problems: the first few, and what to do."""
+    shown = "; ".join(_problem_line(i, t) for i, t in problems[:3])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    if all(i is not None for i, _ in problems):
+        hint = ("rerun `datainf grads` with the same settings: it moves the bad chunks aside and recomputes just "
+                "them (`datainf store verify` checks every checksum)")
+    else:
+        hint = "recompute the store in a new --store directory (`datainf grads`)"
+    return f"store {path}: {shown}{more}; {hint}"
+
+
+def _validate_manifest(path: Path, manifest: Any) -> None:
+    """Refuse a manifest whose fields cannot describe a store (edited or damaged), in one line."""
+    def bad(what: str) -> DataInfError:
+        return DataInfError(f"store {path}: manifest.json {what}; it was edited or damaged: recompute the store "
+                            "in a new --store directory (`datainf grads`)")
+
+    if not isinstance(manifest, dict):
+        raise bad("is not a JSON object")
+
+    def positive_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    for key in ("n_examples", "chunk_size"):
+        if not positive_int(manifest.get(key)):
+            raise bad(f"has {key}={manifest.get(key)!r} (an integer >= 1 is needed)")
+    blocks = manifest.get("blocks")
+    if not isinstance(blocks, list) or not blocks:
+        raise bad("has no list of blocks")
+    names = set()
+    for b in blocks:
+        if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not b["name"] or b["name"] in names:
+            raise bad(f"has a bad block entry {str(b)[:80]}")
+        names.add(b["name"])
+        shape = b.get("shape")
+        if not isinstance(shape, list) or not shape or not all(positive_int(x) for x in shape):
+            raise bad(f"has block '{b['name']}' with shape {shape!r}")
+    if manifest.get("dtype") not in DTYPES:
+        raise bad(f"has dtype {manifest.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+    fps = manifest.get("fingerprints")
+    if not isinstance(fps, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in fps.items()):
+        raise bad("has no mapping of fingerprints")
+    if not isinstance(manifest.get("meta", {}), dict) or not isinstance(manifest.get("complete", False), bool):
+        raise bad("has a bad 'meta' or 'complete' entry")
+    if manifest.get("integrity") not in (None, CHECKSUM):
+        raise bad(f"names an unknown integrity check {manifest.get('integrity')!r}")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -612,8 +1052,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise DataInfError(f"{path} is not a gradient store (no manifest.json); check the --store path")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise DataInfError(f"store {path}: manifest.json is unreadable ({e}); delete the store and recompute") from None
+    if not isinstance(manifest, dict):
+        raise DataInfError(f"store {path}: manifest.json is not a JSON object; delete the store and recompute")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataInfError(
             f"store {path} has format version {manifest.get('format_version')!r}, this library reads "
@@ -622,6 +1064,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for key in ("blocks", "dtype", "n_examples", "chunk_size", "fingerprints"):
         if key not in manifest:
             raise DataInfError(f"store {path}: manifest.json lacks '{key}'; delete the store and recompute")
+    _validate_manifest(path, manifest)
     return manifest
 
 

@@ -106,6 +106,11 @@ def classification_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
             f"task 'classification' needs logits of shape (B, num_labels) with B = {labels.shape[0]}, "
             f"got {tuple(logits.shape)}: is this a sequence-classification model?"
         )
+    outside = (labels < 0) | (labels >= logits.shape[1])
+    if bool(outside.any()):
+        k = int(outside.nonzero()[0])
+        raise DataInfError(f"example {k} of the batch has label {int(labels[k])}, but the model has "
+                           f"{logits.shape[1]} classes (ids 0..{logits.shape[1] - 1})")
     return F.cross_entropy(upcast(logits), labels.to(logits.device), reduction="none")
 
 

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("datainf.cli.explain", "Why did my model say this? One prompt against a training store."),
     "top": ("datainf.cli.top", "The top-k helpful and harmful training examples per query, as JSONL or CSV."),
     "report": ("datainf.cli.report", "A self-contained HTML report from a scores file."),
+    "store": ("datainf.cli.store", "Check a gradient store: `datainf store verify STORE`."),
     "experiment": ("datainf.cli.experiment", "The paper's experiments (see docs/results.md)."),
     "assets": ("datainf.cli.assets", "Print the folder of an offline model (converted once)."),
     "example-data": ("datainf.cli.assets", "Write a generated chat or prompt/response training set as JSONL."),
@@ -125,8 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.exceptions.NoArgsIsHelpError as e:
+        e.show()  # the help text of a group called without a command
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # a bad option value, a missing option: one line too
+        message = " ".join(e.format_message().split())
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            message += f" (see `{e.ctx.command_path} --help`)"
+        click.echo(f"error: {message}", err=True)
         sys.exit(e.exit_code)
     except DataInfError as e:
         click.echo(f"error: {e}", err=True)

@@ -45,7 +45,7 @@ def default_map(config: dict[str, Any], commands: dict[str, click.Command]) -> d
             params[p.name] = p.name
             for opt in p.opts:
                 params[opt.lstrip("-").replace("-", "_")] = p.name
-        section = config.get(name, {})
+        section = config.get(name) if isinstance(config.get(name), dict) else {}  # (`store` is also an option)
         values = {}
         for key, value in {**flat, **section}.items():
             key = str(key).replace("-", "_")
@@ -107,6 +107,58 @@ def check_output(path: str | os.PathLike, *, inputs: dict[str, str | os.PathLike
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: the file that marks an adapter folder as written by `datainf finetune` (task, labels, training summary)
+FINETUNE_MARKER = "datainf_finetune.json"
+
+
+def adapter_labels(adapter_dir: str | None) -> dict[str, Any]:
+    """What `datainf finetune` recorded about the classes of an adapter: {"num_labels", "label_names"}
+    (empty for an adapter from elsewhere)."""
+    if adapter_dir is None:
+        return {}
+    marker = Path(adapter_dir) / FINETUNE_MARKER
+    if not marker.is_file():
+        return {}
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataInfError(f"{marker} is unreadable ({e}); rewrite the adapter with `datainf finetune`") from None
+    if not isinstance(data, dict):
+        raise DataInfError(f"{marker} is not a JSON object; rewrite the adapter with `datainf finetune`")
+    out: dict[str, Any] = {}
+    if isinstance(data.get("num_labels"), int) and not isinstance(data.get("num_labels"), bool):
+        out["num_labels"] = data["num_labels"]
+    names = data.get("label_names")
+    if isinstance(names, list) and all(isinstance(n, str) for n in names) and names:
+        out["label_names"] = names
+    return out
+
+
+def run_labels(adapter_dir: str | None, labels_from: str | None, num_labels: int | None
+               ) -> tuple[list[str] | None, int | None, str]:
+    """The run's class mapping for `grads`: (names or None, number of classes or None, where it came from).
+
+    ``--labels-from STORE`` (the training store's manifest) first, then what `datainf finetune` recorded in
+    the adapter folder; None when neither says (the data file's own sorted names are used then).
+    """
+    names, count, source = None, num_labels, "this file's sorted label names"
+    if labels_from is not None:
+        from datainf.store import GradientStore
+
+        labels = (GradientStore.open(labels_from).manifest.get("meta") or {}).get("labels") or {}
+        if not labels:
+            raise DataInfError(f"--labels-from {labels_from}: that store records no class mapping (it was not made "
+                               "by `datainf grads` on a classification task)")
+        names, source = labels.get("names"), f"the training store {labels_from}"
+        count = count if count is not None else labels.get("num_labels")
+    else:
+        recorded = adapter_labels(adapter_dir)
+        if recorded.get("label_names"):
+            names, source = recorded["label_names"], f"the adapter {adapter_dir}"
+        count = count if count is not None else recorded.get("num_labels")
+    if count is None and names:
+        count = len(names)
+    return names, count, source
 
 
 def model_dtype_option(f: Any) -> Any:
@@ -129,8 +181,7 @@ def load_model(model_dir: str, adapter_dir: str | None, task: str, num_labels: i
         from datainf.models.finetune import load_adapter
 
         if num_labels is None:
-            meta = Path(adapter_dir) / "datainf_finetune.json"
-            num_labels = json.loads(meta.read_text())["num_labels"] if meta.exists() else 2
+            num_labels = adapter_labels(adapter_dir).get("num_labels") or 2
         model, tokenizer = load_adapter(model_dir, adapter_dir, num_labels, is_trainable=True, dtype=dtype)
     else:
         from datainf.models.llm import load_causal_lm_adapter
@@ -164,15 +215,45 @@ def data_options(f: Any) -> Any:
 
 def read_data(path: str, task: str, *, data_format: str = "auto", text_column: str = "text",
               label_column: str = "label", prompt_column: str = "prompt", response_column: str = "response",
-              messages_column: str = "messages", split: str | None = None, **_: Any) -> list[dict]:
-    """Records for a task from a data file: {"text", "label"} for classification; for the causal LM tasks
-    chat ({"messages"}), {"prompt", "response"} or {"text"} records (see datainf.data.text.load_lm_records)."""
+              messages_column: str = "messages", split: str | None = None, label_names: list[str] | None = None,
+              num_labels: int | None = None, extra_columns: tuple[str, ...] = (), **_: Any) -> list[dict]:
+    """Records for a task from a data file: {"text", "label"} for classification (class names mapped through
+    ``label_names``, the run's mapping; ids checked against ``num_labels``); for the causal LM tasks chat
+    ({"messages"}), {"prompt", "response"} or {"text"} records (see datainf.data.text.load_lm_records)."""
     from datainf.data.text import load_lm_records, load_records
 
     if task == "classification":
-        return list(load_records(path, text_column=text_column, label_column=label_column, split=split))
+        return load_records(path, text_column=text_column, label_column=label_column, split=split,
+                            label_names=label_names, num_labels=num_labels, extra_columns=extra_columns)
     return load_lm_records(path, format=data_format, messages_column=messages_column, prompt_column=prompt_column,
                            response_column=response_column, text_column=text_column, split=split)
+
+
+def scored_training_data(loaded: Any, data_path: str, *, extra_columns: tuple[str, ...] = (),
+                         **data: Any) -> list[dict]:
+    """The training examples of a scores file, read from ``--data`` the way `datainf grads` read them (the
+    training store's class mapping; the rows the store dropped for a non-finite loss left out) and checked
+    against the store's dataset fingerprint, so that texts are never attached to the wrong scores."""
+    from datainf.store import fingerprint_dataset
+
+    train = loaded.meta.get("train_store") or {}
+    task = train.get("task") if train.get("task") in ("causal_lm", "causal_lm_mean") else "classification"
+    names = (train.get("labels") or {}).get("names")
+    records = read_data(data_path, task, label_names=names, extra_columns=extra_columns, **data)
+    dropped = set(train.get("dropped_rows") or [])
+    if dropped:
+        records = [r for i, r in enumerate(records) if i not in dropped]
+    expected = (train.get("fingerprints") or {}).get("dataset")
+    if expected is not None:
+        plain = [{k: v for k, v in r.items() if k not in extra_columns} for r in records]
+        if fingerprint_dataset(plain) != expected:
+            raise DataInfError(f"{data_path} is not the data the scores' training store was made from (its rows "
+                               f"differ: fingerprint {fingerprint_dataset(plain)} != {expected}); pass that file, "
+                               "with the column and format options given to `datainf grads`")
+    if len(records) != loaded.n_train:
+        raise DataInfError(f"{data_path} has {len(records)} examples but the scores have {loaded.n_train} training "
+                           "rows; pass the data the store was made from")
+    return records
 
 
 def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: bool = False,
@@ -184,5 +265,5 @@ def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: 
                         assistant_turns=assistant_turns)
 
 
-__all__ = ["MODEL_DTYPES", "check_output", "data_options", "default_map", "device_option", "load_config",
-           "load_model", "make_collator", "model_dtype_option", "parse_methods", "rank_device", "read_data", "setup"]
+__all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "check_output", "data_options", "default_map", "device_option", "load_config",
+           "load_model", "make_collator", "model_dtype_option", "parse_methods", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]

@@ -8,11 +8,19 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import check_output, data_options, device_option, make_collator, read_data, setup
+from datainf.cli.common import (
+    FINETUNE_MARKER,
+    check_output,
+    data_options,
+    device_option,
+    make_collator,
+    read_data,
+    setup,
+)
 from datainf.errors import DataInfError
 
 #: the file that marks an adapter folder as written by `datainf finetune`
-MARKER = "datainf_finetune.json"
+MARKER = FINETUNE_MARKER
 
 
 def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
@@ -42,6 +50,9 @@ def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
               help="classification: a sequence classifier (new head); causal_lm: a causal LM on chat, "
                    "prompt/response or text records.")
 @data_options
+@click.option("--num-labels", type=click.IntRange(min=2), default=None,
+              help="Classification: classes of the new head; default the number of label names, or of ids 0..K-1 "
+                   "(ids with gaps, such as 0, 1, 7, are refused unless this asks for that head).")
 @click.option("--rank", type=int, default=None, help="LoRA rank; default 4 (classification) or 8 (causal_lm).")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha; default = rank (classification) or 32.")
 @click.option("--target-modules", default=None,
@@ -54,7 +65,7 @@ def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, overwrite: bool, task: str,
-            rank: int | None, alpha: float | None, target_modules: str | None, epochs: int, lr: float,
+            num_labels: int | None, rank: int | None, alpha: float | None, target_modules: str | None, epochs: int, lr: float,
             batch_size: int | None, max_length: int, seed: int, device: str | None, **data: Any) -> None:
     """LoRA fine-tuning of a local model; writes the adapter (and, for a causal LM, its tokenizer)."""
     from datainf import atomic
@@ -81,6 +92,7 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
                    "collate": collate.settings()}
         shown = f"training loss {summary['train_loss_per_token']:.3f} per token"
     else:
+        from datainf.data.labels import describe, head_size
         from datainf.models.finetune import (
             TrainSettings,
             evaluate_classifier,
@@ -88,15 +100,16 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
             load_classifier,
         )
 
-        num_labels = max(max(r["label"] for r in records) + 1, 2)
+        names = getattr(records, "label_names", None)
+        num_labels = head_size([r["label"] for r in records], names, train_path, num_labels)
         model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=seed)
         model.to(device)
         stats = finetune_classifier(model, tokenizer, records, TrainSettings(
             epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed),
             progress=progress)
         acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
-        summary = {"num_labels": num_labels, "train_accuracy": acc}
-        shown = f"training accuracy {acc:.3f}"
+        summary = {"num_labels": num_labels, "label_names": names, "train_accuracy": acc}
+        shown = f"training accuracy {acc:.3f}; {num_labels} classes: {describe(names)}"
     with atomic.new_directory(out_dir, replace=replace) as tmp:
         save_adapter(model, tmp)
         if lm:

@@ -15,8 +15,11 @@ from datainf.cli.common import (
     model_dtype_option,
     rank_device,
     read_data,
+    run_labels,
     setup,
 )
+from datainf.data.labels import describe
+from datainf.errors import DataInfError
 
 
 @click.command("grads")
@@ -33,7 +36,14 @@ from datainf.cli.common import (
               help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: "
                    "averaged over them.")
 @data_options
-@click.option("--num-labels", type=int, default=None, help="Classification: number of classes.")
+@click.option("--num-labels", type=click.IntRange(min=2), default=None,
+              help="Classification: number of classes; default what `datainf finetune` recorded, else 2.")
+@click.option("--labels-from", "labels_from", type=click.Path(file_okay=False), default=None,
+              help="Classification: read class names with the mapping of this (training) store, e.g. for a "
+                   "validation file that lacks some classes; default the adapter's, else this file's sorted names.")
+@click.option("--skip-nonfinite", is_flag=True,
+              help="Drop the examples whose loss is NaN or infinite (recorded in the store's manifest) instead of "
+                   "refusing the run; costs one forward pass over the data.")
 @click.option("--batch-size", type=int, default=16)
 @click.option("--chunk-size", type=int, default=256, help="Examples per store shard (unit of resumption).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
@@ -43,22 +53,36 @@ from datainf.cli.common import (
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_path: str, store_dir: str, task: str,
-            num_labels: int | None, batch_size: int, chunk_size: int, dtype: str, max_length: int,
-            model_dtype: str, device: str | None, **data: Any) -> None:
+            num_labels: int | None, labels_from: str | None, skip_nonfinite: bool, batch_size: int, chunk_size: int,
+            dtype: str, max_length: int, model_dtype: str, device: str | None, **data: Any) -> None:
     """Per-example gradients of a dataset into a gradient store (resumes an interrupted run)."""
     from datainf.attributor import Attributor
     from datainf.distributed import init_distributed, is_main_process
 
-    check_output(store_dir, inputs={"model folder": model_dir, "adapter folder": adapter_dir})
+    check_output(store_dir, inputs={"model folder": model_dir, "adapter folder": adapter_dir,
+                                    "--labels-from store": labels_from})
     progress, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     progress = progress and is_main_process()
-    records = read_data(data_path, task, **data)
+    names, source = None, ""
+    if task == "classification":
+        names, num_labels, source = run_labels(adapter_dir, labels_from, num_labels)
+    elif labels_from is not None:
+        raise DataInfError("--labels-from applies to --task classification only")
+    # labels are read with the run's mapping and checked against the classes before anything is written
+    records = read_data(data_path, task, label_names=names, num_labels=num_labels, **data)
+    names = getattr(records, "label_names", None)
     model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
     collate = make_collator(tokenizer, task, max_length, **data)
     attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
-                            batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress)
+                            batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
+                            label_names=names, skip_nonfinite=skip_nonfinite)
     store = attributor.fit(records)
     if is_main_process():
+        shown = f" (labels {describe(names)}, from {source})" if names else ""
+        dropped = (store.manifest.get("meta") or {}).get("nonfinite", {}).get("dropped") or []
+        skipped = (f"; dropped {len(dropped)} examples with a non-finite loss: rows "
+                   f"{', '.join(str(d['row']) for d in dropped[:10])}{', ...' if len(dropped) > 10 else ''}"
+                   if dropped else "")
         click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks, "
-                   f"in {store_dir}")
+                   f"in {store_dir}{shown}{skipped}")

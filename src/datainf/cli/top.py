@@ -13,28 +13,19 @@ import click
 from datainf.cli.common import check_output, data_options
 from datainf.errors import DataInfError
 
-COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "score", "train_prompt", "train_response",
-           "train_text", "train_label", "train_label_name")
+COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "train_data_row", "score", "train_prompt",
+           "train_response", "train_text", "train_label", "train_label_name")
 
 
 def training_records(loaded: Any, data_path: str | None, data: dict[str, Any]) -> list[dict] | None:
     """The training examples of a scores file: from ``--data`` (checked against the store's dataset
     fingerprint, so texts are never attached to the wrong scores), else the store's own records."""
-    from datainf.cli.common import read_data
-    from datainf.store import GradientStore, fingerprint_dataset
+    from datainf.cli.common import scored_training_data
+    from datainf.store import GradientStore
 
-    train = loaded.meta.get("train_store") or {}
     if data_path is not None:
-        task = train.get("task") or "classification"
-        records = read_data(data_path, task if task in ("causal_lm", "causal_lm_mean") else "classification", **data)
-        expected = (train.get("fingerprints") or {}).get("dataset")
-        if expected is not None and fingerprint_dataset(records) != expected:
-            raise DataInfError(f"{data_path} is not the data the scores' training store was made from (its rows "
-                               "differ); pass that file, with the column and format options given to `datainf grads`")
-        if len(records) != loaded.n_train:
-            raise DataInfError(f"{data_path} has {len(records)} rows but the scores have {loaded.n_train}")
-        return records
-    path = train.get("path")
+        return scored_training_data(loaded, data_path, **data)
+    path = (loaded.meta.get("train_store") or {}).get("path")
     if path and Path(path).is_dir():
         return GradientStore.open(path).records()
     return None
@@ -78,6 +69,11 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
         scores = loaded.scores[method]
         qs = queries if queries is not None and scores.ndim == 2 and scores.shape[1] == len(queries) else None
         rows += top_examples(scores, k, method=method, train_records=train, query_records=qs)
+    dropped = set((loaded.meta.get("train_store") or {}).get("dropped_rows") or [])
+    if dropped:  # the store left out examples with a non-finite loss: say which row of the data each one is
+        source = [i for i in range(loaded.n_train + len(dropped)) if i not in dropped]
+        for row in rows:
+            row["train_data_row"] = source[row["train_index"]]
     if out_format == "jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     else:

