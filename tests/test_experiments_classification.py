@@ -97,3 +97,27 @@ def test_unknown_dataset_is_one_line(tmp_path, capsys):
     assert _run(["experiment", "mislabeled", "--out", str(tmp_path), "--datasets", "imdb", "--ranks", "1",
                  "--seeds", "0"]) == 2
     assert "unknown dataset 'imdb'" in capsys.readouterr().err
+
+
+def test_runs_record_the_clean_and_majority_accuracy_and_flag_a_model_that_did_not_learn(tiny_bert_dir, local_data,
+                                                                                      tmp_path):
+    """clean_baseline trains the same set-up on the unflipped labels; the majority-class accuracy is that of
+    the validation labels (computed here independently); a run within 2 points of it is flagged."""
+    from datainf.experiments.classification import accuracy_table
+    from datainf.experiments.mislabeled import MislabeledSettings, run_mislabeled
+
+    rows = [json.loads(line) for line in local_data.read_text().splitlines()]
+    train, val = rows[:24], rows[24:32]
+    settings = MislabeledSettings(model_dir=str(tiny_bert_dir), n_train=24, n_val=8, epochs=1, methods=("identity",),
+                                  clean_baseline=True, diagnose=False)
+    result = run_mislabeled(settings, tmp_path, progress=False, records=(train, val))
+    labels = [r["label"] for r in val]
+    majority = max(labels.count(0), labels.count(1)) / len(labels)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["majority_accuracy"] == majority and 0 <= saved["clean_validation_accuracy"] <= 1
+    assert saved["learned"] == (saved["validation_accuracy"] > majority + 0.02)
+    table = accuracy_table([saved, dict(saved, learned=False)])
+    flagged = 1 + (not saved["learned"])      # the copy is flagged; the run itself only if it did not learn
+    assert f"{majority:.3f} ± 0.000" in table and "| 2 | " in table
+    assert table.splitlines()[2].endswith(f"| {flagged} |")
+    assert result.clean_validation_accuracy == saved["clean_validation_accuracy"]
