@@ -70,7 +70,8 @@ def test_approximation_and_mislabeled_grid(tiny_bert_dir, local_data, tmp_path):
         assert 0 <= res["validation_accuracy"] <= 1 and not (p / "store").exists()
         diag = res["diagnostics"]["per_method"]
         assert set(diag) == {"datainf", "lissa", "kfac", "ekfac"}
-        assert all(-1 <= v["median_block_correlation_with_exact"] <= 1 for v in diag.values())
+        # a correlation, up to float64 rounding (K-FAC is exact on a rank-1 block: 1 + 2e-16 happens)
+        assert all(abs(v["median_block_correlation_with_exact"]) <= 1 + 1e-12 for v in diag.values())
         assert 'id="diagnostics"' in (p / "report.html").read_text()
 
 

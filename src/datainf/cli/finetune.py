@@ -62,11 +62,18 @@ def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
 @click.option("--batch-size", type=int, default=None, help="Default 32 (classification) or 8 (causal_lm).")
 @click.option("--max-length", type=click.IntRange(min=2), default=128)
 @click.option("--seed", type=int, default=0)
+@click.option("--pooling", type=click.Choice(["pooler", "mean"]), default="pooler", show_default=True,
+              help="Classification: what the head reads, the model's own pooler (as transformers' "
+                   "ForSequenceClassification) or the mean token state (sentence-transformers encoders such as "
+                   "MiniLM; BERT-family models). Recorded in the adapter; grads and explain read it back.")
+@click.option("--head-lr", type=float, default=None,
+              help="Classification: learning rate of the new head (default --lr).")
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, overwrite: bool, task: str,
             num_labels: int | None, rank: int | None, alpha: float | None, target_modules: str | None, epochs: int, lr: float,
-            batch_size: int | None, max_length: int, seed: int, device: str | None, **data: Any) -> None:
+            batch_size: int | None, max_length: int, seed: int, pooling: str, head_lr: float | None,
+            device: str | None, **data: Any) -> None:
     """LoRA fine-tuning of a local model; writes the adapter (and, for a causal LM, its tokenizer)."""
     from datainf import atomic
     from datainf.models.finetune import LoraSettings, save_adapter
@@ -102,11 +109,11 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
 
         names = getattr(records, "label_names", None)
         num_labels = head_size([r["label"] for r in records], names, train_path, num_labels)
-        model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=seed)
+        model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=seed, pooling=pooling)
         model.to(device)
         stats = finetune_classifier(model, tokenizer, records, TrainSettings(
-            epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed),
-            progress=progress)
+            epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+            head_learning_rate=head_lr), progress=progress)
         acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
         summary = {"num_labels": num_labels, "label_names": names, "train_accuracy": acc}
         shown = f"training accuracy {acc:.3f}; {num_labels} classes: {describe(names)}"

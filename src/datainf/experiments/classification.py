@@ -29,6 +29,7 @@ from datainf import atomic
 from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_split
 from datainf.errors import DataInfError
 from datainf.estimators import get_method, influence, method_names
+from datainf.experiments.common import settings_dict
 from datainf.experiments.mislabeled import MislabeledSettings, run_mislabeled
 from datainf.scoring import load_scores
 
@@ -94,16 +95,30 @@ def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], se
     for dataset, rank, targets, seed in itertools.product(datasets, ranks, target_sets, seeds):
         run_dir = out / "runs" / f"{Path(dataset).stem}-r{rank}-{'+'.join(targets)}-s{seed}"
         cached = run_dir / "results.json"
-        if cached.exists():
-            runs.append(json.loads(cached.read_text()))
-            continue
         settings = replace(base, dataset=dataset, rank=rank, target_modules=tuple(targets), seed=seed)
+        if cached.exists():
+            saved = json.loads(cached.read_text())
+            _check_cached_settings(saved.get("settings", {}), settings, cached)
+            runs.append(saved)
+            continue
         records = None
         if dataset not in DATASETS:
             records = load_dataset_records(dataset, base.n_train, base.n_val, seed)
         result = run_mislabeled(settings, run_dir, progress=progress, records=records, keep_store=False)
         runs.append(result.to_dict())
     return runs
+
+
+def _check_cached_settings(saved: dict[str, Any], settings: MislabeledSettings, path: Path) -> None:
+    """A cached run is reused only if it was made with these settings (a field it lacks must be at its default:
+    runs saved before the field existed); otherwise one error line naming the first differing field."""
+    defaults = settings_dict(MislabeledSettings())
+    for key, value in settings_dict(settings).items():
+        if key == "extra" or (key == "methods" and set(value) <= set(saved.get(key, ()))):
+            continue
+        if saved.get(key, defaults[key]) != value:
+            raise DataInfError(f"{path} was made with {key}={saved.get(key, defaults[key])!r}, this grid asks for "
+                               f"{value!r}: pass another --out, or remove that run's folder to redo it")
 
 
 def write_grid_summary(runs: list[dict[str, Any]], name: str, out_dir: str | os.PathLike) -> str:

@@ -73,6 +73,9 @@ class MislabeledSettings:
     grad_batch_size: int = 32
     diagnose: bool = True                 # per-block distance of each approximation from exact
     clean_baseline: bool = False          # also fine-tune on the clean labels, to record what the set-up learns
+    pooling: str = "pooler"               # "mean": the head reads the mean token state (how MiniLM was trained)
+    head_learning_rate: float | None = None   # the head's own rate (None: learning_rate)
+    length_buckets: bool = False          # batches of similar length (less padding; changes the batch order)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -226,11 +229,12 @@ def finetune(settings: MislabeledSettings, train: list[dict], val: list[dict], n
 
         model_dir = str(minilm_dir())
     lora = LoraSettings(rank=settings.rank, alpha=settings.alpha, target_modules=tuple(settings.target_modules))
-    model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=settings.seed)
+    model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=settings.seed, pooling=settings.pooling)
     t0 = time.perf_counter()
     finetune_classifier(model, tokenizer, train, TrainSettings(
         epochs=settings.epochs, learning_rate=settings.learning_rate, batch_size=settings.batch_size,
-        max_length=settings.max_length, seed=settings.seed), progress=progress)
+        max_length=settings.max_length, seed=settings.seed, head_learning_rate=settings.head_learning_rate,
+        length_buckets=settings.length_buckets), progress=progress)
     seconds = time.perf_counter() - t0
     return model, tokenizer, seconds, evaluate_classifier(model, tokenizer, val, max_length=settings.max_length)
 

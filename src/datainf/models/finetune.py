@@ -10,6 +10,8 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import random
 import time
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from datainf import atomic
 from datainf.errors import DataInfError
 
 
@@ -64,8 +67,12 @@ class TrainSettings:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     seed: int = 0
+    head_learning_rate: float | None = None   # rate of the non-LoRA trainable parameters (the head); None: same
+    length_buckets: bool = False              # batches of similar token length (far less padding; classifier)
 
     def __post_init__(self) -> None:
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise DataInfError(f"head_learning_rate must be > 0 or None, got {self.head_learning_rate!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise DataInfError(f"epochs must be an integer >= 1, got {self.epochs!r}")
         if not self.learning_rate > 0:
@@ -97,25 +104,87 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_base(model_dir: str | Path, num_labels: int, dtype: torch.dtype = torch.float32
-               ) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+#: how the classifier turns token states into the vector its head reads: "mean" (average over non-padding
+#: tokens, as sentence-transformers does for MiniLM; BERT-family models only) or "pooler" (the model's own
+#: sequence-classification head, e.g. BERT's dense+tanh pooler over [CLS])
+POOLINGS = ("mean", "pooler")
+#: written next to the adapter by save_adapter: the pooling the head was trained with
+HEAD_FILE = "datainf_head.json"
+
+
+@functools.cache
+def _mean_pooling_class() -> type:
+    """BertForSequenceClassification reading the mean of the last hidden states over non-padding tokens.
+
+    Same modules and names as the stock model (``bert.*``, ``dropout``, ``classifier``), minus the unused
+    pooler, so peft adapters, ``modules_to_save=("classifier",)`` and the gradient hooks work unchanged.
+    Built on first use so that importing this module does not import transformers.
+    """
+    from transformers import BertForSequenceClassification
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPoolingBertForSequenceClassification(BertForSequenceClassification):
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.bert.pooler = None  # mean pooling replaces it; its pretrained weights are not loaded
+
+        def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                    token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                    **kwargs: Any) -> SequenceClassifierOutput:
+            kwargs.pop("return_dict", None)
+            outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+            hidden = outputs.last_hidden_state                                   # (B, T, H)
+            if attention_mask is None:
+                mask = hidden.new_ones(hidden.shape[:2])
+            else:
+                mask = attention_mask.to(hidden.dtype)
+            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+            logits = self.classifier(self.dropout(pooled))                         # (B, num_labels)
+            loss = None
+            if labels is not None:
+                loss = torch.nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+            return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                            attentions=outputs.attentions)
+
+    return MeanPoolingBertForSequenceClassification
+
+
+def _load_base(model_dir: str | Path, num_labels: int, dtype: torch.dtype = torch.float32,
+               pooling: str = "pooler") -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers model")
     if not isinstance(num_labels, int) or num_labels < 2:
         raise DataInfError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    if pooling not in POOLINGS:
+        raise DataInfError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels, dtype=dtype)
+        if pooling == "mean":
+            config = AutoConfig.from_pretrained(str(model_dir), num_labels=num_labels)
+            if config.model_type != "bert":
+                raise DataInfError(f"pooling='mean' supports BERT-family encoders; {model_dir} is a "
+                                   f"{config.model_type!r} model: pass pooling='pooler' (its own head)")
+            model = _mean_pooling_class().from_pretrained(str(model_dir), config=config, dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels,
+                                                                       dtype=dtype)
     return model, tokenizer
 
 
 def load_classifier(
-    model_dir: str | Path, num_labels: int, lora: LoraSettings | None = None, seed: int = 0
+    model_dir: str | Path, num_labels: int, lora: LoraSettings | None = None, seed: int = 0,
+    pooling: str = "pooler",
 ) -> tuple[Any, Any]:
     """A pretrained encoder with a fresh ``num_labels``-way head, wrapped with LoRA adapters (peft).
+
+    ``pooling`` (see :data:`POOLINGS`): "mean" feeds the head the mean of the last hidden states over
+    non-padding tokens (how all-MiniLM-L6-v2 was trained; its BERT pooler never was), "pooler" the model's
+    stock sequence-classification head.
 
     Only the LoRA matrices and the modules in ``lora.modules_to_save`` are trainable. ``seed`` fixes the
     random initialisation of the head and of the LoRA A matrices. Returns (PeftModel, tokenizer).
@@ -125,7 +194,7 @@ def load_classifier(
     lora = lora or LoraSettings()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, tokenizer = _load_base(model_dir, num_labels)
+        model, tokenizer = _load_base(model_dir, num_labels, pooling=pooling)
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=lora.rank,
@@ -196,8 +265,14 @@ def train_epochs(
     batch_loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
     settings: TrainSettings,
     progress: bool = True,
+    lengths: Sequence[int] | None = None,
 ) -> dict:
     """The fine-tuning loop shared by the classifier and the causal LM; trains in place.
+
+    ``settings.head_learning_rate`` (if set) is the rate of the trainable parameters that are not LoRA
+    matrices (a ``modules_to_save`` head). With ``settings.length_buckets`` and ``lengths`` (one token count
+    per record), each epoch's shuffled order is cut into pools of 8 batches, each pool sorted by length and
+    cut into batches, and the epoch's batches shuffled: batches of similar length, little padding.
 
     AdamW on the trainable parameters with a linear warm-up (``settings.warmup_ratio`` of the steps) then a
     linear decay; ``settings.epochs`` passes over ``records``, reshuffled every epoch with ``settings.seed``.
@@ -209,12 +284,21 @@ def train_epochs(
 
     if len(records) == 0:
         raise DataInfError("no training records; pass at least one")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise DataInfError("the model has no trainable parameters; load it with load_classifier or load_causal_lm")
+    if lengths is not None and len(lengths) != len(records):
+        raise DataInfError(f"lengths has {len(lengths)} entries for {len(records)} records")
     steps_per_epoch = math.ceil(len(records) / settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if settings.head_learning_rate is not None:
+        head = [p for name, p in named if "lora_" not in name]
+        groups = [{"params": [p for name, p in named if "lora_" in name]},
+                  {"params": head, "lr": settings.head_learning_rate}]
+        groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(settings.warmup_ratio * total_steps), total_steps
     )
@@ -231,8 +315,17 @@ def train_epochs(
         for _ in range(settings.epochs):
             order = list(range(len(records)))
             rng.shuffle(order)
-            for first in range(0, len(order), settings.batch_size):
-                chunk = [records[i] for i in order[first : first + settings.batch_size]]
+            size = settings.batch_size
+            if settings.length_buckets and lengths is not None:
+                batches = []
+                for p0 in range(0, len(order), 8 * size):
+                    pool = sorted(order[p0 : p0 + 8 * size], key=lambda i: lengths[i])
+                    batches.extend(pool[b : b + size] for b in range(0, len(pool), size))
+                rng.shuffle(batches)
+            else:
+                batches = [order[b : b + size] for b in range(0, len(order), size)]
+            for indices in batches:
+                chunk = [records[i] for i in indices]
                 batch = {k: v.to(device) for k, v in make_batch(chunk).items()}
                 loss = batch_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -265,8 +358,12 @@ def finetune_classifier(
     if len(records) == 0:
         raise DataInfError("no training records; pass at least one")
     _check_labels(records, model.config.num_labels)
+    lengths = None
+    if settings.length_buckets:
+        lengths = [len(ids) for ids in tokenizer([r["text"] for r in records], truncation=True,
+                                                 max_length=settings.max_length)["input_ids"]]
     return train_epochs(model, records, lambda chunk: encode(tokenizer, chunk, settings.max_length),
-                        lambda m, batch: m(**batch).loss, settings, progress)
+                        lambda m, batch: m(**batch).loss, settings, progress, lengths=lengths)
 
 
 @torch.no_grad()
@@ -309,6 +406,9 @@ def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
         )
     adapter_dir = Path(adapter_dir)
     model.save_pretrained(str(adapter_dir))
+    base = model.get_base_model()
+    pooling = "mean" if type(base).__name__ == "MeanPoolingBertForSequenceClassification" else "pooler"
+    atomic.write_text(adapter_dir / HEAD_FILE, json.dumps({"pooling": pooling}) + "\n")
     return adapter_dir
 
 
@@ -326,7 +426,11 @@ def load_adapter(
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DataInfError(f"{adapter_dir} has no adapter_config.json; pass a folder written by save_adapter")
-    base, tokenizer = _load_base(model_dir, num_labels, dtype)
+    # the pooling the head was trained with; adapters written before datainf_head.json used the stock head
+    pooling = "pooler"
+    if (adapter_dir / HEAD_FILE).is_file():
+        pooling = json.loads((adapter_dir / HEAD_FILE).read_text()).get("pooling", "pooler")
+    base, tokenizer = _load_base(model_dir, num_labels, dtype, pooling=pooling)
     try:
         with _quiet_transformers():
             model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)

@@ -46,6 +46,12 @@ def grid_options(f):
         click.option("--lissa-iterations", type=int, default=100),
         click.option("--clean-baseline/--no-clean-baseline", default=True,
                      help="Also fine-tune each run on the clean labels, to record what the set-up learns."),
+        click.option("--pooling", type=click.Choice(["mean", "pooler"]), default="mean", show_default=True,
+                     help="What the head reads: the mean token state (how MiniLM was trained) or BERT's pooler."),
+        click.option("--head-lr", type=float, default=1e-2, show_default=True,
+                     help="Learning rate of the classifier head (the LoRA matrices use --lr)."),
+        click.option("--length-buckets/--no-length-buckets", default=True, show_default=True,
+                     help="Batches of similar token length (less padding)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -53,10 +59,12 @@ def grid_options(f):
 
 
 def base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations,
-                  clean_baseline: bool = False) -> MislabeledSettings:
+                  clean_baseline: bool = False, pooling: str = "pooler", head_lr: float | None = None,
+                  length_buckets: bool = False) -> MislabeledSettings:
     return MislabeledSettings(model_dir=model_dir, n_train=n_train, n_val=n_val, epochs=epochs, learning_rate=lr,
                               methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                              lissa_iterations=lissa_iterations, clean_baseline=clean_baseline)
+                              lissa_iterations=lissa_iterations, clean_baseline=clean_baseline, pooling=pooling,
+                              head_learning_rate=head_lr, length_buckets=length_buckets)
 
 
 def grid_command(name: str) -> click.Command:
@@ -66,9 +74,10 @@ def grid_command(name: str) -> click.Command:
     @grid_options
     @click.pass_context
     def command(ctx, out_dir, datasets, model_dir, ranks, seeds, targets, n_train, n_val, epochs, lr, methods,
-                lissa_iterations, clean_baseline):
+                lissa_iterations, clean_baseline, pooling, head_lr, length_buckets):
         progress = not ctx.find_root().params.get("quiet")
-        base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline)
+        base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline,
+                             pooling, head_lr, length_buckets)
         target_sets = [tuple(t.strip() for t in ts.split(",") if t.strip()) for ts in targets.split(";") if ts]
         runs = run_grid(base, [d for d in datasets.split(",") if d], ints(ranks), ints(seeds), out_dir,
                         target_sets=target_sets, progress=progress)
