@@ -17,7 +17,6 @@ import click
 
 from datainf.cli.common import device_option, model_dtype_option, parse_methods, setup
 from datainf.errors import DataInfError
-from datainf.estimators import method_names
 
 
 def _cut(text: str, width: int) -> str:
@@ -88,7 +87,8 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @click.option("--prompt", default=None, help="The prompt to explain (asked for with --interactive).")
 @click.option("--response", default=None, help="The response to explain; default: the model's own (generated).")
 @click.option("--system", default=None, help="A system turn before the prompt (chat stores), as in training.")
-@click.option("--method", "methods", default="datainf", help=f"Comma-separated: {', '.join(method_names())}.")
+@click.option("--method", "methods", default="datainf", help="Comma-separated method names (datainf, exact, ...: a name that is not registered is refused with "
+                   "the list of those that are).")
 @click.option("--k", type=click.IntRange(min=1), default=10, help="Examples shown per list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows (and settings) as JSON to this file.")

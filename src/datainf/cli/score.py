@@ -8,7 +8,6 @@ import click
 
 from datainf.cli.common import check_output, device_option, parse_methods, rank_device, setup
 from datainf.errors import DataInfError
-from datainf.estimators import method_names
 
 
 @click.command("score")
@@ -17,7 +16,8 @@ from datainf.estimators import method_names
 @click.option("--queries", "query_dir", type=click.Path(file_okay=False), default=None,
               help="Gradient store of the queries (e.g. the validation set).")
 @click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
-@click.option("--method", "methods", default="datainf", help=f"Comma-separated: {', '.join(method_names())}.")
+@click.option("--method", "methods", default="datainf", help="Comma-separated method names (datainf, exact, ...: a name that is not registered is refused with "
+                   "the list of those that are).")
 @click.option("--mean-query", is_flag=True,
               help="Score against the mean query gradient: influence on the average query loss.")
 @click.option("--normalize", is_flag=True,
