@@ -27,7 +27,13 @@ from datainf.data.collate import TextCollator
 from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
-from datainf.gradients import per_example_gradients, tracked_parameters
+from datainf.gradients import (
+    GradientDict,
+    ProjectionSettings,
+    per_example_gradients,
+    projection_layout,
+    tracked_parameters,
+)
 from datainf.ranking import top_examples
 from datainf.scoring import curvature_for, save_scores, score_store
 from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
@@ -121,6 +127,10 @@ class Attributor:
         params, group_lora: which parameters are blocks (see :func:`datainf.per_example_gradients`).
         device: where the model runs; default the model's device.
         progress: show progress bars.
+        projection: a :class:`datainf.gradients.ProjectionSettings` (``dim=k, seed=s``): every gradient, of
+            the training set and of the queries alike, is projected with the same fixed random matrices
+            inside the hooks (recorded in the store's manifest and task fingerprint; a store or queries made
+            with another projection are refused). Default None: full gradients.
     """
 
     def __init__(
@@ -139,6 +149,7 @@ class Attributor:
         group_lora: bool = False,
         device: str | torch.device | None = None,
         progress: bool = True,
+        projection: ProjectionSettings | None = None,
     ):
         if batch_size < 1 or chunk_size < 1:
             raise DataInfError("batch_size and chunk_size must be >= 1")
@@ -155,6 +166,9 @@ class Attributor:
         self.group_lora = group_lora
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.progress = progress
+        if projection is not None and not isinstance(projection, ProjectionSettings):
+            raise DataInfError(f"projection must be a ProjectionSettings(dim=k, seed=s), got {projection!r}")
+        self.projection = projection
         self._store: GradientStore | None = None
 
     # ---------------------------------------------------------------- gradients
@@ -167,12 +181,15 @@ class Attributor:
     def _task_fingerprint(self) -> str:
         collate = self._collate_settings()
         task = self.task if isinstance(self.task, str) else getattr(self.task, "__qualname__", "callable")
-        return fingerprint_task({"task": task, "collate": collate, "params": repr(self.params),
-                                 "group_lora": self.group_lora})
+        description = {"task": task, "collate": collate, "params": repr(self.params), "group_lora": self.group_lora}
+        if self.projection is not None:  # (unprojected stores keep the fingerprint they always had)
+            description["projection"] = self.projection.to_dict()
+        return fingerprint_task(description)
 
     def _batch_grads(self, records: Sequence[Any]) -> dict[str, Tensor]:
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in self.collate(records).items()}
-        grads = per_example_gradients(self.model, batch, self.task, params=self.params, group_lora=self.group_lora)
+        grads = per_example_gradients(self.model, batch, self.task, params=self.params, group_lora=self.group_lora,
+                                      projection=self.projection)
         return {k: v.detach().to("cpu") for k, v in grads.items()}  # float32 (float64 for a float64 model)
 
     def _block_shapes(self, first: Sequence[Any]) -> dict[str, tuple[int, ...]]:
@@ -181,11 +198,12 @@ class Attributor:
 
     def gradients(self, dataset: Any, desc: str = "query gradients") -> dict[str, Tensor]:
         """Per-example gradients of a (small) dataset in memory: block -> (n, *block_shape), float32 (float64
-        for a float64 model)."""
+        for a float64 model); projected with this Attributor's projection, which the returned
+        :class:`~datainf.gradients.GradientDict` remembers."""
         records = as_records(dataset)
         if len(records) == 0:
             raise DataInfError("the dataset is empty")
-        return self._grads_in_order(records, range(len(records)), desc=desc)
+        return GradientDict(self._grads_in_order(records, range(len(records)), desc=desc), projection=self.projection)
 
     def _grads_in_order(self, records: Sequence[Any], rows: range, desc: str | None = None,
                         bar: Any = None) -> dict[str, Tensor]:
@@ -226,6 +244,8 @@ class Attributor:
             meta={"task": self._task_name(), "task_fingerprint": fingerprints["task"], "blocks_tracked": len(blocks),
                   "collate": self._collate_settings()},
             records=plain_records(records), progress=self.progress,
+            projection=None if self.projection is None else projection_layout(
+                self.model, self.projection, params=self.params, group_lora=self.group_lora),
         )
         return self._store
 
@@ -250,6 +270,8 @@ class Attributor:
 
     def _query_gradients(self, queries: Any) -> GradientStore | dict[str, Tensor]:
         if isinstance(queries, GradientStore):
+            return queries
+        if isinstance(queries, GradientDict):
             return queries
         if isinstance(queries, Mapping) and queries and all(isinstance(v, Tensor) for v in queries.values()):
             return dict(queries)

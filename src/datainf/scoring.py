@@ -18,6 +18,7 @@ store's fingerprints and the fit's time (:func:`curvature_for`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -34,7 +35,7 @@ from datainf.distributed import distributed_score, is_main_process
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, curvature_from_gradients
-from datainf.store import GradientStore
+from datainf.store import GradientStore, projection_label
 from datainf.version import __version__
 
 SCORES_FORMAT = "datainf-scores"
@@ -55,6 +56,8 @@ def store_mismatch(train: GradientStore, queries: GradientStore) -> list[str]:
     """What differs between a training store and a query store that should be scored together: block names
     or shapes, and the model / adapter / task fingerprints. An empty list when they belong together."""
     problems = []
+    if _projection_key(train.projection) != _projection_key(queries.projection):
+        problems.append(f"projection ({projection_label(train.manifest)} vs {projection_label(queries.manifest)})")
     if train.block_names != queries.block_names:
         problems.append(f"blocks ({len(train.block_names)} vs {len(queries.block_names)} blocks, or other names)")
     else:
@@ -76,6 +79,9 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
     problems = store_mismatch(train, queries)
     if not problems:
         return []
+    if problems[0].startswith("projection"):  # scores across two projections mean nothing: always refused
+        raise DataInfError(f"query store {queries.path} was made with a different {problems[0]} than {train.path}; "
+                           "compute both with the same --project K and --project-seed")
     if problems[0].startswith(("blocks", "the shape")):
         raise DataInfError(f"query store {queries.path} holds other blocks than {train.path} ({problems[0]}); "
                            "make both with one model and adapter")
@@ -85,6 +91,33 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
             "with the same model, adapter and task, or pass --allow-mismatch to compare across checkpoints"
         )
     return problems
+
+
+def _projection_key(p: Mapping[str, Any] | None) -> tuple | None:
+    """What must agree between two projections: kind, dim, seed (block shapes are compared on their own)."""
+    return None if not p else (p.get("kind"), p.get("dim"), p.get("seed"))
+
+
+def check_queries(train: GradientStore, queries: Mapping[str, Tensor]) -> None:
+    """Refuse in-memory query gradients made with another projection than the training store: queries that
+    say how they were projected (``Attributor.gradients`` returns a ``GradientDict``) must say the same, and
+    unprojected queries (their blocks have the full shapes) are refused against a projected store."""
+    mine = train.projection
+    if hasattr(queries, "projection_dict"):
+        theirs = queries.projection_dict
+        if _projection_key(theirs) != _projection_key(mine):
+            raise DataInfError(
+                f"the queries were computed with projection {projection_label({'projection': theirs})} but store "
+                f"{train.path} with {projection_label(train.manifest)}; compute them with the same projection "
+                "(Attributor(..., projection=...) or datainf grads --project K --project-seed S)")
+    if mine:
+        full = {name: math.prod(b["full_shape"]) for name, b in mine.get("blocks", {}).items()}
+        for name, v in queries.items():
+            d = math.prod(tuple(v.shape)[1:])
+            if name in train.block_shapes and d != math.prod(train.block_shapes[name]) and d == full.get(name):
+                raise DataInfError(
+                    f"query block '{name}' holds full (unprojected) gradients but store {train.path} is projected "
+                    f"({projection_label(train.manifest)}); compute the queries with the same projection")
 
 
 def query_blocks(queries: GradientStore | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -204,6 +237,8 @@ def score_store(
     mismatch: list[str] = []
     if isinstance(queries, GradientStore):
         mismatch = check_pair(train, queries, allow_mismatch=allow_mismatch)
+    elif queries is not None:
+        check_queries(train, queries)
     fit_seconds = 0.0
     if get_method(arguments.method).needs_curvature and curvature is None:
         t0 = time.perf_counter()
@@ -318,6 +353,7 @@ __all__ = [
     "SCORES_FORMAT",
     "ScoresFile",
     "check_pair",
+    "check_queries",
     "curvature_for",
     "load_curvature",
     "load_factor_sums",

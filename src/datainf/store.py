@@ -5,7 +5,8 @@ so that scoring never recomputes them::
 
     STORE/
       manifest.json     format version, library version, blocks (names + shapes, in order), storage dtype,
-                        n_examples, chunk_size, fingerprints {model, adapter, task, dataset}, meta, complete
+                        n_examples, chunk_size, fingerprints {model, adapter, task, dataset}, meta, complete,
+                        and (projected stores only) projection {dim, seed, kind, blocks: {name: {shape, full_shape}}}
       chunks/00000/     one folder per chunk of examples: one ``bNNNN.npy`` per block (the chunk's rows,
                         flattened to (rows, d), in the storage dtype) and ``sq_norms.npy`` ((rows, n_blocks)
                         float64 squared norms of each example's gradient per block, from the float32 (float64) values)
@@ -293,6 +294,11 @@ class GradientStore:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete", False))
 
+    @property
+    def projection(self) -> dict[str, Any] | None:
+        """How the gradients were projected (dim, seed, kind, blocks), or None for full gradients."""
+        return self.manifest.get("projection")
+
     def __repr__(self) -> str:
         done = self.num_chunks - len(self.missing_chunks())
         return (
@@ -313,6 +319,7 @@ class GradientStore:
         chunk_size: int = 256,
         dtype: str = "float32",
         meta: Mapping[str, Any] | None = None,
+        projection: Mapping[str, Any] | None = None,
     ) -> GradientStore:
         """Create a store for writing, or reopen an existing one made with the same settings (resume).
 
@@ -325,6 +332,9 @@ class GradientStore:
             chunk_size: examples per chunk (the unit of writing and of resuming).
             dtype: storage dtype, "float32", "float16", "bfloat16" or "float64".
             meta: free JSON-serialisable information kept in the manifest (not compared on resume).
+            projection: how the gradients were projected (``datainf.gradients.projection_layout``: dim, seed,
+                kind and each block's full and projected shape), kept as the manifest's ``projection`` and
+                compared on resume; None (the default) for full gradients (no key is written).
         Returns:
             a writable store holding STORE/lock until :meth:`close` (or the end of a ``with`` block).
         """
@@ -353,6 +363,8 @@ class GradientStore:
                 "meta": dict(meta or {}),
                 "complete": False,
             }
+            if projection is not None:
+                wanted["projection"] = json.loads(json.dumps(dict(projection)))
             manifest_path = path / "manifest.json"
             if manifest_path.exists():
                 manifest = _read_manifest(path)
@@ -625,9 +637,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def projection_label(manifest: Mapping[str, Any] | None) -> str:
+    """A manifest's projection in words: "none" or "k=64, seed 0"."""
+    p = (manifest or {}).get("projection")
+    return "none" if not p else f"k={p.get('dim')}, seed {p.get('seed')}"
+
+
 def _compare(path: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
     """Refuse to resume a store made with different settings, naming the first item that differs."""
     hint = "use a new --store directory or delete it"
+    if old.get("projection") != new.get("projection"):
+        raise DataInfError(f"store {path} was made with a different projection ({projection_label(old)} != "
+                           f"{projection_label(new)}); {hint}")
     old_names = [b["name"] for b in old["blocks"]]
     new_names = [b["name"] for b in new["blocks"]]
     if old_names != new_names:

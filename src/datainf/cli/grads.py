@@ -39,15 +39,21 @@ from datainf.cli.common import (
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
               help="Storage dtype of the gradients.")
 @click.option("--max-length", type=click.IntRange(min=2), default=128, help="Token limit per example.")
+@click.option("--project", "project_dim", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Project every gradient inside the hooks with fixed seeded random matrices: each side of a "
+                   "module larger than K becomes K (LoRA A r x d_in -> r x K, B d_out x r -> K x r). Queries must "
+                   "use the same K and seed. Default: full gradients.")
+@click.option("--project-seed", type=click.IntRange(min=0), default=0, help="Seed of the projection matrices.")
 @model_dtype_option
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_path: str, store_dir: str, task: str,
             num_labels: int | None, batch_size: int, chunk_size: int, dtype: str, max_length: int,
-            model_dtype: str, device: str | None, **data: Any) -> None:
+            project_dim: int | None, project_seed: int, model_dtype: str, device: str | None, **data: Any) -> None:
     """Per-example gradients of a dataset into a gradient store (resumes an interrupted run)."""
     from datainf.attributor import Attributor
     from datainf.distributed import init_distributed, is_main_process
+    from datainf.gradients import ProjectionSettings
 
     check_output(store_dir, inputs={"model folder": model_dir, "adapter folder": adapter_dir})
     progress, device = setup(ctx, device)
@@ -57,8 +63,10 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
     collate = make_collator(tokenizer, task, max_length, **data)
     attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
-                            batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress)
+                            batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
+                            projection=None if project_dim is None else ProjectionSettings(project_dim, project_seed))
     store = attributor.fit(records)
     if is_main_process():
-        click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks, "
+        projected = f" (projected, k={project_dim}, seed {project_seed})" if project_dim is not None else ""
+        click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks{projected}, "
                    f"in {store_dir}")
