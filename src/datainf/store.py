@@ -33,6 +33,7 @@ import os
 import shutil
 import socket
 import uuid
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -181,6 +182,21 @@ class StoredBlock:
             t = t.view(torch.int16).view(torch.bfloat16)
         return t.to(self.dtype)
 
+    def _copy_rows(self, out: Tensor, array: np.ndarray) -> None:
+        """``out[:] = rows`` straight from the memory map: one pass that converts as it copies (no
+        intermediate copies, no fresh allocation), the streaming read's hot loop."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that the (read-only) map is not writable; we only read
+            t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.store.storage_dtype == "bfloat16":
+            t = t.view(torch.int16).view(torch.bfloat16)
+        out.copy_(t)
+
+    def sq_norms(self) -> Tensor:
+        """The stored squared norm of every example's gradient in this block, float64 (n,): computed when the
+        store was written from the float32 (float64) values, so scoring needs no pass over the rows for it."""
+        return self.store._sq_norms_table()[:, self.store.block_names.index(self.name)]
+
     def __getitem__(self, rows: slice | int | Tensor | np.ndarray | list[int]) -> Tensor:
         n, d = self.shape
         size = self.store.chunk_size
@@ -198,7 +214,7 @@ class StoredBlock:
             while pos < stop:
                 c = pos // size
                 end = min(stop, (c + 1) * size)
-                out[pos - start : end - start] = self._to_torch(self._chunk(c)[pos - c * size : end - c * size])
+                self._copy_rows(out[pos - start : end - start], self._chunk(c)[pos - c * size : end - c * size])
                 pos = end
             return out
         idx = rows.detach().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
@@ -604,6 +620,16 @@ class GradientStore:
         """Block ``name`` read into memory: (n_examples, *block_shape)."""
         b = self.block(name, dtype=dtype)
         return b[:].reshape(self.n_examples, *self.block_shapes[name])
+
+    def _sq_norms_table(self) -> Tensor:
+        """All blocks' squared norms as one float64 (n_examples, n_blocks) table, read once per store object
+        (complete stores only: the table of an unfinished store would go stale)."""
+        table = getattr(self, "_sq_table", None)
+        if table is None:
+            table = torch.stack(list(self.sq_norms().values()), dim=1)
+            if self.complete and not self._writable:
+                self._sq_table = table
+        return table
 
     def sq_norms(self) -> dict[str, Tensor]:
         """Squared gradient norm of every example per block, name -> float64 tensor (n_examples,), computed
