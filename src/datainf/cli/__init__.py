@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grads": ("datainf.cli.grads", "Per-example gradients of a dataset into a gradient store (resumes)."),
     "score": ("datainf.cli.score", "Scores of training examples against queries, or self-influence."),
     "explain": ("datainf.cli.explain", "Why did my model say this? One prompt against a training store."),
+    "store": ("datainf.cli.store", "Precondition a store once for one-pass queries, or describe a store."),
     "top": ("datainf.cli.top", "The top-k helpful and harmful training examples per query, as JSONL or CSV."),
     "report": ("datainf.cli.report", "A self-contained HTML report from a scores file."),
     "experiment": ("datainf.cli.experiment", "The paper's experiments (see docs/results.md)."),
