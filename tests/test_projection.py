@@ -356,3 +356,58 @@ def test_cli_grads_project_and_score(tmp_path, tiny_bert_dir, capsys):
 def test_gradient_dict_keeps_its_projection():
     d = GradientDict({"a": torch.zeros(2, 3)}, projection=ProjectionSettings(4, 1))
     assert d.projection_dict == {"dim": 4, "seed": 1, "kind": "gaussian-kronecker"} and dict(d).keys() == {"a"}
+
+
+# ------------------------------------------------------------------------------------------------ explain
+from test_cli_llm import chat_model_dir, flow  # noqa: E402,F401  (the tiny chat Llama, its adapter and data)
+
+
+def test_explain_projects_its_query_as_the_store_was_made(flow, chat_model_dir, tmp_path, capsys):  # noqa: F811
+    """`datainf explain` against a projected store projects the query with the store's matrices (its scores
+    equal the library's on projected gradients), and against that store preconditioned once for ekfac gives
+    the same answer in one pass."""
+    from datainf.attributor import Attributor
+    from datainf.cli import main
+    from datainf.data.collate import TextCollator
+    from datainf.models.llm import load_causal_lm_adapter
+
+    root, data, records = flow
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as e:
+            main(["--quiet", *argv])
+        return e.value.code, capsys.readouterr()
+
+    store = tmp_path / "projected"
+    code, out = run("grads", "--task", "causal_lm", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"),
+                    "--data", str(data), "--store", str(store), "--dtype", "float64", "--model-dtype", "float64",
+                    "--project", "8", "--project-seed", "3")
+    assert code == 0, out.err
+    code, out = run("store", "precondition", "--method", "ekfac", str(store), str(tmp_path / "pre"))
+    assert code == 0, out.err
+    prompt, response = "the old fox finds the book", "book the finds fox old the"
+    answers = {}
+    for name, method in (("projected", "datainf"), ("projected", "ekfac"), ("pre", "ekfac")):
+        target = tmp_path / f"{name}-{method}.json"
+        code, out = run("explain", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"), "--store",
+                        str(tmp_path / name), "--prompt", prompt, "--response", response, "--method", method,
+                        "--k", "3", "--json", str(target), "--model-dtype", "float64")
+        assert code == 0, out.err
+        answers[name, method] = json.loads(target.read_text())["answers"][0]["rows"]
+    # independent: the query's projected gradient from the library (float64 model), scored in memory
+    model, tok = load_causal_lm_adapter(chat_model_dir, root / "adapter", dtype=torch.float64)
+    att = Attributor(model, task="causal_lm", store=store, collate=TextCollator(tok, task="causal_lm"),
+                     progress=False, projection=ProjectionSettings(dim=8, seed=3))
+    qgrads = att.gradients([{"prompt": prompt, "response": response}] if "prompt" in (att.store.records() or [{}])[0]
+                           else [{"messages": [{"role": "user", "content": prompt},
+                                               {"role": "assistant", "content": response}]}])
+    scores = datainf.influence(att.store.blocks(), dict(qgrads), "datainf")[:, 0]
+    rows = [r for r in answers["projected", "datainf"] if r["kind"] == "helpful"]
+    assert [r["train_index"] for r in rows] == torch.argsort(scores)[:3].tolist()
+    for r in rows:
+        assert r["score"] == pytest.approx(float(scores[r["train_index"]]), rel=1e-9, abs=1e-300)
+    direct = {(r["kind"], r["rank"]): (r["train_index"], r["score"]) for r in answers["projected", "ekfac"]}
+    fast = {(r["kind"], r["rank"]): (r["train_index"], r["score"]) for r in answers["pre", "ekfac"]}
+    assert direct.keys() == fast.keys()
+    for key, (index, score) in direct.items():
+        assert fast[key][0] == index and fast[key][1] == pytest.approx(score, rel=1e-9)
