@@ -391,13 +391,16 @@ def test_finalize_and_open_incomplete(tmp_path):
 def test_slices_read_only_the_chunks_they_need_through_memory_maps(tmp_path, monkeypatch):
     store = fill(tmp_path / "s", make_grads(40), chunk_size=8)
     calls = []
-    real_load = np.load
+    import datainf.store as store_module
 
-    def spy(file, *args, **kwargs):
-        calls.append((Path(file).parent.name, Path(file).name, kwargs.get("mmap_mode")))
-        return real_load(file, *args, **kwargs)
+    real_map = store_module._map_npy
 
-    monkeypatch.setattr("datainf.store.np.load", spy)
+    def spy(file, *args, **kwargs):  # every memory map the reads make (np.load is only the fallback)
+        mapped = real_map(file, *args, **kwargs)
+        calls.append((Path(file).parent.name, Path(file).name, "r" if mapped is not None else None))
+        return mapped
+
+    monkeypatch.setattr("datainf.store._map_npy", spy)
     store.block("lora_B")[14:18]
     assert calls == [("00001", "b0001.npy", "r"), ("00002", "b0001.npy", "r")]
     calls.clear()

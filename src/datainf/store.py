@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import socket
@@ -71,6 +72,28 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     """One block of a chunk (flushed to disk by the chunk's atomic.new_directory(fsync=True))."""
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
+
+
+def _map_npy(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+    """Memory-map a .npy file this store wrote, when its header says exactly what we expect (version 1.0,
+    C order, ``dtype``, ``shape``, data to the end of the file); None otherwise (the caller uses np.load).
+    np.load parses the header with ast and builds an np.memmap, ~0.5 ms per file: at 10^4-10^5 chunk files
+    per pass that costs more than reading them."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+        if len(head) < 10 or head[:8] != b"\x93NUMPY\x01\x00":
+            return None
+        length = int.from_bytes(head[8:10], "little")
+        header = f.read(length).decode("latin1")
+        offset = 10 + length
+        size = os.fstat(f.fileno()).st_size
+        expected = f"'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({shape[0]}, {shape[1]}), }}"
+        if not header.startswith("{" + expected) or size - offset != shape[0] * shape[1] * dtype.itemsize:
+            return None
+        if size == offset:
+            return np.empty(shape, dtype=dtype)
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(buffer, dtype=dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -174,7 +197,9 @@ class StoredBlock:
                 f"chunk {index} (examples {rows.start}..{rows.stop - 1}) of store {self.store.path} is not "
                 "written yet; finish computing the store (rerun the same command to resume)"
             )
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        mapped = _map_npy(path, (len(self.store.chunk_rows(index)), self.shape[1]),
+                          np.dtype(_NUMPY_STORAGE[self.store.storage_dtype]))
+        return mapped if mapped is not None else np.load(path, mmap_mode="r", allow_pickle=False)
 
     def _to_torch(self, array: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.array(array))  # copies only the requested rows out of the memory map
