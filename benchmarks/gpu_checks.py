@@ -9,9 +9,16 @@
 2. gradients: per-example gradients on ``--device`` of the real MiniLM classifier and SmolLM2 causal LM
    (both offline assets) against a loop of single-example backward calls on the same device; then the
    model in bfloat16 against the float32 result (cosine similarity per example and block).
-3. timings (printed as ratios measured in the same process): datainf / identity (one matmul pass is the
+3. projection: per-example gradients projected inside the hooks (``ProjectionSettings``, k = 16) on
+   ``--device`` in float32 against an explicit projection of float64 CPU gradients (a single-example
+   backward loop on a float64 copy of the model): the projected path on the device, independently checked.
+4. stores: float32, float16 and bfloat16 gradient stores (projected SmolLM2 block shapes) scored on
+   ``--device`` (rows streamed from the store to the device chunk by chunk) against float64 CPU scores of
+   the same stored values, for datainf, exact, identity and ekfac.
+5. timings (printed as ratios measured in the same process): datainf / identity (one matmul pass is the
    floor; datainf needs three), exact's time; per-example gradients against a plain batched
-   forward + backward (target <= 1.5x) and against the batch-size-1 loop (target >= 5x).
+   forward + backward (target <= 1.5x) and against the batch-size-1 loop (target >= 5x); the projected
+   gradient pass against the unprojected one; a float16 store scored on the device (GB/s of stored bytes).
 
 Writes ``gpu_checks.json`` into ``--out`` and prints a summary; exits 1 when a correctness check misses its
 tolerance (the timings never fail the run).
@@ -142,6 +149,107 @@ def check_gradients(device: torch.device, quick: bool, models: list[str]) -> dic
     return out
 
 
+PROJECTION_DIM = 16
+STORE_METHODS = ("datainf", "exact", "identity", "ekfac")
+
+
+def _loop_grads64(model: torch.nn.Module, batch: dict, task: str) -> dict[str, torch.Tensor]:
+    """float64 per-example gradients of a float64 CPU model by one backward call per unpadded example."""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    fn = bg.resolve_task(task)
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k, _ in named}
+    for i in range(batch["input_ids"].shape[0]):
+        grads = torch.autograd.grad(fn(model, bg.one_example(batch, i)).sum(), [p for _, p in named])
+        for (k, _), gr in zip(named, grads):
+            rows[k].append(gr.detach())
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def check_projection(device: torch.device, quick: bool, models: list[str]) -> dict[str, Any]:
+    """Projected per-example gradients on the device (float32) against the float64 CPU reference: the loop's
+    full gradients of a float64 copy of the model, projected explicitly with the same matrices."""
+    import copy
+
+    from datainf.gradients import ProjectionSettings, project_gradient
+
+    projection = ProjectionSettings(dim=PROJECTION_DIM, seed=0)
+    out: dict[str, Any] = {"dim": PROJECTION_DIM}
+    batch_size = 4 if quick else 8
+    for name in models:
+        model, batches, task = {"minilm": bg._minilm, "smollm2": bg._smollm2}[name](batch_size, 1)
+        model.eval()
+        reference_model = copy.deepcopy(model).double()
+        batch = batches[0]
+        full = _loop_grads64(reference_model, batch, task)
+        expected = {k: project_gradient(k, g, projection) for k, g in full.items()}
+        del reference_model
+        model.to(device)
+        got = per_example_gradients(model, {k: v.to(device) for k, v in batch.items()}, task, projection=projection)
+        scale = torch.stack([e.flatten(1).abs().max(dim=1).values for e in expected.values()]).max(dim=0).values
+        worst = max(float(((got[k].double().cpu() - e).flatten(1).abs().max(dim=1).values
+                           / scale.clamp_min(1e-30)).max()) for k, e in expected.items())
+        shapes_ok = all(tuple(got[k].shape) == tuple(e.shape) for k, e in expected.items())
+        out[name] = {"task": task, "blocks": len(expected), "max_rel_error_vs_float64": worst,
+                     "numbers_per_example": sum(e[0].numel() for e in expected.values()),
+                     "ok": worst <= 1e-3 and shapes_ok}
+        model.to("cpu")
+    return out
+
+
+def _store_blocks(quick: bool) -> dict[str, tuple[int, ...]]:
+    """SmolLM2's LoRA blocks (r=8, q_proj/v_proj), projected to k=64: A 8 x 64, B 64 x 8."""
+    layers = 1 if quick else 4
+    return {f"l{i}.{p}.{ab}": ((8, 64) if ab == "A" else (64, 8)) for i in range(layers) for p in ("q", "v")
+            for ab in ("A", "B")}
+
+
+def check_stores(device: torch.device, quick: bool, folder: Path) -> dict[str, Any]:
+    """float32 / float16 / bfloat16 stores scored on the device against float64 CPU scores of the stored values."""
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    shapes = _store_blocks(quick)
+    n, m = (300, 4) if quick else (4000, 16)
+    flat = [(a * b) for a, b in shapes.values()]
+    train, query = _blocks(n, m, [(1, d) for d in flat], seed=2)
+    train = {name: t.reshape(n, *shapes[name]) * 1e-2 for name, t in zip(shapes, train.values())}
+    query = {name: t.reshape(m, *shapes[name]) * 1e-2 for name, t in zip(shapes, query.values())}
+    out: dict[str, Any] = {"n_train": n, "n_query": m, "blocks": len(shapes), "dtypes": {}}
+    for dtype in ("float32", "float16", "bfloat16"):
+        path = folder / f"store-{dtype}"
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        with GradientStore.create(path, blocks=shapes, n_examples=n, fingerprints={"model": "gpu-check"},
+                                  chunk_size=max(n // 4, 1), dtype=dtype) as store:
+            for c in range(store.num_chunks):
+                rows = store.chunk_rows(c)
+                store.write_chunk(c, {k: v[rows.start : rows.stop].float() for k, v in train.items()})
+            store.finalize()
+        store = GradientStore.open(path)
+        stored = {k: store.load(k, dtype=torch.float64) for k in shapes}  # the rounded values, in float64
+        res = {}
+        for method in STORE_METHODS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                extra = {}
+                if method == "ekfac":
+                    from datainf.estimators.kfac import curvature_from_gradients
+
+                    extra["factors"] = curvature_from_gradients(stored)
+                ref = datainf.influence(stored, {k: v.double() for k, v in query.items()}, method,
+                                        dtype=torch.float64, **extra)
+                got = score_store(store, {k: v.float() for k, v in query.items()},
+                                  ScoreArguments(method=method, device=str(device), dtype="float32")).scores
+            got = got.double().cpu()
+            rel = float((got - ref).abs().max() / ref.abs().max())
+            res[method] = {"max_rel_error": rel, "ok": rel <= TOLERANCE[dtype]}
+        out["dtypes"][dtype] = res
+    return out
+
+
 def _time(fn, device: torch.device, repeats: int = 2) -> float:
     fn()  # warm-up
     best = float("inf")
@@ -169,6 +277,52 @@ def timings(device: torch.device, quick: bool, models: list[str]) -> dict[str, A
     for name in models:
         model, batches, task = {"minilm": bg._minilm, "smollm2": bg._smollm2}[name](batch_size, 2)
         out[name] = {"batch_size": batch_size, **_time_gradients(model, batches, task, device)}
+        out[name]["projection"] = _time_projection(model, batches, task, device)
+    out["store_scoring"] = _time_store_scoring(device, quick)
+    return out
+
+
+def _time_projection(model: torch.nn.Module, batches: list[dict], task: str, device: torch.device) -> dict:
+    """The hooks with and without a k = 64 projection (same model, same batches)."""
+    from datainf.gradients import ProjectionSettings
+
+    projection = ProjectionSettings(dim=64, seed=0)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    t_full = _time(lambda: [per_example_gradients(model, b, task) for b in batches], device)
+    t_proj = _time(lambda: [per_example_gradients(model, b, task, projection=projection) for b in batches], device)
+    return {"full_s": t_full, "projected_s": t_proj, "projected_over_full": t_proj / t_full}
+
+
+def _time_store_scoring(device: torch.device, quick: bool) -> dict:
+    """A float16 store of projected SmolLM2 blocks scored on the device: seconds and stored GB/s, 1 and 100
+    queries (rows read from the page cache, streamed to the device chunk by chunk)."""
+    import tempfile
+
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    shapes = {f"l{i}.{p}.{ab}": ((8, 64) if ab == "A" else (64, 8)) for i in range(30) for p in ("q", "v")
+              for ab in ("A", "B")}
+    n = 2000 if quick else 50_000
+    out = {"n_train": n, "blocks": len(shapes)}
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = torch.Generator().manual_seed(0)
+        with GradientStore.create(Path(tmp) / "s", blocks=shapes, n_examples=n, fingerprints={"model": "t"},
+                                  chunk_size=2048, dtype="float16") as store:
+            for c in range(store.num_chunks):
+                rows = len(store.chunk_rows(c))
+                store.write_chunk(c, {k: torch.randn(rows, *s, generator=gen) * 1e-2 for k, s in shapes.items()})
+            store.finalize()
+        store = GradientStore.open(Path(tmp) / "s")
+        size = sum(p.stat().st_size for p in (Path(tmp) / "s" / "chunks").rglob("*.npy"))
+        for m in (1, 100):
+            queries = {k: torch.randn(m, *s, generator=gen) * 1e-2 for k, s in shapes.items()}
+            for method in ("identity", "datainf"):
+                args = ScoreArguments(method=method, device=str(device), chunk_size=8192)
+                seconds = _time(lambda q=queries, a=args: score_store(store, q, a), device, repeats=1)
+                out[f"{method}_{m}q_s"] = seconds
+                out[f"{method}_{m}q_gb_s"] = size / seconds / 1e9
     return out
 
 
@@ -197,11 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result["estimators"] = check_estimators(device, args.quick)
     result["gradients"] = check_gradients(device, args.quick, models)
+    result["projection"] = check_projection(device, args.quick, models)
+    result["stores"] = check_stores(device, args.quick, Path(args.out))
     if not args.skip_timings:
         result["timings"] = timings(device, args.quick, models)
     result["seconds"] = time.perf_counter() - t0
     failed = [f"estimator {m} {d}" for m, r in result["estimators"]["methods"].items() for d, e in r.items()
               if not e["ok"]] + [f"gradients {k}" for k, e in result["gradients"].items() if not e["ok"]]
+    failed += [f"projection {k}" for k, e in result["projection"].items() if isinstance(e, dict) and not e["ok"]]
+    failed += [f"store {d} {m}" for d, r in result["stores"]["dtypes"].items() for m, e in r.items() if not e["ok"]]
     result["failed"] = failed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,12 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     for k, e in result["gradients"].items():
         bf16 = e.get("bfloat16_error") or f"bf16 cosine min {e['bfloat16_min_cosine']:.4f}"
         print(f"  grads {k:<8} rel err vs loop {e['max_rel_error_vs_loop']:.1e}; {bf16}")
+    for k in models:
+        e = result["projection"][k]
+        print(f"  projected grads {k:<8} (k={PROJECTION_DIM}) rel err vs float64 CPU {e['max_rel_error_vs_float64']:.1e}")
+    for d, r in result["stores"]["dtypes"].items():
+        print(f"  {d:<8} store " + "  ".join(f"{m}: {e['max_rel_error']:.1e}" for m, e in r.items()))
     if "timings" in result:
         t = result["timings"]
         print(f"  datainf / identity = {t['estimators']['datainf_over_identity']:.2f}x "
               f"({t['estimators']['seconds']})")
         for k in models:
-            print(f"  {k}: ours / floor = {t[k]['ours_over_floor']:.2f}x, loop / ours = {t[k]['loop_over_ours']:.1f}x")
+            print(f"  {k}: ours / floor = {t[k]['ours_over_floor']:.2f}x, loop / ours = {t[k]['loop_over_ours']:.1f}x, "
+                  f"projected (k=64) / full = {t[k]['projection']['projected_over_full']:.2f}x")
+        st = t["store_scoring"]
+        print(f"  float16 store, {st['n_train']} x {st['blocks']} blocks: identity 1 query {st['identity_1q_gb_s']:.2f} "
+              f"GB/s, datainf 100 queries {st['datainf_100q_s']:.2f} s")
     print("FAILED: " + "; ".join(failed) if failed else "all correctness checks passed")
     return 1 if failed else 0
 

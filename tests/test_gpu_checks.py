@@ -21,3 +21,7 @@ def test_gpu_checks_pass_on_cpu(tmp_path):
     # float32 model: hooks vs loop within the float32 bound of tests/reference.py (FLOAT32_TOL); a leaked
     # padding position or a missed module call is O(1e-2) or more
     assert grads["max_rel_error_vs_loop"] < FLOAT32_TOL and grads["bfloat16_min_cosine"] > 0.9
+    # the projected path: float32 hooks against float64 CPU gradients projected explicitly (same bound)
+    assert result["projection"]["minilm"]["max_rel_error_vs_float64"] < FLOAT32_TOL
+    assert set(result["stores"]["dtypes"]) == {"float32", "float16", "bfloat16"}
+    assert all(e["ok"] for r in result["stores"]["dtypes"].values() for e in r.values())

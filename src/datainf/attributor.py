@@ -28,7 +28,13 @@ from datainf.data.collate import TextCollator
 from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError, NonFiniteError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
-from datainf.gradients import per_example_gradients, tracked_parameters
+from datainf.gradients import (
+    GradientDict,
+    ProjectionSettings,
+    per_example_gradients,
+    projection_layout,
+    tracked_parameters,
+)
 from datainf.ranking import top_examples
 from datainf.scoring import curvature_for, save_scores, score_store
 from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
@@ -140,6 +146,10 @@ class Attributor:
         skip_nonfinite: drop the training examples whose loss is NaN or infinite (found by one extra forward
             pass before the store is laid out; recorded in the manifest) instead of refusing them. Without it,
             such an example stops :meth:`fit` with its index.
+        projection: a :class:`datainf.gradients.ProjectionSettings` (``dim=k, seed=s``): every gradient, of
+            the training set and of the queries alike, is projected with the same fixed random matrices
+            inside the hooks (recorded in the store's manifest and task fingerprint; a store or queries made
+            with another projection are refused). Default None: full gradients.
     """
 
     def __init__(
@@ -160,6 +170,7 @@ class Attributor:
         progress: bool = True,
         label_names: Sequence[str] | None = None,
         skip_nonfinite: bool = False,
+        projection: ProjectionSettings | None = None,
     ):
         if batch_size < 1 or chunk_size < 1:
             raise DataInfError("batch_size and chunk_size must be >= 1")
@@ -178,6 +189,9 @@ class Attributor:
         self.progress = progress
         self.label_names = list(label_names) if label_names is not None else None
         self.skip_nonfinite = bool(skip_nonfinite)
+        if projection is not None and not isinstance(projection, ProjectionSettings):
+            raise DataInfError(f"projection must be a ProjectionSettings(dim=k, seed=s), got {projection!r}")
+        self.projection = projection
         self._store: GradientStore | None = None
 
     # ---------------------------------------------------------------- gradients
@@ -190,12 +204,15 @@ class Attributor:
     def _task_fingerprint(self) -> str:
         collate = self._collate_settings()
         task = self.task if isinstance(self.task, str) else getattr(self.task, "__qualname__", "callable")
-        return fingerprint_task({"task": task, "collate": collate, "params": repr(self.params),
-                                 "group_lora": self.group_lora})
+        description = {"task": task, "collate": collate, "params": repr(self.params), "group_lora": self.group_lora}
+        if self.projection is not None:  # (unprojected stores keep the fingerprint they always had)
+            description["projection"] = self.projection.to_dict()
+        return fingerprint_task(description)
 
     def _batch_grads(self, records: Sequence[Any]) -> dict[str, Tensor]:
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in self.collate(records).items()}
-        grads = per_example_gradients(self.model, batch, self.task, params=self.params, group_lora=self.group_lora)
+        grads = per_example_gradients(self.model, batch, self.task, params=self.params, group_lora=self.group_lora,
+                                      projection=self.projection)
         return {k: v.detach().to("cpu") for k, v in grads.items()}  # float32 (float64 for a float64 model)
 
     def _block_shapes(self, first: Sequence[Any]) -> dict[str, tuple[int, ...]]:
@@ -204,12 +221,13 @@ class Attributor:
 
     def gradients(self, dataset: Any, desc: str = "query gradients") -> dict[str, Tensor]:
         """Per-example gradients of a (small) dataset in memory: block -> (n, *block_shape), float32 (float64
-        for a float64 model)."""
+        for a float64 model); projected with this Attributor's projection, which the returned
+        :class:`~datainf.gradients.GradientDict` remembers."""
         records = as_records(dataset)
         if len(records) == 0:
             raise DataInfError("the dataset is empty")
         self._check_labels(records, "query")
-        return self._grads_in_order(records, range(len(records)), desc=desc)
+        return GradientDict(self._grads_in_order(records, range(len(records)), desc=desc), projection=self.projection)
 
     def _num_labels(self) -> int | None:
         n = getattr(getattr(self.model, "config", None), "num_labels", None)
@@ -327,6 +345,8 @@ class Attributor:
             compute_chunk=lambda rows, bar: self._grads_in_order(records, rows, bar=bar, source=source),
             chunk_size=self.chunk_size, dtype=self.store_dtype, meta=meta,
             records=plain_records(records), progress=self.progress,
+            projection=None if self.projection is None else projection_layout(
+                self.model, self.projection, params=self.params, group_lora=self.group_lora),
         )
         return self._store
 
@@ -351,6 +371,8 @@ class Attributor:
 
     def _query_gradients(self, queries: Any) -> GradientStore | dict[str, Tensor]:
         if isinstance(queries, GradientStore):
+            return queries
+        if isinstance(queries, GradientDict):
             return queries
         if isinstance(queries, Mapping) and queries and all(isinstance(v, Tensor) for v in queries.values()):
             return dict(queries)

@@ -164,6 +164,7 @@ def write_store(
     records: Sequence[Mapping[str, Any]] | None = None,
     progress: bool = False,
     group: Any = None,
+    projection: Mapping[str, Any] | None = None,
 ) -> GradientStore:
     """Fill a gradient store with every rank of the process group writing its share of the missing chunks.
 
@@ -178,6 +179,7 @@ def write_store(
             keeps none.
         progress: show a progress bar (in examples) on rank 0: its own chunks, after those already stored.
         group: the process group (default: the world).
+        projection: the projection record of a projected store (see :meth:`GradientStore.create`).
     Returns:
         the finished store, opened read-only, on every rank.
 
@@ -192,7 +194,7 @@ def write_store(
     if rank == 0:
         try:
             store = GradientStore.create(path, blocks=blocks, n_examples=n_examples, fingerprints=fingerprints,
-                                         chunk_size=chunk_size, dtype=dtype, meta=meta)
+                                         chunk_size=chunk_size, dtype=dtype, meta=meta, projection=projection)
         except BaseException as e:  # shared with the other ranks below, then re-raised
             error = e
     try:

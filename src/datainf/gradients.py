@@ -14,11 +14,21 @@ module that folds the batch into another dimension, ...) falls back to the slow 
 Fallback: tracked parameters the fast path does not cover (an embedding LoRA, a raw ``nn.Parameter``, a
 GPT-2 ``Conv1D``) get a loop of single-example forward/backward calls, for those parameters only. The
 choice is logged once (logger ``"datainf.gradients"``, level INFO).
+
+Projection (``projection=ProjectionSettings(dim=k, seed=s)``): each side of a tracked module whose dimension
+exceeds k is multiplied by a fixed random matrix ``P`` (size x k, Gaussian / sqrt(k), drawn from the seed and
+the module's name) BEFORE the per-example outer product: the weight gradient ``sum_t g_t x_t^T`` becomes
+``P_out^T (sum_t g_t x_t^T) P_in = sum_t (P_out^T g_t)(P_in^T x_t)^T`` (a Kronecker-structured projection, as
+LoGra does), so the full-size per-example gradient is never formed. For a LoRA A (r x d_in) only d_in is
+projected, for a B (d_out x r) only d_out, for a full matrix both, for a bias its out side. Parameters on the
+single-example fallback path are projected after the fact by the same matrices.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +50,132 @@ _NO_TRAINABLE = ("no trainable parameters and no LoRA adapter: load a PEFT model
                  "(PeftModel.from_pretrained(base, adapter_folder))")
 _LORA_NAME = re.compile(r"^(?P<module>.*)\.lora_[A-Za-z_]+\.(?P<adapter>[^.]+)(\.[^.]+)?$")
 _reported_fallbacks: set[tuple[str, ...]] = set()
+
+
+@dataclass(frozen=True)
+class ProjectionSettings:
+    """Random projection of the per-example gradients inside the hooks (see the module docstring).
+
+    dim: k, the size every side larger than k is projected to (a LoRA A r x d_in becomes r x k, a B
+        d_out x r becomes k x r, a full matrix k x k, a bias k).
+    seed: the matrices are drawn from this seed and each module's name (and side and size), so every
+        process, call and Attributor with the same settings gets the same matrices.
+    """
+
+    dim: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise DataInfError(f"projection dim must be an integer >= 1, got {self.dim!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DataInfError(f"projection seed must be an integer >= 0, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a store's manifest and task fingerprint record."""
+        return {"dim": self.dim, "seed": self.seed, "kind": PROJECTION_KIND}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> ProjectionSettings | None:
+        """The settings a manifest recorded (None for an unprojected store)."""
+        if not data:
+            return None
+        if data.get("kind", PROJECTION_KIND) != PROJECTION_KIND:
+            raise DataInfError(f"unknown projection kind {data.get('kind')!r}; this library makes {PROJECTION_KIND!r}")
+        return cls(dim=int(data["dim"]), seed=int(data["seed"]))
+
+    def projects(self, size: int) -> bool:
+        """Whether a side of this size is projected (only sides larger than dim are)."""
+        return size > self.dim
+
+    def matrix(self, module: str, side: str, size: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> Tensor:
+        """The (size, dim) matrix of one module's side ("in" or "out"): N(0, 1/dim) entries drawn in float64 on
+        the CPU from a generator seeded by sha256(seed, module, side, size, dim), then cast."""
+        key = (self.dim, self.seed, module, side, int(size), dtype, str(device))
+        cached = _MATRICES.get(key)
+        if cached is not None:
+            return cached
+        base = (self.dim, self.seed, module, side, int(size), torch.float64, "cpu")
+        full = _MATRICES.get(base)
+        if full is None:
+            digest = hashlib.sha256(f"datainf-projection|{self.seed}|{module}|{side}|{size}|{self.dim}".encode())
+            generator = torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
+            full = torch.randn(int(size), self.dim, generator=generator, dtype=torch.float64) / math.sqrt(self.dim)
+            _remember(base, full)
+        out = full.to(device=device, dtype=dtype)
+        _remember(key, out)
+        return out
+
+
+#: the projection scheme this library draws (recorded in manifests, so another scheme is refused)
+PROJECTION_KIND = "gaussian-kronecker"
+_MATRICES: dict[tuple, Tensor] = {}
+_MAX_MATRICES = 4096
+
+
+def _remember(key: tuple, value: Tensor) -> None:
+    if len(_MATRICES) >= _MAX_MATRICES:
+        _MATRICES.clear()
+    _MATRICES[key] = value
+
+
+def module_key(name: str) -> str:
+    """The module a parameter belongs to ("a.b.weight" -> "a.b"); a raw parameter is its own module."""
+    head, _, last = name.rpartition(".")
+    return head if head and last in ("weight", "bias") else name
+
+
+def projected_shape(shape: Sequence[int], projection: ProjectionSettings | None) -> tuple[int, ...]:
+    """The per-example shape of a parameter's projected gradient: (out,) -> (k or out,); (out, in, ...) ->
+    (k or out, k or prod(in, ...)); unchanged when no side is larger than k."""
+    shape = tuple(int(s) for s in shape)
+    if projection is None or not shape:
+        return shape
+    out, rest = shape[0], math.prod(shape[1:])
+    if len(shape) == 1:
+        return (projection.dim,) if projection.projects(out) else shape
+    if not (projection.projects(out) or projection.projects(rest)):
+        return shape
+    return (projection.dim if projection.projects(out) else out, projection.dim if projection.projects(rest) else rest)
+
+
+def project_gradient(name: str, grad: Tensor, projection: ProjectionSettings | None, *,
+                     batched: bool = True) -> Tensor:
+    """A full gradient (B, *shape) (or (*shape) with ``batched=False``) of parameter ``name`` projected by the
+    module's matrices: ``P_out^T G P_in`` (sides of size <= k untouched), shape (B, *projected_shape)."""
+    if projection is None:
+        return grad
+    t = grad if batched else grad.unsqueeze(0)
+    shape = tuple(t.shape[1:])
+    target = projected_shape(shape, projection)
+    if target == shape:
+        return grad
+    key = module_key(name)
+    if len(shape) == 1:
+        t = t @ projection.matrix(key, "out", shape[0], t.dtype, t.device)
+    else:
+        t = t.reshape(t.shape[0], shape[0], -1)
+        if projection.projects(shape[0]):
+            t = torch.einsum("boi,ok->bki", t, projection.matrix(key, "out", shape[0], t.dtype, t.device))
+        if projection.projects(t.shape[-1]):
+            t = t @ projection.matrix(key, "in", t.shape[-1], t.dtype, t.device)
+    return t if batched else t[0]
+
+
+class GradientDict(dict):
+    """Per-example gradients (block -> tensor) that remember the projection they were made with (None:
+    unprojected), so that scoring can refuse queries projected differently from the training store."""
+
+    projection: ProjectionSettings | None = None
+
+    def __init__(self, *args: Any, projection: ProjectionSettings | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.projection = projection
+
+    @property
+    def projection_dict(self) -> dict[str, Any] | None:
+        return None if self.projection is None else self.projection.to_dict()
 
 
 def tracked_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
@@ -120,11 +256,12 @@ def _slice_example(batch: Any, index: int, size: int) -> Any:
 
 def _fast_path(
     model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], records: list[_LinearRecord],
-    factors: Any = None,
+    factors: Any = None, projection: ProjectionSettings | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Per-example gradients ((B, *shape), float32 or float64) of the parameters owned by ``records`` from one forward
-    and one backward pass; parameters whose per-example sums disagree with autograd's batch gradient are
-    left out. Returns (gradients, batch size)."""
+    and one backward pass (projected: (B, *projected_shape), the inputs and output gradients projected before
+    the outer product); parameters whose per-example sums disagree with autograd's batch gradient (projected
+    the same way) are left out. Returns (gradients, batch size)."""
     handles = []
 
     def forward_hook(record: _LinearRecord) -> Callable[..., None]:
@@ -158,6 +295,7 @@ def _fast_path(
     grads: dict[str, Tensor] = {}
     for record in records:
         weight_grad, bias_grad, ok = None, None, True
+        key = module_key(record.weight or record.bias or "")
         for call in record.calls:
             if call.grad is None:
                 continue
@@ -165,6 +303,12 @@ def _fast_path(
             if g.shape[0] != size or x.shape[0] != size or g.shape[:-1] != x.shape[:-1]:
                 ok = False
                 break
+            if projection is not None:  # project both sides before the outer product (never the full gradient)
+                if projection.projects(g.shape[-1]):
+                    g = g @ projection.matrix(key, "out", g.shape[-1], g.dtype, g.device)
+                if record.weight is not None and projection.projects(x.shape[-1]):
+                    x = x @ projection.matrix(key, "in", x.shape[-1], x.dtype, x.device)
+                call.inputs, call.grad = x, g  # the K-FAC factors below then describe the projected block
             if record.weight is not None:
                 w = torch.einsum("b...o,b...i->boi", g, x)
                 weight_grad = w if weight_grad is None else weight_grad + w
@@ -180,8 +324,12 @@ def _fast_path(
                 continue
             param = tracked[name]
             if grad is None:
-                grad = torch.zeros(size, *param.shape, dtype=upcast(param).dtype, device=param.device)
-            if _agrees(grad.sum(dim=0), total_of[name], param.dtype):
+                grad = torch.zeros(size, *projected_shape(param.shape, projection), dtype=upcast(param).dtype,
+                                   device=param.device)
+            total = total_of[name]
+            if projection is not None and total is not None:
+                total = project_gradient(name, upcast(total), projection, batched=False)
+            if _agrees(grad.sum(dim=0), total, param.dtype):
                 grads[name] = grad
                 kept.append(name)
         if factors is not None:  # K-FAC factors from the same inputs and output gradients (datainf.estimators.kfac)
@@ -287,6 +435,7 @@ def per_example_gradients(
     group_lora: bool = False,
     train_mode: bool = False,
     factors: Any = None,
+    projection: ProjectionSettings | None = None,
 ) -> dict[str, Tensor]:
     """The gradient of EACH example's own loss with respect to every tracked parameter tensor.
 
@@ -301,9 +450,14 @@ def per_example_gradients(
         dropout masks than alone). Default eval mode. The model's modes are restored afterwards.
     factors: a ``datainf.estimators.kfac.KFACFactors`` to accumulate the K-FAC factors of the hooked nn.Linear
         blocks into, from the same forward/backward pass (padding excluded via ``batch["attention_mask"]``).
-        Blocks on the slow path get no factors. Keyed by parameter name (also with group_lora).
+        Blocks on the slow path get no factors. Keyed by parameter name (also with group_lora). With a
+        projection, the factors are those of the projected inputs and output gradients.
+    projection: a :class:`ProjectionSettings` to project every gradient with fixed seeded random matrices
+        inside the hooks (never forming the full per-example gradient; the fallback path projects after
+        the fact): each tensor becomes (B, *projected_shape(param.shape)). Default None: full gradients.
 
-    Returns {name: tensor (B, *param.shape)} on the parameters' device, in parameter order: float32, or
+    Returns {name: tensor (B, *param.shape)} (projected: (B, *projected_shape(param.shape))) on the
+    parameters' device, in parameter order: float32, or
     float64 for a float64 model (half-precision models are accumulated in float32).
     An example whose loss or gradient is NaN or infinite raises :class:`~datainf.errors.NonFiniteError`
     naming it (by its index in the batch): a masked NaN would otherwise give a zero gradient, an infinite
@@ -324,7 +478,7 @@ def per_example_gradients(
             p.requires_grad_(True)
         model.train(train_mode)
         with torch.enable_grad():
-            grads, size = _run(model, batch, task, tracked, factors)
+            grads, size = _run(model, batch, task, tracked, factors, projection)
     finally:
         for p in untracked:
             p.requires_grad_(True)
@@ -347,13 +501,14 @@ def per_example_gradients(
 
 
 def _run(
-    model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], factors: Any = None
+    model: nn.Module, batch: Any, task: Task, tracked: dict[str, nn.Parameter], factors: Any = None,
+    projection: ProjectionSettings | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     records = _linear_records(model, tracked)
     grads: dict[str, Tensor] = {}
     size = batch_size(batch)
     if records:
-        grads, size = _fast_path(model, batch, task, tracked, records, factors)
+        grads, size = _fast_path(model, batch, task, tracked, records, factors, projection)
     rest = {name: p for name, p in tracked.items() if name not in grads}
     if rest:
         if size is None:
@@ -367,5 +522,23 @@ def _run(
                 len(rest),
                 ", ".join(rest),
             )
-        grads.update(_loop_path(model, batch, task, rest, size))
+        looped = _loop_path(model, batch, task, rest, size)
+        grads.update({name: project_gradient(name, g, projection) for name, g in looped.items()})
     return grads, size
+
+
+def projection_layout(model: nn.Module, projection: ProjectionSettings, *, params: ParamFilter = None,
+                      group_lora: bool = False) -> dict[str, Any]:
+    """What a store's manifest records about a projection: the settings and, per block (named as
+    :func:`per_example_gradients` names them), its full and its projected per-example shape."""
+    tracked = tracked_parameters(model, params)
+
+    def shapes(project: bool) -> dict[str, tuple[int, ...]]:
+        fake = {name: torch.empty((0, *(projected_shape(p.shape, projection) if project else p.shape)), device="meta")
+                for name, p in tracked.items()}
+        grouped = _group_lora(fake) if group_lora else fake
+        return {name: tuple(t.shape[1:]) for name, t in grouped.items()}
+
+    full, projected = shapes(False), shapes(True)
+    return {**projection.to_dict(),
+            "blocks": {name: {"shape": list(projected[name]), "full_shape": list(full[name])} for name in full}}

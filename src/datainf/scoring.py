@@ -18,7 +18,9 @@ store's fingerprints and the fit's time (:func:`curvature_for`).
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,7 +37,7 @@ from datainf.distributed import distributed_score, is_main_process
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, curvature_from_gradients
-from datainf.store import GradientStore
+from datainf.store import GradientStore, projection_label
 from datainf.version import __version__
 
 SCORES_FORMAT = "datainf-scores"
@@ -55,6 +58,8 @@ def store_mismatch(train: GradientStore, queries: GradientStore) -> list[str]:
     """What differs between a training store and a query store that should be scored together: block names
     or shapes, and the model / adapter / task fingerprints. An empty list when they belong together."""
     problems = []
+    if _projection_key(train.projection) != _projection_key(queries.projection):
+        problems.append(f"projection ({projection_label(train.manifest)} vs {projection_label(queries.manifest)})")
     if train.block_names != queries.block_names:
         problems.append(f"blocks ({len(train.block_names)} vs {len(queries.block_names)} blocks, or other names)")
     else:
@@ -87,6 +92,9 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
     problems = store_mismatch(train, queries)
     if not problems:
         return []
+    if problems[0].startswith("projection"):  # scores across two projections mean nothing: always refused
+        raise DataInfError(f"query store {queries.path} was made with a different {problems[0]} than {train.path}; "
+                           "compute both with the same --project K and --project-seed")
     if problems[0].startswith(("blocks", "the shape")):
         raise DataInfError(f"query store {queries.path} holds other blocks than {train.path} ({problems[0]}); "
                            "make both with one model and adapter")
@@ -96,6 +104,33 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
             "with the same model, adapter and task, or pass --allow-mismatch to compare across checkpoints"
         )
     return problems
+
+
+def _projection_key(p: Mapping[str, Any] | None) -> tuple | None:
+    """What must agree between two projections: kind, dim, seed (block shapes are compared on their own)."""
+    return None if not p else (p.get("kind"), p.get("dim"), p.get("seed"))
+
+
+def check_queries(train: GradientStore, queries: Mapping[str, Tensor]) -> None:
+    """Refuse in-memory query gradients made with another projection than the training store: queries that
+    say how they were projected (``Attributor.gradients`` returns a ``GradientDict``) must say the same, and
+    unprojected queries (their blocks have the full shapes) are refused against a projected store."""
+    mine = train.projection
+    if hasattr(queries, "projection_dict"):
+        theirs = queries.projection_dict
+        if _projection_key(theirs) != _projection_key(mine):
+            raise DataInfError(
+                f"the queries were computed with projection {projection_label({'projection': theirs})} but store "
+                f"{train.path} with {projection_label(train.manifest)}; compute them with the same projection "
+                "(Attributor(..., projection=...) or datainf grads --project K --project-seed S)")
+    if mine:
+        full = {name: math.prod(b["full_shape"]) for name, b in mine.get("blocks", {}).items()}
+        for name, v in queries.items():
+            d = math.prod(tuple(v.shape)[1:])
+            if name in train.block_shapes and d != math.prod(train.block_shapes[name]) and d == full.get(name):
+                raise DataInfError(
+                    f"query block '{name}' holds full (unprojected) gradients but store {train.path} is projected "
+                    f"({projection_label(train.manifest)}); compute the queries with the same projection")
 
 
 def query_blocks(queries: GradientStore | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -111,9 +146,9 @@ def query_blocks(queries: GradientStore | Mapping[str, Tensor]) -> dict[str, Ten
 
 
 def save_curvature(curvature: KFACCurvature, path: str | os.PathLike, *, fingerprints: Mapping[str, str],
-                   fit_seconds: float = 0.0) -> Path:
+                   fit_seconds: float = 0.0, breakdown: Mapping[str, float] | None = None) -> Path:
     """Write the eigendecompositions and EK-FAC eigenvalues as safetensors (atomically), with the
-    fingerprints of the store they belong to and the time the fit took."""
+    fingerprints of the store they belong to, the time the fit took and where it went (``breakdown``)."""
     tensors: dict[str, Tensor] = {}
     for name, b in curvature.blocks.items():
         for key in ("q_a", "a", "q_s", "s", "corrected"):
@@ -121,7 +156,8 @@ def save_curvature(curvature: KFACCurvature, path: str | os.PathLike, *, fingerp
             if t is not None:
                 tensors[f"{name}::{key}"] = t.contiguous()
     meta = {"format": _CURVATURE_FORMAT, "version": 1, "blocks": list(curvature.blocks),
-            "n_examples": curvature.n_examples, "fingerprints": dict(fingerprints), "fit_seconds": fit_seconds}
+            "n_examples": curvature.n_examples, "fingerprints": dict(fingerprints), "fit_seconds": fit_seconds,
+            "fit_breakdown": dict(breakdown or {})}
     curvature.fingerprints = dict(fingerprints)
     return atomic.save_safetensors(path, tensors, {"datainf": json.dumps(meta)})
 
@@ -147,7 +183,9 @@ def load_curvature(path: str | os.PathLike, *, fingerprints: Mapping[str, str] |
                                "delete it to refit the curvature for this store")
     blocks = {name: BlockCurvature(*(tensors[f"{name}::{k}"] for k in ("q_a", "a", "q_s", "s")),
                                    corrected=tensors.get(f"{name}::corrected")) for name in meta["blocks"]}
-    return KFACCurvature(blocks, int(meta["n_examples"]), saved), float(meta.get("fit_seconds", 0.0))
+    curvature = KFACCurvature(blocks, int(meta["n_examples"]), saved)
+    curvature.fit_breakdown = dict(meta.get("fit_breakdown", {}))  # type: ignore[attr-defined]
+    return curvature, float(meta.get("fit_seconds", 0.0))
 
 
 def curvature_for(store: GradientStore, *, chunk_size: int = 2048) -> tuple[KFACCurvature, float]:
@@ -161,10 +199,13 @@ def curvature_for(store: GradientStore, *, chunk_size: int = 2048) -> tuple[KFAC
         except DataInfError:
             pass  # made for another store content: refit below (the file is ours to replace)
     t0 = time.perf_counter()
-    curvature = curvature_from_gradients(store.blocks(), shapes=store.block_shapes, chunk_size=chunk_size)
+    breakdown: dict[str, float] = {}
+    curvature = curvature_from_gradients(store.blocks(), shapes=store.block_shapes, chunk_size=chunk_size,
+                                         timings=breakdown)
     seconds = time.perf_counter() - t0
+    curvature.fit_breakdown = breakdown  # type: ignore[attr-defined]
     if is_main_process():
-        save_curvature(curvature, path, fingerprints=store.fingerprints, fit_seconds=seconds)
+        save_curvature(curvature, path, fingerprints=store.fingerprints, fit_seconds=seconds, breakdown=breakdown)
     return curvature, seconds
 
 
@@ -214,12 +255,27 @@ def score_store(
     (the differences then go into ``result.diagnostics["mismatch"]``)."""
     mismatch: list[str] = []
     if isinstance(queries, GradientStore):
+        if preconditioned(queries):
+            raise DataInfError(f"{queries.path} holds preconditioned training gradients, not query gradients")
         mismatch = check_pair(train, queries, allow_mismatch=allow_mismatch)
+    elif queries is not None:
+        check_queries(train, queries)
+    info = preconditioned(train)
+    if info is not None:  # the training side was done once: one streaming pass per call
+        result = _score_preconditioned(train, info, queries, arguments)
+        if mismatch:
+            result.diagnostics["mismatch"] = mismatch
+        return result
     fit_seconds = 0.0
+    fit: dict[str, Any] | None = None
     if get_method(arguments.method).needs_curvature and curvature is None:
         t0 = time.perf_counter()
+        cached = (Path(train.path) / CURVATURE_FILE).exists()
         curvature, fitted = curvature_for(train, chunk_size=arguments.chunk_size)
-        fit_seconds = max(fitted, time.perf_counter() - t0)
+        now = time.perf_counter() - t0
+        fit_seconds = max(fitted, now)
+        fit = {"fit_seconds": fitted, "seconds_now": now, "cached": cached and now < fitted,
+               "breakdown": dict(getattr(curvature, "fit_breakdown", {}))}
     t0 = time.perf_counter()
     qgrads = None if queries is None else query_blocks(queries)
     result = distributed_score(train.blocks(), qgrads, arguments, curvature=curvature)
@@ -227,7 +283,205 @@ def score_store(
     result.curvature_seconds += fit_seconds
     if mismatch:
         result.diagnostics["mismatch"] = mismatch
+    if fit is not None:  # the curvature's fit: its seconds are in result.seconds, whether fitted now or cached
+        result.diagnostics["curvature_fit"] = fit
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# a preconditioned training store: the query-independent work done once
+# --------------------------------------------------------------------------------------------------
+
+#: methods whose preconditioner is symmetric and independent of the query, so ``v^T P g = v . (P g)``
+PRECONDITIONABLE = ("identity", "exact", "kfac", "ekfac", "datainf")
+_NP_STAGING = {"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "uint16"}
+
+
+def preconditioned(store: GradientStore) -> dict[str, Any] | None:
+    """What :func:`precondition_store` recorded in a store's manifest (``meta.preconditioned``), or None."""
+    return (store.manifest.get("meta") or {}).get("preconditioned")
+
+
+def _stage_encode(t: Tensor, dtype: str, what: str) -> Any:
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
+    if dtype == "float16" and bool((t.abs() > 65504.0).any()):
+        raise DataInfError(f"{what}: preconditioned values beyond float16's range; pass dtype='bfloat16' or 'float32'")
+    return t.to(getattr(torch, dtype)).numpy()
+
+
+def _stage_decode(a: Any, dtype: str) -> Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.int16).view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def precondition_store(
+    train: GradientStore,
+    out: str | os.PathLike,
+    arguments: ScoreArguments,
+    *,
+    dtype: str | None = None,
+    progress: bool = False,
+) -> GradientStore:
+    """Precompute the query-independent half of a method's scores once: a store at ``out`` holding, per block
+    l and training example k, ``lambda_l P_l g_{k,l}`` (``P_l`` the method's symmetric approximation of
+    ``(H_l + lambda_l I)^{-1}``; identity: ``g_k`` itself). Every later query is then ONE streaming
+    matrix-vector pass: ``score[k, j] = -(1/lambda_l) sum_l v_{j,l} . (lambda_l P_l g_{k,l})``, what
+    :func:`score_store` does with such a store (only with the method it was made for, and its damping).
+
+    The factor lambda keeps the stored values on the gradients' scale (``lambda P`` has eigenvalues in
+    (0, 1]), so a float16 store stays in range. Methods: identity, exact, kfac, ekfac, datainf (whose
+    ``(1/n) sum_i (g_i g_i^T + lambda I)^{-1}`` is symmetric too; through its d x d matrix when d <= n).
+    Work: one block at a time (its state: a Cholesky factor, the Kronecker eigenbases, or DataInf's d x d
+    matrix), each block's rows staged beside ``out`` and then written chunk by chunk with the
+    store's usual checks. The new store keeps the source's fingerprints, projection, records and meta, and
+    records ``meta.preconditioned`` (method, damping and scale per block, source, seconds).
+    """
+    from datainf.estimators import resolve_damping
+
+    t_start = time.perf_counter()
+    method = get_method(arguments.method)
+    if arguments.method not in PRECONDITIONABLE:
+        raise DataInfError(f"method '{arguments.method}' cannot be precomputed into a store; choose one of "
+                           f"{', '.join(PRECONDITIONABLE)}")
+    if arguments.normalize or arguments.mean_query:
+        raise DataInfError("precondition_store takes neither normalize nor mean_query (they apply at query time)")
+    if preconditioned(train):
+        raise DataInfError(f"store {train.path} is already preconditioned; precondition its source store")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataInfError(f"{out} exists and is not empty; choose a new folder for the preconditioned store")
+    dtype = dtype or train.storage_dtype
+    if dtype not in _NP_STAGING:
+        raise DataInfError(f"dtype must be one of {', '.join(_NP_STAGING)}, got {dtype!r}")
+    curvature, fit_seconds = (curvature_for(train, chunk_size=arguments.chunk_size) if method.needs_curvature
+                              else (None, 0.0))
+    names = train.block_names
+    source = train.blocks()
+    shared = method.prepare([(n, source[n]) for n in names], curvature, arguments.chunk_size)
+    lams = resolve_damping(arguments.damping, names)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"  # beside the store, removed at the end
+    damping: dict[str, float] = {}
+    scale: dict[str, float] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(names), desc="preconditioning blocks", unit="block", disable=not progress)
+    try:
+        _stage_blocks(method, arguments, source, names, lams, shared, train, staging, dtype, damping, scale, bar)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    bar.close()
+    meta = dict(train.manifest.get("meta") or {})
+    meta["preconditioned"] = {
+        "method": arguments.method, "options": dict(arguments.options), "damping": damping, "scale": scale,
+        "source": str(train.path), "source_fingerprints": dict(train.fingerprints),
+        "curvature_seconds": fit_seconds, "seconds": None}
+    try:
+        store = GradientStore.create(out, blocks=train.block_shapes, n_examples=train.n_examples,
+                                     fingerprints=train.fingerprints, chunk_size=train.chunk_size, dtype=dtype,
+                                     meta=meta, projection=train.projection)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        for c in range(train.num_chunks):
+            store.write_chunk(c, {name: _stage_decode(np.load(staging / f"b{j:04d}" / f"{c:05d}.npy"), dtype)
+                                  for j, name in enumerate(names)})
+        records = train.records()
+        if records is not None:
+            store.write_records(records)
+        meta["preconditioned"]["seconds"] = time.perf_counter() - t_start
+        store.manifest = {**store.manifest, "meta": meta}
+        store.finalize()
+    finally:
+        store.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return GradientStore.open(out)
+
+
+def _stage_blocks(method: Any, arguments: ScoreArguments, source: Mapping[str, Any], names: list[str],
+                  lams: list[float | None], shared: Any, train: GradientStore, staging: Path, dtype: str,
+                  damping: dict[str, float], scale: dict[str, float], bar: Any) -> None:
+    """Block after block: build the method's estimator (its state only for this block), precondition the
+    block's rows chunk by chunk, and stage them as ``staging/bNNNN/CCCCC.npy``."""
+    from datainf.estimators import BlockRows, compute_dtype
+
+    for j, name in enumerate(names):
+        g = source[name]
+        cd = compute_dtype(g, arguments.torch_dtype)
+        b = BlockRows(name, g, cd, torch.device(arguments.device or "cpu"), arguments.chunk_size)
+        sq = b.sq_norms()
+        lam = lams[j] if lams[j] is not None else method.default_damping(b, sq, shared)
+        if lam == 0.0:  # an all-zero block: its preconditioned rows are zero too
+            lam = 1.0
+        estimator = method(b, lam, sq, arguments.method_options(), shared)
+        factor = 1.0 if arguments.method == "identity" else float(lam)
+        damping[name], scale[name] = float(lam), 1.0 / factor
+        folder = staging / f"b{j:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for c in range(train.num_chunks):
+            rows = train.chunk_rows(c)
+            block_rows = b.g[rows.start : rows.stop].to(device=b.device, dtype=cd)
+            pre = estimator.precondition_rows(block_rows) * factor
+            np.save(folder / f"{c:05d}.npy", _stage_encode(pre.to("cpu", torch.float32 if cd != torch.float64
+                                                                    else torch.float64), dtype,
+                                                           f"block '{name}', chunk {c}"), allow_pickle=False)
+        del estimator
+        bar.update(1)
+
+
+def _score_preconditioned(train: GradientStore, info: Mapping[str, Any],
+                          queries: GradientStore | Mapping[str, Tensor] | None,
+                          arguments: ScoreArguments) -> ScoreResult:
+    """Scores against a store of :func:`precondition_store`: one streaming pass, ``-scale_l G'_l V_l^T``."""
+    from datainf.estimators import BlockRows, compute_dtype
+
+    made = info["method"]
+    if queries is None:
+        raise DataInfError(f"store {train.path} holds preconditioned gradients: self-influence needs the original "
+                           f"ones; score its source store {info.get('source')}")
+    if arguments.method != made:
+        raise DataInfError(f"store {train.path} holds gradients preconditioned for '{made}'; score it with method "
+                           f"'{made}', or score its source store {info.get('source')} with '{arguments.method}'")
+    if arguments.normalize:
+        raise DataInfError(f"normalized scores need the original gradients too; score the source store "
+                           f"{info.get('source')}")
+    if dict(arguments.options) != dict(info.get("options") or {}):
+        raise DataInfError(f"store {train.path} was preconditioned with options {info.get('options')}, not "
+                           f"{dict(arguments.options)}")
+    damping = info["damping"]
+    if arguments.damping is not None:
+        wanted = resolve_damping_for(arguments.damping, train.block_names)
+        if any(not math.isclose(wanted[n], damping[n], rel_tol=1e-9) for n in train.block_names):
+            raise DataInfError(f"store {train.path} was preconditioned with the damping it records "
+                               "(meta.preconditioned.damping); score it without --damping, or precondition again")
+    t0 = time.perf_counter()
+    qgrads = query_blocks(queries)
+    if set(qgrads) != set(train.block_names):
+        raise DataInfError(f"the queries name other blocks than store {train.path}")
+    scores = None
+    for name in train.block_names:
+        g = train.block(name)
+        v = qgrads[name].reshape(qgrads[name].shape[0], -1)
+        if arguments.mean_query:
+            v = v.mean(dim=0, keepdim=True)
+        cd = compute_dtype(g, arguments.torch_dtype)
+        dev = torch.device(arguments.device or "cpu")
+        b = BlockRows(name, g, cd, dev, arguments.chunk_size)
+        part = b.dot(v.to(device=dev, dtype=cd)) * (-float(info["scale"][name]))
+        scores = part if scores is None else scores + part
+    assert scores is not None
+    return ScoreResult(scores=scores, arguments=arguments, kind="influence", damping=dict(damping),
+                       diagnostics={"preconditioned_store": {"method": made, "source": info.get("source")}},
+                       seconds=time.perf_counter() - t0)
+
+
+def resolve_damping_for(damping: Any, names: list[str]) -> dict[str, float]:
+    """A ScoreArguments damping as one value per block name."""
+    from datainf.estimators import resolve_damping
+
+    return dict(zip(names, resolve_damping(damping, names)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,10 +611,13 @@ __all__ = [
     "SCORES_FORMAT",
     "ScoresFile",
     "check_pair",
+    "check_queries",
     "curvature_for",
     "load_curvature",
     "load_factor_sums",
     "load_scores",
+    "precondition_store",
+    "preconditioned",
     "query_blocks",
     "save_curvature",
     "save_factor_sums",

@@ -45,7 +45,7 @@ def default_map(config: dict[str, Any], commands: dict[str, click.Command]) -> d
             params[p.name] = p.name
             for opt in p.opts:
                 params[opt.lstrip("-").replace("-", "_")] = p.name
-        section = config.get(name) if isinstance(config.get(name), dict) else {}  # (`store` is also an option)
+        section = config.get(name) if isinstance(config.get(name), dict) else {}  # (`store` is also a flat key/option)
         values = {}
         for key, value in {**flat, **section}.items():
             key = str(key).replace("-", "_")

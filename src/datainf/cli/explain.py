@@ -129,7 +129,10 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
     load_seconds = time.perf_counter() - t0
     query_settings = {key: settings[key] for key in ("max_length", "append_eos") if key in settings}
     collate = TextCollator(tokenizer=tokenizer, task=task, assistant_turns="last", **query_settings)
-    attributor = Attributor(model, task=task, store=store_dir, collate=collate, progress=False)
+    from datainf.gradients import ProjectionSettings
+
+    attributor = Attributor(model, task=task, store=store_dir, collate=collate, progress=False,
+                            projection=ProjectionSettings.from_dict(store.projection))  # as the store was made
     differences = attributor.differences(store)
     if differences and not allow_mismatch:
         raise DataInfError(f"store {store_dir} was made with a different {differences[0]}; explain with the model "

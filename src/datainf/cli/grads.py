@@ -49,15 +49,22 @@ from datainf.errors import DataInfError
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
               help="Storage dtype of the gradients.")
 @click.option("--max-length", type=click.IntRange(min=2), default=128, help="Token limit per example.")
+@click.option("--project", "project_dim", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Project every gradient inside the hooks with fixed seeded random matrices: each side of a "
+                   "module larger than K becomes K (LoRA A r x d_in -> r x K, B d_out x r -> K x r). Queries must "
+                   "use the same K and seed. Default: full gradients.")
+@click.option("--project-seed", type=click.IntRange(min=0), default=0, help="Seed of the projection matrices.")
 @model_dtype_option
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_path: str, store_dir: str, task: str,
             num_labels: int | None, labels_from: str | None, skip_nonfinite: bool, batch_size: int, chunk_size: int,
-            dtype: str, max_length: int, model_dtype: str, device: str | None, **data: Any) -> None:
+            dtype: str, max_length: int, project_dim: int | None, project_seed: int, model_dtype: str,
+            device: str | None, **data: Any) -> None:
     """Per-example gradients of a dataset into a gradient store (resumes an interrupted run)."""
     from datainf.attributor import Attributor
     from datainf.distributed import init_distributed, is_main_process
+    from datainf.gradients import ProjectionSettings
 
     check_output(store_dir, inputs={"model folder": model_dir, "adapter folder": adapter_dir,
                                     "--labels-from store": labels_from})
@@ -76,13 +83,15 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     collate = make_collator(tokenizer, task, max_length, **data)
     attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
                             batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
-                            label_names=names, skip_nonfinite=skip_nonfinite)
+                            label_names=names, skip_nonfinite=skip_nonfinite,
+                            projection=None if project_dim is None else ProjectionSettings(project_dim, project_seed))
     store = attributor.fit(records)
     if is_main_process():
         shown = f" (labels {describe(names)}, from {source})" if names else ""
+        projected = f" (projected, k={project_dim}, seed {project_seed})" if project_dim is not None else ""
         dropped = (store.manifest.get("meta") or {}).get("nonfinite", {}).get("dropped") or []
         skipped = (f"; dropped {len(dropped)} examples with a non-finite loss: rows "
                    f"{', '.join(str(d['row']) for d in dropped[:10])}{', ...' if len(dropped) > 10 else ''}"
                    if dropped else "")
-        click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks, "
+        click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks{projected}, "
                    f"in {store_dir}{shown}{skipped}")

@@ -1,15 +1,23 @@
-"""`datainf store verify STORE`: check a gradient store completely (every chunk's checksums and norms)."""
+"""`datainf store`: work on gradient stores themselves.
+
+``datainf store verify STORE`` checks a store completely (every chunk's checksums and squared norms; exit 2
+naming the bad chunks). ``datainf store precondition --method ekfac STORE OUT`` precomputes a method's
+query-independent half once (:func:`datainf.scoring.precondition_store`): OUT holds ``lambda_l P_l g_k`` for
+every training example, and every later ``datainf score`` / ``explain`` / Attributor call against OUT with that
+method is one streaming matrix-vector pass over it. ``datainf store info STORE`` prints what a store holds.
+"""
 
 from __future__ import annotations
 
 import click
 
+from datainf.cli.common import check_output, device_option, setup
 from datainf.errors import DataInfError
 
 
 @click.group("store")
 def command() -> None:
-    """Inspect a gradient store."""
+    """Work on gradient stores: verify one, precondition one once for fast queries, or describe one."""
 
 
 @command.command("verify")
@@ -31,3 +39,54 @@ def verify(store_dir: str) -> None:
     checks = "sha256 checksums" if store.has_checksums else "sizes and shapes only (an old store without checksums)"
     click.echo(f"store {store_dir}: ok ({store.n_examples} examples, {store.num_chunks} chunks, "
                f"{len(store.block_names)} blocks; {checks} and squared norms verified)")
+
+
+@command.command("precondition")
+@click.argument("store_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--method", default="ekfac", show_default=True,
+              help="identity, exact, kfac, ekfac or datainf (methods whose inverse does not depend on the query).")
+@click.option("--damping", type=float, default=None, help="One damping for every block; default the method's rule.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
+              help="Storage dtype of OUT; default the source store's.")
+@click.option("--compute-dtype", type=click.Choice(["float32", "float64"]), default=None)
+@device_option
+@click.pass_context
+def precondition(ctx: click.Context, store_dir: str, out_dir: str, method: str, damping: float | None,
+                 dtype: str | None, compute_dtype: str | None, device: str | None) -> None:
+    """Write OUT_DIR: the training gradients of STORE_DIR preconditioned once by METHOD."""
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import precondition_store
+    from datainf.store import GradientStore
+
+    check_output(out_dir, inputs={"training store": store_dir})
+    progress, device = setup(ctx, device)
+    store = GradientStore.open(store_dir)
+    arguments = ScoreArguments(method=method, damping=damping, dtype=compute_dtype, device=device)
+    out = precondition_store(store, out_dir, arguments, dtype=dtype, progress=progress)
+    info = out.manifest["meta"]["preconditioned"]
+    click.echo(f"wrote {out_dir}: {out.n_examples} examples x {len(out.block_names)} blocks preconditioned by "
+               f"{method} in {info['seconds']:.1f} s (curvature {info['curvature_seconds']:.1f} s); score it with "
+               f"--method {method}")
+
+
+@command.command("info")
+@click.argument("store_dir", type=click.Path(exists=True, file_okay=False))
+def info(store_dir: str) -> None:
+    """What a store holds: examples, blocks, dtype, projection, preconditioning, size on disk."""
+    import math
+    from pathlib import Path
+
+    from datainf.scoring import preconditioned
+    from datainf.store import GradientStore, projection_label
+
+    store = GradientStore.open(store_dir, allow_incomplete=True)
+    size = sum(p.stat().st_size for p in (Path(store_dir) / "chunks").rglob("*.npy"))
+    d = sum(math.prod(s) for s in store.block_shapes.values())
+    pre = preconditioned(store)
+    click.echo(f"{store_dir}: {store.n_examples} examples, {len(store.block_names)} blocks, {d:,} numbers per "
+               f"example, {store.storage_dtype}, {size / 1e9:.2f} GB on disk, chunks of {store.chunk_size}, "
+               f"{'complete' if store.complete else 'incomplete'}")
+    click.echo(f"projection: {projection_label(store.manifest)}")
+    if pre:
+        click.echo(f"preconditioned for {pre['method']} from {pre['source']}")

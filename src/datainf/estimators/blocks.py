@@ -165,10 +165,16 @@ class BlockRows:
         return self.g[rows].to(device=self.device, dtype=self.dtype)
 
     def sq_norms(self) -> Tensor:
-        """Squared norm of every example's gradient, (n,); names the first non-finite example."""
-        out = torch.empty(self.n, dtype=self.dtype, device=self.device)
-        for s, gc in self.rows():
-            out[s] = (gc * gc).sum(dim=1)
+        """Squared norm of every example's gradient, (n,); names the first non-finite example. A row source
+        that knows its rows' squared norms (a store's block: ``sq_norms()``, written with the rows) saves the
+        pass over the rows."""
+        known = getattr(self.g, "sq_norms", None)
+        if callable(known) and not isinstance(self.g, Tensor):
+            out = known().to(device=self.device, dtype=self.dtype)
+        else:
+            out = torch.empty(self.n, dtype=self.dtype, device=self.device)
+            for s, gc in self.rows():
+                out[s] = (gc * gc).sum(dim=1)
         bad = ~torch.isfinite(out)
         if bool(bad.any()):
             k = int(bad.nonzero()[0])

@@ -30,13 +30,29 @@ class DataInf(Estimator):
             U += ((gc @ V.T) * self.w[s, None]).T @ gc
         return (V - U / b.n) / self.damping
 
+    def _weighted_fisher(self) -> Tensor:
+        """``M = sum_i w_i g_i g_i^T`` (d x d), one pass, kept for the block."""
+        if getattr(self, "_M", None) is None:
+            b, w = self.block, self.w
+            M = torch.zeros(b.d, b.d, dtype=b.dtype, device=b.device)
+            for s, gc in b.rows():
+                M += gc.T @ (gc * w[s, None])
+            self._M = M
+        return self._M
+
+    def precondition_rows(self, rows: Tensor) -> Tensor:
+        """Many rows at once (a whole training set): ``(rows - rows M / n) / lambda`` through the d x d matrix
+        M when d <= n (one pass to form it), instead of a pass over G per chunk of rows."""
+        b = self.block
+        if b.d > b.n:
+            return self.precondition(rows)
+        return (rows - rows @ self._weighted_fisher() / b.n) / self.damping
+
     def self_scores(self) -> Tensor:
         b, w = self.block, self.w
         out = torch.zeros(b.n, dtype=b.dtype, device=b.device)
         if b.d <= b.n:  # through the d x d matrix M = sum_i w_i g_i g_i^T
-            M = torch.zeros(b.d, b.d, dtype=b.dtype, device=b.device)
-            for s, gc in b.rows():
-                M += gc.T @ (gc * w[s, None])
+            M = self._weighted_fisher()
             for s, gc in b.rows():
                 out[s] = ((gc @ M) * gc).sum(dim=1)
         else:  # through chunks of the n x n Gram matrix

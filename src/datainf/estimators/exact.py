@@ -25,6 +25,10 @@ def cholesky(A: Tensor, what: str) -> Tensor:
     return L
 
 
+#: the largest d x d (or n x n) matrix exact forms per block; beyond it exact refuses instead of exhausting memory
+MAX_MATRIX_BYTES = 16 * 2**30
+
+
 @register
 class Exact(Estimator):
     name = "exact"
@@ -32,8 +36,15 @@ class Exact(Estimator):
 
     def setup(self) -> None:
         b = self.block
-        self.gram_route = b.d > b.n
+        self.gram_route = b.d > b.n  # the n x n Gram only when n < d: never for a large store of small blocks
         what = f"exact, block '{b.name}'"
+        side = min(b.n, b.d)
+        need = side * side * torch.empty((), dtype=b.dtype).element_size()
+        if need > MAX_MATRIX_BYTES:
+            raise DataInfError(
+                f"{what}: the {'n x n Gram' if self.gram_route else 'd x d'} matrix ({side} x {side}) would take "
+                f"{need / 2**30:.0f} GiB; project the gradients (datainf grads --project K) or use datainf or ekfac"
+            )
         if self.gram_route:
             self.K = b.gram()
             A = self.K.clone()

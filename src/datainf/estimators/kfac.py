@@ -35,6 +35,7 @@ positive = harmful.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -247,13 +248,17 @@ def fit_curvature(
 
 
 def curvature_from_gradients(
-    train_grads: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]] | None = None, *, chunk_size: int = 2048
+    train_grads: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]] | None = None, *, chunk_size: int = 2048,
+    timings: dict[str, float] | None = None,
 ) -> KFACCurvature:
     """EK-FAC from the per-example gradients alone (no hooks, e.g. from any gradient store): the gradient
     basis of :func:`fit_curvature` plus corrected eigenvalues, two cheap passes over the gradients.
 
     train_grads: block -> (n, out, in) weight or (n, out) bias gradients (tensors), or (n, d) rows with
         ``shapes`` giving each block's (out, in) or (out,) (a store's ``block_shapes``).
+    timings: a dict to fill with where the fit's time went, summed over blocks: ``basis_pass_s`` (the pass
+        accumulating ``mean G^T G`` and ``mean G G^T``), ``eigh_s`` (their eigendecompositions),
+        ``correct_pass_s`` (the pass computing the corrected eigenvalues).
     """
     blocks = {}
     n = 0
@@ -271,26 +276,41 @@ def curvature_from_gradients(
                                       torch.eye(out, dtype=torch.float64), torch.ones(out, dtype=torch.float64))
         n = g.shape[0]
     curvature = KFACCurvature(blocks, n)
-    _gradient_basis(curvature, train_grads, chunk_size)
+    times = {"basis_pass_s": 0.0, "eigh_s": 0.0, "correct_pass_s": 0.0}
+    _gradient_basis(curvature, train_grads, chunk_size, times)
+    t0 = time.perf_counter()
     correct_eigenvalues(curvature, train_grads, chunk_size=chunk_size)
+    times["correct_pass_s"] = time.perf_counter() - t0
+    if timings is not None:
+        timings.update(times)
     return curvature
 
 
-def _gradient_basis(curvature: KFACCurvature, train_grads: Blocks, chunk_size: int) -> None:
+def _gradient_basis(curvature: KFACCurvature, train_grads: Blocks, chunk_size: int,
+                    times: dict[str, float] | None = None) -> None:
     """Replace each block's basis by the eigenvectors of A_G = mean G^T G and S_G = mean G G^T."""
+    times = {} if times is None else times
     for name, g in as_blocks(train_grads, "train_grads"):
+        t0 = time.perf_counter()
         b = curvature.block(name)
         out, inn = _check_shape(name, g.shape[1], b)
         a_g = torch.zeros(inn, inn, dtype=torch.float64)
         s_g = torch.zeros(out, out, dtype=torch.float64)
-        for s in chunks(g.shape[0], chunk_size):
-            rows = g[s].to(device="cpu", dtype=torch.float64).reshape(-1, out, inn)
-            a_g += torch.einsum("koi,koj->ij", rows, rows)
-            s_g += torch.einsum("koi,kpi->op", rows, rows)
+        cd = _product_dtype(g)
+        for s in chunks(g.shape[0], chunk_size):  # products of one chunk in cd, sums over chunks in float64
+            rows = g[s].to(device="cpu", dtype=cd).reshape(-1, out, inn)
+            flat = rows.reshape(-1, inn)
+            a_g += (flat.T @ flat).double()
+            by_out = rows.transpose(0, 1).reshape(out, -1)  # (out, k * in): the one copy of the chunk
+            s_g += (by_out @ by_out.T).double()
+            del flat, by_out, rows
         a_g /= g.shape[0]
         s_g /= g.shape[0]
+        t1 = time.perf_counter()
         a, q_a = _eigh(a_g)
         s_vals, q_s = _eigh(s_g)
+        times["basis_pass_s"] = times.get("basis_pass_s", 0.0) + t1 - t0
+        times["eigh_s"] = times.get("eigh_s", 0.0) + time.perf_counter() - t1
         trace = float(a_g.trace())
         curvature.blocks[name] = BlockCurvature(q_a=q_a, a=a / trace if trace > 0 else a, q_s=q_s, s=s_vals)
 
@@ -302,10 +322,21 @@ def correct_eigenvalues(curvature: KFACCurvature, train_grads: Blocks, *, chunk_
         out, inn = _check_shape(name, g.shape[1], b)
         total = torch.zeros(out, inn, dtype=torch.float64)
         n = g.shape[0]
+        cd = _product_dtype(g)
+        q_s_t, q_a = b.q_s.T.to(cd), b.q_a.to(cd)
         for s in chunks(n, chunk_size):
-            rows = g[s].to(device="cpu", dtype=torch.float64).reshape(-1, out, inn)
-            total += ((b.q_s.T @ rows @ b.q_a) ** 2).sum(dim=0)
+            rows = g[s].to(device="cpu", dtype=cd).reshape(-1, out, inn)
+            rotated = torch.matmul(q_s_t, rows)
+            rotated = torch.matmul(rotated, q_a)
+            total += rotated.pow_(2).sum(dim=0).double()
+            del rows, rotated
         b.corrected = total / n
+
+
+def _product_dtype(g: Any) -> torch.dtype:
+    """The dtype of a fit's per-chunk products: float64 for float64 gradients, else float32 (each chunk's sums
+    are then added up in float64, as :class:`KFACFactors` does)."""
+    return torch.float64 if g.dtype == torch.float64 else torch.float32
 
 
 def _check_shape(name: str, d: int, b: BlockCurvature) -> tuple[int, int]:
@@ -325,8 +356,12 @@ def precondition(b: BlockCurvature, v: Tensor, eig: Tensor, lam: float, name: st
     cd = dtype if dtype == torch.float64 else torch.float32
     q_s, q_a = b.q_s.to(v.device, cd), b.q_a.to(v.device, cd)
     rows = v.to(cd).reshape(-1, out, inn)
-    p = (q_s.T @ rows @ q_a) / (eig.to(v.device, cd) + lam)
-    return (q_s @ p @ q_a.T).reshape(v.shape).to(dtype)
+    p = torch.matmul(q_s.T, rows)  # at most two (m, out, in) temporaries alive at a time
+    p = torch.matmul(p, q_a)
+    p.div_(eig.to(v.device, cd) + lam)
+    p = torch.matmul(q_s, p)
+    p = torch.matmul(p, q_a.T)
+    return p.reshape(v.shape).to(dtype)
 
 
 

@@ -78,6 +78,11 @@ class Estimator:
         """``R = V (H + lambda I)^{-1}`` under the method's approximation: V (m, d) -> R (m, d)."""
         raise NotImplementedError(f"method '{self.name}' does not implement precondition()")
 
+    def precondition_rows(self, rows: Tensor) -> Tensor:
+        """``precondition`` applied to training rows, chunk after chunk, to precompute a preconditioned store
+        (``datainf.scoring.precondition_store``); a method may override it with a cheaper route for many rows."""
+        return self.precondition(rows)
+
     def scores(self, V: Tensor) -> Tensor:
         """This block's part of the scores, ``-G R^T``: (n, m) for queries V (m, d)."""
         return -self.block.dot(self.precondition(V))

@@ -1,0 +1,465 @@
+"""A gradient store at fine-tuning scale: 100,000 examples with SmolLM2-135M's LoRA blocks (printed, not asserted).
+
+Synthetic float16 gradients with the block shapes of SmolLM2-135M with LoRA r=8 on q_proj and v_proj: 30
+layers x (q_proj A 8 x 576, B 576 x 8; v_proj A 8 x 576, B 192 x 8) = 120 blocks, 460,800 numbers per
+example; projected with k (default 64: A 8 x 64, B 64 x 8, 61,440 numbers) at ``--n`` examples, and
+unprojected at ``--full-n`` examples (100k unprojected would be 92 GB). Each block's rows are a random
+low-rank part with a decaying spectrum plus noise, so exact and EK-FAC have a real spectrum to work with.
+
+    python benchmarks/bench_store.py --out /scratch/bench-store            # the full run (hours on 2 shared cores)
+    python benchmarks/bench_store.py --quick --out /tmp/bs                 # smoke run (a minute)
+
+Measured, in this order, in one run (the ratios are against baselines measured in the same run):
+
+* baselines: dense float32 matmul GFLOP/s; the disk's sequential write (with fsync) and cold read of a
+  ``--disk-gb`` file; the page cache is dropped per file with posix_fadvise(DONTNEED) (no root needed;
+  ``fincore`` confirms it), so every "cold" read below really comes from the disk;
+* per store: write throughput of ``GradientStore.write_chunk`` (encode, squared norms, fsync); the cold raw
+  read of every block file in scoring order (the floor of one pass); then each method (identity, datainf,
+  exact, ekfac) against 1 and 100 queries and self-influence, each in a fresh child process on a cold store:
+  seconds, peak RSS (VmHWM), the achieved read throughput against the disk's (target for 1 query: >= 50%)
+  and the achieved GFLOP/s against matmul (target for 100 queries: >= 40%); EK-FAC's curvature fit with its
+  breakdown (basis pass, eigendecompositions, corrected-eigenvalue pass). Methods too slow for this machine
+  at full size run on some of the 120 blocks (``PLAN_FULL``, ``PLAN_PROJECTED``) and are scaled (their cost
+  is a sum over blocks);
+* query latency: the EK-FAC preconditioned store (``precondition_store``, timed once) and a one-query
+  score against it, before/after (a preconditioned store of any method is scored by the same one pass; exact's
+  one-time cost is the work of its self-influence: factor once, solve for every training row); with ``--explain-model`` also one SmolLM2 query gradient
+  (projected), so that a ``datainf explain`` answer is that gradient plus the one-query score.
+
+Writes ``bench_store.json`` into ``--out``; stores are deleted as soon as they are measured (``--keep`` keeps
+them). Run it alone, with one torch thread (``--threads``), under ``nice``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve()
+LAYERS = 30
+RANK = 8
+
+
+def smollm2_blocks(layers: int = LAYERS) -> dict[str, tuple[int, int]]:
+    """The 120 LoRA blocks of SmolLM2-135M-Instruct with r=8 on q_proj and v_proj, named as PEFT names them."""
+    out = {}
+    for i in range(layers):
+        for proj, width in (("q_proj", 576), ("v_proj", 192)):
+            base = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            out[f"{base}.lora_A.default.weight"] = (RANK, 576)
+            out[f"{base}.lora_B.default.weight"] = (width, RANK)
+    return out
+
+
+def projected_blocks(blocks: dict[str, tuple[int, int]], k: int | None) -> dict[str, tuple[int, ...]]:
+    from datainf.gradients import ProjectionSettings, projected_shape
+
+    return dict(blocks) if k is None else {n: projected_shape(s, ProjectionSettings(dim=k)) for n, s in blocks.items()}
+
+
+# ------------------------------------------------------------------------------------------------ system
+def vm_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (posix_fadvise DONTNEED: works without root for clean pages)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(paths: list[Path]) -> float | None:
+    """Share of these files' pages in the page cache (util-linux fincore), or None without fincore."""
+    if shutil.which("fincore") is None or not paths:
+        return None
+    sample = paths[:: max(1, len(paths) // 50)]
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, sample)],
+                         capture_output=True, text=True)
+    res = size = 0
+    for line in out.stdout.split("\n"):
+        parts = line.split()
+        if len(parts) == 2:
+            res, size = res + int(parts[0]), size + int(parts[1])
+    return res / size if size else None
+
+
+def store_files(store_dir: Path, names: list[str] | None = None, block_order: bool = True) -> list[Path]:
+    """The store's block files, block after block (each across all chunks: the order scoring reads them)."""
+    chunks = sorted(p for p in (store_dir / "chunks").iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = sorted({f.name for f in chunks[0].glob("b*.npy")})
+    if names is not None:
+        files = [f for f in files if f in names]
+    if block_order:
+        return [c / f for f in files for c in chunks]
+    return [c / f for c in chunks for f in files]
+
+
+def read_files(paths: list[Path], buffer_mb: int = 8) -> tuple[int, float]:
+    buf = bytearray(buffer_mb << 20)
+    view = memoryview(buf)
+    total, t0 = 0, time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                got = f.readinto(view)
+                if not got:
+                    break
+                total += got
+    return total, time.perf_counter() - t0
+
+
+def disk_baseline(folder: Path, gb: float) -> dict[str, float]:
+    """Sequential write (fsync) and cold read of one file of ``gb`` GB (incompressible bytes)."""
+    path = folder / "disk-baseline.bin"
+    block = np.random.default_rng(0).integers(0, 255, size=64 << 20, dtype=np.uint8).tobytes()
+    size = int(gb * 1e9) // len(block) * len(block)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - t0
+    evict([path])
+    cached = resident_fraction([path])
+    total, read_s = read_files([path])
+    path.unlink()
+    return {"bytes": total, "write_gb_s": size / write_s / 1e9, "read_gb_s": total / read_s / 1e9,
+            "resident_before_read": cached}
+
+
+def matmul_gflops(size: int) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------------------------ the store
+def synthetic_store(path: Path, shapes: dict[str, tuple[int, ...]], n: int, chunk_size: int, seed: int = 0,
+                    projection: dict | None = None) -> dict[str, Any]:
+    """Write a float16 store of n synthetic examples; time write_chunk alone (generation excluded)."""
+    from datainf.store import GradientStore
+
+    if path.exists():
+        shutil.rmtree(path)
+    gen = torch.Generator().manual_seed(seed)
+    rank = 32
+    pool = torch.randn(1 << 24, generator=gen)  # noise drawn from a fixed pool at random offsets (cheap)
+    bases = {name: torch.randn(rank, math.prod(s), generator=gen) for name, s in shapes.items()}
+    spectra = {name: torch.logspace(0, -2 - (j % 3), rank) for j, name in enumerate(shapes)}
+    write_s, t_start = 0.0, time.perf_counter()
+    with GradientStore.create(path, blocks=shapes, n_examples=n, fingerprints={"model": "synthetic-smollm2"},
+                              chunk_size=chunk_size, dtype="float16", projection=projection,
+                              meta={"task": "causal_lm", "synthetic": True}) as store:
+        for c in range(store.num_chunks):
+            rows = len(store.chunk_rows(c))
+            chunk = {}
+            for name, basis in bases.items():
+                d = basis.shape[1]
+                coef = torch.randn(rows, rank, generator=gen) * spectra[name]
+                start = int(torch.randint(0, pool.numel() - rows * d, (1,), generator=gen))
+                noise = pool[start : start + rows * d].view(rows, d)
+                chunk[name] = (coef @ basis + 0.03 * noise) * 1e-2
+            t0 = time.perf_counter()
+            store.write_chunk(c, chunk)
+            write_s += time.perf_counter() - t0
+        store.finalize()
+    size = sum(p.stat().st_size for p in (path / "chunks").rglob("*.npy"))
+    return {"n": n, "numbers_per_example": sum(math.prod(s) for s in shapes.values()), "bytes": size,
+            "files": len(list((path / "chunks").rglob("*.npy"))), "write_s": write_s,
+            "total_s": time.perf_counter() - t_start, "write_gb_s": size / write_s / 1e9}
+
+
+def store_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path / "chunks").rglob("*.npy"))
+
+
+def query_grads(shapes: dict[str, tuple[int, ...]], m: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(m, math.prod(s), generator=gen) * 1e-3 for name, s in shapes.items()}
+
+
+def flops(method: str, n: int, m: int, ds: list[int]) -> float:
+    """The arithmetic a method needs (for its GFLOP/s); 0 where it is not a fixed count."""
+    if method == "identity":
+        return sum(2 * n * m * d for d in ds)
+    if method == "datainf":
+        return sum(4 * n * m * d + 2 * n * m * d for d in ds)  # C and U in one pass, scores in another
+    if method == "exact":  # the d x d route when d <= n, else the Gram route (upper triangle of K, n x n solve)
+        return sum(2 * n * d * d + d**3 / 3 + 2 * m * d * d + 2 * n * m * d if d <= n
+                   else n * n * d + n**3 / 3 + 2 * n * m * d + 2 * n * n * m for d in ds)
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------------ one measurement
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in this (fresh) process: evict the store, score, report seconds and peak memory."""
+    import warnings
+
+    from datainf.estimators import ScoreArguments, score
+    from datainf.estimators.kfac import curvature_from_gradients
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    torch.set_num_threads(spec["threads"])
+    warnings.simplefilter("ignore")
+    store = GradientStore.open(spec["store"])
+    subset = spec.get("blocks")
+    names = subset or store.block_names
+    shapes = {n: store.block_shapes[n] for n in names}
+    queries = query_grads(shapes, spec["queries"]) if spec["queries"] else None
+    files = [p for p in store_files(Path(spec["store"]))]
+    evict(files)
+    before = resident_fraction(files)
+    base_kb = vm_kb("VmRSS")
+    args = ScoreArguments(method=spec["method"], chunk_size=spec.get("chunk", 2048))
+    t0 = time.perf_counter()
+    fit = None
+    if subset is None:
+        result = score_store(store, queries, args)
+        fit = result.diagnostics.get("curvature_fit")
+    else:
+        blocks = {n: store.block(n) for n in names}
+        curvature = None
+        if args.method in ("kfac", "ekfac"):
+            t1 = time.perf_counter()
+            breakdown: dict[str, float] = {}
+            curvature = curvature_from_gradients(blocks, shapes, timings=breakdown)
+            fit = {"fit_seconds": time.perf_counter() - t1, "breakdown": breakdown, "cached": False}
+        from datainf.estimators import score_self
+
+        result = (score(blocks, queries, args, curvature=curvature) if queries is not None
+                  else score_self(blocks, args, curvature=curvature))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "curvature_fit": fit, "peak_rss_mb": vm_kb("VmHWM") / 1024,
+            "rss_before_mb": base_kb / 1024, "resident_before": before,
+            "checksum": float(result.scores.double().abs().sum())}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(HERE), "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ the run
+#: per store, what is measured: (method, queries (0 = self-influence), blocks timed (None = all 120))
+PLAN_FULL = [("identity", 1, None), ("identity", 100, None), ("datainf", 1, None), ("datainf", 100, None),
+             ("exact", 1, 2), ("ekfac", 1, 4), ("ekfac", 100, 4)]
+PLAN_PROJECTED = [("identity", 1, None), ("identity", 100, None), ("identity", 0, None), ("datainf", 1, None),
+                  ("datainf", 100, None), ("datainf", 0, 12), ("exact", 1, 12), ("exact", 100, 12), ("exact", 0, 12),
+                  ("ekfac", 1, None), ("ekfac", 100, None), ("ekfac", 0, None)]
+
+
+def bench_store(label: str, path: Path, shapes: dict[str, tuple[int, ...]], n: int, args: argparse.Namespace,
+                base: dict[str, Any], projection: dict | None, plan: list[tuple[str, int, int | None]]) -> dict[str, Any]:
+    print(f"\n## {label}: {n:,} examples, {len(shapes)} blocks", flush=True)
+    written = synthetic_store(path, shapes, n, args.chunk_size, projection=projection)
+    print(f"  wrote {written['bytes'] / 1e9:.2f} GB in {written['files']:,} files: write_chunk {written['write_s']:.1f} s "
+          f"= {written['write_gb_s']:.3f} GB/s ({written['write_gb_s'] / base['disk']['write_gb_s']:.0%} of the disk's "
+          f"sequential write), {written['total_s']:.1f} s with generation", flush=True)
+    files = store_files(path)
+    evict(files)
+    raw_bytes, raw_s = read_files(files)
+    raw = {"bytes": raw_bytes, "seconds": raw_s, "gb_s": raw_bytes / raw_s / 1e9}
+    print(f"  raw cold read of every block file in scoring order: {raw_s:.1f} s = {raw['gb_s']:.3f} GB/s "
+          f"({raw['gb_s'] / base['disk']['read_gb_s']:.0%} of the disk's sequential read)", flush=True)
+    ds = [math.prod(s) for s in shapes.values()]
+    names = list(shapes)
+    rows = []
+    for method, m, count in plan:
+        subset = names[: min(count, len(names)) if not args.quick else min(count, 4)] if count else None
+        spec = {"store": str(path), "method": method, "queries": m, "threads": args.threads, "blocks": subset}
+        r = measure(spec)
+        scale = len(names) / len(subset) if subset else 1.0
+        sub_ds = [math.prod(shapes[x]) for x in subset] if subset else ds
+        sub_bytes = raw_bytes * (sum(sub_ds) / sum(ds))
+        fit = r.get("curvature_fit") or {}
+        fit_s = fit.get("fit_seconds", 0.0) if not fit.get("cached") else 0.0
+        score_s = r["seconds"] - fit_s
+        row = {"method": method, "queries": m, "seconds": r["seconds"] * scale, "scoring_s": score_s * scale,
+               "fit_s": fit_s * scale, "fit": fit, "scaled_from_blocks": len(subset) if subset else None,
+               "peak_rss_mb": r["peak_rss_mb"], "resident_before": r["resident_before"],
+               "read_gb_s": sub_bytes / score_s / 1e9 if score_s > 0 else None}
+        row["read_vs_disk"] = row["read_gb_s"] / base["disk"]["read_gb_s"] if row["read_gb_s"] else None
+        f = flops(method, n, max(m, 1), sub_ds)
+        row["gflops"] = f / score_s / 1e9 if f and m else None
+        row["vs_matmul"] = row["gflops"] / base["matmul_gflops"] if row["gflops"] else None
+        rows.append(row)
+        kind = "self-influence" if m == 0 else f"{m:>3} quer{'y' if m == 1 else 'ies'}"
+        extra = f", fit {fit_s * scale:.1f} s {fit.get('breakdown')}" if fit_s else ""
+        scaled = f" (timed on {len(subset)} blocks, x{scale:.0f})" if subset else ""
+        ratio = (f"{row['read_gb_s']:.3f} GB/s = {row['read_vs_disk']:.0%} of disk" if row["read_gb_s"] else "")
+        mm = f", {row['gflops']:.1f} GFLOP/s = {row['vs_matmul']:.0%} of matmul" if row["gflops"] else ""
+        print(f"  {method:<9} {kind:<15} {row['seconds']:>8.1f} s{scaled}; scoring {row['scoring_s']:.1f} s: "
+              f"{ratio}{mm}; peak RSS {row['peak_rss_mb']:.0f} MB (cache before: "
+              f"{r['resident_before'] if r['resident_before'] is None else round(r['resident_before'], 3)}){extra}",
+              flush=True)
+    return {"label": label, "store": written, "raw_read": raw, "rows": rows}
+
+
+def latency(path: Path, args: argparse.Namespace, base: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
+    """Preconditioned stores of exact and ekfac: their one-time cost and one-query scores before/after
+    (before: measured again for ekfac, whose curvature is cached by then; exact's from the table above)."""
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import precondition_store
+    from datainf.store import GradientStore
+
+    out: dict[str, Any] = {}
+    store = GradientStore.open(path)
+    print("\n## query latency: one query, before and after preconditioning the store once", flush=True)
+    for method in args.precondition.split(","):
+        pre_path = path.parent / f"{path.name}-pre-{method}"
+        if pre_path.exists():
+            shutil.rmtree(pre_path)
+        t0 = time.perf_counter()
+        pre = precondition_store(store, pre_path, ScoreArguments(method=method))
+        pre_s = time.perf_counter() - t0
+        info = pre.manifest["meta"]["preconditioned"]
+        after = measure({"store": str(pre_path), "method": method, "queries": 1, "threads": args.threads})
+        table = next(r for r in rows if r["method"] == method and r["queries"] == 1)
+        if table["scaled_from_blocks"] is None:
+            before = measure({"store": str(path), "method": method, "queries": 1, "threads": args.threads})
+            before_s, how = before["seconds"], "measured again, curvature cached" if method == "ekfac" else "measured"
+        else:
+            before_s, how = table["seconds"], f"from the table, scaled from {table['scaled_from_blocks']} blocks"
+        out[method] = {"precondition_s": pre_s, "curvature_s": info["curvature_seconds"], "before_s": before_s,
+                       "before": how, "after_s": after["seconds"], "after_peak_rss_mb": after["peak_rss_mb"],
+                       "after_read_gb_s": store_bytes(pre_path) / after["seconds"] / 1e9}
+        print(f"  {method}: precondition once {pre_s:.1f} s (curvature {info['curvature_seconds']:.1f} s); one query "
+              f"{before_s:.1f} s before ({how}) -> {after['seconds']:.1f} s after "
+              f"({before_s / after['seconds']:.1f}x; {out[method]['after_read_gb_s']:.3f} GB/s = "
+              f"{out[method]['after_read_gb_s'] / base['disk']['read_gb_s']:.0%} of disk), peak RSS "
+              f"{after['peak_rss_mb']:.0f} MB", flush=True)
+        if not args.keep:
+            shutil.rmtree(pre_path)
+    return out
+
+
+def explain_gradient(args: argparse.Namespace) -> dict[str, Any]:
+    """One projected SmolLM2 query gradient (the other half of a `datainf explain` answer)."""
+    from datainf.data.collate import TextCollator
+    from datainf.gradients import ProjectionSettings, per_example_gradients
+    from datainf.models.finetune import LoraSettings
+    from datainf.models.llm import load_causal_lm, smollm2_dir
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm(str(smollm2_dir()), LoraSettings(rank=8, alpha=32, target_modules=("q_proj", "v_proj"),
+                                                                       modules_to_save=()), device="cpu", seed=0)
+    collate = TextCollator(tokenizer=tokenizer, task="causal_lm", max_length=128)
+    batch = collate([{"prompt": "What is 17 times 23? Think step by step.",
+                      "response": "17 times 23 is 17 times 20 plus 17 times 3, which is 340 plus 51, so 391."}])
+    projection = ProjectionSettings(dim=args.dim, seed=0)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        grads = per_example_gradients(model, batch, "causal_lm", projection=projection)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": min(times), "blocks": len(grads), "tokens": int(batch["attention_mask"].sum())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench_store")
+    ap.add_argument("--n", type=int, default=100_000, help="examples of the projected store")
+    ap.add_argument("--dim", type=int, default=64, help="projection k")
+    ap.add_argument("--full-n", type=int, default=10_000, help="examples of the unprojected store (0: skip)")
+    ap.add_argument("--chunk-size", type=int, default=1024, help="examples per store chunk")
+    ap.add_argument("--disk-gb", type=float, default=4.0)
+    ap.add_argument("--precondition", default="ekfac")
+    ap.add_argument("--explain-model", action="store_true", help="also time one SmolLM2 query gradient")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.quick:
+        args.n, args.full_n, args.chunk_size, args.disk_gb = 3000, 600, 512, 0.2
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = 2 if args.quick else LAYERS
+    blocks = smollm2_blocks(layers)
+    result: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "started":
+                              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": os.getloadavg(),
+                              "settings": {k: v for k, v in vars(args).items() if k != "child"}}
+    result["matmul_gflops"] = matmul_gflops(1024 if args.quick else 2048)
+    result["disk"] = disk_baseline(out, args.disk_gb)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}\n"
+          f"dense float32 matmul: {result['matmul_gflops']:.1f} GFLOP/s; disk: sequential write "
+          f"{result['disk']['write_gb_s']:.3f} GB/s (fsync), cold read {result['disk']['read_gb_s']:.3f} GB/s "
+          f"(page cache before the read: {result['disk']['resident_before_read']})", flush=True)
+    stores = []
+    if args.full_n:
+        stores.append(("unprojected", blocks, args.full_n, None, PLAN_FULL))
+    from datainf.gradients import ProjectionSettings
+
+    layout = {**ProjectionSettings(dim=args.dim).to_dict(), "blocks": {
+        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in projected_blocks(blocks, args.dim).items()}}
+    stores.append((f"projected k={args.dim}", projected_blocks(blocks, args.dim), args.n, layout, PLAN_PROJECTED))
+    result["stores"] = []
+    for label, shapes, n, projection, slow in stores:
+        path = out / ("store-full" if projection is None else f"store-k{args.dim}")
+        entry = bench_store(label, path, shapes, n, args, result, projection, slow)
+        if projection is not None:
+            entry["latency"] = latency(path, args, result, entry["rows"])
+        result["stores"].append(entry)
+        if not args.keep:
+            shutil.rmtree(path)
+        (out / "bench_store.json").write_text(json.dumps(result, indent=1, default=str))
+    if args.explain_model:
+        result["explain_gradient"] = explain_gradient(args)
+        print(f"\none projected SmolLM2 query gradient (k={args.dim}): {result['explain_gradient']['seconds']:.2f} s",
+              flush=True)
+    result["load_end"] = os.getloadavg()
+    (out / "bench_store.json").write_text(json.dumps(result, indent=1, default=str))
+    summarize(result)
+    return 0
+
+
+def summarize(result: dict[str, Any]) -> None:
+    print(f"\nload average at the end: {result['load_end'][0]:.1f}\ntargets:")
+    for entry in result["stores"]:
+        for row in entry["rows"]:
+            if row["queries"] == 1 and row["read_vs_disk"] is not None:
+                ok = "PASS" if row["read_vs_disk"] >= 0.5 else "MISS"
+                print(f"  {entry['label']}, {row['method']}, 1 query streams at >= 50% of disk bandwidth: "
+                      f"{row['read_vs_disk']:.0%} {ok}")
+            if row["queries"] == 100 and row["vs_matmul"] is not None:
+                ok = "PASS" if row["vs_matmul"] >= 0.4 else "MISS"
+                print(f"  {entry['label']}, {row['method']}, 100 queries at >= 40% of matmul throughput: "
+                      f"{row['vs_matmul']:.0%} {ok}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

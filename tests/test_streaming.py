@@ -1,0 +1,258 @@
+"""Every method streams a store twice as large as the memory it may use, and a preconditioned store answers
+with the method's own scores.
+
+As in tests/test_out_of_core.py: a child process imports torch and datainf, then caps its address space
+(RLIMIT_AS) at that baseline + CAP_MB; the store holds 2 * CAP_MB of float32 gradients, so a method that held
+more than a chunk per block plus its own O(d^2) or O(n_query d) state (or the n x n Gram matrix, 30720^2
+floats) would fail. A control child shows that reading the whole store under the cap does fail. Memory maps
+count towards RLIMIT_AS, so this also checks that reads map one chunk file at a time.
+
+Here the blocks are small (d = 1024) and n = 30,720 > d: the shape of a large store of LoRA blocks, where
+exact must take its d x d route and datainf's self-influence its d x d matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import datainf
+from datainf.errors import DataInfError
+from datainf.estimators import ScoreArguments
+from datainf.estimators.kfac import curvature_from_gradients
+from datainf.scoring import PRECONDITIONABLE, precondition_store, preconditioned, score_store
+from datainf.store import GradientStore
+from reference import FLOAT32_TOL, FLOAT64_TOL, assert_close_to
+
+CAP_MB = 120
+N, CHUNK = 30720, 1024
+SHAPES = {"lora_A": (16, 64), "lora_B": (64, 16)}  # 2 blocks of 1,024 values: 30720 * 2048 * 4 B = 252 MB
+N_QUERY = 4
+LISSA = {"iterations": 2, "scale": 1.0}  # two steps (each two passes); a fixed scale skips the power iteration
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time, warnings
+    import torch
+    torch.set_num_threads(1)
+    import datainf
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import precondition_store, score_store
+    from datainf.store import GradientStore
+
+    def vm(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    mode, store_path, query_path, out_path, cap_mb, lissa = sys.argv[1:7]
+    queries = torch.load(query_path)
+    store = GradientStore.open(store_path)
+    base = vm("VmSize")
+    cap = base + int(cap_mb) * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if mode == "load":  # the control: the store does not fit under the cap
+        try:
+            whole = {name: store.load(name) for name in store.block_names}
+            print(json.dumps({"loaded": True}))
+        except (MemoryError, RuntimeError, OSError) as e:  # an allocation or a memory map refused
+            print(json.dumps({"loaded": False, "error": type(e).__name__}))
+        sys.exit(0)
+    results, seconds = {}, {}
+    warnings.simplefilter("ignore")
+    for method in ("datainf", "exact", "identity", "kfac", "ekfac", "lissa"):
+        options = json.loads(lissa) if method == "lissa" else {}
+        for kind in ("influence", "self"):
+            if kind == "self" and method == "lissa":
+                continue  # its recursion per chunk of training rows: n / chunk times the cost, not memory
+            t0 = time.perf_counter()
+            try:
+                r = score_store(store, queries if kind == "influence" else None,
+                                ScoreArguments(method=method, options=options))
+            except (MemoryError, RuntimeError, OSError) as e:
+                print(json.dumps({"failed": f"{method} {kind}: {type(e).__name__}: {e}"}))
+                sys.exit(0)
+            results[f"{method}/{kind}"] = r.scores
+            seconds[f"{method}/{kind}"] = time.perf_counter() - t0
+    pre = precondition_store(store, out_path + ".ekfac", ScoreArguments(method="ekfac"))
+    results["ekfac/preconditioned"] = score_store(pre, queries, ScoreArguments(method="ekfac")).scores
+    torch.save(results, out_path)
+    print(json.dumps({"peak_above_baseline_mb": (vm("VmPeak") - base) / 2**20, "seconds": seconds}))
+    """
+)
+
+
+def _run_child(*args: str) -> dict:
+    # a fixed mmap threshold: glibc otherwise raises it to the size of the last large block freed, so chunk-sized
+    # temporaries land in the brk heap and its fragmentation (which depends on the import-time heap layout and
+    # the hash seed, not on what a method holds) decides whether a later allocation fits under the cap
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """A 252 MB float32 store of n = 30,720 examples, the same gradients in memory, and 4 queries."""
+    folder = tmp_path_factory.mktemp("streaming")
+    g = torch.Generator().manual_seed(0)
+    grads = {name: torch.empty(N, *shape) for name, shape in SHAPES.items()}
+    basis = {name: torch.randn(32, *shape, generator=g) for name, shape in SHAPES.items()}  # a decaying spectrum
+    spectrum = torch.logspace(0, -2, 32)
+    with GradientStore.create(folder / "store", blocks=SHAPES, n_examples=N, fingerprints={"model": "synthetic"},
+                              chunk_size=CHUNK) as store:
+        for c in range(store.num_chunks):
+            rows = store.chunk_rows(c)
+            chunk = {}
+            for name, shape in SHAPES.items():
+                coef = torch.randn(len(rows), 32, generator=g) * spectrum
+                chunk[name] = 0.01 * (torch.einsum("nk,k...->n...", coef, basis[name])
+                                      + 0.05 * torch.randn(len(rows), *shape, generator=g))
+                grads[name][rows.start : rows.stop] = chunk[name]
+            store.write_chunk(c, chunk)
+        store.finalize()
+    queries = {name: grads[name][:N_QUERY].clone() + 0.001 * torch.randn(N_QUERY, *s, generator=g)
+               for name, s in SHAPES.items()}
+    torch.save(queries, folder / "queries.pt")
+    size = sum(p.stat().st_size for p in (folder / "store").rglob("*.npy"))
+    assert size >= 2 * CAP_MB * 2**20
+    return folder, grads, queries
+
+
+def test_the_cap_is_smaller_than_the_store(big_store):
+    folder, _, _ = big_store
+    result = _run_child("load", str(folder / "store"), str(folder / "queries.pt"), "-", str(CAP_MB), "{}")
+    assert result == {"loaded": False, "error": result.get("error")}
+
+
+def test_every_method_streams_under_the_cap(big_store):
+    """Influence (4 queries) and self-influence of every method, and an EK-FAC preconditioned store, under
+    the cap; each equals the same method on the gradients in memory (float32 both: FLOAT32_TOL)."""
+    folder, grads, queries = big_store
+    out = folder / "scores.pt"
+    info = _run_child("all", str(folder / "store"), str(folder / "queries.pt"), str(out), str(CAP_MB),
+                      json.dumps(LISSA))
+    assert "failed" not in info, info
+    assert info["peak_above_baseline_mb"] <= CAP_MB
+    streamed = torch.load(out)
+    curvature = curvature_from_gradients(grads)
+    for key, got in streamed.items():
+        method, kind = key.split("/")
+        extra = {"factors": curvature} if method in ("kfac", "ekfac") else {}
+        options = LISSA if method == "lissa" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = (datainf.self_influence(grads, method, **options, **extra) if kind == "self"
+                    else datainf.influence(grads, queries, method, **options, **extra))
+        assert_close_to(got, want, tol=FLOAT32_TOL, what=key)
+
+
+# ------------------------------------------------------------------------------------------------ small stores
+def _small_store(path, n=40, shapes=None, dtype="float64", seed=0):
+    shapes = shapes or {"w": (6, 10), "b": (6,)}
+    g = torch.Generator().manual_seed(seed)
+    grads = {k: torch.randn(n, *s, generator=g, dtype=torch.float64) * (0.1 + i) for i, (k, s) in enumerate(shapes.items())}
+    with GradientStore.create(path, blocks=shapes, n_examples=n, fingerprints={"model": "m", "task": "t"},
+                              chunk_size=16, dtype=dtype, meta={"task": "classification"}) as store:
+        for c in range(store.num_chunks):
+            rows = store.chunk_rows(c)
+            store.write_chunk(c, {k: v[rows.start : rows.stop] for k, v in grads.items()})
+        store.write_records([{"text": f"example {i}", "label": i % 2} for i in range(n)])
+        store.finalize()
+    return GradientStore.open(path), grads
+
+
+@pytest.mark.parametrize("method", PRECONDITIONABLE)
+@pytest.mark.parametrize("n", [40, 8])  # d = 60 <= n (datainf's d x d route, exact's Cholesky) and n < d (Gram)
+def test_a_preconditioned_store_gives_the_methods_scores(tmp_path, method, n):
+    store, grads = _small_store(tmp_path / "s", n=n)
+    queries = {k: torch.randn(3, *v.shape[1:], dtype=torch.float64) for k, v in grads.items()}
+    args = ScoreArguments(method=method)
+    direct = score_store(store, queries, args)
+    pre = precondition_store(store, tmp_path / "pre", args)
+    info = preconditioned(pre)
+    assert info["method"] == method and set(info["damping"]) == {"w", "b"}
+    assert pre.fingerprints == store.fingerprints and pre.records() == store.records()
+    fast = score_store(pre, queries, args)
+    assert_close_to(fast.scores, direct.scores, tol=FLOAT64_TOL, what=f"{method} preconditioned")
+    assert fast.damping == pytest.approx(direct.damping)
+    mean = score_store(pre, queries, args.replace(mean_query=True)).scores
+    assert_close_to(mean, score_store(store, queries, args.replace(mean_query=True)).scores, tol=FLOAT64_TOL)
+
+
+def test_a_preconditioned_store_refuses_what_it_cannot_answer(tmp_path):
+    store, grads = _small_store(tmp_path / "s")
+    queries = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in grads.items()}
+    pre = precondition_store(store, tmp_path / "pre", ScoreArguments(method="exact"))
+    for args, message in ((ScoreArguments(method="datainf"), "preconditioned for 'exact'"),
+                          (ScoreArguments(method="exact", normalize=True), "normalized"),
+                          (ScoreArguments(method="exact", damping=123.0), "damping")):
+        with pytest.raises(DataInfError, match=message):
+            score_store(pre, queries, args)
+    with pytest.raises(DataInfError, match="self-influence needs the original"):
+        score_store(pre, None, ScoreArguments(method="exact"))
+    with pytest.raises(DataInfError, match="preconditioned training gradients, not query"):
+        score_store(store, pre, ScoreArguments(method="exact"))
+    with pytest.raises(DataInfError, match="cannot be precomputed"):
+        precondition_store(store, tmp_path / "lissa", ScoreArguments(method="lissa"))
+    with pytest.raises(DataInfError, match="not empty"):
+        precondition_store(store, tmp_path / "pre", ScoreArguments(method="exact"))
+    with pytest.raises(DataInfError, match="already preconditioned"):
+        precondition_store(pre, tmp_path / "again", ScoreArguments(method="exact"))
+
+
+def test_float16_preconditioned_store_stays_in_range(tmp_path):
+    """lambda P g is stored (eigenvalues of lambda P in (0, 1]), so even a float16 store of gradients whose
+    P g would overflow float16 is written, and scores within float16 rounding of float64."""
+    store, grads = _small_store(tmp_path / "s", n=64, dtype="float16")
+    queries = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in grads.items()}
+    pre = precondition_store(store, tmp_path / "pre", ScoreArguments(method="ekfac"))
+    assert pre.storage_dtype == "float16"
+    assert_close_to(score_store(pre, queries, ScoreArguments(method="ekfac")).scores,
+                    score_store(store, queries, ScoreArguments(method="ekfac")).scores, tol=5e-3, what="float16")
+
+
+def test_cli_store_precondition_and_info(tmp_path, capsys):
+    from datainf.cli import main
+
+    store, grads = _small_store(tmp_path / "s")
+    for argv in (["store", "precondition", "--method", "ekfac", str(tmp_path / "s"), str(tmp_path / "pre")],
+                 ["store", "info", str(tmp_path / "pre")]):
+        with pytest.raises(SystemExit) as e:
+            main(["--quiet", *argv])
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "preconditioned by ekfac" in out and "preconditioned for ekfac from" in out and "projection: none" in out
+
+
+def test_exact_takes_the_d_by_d_route_for_many_examples_and_refuses_a_huge_matrix(monkeypatch):
+    from datainf.estimators import BlockRows
+    from datainf.estimators import exact as exact_module
+
+    many = BlockRows("w", torch.randn(300, 20), torch.float32, torch.device("cpu"), 64)
+    assert not exact_module.Exact(many, 0.1, torch.ones(300)).gram_route  # n > d: d x d, never n x n
+    few = BlockRows("w", torch.randn(10, 20), torch.float32, torch.device("cpu"), 64)
+    assert exact_module.Exact(few, 0.1, torch.ones(10)).gram_route
+    monkeypatch.setattr(exact_module, "MAX_MATRIX_BYTES", 20 * 20 * 4 - 1)
+    with pytest.raises(DataInfError, match=r"d x d matrix \(20 x 20\).*--project K"):
+        exact_module.Exact(many, 0.1, torch.ones(300))
+
+
+def test_curvature_fit_is_timed_broken_down_and_cached(tmp_path):
+    store, grads = _small_store(tmp_path / "s", n=40)
+    queries = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in grads.items()}
+    first = score_store(store, queries, ScoreArguments(method="ekfac"))
+    fit = first.diagnostics["curvature_fit"]
+    assert not fit["cached"] and set(fit["breakdown"]) == {"basis_pass_s", "eigh_s", "correct_pass_s"}
+    assert first.curvature_seconds >= sum(fit["breakdown"].values()) * 0.99
+    assert first.seconds >= first.curvature_seconds
+    again = score_store(store, queries, ScoreArguments(method="ekfac")).diagnostics["curvature_fit"]
+    assert again["cached"] and again["breakdown"] == fit["breakdown"] and again["fit_seconds"] == fit["fit_seconds"]
