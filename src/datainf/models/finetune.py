@@ -407,7 +407,7 @@ def save_adapter(model: Any, adapter_dir: str | Path) -> Path:
     adapter_dir = Path(adapter_dir)
     model.save_pretrained(str(adapter_dir))
     base = model.get_base_model()
-    pooling = "mean" if type(base).__name__ == "MeanPoolingBertForSequenceClassification" else "pooler"
+    pooling = "mean" if isinstance(base, _mean_pooling_class()) else "pooler"
     atomic.write_text(adapter_dir / HEAD_FILE, json.dumps({"pooling": pooling}) + "\n")
     return adapter_dir
 
