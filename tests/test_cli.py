@@ -157,6 +157,20 @@ def test_missing_optional_dependency_is_one_line(monkeypatch, capsys):
     assert lines[0].startswith("error: `datainf experiment diffusion-style` needs the package 'diffusers'"), err
 
 
+def test_a_repeated_method_flag_adds_methods(flow, tmp_path, capsys):
+    """``--method identity --method datainf,identity`` scores both, once each (click's default would keep only
+    the last flag); the scores equal the library's on the same store."""
+    root, *_ = flow
+    code, _, err = run(["score", "--store", str(root / "train-store"), "--self", "--method", "identity",
+                        "--method", "datainf,identity", "--out", str(tmp_path / "r.safetensors")], capsys)
+    assert code == 0, err
+    loaded = load_scores(tmp_path / "r.safetensors")
+    assert sorted(loaded.scores) == ["datainf", "identity"]
+    tr = GradientStore.open(root / "train-store")
+    want = -sum((tr.load(n).reshape(12, -1).double() ** 2).sum(1) for n in tr.block_names)
+    assert_close_to(loaded.scores["identity"].double(), want, tol=FLOAT32_TOL, what="self-influence, identity")
+
+
 def test_config_file_sets_defaults_and_flags_override(flow, tmp_path, capsys):
     root, *_ = flow
     config = tmp_path / "run.yaml"

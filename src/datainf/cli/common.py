@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,20 @@ def default_map(config: dict[str, Any], commands: dict[str, click.Command]) -> d
     flat = {k: v for k, v in config.items() if not isinstance(v, dict)}
     out = {}
     for name, command in commands.items():
-        params = {}
+        params: dict[str, click.Parameter] = {}
         for p in command.params:
-            params[p.name] = p.name
+            params[str(p.name)] = p
             for opt in p.opts:
-                params[opt.lstrip("-").replace("-", "_")] = p.name
+                params[opt.lstrip("-").replace("-", "_")] = p
         section = config.get(name) if isinstance(config.get(name), dict) else {}  # (`store` is also a flat key/option)
         values = {}
         for key, value in {**flat, **section}.items():
             key = str(key).replace("-", "_")
             if key in params:
-                values[params[key]] = value
+                param = params[key]
+                if getattr(param, "multiple", False) and not isinstance(value, list):
+                    value = [value]  # `method: datainf,exact` in a config, for an option that may be repeated
+                values[str(param.name)] = value
             elif key in section:
                 raise DataInfError(f"config: '{name}' has no option '{key}'; see `datainf {name} --help`")
         out[name] = values
@@ -76,11 +80,13 @@ def rank_device(device: str, rank_world: tuple[int, int]) -> str:
     return device
 
 
-def parse_methods(value: str) -> list[str]:
-    """Comma-separated method names, each checked against the registry."""
+def parse_methods(value: str | Sequence[str]) -> list[str]:
+    """Method names, comma-separated and/or from a repeated ``--method`` flag (``("datainf,exact", "lissa")``),
+    each checked against the registry; a name given twice is scored once."""
     from datainf.estimators import method_names
 
-    methods = [m.strip() for m in value.split(",") if m.strip()]
+    parts = [value] if isinstance(value, str) else list(value)
+    methods = list(dict.fromkeys(m.strip() for part in parts for m in part.split(",") if m.strip()))
     for m in methods:
         if m not in method_names():
             raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")

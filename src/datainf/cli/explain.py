@@ -87,8 +87,9 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @click.option("--prompt", default=None, help="The prompt to explain (asked for with --interactive).")
 @click.option("--response", default=None, help="The response to explain; default: the model's own (generated).")
 @click.option("--system", default=None, help="A system turn before the prompt (chat stores), as in training.")
-@click.option("--method", "methods", default="datainf", help="Comma-separated method names (datainf, exact, ...: a name that is not registered is refused with "
-                   "the list of those that are).")
+@click.option("--method", "methods", multiple=True, default=("datainf",),
+              help="Method names, comma-separated or repeated (--method datainf --method exact); a name that is "
+                   "not registered is refused with the list of those that are.")
 @click.option("--k", type=click.IntRange(min=1), default=10, help="Examples shown per list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows (and settings) as JSON to this file.")
@@ -100,7 +101,7 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str, prompt: str | None,
-            response: str | None, system: str | None, methods: str, k: int, json_path: str | None, interactive: bool,
+            response: str | None, system: str | None, methods: tuple[str, ...], k: int, json_path: str | None, interactive: bool,
             max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
     """Which training examples made the model give this response to this prompt?"""
     from datainf.attributor import Attributor

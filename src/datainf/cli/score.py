@@ -16,8 +16,9 @@ from datainf.errors import DataInfError
 @click.option("--queries", "query_dir", type=click.Path(file_okay=False), default=None,
               help="Gradient store of the queries (e.g. the validation set).")
 @click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
-@click.option("--method", "methods", default="datainf", help="Comma-separated method names (datainf, exact, ...: a name that is not registered is refused with "
-                   "the list of those that are).")
+@click.option("--method", "methods", multiple=True, default=("datainf",),
+              help="Method names, comma-separated or repeated (--method datainf --method exact); a name that is "
+                   "not registered is refused with the list of those that are.")
 @click.option("--mean-query", is_flag=True,
               help="Score against the mean query gradient: influence on the average query loss.")
 @click.option("--normalize", is_flag=True,
@@ -34,7 +35,7 @@ from datainf.errors import DataInfError
               help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside).")
 @device_option
 @click.pass_context
-def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, methods: str,
+def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, methods: tuple[str, ...],
             mean_query: bool, normalize: bool, damping: float | None, lissa_iterations: int,
             compute_dtype: str | None, allow_mismatch: bool, out_path: str, device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
