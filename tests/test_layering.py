@@ -28,7 +28,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.data": ("datainf.errors", "datainf.data", "datainf.tasks"),
     "datainf.tasks": ("datainf.errors",),
     "datainf.gradients": ("datainf.errors", "datainf.tasks", "datainf.adapters"),
-    "datainf.store": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.adapters"),
+    "datainf.store": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.adapters", "datainf.store"),
     "datainf.estimators": ("datainf.errors", "datainf.estimators"),
     "datainf.distributed": ("datainf.errors", "datainf.estimators", "datainf.store"),
     "datainf.scoring": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
@@ -55,11 +55,17 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
-    """(imported datainf module, names taken from it, line) for every import statement in the file."""
+    """(imported datainf module, names taken from it, line) for every import statement in the file, except
+    those under ``if TYPE_CHECKING:`` (annotations only: never run, so neither a dependency nor a cycle)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                 and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                 for n in ast.walk(node)}
     out = []
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "datainf"]
         elif isinstance(node, ast.ImportFrom):

@@ -391,16 +391,16 @@ def test_finalize_and_open_incomplete(tmp_path):
 def test_slices_read_only_the_chunks_they_need_through_memory_maps(tmp_path, monkeypatch):
     store = fill(tmp_path / "s", make_grads(40), chunk_size=8)
     calls = []
-    import datainf.store as store_module
+    import datainf.store.gradient_store as store_module
 
-    real_map = store_module._map_npy
+    real_map = store_module.map_npy
 
     def spy(file, *args, **kwargs):  # every memory map the reads make (np.load is only the fallback)
         mapped = real_map(file, *args, **kwargs)
         calls.append((Path(file).parent.name, Path(file).name, "r" if mapped is not None else None))
         return mapped
 
-    monkeypatch.setattr("datainf.store._map_npy", spy)
+    monkeypatch.setattr("datainf.store.gradient_store.map_npy", spy)
     store.block("lora_B")[14:18]
     assert calls == [("00001", "b0001.npy", "r"), ("00002", "b0001.npy", "r")]
     calls.clear()
@@ -699,12 +699,13 @@ def test_a_refused_first_chunk_leaves_no_store_behind(tmp_path):
 _TAKEOVER = """
 import sys, time
 from datainf import store as st
+from datainf.store import locking
 from datainf.errors import DataInfError
-real = st._pid_alive
+real = locking._pid_alive
 def slow(pid):  # widen the window between seeing the stale lock and taking it
     time.sleep(0.05)
     return real(pid)
-st._pid_alive = slow
+locking._pid_alive = slow
 path, go = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, go - time.time()))
 try:

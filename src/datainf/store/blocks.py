@@ -1,0 +1,113 @@
+"""One block of a store read as rows from memory-mapped chunk files: :class:`StoredBlock`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from datainf.errors import DataInfError
+
+if TYPE_CHECKING:
+    from datainf.store.gradient_store import GradientStore
+
+
+class StoredBlock:
+    """One block of a store as a row source: rows are read from memory-mapped chunk files on demand.
+
+    ``shape == (n_examples, d)`` (d = prod(block_shape)), ``dtype`` is the dtype ``__getitem__`` returns,
+    ``device`` is cpu. ``block[rows]`` takes a slice, an int, or a 1-D LongTensor / ndarray / list of row
+    indices and returns a tensor ``(rows, d)`` (``(d,)`` for an int), touching only the chunks it needs.
+    Can be passed to :func:`datainf.influence` directly.
+    """
+
+    def __init__(self, store: GradientStore, name: str, dtype: torch.dtype):
+        self.store = store
+        self.name = name
+        self.block_shape = store.block_shapes[name]
+        self.shape = (store.n_examples, math.prod(self.block_shape))
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+        self._file = store._block_file(name)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"StoredBlock({self.name!r}, shape={self.shape}, dtype={self.dtype}, store={str(self.store.path)!r})"
+
+    def _chunk(self, index: int) -> np.ndarray:
+        """The chunk's rows of this block, memory-mapped: (rows_in_chunk, d) in the storage dtype."""
+        return self.store._mapped(index, self._file)
+
+    def _to_torch(self, array: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.array(array))  # copies only the requested rows out of the memory map
+        if self.store.storage_dtype == "bfloat16":
+            t = t.view(torch.int16).view(torch.bfloat16)
+        return t.to(self.dtype)
+
+    def _copy_rows(self, out: Tensor, array: np.ndarray) -> None:
+        """``out[:] = rows`` straight from the memory map: one pass that converts as it copies (no
+        intermediate copies, no fresh allocation), the streaming read's hot loop."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that the (read-only) map is not writable; we only read
+            t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.store.storage_dtype == "bfloat16":
+            t = t.view(torch.int16).view(torch.bfloat16)
+        out.copy_(t)
+
+    def sq_norms(self) -> Tensor:
+        """The stored squared norm of every example's gradient in this block, float64 (n,): computed when the
+        store was written from the float32 (float64) values, so scoring needs no pass over the rows for it.
+        They stand for this block's rows, so (with the store's ``checksums`` on) the rows' files are checked
+        against their sha256 as a read of them would be: a damaged block is refused, not scored by its old
+        norms."""
+        if self.store.checksums:
+            for c in range(self.store.num_chunks):
+                self.store._checked_file(c, self._file)
+        return self.store._sq_norms_table()[:, self.store.block_names.index(self.name)]
+
+    def __getitem__(self, rows: slice | int | Tensor | np.ndarray | list[int]) -> Tensor:
+        n, d = self.shape
+        size = self.store.chunk_size
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            k = int(rows)
+            if not -n <= k < n:
+                raise DataInfError(f"block '{self.name}': row {k} is out of range for {n} examples")
+            return self[slice(k % n, k % n + 1)][0]
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            out = torch.empty(max(stop - start, 0), d, dtype=self.dtype)
+            pos = start
+            while pos < stop:
+                c = pos // size
+                end = min(stop, (c + 1) * size)
+                self._copy_rows(out[pos - start : end - start], self._chunk(c)[pos - c * size : end - c * size])
+                pos = end
+            return out
+        idx = rows.detach().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
+        if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+            raise DataInfError(
+                f"block '{self.name}': rows must be a slice, an int or a 1-D integer index, got "
+                f"{idx.dtype} with shape {idx.shape}"
+            )
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise DataInfError(f"block '{self.name}': row indices must lie in [-{n}, {n}), got {idx.min()}..{idx.max()}")
+        idx = idx % n if n else idx
+        out = torch.empty(len(idx), d, dtype=self.dtype)
+        chunk_of = idx // size
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for group in np.split(order, bounds):
+            if group.size == 0:
+                continue
+            c = int(chunk_of[group[0]])
+            out[torch.from_numpy(group)] = self._to_torch(self._chunk(c)[idx[group] - c * size])
+        return out
