@@ -21,6 +21,10 @@ from datainf.errors import DataInfError
 
 #: the paper's damping constant: lambda_l = DAMPING_FACTOR * mean_i ||g_il||^2 / d_l
 DAMPING_FACTOR = 0.1
+#: the most bytes of one materialized chunk of rows on the CPU (rows read from a store, or cast): buffers this
+#: small are reused by the allocator and stay in cache, where a fresh 38 MB buffer per chunk (2,048 rows of
+#: a 4,608-wide block) was page-faulted in at 0.5 GB/s against 4.5 GB/s for 5 MB (benchmarks/bench_store.py)
+ROW_BUFFER_BYTES = 4 << 20
 
 
 class RowSource(Protocol):
@@ -145,6 +149,18 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def rows_per_chunk(g: Any, chunk: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows of block ``g`` (n, d) to materialize at once: ``chunk``, or fewer when each chunk is a new CPU buffer
+    (rows read from a row source such as a store, or cast to ``dtype``) that would exceed
+    :data:`ROW_BUFFER_BYTES`; a view of an in-memory tensor, or rows on an accelerator (whose caching
+    allocator reuses buffers), keep ``chunk``."""
+    fresh = not isinstance(g, Tensor) or g.dtype != dtype or g.device != device
+    if not fresh or device.type != "cpu":
+        return chunk
+    row_bytes = int(g.shape[1]) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(chunk, ROW_BUFFER_BYTES // max(1, row_bytes)))
+
+
 class BlockRows:
     """One block's training gradients ``G`` (n, d), read ``chunk`` rows at a time in the compute dtype.
 
@@ -157,8 +173,12 @@ class BlockRows:
         self.n, self.d = int(g.shape[0]), int(g.shape[1])
 
     def rows(self) -> Iterator[tuple[slice, Tensor]]:
-        for s in chunks(self.n, self.chunk):
+        for s in chunks(self.n, self.rows_per_chunk()):
             yield s, self.g[s].to(device=self.device, dtype=self.dtype)
+
+    def rows_per_chunk(self) -> int:
+        """How many rows :meth:`rows` reads at once: see :func:`rows_per_chunk`."""
+        return rows_per_chunk(self.g, self.chunk, self.dtype, self.device)
 
     def take(self, rows: Tensor) -> Tensor:
         """The rows of ``G`` at the (sorted) indices ``rows``, in the compute dtype."""
@@ -286,6 +306,7 @@ def default_damping(train_grads: Blocks) -> dict[str, float]:
 
 __all__ = [
     "DAMPING_FACTOR",
+    "ROW_BUFFER_BYTES",
     "Block",
     "BlockRows",
     "Blocks",
@@ -301,4 +322,5 @@ __all__ = [
     "pair_blocks",
     "paper_damping",
     "resolve_damping",
+    "rows_per_chunk",
 ]

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
-from datainf.estimators.blocks import BlockRows, Blocks, as_blocks, chunks
+from datainf.estimators.blocks import BlockRows, Blocks, as_blocks, chunks, rows_per_chunk
 from datainf.estimators.registry import Estimator, register
 
 KFAC_METHODS = ("kfac", "ekfac")
@@ -297,7 +297,8 @@ def _gradient_basis(curvature: KFACCurvature, train_grads: Blocks, chunk_size: i
         a_g = torch.zeros(inn, inn, dtype=torch.float64)
         s_g = torch.zeros(out, out, dtype=torch.float64)
         cd = _product_dtype(g)
-        for s in chunks(g.shape[0], chunk_size):  # products of one chunk in cd, sums over chunks in float64
+        cpu = torch.device("cpu")
+        for s in chunks(g.shape[0], rows_per_chunk(g, chunk_size, cd, cpu)):  # chunk products in cd, sums in float64
             rows = g[s].to(device="cpu", dtype=cd).reshape(-1, out, inn)
             flat = rows.reshape(-1, inn)
             a_g += (flat.T @ flat).double()
@@ -324,7 +325,7 @@ def correct_eigenvalues(curvature: KFACCurvature, train_grads: Blocks, *, chunk_
         n = g.shape[0]
         cd = _product_dtype(g)
         q_s_t, q_a = b.q_s.T.to(cd), b.q_a.to(cd)
-        for s in chunks(n, chunk_size):
+        for s in chunks(n, rows_per_chunk(g, chunk_size, cd, torch.device("cpu"))):
             rows = g[s].to(device="cpu", dtype=cd).reshape(-1, out, inn)
             rotated = torch.matmul(q_s_t, rows)
             rotated = torch.matmul(rotated, q_a)
