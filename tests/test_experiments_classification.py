@@ -83,6 +83,10 @@ def test_selection(tiny_bert_dir, local_data, tmp_path):
     assert set(res["selections"]) == {"all data", "random", "datainf", "identity"}
     assert res["selections"]["all data"]["n"] == 24 and res["selections"]["datainf"]["n"] == round(0.7 * 24)
     assert all(0 <= r["validation_accuracy"] <= 1 for r in res["selections"].values())
+    # retraining on all the data is the scores run's own fine-tune again (same recipe, head and seed): the same
+    # validation accuracy, which a retrain with another head or learning rate would not give
+    scores_run = json.loads((tmp_path / "scores-run" / "results.json").read_text())
+    assert res["selections"]["all data"]["validation_accuracy"] == scores_run["validation_accuracy"]
 
 
 def test_scaling(tmp_path):

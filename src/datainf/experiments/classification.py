@@ -30,7 +30,7 @@ from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_
 from datainf.errors import DataInfError
 from datainf.estimators import get_method, influence, method_names
 from datainf.experiments.common import settings_dict
-from datainf.experiments.mislabeled import MislabeledSettings, run_mislabeled
+from datainf.experiments.mislabeled import MislabeledSettings, finetune, run_mislabeled
 from datainf.scoring import load_scores
 
 # ---------------------------------------------------------------------------------------------- data
@@ -298,25 +298,13 @@ def selection_subsets(scores_path: Path, n_train: int, n_keep: int, seed: int) -
 
 def retrain_on(base: MislabeledSettings, train: list[dict], val: list[dict], idx: np.ndarray,
                progress: bool) -> Selection:
-    """Fine-tune afresh (same initialisation and seed) on ``train[idx]``; its validation accuracy."""
-    from datainf.data.assets import minilm_dir
-    from datainf.models.finetune import (
-        LoraSettings,
-        TrainSettings,
-        evaluate_classifier,
-        finetune_classifier,
-        load_classifier,
-    )
-
-    model_dir = base.model_dir or str(minilm_dir())
-    model, tok = load_classifier(model_dir, max(r["label"] for r in train) + 1,
-                                 LoraSettings(rank=base.rank, alpha=base.alpha,
-                                              target_modules=tuple(base.target_modules)), seed=base.seed)
-    finetune_classifier(model, tok, [train[i] for i in idx], TrainSettings(
-        epochs=base.epochs, learning_rate=base.learning_rate, batch_size=base.batch_size,
-        max_length=base.max_length, seed=base.seed), progress=progress)
-    acc = evaluate_classifier(model, tok, val, max_length=base.max_length)["accuracy"]
-    return Selection(validation_accuracy=acc, n=int(len(idx)), flipped_kept=int(sum(train[i]["flipped"] for i in idx)))
+    """Fine-tune afresh on ``train[idx]`` with the scores run's own recipe (same initialisation and seed,
+    head, pooling and learning rates: :func:`datainf.experiments.mislabeled.finetune`); its validation
+    accuracy."""
+    num_labels = max(r["label"] for r in train) + 1
+    _, _, _, metrics = finetune(base, [train[i] for i in idx], val, num_labels, progress)
+    return Selection(validation_accuracy=metrics["accuracy"], n=int(len(idx)),
+                     flipped_kept=int(sum(train[i]["flipped"] for i in idx)))
 
 
 # ---------------------------------------------------------------------------------------------- scaling

@@ -46,6 +46,16 @@ def grid_options(f):
         click.option("--lissa-iterations", type=int, default=100),
         click.option("--clean-baseline/--no-clean-baseline", default=True,
                      help="Also fine-tune each run on the clean labels, to record what the set-up learns."),
+        *head_options(),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def head_options() -> list:
+    """The classifier recipe's options shared by the grid and the selection experiment."""
+    return [
         click.option("--pooling", type=click.Choice(["mean", "pooler"]), default="mean", show_default=True,
                      help="What the head reads: the mean token state (how MiniLM was trained) or BERT's pooler."),
         click.option("--head-lr", type=float, default=1e-2, show_default=True,
@@ -53,9 +63,6 @@ def grid_options(f):
         click.option("--length-buckets/--no-length-buckets", default=True, show_default=True,
                      help="Batches of similar token length (less padding)."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 def base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations,
@@ -87,6 +94,12 @@ def grid_command(name: str) -> click.Command:
     return command
 
 
+def _with_head_options(f):
+    for option in reversed(head_options()):
+        f = option(f)
+    return f
+
+
 @click.command(name="selection")
 @click.option("--out", "out_dir", default="runs/selection", type=click.Path(file_okay=False))
 @click.option("--dataset", default="rotten_tomatoes")
@@ -99,13 +112,16 @@ def grid_command(name: str) -> click.Command:
 @click.option("--lr", type=float, default=3e-3)
 @click.option("--methods", default="datainf,identity,lissa,exact")
 @click.option("--seed", type=int, default=0)
+@_with_head_options
 @click.pass_context
-def selection_command(ctx, out_dir, dataset, model_dir, rank, keep, n_train, n_val, epochs, lr, methods, seed):
+def selection_command(ctx, out_dir, dataset, model_dir, rank, keep, n_train, n_val, epochs, lr, methods, seed,
+                      pooling, head_lr, length_buckets):
     """Data selection (appendix F): retrain on the least harmful share of the data per method."""
     if not 0 < keep <= 1:
         raise DataInfError(f"--keep must be in (0, 1], got {keep}")
-    base = replace(base_settings(model_dir, n_train, n_val, epochs, lr, methods, 100), dataset=dataset, rank=rank,
-                   seed=seed)
+    base = replace(base_settings(model_dir, n_train, n_val, epochs, lr, methods, 100, pooling=pooling,
+                                 head_lr=head_lr, length_buckets=length_buckets),
+                   dataset=dataset, rank=rank, seed=seed)
     records = None if dataset in DATASETS else load_dataset_records(dataset, n_train, n_val, seed)
     result = run_selection(base, out_dir, keep=keep, methods=base.methods,
                            progress=not ctx.find_root().params.get("quiet"), records=records)
