@@ -5,30 +5,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import datainf
+from cli_helpers import run_cli as run
+from cli_helpers import write_jsonl
 from datainf.cli import main
 from datainf.scoring import load_scores
 from datainf.store import GradientStore
 from reference import FLOAT32_TOL, assert_close_to
-
-
-def run(argv, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--quiet", *argv])
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")

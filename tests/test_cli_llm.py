@@ -16,18 +16,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import datainf  # noqa: E402
+from cli_helpers import run_cli as run  # noqa: E402
 from datainf.cli import main  # noqa: E402
 from datainf.data.generation import chat_records, make_task  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
 from datainf.store import GradientStore  # noqa: E402
 from reference import FLOAT64_TOL, assert_close_to  # noqa: E402
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--quiet", *argv])
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def tree(folder: Path) -> dict[str, bytes]:

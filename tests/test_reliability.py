@@ -24,6 +24,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cli_helpers import run_cli as run  # noqa: E402
+from cli_helpers import write_jsonl  # noqa: E402
 from datainf.cli import main  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
@@ -32,14 +34,6 @@ from datainf.store import GradientStore  # noqa: E402
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def run(argv, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--quiet", *argv])
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def refused(argv, capsys, words: str) -> str:
@@ -71,11 +65,6 @@ def inodes(store: Path) -> dict[str, tuple[int, int]]:
     """chunk file ("00001/b0000.npy") -> (inode, mtime): which chunk files a run rewrote."""
     return {str(p.relative_to(store / "chunks")): (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in sorted((store / "chunks").rglob("*")) if p.is_file() and not p.parent.name.startswith(".")}
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def copy(src: Path, dst: Path) -> Path:

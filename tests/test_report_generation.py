@@ -8,13 +8,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import json  # noqa: E402
 import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cli_helpers import run_cli as cli  # noqa: E402
+from cli_helpers import write_jsonl
 from datainf.cli import main  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
 from datainf.store import GradientStore  # noqa: E402
@@ -36,18 +37,6 @@ QUERIES = [
     {"prompt": "What is 4 plus 4 ?", "response": " 8"},
     {"prompt": "What is 5 minus 3 ?", "response": " 2"},
 ]
-
-
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--quiet", *argv])
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")
