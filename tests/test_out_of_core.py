@@ -10,15 +10,12 @@ the store's reads map one chunk file at a time.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from capped_child import PRELUDE, run_capped
 from reference import FLOAT32_TOL, assert_close_to
 
 CAP_MB = 120
@@ -26,25 +23,15 @@ N, CHUNK = 640, 32  # 20 chunks of 32 examples
 SHAPES = {"lora_A": (200, 250), "lora_B": (250, 200)}  # 2 blocks of 50,000 values: 640 * 100,000 * 4 B = 256 MB
 N_QUERY = 4
 
-CHILD = textwrap.dedent(
+CHILD = PRELUDE + textwrap.dedent(
     """
-    import json, resource, sys
-    import torch
-    torch.set_num_threads(1)
     import datainf
     from datainf.store import GradientStore
-
-    def vm_bytes(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
 
     mode, store_path, query_path, out_path, cap_mb = sys.argv[1:6]
     queries = torch.load(query_path)
     store = GradientStore.open(store_path)
-    base = vm_bytes("VmSize")
-    cap = base + int(cap_mb) * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    base = cap_address_space(cap_mb)
     if mode == "load":  # the control: the store does not fit under the cap
         try:
             whole = {name: store.load(name) for name in store.block_names}
@@ -60,10 +47,7 @@ CHILD = textwrap.dedent(
 
 
 def _run_child(*args: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_capped(CHILD, *args, timeout=120)
 
 
 @pytest.fixture(scope="module")

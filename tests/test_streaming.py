@@ -14,9 +14,6 @@ exact must take its d x d route and datainf's self-influence its d x d matrix.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -24,6 +21,7 @@ import pytest
 import torch
 
 import datainf
+from capped_child import PRELUDE, run_capped
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments
 from datainf.estimators.kfac import curvature_from_gradients
@@ -37,27 +35,18 @@ SHAPES = {"lora_A": (16, 64), "lora_B": (64, 16)}  # 2 blocks of 1,024 values: 3
 N_QUERY = 4
 LISSA = {"iterations": 2, "scale": 1.0}  # two steps (each two passes); a fixed scale skips the power iteration
 
-CHILD = textwrap.dedent(
+CHILD = PRELUDE + textwrap.dedent(
     """
-    import json, resource, sys, time, warnings
-    import torch
-    torch.set_num_threads(1)
+    import time, warnings
     import datainf
     from datainf.estimators import ScoreArguments
     from datainf.scoring import precondition_store, score_store
     from datainf.store import GradientStore
 
-    def vm(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
     mode, store_path, query_path, out_path, cap_mb, lissa = sys.argv[1:7]
     queries = torch.load(query_path)
     store = GradientStore.open(store_path)
-    base = vm("VmSize")
-    cap = base + int(cap_mb) * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    base = cap_address_space(cap_mb)
     if mode == "load":  # the control: the store does not fit under the cap
         try:
             whole = {name: store.load(name) for name in store.block_names}
@@ -84,19 +73,13 @@ CHILD = textwrap.dedent(
     pre = precondition_store(store, out_path + ".ekfac", ScoreArguments(method="ekfac"))
     results["ekfac/preconditioned"] = score_store(pre, queries, ScoreArguments(method="ekfac")).scores
     torch.save(results, out_path)
-    print(json.dumps({"peak_above_baseline_mb": (vm("VmPeak") - base) / 2**20, "seconds": seconds}))
+    print(json.dumps({"peak_above_baseline_mb": (vm_bytes("VmPeak") - base) / 2**20, "seconds": seconds}))
     """
 )
 
 
 def _run_child(*args: str) -> dict:
-    # a fixed mmap threshold: glibc otherwise raises it to the size of the last large block freed, so chunk-sized
-    # temporaries land in the brk heap and its fragmentation (which depends on the import-time heap layout and
-    # the hash seed, not on what a method holds) decides whether a later allocation fits under the cap
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_capped(CHILD, *args, timeout=900)
 
 
 @pytest.fixture(scope="module")
