@@ -100,14 +100,15 @@ def check_estimators(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 def _loop_grads(model: torch.nn.Module, batch: dict, task: str) -> dict[str, torch.Tensor]:
-    """Per-example gradients by one backward call per example, padding removed (the independent reference)."""
+    """Per-example gradients by one backward call per example, padding removed (the independent reference),
+    in the model's own dtype (float32 on the device; float64 for the CPU reference of the projection check)."""
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     fn = bg.resolve_task(task)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k, _ in named}
     for i in range(batch["input_ids"].shape[0]):
         grads = torch.autograd.grad(fn(model, bg.one_example(batch, i)).sum(), [p for _, p in named])
         for (k, _), gr in zip(named, grads):
-            rows[k].append(gr.float())
+            rows[k].append(gr)
     return {k: torch.stack(v) for k, v in rows.items()}
 
 
@@ -153,18 +154,6 @@ PROJECTION_DIM = 16
 STORE_METHODS = ("datainf", "exact", "identity", "ekfac")
 
 
-def _loop_grads64(model: torch.nn.Module, batch: dict, task: str) -> dict[str, torch.Tensor]:
-    """float64 per-example gradients of a float64 CPU model by one backward call per unpadded example."""
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    fn = bg.resolve_task(task)
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k, _ in named}
-    for i in range(batch["input_ids"].shape[0]):
-        grads = torch.autograd.grad(fn(model, bg.one_example(batch, i)).sum(), [p for _, p in named])
-        for (k, _), gr in zip(named, grads):
-            rows[k].append(gr.detach())
-    return {k: torch.stack(v) for k, v in rows.items()}
-
-
 def check_projection(device: torch.device, quick: bool, models: list[str]) -> dict[str, Any]:
     """Projected per-example gradients on the device (float32) against the float64 CPU reference: the loop's
     full gradients of a float64 copy of the model, projected explicitly with the same matrices."""
@@ -180,7 +169,7 @@ def check_projection(device: torch.device, quick: bool, models: list[str]) -> di
         model.eval()
         reference_model = copy.deepcopy(model).double()
         batch = batches[0]
-        full = _loop_grads64(reference_model, batch, task)
+        full = _loop_grads(reference_model, batch, task)
         expected = {k: project_gradient(k, g, projection) for k, g in full.items()}
         del reference_model
         model.to(device)
