@@ -173,12 +173,8 @@ class BlockRows:
         self.n, self.d = int(g.shape[0]), int(g.shape[1])
 
     def rows(self) -> Iterator[tuple[slice, Tensor]]:
-        for s in chunks(self.n, self.rows_per_chunk()):
+        for s in chunks(self.n, rows_per_chunk(self.g, self.chunk, self.dtype, self.device)):
             yield s, self.g[s].to(device=self.device, dtype=self.dtype)
-
-    def rows_per_chunk(self) -> int:
-        """How many rows :meth:`rows` reads at once: see :func:`rows_per_chunk`."""
-        return rows_per_chunk(self.g, self.chunk, self.dtype, self.device)
 
     def take(self, rows: Tensor) -> Tensor:
         """The rows of ``G`` at the (sorted) indices ``rows``, in the compute dtype."""
