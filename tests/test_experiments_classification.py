@@ -75,18 +75,62 @@ def test_approximation_and_mislabeled_grid(tiny_bert_dir, local_data, tmp_path):
         assert 'id="diagnostics"' in (p / "report.html").read_text()
 
 
-def test_selection(tiny_bert_dir, local_data, tmp_path):
-    assert _run(["experiment", "selection", "--out", str(tmp_path), "--model", str(tiny_bert_dir), "--dataset",
-                 str(local_data), "--n-train", "24", "--n-val", "8", "--epochs", "1", "--rank", "1",
-                 "--methods", "datainf,identity"]) == 0
-    res = json.loads((tmp_path / "selection.json").read_text())
+def test_selection_grid(tiny_bert_dir, local_data, tmp_path, monkeypatch):
+    from datainf.experiments import classification
+    from datainf.experiments.classification import grid_cells, retrain_on
+    from datainf.experiments.mislabeled import MislabeledSettings, noisy_split
+    from datainf.scoring import load_scores
+
+    common = ["--out", str(tmp_path), "--model", str(tiny_bert_dir), "--datasets", str(local_data), "--ranks", "1",
+              "--seeds", "0", "--targets", "value", "--n-train", "24", "--n-val", "8", "--epochs", "1",
+              "--lissa-iterations", "5", "--no-clean-baseline"]
+    # the selection grid reads the mislabeled grid's own runs: scored once, not again
+    assert _run(["experiment", "mislabeled", *common, "--methods", "datainf,identity,exact"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    scored_at = (run_dir / "results.json").stat().st_mtime_ns
+    assert _run(["experiment", "selection", *common, "--methods", "datainf,identity"]) == 0
+    assert (run_dir / "results.json").stat().st_mtime_ns == scored_at
+    run = json.loads((run_dir / "results.json").read_text())
+    res = json.loads((run_dir / "selection.json").read_text())
     assert set(res["selections"]) == {"all data", "random", "datainf", "identity"}
-    assert res["selections"]["all data"]["n"] == 24 and res["selections"]["datainf"]["n"] == round(0.7 * 24)
-    assert all(0 <= r["validation_accuracy"] <= 1 for r in res["selections"].values())
-    # retraining on all the data is the scores run's own fine-tune again (same recipe, head and seed): the same
-    # validation accuracy, which a retrain with another head or learning rate would not give
-    scores_run = json.loads((tmp_path / "scores-run" / "results.json").read_text())
-    assert res["selections"]["all data"]["validation_accuracy"] == scores_run["validation_accuracy"]
+    n_train = len((run_dir / "train.jsonl").read_text().splitlines())
+    n_keep = round(0.7 * n_train)
+    assert res["n_keep"] == n_keep and res["selections"]["all data"]["n"] == n_train
+    # each method keeps its n_keep lowest (most helpful) scores, recomputed here from the scores file
+    train = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    for method in ("datainf", "identity"):
+        s = load_scores(run_dir / "scores.safetensors").scores[method][:, 0].double().numpy()
+        kept = res["selections"][method]["kept"]
+        assert len(kept) == n_keep and s[kept].max() <= np.delete(s, kept).min()
+        assert res["selections"][method]["flipped_kept"] == sum(train[i]["flipped"] for i in kept)
+    assert len(set(res["selections"]["random"]["kept"])) == n_keep
+    # "all data" is the run's own model, not a retrain: retraining on everything with the run's recipe must
+    # give the same model, to the validation loss (a retrain with another head, learning rate or seed would not)
+    ((settings, _),) = grid_cells(MislabeledSettings(model_dir=str(tiny_bert_dir), n_train=24, n_val=8, epochs=1,
+                                                     pooling="mean", head_learning_rate=1e-2, length_buckets=True),
+                                  [str(local_data)], [1], [0], tmp_path, [("value",)])
+    records = classification.load_dataset_records(str(local_data), 24, 8, 0)
+    tr, val, num_labels = noisy_split(settings, records)
+    assert [r["label"] for r in tr] == [r["label"] for r in train]  # the same noisy split the run scored
+    all_idx = np.arange(len(tr))
+    again_all = retrain_on(settings, tr, val, num_labels, all_idx, False)
+    assert again_all["accuracy"] == run["validation_accuracy"] and again_all["loss"] == run["validation_loss"]
+    assert res["selections"]["all data"]["validation_accuracy"] == run["validation_accuracy"]
+    assert "| dataset | rank |" in (tmp_path / "selection.md").read_text()
+
+    # a rerun reuses the cached selections; a method the run scored but no selection kept retrains only its own
+    retrained = []
+    monkeypatch.setattr(classification, "retrain_on", lambda *a, **k: retrained.append(a[4]) or {"accuracy": 0.5})
+    assert _run(["experiment", "selection", *common, "--methods", "datainf,identity"]) == 0
+    assert retrained == []
+    assert _run(["experiment", "selection", *common, "--methods", "datainf,exact"]) == 0
+    assert len(retrained) == 1
+    again = json.loads((run_dir / "selection.json").read_text())
+    assert again["selections"]["datainf"] == res["selections"]["datainf"] and "exact" in again["selections"]
+    # another --keep on the same folder is refused, and selection.json is left as it was
+    saved = (run_dir / "selection.json").read_bytes()
+    assert _run(["experiment", "selection", *common, "--methods", "datainf", "--keep", "0.5"]) == 2
+    assert (run_dir / "selection.json").read_bytes() == saved
 
 
 def test_scaling(tmp_path):

@@ -2,18 +2,21 @@
 
 * ``approximation``  Pearson/Spearman correlation of each method's scores with exact, per dataset and LoRA rank;
 * ``mislabeled``     ROC AUC of finding flipped labels and each method's wall time, same grid;
-* ``selection``      retrain on the 70% of training data each method ranks least harmful; validation accuracy;
+* ``selection``      retrain on the 70% of training data each method ranks least harmful; validation accuracy
+                     (over the same grid's runs);
 * ``scaling``        time of each method as n_train and the block size grow; fitted log-log exponents.
 
 ``approximation`` and ``mislabeled`` come from one grid of :func:`run_mislabeled` runs (every run measures
 both, :func:`run_grid`), summarized by :func:`write_grid_summary`; each run's results.json is cached, so a
-killed grid resumes where it stopped.
+killed grid resumes where it stopped. ``selection`` (:func:`run_selection_grid`) reuses the same runs' scores
+and caches its retrains beside them.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import time
@@ -30,8 +33,10 @@ from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_
 from datainf.errors import DataInfError
 from datainf.estimators import get_method, influence, method_names
 from datainf.experiments.common import settings_dict
-from datainf.experiments.mislabeled import MislabeledSettings, finetune, run_mislabeled
+from datainf.experiments.mislabeled import MislabeledSettings, finetune, noisy_split, run_mislabeled
 from datainf.scoring import load_scores
+
+log = logging.getLogger("datainf.experiments")
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -82,6 +87,27 @@ GRID_SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def grid_cells(base: MislabeledSettings, datasets: list[str], ranks: list[int], seeds: list[int],
+               out_dir: str | os.PathLike, target_sets: list[tuple[str, ...]] | None = None,
+               ) -> list[tuple[MislabeledSettings, Path]]:
+    """(settings, run folder) of every (dataset, rank, target modules, seed) of a grid, in grid order."""
+    out = Path(out_dir)
+    cells = []
+    for dataset, rank, targets, seed in itertools.product(datasets, ranks, target_sets or [tuple(base.target_modules)],
+                                                          seeds):
+        run_dir = out / "runs" / f"{Path(dataset).stem}-r{rank}-{'+'.join(targets)}-s{seed}"
+        cells.append((replace(base, dataset=dataset, rank=rank, target_modules=tuple(targets), seed=seed), run_dir))
+    return cells
+
+
+def grid_records(settings: MislabeledSettings) -> tuple[list[dict], list[dict]] | None:
+    """The (train, val) records a run of a local or GLUE dataset reads; None for a built-in set (the run
+    samples it itself)."""
+    if settings.dataset in DATASETS:
+        return None
+    return load_dataset_records(settings.dataset, settings.n_train, settings.n_val, settings.seed)
+
+
 def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], seeds: list[int],
              out_dir: str | os.PathLike, *, target_sets: list[tuple[str, ...]] | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
@@ -89,22 +115,16 @@ def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], se
 
     Returns each run's results.json contents (``MislabeledResult.to_dict()``), in grid order.
     """
-    out = Path(out_dir)
     runs = []
-    target_sets = target_sets or [tuple(base.target_modules)]
-    for dataset, rank, targets, seed in itertools.product(datasets, ranks, target_sets, seeds):
-        run_dir = out / "runs" / f"{Path(dataset).stem}-r{rank}-{'+'.join(targets)}-s{seed}"
+    for settings, run_dir in grid_cells(base, datasets, ranks, seeds, out_dir, target_sets):
         cached = run_dir / "results.json"
-        settings = replace(base, dataset=dataset, rank=rank, target_modules=tuple(targets), seed=seed)
         if cached.exists():
             saved = json.loads(cached.read_text())
             _check_cached_settings(saved.get("settings", {}), settings, cached)
             runs.append(saved)
             continue
-        records = None
-        if dataset not in DATASETS:
-            records = load_dataset_records(dataset, base.n_train, base.n_val, seed)
-        result = run_mislabeled(settings, run_dir, progress=progress, records=records, keep_store=False)
+        result = run_mislabeled(settings, run_dir, progress=progress, records=grid_records(settings),
+                                keep_store=False)
         runs.append(result.to_dict())
     return runs
 
@@ -239,49 +259,65 @@ def rank_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
 
 @dataclass
 class Selection:
-    """One training subset and the validation accuracy of the classifier retrained on it."""
+    """One training subset and the validation accuracy of the classifier retrained on it; a run folder's
+    selection.json maps each subset's name to one (with its ``keep``, ``n_keep`` and the run's settings).
+    ``kept``: the indices of the training examples kept, in the order of the run's train.jsonl."""
 
     validation_accuracy: float
     n: int
     flipped_kept: int
+    kept: list[int]
 
 
-@dataclass
-class SelectionResult:
-    """``to_dict()`` is selection.json. ``selections``: "all data", "random", then one per method."""
+def run_selection_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], seeds: list[int],
+                       out_dir: str | os.PathLike, *, target_sets: list[tuple[str, ...]] | None = None,
+                       keep: float = 0.7, progress: bool = True) -> list[dict[str, Any]]:
+    """Appendix F over a grid: per run of :func:`run_grid` (its cached runs reused, missing ones made first),
+    keep the ``keep`` share of the training data each method scores most helpful and fine-tune afresh on it.
 
-    keep: float
-    n_keep: int
-    settings: dict[str, Any]
-    selections: dict[str, Selection]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"keep": self.keep, "n_keep": self.n_keep, "settings": self.settings,
-                "selections": {k: asdict(v) for k, v in self.selections.items()}}
-
-
-def run_selection(base: MislabeledSettings, out_dir: str | os.PathLike, *, keep: float = 0.7,
-                  methods: tuple[str, ...] = ("datainf", "identity", "lissa", "exact"), progress: bool = True,
-                  records: tuple[list[dict], list[dict]] | None = None) -> SelectionResult:
-    """Appendix F: keep the `keep` share of training data with the lowest (most helpful) scores and retrain.
-
-    Compares each method's selection with a random selection of the same size and with all (noisy) data;
-    reports validation accuracy of the retrained classifier. Writes ``selection.json``.
+    Each retrain goes through the run's own fine-tune (same initialisation, seed, head, pooling and learning
+    rates: :func:`datainf.experiments.mislabeled.finetune`), so the subsets are the only difference. "all
+    data" is the run's own noisy-label model (retraining on everything gives the same model; the tests check
+    it), "random" a random subset of the same size. Each run's ``selection.json`` is cached beside its
+    results.json; a rerun retrains only the methods it lacks. Returns the selection.json contents in grid order.
     """
-    out = Path(out_dir)
-    scores_run = run_mislabeled(replace(base, methods=tuple(methods)), out / "scores-run", progress=progress,
-                                records=records, keep_store=False)
-    train = [json.loads(line) for line in (out / "scores-run" / "train.jsonl").read_text().splitlines()]
-    if records is None:
-        _, val = load_dataset_records(base.dataset, base.n_train, base.n_val, base.seed)
-    else:
-        val = records[1]
+    if not 0 < keep <= 1:
+        raise DataInfError(f"keep must be in (0, 1], got {keep}")
+    runs = run_grid(base, datasets, ranks, seeds, out_dir, target_sets=target_sets, progress=progress)
+    return [select_and_retrain(settings, run_dir, run, keep, progress)
+            for (settings, run_dir), run in zip(grid_cells(base, datasets, ranks, seeds, out_dir, target_sets), runs)]
+
+
+def select_and_retrain(settings: MislabeledSettings, run_dir: Path, run: dict[str, Any], keep: float,
+                       progress: bool) -> dict[str, Any]:
+    """One run's selection.json: its cached contents when they cover ``settings.methods``, else the missing
+    selections retrained and added."""
+    path = run_dir / "selection.json"
+    saved: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if saved and saved.get("keep") != keep:
+        raise DataInfError(f"{path} was made with keep={saved.get('keep')!r}, this run asks for {keep!r}: pass "
+                           "another --out, or remove that file to redo it")
+    selections = dict(saved.get("selections", {}))
+    wanted = ("all data", "random", *settings.methods)
+    if all(name in selections for name in wanted):
+        return saved
+    train, val, num_labels = noisy_split(settings, grid_records(settings))
     n_keep = int(round(keep * len(train)))
-    subsets = selection_subsets(out / "scores-run" / "scores.safetensors", len(train), n_keep, base.seed)
-    result = SelectionResult(keep=keep, n_keep=n_keep, settings=scores_run.settings,
-                             selections={name: retrain_on(base, train, val, idx, progress)
-                                         for name, idx in subsets.items()})
-    atomic.write_json(out / "selection.json", result.to_dict())
+    subsets = selection_subsets(run_dir / "scores.safetensors", len(train), n_keep, settings.seed)
+    for name in wanted:
+        if name in selections:
+            continue
+        idx = subsets[name]
+        if name == "all data":
+            accuracy = run["validation_accuracy"]
+        else:
+            log.info("%s: retraining on the %d examples %s keeps", run_dir.name, len(idx), name)
+            accuracy = retrain_on(settings, train, val, num_labels, idx, progress)["accuracy"]
+        selections[name] = asdict(Selection(validation_accuracy=accuracy, n=int(len(idx)),
+                                            flipped_kept=int(sum(train[i]["flipped"] for i in idx)),
+                                            kept=[int(i) for i in idx]))
+    result = {"keep": keep, "n_keep": n_keep, "settings": run["settings"], "selections": selections}
+    atomic.write_json(path, result)
     return result
 
 
@@ -296,15 +332,26 @@ def selection_subsets(scores_path: Path, n_train: int, n_keep: int, seed: int) -
     return subsets
 
 
-def retrain_on(base: MislabeledSettings, train: list[dict], val: list[dict], idx: np.ndarray,
-               progress: bool) -> Selection:
-    """Fine-tune afresh on ``train[idx]`` with the scores run's own recipe (same initialisation and seed,
-    head, pooling and learning rates: :func:`datainf.experiments.mislabeled.finetune`); its validation
-    accuracy."""
-    num_labels = max(r["label"] for r in train) + 1
-    _, _, _, metrics = finetune(base, [train[i] for i in idx], val, num_labels, progress)
-    return Selection(validation_accuracy=metrics["accuracy"], n=int(len(idx)),
-                     flipped_kept=int(sum(train[i]["flipped"] for i in idx)))
+def retrain_on(settings: MislabeledSettings, train: list[dict], val: list[dict], num_labels: int, idx: np.ndarray,
+               progress: bool) -> dict[str, float]:
+    """Validation metrics ("accuracy", "loss") of a classifier fine-tuned afresh on ``train[idx]`` with the
+    run's own recipe."""
+    return finetune(settings, [train[i] for i in idx], val, num_labels, progress)[3]
+
+
+def write_selection_summary(results: list[dict[str, Any]], out_dir: str | os.PathLike) -> str:
+    """``selection.json`` and ``selection.md`` beside the grid's runs: per (dataset, rank, LoRA targets) and
+    training subset, the retrained validation accuracy and the flipped labels kept, mean ± sd over seeds;
+    returns the markdown tables."""
+    as_runs = [{"settings": r["settings"], "methods": r["selections"]} for r in results]
+    tables = {metric: summarize(as_runs, metric) for metric in ("validation_accuracy", "flipped_kept")}
+    text = (f"\n### validation accuracy after retraining on the kept share ({results[0]['keep']:.0%})\n\n"
+            + markdown_table(tables["validation_accuracy"], "validation_accuracy")
+            + "\n### flipped labels kept\n\n" + markdown_table(tables["flipped_kept"], "flipped_kept", ".1f"))
+    out = Path(out_dir)
+    atomic.write_json(out / "selection.json", tables)
+    atomic.write_text(out / "selection.md", "## Data selection: retrain on the least harmful share\n" + text)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- scaling
@@ -406,6 +453,6 @@ def scaling_plot(result: ScalingResult, path: Path) -> None:
     atomic.savefig(fig, path)
 
 
-__all__ = ["GRID_SUMMARIES", "ScalingResult", "ScalingRow", "Selection", "SelectionResult", "load_dataset_records",
-           "markdown_table", "rank_plot", "run_grid", "run_scaling", "run_selection", "summarize",
-           "write_grid_summary"]
+__all__ = ["GRID_SUMMARIES", "ScalingResult", "ScalingRow", "Selection", "grid_cells",
+           "load_dataset_records", "markdown_table", "rank_plot", "run_grid", "run_scaling", "run_selection_grid",
+           "summarize", "write_grid_summary", "write_selection_summary"]

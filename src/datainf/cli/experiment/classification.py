@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import click
 
-from datainf.data.text import DATASETS
 from datainf.errors import DataInfError
 from datainf.estimators import method_names
 from datainf.experiments.classification import (
     GRID_SUMMARIES,
-    load_dataset_records,
     run_grid,
     run_scaling,
-    run_selection,
+    run_selection_grid,
     write_grid_summary,
+    write_selection_summary,
 )
 from datainf.experiments.mislabeled import MislabeledSettings
 
@@ -25,6 +22,11 @@ def ints(value: str) -> list[int]:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise DataInfError(f"expected comma-separated integers, got '{value}'") from None
+
+
+def target_sets_of(value: str) -> list[tuple[str, ...]]:
+    """"value;query,value" -> [("value",), ("query", "value")]."""
+    return [tuple(t.strip() for t in ts.split(",") if t.strip()) for ts in value.split(";") if ts.strip()]
 
 
 def grid_options(f):
@@ -46,16 +48,6 @@ def grid_options(f):
         click.option("--lissa-iterations", type=int, default=100),
         click.option("--clean-baseline/--no-clean-baseline", default=True,
                      help="Also fine-tune each run on the clean labels, to record what the set-up learns."),
-        *head_options(),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def head_options() -> list:
-    """The classifier recipe's options shared by the grid and the selection experiment."""
-    return [
         click.option("--pooling", type=click.Choice(["mean", "pooler"]), default="mean", show_default=True,
                      help="What the head reads: the mean token state (how MiniLM was trained) or BERT's pooler."),
         click.option("--head-lr", type=float, default=1e-2, show_default=True,
@@ -63,11 +55,13 @@ def head_options() -> list:
         click.option("--length-buckets/--no-length-buckets", default=True, show_default=True,
                      help="Batches of similar token length (less padding)."),
     ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
-def base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations,
-                  clean_baseline: bool = False, pooling: str = "pooler", head_lr: float | None = None,
-                  length_buckets: bool = False) -> MislabeledSettings:
+def base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline: bool,
+                  pooling: str, head_lr: float | None, length_buckets: bool) -> MislabeledSettings:
     return MislabeledSettings(model_dir=model_dir, n_train=n_train, n_val=n_val, epochs=epochs, learning_rate=lr,
                               methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                               lissa_iterations=lissa_iterations, clean_baseline=clean_baseline, pooling=pooling,
@@ -85,49 +79,27 @@ def grid_command(name: str) -> click.Command:
         progress = not ctx.find_root().params.get("quiet")
         base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline,
                              pooling, head_lr, length_buckets)
-        target_sets = [tuple(t.strip() for t in ts.split(",") if t.strip()) for ts in targets.split(";") if ts]
         runs = run_grid(base, [d for d in datasets.split(",") if d], ints(ranks), ints(seeds), out_dir,
-                        target_sets=target_sets, progress=progress)
+                        target_sets=target_sets_of(targets), progress=progress)
         click.echo(write_grid_summary(runs, name, out_dir))
 
     command.__doc__ = GRID_SUMMARIES[name][0]
     return command
 
 
-def _with_head_options(f):
-    for option in reversed(head_options()):
-        f = option(f)
-    return f
-
-
 @click.command(name="selection")
-@click.option("--out", "out_dir", default="runs/selection", type=click.Path(file_okay=False))
-@click.option("--dataset", default="rotten_tomatoes")
-@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False))
-@click.option("--rank", type=int, default=4)
-@click.option("--keep", type=float, default=0.7, help="Share of training data kept.")
-@click.option("--n-train", type=int, default=1000)
-@click.option("--n-val", type=int, default=200)
-@click.option("--epochs", type=int, default=4)
-@click.option("--lr", type=float, default=3e-3)
-@click.option("--methods", default="datainf,identity,lissa,exact")
-@click.option("--seed", type=int, default=0)
-@_with_head_options
+@grid_options
+@click.option("--keep", type=float, default=0.7, show_default=True, help="Share of training data kept.")
 @click.pass_context
-def selection_command(ctx, out_dir, dataset, model_dir, rank, keep, n_train, n_val, epochs, lr, methods, seed,
-                      pooling, head_lr, length_buckets):
-    """Data selection (appendix F): retrain on the least harmful share of the data per method."""
-    if not 0 < keep <= 1:
-        raise DataInfError(f"--keep must be in (0, 1], got {keep}")
-    base = replace(base_settings(model_dir, n_train, n_val, epochs, lr, methods, 100, pooling=pooling,
-                                 head_lr=head_lr, length_buckets=length_buckets),
-                   dataset=dataset, rank=rank, seed=seed)
-    records = None if dataset in DATASETS else load_dataset_records(dataset, n_train, n_val, seed)
-    result = run_selection(base, out_dir, keep=keep, methods=base.methods,
-                           progress=not ctx.find_root().params.get("quiet"), records=records)
-    for name, r in result.selections.items():
-        click.echo(f"{name:<10} n={r.n:5d} flipped kept={r.flipped_kept:4d} "
-                   f"validation accuracy={r.validation_accuracy:.3f}")
+def selection_command(ctx, out_dir, datasets, model_dir, ranks, seeds, targets, n_train, n_val, epochs, lr, methods,
+                      lissa_iterations, clean_baseline, pooling, head_lr, length_buckets, keep):
+    """Data selection (appendix F) over the grid: retrain on the least harmful share per method and run."""
+    base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline,
+                         pooling, head_lr, length_buckets)
+    results = run_selection_grid(base, [d for d in datasets.split(",") if d], ints(ranks), ints(seeds), out_dir,
+                                 target_sets=target_sets_of(targets), keep=keep,
+                                 progress=not ctx.find_root().params.get("quiet"))
+    click.echo(write_selection_summary(results, out_dir))
 
 
 @click.command(name="scaling")
