@@ -15,6 +15,7 @@ from datainf.experiments.classification import (
     write_selection_summary,
 )
 from datainf.experiments.mislabeled import MislabeledSettings
+from datainf.models.finetune import POOLINGS
 
 
 def ints(value: str) -> list[int]:
@@ -48,7 +49,7 @@ def grid_options(f):
         click.option("--lissa-iterations", type=int, default=100),
         click.option("--clean-baseline/--no-clean-baseline", default=True,
                      help="Also fine-tune each run on the clean labels, to record what the set-up learns."),
-        click.option("--pooling", type=click.Choice(["mean", "pooler"]), default="mean", show_default=True,
+        click.option("--pooling", type=click.Choice(POOLINGS), default="mean", show_default=True,
                      help="What the head reads: the mean token state (how MiniLM was trained) or BERT's pooler."),
         click.option("--head-lr", type=float, default=1e-2, show_default=True,
                      help="Learning rate of the classifier head (the LoRA matrices use --lr)."),
