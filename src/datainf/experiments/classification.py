@@ -115,18 +115,19 @@ def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], se
 
     Returns each run's results.json contents (``MislabeledResult.to_dict()``), in grid order.
     """
-    runs = []
-    for settings, run_dir in grid_cells(base, datasets, ranks, seeds, out_dir, target_sets):
-        cached = run_dir / "results.json"
-        if cached.exists():
-            saved = json.loads(cached.read_text())
-            _check_cached_settings(saved.get("settings", {}), settings, cached)
-            runs.append(saved)
-            continue
-        result = run_mislabeled(settings, run_dir, progress=progress, records=grid_records(settings),
-                                keep_store=False)
-        runs.append(result.to_dict())
-    return runs
+    return [grid_run(settings, run_dir, progress)
+            for settings, run_dir in grid_cells(base, datasets, ranks, seeds, out_dir, target_sets)]
+
+
+def grid_run(settings: MislabeledSettings, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """One cell's results.json contents: the cached file when it was made with ``settings``, else a new run."""
+    cached = run_dir / "results.json"
+    if cached.exists():
+        saved = json.loads(cached.read_text())
+        _check_cached_settings(saved.get("settings", {}), settings, cached)
+        return saved
+    return run_mislabeled(settings, run_dir, progress=progress, records=grid_records(settings),
+                          keep_store=False).to_dict()
 
 
 def _check_cached_settings(saved: dict[str, Any], settings: MislabeledSettings, path: Path) -> None:
@@ -283,9 +284,9 @@ def run_selection_grid(base: MislabeledSettings, datasets: list[str], ranks: lis
     """
     if not 0 < keep <= 1:
         raise DataInfError(f"keep must be in (0, 1], got {keep}")
-    runs = run_grid(base, datasets, ranks, seeds, out_dir, target_sets=target_sets, progress=progress)
-    return [select_and_retrain(settings, run_dir, run, keep, progress)
-            for (settings, run_dir), run in zip(grid_cells(base, datasets, ranks, seeds, out_dir, target_sets), runs)]
+    cells = grid_cells(base, datasets, ranks, seeds, out_dir, target_sets)
+    runs = [grid_run(settings, run_dir, progress) for settings, run_dir in cells]  # every run before any retrain
+    return [select_and_retrain(settings, run_dir, run, keep, progress) for (settings, run_dir), run in zip(cells, runs)]
 
 
 def select_and_retrain(settings: MislabeledSettings, run_dir: Path, run: dict[str, Any], keep: float,
