@@ -170,6 +170,33 @@ def test_finetune_lowers_the_response_loss_and_ignores_the_prompt(tiny_llama_dir
     assert not model.training
 
 
+def test_two_processes_converting_smollm2_at_once_convert_it_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import datainf.models.llm as llm
+
+    monkeypatch.setenv("DATAINF_CACHE", str(tmp_path))
+    conversions = []
+
+    def slow_convert(target):  # stands in for the 20 s GGUF conversion; writes what _is_complete looks for
+        conversions.append(target)
+        time.sleep(0.5)
+        target.mkdir()
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (target / name).write_text("{}")
+
+    monkeypatch.setattr(llm, "_convert_smollm2", slow_convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(llm.smollm2_dir())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    # the second caller waited on the cache lock and found the first one's folder complete
+    assert got == [tmp_path / llm.SMOLLM2_NAME] * 2 and len(conversions) == 1
+
+
 def test_smollm2_dir_never_trusts_an_incomplete_cache(tmp_path, monkeypatch):
     import datainf.models.llm as llm
 

@@ -7,7 +7,10 @@ are found with ``importlib.util.find_spec`` and read as plain data files.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from datainf.errors import DataInfError
@@ -25,6 +28,27 @@ def cache_root() -> Path:
     ``~/.cache/datainf``; ``~`` is expanded in both."""
     env = os.environ.get("DATAINF_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "datainf"
+
+
+@contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold ``cache_root() / ".{name}.lock"`` (an OS lock through ``filelock``) while the cache entry ``name``
+    is checked and, if missing, built: two processes that start at once build it once, and neither reads it
+    while the other replaces it. Check the entry again after entering."""
+    import filelock
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(root / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        logging.getLogger("datainf").warning("waiting for another process to finish building %s", root / name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _install_hint(name: str) -> str:

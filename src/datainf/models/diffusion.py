@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datainf import atomic
-from datainf.data.assets import cache_root
+from datainf.data.assets import cache_lock, cache_root
 from datainf.data.collate import DiffusionCollate
 from datainf.errors import DataInfError
 from datainf.tasks import PAPER_TIMESTEPS
@@ -235,10 +235,15 @@ def base_model(path: str | os.PathLike | None = None, *, settings: BaseSettings 
     if path is not None and not rebuild:
         return load_unet(path), Path(path)
     settings = settings or BaseSettings()
-    folder = Path(path) if path is not None else cache_root() / f"diffusion-base-{settings.key()}"
+    if path is not None:
+        pretrain_base(settings, path, device=device, progress=progress)
+        return load_unet(path), Path(path)
+    folder = cache_root() / f"diffusion-base-{settings.key()}"
     if rebuild or not (folder / "datainf_base.json").is_file():
-        log.info("pre-training the diffusion base into %s", folder)
-        pretrain_base(settings, folder, device=device, progress=progress)
+        with cache_lock(folder.name):  # a second process waits, then finds it built
+            if rebuild or not (folder / "datainf_base.json").is_file():
+                log.info("pre-training the diffusion base into %s", folder)
+                pretrain_base(settings, folder, device=device, progress=progress)
     return load_unet(folder), folder
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from datainf import atomic
-from datainf.data.assets import cache_root
+from datainf.data.assets import cache_lock, cache_root
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
 from datainf.models.finetune import LoraSettings, TrainSettings, train_epochs
@@ -63,11 +63,20 @@ def smollm2_dir(rebuild: bool = False) -> Path:
 
     Converted from the package's GGUF file on first use (about 20 s, 1.7 GB peak memory) into
     ``cache_root() / "smollm2-135m-instruct"``; the folder is written under a temporary name and renamed
-    when complete, so an interrupted conversion is never used. ``rebuild=True`` converts again.
+    when complete, so an interrupted conversion is never used; under the cache's lock, so two processes
+    started at once convert it once. ``rebuild=True`` converts again.
     """
     target = cache_root() / SMOLLM2_NAME
     if _is_complete(target) and not rebuild:
         return target
+    with cache_lock(SMOLLM2_NAME):
+        if _is_complete(target) and not rebuild:  # another process converted it while we waited
+            return target
+        _convert_smollm2(target)
+    return target
+
+
+def _convert_smollm2(target: Path) -> None:
     gguf_path = smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise DataInfError("reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf`")
@@ -94,7 +103,6 @@ def smollm2_dir(rebuild: bool = False) -> Path:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     print(f"datainf: wrote {target} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return target
 
 
 def smollm2_tokenizer_dir() -> Path:
@@ -105,16 +113,23 @@ def smollm2_tokenizer_dir() -> Path:
     if _is_complete(full):
         return full
     target = cache_root() / f"{SMOLLM2_NAME}-tokenizer"
-    if (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file():
-        return target
-    gguf_path = smollm2_gguf()
-    if importlib.util.find_spec("gguf") is None:
-        raise DataInfError("reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf`")
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    with atomic.new_directory(target, replace=True) as tmp:
-        tokenizer.save_pretrained(str(tmp))
+    def done() -> bool:
+        return (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file()
+
+    if done():
+        return target
+    with cache_lock(target.name):
+        if done():
+            return target
+        gguf_path = smollm2_gguf()
+        if importlib.util.find_spec("gguf") is None:
+            raise DataInfError("reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf`")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        with atomic.new_directory(target, replace=True) as tmp:
+            tokenizer.save_pretrained(str(tmp))
     return target
 
 
