@@ -11,6 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import json
 import math
+import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -131,6 +133,27 @@ def test_selection_grid(tiny_bert_dir, local_data, tmp_path, monkeypatch):
     saved = (run_dir / "selection.json").read_bytes()
     assert _run(["experiment", "selection", *common, "--methods", "datainf", "--keep", "0.5"]) == 2
     assert (run_dir / "selection.json").read_bytes() == saved
+    # a selection made from an earlier results.json of this folder (the run redone since) is refused, not reused
+    results_text = (run_dir / "results.json").read_text()
+    (run_dir / "results.json").write_text(json.dumps({**run, "created": "2000-01-01T00:00:00"}))
+    assert _run(["experiment", "selection", *common, "--methods", "datainf"]) == 2
+    assert (run_dir / "selection.json").read_bytes() == saved
+    (run_dir / "results.json").write_text(results_text)
+
+    # while another process holds the run's lock, a grid waits, then reuses the run that process wrote
+    made = []
+    monkeypatch.setattr(classification, "run_mislabeled", lambda *a, **k: made.append(a) or pytest.fail("ran twice"))
+    cell = replace(settings, lissa_iterations=5, clean_baseline=False, methods=("datainf", "identity", "exact"))
+    (run_dir / "results.json").unlink()
+    got = []
+    with classification.run_lock(run_dir):
+        waiting = threading.Thread(target=lambda: got.append(classification.grid_run(cell, run_dir, False)))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not got  # blocked on the lock, not running the experiment
+        (run_dir / "results.json").write_text(results_text)  # the other process finishes its run
+    waiting.join(timeout=30)
+    assert got == [run] and made == []
 
 
 def test_scaling(tmp_path):
@@ -146,6 +169,10 @@ def test_unknown_dataset_is_one_line(tmp_path, capsys):
     assert _run(["experiment", "mislabeled", "--out", str(tmp_path), "--datasets", "imdb", "--ranks", "1",
                  "--seeds", "0"]) == 2
     assert "unknown dataset 'imdb'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before any run folder was made
+    # an empty --ranks (or --seeds, --datasets, --targets) is one error line too, not an empty summary
+    assert _run(["experiment", "selection", "--out", str(tmp_path / "g"), "--ranks", ",", "--seeds", "0"]) == 2
+    assert "--ranks is empty" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
 def test_runs_record_the_clean_and_majority_accuracy_and_flag_a_model_that_did_not_learn(tiny_bert_dir, local_data,

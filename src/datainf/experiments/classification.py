@@ -21,6 +21,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,12 +71,16 @@ def load_dataset_records(dataset: str, n_train: int, n_val: int, seed: int) -> t
         train = convert(raw["train"].shuffle(seed=seed).select(range(min(n_train, len(raw["train"])))))
         val = convert(raw["validation"].shuffle(seed=seed).select(range(min(n_val, len(raw["validation"])))))
         return train, val
-    path = Path(dataset)
-    if not path.exists():
+    check_dataset(dataset)
+    records = list(load_records(Path(dataset)))
+    return sample_split(records, min(n_train, len(records) - n_val), n_val, seed=seed)
+
+
+def check_dataset(dataset: str) -> None:
+    """One error line unless ``dataset`` is a built-in set, ``glue:TASK`` or an existing local path."""
+    if dataset not in DATASETS and not dataset.startswith("glue:") and not Path(dataset).exists():
         raise DataInfError(f"unknown dataset '{dataset}': use one of {', '.join(DATASETS)}, a local "
                            ".jsonl/.csv file or save_to_disk folder, or glue:TASK")
-    records = list(load_records(path))
-    return sample_split(records, min(n_train, len(records) - n_val), n_val, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -90,7 +96,10 @@ GRID_SUMMARIES: dict[str, tuple[str, tuple[str, ...]]] = {
 def grid_cells(base: MislabeledSettings, datasets: list[str], ranks: list[int], seeds: list[int],
                out_dir: str | os.PathLike, target_sets: list[tuple[str, ...]] | None = None,
                ) -> list[tuple[MislabeledSettings, Path]]:
-    """(settings, run folder) of every (dataset, rank, target modules, seed) of a grid, in grid order."""
+    """(settings, run folder) of every (dataset, rank, target modules, seed) of a grid, in grid order; an
+    unknown dataset is an error before any run starts."""
+    for dataset in datasets:
+        check_dataset(dataset)
     out = Path(out_dir)
     cells = []
     for dataset, rank, targets, seed in itertools.product(datasets, ranks, target_sets or [tuple(base.target_modules)],
@@ -120,14 +129,35 @@ def run_grid(base: MislabeledSettings, datasets: list[str], ranks: list[int], se
 
 
 def grid_run(settings: MislabeledSettings, run_dir: Path, progress: bool) -> dict[str, Any]:
-    """One cell's results.json contents: the cached file when it was made with ``settings``, else a new run."""
+    """One cell's results.json contents: the cached file when it was made with ``settings``, else a new run
+    (under the run's lock, so a second grid on the same folder waits for it and then reuses it)."""
     cached = run_dir / "results.json"
-    if cached.exists():
-        saved = json.loads(cached.read_text())
-        _check_cached_settings(saved.get("settings", {}), settings, cached)
-        return saved
-    return run_mislabeled(settings, run_dir, progress=progress, records=grid_records(settings),
-                          keep_store=False).to_dict()
+    with run_lock(run_dir):
+        if cached.exists():
+            saved = json.loads(cached.read_text())
+            _check_cached_settings(saved.get("settings", {}), settings, cached)
+            return saved
+        return run_mislabeled(settings, run_dir, progress=progress, records=grid_records(settings),
+                              keep_store=False).to_dict()
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN/.lock`` (an OS lock through ``filelock``) while a grid's run or its selection is read or
+    made: two grids or selections on one --out never compute the same run at once."""
+    import filelock
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.warning("%s: another process holds this run; waiting for it to finish", run_dir.name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_cached_settings(saved: dict[str, Any], settings: MislabeledSettings, path: Path) -> None:
@@ -292,12 +322,22 @@ def run_selection_grid(base: MislabeledSettings, datasets: list[str], ranks: lis
 def select_and_retrain(settings: MislabeledSettings, run_dir: Path, run: dict[str, Any], keep: float,
                        progress: bool) -> dict[str, Any]:
     """One run's selection.json: its cached contents when they cover ``settings.methods``, else the missing
-    selections retrained and added."""
+    selections retrained and added. A selection.json made from another results.json of the same folder (the
+    run was redone since: its ``created`` stamp differs) is refused rather than trusted."""
+    with run_lock(run_dir):
+        return _select_and_retrain(settings, run_dir, run, keep, progress)
+
+
+def _select_and_retrain(settings: MislabeledSettings, run_dir: Path, run: dict[str, Any], keep: float,
+                        progress: bool) -> dict[str, Any]:
     path = run_dir / "selection.json"
     saved: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if saved and saved.get("keep") != keep:
         raise DataInfError(f"{path} was made with keep={saved.get('keep')!r}, this run asks for {keep!r}: pass "
                            "another --out, or remove that file to redo it")
+    if saved and saved.get("run_created") != run.get("created"):
+        raise DataInfError(f"{path} was made from the run of {saved.get('run_created')!r}, but {run_dir / 'results.json'}"
+                           f" is from {run.get('created')!r}: remove that selection.json to retrain on this run's scores")
     selections = dict(saved.get("selections", {}))
     wanted = ("all data", "random", *settings.methods)
     if all(name in selections for name in wanted):
@@ -317,7 +357,8 @@ def select_and_retrain(settings: MislabeledSettings, run_dir: Path, run: dict[st
         selections[name] = asdict(Selection(validation_accuracy=accuracy, n=int(len(idx)),
                                             flipped_kept=int(sum(train[i]["flipped"] for i in idx)),
                                             kept=[int(i) for i in idx]))
-    result = {"keep": keep, "n_keep": n_keep, "settings": run["settings"], "selections": selections}
+    result = {"keep": keep, "n_keep": n_keep, "run_created": run.get("created"), "settings": run["settings"],
+              "selections": selections}
     atomic.write_json(path, result)
     return result
 
@@ -344,6 +385,8 @@ def write_selection_summary(results: list[dict[str, Any]], out_dir: str | os.Pat
     """``selection.json`` and ``selection.md`` beside the grid's runs: per (dataset, rank, LoRA targets) and
     training subset, the retrained validation accuracy and the flipped labels kept, mean ± sd over seeds;
     returns the markdown tables."""
+    if not results:
+        raise DataInfError("the selection grid has no runs: give at least one dataset, rank and seed")
     as_runs = [{"settings": r["settings"], "methods": r["selections"]} for r in results]
     tables = {metric: summarize(as_runs, metric) for metric in ("validation_accuracy", "flipped_kept")}
     text = (f"\n### validation accuracy after retraining on the kept share ({results[0]['keep']:.0%})\n\n"

@@ -61,12 +61,20 @@ def grid_options(f):
     return f
 
 
-def base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline: bool,
-                  pooling: str, head_lr: float | None, length_buckets: bool) -> MislabeledSettings:
-    return MislabeledSettings(model_dir=model_dir, n_train=n_train, n_val=n_val, epochs=epochs, learning_rate=lr,
-                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                              lissa_iterations=lissa_iterations, clean_baseline=clean_baseline, pooling=pooling,
-                              head_learning_rate=head_lr, length_buckets=length_buckets)
+def grid_of(params: dict) -> tuple[MislabeledSettings, dict]:
+    """(base settings, the grid's keyword arguments for run_grid / run_selection_grid) from grid_options'
+    parameters; an empty --datasets, --ranks, --seeds or --targets is one error line."""
+    grid = {"datasets": [d for d in params["datasets"].split(",") if d], "ranks": ints(params["ranks"]),
+            "seeds": ints(params["seeds"]), "target_sets": target_sets_of(params["targets"])}
+    for option, values in zip(("--datasets", "--ranks", "--seeds", "--targets"), grid.values()):
+        if not values:
+            raise DataInfError(f"{option} is empty: give at least one value")
+    base = MislabeledSettings(
+        model_dir=params["model_dir"], n_train=params["n_train"], n_val=params["n_val"], epochs=params["epochs"],
+        learning_rate=params["lr"], methods=tuple(m.strip() for m in params["methods"].split(",") if m.strip()),
+        lissa_iterations=params["lissa_iterations"], clean_baseline=params["clean_baseline"],
+        pooling=params["pooling"], head_learning_rate=params["head_lr"], length_buckets=params["length_buckets"])
+    return base, {**grid, "out_dir": params["out_dir"]}
 
 
 def grid_command(name: str) -> click.Command:
@@ -75,14 +83,10 @@ def grid_command(name: str) -> click.Command:
     @click.command(name=name)
     @grid_options
     @click.pass_context
-    def command(ctx, out_dir, datasets, model_dir, ranks, seeds, targets, n_train, n_val, epochs, lr, methods,
-                lissa_iterations, clean_baseline, pooling, head_lr, length_buckets):
-        progress = not ctx.find_root().params.get("quiet")
-        base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline,
-                             pooling, head_lr, length_buckets)
-        runs = run_grid(base, [d for d in datasets.split(",") if d], ints(ranks), ints(seeds), out_dir,
-                        target_sets=target_sets_of(targets), progress=progress)
-        click.echo(write_grid_summary(runs, name, out_dir))
+    def command(ctx, **params):
+        base, grid = grid_of(params)
+        runs = run_grid(base, **grid, progress=not ctx.find_root().params.get("quiet"))
+        click.echo(write_grid_summary(runs, name, params["out_dir"]))
 
     command.__doc__ = GRID_SUMMARIES[name][0]
     return command
@@ -92,15 +96,11 @@ def grid_command(name: str) -> click.Command:
 @grid_options
 @click.option("--keep", type=float, default=0.7, show_default=True, help="Share of training data kept.")
 @click.pass_context
-def selection_command(ctx, out_dir, datasets, model_dir, ranks, seeds, targets, n_train, n_val, epochs, lr, methods,
-                      lissa_iterations, clean_baseline, pooling, head_lr, length_buckets, keep):
+def selection_command(ctx, keep, **params):
     """Data selection (appendix F) over the grid: retrain on the least harmful share per method and run."""
-    base = base_settings(model_dir, n_train, n_val, epochs, lr, methods, lissa_iterations, clean_baseline,
-                         pooling, head_lr, length_buckets)
-    results = run_selection_grid(base, [d for d in datasets.split(",") if d], ints(ranks), ints(seeds), out_dir,
-                                 target_sets=target_sets_of(targets), keep=keep,
-                                 progress=not ctx.find_root().params.get("quiet"))
-    click.echo(write_selection_summary(results, out_dir))
+    base, grid = grid_of(params)
+    results = run_selection_grid(base, **grid, keep=keep, progress=not ctx.find_root().params.get("quiet"))
+    click.echo(write_selection_summary(results, params["out_dir"]))
 
 
 @click.command(name="scaling")
