@@ -94,6 +94,10 @@ def _worker(mode: str, store: str, out: str) -> None:
     shutdown_distributed()
 
 
+#: what libstdc++ prints when a rank's gloo threads are torn down unjoined at exit (SIGABRT, exit code -6)
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(mode: str, store: Path, out: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -139,6 +143,11 @@ def test_two_ranks_write_the_same_store_and_scores(tmp_path, reference):
     ref_path, ref_store, ref_scores = reference
     store_path, out = tmp_path / "store", tmp_path / "scores.pt"
     proc = _torchrun("full", store_path, out)
+    if proc.returncode != 0 and GLOO_TEARDOWN_ABORT in proc.stderr:
+        # once in about 10-20 CI runs a rank aborts inside gloo's teardown after all its work (not reproduced
+        # in 12 runs alone); that one signature gets one fresh try, any other failure (or a second abort) fails
+        store_path, out = tmp_path / "store-again", tmp_path / "scores-again.pt"
+        proc = _torchrun("full", store_path, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # the store: same manifest (settings, fingerprints), same chunks, byte for byte
     manifest = json.loads((store_path / "manifest.json").read_text())
