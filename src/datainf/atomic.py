@@ -123,5 +123,26 @@ def savefig(figure: Any, path: str | os.PathLike, dpi: int = 110) -> None:
         plt.close(figure)
 
 
-__all__ = ["fsync_dir", "new_directory", "replacing", "save_safetensors", "savefig", "temporary_sibling",
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike, waiting: str) -> Iterator[None]:
+    """Hold an OS lock on ``lock_path`` (fcntl/msvcrt through ``filelock``; released if the process dies) for
+    the ``with`` body, so one process at a time builds what it guards; logs ``waiting`` once if another
+    process holds it, then waits. Callers check again, inside, whether the thing is already built."""
+    import logging
+
+    import filelock
+
+    lock = filelock.FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        logging.getLogger("datainf").warning(waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+__all__ = ["exclusive", "fsync_dir", "new_directory", "replacing", "save_safetensors", "savefig", "temporary_sibling",
            "write_json", "write_text"]

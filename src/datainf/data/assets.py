@@ -7,7 +7,6 @@ are found with ``importlib.util.find_spec`` and read as plain data files.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,23 +31,15 @@ def cache_root() -> Path:
 
 @contextmanager
 def cache_lock(name: str) -> Iterator[None]:
-    """Hold ``cache_root() / ".{name}.lock"`` (an OS lock through ``filelock``) while the cache entry ``name``
-    is checked and, if missing, built: two processes that start at once build it once, and neither reads it
-    while the other replaces it. Check the entry again after entering."""
-    import filelock
+    """Hold ``cache_root() / ".{name}.lock"`` while the cache entry ``name`` is checked and, if missing, built:
+    two processes that start at once build it once, and neither reads it while the other replaces it. Check
+    the entry again after entering."""
+    from datainf import atomic
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(root / f".{name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        logging.getLogger("datainf").warning("waiting for another process to finish building %s", root / name)
-        lock.acquire()
-    try:
+    with atomic.exclusive(root / f".{name}.lock", f"waiting for another process to finish building {root / name}"):
         yield
-    finally:
-        lock.release()
 
 
 def _install_hint(name: str) -> str:

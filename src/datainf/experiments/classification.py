@@ -143,21 +143,11 @@ def grid_run(settings: MislabeledSettings, run_dir: Path, progress: bool) -> dic
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``RUN/.lock`` (an OS lock through ``filelock``) while a grid's run or its selection is read or
-    made: two grids or selections on one --out never compute the same run at once."""
-    import filelock
-
+    """Hold ``RUN/.lock`` while a grid's run or its selection is read or made: two grids or selections on one
+    --out never compute the same run at once."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(run_dir / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        log.warning("%s: another process holds this run; waiting for it to finish", run_dir.name)
-        lock.acquire()
-    try:
+    with atomic.exclusive(run_dir / ".lock", f"{run_dir.name}: another process holds this run; waiting for it"):
         yield
-    finally:
-        lock.release()
 
 
 def _check_cached_settings(saved: dict[str, Any], settings: MislabeledSettings, path: Path) -> None:
