@@ -24,7 +24,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.adapters": (),
     "datainf.metrics": ("datainf.errors",),
     "datainf.ranking": ("datainf.errors",),
-    "datainf.data.assets": ("datainf.errors",),
+    "datainf.data.assets": ("datainf.errors", "datainf.atomic"),  # atomic: the cache lock
     "datainf.data": ("datainf.errors", "datainf.data", "datainf.tasks"),
     "datainf.tasks": ("datainf.errors",),
     "datainf.gradients": ("datainf.errors", "datainf.tasks", "datainf.adapters"),
