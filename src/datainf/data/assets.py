@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from datainf.errors import DataInfError
 
@@ -29,17 +29,19 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "datainf"
 
 
-@contextmanager
-def cache_lock(name: str) -> Iterator[None]:
-    """Hold ``cache_root() / ".{name}.lock"`` while the cache entry ``name`` is checked and, if missing, built:
-    two processes that start at once build it once, and neither reads it while the other replaces it. Check
-    the entry again after entering."""
+def build_once(name: str, is_built: Callable[[], bool], build: Callable[[], Any]) -> Path:
+    """``cache_root() / name``, built by ``build()`` unless ``is_built()``. The build runs under the entry's
+    lock (``cache_root() / ".{name}.lock"``) and ``is_built`` is asked again once the lock is held, so two
+    processes that start at once build it once, and neither reads it while the other replaces it."""
     from datainf import atomic
 
     root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with atomic.exclusive(root / f".{name}.lock", f"waiting for another process to finish building {root / name}"):
-        yield
+    if not is_built():
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic.exclusive(root / f".{name}.lock", f"waiting for another process to finish building {root / name}"):
+            if not is_built():
+                build()
+    return root / name
 
 
 def _install_hint(name: str) -> str:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datainf import atomic
-from datainf.data.assets import cache_lock, cache_root
+from datainf.data.assets import build_once, cache_root
 from datainf.data.collate import DiffusionCollate
 from datainf.errors import DataInfError
 from datainf.tasks import PAPER_TIMESTEPS
@@ -239,11 +239,12 @@ def base_model(path: str | os.PathLike | None = None, *, settings: BaseSettings 
         pretrain_base(settings, path, device=device, progress=progress)
         return load_unet(path), Path(path)
     folder = cache_root() / f"diffusion-base-{settings.key()}"
-    if rebuild or not (folder / "datainf_base.json").is_file():
-        with cache_lock(folder.name):  # a second process waits, then finds it built
-            if rebuild or not (folder / "datainf_base.json").is_file():
-                log.info("pre-training the diffusion base into %s", folder)
-                pretrain_base(settings, folder, device=device, progress=progress)
+
+    def build() -> None:
+        log.info("pre-training the diffusion base into %s", folder)
+        pretrain_base(settings, folder, device=device, progress=progress)
+
+    build_once(folder.name, lambda: not rebuild and (folder / "datainf_base.json").is_file(), build)
     return load_unet(folder), folder
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from datainf import atomic
-from datainf.data.assets import cache_lock, cache_root
+from datainf.data.assets import build_once, cache_root
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
 from datainf.models.finetune import LoraSettings, TrainSettings, train_epochs
@@ -67,13 +67,7 @@ def smollm2_dir(rebuild: bool = False) -> Path:
     started at once convert it once. ``rebuild=True`` converts again.
     """
     target = cache_root() / SMOLLM2_NAME
-    if _is_complete(target) and not rebuild:
-        return target
-    with cache_lock(SMOLLM2_NAME):
-        if _is_complete(target) and not rebuild:  # another process converted it while we waited
-            return target
-        _convert_smollm2(target)
-    return target
+    return build_once(SMOLLM2_NAME, lambda: not rebuild and _is_complete(target), lambda: _convert_smollm2(target))
 
 
 def _convert_smollm2(target: Path) -> None:
@@ -113,24 +107,19 @@ def smollm2_tokenizer_dir() -> Path:
     if _is_complete(full):
         return full
     target = cache_root() / f"{SMOLLM2_NAME}-tokenizer"
+    return build_once(target.name, lambda: (target / "tokenizer.json").is_file()
+                      or (target / "tokenizer_config.json").is_file(), lambda: _convert_smollm2_tokenizer(target))
 
-    def done() -> bool:
-        return (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file()
 
-    if done():
-        return target
-    with cache_lock(target.name):
-        if done():
-            return target
-        gguf_path = smollm2_gguf()
-        if importlib.util.find_spec("gguf") is None:
-            raise DataInfError("reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf`")
-        from transformers import AutoTokenizer
+def _convert_smollm2_tokenizer(target: Path) -> None:
+    gguf_path = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise DataInfError("reading the SmolLM2 GGUF file needs the gguf package: `pip install gguf`")
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        with atomic.new_directory(target, replace=True) as tmp:
-            tokenizer.save_pretrained(str(tmp))
-    return target
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with atomic.new_directory(target, replace=True) as tmp:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def load_causal_lm(
