@@ -226,6 +226,8 @@ def test_paper_protocol_gradients_are_the_prompt_only_mean_lm_loss(tiny_llama_di
 
     lora = LoraSettings(rank=2, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=())
     model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
+    with torch.no_grad():  # make the EOS's NLL far from the other tokens' (a random model gives each ~log V)
+        model.get_output_embeddings().weight[tok.eos_token_id] *= 300
     settings = LLMIdentificationSettings(task="math", classes=2, train_per_class=3, test_per_class=1, epochs=1,
                                          batch_size=3, grad_batch_size=2, protocol="paper", normalize=True,
                                          methods=("datainf", "identity", "lissa"), lissa_iterations=3)
@@ -245,6 +247,29 @@ def test_paper_protocol_gradients_are_the_prompt_only_mean_lm_loss(tiny_llama_di
             stored = store.block(name)[i].reshape(g.shape)
             scale = max(float(store.block(n)[i].abs().max()) for n in params)
             assert float((stored - g).abs().max()) <= FLOAT32_TOL * scale, (name, i)
+    # the response NLL after fine-tuning, with and without the EOS this protocol never trains on, against
+    # Hugging Face's own loss on each test prompt + response (labels only on the response's tokens)
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    sums, counts = {"with": 0.0, "without": 0.0}, {"with": 0, "without": 0}
+    with torch.no_grad():
+        for record in test:
+            prompt_ids = tok(record["prompt"])["input_ids"]
+            ids = tok(record["prompt"] + record["response"])["input_ids"]
+            assert ids[: len(prompt_ids)] == prompt_ids  # the prompt's tokens are a prefix here
+            for kind, row in (("without", ids), ("with", ids + [tok.eos_token_id])):
+                labels = [-100] * len(prompt_ids) + row[len(prompt_ids):]
+                loss = model(input_ids=torch.tensor([row]), labels=torch.tensor([labels])).loss
+                sums[kind] += float(loss) * (len(row) - len(prompt_ids))
+                counts[kind] += len(row) - len(prompt_ids)
+    assert counts["with"] == counts["without"] + len(test)
+    eos_mean = (sums["with"] - sums["without"]) / len(test)
+    assert abs(eos_mean - sums["without"] / counts["without"]) > 0.5  # so the two losses below differ
+    for kind, value in (("with", result.test_response_loss_after),
+                        ("without", result.test_response_loss_after_without_eos)):
+        expected = sums[kind] / counts[kind]
+        assert abs(value - expected) <= FLOAT32_TOL * max(1.0, expected), (kind, value, expected)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test_response_loss_after_without_eos"] == result.test_response_loss_after_without_eos
     # normalized identity is minus the cosine of the stored gradients
     loaded = load_scores(tmp_path / "scores.safetensors")
     G = torch.cat([store.block(n)[0:6].double() for n in store.block_names], dim=1)

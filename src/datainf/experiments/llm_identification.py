@@ -151,6 +151,7 @@ class LLMIdentificationResult:
     methods: dict[str, LLMMethod]
     protocol: str = "response"
     test_response_loss_after: float | None = None   # the response NLL per token, whatever the protocol
+    test_response_loss_after_without_eos: float | None = None   # the same over the response's own tokens
     wall_seconds: float | None = None
     library_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -163,6 +164,7 @@ class LLMIdentificationResult:
                "trainable_parameters": self.trainable_parameters, "blocks": self.blocks,
                "protocol": self.protocol, "test_loss_before": self.test_loss_before,
                "test_loss_after": self.test_loss_after, "test_response_loss_after": self.test_response_loss_after,
+               "test_response_loss_after_without_eos": self.test_response_loss_after_without_eos,
                "final_epoch_train_loss": self.final_epoch_train_loss, "finetune_seconds": self.finetune_seconds,
                "train_gradient_seconds": self.train_gradient_seconds,
                "query_gradient_seconds": self.query_gradient_seconds,
@@ -232,20 +234,18 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     train_pr, test_pr = prompts_and_responses(train), prompts_and_responses(test)
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loss_before, stats, loss_after, response_after = finetune(settings, model, tokenizer, train_pr, test_pr,
-                                                              progress)
+    stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
                                                                       test_pr, out / "store", progress)
     scored = score_methods(settings, attributor, query_grads)
     scores = {m: r.scores.double().cpu().numpy() for m, r in scored.items()}
     result = LLMIdentificationResult(
         settings=settings_dict(settings), model=model_name, n_train=len(train), n_test=len(test),
-        trainable_parameters=n_trainable, blocks=len(query_grads), test_loss_before=loss_before,
-        test_loss_after=loss_after, final_epoch_train_loss=stats["final_epoch_loss"],
+        trainable_parameters=n_trainable, blocks=len(query_grads), final_epoch_train_loss=stats["final_epoch_loss"],
         finetune_seconds=stats["seconds"], train_gradient_seconds=train_seconds,
         query_gradient_seconds=query_seconds,
         methods=method_outcomes(settings, scored, scores, [r["label"] for r in train], [r["label"] for r in test]),
-        protocol=settings.protocol, test_response_loss_after=response_after)
+        protocol=settings.protocol, **losses)
     write_outputs(result, out, settings, train, test, scored, scores, attributor)
     if not settings.keep_store:
         shutil.rmtree(out / "store", ignore_errors=True)
@@ -306,20 +306,29 @@ def protocol_records(settings: LLMIdentificationSettings, records: list[dict], s
 
 
 def finetune(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
-             test_pr: list[dict], progress: bool) -> tuple[float, dict[str, Any], float, float]:
-    """LoRA fine-tuning on the training examples, with the protocol's loss: (test loss before, training
-    stats, test loss after (the protocol's, per token), test response loss after (per response token))."""
+             test_pr: list[dict], progress: bool) -> tuple[dict[str, Any], dict[str, float]]:
+    """LoRA fine-tuning on the training examples, with the protocol's loss: (training stats, test losses).
+
+    The test losses, each a mean NLL per loss token: ``test_loss_before`` / ``test_loss_after`` (the
+    protocol's loss), ``test_response_loss_after`` (the response's tokens then EOS, whatever the protocol)
+    and ``test_response_loss_after_without_eos`` (the response's tokens alone: the paper's protocol never
+    fine-tunes on an EOS, so on one- or two-token answers the EOS alone can dominate the first).
+    """
     collate = protocol_collator(settings, tokenizer, "train")
     train, test = protocol_records(settings, train_pr, "train"), protocol_records(settings, test_pr, "train")
-    loss_before = response_loss(model, tokenizer, test, collate=collate)
+    losses = {"test_loss_before": response_loss(model, tokenizer, test, collate=collate)}
     stats = finetune_causal_lm(model, tokenizer, train, epochs=settings.epochs, lr=settings.learning_rate,
                                batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
                                progress=progress, collate=collate)
-    loss_after = response_loss(model, tokenizer, test, collate=collate)
-    response_after = response_loss(model, tokenizer, test_pr, max_length=settings.max_length)
-    log.info("fine-tuned in %.0f s (%s protocol): test loss %.3f -> %.3f per token; response loss %.3f",
-             stats["seconds"], settings.protocol, loss_before, loss_after, response_after)
-    return loss_before, stats, loss_after, response_after
+    no_eos = TextCollator(tokenizer, task="causal_lm", max_length=settings.max_length, append_eos=False)
+    losses |= {"test_loss_after": response_loss(model, tokenizer, test, collate=collate),
+               "test_response_loss_after": response_loss(model, tokenizer, test_pr, max_length=settings.max_length),
+               "test_response_loss_after_without_eos": response_loss(model, tokenizer, test_pr, collate=no_eos)}
+    log.info("fine-tuned in %.0f s (%s protocol): test loss %.3f -> %.3f per token; response loss %.3f "
+             "(%.3f without the EOS)", stats["seconds"], settings.protocol, losses["test_loss_before"],
+             losses["test_loss_after"], losses["test_response_loss_after"],
+             losses["test_response_loss_after_without_eos"])
+    return stats, losses
 
 
 def gradients(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],

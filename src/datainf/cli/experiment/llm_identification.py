@@ -77,7 +77,8 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
     result = run(settings, out_dir, progress=progress)
     click.echo(f"\n{settings.task} ({settings.protocol} protocol): {result.n_train} training / {result.n_test} test "
                f"examples; test loss {result.test_loss_before:.3f} -> {result.test_loss_after:.3f} per token "
-               f"(response loss {result.test_response_loss_after:.3f})")
+               f"(response loss {result.test_response_loss_after:.3f}, "
+               f"{result.test_response_loss_after_without_eos:.3f} without the EOS)")
     click.echo(format_table(result))
     click.echo(f"\nwall time {result.wall_seconds:.0f} s; wrote {out_dir}/results.json, {out_dir}/scores.safetensors, "
                f"{out_dir}/report.html")
