@@ -99,6 +99,37 @@ def test_prompt_response_in_the_chat_template_is_a_user_and_an_assistant_turn(to
     assert wrapped[0] == _ids(tok.apply_chat_template(pair, tokenize=True))
 
 
+def test_conversational_prompt_completion_is_trls_completion_mask(tok):
+    """TRL's rule for a conversational prompt-completion row, computed here at the token level as TRL does it:
+    the prompt rendered with its generation prompt, then everything the full conversation adds is the
+    completion (its turns, their end-of-turn tokens and the template's newline after them)."""
+    prompt, completion = CHAT[:4], CHAT[4:]
+    for key in ("completion", "response"):
+        ids, labels = TextCollator(tok, task="causal_lm", max_length=512).tokenize({"prompt": prompt, key: completion})
+        prompt_ids = _ids(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+        full_ids = _ids(tok.apply_chat_template(prompt + completion, tokenize=True))
+        assert full_ids[: len(prompt_ids)] == prompt_ids
+        assert ids == full_ids
+        assert _loss_positions(labels) == list(range(len(prompt_ids), len(full_ids)))
+        assert all(labels[i] == ids[i] for i in _loss_positions(labels))
+    # unlike 'messages', the earlier assistant turn (in the prompt) carries no loss
+    assert tok.decode([ids[i] for i in _loss_positions(labels)]) == "book the reads teacher quiet a<|im_end|>\n"
+
+
+def test_conversational_prompt_completion_refuses_what_it_cannot_render(tok):
+    from copy import deepcopy
+
+    collator = TextCollator(tok, task="causal_lm")
+    with pytest.raises(DataInfError, match="example 0: the prompt and the completion must both be lists"):
+        collator.tokenize({"prompt": "a string prompt", "completion": CHAT[4:]})
+    with pytest.raises(DataInfError, match="every turn of the completion must be an assistant turn"):
+        collator.tokenize({"prompt": CHAT[:2], "completion": CHAT[2:4]})
+    plain = deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(DataInfError, match="no chat template"):
+        TextCollator(plain, task="causal_lm").tokenize({"prompt": CHAT[:4], "completion": CHAT[4:]})
+
+
 def test_text_has_loss_on_every_token(tok):
     text = "Solve the following math problem. Tom has 3 apples -> 3"
     ids, labels = TextCollator(tok, task="causal_lm_mean").tokenize({"text": text})

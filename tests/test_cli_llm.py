@@ -161,6 +161,63 @@ def test_top_writes_csv_and_jsonl_rows_with_the_training_texts(flow, tmp_path, c
     assert code == 0 and [r["kind"] for r in lines] == ["helpful", "harmful"]
 
 
+def _trl_prompt_completion(tok, prompt: list[dict], completion: list[dict]) -> dict:
+    """A pre-tokenized record by TRL's rule for a conversational prompt-completion row, computed here on the
+    token ids: the prompt with its generation prompt, then the conversation's remaining tokens carry loss."""
+    def ids(encoded):
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    prompt_ids = ids(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+    full_ids = ids(tok.apply_chat_template(prompt + completion, tokenize=True))
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    return {"input_ids": full_ids, "labels": [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]}
+
+
+def test_trls_conversational_prompt_completion_rows_go_through_grads_and_explain(flow, chat_model_dir, tmp_path,
+                                                                                capsys):
+    """A JSONL of {"prompt": [turns], "completion": [turns]} rows (TRL's conversational prompt-completion):
+    the store's gradients and explain's query gradient equal those of records tokenized here by TRL's rule."""
+    from transformers import AutoTokenizer
+
+    from datainf.attributor import Attributor
+    from datainf.data.collate import TextCollator
+    from datainf.models.llm import load_causal_lm_adapter
+
+    root, _, records = flow
+    rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run(["grads", "--task", "causal_lm", "--model", str(chat_model_dir), "--adapter",
+                        str(root / "adapter"), "--data", str(data), "--store", str(tmp_path / "store"),
+                        "--batch-size", "2", "--dtype", "float64", "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    store = GradientStore.open(tmp_path / "store")
+    assert store.records() == [{"prompt": r["prompt"], "response": r["completion"]} for r in rows]
+    tok = AutoTokenizer.from_pretrained(str(root / "adapter"))
+    model, _ = load_causal_lm_adapter(chat_model_dir, root / "adapter", dtype=torch.float64)
+    reference = [_trl_prompt_completion(tok, r["prompt"], r["completion"]) for r in rows]
+    att = Attributor(model, task="causal_lm", collate=TextCollator(tok, task="causal_lm"), progress=False)
+    want = att.gradients(reference)
+    got = store.blocks()
+    for name in want:
+        assert_close_to(got[name][:], want[name].reshape(len(rows), -1), tol=FLOAT64_TOL, what=name)
+
+    system, prompt, response = rows[0]["prompt"][0]["content"], "the old fox finds the book", "book the finds"
+    code, out, err = run(["explain", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"),
+                          "--store", str(tmp_path / "store"), "--system", system, "--prompt", prompt, "--response",
+                          response, "--method", "identity", "--k", "2", "--json", str(tmp_path / "e.json"),
+                          "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    query = _trl_prompt_completion(tok, [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                                   [{"role": "assistant", "content": response}])
+    scores = datainf.influence(got, att.gradients([query]), "identity")[:, 0]
+    answer = json.loads((tmp_path / "e.json").read_text())["answers"][0]
+    assert [r["train_index"] for r in answer["rows"] if r["kind"] == "helpful"] == torch.argsort(scores)[:2].tolist()
+    for r in answer["rows"]:
+        assert r["score"] == pytest.approx(float(scores[r["train_index"]]), rel=FLOAT64_TOL, abs=1e-300)
+        assert r["train_response"] == rows[r["train_index"]]["completion"][-1]["content"]
+
+
 def test_an_adapter_loaded_for_inference_is_attributed_and_left_frozen(flow, chat_model_dir):
     """PeftModel.from_pretrained(base, folder) without is_trainable: every parameter is frozen, the usual way
     to load an adapter. Its LoRA gradients are those of the same adapter loaded trainable."""
@@ -189,7 +246,8 @@ def test_an_adapter_loaded_for_inference_is_attributed_and_left_frozen(flow, cha
     assert fingerprint_model(frozen) == fingerprint_model(trainable)  # the same adapter, the same fingerprint
 
 
-@pytest.mark.parametrize("case", ["no_chat_template", "bad_messages", "no_columns", "split_on_a_file", "explain_on_a_classification_store"])
+@pytest.mark.parametrize("case", ["no_chat_template", "bad_messages", "bad_completion_turns", "no_columns",
+                                  "split_on_a_file", "explain_on_a_classification_store"])
 def test_bad_llm_input_is_one_line_and_exit_2(case, flow, chat_model_dir, tiny_llama_dir, tmp_path, capsys):
     root, data, _ = flow
     bad = tmp_path / "bad.jsonl"
@@ -208,6 +266,10 @@ def test_bad_llm_input_is_one_line_and_exit_2(case, flow, chat_model_dir, tiny_l
     elif case == "bad_messages":
         bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
         argv, expected = grads + ["--model", str(chat_model_dir), "--data", str(bad)], "row 0, column 'messages'"
+    elif case == "bad_completion_turns":  # a conversational prompt with a completion turn lacking its content
+        bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant"}]})
+                       + "\n")
+        argv, expected = grads + ["--model", str(chat_model_dir), "--data", str(bad)], "row 0, column 'completion'"
     elif case == "no_columns":
         bad.write_text(json.dumps({"question": "hi", "answer": "yo"}) + "\n")
         argv, expected = grads + ["--model", str(chat_model_dir), "--data", str(bad)], "--prompt-column"

