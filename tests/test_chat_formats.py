@@ -130,6 +130,22 @@ def test_conversational_prompt_completion_refuses_what_it_cannot_render(tok):
         TextCollator(plain, task="causal_lm").tokenize({"prompt": CHAT[:4], "completion": CHAT[4:]})
 
 
+def test_loss_on_every_token_is_trls_default_for_messages(tok):
+    """TRL's SFT without assistant_only_loss trains a 'messages' row on its whole rendering (labels =
+    input_ids), and a prompt-completion row with completion_only_loss=False on prompt, completion and EOS."""
+    collator = TextCollator(tok, task="causal_lm", max_length=512, loss_tokens="all")
+    ids, labels = collator.tokenize({"messages": CHAT})
+    assert ids == _ids(tok.apply_chat_template(CHAT, tokenize=True)) and labels == ids
+    prompt, response = "What is the capital of France?", " The capital is Paris."
+    ids, labels = collator.tokenize({"prompt": prompt, "completion": response})
+    assert ids == tok(prompt + response)["input_ids"] + [tok.eos_token_id] and labels == ids
+    # recorded where it changes the tokenization, absent (so old stores keep their fingerprint) where it doesn't
+    assert collator.settings()["loss_tokens"] == "all"
+    assert "loss_tokens" not in TextCollator(tok, task="causal_lm").settings()
+    with pytest.raises(DataInfError, match="loss_tokens must be 'assistant' or 'all'"):
+        TextCollator(tok, task="causal_lm", loss_tokens="prompt")
+
+
 def test_text_has_loss_on_every_token(tok):
     text = "Solve the following math problem. Tom has 3 apples -> 3"
     ids, labels = TextCollator(tok, task="causal_lm_mean").tokenize({"text": text})

@@ -21,7 +21,7 @@ from datainf.cli import main  # noqa: E402
 from datainf.data.generation import chat_records, make_task  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
 from datainf.store import GradientStore  # noqa: E402
-from reference import FLOAT64_TOL, assert_close_to  # noqa: E402
+from reference import FLOAT32_TOL, FLOAT64_TOL, assert_close_to  # noqa: E402
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -216,6 +216,37 @@ def test_trls_conversational_prompt_completion_rows_go_through_grads_and_explain
     for r in answer["rows"]:
         assert r["score"] == pytest.approx(float(scores[r["train_index"]]), rel=FLOAT64_TOL, abs=1e-300)
         assert r["train_response"] == rows[r["train_index"]]["completion"][-1]["content"]
+
+
+def test_grads_warns_when_its_loss_tokens_are_not_the_fine_tunes(flow, chat_model_dir, tmp_path, capsys):
+    """The adapter was fine-tuned by `datainf finetune` with the defaults (every assistant turn): gradients of
+    the last turn only, or of every token, are not of its training loss, and grads says so."""
+    root, data, _ = flow
+    base = ["grads", "--task", "causal_lm", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"),
+            "--data", str(data)]
+    code, _, err = run(base + ["--store", str(tmp_path / "same")], capsys)
+    assert code == 0 and "warning" not in err, err
+    for option, value, expected in (("--assistant-turns", "last", "assistant_turns: 'all' in training, 'last' here"),
+                                    ("--loss-tokens", "all", "loss_tokens: 'assistant' in training, 'all' here")):
+        code, _, err = run(base + ["--store", str(tmp_path / value), option, value], capsys)
+        assert code == 0 and "warning:" in err and expected in err, err
+    store = GradientStore.open(tmp_path / "all")
+    assert store.manifest["meta"]["collate"]["loss_tokens"] == "all"
+    # every token: TRL's labels = input_ids of the chat template's rendering, computed here
+    from transformers import AutoTokenizer
+
+    from datainf.attributor import Attributor
+    from datainf.data.collate import TextCollator
+    from datainf.models.llm import load_causal_lm_adapter
+
+    tok = AutoTokenizer.from_pretrained(str(root / "adapter"))
+    model, _ = load_causal_lm_adapter(chat_model_dir, root / "adapter", dtype=torch.float32)
+    rendered = [list(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+                for r in flow[2]]
+    want = Attributor(model, task="causal_lm", collate=TextCollator(tok, task="causal_lm"), progress=False).gradients(
+        [{"input_ids": ids, "labels": ids} for ids in rendered])
+    for name, block in store.blocks().items():
+        assert_close_to(block[:], want[name].reshape(len(rendered), -1), tol=FLOAT32_TOL, what=name)
 
 
 def test_an_adapter_loaded_for_inference_is_attributed_and_left_frozen(flow, chat_model_dir):

@@ -213,6 +213,11 @@ def data_options(f: Any) -> Any:
                      help="causal LM: wrap prompt/response records in the tokenizer's chat template (user, assistant)."),
         click.option("--assistant-turns", type=click.Choice(["all", "last"]), default="all",
                      help="chat records: loss on all assistant turns or only the last."),
+        click.option("--loss-tokens", type=click.Choice(["assistant", "all"]), default="assistant",
+                     show_default=True,
+                     help="causal LM: the tokens that carried the loss in training: the answer's (assistant turns, "
+                          "completion, response), or 'all' of them (TRL's SFT on 'messages' data without "
+                          "assistant_only_loss, or with completion_only_loss=False)."),
         click.option("--split", default=None, help="The split of a save_to_disk DatasetDict folder."),
     ]
     for option in reversed(options):
@@ -263,14 +268,40 @@ def scored_training_data(loaded: Any, data_path: str, *, extra_columns: tuple[st
     return records
 
 
+#: the collator settings that decide which tokens carry the loss (compared with what `finetune` recorded)
+TRAINING_TOKENIZATION = ("format", "chat_template", "assistant_turns", "append_eos", "loss_tokens", "max_length")
+
+
+def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) -> list[str]:
+    """How ``settings`` (a TextCollator's) tokenize differently from the fine-tune that made the adapter, as
+    recorded by `datainf finetune` ("assistant_turns: 'last' in training, 'all' here"); empty for an adapter
+    from elsewhere or one that matches."""
+    marker = Path(adapter_dir) / FINETUNE_MARKER if adapter_dir is not None else None
+    if marker is None or not marker.is_file():
+        return []
+    try:
+        trained = json.loads(marker.read_text(encoding="utf-8")).get("collate")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(trained, dict):
+        return []
+    defaults = {"loss_tokens": "assistant"}  # left out of the settings when it is the default
+    out = []
+    for key in TRAINING_TOKENIZATION:
+        then, now = trained.get(key, defaults.get(key)), settings.get(key, defaults.get(key))
+        if then != now:
+            out.append(f"{key}: {then!r} in training, {now!r} here")
+    return out
+
+
 def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: bool = False,
-                  assistant_turns: str = "all", **_: Any) -> Any:
+                  assistant_turns: str = "all", loss_tokens: str = "assistant", **_: Any) -> Any:
     """The collator that tokenizes records as the model was trained on them."""
     from datainf.data.collate import TextCollator
 
     return TextCollator(tokenizer=tokenizer, task=task, max_length=max_length, chat_template=chat_template,
-                        assistant_turns=assistant_turns)
+                        assistant_turns=assistant_turns, loss_tokens=loss_tokens)
 
 
 __all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "check_output", "data_options", "default_map", "device_option", "load_config",
-           "load_model", "make_collator", "model_dtype_option", "parse_methods", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]
+           "load_model", "make_collator", "tokenization_differences", "model_dtype_option", "parse_methods", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]

@@ -17,6 +17,7 @@ from datainf.cli.common import (
     read_data,
     run_labels,
     setup,
+    tokenization_differences,
 )
 from datainf.data.labels import describe
 from datainf.errors import DataInfError
@@ -81,6 +82,12 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     names = getattr(records, "label_names", None)
     model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
     collate = make_collator(tokenizer, task, max_length, **data)
+    if task != "classification" and is_main_process():
+        differences = tokenization_differences(adapter_dir, collate.settings())
+        if differences:
+            click.echo(f"warning: {adapter_dir} was fine-tuned on other loss tokens ({'; '.join(differences)}): "
+                       "these gradients are not of its training loss; pass the options it was trained with",
+                       err=True)
     attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
                             batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
                             label_names=names, skip_nonfinite=skip_nonfinite,

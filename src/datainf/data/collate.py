@@ -40,6 +40,9 @@ from datainf.errors import DataInfError
 IGNORE_INDEX = -100
 FORMATS = ("auto", "messages", "prompt-response", "text")
 ASSISTANT_TURNS = ("all", "last")
+#: which tokens of a causal LM example carry the loss: the answer's (assistant turns, completion, response) or
+#: every token (TRL's default for 'messages' data, without assistant_only_loss; completion_only_loss=False)
+LOSS_TOKENS = ("assistant", "all")
 #: characters kept per token of max_length before tokenizing (a cap that never cuts what the limit keeps)
 CHARS_PER_TOKEN = 64
 
@@ -75,6 +78,10 @@ class TextCollator:
         assistant_turns: for messages, loss on "all" assistant turns or only the "last".
         append_eos: end prompt-response and text records with the EOS token (counted in the loss), as TRL's
             SFT does; chat records end as the template renders them.
+        loss_tokens: "assistant" (the loss on the answer: the assistant turns, the completion or the
+            response, as above) or "all" (on every token of the rendered example, as TRL's SFT trains on
+            'messages' data unless ``assistant_only_loss=True``, and on prompt-completion data with
+            ``completion_only_loss=False``).
     """
 
     tokenizer: Any = None
@@ -89,18 +96,25 @@ class TextCollator:
     chat_template: bool = False
     assistant_turns: str = "all"
     append_eos: bool = True
+    loss_tokens: str = "assistant"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise DataInfError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.assistant_turns not in ASSISTANT_TURNS:
             raise DataInfError(f"assistant_turns must be 'all' or 'last', got {self.assistant_turns!r}")
+        if self.loss_tokens not in LOSS_TOKENS:
+            raise DataInfError(f"loss_tokens must be 'assistant' or 'all', got {self.loss_tokens!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise DataInfError(f"max_length must be an integer >= 2 (tokens), got {self.max_length!r}")
 
     def settings(self) -> dict[str, Any]:
-        """What decides the tokenization (kept in the store's manifest and fingerprint)."""
-        return {k: v for k, v in asdict(self).items() if k != "tokenizer"}
+        """What decides the tokenization (kept in the store's manifest and fingerprint); ``loss_tokens`` only
+        when it is not the default, so stores made before it existed keep their fingerprint."""
+        out = {k: v for k, v in asdict(self).items() if k != "tokenizer"}
+        if out["loss_tokens"] == "assistant":
+            del out["loss_tokens"]
+        return out
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if not records:
@@ -137,6 +151,10 @@ class TextCollator:
     def tokenize(self, record: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
         """One causal LM record -> (token ids, labels): labels hold the id where the token carries loss and
         -100 elsewhere; at most ``max_length`` tokens."""
+        ids, labels = self._tokenize(record, index)
+        return (ids, list(ids)) if self.loss_tokens == "all" else (ids, labels)
+
+    def _tokenize(self, record: Mapping[str, Any], index: int) -> tuple[list[int], list[int]]:
         kind = record_format(record, self)
         if kind == "messages":
             return self._messages(self._get(record, self.messages_key, index), index,
