@@ -4,11 +4,13 @@ Loads the model and adapter once, takes a prompt from the command line (and a re
 tokenizes it as the training data was (the chat template when the store holds chat records: a conversation,
 or a prompt and a completion of turns as TRL's conversational prompt-completion rows are), computes its
 gradient, scores it against the store with each method and prints the most helpful and most harmful
-training examples. ``--interactive`` keeps the model loaded and asks for the next prompt.
+training examples. ``--conversation FILE`` explains the last assistant turn of a whole conversation (or the
+model's reply to it). ``--interactive`` keeps the model loaded and asks for the next prompt.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -29,33 +31,56 @@ def _turns(prompt: str, system: str | None) -> list[dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
-def query_record(prompt: str, response: str, chat: bool, system: str | None = None,
+def read_conversation(path: str) -> tuple[list[dict[str, str]], str | None]:
+    """A conversation file: a JSON list of {"role", "content"} turns, or an object with "messages" (one row of
+    a chat JSONL). Returns (the turns before the reply to explain, that reply or None when the
+    conversation ends on a user turn, for the model to answer)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataInfError(f"--conversation {path}: not a readable JSON file ({e})") from None
+    turns = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(turns, list) or not turns:
+        raise DataInfError(f"--conversation {path}: give a JSON list of {{\"role\", \"content\"}} turns, or an "
+                           'object with "messages"')
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise DataInfError(f"--conversation {path}: turn {i} needs a 'role' and a 'content' string")
+    turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+    if turns[-1]["role"] == "assistant":
+        context, reply = turns[:-1], turns[-1]["content"]
+    else:
+        context, reply = turns, None
+    if not any(t["role"] == "user" for t in context):
+        raise DataInfError(f"--conversation {path}: no user turn before the reply to explain")
+    return context, reply
+
+
+def query_record(context: list[dict[str, str]] | str, response: str,
                  completion_turns: bool = False) -> dict[str, Any]:
-    """The query as a record of the store's kind: (a system turn,) a user and an assistant turn for a chat
-    store, as one conversation or, with ``completion_turns`` (a store of TRL's conversational
-    prompt-completion records), as a prompt of turns and a completion of one assistant turn; a
-    prompt/response record otherwise."""
+    """The query as a record of the store's kind: the context turns (a system turn, a user turn, or a whole
+    conversation) and an assistant turn for a chat store, as one conversation or, with ``completion_turns``
+    (a store of TRL's conversational prompt-completion records), as a prompt of turns and a completion of
+    one assistant turn; a prompt/response record (``context`` the prompt string) otherwise."""
+    if isinstance(context, str):
+        return {"prompt": context, "response": response}
     if completion_turns:
-        return {"prompt": _turns(prompt, system), "response": [{"role": "assistant", "content": response}]}
-    if chat:
-        return {"messages": [*_turns(prompt, system), {"role": "assistant", "content": response}]}
-    if system:
-        raise DataInfError("--system applies to chat stores (made from 'messages' records or with --chat-template)")
-    return {"prompt": prompt, "response": response}
+        return {"prompt": context, "response": [{"role": "assistant", "content": response}]}
+    return {"messages": [*context, {"role": "assistant", "content": response}]}
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, chat: bool, max_new_tokens: int,
-             system: str | None = None) -> str:
-    """The model's own greedy continuation of the prompt (through the chat template for a chat store)."""
+def generate(model: Any, tokenizer: Any, context: list[dict[str, str]] | str, max_new_tokens: int) -> str:
+    """The model's own greedy continuation: of the context turns through the chat template (a chat store),
+    or of the prompt string."""
     import torch
 
     device = next(model.parameters()).device
-    if chat:
-        ids = tokenizer.apply_chat_template(_turns(prompt, system), add_generation_prompt=True,
+    if not isinstance(context, str):
+        ids = tokenizer.apply_chat_template(context, add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
         inputs = {k: v.to(device) for k, v in ids.items()}
     else:
-        inputs = {k: v.to(device) for k, v in tokenizer(prompt, return_tensors="pt").items()}
+        inputs = {k: v.to(device) for k, v in tokenizer(context, return_tensors="pt").items()}
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -93,6 +118,10 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @click.option("--prompt", default=None, help="The prompt to explain (asked for with --interactive).")
 @click.option("--response", default=None, help="The response to explain; default: the model's own (generated).")
 @click.option("--system", default=None, help="A system turn before the prompt (chat stores), as in training.")
+@click.option("--conversation", "conversation_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Explain the last assistant turn of this conversation (a JSON list of turns, or an object with "
+                   "'messages'), the earlier turns its context; one ending on a user turn is answered by the model. "
+                   "Chat stores; instead of --prompt and --system.")
 @click.option("--method", "methods", multiple=True, default=("datainf",),
               help="Method names, comma-separated or repeated (--method datainf --method exact); a name that is "
                    "not registered is refused with the list of those that are.")
@@ -107,8 +136,9 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str, prompt: str | None,
-            response: str | None, system: str | None, methods: tuple[str, ...], k: int, json_path: str | None, interactive: bool,
-            max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
+            response: str | None, system: str | None, conversation_path: str | None, methods: tuple[str, ...], k: int,
+            json_path: str | None, interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str,
+            device: str | None) -> None:
     """Which training examples made the model give this response to this prompt?"""
     from datainf.attributor import Attributor
     from datainf.cli.common import load_model
@@ -118,8 +148,19 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
     from datainf.scoring import score_store
     from datainf.store import GradientStore
 
+    conversation: list[dict[str, str]] | None = None
+    if conversation_path is not None:
+        if prompt is not None or system is not None or interactive:
+            raise DataInfError("--conversation holds the prompt and any system turn: leave out --prompt, --system "
+                               "and --interactive")
+        conversation, reply = read_conversation(conversation_path)
+        if reply is not None and response is not None:
+            raise DataInfError(f"--conversation {conversation_path} ends with the assistant's reply, which is the "
+                               "response explained; leave out --response (or end the file on the user's turn)")
+        response = response if reply is None else reply
+        prompt = [t["content"] for t in conversation if t["role"] == "user"][-1]
     if prompt is None and not interactive:
-        raise DataInfError("give --prompt TEXT (or --interactive to type prompts)")
+        raise DataInfError("give --prompt TEXT (or --conversation FILE, or --interactive to type prompts)")
     names = parse_methods(methods)
     store = GradientStore.open(store_dir)
     meta = store.manifest.get("meta", {})
@@ -131,6 +172,10 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
     records = store.records()
     completion_turns = bool(records) and isinstance(records[0].get("prompt"), list)  # conversational pairs
     chat = bool(settings.get("chat_template")) or bool(records and "messages" in records[0]) or completion_turns
+    if not chat and (system is not None or conversation is not None):
+        raise DataInfError(f"{'--system' if conversation is None else '--conversation'} applies to chat stores (made "
+                           "from 'messages' records, prompt/completion turns, or with --chat-template); "
+                           f"{store_dir} holds prompt/response or text records")
     _, device = setup(ctx, device)
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir, adapter_dir, task, None, device, model_dtype)
@@ -155,13 +200,15 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
             if not prompt.strip():
                 break
         assert prompt is not None
+        context = conversation if conversation is not None else _turns(prompt, system) if chat else prompt
         generated = response is None
         if generated:
-            response = generate(model, tokenizer, prompt, chat, max_new_tokens, system)
-        click.echo(f"\nprompt:   {_cut(prompt, width - 10)}\nresponse: {_cut(response, width - 10)}"
+            response = generate(model, tokenizer, context, max_new_tokens)
+        earlier = f" (after {len(conversation) - 1} earlier turns)" if conversation and len(conversation) > 1 else ""
+        click.echo(f"\nprompt:   {_cut(prompt, width - 10)}{earlier}\nresponse: {_cut(response, width - 10)}"
                    f"{'   (generated by the model, greedy)' if generated else ''}")
         t0 = time.perf_counter()
-        record = query_record(prompt, response, chat, system, completion_turns)
+        record = query_record(context, response, completion_turns)
         qgrads = attributor.gradients([record], desc=None)
         rows, timings = [], {}
         for method in names:
@@ -175,8 +222,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
             click.echo("\n" + render(rows, method, k, width))
         click.echo(f"\n(gradient + scoring against {store.n_examples} examples: {seconds:.2f} s)")
         answers.append({"system": system, "prompt": prompt, "response": response, "generated": generated,
-                        "seconds": timings,
-                        "rows": rows})
+                        **({"conversation": conversation} if conversation is not None else {}),
+                        "seconds": timings, "rows": rows})
         if not interactive:
             break
         prompt, response = None, None
