@@ -682,3 +682,47 @@ def test_11_grads_max_length_zero_is_refused(rel, tiny_bert_dir, tmp_path, capsy
     refused(grads_argv(tiny_bert_dir, root / "adapter", train, store, "--max-length", "0"), capsys,
             "Invalid value for '--max-length': 0 is not in the range x>=2")
     assert not store.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. a store larger than its disk's free space was computed until the disk filled, hours in
+# --------------------------------------------------------------------------------------------------
+
+
+def test_12_a_store_that_cannot_fit_on_its_disk_is_refused_before_any_gradient(rel, tiny_bert_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """The bytes a store needs, counted here from its manifest's block shapes (float32 entries plus one float64
+    squared norm per block and example), against a disk that reports one byte less than that free: refused
+    with one line, nothing written; with exactly that much free the same command runs."""
+    import datainf.store.gradient_store as gradient_store
+
+    root, train, _ = rel
+    manifest = json.loads((root / "train-store" / "manifest.json").read_text())
+    per_example = sum(int(np.prod(b["shape"])) * 4 + 8 for b in manifest["blocks"])
+    need = manifest["n_examples"] * per_example
+    real = shutil.disk_usage
+
+    def disk_with(free: int):
+        return lambda path: real(path)._replace(free=free)
+
+    argv = grads_argv(tiny_bert_dir, root / "adapter", train, tmp_path / "new-store")
+    monkeypatch.setattr(gradient_store.shutil, "disk_usage", disk_with(need - 1))
+    line = refused(argv, capsys, f"need {gradient_store._size(need)}")
+    assert "--project K" in line and not (tmp_path / "new-store").exists()
+    # a store half done needs room for its missing chunks only; refused, it is left as it was
+    store = copy(root / "train-store", tmp_path / "half")
+    shutil.rmtree(store / "chunks" / "00001")
+    (store / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    before = hashes(store)
+    missing = len(range(4, 8)) * per_example
+    monkeypatch.setattr(gradient_store.shutil, "disk_usage", disk_with(missing - 1))
+    refused(grads_argv(tiny_bert_dir, root / "adapter", train, store), capsys, f"need {gradient_store._size(missing)}")
+    assert hashes(store) == before
+    monkeypatch.setattr(gradient_store.shutil, "disk_usage", disk_with(missing))
+    code, _, err = run(grads_argv(tiny_bert_dir, root / "adapter", train, store), capsys)
+    assert code == 0, err
+
+    def chunk_files(folder: Path) -> dict[str, str]:
+        return {str(Path(k).relative_to(folder)): v for k, v in hashes(folder / "chunks").items()}
+
+    assert chunk_files(store) == chunk_files(root / "train-store")  # chunk 1 recomputed, the same bytes

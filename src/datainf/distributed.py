@@ -195,6 +195,7 @@ def write_store(
         try:
             store = GradientStore.create(path, blocks=blocks, n_examples=n_examples, fingerprints=fingerprints,
                                          chunk_size=chunk_size, dtype=dtype, meta=meta, projection=projection)
+            store.check_free_space(store.missing_chunks())
         except BaseException as e:  # shared with the other ranks below, then re-raised
             error = e
     try:
