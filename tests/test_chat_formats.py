@@ -146,6 +146,16 @@ def test_loss_on_every_token_is_trls_default_for_messages(tok):
         TextCollator(tok, task="causal_lm", loss_tokens="prompt")
 
 
+def test_token_counts_are_the_lengths_before_the_cut(tok):
+    """token_counts: each record's length as the tokenizer renders it (the chat template, prompt + response +
+    EOS), whatever max_length cuts it to, so that truncation can be reported."""
+    records = [{"messages": CHAT}, {"prompt": "What is 2 + 2?", "response": " 4"}, {"input_ids": [1, 2, 3]}]
+    counts = TextCollator(tok, task="causal_lm", max_length=8).token_counts(records)
+    assert counts == [len(_ids(tok.apply_chat_template(CHAT, tokenize=True))),
+                      len(tok("What is 2 + 2? 4")["input_ids"]) + 1, 0]
+    assert counts[0] > 8 and len(TextCollator(tok, task="causal_lm", max_length=8).tokenize(records[0])[0]) == 8
+
+
 def test_text_has_loss_on_every_token(tok):
     text = "Solve the following math problem. Tom has 3 apples -> 3"
     ids, labels = TextCollator(tok, task="causal_lm_mean").tokenize({"text": text})

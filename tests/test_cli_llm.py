@@ -288,6 +288,29 @@ def test_grads_warns_when_its_loss_tokens_are_not_the_fine_tunes(flow, chat_mode
         assert_close_to(block[:], want[name].reshape(len(rendered), -1), tol=FLOAT32_TOL, what=name)
 
 
+def test_grads_reports_the_examples_cut_to_max_length(flow, chat_model_dir, tmp_path, capsys, caplog):
+    """Conversations longer than --max-length are cut (from the left): grads says how many and which, counted
+    here with the chat template's own tokenization, before it computes, and the manifest keeps them."""
+    from transformers import AutoTokenizer
+
+    root, data, records = flow
+    tok = AutoTokenizer.from_pretrained(str(root / "adapter"))
+    lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for r in records]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the conversations are longer
+    longer = [i for i, n in enumerate(lengths) if n > limit]
+    assert 0 < len(longer) < len(records)
+    code, out, err = run(["grads", "--task", "causal_lm", "--model", str(chat_model_dir), "--adapter",
+                          str(root / "adapter"), "--data", str(data), "--store", str(tmp_path / "s"),
+                          "--max-length", str(limit)], capsys)
+    assert code == 0, err
+    assert f"warning: {len(longer)} of {len(records)} examples are longer than max_length={limit}" in caplog.text
+    assert f"max_length: 128 in training, {limit} here" in err  # not the fine-tune's either
+    assert f"{len(longer)} examples cut to --max-length {limit} (the longest {max(lengths)} tokens)" in out
+    cut = GradientStore.open(tmp_path / "s").manifest["meta"]["truncated"]
+    assert cut["rows"] == longer and cut["longest"] == max(lengths)
+
+
 def test_an_adapter_loaded_for_inference_is_attributed_and_left_frozen(flow, chat_model_dir):
     """PeftModel.from_pretrained(base, folder) without is_trainable: every parameter is frozen, the usual way
     to load an adapter. Its LoRA gradients are those of the same adapter loaded trainable."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from datainf.data.collate import TextCollator
+from datainf.data.collate import LENGTH_PROBE, TextCollator
 from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError, NonFiniteError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
@@ -337,6 +337,9 @@ class Attributor:
         meta: dict[str, Any] = {"task": self._task_name(), "task_fingerprint": fingerprints["task"],
                                 "blocks_tracked": len(blocks), "collate": self._collate_settings(),
                                 "nonfinite": nonfinite}
+        truncated = self._truncation(records, source)
+        if truncated is not None:
+            meta["truncated"] = truncated
         if self.task == "classification":
             meta["labels"] = {"names": self.label_names, "num_labels": self._num_labels()}
         # one writing path for one process or torchrun: ranks split the missing chunks, rank 0 owns the lock
@@ -349,6 +352,29 @@ class Attributor:
                 self.model, self.projection, params=self.params, group_lora=self.group_lora),
         )
         return self._store
+
+    def _truncation(self, records: Sequence[Any], source: Sequence[int] | None) -> dict[str, Any] | None:
+        """Which examples the collator cuts to its max_length (None when none is, or for a collator of one's
+        own): {"max_length", "examples", "rows" (the first 20), "longest"}, and a warning before any gradient."""
+        if not isinstance(self.collate, TextCollator) or self.collate.tokenizer is None:
+            return None
+        counts = self.collate.token_counts(records)
+        limit = self.collate.max_length
+        over = [i for i, c in enumerate(counts) if c > limit]
+        if not over:
+            return None
+        rows = [source[i] if source is not None else i for i in over]
+        longest = max(counts)
+        capped = longest >= limit * LENGTH_PROBE
+        info = {"max_length": limit, "examples": len(over), "rows": rows[:20], "longest": longest,
+                "longest_is_a_lower_bound": capped}
+        side = ("from the left for chat and prompt/response records (the response is kept), from the right for "
+                "text" if self.collate.task.startswith("causal_lm") else "from the right")
+        log.warning("warning: %d of %d examples are longer than max_length=%d tokens (rows %s%s; the longest %s%d) and are "
+                    "cut %s: their gradients are not those of the whole example; raise max_length (--max-length) "
+                    "to the length the model was trained with", len(over), len(records), limit, rows[:10],
+                    ", ..." if len(rows) > 10 else "", ">= " if capped else "", longest, side)
+        return info
 
     def differences(self, store: GradientStore) -> list[str]:
         """What differs between this Attributor's model and the one ``store`` was made with: "model

@@ -85,9 +85,9 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     if task != "classification" and is_main_process():
         differences = tokenization_differences(adapter_dir, collate.settings())
         if differences:
-            click.echo(f"warning: {adapter_dir} was fine-tuned on other loss tokens ({'; '.join(differences)}): "
-                       "these gradients are not of its training loss; pass the options it was trained with",
-                       err=True)
+            click.echo(f"warning: {adapter_dir} was fine-tuned on examples tokenized otherwise "
+                       f"({'; '.join(differences)}): these gradients are not of its training loss; pass the options "
+                       "it was trained with", err=True)
     attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
                             batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
                             label_names=names, skip_nonfinite=skip_nonfinite,
@@ -100,5 +100,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
         skipped = (f"; dropped {len(dropped)} examples with a non-finite loss: rows "
                    f"{', '.join(str(d['row']) for d in dropped[:10])}{', ...' if len(dropped) > 10 else ''}"
                    if dropped else "")
+        cut = (store.manifest.get("meta") or {}).get("truncated")
+        truncated = (f"; {cut['examples']} examples cut to --max-length {cut['max_length']} (the longest "
+                     f"{'>= ' if cut.get('longest_is_a_lower_bound') else ''}{cut['longest']} tokens)" if cut else "")
         click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks{projected}, "
-                   f"in {store_dir}{shown}{skipped}")
+                   f"in {store_dir}{shown}{skipped}{truncated}")

@@ -29,7 +29,7 @@ to ``max_length`` tokens: for prompt-response and chat records from the left, so
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -45,6 +45,8 @@ ASSISTANT_TURNS = ("all", "last")
 LOSS_TOKENS = ("assistant", "all")
 #: characters kept per token of max_length before tokenizing (a cap that never cuts what the limit keeps)
 CHARS_PER_TOKEN = 64
+#: token_counts counts up to this many times max_length (enough to say how much longer to make it)
+LENGTH_PROBE = 16
 
 
 def record_format(record: Mapping[str, Any], collator: TextCollator) -> str:
@@ -128,6 +130,25 @@ class TextCollator:
             tok = self.tokenizer
             return _pad(list(rows), list(labels), _pad_id(tok), left=getattr(tok, "padding_side", "right") == "left")
         return self._classification(records)
+
+    def token_counts(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Each record's length in tokens as this collator tokenizes it but before it is cut to
+        ``max_length`` (counted up to ``LENGTH_PROBE * max_length``): a count above ``max_length`` means the
+        example is truncated (causal LM records from the left, so the response survives; classification
+        texts from the right). Pre-tokenized records are never cut and count their ``input_ids``."""
+        probe = replace(self, max_length=self.max_length * LENGTH_PROBE)
+        out = []
+        for i, record in enumerate(records):
+            if "input_ids" in record:
+                out.append(0)
+            elif self.task.startswith("causal_lm"):
+                out.append(len(probe.tokenize(record, i)[0]))
+            else:
+                cap = CHARS_PER_TOKEN * probe.max_length
+                pair = str(record["text_pair"])[:cap] if "text_pair" in record else None
+                out.append(len(self.tokenizer(str(self._get(record, self.text_key, i))[:cap], pair, truncation=True,
+                                              max_length=probe.max_length)["input_ids"]))
+        return out
 
     def _get(self, record: Mapping[str, Any], key: str, i: int) -> Any:
         if key not in record:
