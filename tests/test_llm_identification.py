@@ -275,3 +275,54 @@ def test_paper_protocol_gradients_are_the_prompt_only_mean_lm_loss(tiny_llama_di
     G = torch.cat([store.block(n)[0:6].double() for n in store.block_names], dim=1)
     assert float(loaded.scores["identity+normalized"].abs().max()) <= 1 + 1e-6
     assert G.shape[0] == 6
+
+
+def test_checkpoint_sum_is_the_learning_rate_weighted_sum_of_each_snapshots_scores(tiny_llama_dir, tmp_path):
+    """--checkpoints K: the adapter at K evenly spaced steps (here steps 2 and 4 of 4), and identity's summed
+    score -sum_c lr_c g_test(theta_c) . g_train(theta_c). Checked against the same fine-tune run again here,
+    the learning rates from the linear warm-up/decay schedule's formula, and per-example gradients from a
+    loop of single-example backward calls of Hugging Face's own loss."""
+    from datainf.experiments.llm_identification import prompts_and_responses, task_records
+    from datainf.models.llm import finetune_causal_lm
+
+    lora = LoraSettings(rank=2, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=())
+    settings = LLMIdentificationSettings(task="sentences", classes=2, train_per_class=3, test_per_class=1,
+                                         epochs=2, batch_size=3, grad_batch_size=2, learning_rate=1e-2,
+                                         methods=("identity", "datainf"), checkpoints=2)
+    model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
+    result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
+    assert set(result.methods) == {"identity", "datainf", "identity+checkpoints", "datainf+checkpoints"}
+    assert [row["step"] for row in result.checkpoints] == [2, 4]
+    # the learning rate each snapshot's step used: warm-up round(0.06 * 4) = 0 steps, then linear decay
+    assert [row["lr"] for row in result.checkpoints] == pytest.approx([1e-2 * (4 - 1) / 4, 1e-2 * (4 - 3) / 4])
+    # the same fine-tune again, snapshots taken here
+    twin, _ = load_causal_lm(tiny_llama_dir, lora, seed=0)
+    train, test = task_records(settings)
+    params = {n: p for n, p in twin.named_parameters() if p.requires_grad}
+    states = {}
+    finetune_causal_lm(twin, tok, prompts_and_responses(train), epochs=2, lr=1e-2, batch_size=3, seed=0,
+                       progress=False, on_step=lambda step, lr: states.update(
+                           {step: {n: p.detach().clone() for n, p in params.items()}}))
+
+    def grads(record):
+        prompt_ids = tok(record["prompt"])["input_ids"]
+        ids = tok(record["prompt"] + record["response"])["input_ids"] + [tok.eos_token_id]
+        labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+        loss = twin(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss * (len(ids) - len(prompt_ids))
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params.values()))]).double()
+
+    want = torch.zeros(len(train), len(test), dtype=torch.float64)
+    twin.eval()
+    for row in result.checkpoints:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(states[row["step"]][n])
+        G = torch.stack([grads(r) for r in train])
+        V = torch.stack([grads(r) for r in test])
+        want -= row["lr"] * G @ V.T
+    got = load_scores(tmp_path / "scores.safetensors").scores["identity+checkpoints"].double()
+    assert float((got - want).abs().max()) <= FLOAT32_TOL * float(want.abs().max())
+    # the model is left with its final weights: the final snapshot's
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), states[4][n])

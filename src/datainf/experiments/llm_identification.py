@@ -12,8 +12,14 @@ training example with each influence method. Two protocols (``protocol``):
   fine-tune on the response tokens, gradients of the summed NLL of the response given the prompt.
 
 With ``normalize`` the methods are also scored with unit-normalized preconditioned gradients (cosine
-similarity after preconditioning, as TrackStar does), reported as ``"<method>+normalized"``. A method is good when the most helpful training examples (most NEGATIVE scores) of a
-test prompt come from the prompt's own class. Per test prompt:
+similarity after preconditioning, as TrackStar does), reported as ``"<method>+normalized"``. With
+``checkpoints`` K > 0 the adapter is also snapshotted at K evenly spaced steps of fine-tuning (the last is
+the final model), every method scores at each snapshot, and ``"<method>+checkpoints"`` is the sum of those
+scores weighted by the learning rate at the snapshot (TracIn's sum over checkpoints, here with any method's
+preconditioner; LESS averages over warm-up checkpoints the same way).
+
+A method is good when the most helpful training examples (most NEGATIVE scores) of a test prompt come from
+the prompt's own class. Per test prompt:
 
 * AUC: ROC AUC of ranking the training examples by helpfulness (-score) against "same class as the prompt";
 * recall: the share of same-class examples among the ``train_per_class`` most helpful ones (with as many
@@ -87,6 +93,7 @@ class LLMIdentificationSettings:
     damping: float | None = None          # None: the paper's rule per block
     protocol: str = "response"            # "paper": prompt-only LM loss, as the research code; "response"
     normalize: bool = False               # also score every method but lissa with normalized gradients
+    checkpoints: int = 0                  # > 0: also sum each method's scores over this many snapshots
     lissa_iterations: int = 100
     grad_batch_size: int = 8
     seed: int = 0
@@ -111,6 +118,8 @@ class LLMIdentificationSettings:
             raise DataInfError("train_per_class and test_per_class must be >= 1")
         if self.grad_batch_size < 1:
             raise DataInfError(f"grad_batch_size must be >= 1, got {self.grad_batch_size}")
+        if not isinstance(self.checkpoints, int) or self.checkpoints < 0:
+            raise DataInfError(f"checkpoints must be an integer >= 0, got {self.checkpoints!r}")
 
 
 @dataclass
@@ -152,6 +161,7 @@ class LLMIdentificationResult:
     protocol: str = "response"
     test_response_loss_after: float | None = None   # the response NLL per token, whatever the protocol
     test_response_loss_after_without_eos: float | None = None   # the same over the response's own tokens
+    checkpoints: list[dict[str, Any]] | None = None   # per snapshot: step, lr, each method's AUC and recall
     wall_seconds: float | None = None
     library_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -172,7 +182,7 @@ class LLMIdentificationResult:
                "per_query": {m: {"auc": r.auc_per_query, "recall": r.recall_per_query}
                              for m, r in self.methods.items()},
                "torch_threads": self.torch_threads}
-        return out | present(self, "wall_seconds")
+        return out | present(self, "checkpoints", "wall_seconds")
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -234,10 +244,17 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     train_pr, test_pr = prompts_and_responses(train), prompts_and_responses(test)
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress)
+    snapshots = Snapshots(model, settings, len(train_pr))
+    stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
                                                                       test_pr, out / "store", progress)
     scored = score_methods(settings, attributor, query_grads)
+    per_checkpoint = None
+    if settings.checkpoints:
+        summed, per_checkpoint = checkpoint_sum(settings, model, tokenizer, train_pr, test_pr, snapshots, scored,
+                                                out / "store-checkpoint", [r["label"] for r in train],
+                                                [r["label"] for r in test], progress)
+        scored |= summed
     scores = {m: r.scores.double().cpu().numpy() for m, r in scored.items()}
     result = LLMIdentificationResult(
         settings=settings_dict(settings), model=model_name, n_train=len(train), n_test=len(test),
@@ -245,7 +262,7 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
         finetune_seconds=stats["seconds"], train_gradient_seconds=train_seconds,
         query_gradient_seconds=query_seconds,
         methods=method_outcomes(settings, scored, scores, [r["label"] for r in train], [r["label"] for r in test]),
-        protocol=settings.protocol, **losses)
+        protocol=settings.protocol, checkpoints=per_checkpoint, **losses)
     write_outputs(result, out, settings, train, test, scored, scores, attributor)
     if not settings.keep_store:
         shutil.rmtree(out / "store", ignore_errors=True)
@@ -306,7 +323,7 @@ def protocol_records(settings: LLMIdentificationSettings, records: list[dict], s
 
 
 def finetune(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
-             test_pr: list[dict], progress: bool) -> tuple[dict[str, Any], dict[str, float]]:
+             test_pr: list[dict], progress: bool, on_step: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
     """LoRA fine-tuning on the training examples, with the protocol's loss: (training stats, test losses).
 
     The test losses, each a mean NLL per loss token: ``test_loss_before`` / ``test_loss_after`` (the
@@ -319,7 +336,7 @@ def finetune(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, tr
     losses = {"test_loss_before": response_loss(model, tokenizer, test, collate=collate)}
     stats = finetune_causal_lm(model, tokenizer, train, epochs=settings.epochs, lr=settings.learning_rate,
                                batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
-                               progress=progress, collate=collate)
+                               progress=progress, collate=collate, on_step=on_step)
     no_eos = TextCollator(tokenizer, task="causal_lm", max_length=settings.max_length, append_eos=False)
     losses |= {"test_loss_after": response_loss(model, tokenizer, test, collate=collate),
                "test_response_loss_after": response_loss(model, tokenizer, test_pr, max_length=settings.max_length),
@@ -360,6 +377,72 @@ def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,
         scored[name] = attributor.score(query_grads, method=m, damping=settings.damping, save=False,
                                         normalize=normalize, **method_options(m, settings.lissa_iterations))
     return scored
+
+
+class Snapshots:
+    """The adapter at ``settings.checkpoints`` evenly spaced optimizer steps of fine-tuning (the last one the
+    final model): ``on_step`` is the training loop's hook; ``taken`` holds (step, lr, {name: tensor})."""
+
+    def __init__(self, model: Any, settings: LLMIdentificationSettings, n_train: int):
+        self.model = model
+        self.count = settings.checkpoints
+        total = settings.epochs * -(-n_train // settings.batch_size)  # train_epochs' number of steps
+        self.steps = sorted({max(1, round(total * (i + 1) / self.count)) for i in range(self.count)}) \
+            if self.count else []
+        self.taken: list[tuple[int, float, dict[str, torch.Tensor]]] = []
+
+    def on_step(self, step: int, lr: float) -> None:
+        if step in self.steps:
+            self.taken.append((step, lr, {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                          if p.requires_grad}))
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Put a snapshot's adapter weights into the model."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in state:
+                    p.copy_(state[name])
+
+
+def checkpoint_sum(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
+                   test_pr: list[dict], snapshots: Snapshots, final: dict[str, ScoreResult], store: Path,
+                   train_labels: list[int], test_labels: list[int], progress: bool,
+                   ) -> tuple[dict[str, ScoreResult], list[dict[str, Any]]]:
+    """Every method's scores at each snapshot (the final one is ``final``, already scored), summed with the
+    snapshot's learning rate as weight: ({"<method>+checkpoints": ScoreResult}, per snapshot {"step", "lr",
+    "methods": {method: {"auc", "recall"}}}). The model is left with its final weights."""
+    if not snapshots.taken:
+        raise DataInfError("no checkpoint was taken during fine-tuning")
+    last_step = snapshots.taken[-1][0]
+    final_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    sums: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    per_checkpoint = []
+    try:
+        for step, lr, state in snapshots.taken:
+            if step == last_step:
+                scored = final
+            else:
+                snapshots.load(state)
+                attributor, query_grads, *_ = gradients(settings, model, tokenizer, train_pr, test_pr, store,
+                                                        progress)
+                scored = score_methods(settings, attributor, query_grads)
+            row: dict[str, Any] = {"step": step, "lr": lr, "methods": {}}
+            for m, result in scored.items():
+                sums[m] = sums.get(m, 0) + lr * result.scores.double().cpu()
+                seconds[m] = seconds.get(m, 0.0) + result.seconds
+                metrics = identification_metrics(result.scores, np.array(train_labels), np.array(test_labels))
+                row["methods"][m] = {"auc": metrics["auc"], "recall": metrics["recall"]}
+            per_checkpoint.append(row)
+            log.info("checkpoint at step %d (lr %.2e): %s", step, lr,
+                     ", ".join(f"{m} AUC {v['auc']:.3f}" for m, v in row["methods"].items()))
+    finally:
+        snapshots.load(final_state)
+        shutil.rmtree(store, ignore_errors=True)
+    summed = {f"{m}+checkpoints": ScoreResult(scores=total, arguments=final[m].arguments, kind="influence",
+                                              damping={}, seconds=seconds[m])
+              for m, total in sums.items()}
+    return summed, per_checkpoint
 
 
 def method_outcomes(settings: LLMIdentificationSettings, scored: dict[str, ScoreResult],
@@ -408,12 +491,17 @@ def format_table(result: LLMIdentificationResult) -> str:
     def f(x: Any, fmt: str) -> str:
         return format(x, fmt) if isinstance(x, (int, float)) and np.isfinite(x) else "n/a"
 
-    lines = [f"{'method':<10} {'AUC':>7} {'recall':>7} {'seconds':>9} {'pearson':>9} {'spearman':>9}", "-" * 56]
+    w = max(10, *(len(m) for m in result.methods))
+    lines = [f"{'method':<{w}} {'AUC':>7} {'recall':>7} {'seconds':>9} {'pearson':>9} {'spearman':>9}",
+             "-" * (w + 46)]
     for m, r in result.methods.items():
-        lines.append(f"{m:<10} {f(r.auc, '7.3f')} {f(r.recall, '7.3f')} {f(r.seconds, '9.2f')} "
+        lines.append(f"{m:<{w}} {f(r.auc, '7.3f')} {f(r.recall, '7.3f')} {f(r.seconds, '9.2f')} "
                      f"{f(r.pearson_with_exact, '9.3f')} {f(r.spearman_with_exact, '9.3f')}")
     lines.append("(class detection per test prompt, ranked most helpful first, averaged over test prompts; "
                  "pearson/spearman: with exact, mean over test prompts)")
+    for row in result.checkpoints or []:
+        lines.append(f"at step {row['step']} (lr {row['lr']:.2e}): " + ", ".join(
+            f"{m} {v['auc']:.3f}" for m, v in row["methods"].items()))
     return "\n".join(lines)
 
 

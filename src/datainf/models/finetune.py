@@ -266,6 +266,7 @@ def train_epochs(
     settings: TrainSettings,
     progress: bool = True,
     lengths: Sequence[int] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """The fine-tuning loop shared by the classifier and the causal LM; trains in place.
 
@@ -278,6 +279,8 @@ def train_epochs(
     linear decay; ``settings.epochs`` passes over ``records``, reshuffled every epoch with ``settings.seed``.
     Torch's RNG (dropout) is seeded with it too and restored afterwards. ``make_batch(records)`` builds a
     batch (moved here to the model's device); ``batch_loss(model, batch)`` is the scalar to minimise.
+    ``on_step(step, lr)``, if given, runs after each optimizer step (``step`` counts from 1; ``lr`` is the
+    learning rate that step used), e.g. to snapshot the adapter for a checkpoint sum.
     Returns {"losses": per-step losses, "steps", "seconds", "final_epoch_loss"}; the model ends in eval mode.
     """
     from transformers import get_linear_schedule_with_warmup
@@ -330,9 +333,12 @@ def train_epochs(
                 loss = batch_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                lr_used = float(optimizer.param_groups[0]["lr"])
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(len(losses), lr_used)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()

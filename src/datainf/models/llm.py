@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,7 @@ def finetune_causal_lm(
     warmup_ratio: float = 0.06,
     progress: bool = True,
     collate: TextCollator | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train the LoRA parameters in place on causal LM records: chat (``{"messages"}``), ``{"prompt",
     "response"}`` or ``{"text"}`` (see :class:`datainf.data.collate.TextCollator`, which ``collate`` may set
@@ -248,7 +249,7 @@ def finetune_causal_lm(
         total_nll, n_tokens = response_nll(model, batch)
         return total_nll / max(n_tokens, 1)
 
-    return train_epochs(model, records, collate, mean_token_nll, settings, progress)
+    return train_epochs(model, records, collate, mean_token_nll, settings, progress, on_step=on_step)
 
 
 @torch.no_grad()

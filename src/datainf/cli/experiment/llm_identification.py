@@ -41,6 +41,9 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
                    "(the research code); response: fine-tune on and attribute the response's NLL.")
 @click.option("--normalize", is_flag=True,
               help="Also score every method but lissa with unit-normalized preconditioned gradients.")
+@click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also score at this many evenly spaced steps of fine-tuning (the last the final model) and sum "
+                   "each method's scores over them weighted by the learning rate (TracIn's checkpoint sum).")
 @click.option("--damping", type=float, default=None, help="Damping for every block; default the paper's rule.")
 @click.option("--lissa-iterations", type=int, default=100)
 @click.option("--seed", type=int, default=0)
@@ -52,7 +55,8 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 def llm_identification_command(ctx: click.Context, task: str, out_dir: str, model_dir: str | None, classes: int,
                                train_per_class: int, test_per_class: int, epochs: int, lr: float, batch_size: int,
                                max_length: int, rank: int, alpha: float, target_modules: str, methods: str,
-                               protocol: str, normalize: bool, damping: float | None, lissa_iterations: int,
+                               protocol: str, normalize: bool, checkpoints: int, damping: float | None,
+                               lissa_iterations: int,
                                seed: int, load_in_8bit: bool, load_in_4bit: bool, keep_store: bool,
                                device: str | None) -> None:
     """Which training examples does a LoRA-tuned causal LM use for each test prompt? (paper section 4.3)
@@ -71,7 +75,8 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         task=task, model_dir=model_dir, classes=classes, train_per_class=train_per_class,
         test_per_class=test_per_class, epochs=epochs, learning_rate=lr, batch_size=batch_size,
         max_length=max_length, rank=rank, alpha=alpha, target_modules=split_list(target_modules, "--target-modules"),
-        methods=split_list(methods, "--methods"), protocol=protocol, normalize=normalize, damping=damping,
+        methods=split_list(methods, "--methods"), protocol=protocol, normalize=normalize, checkpoints=checkpoints,
+        damping=damping,
         lissa_iterations=lissa_iterations, seed=seed,
         load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_store=keep_store, device=device)
     result = run(settings, out_dir, progress=progress)
