@@ -135,7 +135,7 @@ class TextCollator:
         """Each record's length in tokens as this collator tokenizes it but before it is cut to
         ``max_length`` (counted up to ``LENGTH_PROBE * max_length``): a count above ``max_length`` means the
         example is truncated (causal LM records from the left, so the response survives; classification
-        texts from the right). Pre-tokenized records are never cut and count their ``input_ids``."""
+        texts from the right). Pre-tokenized records are never cut: they count 0."""
         probe = replace(self, max_length=self.max_length * LENGTH_PROBE)
         out = []
         for i, record in enumerate(records):
