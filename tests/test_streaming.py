@@ -192,6 +192,23 @@ def test_a_preconditioned_store_refuses_what_it_cannot_answer(tmp_path):
         precondition_store(pre, tmp_path / "again", ScoreArguments(method="exact"))
 
 
+def test_preconditioning_onto_a_disk_without_room_is_refused_before_anything_is_staged(tmp_path, monkeypatch):
+    """Staged rows plus the new store: twice n x (60 + 6 entries x 8 bytes + 2 squared norms x 8 bytes)."""
+    import shutil
+
+    import datainf.store.gradient_store as gradient_store
+
+    store, _ = _small_store(tmp_path / "s", n=40)
+    need = 2 * 40 * ((60 + 6) * 8 + 2 * 8)
+    real = shutil.disk_usage
+    monkeypatch.setattr(gradient_store.shutil, "disk_usage", lambda p: real(p)._replace(free=need - 1))
+    with pytest.raises(DataInfError, match=f"need {gradient_store._size(need)}, and the disk has"):
+        precondition_store(store, tmp_path / "pre", ScoreArguments(method="identity"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # nothing staged, no store
+    monkeypatch.setattr(gradient_store.shutil, "disk_usage", lambda p: real(p)._replace(free=need))
+    assert precondition_store(store, tmp_path / "pre", ScoreArguments(method="identity")).complete
+
+
 def test_float16_preconditioned_store_stays_in_range(tmp_path):
     """lambda P g is stored (eigenvalues of lambda P in (0, 1]), so even a float16 store of gradients whose
     P g would overflow float16 is written, and scores within float16 rounding of float64."""

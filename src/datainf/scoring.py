@@ -37,7 +37,7 @@ from datainf.distributed import distributed_score, is_main_process
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, curvature_from_gradients
-from datainf.store import GradientStore, projection_label
+from datainf.store import GradientStore, projection_label, require_free_space
 from datainf.version import __version__
 
 SCORES_FORMAT = "datainf-scores"
@@ -354,6 +354,9 @@ def precondition_store(
     dtype = dtype or train.storage_dtype
     if dtype not in _NP_STAGING:
         raise DataInfError(f"dtype must be one of {', '.join(_NP_STAGING)}, got {dtype!r}")
+    require_free_space(out.parent if out.parent.exists() else Path.cwd(), 2 * train.n_examples *
+                       train.bytes_per_example(dtype), f"preconditioning {train.path} into {out} (the rows staged "
+                       "beside it, then the new store)", "precondition into float16/bfloat16 (--dtype)")
     curvature, fit_seconds = (curvature_for(train, chunk_size=arguments.chunk_size) if method.needs_curvature
                               else (None, 0.0))
     names = train.block_names

@@ -59,11 +59,11 @@ from datainf.store.fingerprint import (
     fingerprint_model,
     fingerprint_task,
 )
-from datainf.store.gradient_store import GradientStore
+from datainf.store.gradient_store import GradientStore, require_free_space
 from datainf.store.manifest import StoreProblem, projection_label
 
 __all__ = [
     "AUTO", "CHECKSUM", "CHUNK_MANIFEST", "DTYPES", "FINGERPRINT_KEYS", "FORMAT_VERSION", "LOCK_TIMEOUT_S",
     "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreProblem", "StoredBlock",
-    "fingerprint_dataset", "fingerprint_model", "fingerprint_task", "projection_label",
+    "fingerprint_dataset", "fingerprint_model", "fingerprint_task", "projection_label", "require_free_space",
 ]

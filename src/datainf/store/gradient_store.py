@@ -56,6 +56,15 @@ from datainf.version import __version__
 logger = logging.getLogger(__name__)
 
 
+def require_free_space(folder: Path, need: int, what: str, remedy: str) -> None:
+    """Refuse (DataInfError) when ``folder``'s disk has less than ``need`` bytes free; the message says
+    ``what`` needs them and, besides freeing space or another disk, the ``remedy``."""
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DataInfError(f"{what} need {_size(need)}, and the disk has {_size(free)} free; free some space, "
+                           f"write it on another disk, or {remedy}")
+
+
 def _size(n: int) -> str:
     """Bytes for a message: '1.8 GB', '340 MB', '12 kB'."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -305,23 +314,20 @@ class GradientStore:
         """Indices of the chunks not written yet, ascending."""
         return [i for i in range(self.num_chunks) if not self._chunk_dir(i).is_dir()]
 
-    def bytes_per_example(self) -> int:
-        """Bytes one example takes on disk: its blocks in the storage dtype and its float64 squared norms."""
-        item = np.dtype(NUMPY_STORAGE[self.storage_dtype]).itemsize
+    def bytes_per_example(self, dtype: str | None = None) -> int:
+        """Bytes one example takes on disk: its blocks in the storage dtype (or ``dtype``) and its float64
+        squared norms."""
+        item = np.dtype(NUMPY_STORAGE[dtype or self.storage_dtype]).itemsize
         return sum(math.prod(shape) for shape in self.block_shapes.values()) * item + 8 * len(self.block_names)
 
     def check_free_space(self, chunks: Iterable[int]) -> None:
         """Refuse, before anything is computed, to write ``chunks`` onto a disk without room for them (a store
         that fills its disk half-way would stop hours in, and leave the disk full for everything else)."""
         rows = sum(len(self.chunk_rows(c)) for c in chunks)
-        need, free = rows * self.bytes_per_example(), shutil.disk_usage(self.path).free
-        if need > free:
-            raise DataInfError(
-                f"store {self.path}: {rows:,} examples x {_size(self.bytes_per_example())} each need "
-                f"{_size(need)}, and its disk has {_size(free)} free; free some space, write the store on "
-                "another disk, store float16/bfloat16 (--dtype), or store projected gradients (datainf grads "
-                "--project K; ProjectionSettings in the API)"
-            )
+        require_free_space(self.path, rows * self.bytes_per_example(),
+                           f"store {self.path}: {rows:,} examples x {_size(self.bytes_per_example())} each",
+                           "store float16/bfloat16 (--dtype), or store projected gradients (datainf grads "
+                           "--project K; ProjectionSettings in the API)")
 
     # ---------------------------------------------------------------- integrity
 
