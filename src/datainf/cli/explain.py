@@ -111,10 +111,16 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @click.command("explain")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Local Hugging Face base model folder.")
-@click.option("--adapter", "adapter_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The LoRA adapter the training store was made with.")
-@click.option("--store", "store_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The training set's gradient store (from `datainf grads`).")
+@click.option("--adapter", "adapter_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="The LoRA adapter the training store was made with. Repeated with --store: checkpoints of the "
+                   "same fine-tune, each with the store made with it; the scores are summed over them (the first "
+                   "pair is the model that answers).")
+@click.option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="The training set's gradient store (from `datainf grads` with that --adapter).")
+@click.option("--weights", default="lr", show_default=True,
+              help="With several --adapter/--store pairs, each one's weight in the sum: 'lr' (the learning rate "
+                   "the checkpoint was saved at, from datainf_checkpoint.json or the Trainer's trainer_state.json: "
+                   "TracIn's sum), 'equal', or comma-separated numbers.")
 @click.option("--prompt", default=None, help="The prompt to explain (asked for with --interactive).")
 @click.option("--response", default=None, help="The response to explain; default: the model's own (generated).")
 @click.option("--system", default=None, help="A system turn before the prompt (chat stores), as in training.")
@@ -135,15 +141,17 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @model_dtype_option
 @device_option
 @click.pass_context
-def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str, prompt: str | None,
-            response: str | None, system: str | None, conversation_path: str | None, methods: tuple[str, ...], k: int,
-            json_path: str | None, interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str,
-            device: str | None) -> None:
+def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], store_dirs: tuple[str, ...],
+            weights: str, prompt: str | None, response: str | None, system: str | None,
+            conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, interactive: bool,
+            max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
     """Which training examples made the model give this response to this prompt?"""
     from datainf.attributor import Attributor
     from datainf.cli.common import load_model
     from datainf.data.collate import TextCollator
     from datainf.estimators import ScoreArguments
+    from datainf.gradients import ProjectionSettings
+    from datainf.models.checkpoints import load_adapter_weights
     from datainf.ranking import top_examples
     from datainf.scoring import score_store
     from datainf.store import GradientStore
@@ -162,12 +170,24 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
     if prompt is None and not interactive:
         raise DataInfError("give --prompt TEXT (or --conversation FILE, or --interactive to type prompts)")
     names = parse_methods(methods)
-    store = GradientStore.open(store_dir)
+    if len(adapter_dirs) != len(store_dirs):
+        raise DataInfError(f"{len(adapter_dirs)} --adapter for {len(store_dirs)} --store: give one training store "
+                           "per adapter (each made by `datainf grads` with that adapter), in the same order")
+    stores = [GradientStore.open(d) for d in store_dirs]
+    pair_weights = checkpoint_weights(weights, adapter_dirs)
+    store, store_dir = stores[0], store_dirs[0]
     meta = store.manifest.get("meta", {})
     task = meta.get("task")
-    if task not in ("causal_lm", "causal_lm_mean"):
-        raise DataInfError(f"store {store_dir} holds gradients of task {task!r}; explain answers for causal LM "
-                           "stores (made by `datainf grads --task causal_lm`)")
+    for other, other_dir in zip(stores, store_dirs):
+        other_task = (other.manifest.get("meta") or {}).get("task")
+        if other_task not in ("causal_lm", "causal_lm_mean"):
+            raise DataInfError(f"store {other_dir} holds gradients of task {other_task!r}; explain answers for "
+                               "causal LM stores (made by `datainf grads --task causal_lm`)")
+        if other is not store and (other_task != task or other.fingerprints.get("dataset")
+                                   != store.fingerprints.get("dataset")
+                                   or other.n_examples != store.n_examples):
+            raise DataInfError(f"stores {store_dir} and {other_dir} hold other examples or another task; the "
+                               "checkpoints' stores must all be made from the same training file")
     settings = dict(meta.get("collate") or {})
     records = store.records()
     completion_turns = bool(records) and isinstance(records[0].get("prompt"), list)  # conversational pairs
@@ -178,20 +198,27 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
                            f"{store_dir} holds prompt/response or text records")
     _, device = setup(ctx, device)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(model_dir, adapter_dir, task, None, device, model_dtype)
+    model, tokenizer = load_model(model_dir, adapter_dirs[0], task, None, device, model_dtype)
     load_seconds = time.perf_counter() - t0
     query_settings = {key: settings[key] for key in ("max_length", "append_eos") if key in settings}
     collate = TextCollator(tokenizer=tokenizer, task=task, assistant_turns="last", **query_settings)
-    from datainf.gradients import ProjectionSettings
-
-    attributor = Attributor(model, task=task, store=store_dir, collate=collate, progress=False,
-                            projection=ProjectionSettings.from_dict(store.projection))  # as the store was made
-    differences = attributor.differences(store)
-    if differences and not allow_mismatch:
-        raise DataInfError(f"store {store_dir} was made with a different {differences[0]}; explain with the model "
-                           "and adapter it was made with, or pass --allow-mismatch")
-    click.echo(f"loaded {model_dir} + {adapter_dir} in {load_seconds:.1f} s; store: {store.n_examples} training "
+    attributors = [Attributor(model, task=task, store=d, collate=collate, progress=False,
+                              projection=ProjectionSettings.from_dict(s.projection))  # as the store was made
+                   for d, s in zip(store_dirs, stores)]
+    differences: list[str] = []
+    for i, (adapter_dir, s, d) in enumerate(zip(adapter_dirs, stores, store_dirs)):
+        if i:
+            load_adapter_weights(model, adapter_dir)
+        found = attributors[i].differences(s)
+        if found and not allow_mismatch:
+            raise DataInfError(f"store {d} was made with a different {found[0]}; explain with the model and adapter "
+                               f"it was made with ({adapter_dir} is not it), or pass --allow-mismatch")
+        differences += [f"{d}: {x}" for x in found]
+    click.echo(f"loaded {model_dir} + {adapter_dirs[0]} in {load_seconds:.1f} s; store: {store.n_examples} training "
                f"examples, {len(store.block_names)} blocks{' (chat)' if chat else ''}")
+    if len(adapter_dirs) > 1:
+        click.echo(f"scores summed over {len(adapter_dirs)} checkpoints, weighted by {weights}: " + ", ".join(
+            f"{a} x {w:.3g}" for a, w in zip(adapter_dirs, pair_weights)))
     width = shutil.get_terminal_size((120, 24)).columns
     answers = []
     while True:
@@ -202,6 +229,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
         assert prompt is not None
         context = conversation if conversation is not None else _turns(prompt, system) if chat else prompt
         generated = response is None
+        if len(adapter_dirs) > 1:
+            load_adapter_weights(model, adapter_dirs[0])  # the model that answers
         if generated:
             response = generate(model, tokenizer, context, max_new_tokens)
         earlier = f" (after {len(conversation) - 1} earlier turns)" if conversation and len(conversation) > 1 else ""
@@ -214,18 +243,27 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
             click.echo(f"warning: this query is {length} tokens, more than the store's max_length of "
                        f"{collate.max_length}: its gradient is that of the last {collate.max_length} tokens, as "
                        "the training examples' were", err=True)
-        qgrads = attributor.gradients([record], desc=None)
-        rows, timings = [], {}
+        summed: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        for i, (adapter_dir, s, attributor) in enumerate(zip(adapter_dirs, stores, attributors)):
+            if i:
+                load_adapter_weights(model, adapter_dir)
+            qgrads = attributor.gradients([record], desc=None)
+            for method in names:
+                options = {"iterations": 100} if method == "lissa" else {}
+                result = score_store(s, qgrads, ScoreArguments(method=method, options=options),
+                                     allow_mismatch=allow_mismatch)
+                timings[method] = timings.get(method, 0.0) + result.seconds
+                weighted = result.scores * pair_weights[i] if len(adapter_dirs) > 1 else result.scores
+                summed[method] = weighted if method not in summed else summed[method] + weighted
+        rows = []
         for method in names:
-            options = {"iterations": 100} if method == "lissa" else {}
-            result = score_store(store, qgrads, ScoreArguments(method=method, options=options),
-                                 allow_mismatch=allow_mismatch)
-            timings[method] = result.seconds
-            rows += top_examples(result.scores, k, method=method, train_records=records, query_names=["query"])
+            rows += top_examples(summed[method], k, method=method, train_records=records, query_names=["query"])
         seconds = time.perf_counter() - t0
         for method in names:
             click.echo("\n" + render(rows, method, k, width))
-        click.echo(f"\n(gradient + scoring against {store.n_examples} examples: {seconds:.2f} s)")
+        click.echo(f"\n(gradient + scoring against {store.n_examples} examples"
+                   f"{f' at {len(adapter_dirs)} checkpoints' if len(adapter_dirs) > 1 else ''}: {seconds:.2f} s)")
         answers.append({"system": system, "prompt": prompt, "response": response, "generated": generated,
                         **({"conversation": conversation} if conversation is not None else {}),
                         "seconds": timings, "rows": rows})
@@ -235,6 +273,34 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str, store_dir: str
     if json_path is not None:
         from datainf import atomic
 
-        atomic.write_json(Path(json_path), {"store": str(store_dir), "model": model_dir, "adapter": adapter_dir,
-                                            "k": k, "answers": answers, "mismatch": differences})
+        checkpoints = [{"adapter": a, "store": d, "weight": w} for a, d, w in zip(adapter_dirs, store_dirs, pair_weights)]
+        atomic.write_json(Path(json_path), {"store": str(store_dir), "model": model_dir, "adapter": adapter_dirs[0],
+                                            "k": k, "answers": answers, "mismatch": differences,
+                                            **({"checkpoints": checkpoints} if len(adapter_dirs) > 1 else {})})
         click.echo(f"wrote {json_path}")
+
+
+def checkpoint_weights(weights: str, adapter_dirs: tuple[str, ...] | list[str]) -> list[float]:
+    """Each (adapter, store) pair's weight in the summed scores: the learning rate its checkpoint was saved at
+    ("lr"), 1 each ("equal"), or the numbers given; one pair always weighs 1."""
+    from datainf.models.checkpoints import learning_rate
+
+    if len(adapter_dirs) == 1:
+        return [1.0]
+    if weights == "equal":
+        return [1.0] * len(adapter_dirs)
+    if weights == "lr":
+        rates = [learning_rate(a) for a in adapter_dirs]
+        missing = [a for a, r in zip(adapter_dirs, rates) if r is None]
+        if missing:
+            raise DataInfError(f"{missing[0]} does not say the learning rate it was saved at (no "
+                               "datainf_checkpoint.json or trainer_state.json with a logged learning_rate); pass "
+                               "--weights equal, or one number per --adapter")
+        return [float(r) for r in rates]
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise DataInfError(f"--weights must be 'lr', 'equal' or comma-separated numbers, got {weights!r}") from None
+    if len(values) != len(adapter_dirs):
+        raise DataInfError(f"--weights gives {len(values)} numbers for {len(adapter_dirs)} --adapter")
+    return values

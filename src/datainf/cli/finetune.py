@@ -68,14 +68,18 @@ def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
                    "MiniLM; BERT-family models). Recorded in the adapter; grads and explain read it back.")
 @click.option("--head-lr", type=float, default=None,
               help="Classification: learning rate of the new head (default --lr).")
+@click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also save the adapter at this many evenly spaced steps (OUT/checkpoint-STEP, each with the "
+                   "learning rate it was saved at; the last is OUT itself), for `explain` summed over training.")
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, overwrite: bool, task: str,
             num_labels: int | None, rank: int | None, alpha: float | None, target_modules: str | None, epochs: int, lr: float,
             batch_size: int | None, max_length: int, seed: int, pooling: str, head_lr: float | None,
-            device: str | None, **data: Any) -> None:
+            checkpoints: int, device: str | None, **data: Any) -> None:
     """LoRA fine-tuning of a local model; writes the adapter (and, for a causal LM, its tokenizer)."""
     from datainf import atomic
+    from datainf.models.checkpoints import CHECKPOINT_FILE, Snapshots, snapshot_steps
     from datainf.models.finetune import LoraSettings, save_adapter
 
     replace = check_adapter_out(out_dir, model_dir, overwrite)
@@ -88,13 +92,16 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
     lora = LoraSettings(rank=rank, alpha=alpha if alpha is not None else (32.0 if lm else None),
                         target_modules=targets, modules_to_save=() if lm else ("classifier",))
     batch_size = batch_size or (8 if lm else 32)
+    total_steps = epochs * -(-len(records) // batch_size)  # the training loop's number of optimizer steps
     if lm:
         from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss
 
         model, tokenizer = load_causal_lm(model_dir, lora, device=device, seed=seed)
         collate = make_collator(tokenizer, "causal_lm", max_length, **data)
+        snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps))
         stats = finetune_causal_lm(model, tokenizer, records, epochs=epochs, lr=lr, batch_size=batch_size,
-                                   max_length=max_length, seed=seed, progress=progress, collate=collate)
+                                   max_length=max_length, seed=seed, progress=progress, collate=collate,
+                                   on_step=snapshots.on_step)
         summary = {"train_loss_per_token": response_loss(model, tokenizer, records, collate=collate),
                    "collate": collate.settings()}
         shown = f"training loss {summary['train_loss_per_token']:.3f} per token"
@@ -111,16 +118,29 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
         num_labels = head_size([r["label"] for r in records], names, train_path, num_labels)
         model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=seed, pooling=pooling)
         model.to(device)
+        snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps))
         stats = finetune_classifier(model, tokenizer, records, TrainSettings(
             epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-            head_learning_rate=head_lr), progress=progress)
+            head_learning_rate=head_lr), progress=progress, on_step=snapshots.on_step)
         acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
         summary = {"num_labels": num_labels, "label_names": names, "train_accuracy": acc}
         shown = f"training accuracy {acc:.3f}; {num_labels} classes: {describe(names)}"
+    marker = json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"), **summary}, indent=2)
+    final = snapshots.current()
     with atomic.new_directory(out_dir, replace=replace) as tmp:
+        for step, step_lr, state in snapshots.taken:  # the last one is the final adapter, OUT itself
+            folder = tmp if step == total_steps else tmp / f"checkpoint-{step}"
+            snapshots.load(state)
+            save_adapter(model, folder)
+            if lm:
+                tokenizer.save_pretrained(str(folder))
+            (folder / MARKER).write_text(marker)
+            (folder / CHECKPOINT_FILE).write_text(json.dumps({"step": step, "learning_rate": step_lr,
+                                                              "steps": total_steps}) + "\n")
+        snapshots.load(final)
         save_adapter(model, tmp)
         if lm:
             tokenizer.save_pretrained(str(tmp))
-        (tmp / MARKER).write_text(json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"),
-                                              **summary}, indent=2))
-    click.echo(f"adapter written to {out_dir} ({shown})")
+        (tmp / MARKER).write_text(marker)
+    saved = f"; {len(snapshots.taken) - 1} checkpoints in {out_dir}/checkpoint-STEP" if len(snapshots.taken) > 1 else ""
+    click.echo(f"adapter written to {out_dir} ({shown}){saved}")

@@ -58,6 +58,7 @@ from datainf.experiments.common import (
     write_results,
 )
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
+from datainf.models.checkpoints import Snapshots, snapshot_steps
 from datainf.models.finetune import LoraSettings
 from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss, smollm2_dir
 from datainf.scoring import save_scores
@@ -244,7 +245,8 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     train_pr, test_pr = prompts_and_responses(train), prompts_and_responses(test)
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    snapshots = Snapshots(model, settings, len(train_pr))
+    steps = settings.epochs * -(-len(train_pr) // settings.batch_size)  # the training loop's number of steps
+    snapshots = Snapshots(model, snapshot_steps(settings.checkpoints, steps))
     stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
                                                                       test_pr, out / "store", progress)
@@ -379,31 +381,6 @@ def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,
     return scored
 
 
-class Snapshots:
-    """The adapter at ``settings.checkpoints`` evenly spaced optimizer steps of fine-tuning (the last one the
-    final model): ``on_step`` is the training loop's hook; ``taken`` holds (step, lr, {name: tensor})."""
-
-    def __init__(self, model: Any, settings: LLMIdentificationSettings, n_train: int):
-        self.model = model
-        self.count = settings.checkpoints
-        total = settings.epochs * -(-n_train // settings.batch_size)  # train_epochs' number of steps
-        self.steps = sorted({max(1, round(total * (i + 1) / self.count)) for i in range(self.count)}) \
-            if self.count else []
-        self.taken: list[tuple[int, float, dict[str, torch.Tensor]]] = []
-
-    def on_step(self, step: int, lr: float) -> None:
-        if step in self.steps:
-            self.taken.append((step, lr, {n: p.detach().clone() for n, p in self.model.named_parameters()
-                                          if p.requires_grad}))
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        """Put a snapshot's adapter weights into the model."""
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if name in state:
-                    p.copy_(state[name])
-
-
 def checkpoint_sum(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
                    test_pr: list[dict], snapshots: Snapshots, final: dict[str, ScoreResult], store: Path,
                    train_labels: list[int], test_labels: list[int], progress: bool,
@@ -414,7 +391,7 @@ def checkpoint_sum(settings: LLMIdentificationSettings, model: Any, tokenizer: A
     if not snapshots.taken:
         raise DataInfError("no checkpoint was taken during fine-tuning")
     last_step = snapshots.taken[-1][0]
-    final_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    final_state = snapshots.current()
     sums: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
     per_checkpoint = []

@@ -353,6 +353,7 @@ def finetune_classifier(
     records: Sequence[dict],
     settings: TrainSettings | None = None,
     progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train the trainable (LoRA + head) parameters with cross-entropy on ``records`` in place.
 
@@ -369,7 +370,7 @@ def finetune_classifier(
         lengths = [len(ids) for ids in tokenizer([r["text"] for r in records], truncation=True,
                                                  max_length=settings.max_length)["input_ids"]]
     return train_epochs(model, records, lambda chunk: encode(tokenizer, chunk, settings.max_length),
-                        lambda m, batch: m(**batch).loss, settings, progress, lengths=lengths)
+                        lambda m, batch: m(**batch).loss, settings, progress, lengths=lengths, on_step=on_step)
 
 
 @torch.no_grad()
