@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,12 +124,9 @@ def adapter_labels(adapter_dir: str | None) -> dict[str, Any]:
     marker = Path(adapter_dir) / FINETUNE_MARKER
     if not marker.is_file():
         return {}
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataInfError(f"{marker} is unreadable ({e}); rewrite the adapter with `datainf finetune`") from None
-    if not isinstance(data, dict):
-        raise DataInfError(f"{marker} is not a JSON object; rewrite the adapter with `datainf finetune`")
+    from datainf.data.tables import read_json_object
+
+    data = read_json_object(marker, "rewrite the adapter with `datainf finetune`")
     out: dict[str, Any] = {}
     if isinstance(data.get("num_labels"), int) and not isinstance(data.get("num_labels"), bool):
         out["num_labels"] = data["num_labels"]
@@ -279,10 +275,9 @@ def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) 
     marker = Path(adapter_dir) / FINETUNE_MARKER if adapter_dir is not None else None
     if marker is None or not marker.is_file():
         return []
-    try:
-        trained = json.loads(marker.read_text(encoding="utf-8")).get("collate")
-    except (OSError, ValueError, AttributeError):
-        return []
+    from datainf.data.tables import read_json_object
+
+    trained = read_json_object(marker, "rewrite the adapter with `datainf finetune`").get("collate")
     if not isinstance(trained, dict):
         return []
     defaults = {"loss_tokens": "assistant"}  # left out of the settings when it is the default

@@ -92,4 +92,17 @@ def read_table(path: str | Path, split: str | None = None) -> tuple[list[dict], 
     )
 
 
-__all__ = ["SUFFIXES", "read_table"]
+def read_json_object(path: str | Path, fix: str = "") -> dict[str, Any]:
+    """A JSON file that must hold one object (a settings or state file), or one error line naming the file
+    and, with ``fix``, what to do about it."""
+    path, hint = Path(path), f"; {fix}" if fix else ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataInfError(f"{path} is unreadable ({e}){hint}") from None
+    if not isinstance(data, dict):
+        raise DataInfError(f"{path} is not a JSON object{hint}")
+    return data
+
+
+__all__ = ["SUFFIXES", "read_json_object", "read_table"]

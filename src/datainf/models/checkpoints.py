@@ -16,12 +16,12 @@ Pruthi et al. 2020; LESS sums warm-up checkpoints the same way).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from datainf.data.tables import read_json_object
 from datainf.errors import DataInfError
 
 #: what `datainf finetune --checkpoints` writes into each checkpoint folder: {"step", "learning_rate", "steps"}
@@ -71,27 +71,17 @@ def learning_rate(adapter_dir: str | Path) -> float | None:
     folder = Path(adapter_dir)
     ours = folder / CHECKPOINT_FILE
     if ours.is_file():
-        value = _read_json(ours).get("learning_rate")
+        value = read_json_object(ours).get("learning_rate")
         return float(value) if isinstance(value, (int, float)) else None
     state_file = folder / TRAINER_STATE
     if not state_file.is_file():
         return None
-    state = _read_json(state_file)
+    state = read_json_object(state_file)
     step = state.get("global_step")
     logged = [e for e in state.get("log_history") or [] if isinstance(e, dict)
               and isinstance(e.get("learning_rate"), (int, float)) and isinstance(e.get("step"), (int, float))
               and (not isinstance(step, (int, float)) or e["step"] <= step)]
     return float(max(logged, key=lambda e: e["step"])["learning_rate"]) if logged else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataInfError(f"{path} is unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise DataInfError(f"{path} is not a JSON object")
-    return data
 
 
 def load_adapter_weights(model: Any, adapter_dir: str | Path) -> None:
@@ -105,7 +95,7 @@ def load_adapter_weights(model: Any, adapter_dir: str | Path) -> None:
     if not config_file.is_file():
         raise DataInfError(f"{folder} has no adapter_config.json; pass a folder written by peft's save_pretrained "
                            "(a checkpoint-N folder of the Trainer or TRL holds one)")
-    theirs, mine = _read_json(config_file), model.peft_config["default"]
+    theirs, mine = read_json_object(config_file), model.peft_config["default"]
     for key in ("r", "lora_alpha", "target_modules"):
         a, b = theirs.get(key), getattr(mine, key, None)
         if isinstance(a, (list, set)) or isinstance(b, (list, set)):
