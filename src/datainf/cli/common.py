@@ -275,12 +275,13 @@ def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) 
     marker = Path(adapter_dir) / FINETUNE_MARKER if adapter_dir is not None else None
     if marker is None or not marker.is_file():
         return []
+    from datainf.data.collate import TextCollator
     from datainf.data.tables import read_json_object
 
     trained = read_json_object(marker, "rewrite the adapter with `datainf finetune`").get("collate")
     if not isinstance(trained, dict):
         return []
-    defaults = {"loss_tokens": "assistant"}  # left out of the settings when it is the default
+    defaults = {"loss_tokens": TextCollator.loss_tokens}  # left out of the settings when it is the default
     out = []
     for key in TRAINING_TOKENIZATION:
         then, now = trained.get(key, defaults.get(key)), settings.get(key, defaults.get(key))

@@ -254,8 +254,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
                 result = score_store(s, qgrads, ScoreArguments(method=method, options=options),
                                      allow_mismatch=allow_mismatch)
                 timings[method] = timings.get(method, 0.0) + result.seconds
-                weighted = result.scores * pair_weights[i] if len(adapter_dirs) > 1 else result.scores
-                summed[method] = weighted if method not in summed else summed[method] + weighted
+                summed[method] = summed.get(method, 0) + pair_weights[i] * result.scores
         rows = []
         for method in names:
             rows += top_examples(summed[method], k, method=method, train_records=records, query_names=["query"])

@@ -80,7 +80,7 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
     """LoRA fine-tuning of a local model; writes the adapter (and, for a causal LM, its tokenizer)."""
     from datainf import atomic
     from datainf.models.checkpoints import CHECKPOINT_FILE, Snapshots, snapshot_steps
-    from datainf.models.finetune import LoraSettings, save_adapter
+    from datainf.models.finetune import LoraSettings, optimizer_steps, save_adapter
 
     replace = check_adapter_out(out_dir, model_dir, overwrite)
     progress, device = setup(ctx, device)
@@ -92,7 +92,7 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
     lora = LoraSettings(rank=rank, alpha=alpha if alpha is not None else (32.0 if lm else None),
                         target_modules=targets, modules_to_save=() if lm else ("classifier",))
     batch_size = batch_size or (8 if lm else 32)
-    total_steps = epochs * -(-len(records) // batch_size)  # the training loop's number of optimizer steps
+    total_steps = optimizer_steps(len(records), batch_size, epochs)
     if lm:
         from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss
 
@@ -130,11 +130,12 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
     with atomic.new_directory(out_dir, replace=replace) as tmp:
         for step, step_lr, state in snapshots.taken:  # the last one is the final adapter, OUT itself
             folder = tmp if step == total_steps else tmp / f"checkpoint-{step}"
-            snapshots.load(state)
-            save_adapter(model, folder)
-            if lm:
-                tokenizer.save_pretrained(str(folder))
-            (folder / MARKER).write_text(marker)
+            if step != total_steps:
+                snapshots.load(state)
+                save_adapter(model, folder)
+                if lm:
+                    tokenizer.save_pretrained(str(folder))
+                (folder / MARKER).write_text(marker)
             (folder / CHECKPOINT_FILE).write_text(json.dumps({"step": step, "learning_rate": step_lr,
                                                               "steps": total_steps}) + "\n")
         snapshots.load(final)

@@ -297,7 +297,7 @@ def is_turns(value: Any) -> bool:
 
 def _check_messages(messages: Any, index: int, cap: int) -> list[dict[str, str]]:
     """A list of {"role", "content"} turns with at least one assistant turn; contents cut to ``cap`` chars."""
-    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+    if not is_turns(messages) or not messages:
         raise DataInfError(f"example {index}: 'messages' must be a non-empty list of {{'role', 'content'}} turns")
     out = []
     for j, m in enumerate(messages):

@@ -59,7 +59,7 @@ from datainf.experiments.common import (
 )
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
 from datainf.models.checkpoints import Snapshots, snapshot_steps
-from datainf.models.finetune import LoraSettings
+from datainf.models.finetune import LoraSettings, optimizer_steps
 from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss, smollm2_dir
 from datainf.scoring import save_scores
 from datainf.version import __version__
@@ -245,7 +245,7 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     train_pr, test_pr = prompts_and_responses(train), prompts_and_responses(test)
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    steps = settings.epochs * -(-len(train_pr) // settings.batch_size)  # the training loop's number of steps
+    steps = optimizer_steps(len(train_pr), settings.batch_size, settings.epochs)
     snapshots = Snapshots(model, snapshot_steps(settings.checkpoints, steps))
     stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,

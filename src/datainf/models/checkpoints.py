@@ -48,8 +48,7 @@ class Snapshots:
 
     def on_step(self, step: int, lr: float) -> None:
         if step in self.steps:
-            self.taken.append((step, lr, {n: p.detach().clone() for n, p in self.model.named_parameters()
-                                          if p.requires_grad}))
+            self.taken.append((step, lr, self.current()))
 
     def current(self) -> dict[str, torch.Tensor]:
         """The model's trainable weights now (to put back after visiting the snapshots)."""

@@ -258,6 +258,11 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def optimizer_steps(n_records: int, batch_size: int, epochs: int) -> int:
+    """How many optimizer steps :func:`train_epochs` takes: ``epochs`` passes of ``ceil(n / batch_size)``."""
+    return epochs * math.ceil(n_records / batch_size)
+
+
 def train_epochs(
     model: Any,
     records: Sequence[Any],
@@ -293,8 +298,8 @@ def train_epochs(
         raise DataInfError("the model has no trainable parameters; load it with load_classifier or load_causal_lm")
     if lengths is not None and len(lengths) != len(records):
         raise DataInfError(f"lengths has {len(lengths)} entries for {len(records)} records")
-    steps_per_epoch = math.ceil(len(records) / settings.batch_size)
-    total_steps = settings.epochs * steps_per_epoch
+    steps_per_epoch = optimizer_steps(len(records), settings.batch_size, 1)
+    total_steps = optimizer_steps(len(records), settings.batch_size, settings.epochs)
     groups: list[dict[str, Any]] = [{"params": params}]
     if settings.head_learning_rate is not None:
         head = [p for name, p in named if "lora_" not in name]
