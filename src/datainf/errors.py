@@ -1,4 +1,9 @@
-"""The one exception family of datainf: every message says what to fix."""
+"""The one exception family of datainf: every message says what to fix; and the one safe JSON parser."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
 
 
 class DataInfError(ValueError):
@@ -20,3 +25,27 @@ class NonFiniteError(DataInfError):
         self.examples = list(examples)
         self.what = what
         self.values = list(values or [])
+
+
+def parse_json(text: str | bytes, where: str, fix: str = "") -> Any:
+    """``json.loads(text)``, or one DataInfError naming ``where`` (a file, and its line or row) and, with ``fix``,
+    what to do: for text that is not JSON, and for JSON nested too deeply for Python's parser (a
+    RecursionError, e.g. ``"[" * 100000``). Every JSON file the library reads goes through here."""
+    hint = f"; {fix}" if fix else ""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataInfError(f"{where} holds JSON nested too deeply to read{hint}") from None
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        if isinstance(e, json.JSONDecodeError):
+            reason = f"{e.msg}, {f'line {e.lineno} ' if e.lineno > 1 else ''}column {e.colno}"
+        else:
+            reason = str(e).split("\n")[0][:200]
+        raise DataInfError(f"{where} is not valid JSON ({reason}){hint}") from None
+
+
+def json_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split on "\\n" only (a trailing "\\r" dropped), never on the other
+    characters ``str.splitlines`` breaks at (U+2028, U+2029, U+0085, \\x1c-\\x1e, \\v, \\f), which JSON
+    allows raw inside strings."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
