@@ -1,19 +1,20 @@
 """Read a data file into rows (dicts) and column names, whatever its kind.
 
-JSON Lines and CSV/TSV are read here (so a bad row is named by its line number, and a file that is not
-UTF-8 gets one clear line); JSON arrays and parquet go through ``datasets``' own loaders
-(``Dataset.from_json``, ``Dataset.from_parquet``); a folder written by ``save_to_disk`` is loaded with
-``datasets.load_from_disk`` (``split`` picks a split of a DatasetDict).
+JSON Lines, JSON arrays and CSV/TSV are read here, every character of every text kept as it is in the file
+(JSON Lines split on "\\n" only; CSV parsed by the csv module on the whole text, so quoted fields keep their
+line breaks); a bad row is named by its line (or row) number, and a file that is not UTF-8 gets one clear
+line. Parquet goes through ``datasets``' own loader (``Dataset.from_parquet``); a folder written by
+``save_to_disk`` is loaded with ``datasets.load_from_disk`` (``split`` picks a split of a DatasetDict).
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 from typing import Any
 
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, json_lines, parse_json
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -25,6 +26,18 @@ def _text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataInfError(f"{path}: line {line} is not UTF-8 (byte {e.start}); save the file as UTF-8") from None
+
+
+def _read_csv(path: Path, delimiter: str) -> tuple[list[dict], list[str]]:
+    """Rows and header of a CSV / TSV file, parsed by the csv module on the whole text (so a quoted field
+    keeps every character, its line breaks included); a malformed row is named by its line."""
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise DataInfError(f"{path}: line {reader.reader.line_num} cannot be read as {path.suffix[1:].upper()} ({e}); "
+                           "check the quotes of that row, or save the data as JSON Lines") from None
+    return rows, list(reader.fieldnames or [])
 
 
 def _from_datasets(data: Any) -> tuple[list[dict], list[str]]:
@@ -58,34 +71,34 @@ def read_table(path: str | Path, split: str | None = None) -> tuple[list[dict], 
         raise DataInfError(f"--split applies to a save_to_disk folder of splits, not to the file {path}")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(_text(path).splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = list(reader)
-        return rows, list(reader.fieldnames or [])
-    if suffix == ".jsonl" or (suffix == ".json" and not _text(path).lstrip().startswith("[")):
-        rows = []
-        for number, line in enumerate(_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataInfError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataInfError(f'{path}: line {number} is not a JSON object like {{"text": ..., "label": ...}}')
-            rows.append(row)
+        return _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+    if suffix in (".jsonl", ".json"):
+        text = _text(path)
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = parse_json(text, str(path))
+            for number, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataInfError(f'{path}: row {number} is not a JSON object like {{"text": ..., "label": ...}}')
+        else:
+            rows = []
+            for number, line in enumerate(json_lines(text), start=1):
+                if not line.strip():
+                    continue
+                row = parse_json(line, f"{path}: line {number}")
+                if not isinstance(row, dict):
+                    raise DataInfError(f'{path}: line {number} is not a JSON object like {{"text": ..., "label": ...}}')
+                rows.append(row)
         columns: list[str] = []
         for row in rows:
             columns.extend(key for key in row if key not in columns)
         return rows, columns
-    if suffix in (".json", ".parquet"):
+    if suffix == ".parquet":
         import datasets
 
-        _text(path) if suffix == ".json" else None  # a non-UTF-8 JSON file gets the one-line error
-        loader = datasets.Dataset.from_json if suffix == ".json" else datasets.Dataset.from_parquet
         try:
-            data = loader(str(path), keep_in_memory=True)
-        except Exception as e:  # noqa: BLE001 - the loaders raise many kinds; one line says which file
-            raise DataInfError(f"{path} cannot be read as {suffix[1:]}: {str(e).splitlines()[0][:200]}") from None
+            data = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        except Exception as e:  # noqa: BLE001 - the loader raises many kinds; one line says which file
+            raise DataInfError(f"{path} cannot be read as parquet: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
         return _from_datasets(data)
     raise DataInfError(
         f"{path}: unsupported file type {suffix!r}; use {', '.join(SUFFIXES)} or a save_to_disk folder"
@@ -97,9 +110,10 @@ def read_json_object(path: str | Path, fix: str = "") -> dict[str, Any]:
     and, with ``fix``, what to do about it."""
     path, hint = Path(path), f"; {fix}" if fix else ""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        text = path.read_bytes()
+    except OSError as e:
         raise DataInfError(f"{path} is unreadable ({e}){hint}") from None
+    data = parse_json(text, str(path), fix)
     if not isinstance(data, dict):
         raise DataInfError(f"{path} is not a JSON object{hint}")
     return data

