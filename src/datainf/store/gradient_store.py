@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from datainf import atomic
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, json_lines, parse_json
 from datainf.store.blocks import StoredBlock
 from datainf.store.files import (
     AUTO,
@@ -246,7 +246,7 @@ class GradientStore:
         path = Path(path)
         lock = path / "lock"
         try:
-            held = json.loads(lock.read_text(encoding="utf-8"))
+            held = parse_json(lock.read_bytes(), str(lock))
         except (OSError, ValueError):
             held = None
         if not isinstance(held, dict) or held.get("token") != lock_token:
@@ -364,7 +364,7 @@ class GradientStore:
             info = None
         else:
             try:
-                info = json.loads(file.read_text(encoding="utf-8"))
+                info = parse_json(file.read_bytes(), CHUNK_MANIFEST)
                 if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
                     raise ValueError("not a chunk manifest")
             except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -667,8 +667,9 @@ class GradientStore:
         lines = []
         for i, record in enumerate(records):
             try:
-                lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
-            except (TypeError, ValueError) as e:
+                # ASCII: no raw U+2028, U+0085, ... that a reader splitting lines on more than "\n" would break at
+                lines.append(json.dumps(record, ensure_ascii=True, allow_nan=False))
+            except (TypeError, ValueError, RecursionError) as e:
                 raise DataInfError(f"store {self.path}: record {i} cannot be written as JSON ({e})") from None
         if len(lines) != self.n_examples:
             raise DataInfError(f"store {self.path}: {len(lines)} records for {self.n_examples} examples")
@@ -690,7 +691,9 @@ class GradientStore:
             if isinstance(digest, dict) and hashlib.sha256(data).hexdigest() != digest.get(CHECKSUM):
                 raise DataInfError(f"store {self.path}: {RECORDS_FILE} does not match its {CHECKSUM} checksum (edited "
                                    "after it was written); rerun `datainf grads` to rewrite it")
-            out = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+            where = f"store {self.path}: {RECORDS_FILE} line"
+            out = [parse_json(line, f"{where} {n}", "rerun `datainf grads`")
+                   for n, line in enumerate(json_lines(data.decode("utf-8")), start=1) if line.strip()]
         except (OSError, ValueError, UnicodeDecodeError) as e:
             if isinstance(e, DataInfError):
                 raise

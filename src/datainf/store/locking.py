@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from datainf import atomic
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 from datainf.store.files import LOCK_TIMEOUT_S, WRITER_LOCK
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def acquire_lock(store: Path) -> dict[str, Any]:
             held = None
             if lock.exists():
                 try:
-                    held = json.loads(lock.read_text(encoding="utf-8"))
+                    held = parse_json(lock.read_bytes(), str(lock))
                     pid, host = int(held["pid"]), str(held["host"])
                 except (OSError, ValueError, KeyError, TypeError):
                     raise DataInfError(
@@ -79,7 +79,7 @@ def release_lock(lock: Path, token: str) -> None:
     """Remove the lock file if it is still ours (called on close, on exit and at garbage collection)."""
     def ours() -> bool:
         try:
-            held = json.loads(lock.read_text(encoding="utf-8"))
+            held = parse_json(lock.read_bytes(), str(lock))
         except (OSError, ValueError):
             return False
         # (a forked child carries the token but is not the holder)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 from datainf.store.files import CHECKSUM, DTYPES, FINGERPRINT_KEYS, FORMAT_VERSION
 
 
@@ -138,9 +138,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise DataInfError(f"{path} is not a gradient store (no manifest.json); check the --store path")
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        text = file.read_bytes()
+    except OSError as e:
         raise DataInfError(f"store {path}: manifest.json is unreadable ({e}); delete the store and recompute") from None
+    manifest = parse_json(text, f"store {path}: manifest.json", "delete the store and recompute")
     if not isinstance(manifest, dict):
         raise DataInfError(f"store {path}: manifest.json is not a JSON object; delete the store and recompute")
     if manifest.get("format_version") != FORMAT_VERSION:
