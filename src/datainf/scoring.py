@@ -34,7 +34,7 @@ from torch import Tensor
 
 from datainf import atomic
 from datainf.distributed import distributed_score, is_main_process
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, curvature_from_gradients
 from datainf.store import GradientStore, projection_label, require_free_space
@@ -172,8 +172,8 @@ def load_curvature(path: str | os.PathLike, *, fingerprints: Mapping[str, str] |
     if not path.is_file():
         raise DataInfError(f"no K-FAC curvature at {path}: fit it with curvature_for(store)")
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("datainf", "{}"))
-        if meta.get("format") != _CURVATURE_FORMAT:
+        meta = parse_json((f.metadata() or {}).get("datainf", "{}"), f"{path}'s metadata")
+        if not isinstance(meta, dict) or meta.get("format") != _CURVATURE_FORMAT:
             raise DataInfError(f"{path} is not a datainf K-FAC curvature file")
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     saved = meta.get("fingerprints", {})
@@ -224,8 +224,8 @@ def load_factor_sums(path: str | os.PathLike) -> KFACFactors:
     if not Path(path).is_file():
         raise DataInfError(f"no K-FAC factor sums at {path}")
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("datainf", "{}"))
-        if meta.get("format") != _SUMS_FORMAT:
+        meta = parse_json((f.metadata() or {}).get("datainf", "{}"), f"{path}'s metadata")
+        if not isinstance(meta, dict) or meta.get("format") != _SUMS_FORMAT:
             raise DataInfError(f"{path} is not a datainf K-FAC factor-sums file (written by save_factor_sums)")
         out = KFACFactors()
         for name, count in meta["tokens"].items():
@@ -557,8 +557,11 @@ def load_scores(path: str | os.PathLike) -> ScoresFile:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("datainf", "{}"))
+            meta = parse_json((f.metadata() or {}).get("datainf", "{}"), f"{path}'s datainf metadata",
+                              "make the file with `datainf score`")
             scores = {key: f.get_tensor(key) for key in f.keys()}
+    except DataInfError:
+        raise
     except (SafetensorError, OSError, ValueError, UnicodeDecodeError, EOFError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise DataInfError(f"{path} is not a scores file ({reason}); make it with `datainf score`") from None
@@ -601,8 +604,10 @@ def _load_npz(path: Path) -> ScoresFile:
         raise DataInfError(f"{path} is not a scores file ({reason}); make it with `datainf score`") from None
     side = path.with_suffix(".json")
     try:
-        meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        meta = parse_json(side.read_bytes(), str(side), "rerun `datainf score`") if side.is_file() else {}
         settings = {k: dict(v) for k, v in meta.pop("methods", {}).items()}
+    except DataInfError:
+        raise
     except (OSError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise DataInfError(f"{side} (the settings beside {path.name}) is unreadable ({e}); rerun `datainf score`") from None
     _check_scores(path, scores)

@@ -10,7 +10,6 @@ model's reply to it). ``--interactive`` keeps the model loaded and asks for the 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import click
 
 from datainf.cli.common import device_option, model_dtype_option, parse_methods, setup
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 
 
 def _cut(text: str, width: int) -> str:
@@ -36,9 +35,10 @@ def read_conversation(path: str) -> tuple[list[dict[str, str]], str | None]:
     a chat JSONL). Returns (the turns before the reply to explain, that reply or None when the
     conversation ends on a user turn, for the model to answer)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataInfError(f"--conversation {path}: not a readable JSON file ({e})") from None
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise DataInfError(f"--conversation {path}: not a readable file ({e})") from None
+    data = parse_json(text, f"--conversation {path}")
     turns = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(turns, list) or not turns:
         raise DataInfError(f"--conversation {path}: give a JSON list of {{\"role\", \"content\"}} turns, or an "

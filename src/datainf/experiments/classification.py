@@ -15,7 +15,6 @@ and caches its retrains beside them.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 
 from datainf import atomic
 from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_split
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 from datainf.estimators import get_method, influence, method_names
 from datainf.experiments.common import settings_dict
 from datainf.experiments.mislabeled import MislabeledSettings, finetune, noisy_split, run_mislabeled
@@ -134,7 +133,7 @@ def grid_run(settings: MislabeledSettings, run_dir: Path, progress: bool) -> dic
     cached = run_dir / "results.json"
     with run_lock(run_dir):
         if cached.exists():
-            saved = json.loads(cached.read_text())
+            saved = parse_json(cached.read_bytes(), str(cached), "remove it to rerun that cell")
             _check_cached_settings(saved.get("settings", {}), settings, cached)
             return saved
         return run_mislabeled(settings, run_dir, progress=progress, records=grid_records(settings),
@@ -321,7 +320,7 @@ def select_and_retrain(settings: MislabeledSettings, run_dir: Path, run: dict[st
 def _select_and_retrain(settings: MislabeledSettings, run_dir: Path, run: dict[str, Any], keep: float,
                         progress: bool) -> dict[str, Any]:
     path = run_dir / "selection.json"
-    saved: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    saved: dict[str, Any] = parse_json(path.read_bytes(), str(path), "remove it to redo it") if path.exists() else {}
     if saved and saved.get("keep") != keep:
         raise DataInfError(f"{path} was made with keep={saved.get('keep')!r}, this run asks for {keep!r}: pass "
                            "another --out, or remove that file to redo it")

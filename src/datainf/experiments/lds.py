@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from datainf import atomic
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 from datainf.estimators import method_names
 from datainf.experiments.common import check_methods, method_options, settings_dict
 from datainf.metrics import pearson, spearman
@@ -213,7 +213,7 @@ def _check_same_settings(path: Path, s: LdsSettings) -> None:
     """The cached retrains in a folder are only valid for the settings that made them: refuse others."""
     mine = {k: v for k, v in settings_dict(s).items() if k not in EXTENDABLE}
     if path.exists():
-        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in EXTENDABLE}
+        theirs = {k: v for k, v in parse_json(path.read_bytes(), str(path), f"remove {path.parent} or use another --out").items() if k not in EXTENDABLE}
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise DataInfError(f"{path.parent} holds retrains made with other settings ({', '.join(differ)}); "
@@ -224,7 +224,7 @@ def _check_same_settings(path: Path, s: LdsSettings) -> None:
 
 def _cached(path: Path, compute) -> Any:
     if path.exists():
-        return json.loads(path.read_text())
+        return parse_json(path.read_bytes(), str(path), "remove it to recompute it")
     value = compute()
     atomic.write_text(path, json.dumps(value))
     return value

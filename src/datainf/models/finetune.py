@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datainf import atomic
-from datainf.errors import DataInfError
+from datainf.errors import DataInfError, parse_json
 
 
 @dataclass
@@ -441,7 +441,12 @@ def load_adapter(
     # the pooling the head was trained with; adapters written before datainf_head.json used the stock head
     pooling = "pooler"
     if (adapter_dir / HEAD_FILE).is_file():
-        pooling = json.loads((adapter_dir / HEAD_FILE).read_text()).get("pooling", "pooler")
+        head = parse_json((adapter_dir / HEAD_FILE).read_bytes(), str(adapter_dir / HEAD_FILE),
+                          "rewrite the adapter with `datainf finetune`")
+        pooling = head.get("pooling", "pooler") if isinstance(head, dict) else None
+        if pooling not in POOLINGS:
+            raise DataInfError(f"{adapter_dir / HEAD_FILE} names no known pooling ({pooling!r}); rewrite the adapter "
+                               "with `datainf finetune`")
     base, tokenizer = _load_base(model_dir, num_labels, dtype, pooling=pooling)
     try:
         with _quiet_transformers():
