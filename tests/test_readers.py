@@ -302,6 +302,23 @@ def test_deeply_nested_manifest(flow, tmp_path, capsys):
     assert hashes(tmp_path) == before
 
 
+def test_deeply_nested_model_and_adapter_configs(flow, tiny_bert_dir, tmp_path, capsys):
+    """A model folder's config.json or an adapter's adapter_config.json nested 100000 deep: `grads` names the
+    file (config.json was a RecursionError's traceback; adapter_config.json blamed the model's fit)."""
+    root = flow
+    model = shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    adapter = shutil.copytree(root / "adapter", tmp_path / "adapter")
+    (model / "config.json").write_text(DEEP)
+    (adapter / "adapter_config.json").write_text(DEEP)
+    data = root / "train.jsonl"
+    before = hashes(tmp_path, data)
+    refused(["grads", "--model", str(model), "--adapter", str(root / "adapter"), "--data", str(data), "--store",
+             str(tmp_path / "s1")], capsys, str(model / "config.json"), "nested too deeply")
+    refused(["grads", "--model", str(tiny_bert_dir), "--adapter", str(adapter), "--data", str(data), "--store",
+             str(tmp_path / "s2")], capsys, str(adapter / "adapter_config.json"), "nested too deeply")
+    assert hashes(tmp_path, data) == before
+
+
 def test_deeply_nested_trainer_state(tmp_path, capsys):
     """A checkpoint folder whose trainer_state.json is nested 100000 deep: explain's learning-rate weights name
     that file (before any model is loaded)."""

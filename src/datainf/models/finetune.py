@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datainf import atomic
+from datainf.data.tables import read_json_object
 from datainf.errors import DataInfError, parse_json
 
 
@@ -158,6 +159,7 @@ def _load_base(model_dir: str | Path, num_labels: int, dtype: torch.dtype = torc
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers model")
+    read_json_object(model_dir / "config.json", "pass the folder of a saved transformers model")
     if not isinstance(num_labels, int) or num_labels < 2:
         raise DataInfError(f"num_labels must be an integer >= 2, got {num_labels!r}")
     if pooling not in POOLINGS:
@@ -438,6 +440,7 @@ def load_adapter(
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DataInfError(f"{adapter_dir} has no adapter_config.json; pass a folder written by save_adapter")
+    read_json_object(adapter_dir / "adapter_config.json", "pass a folder written by save_adapter")
     # the pooling the head was trained with; adapters written before datainf_head.json used the stock head
     pooling = "pooler"
     if (adapter_dir / HEAD_FILE).is_file():
