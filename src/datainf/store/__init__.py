@@ -50,8 +50,11 @@ from datainf.store.files import (
     FINGERPRINT_KEYS,
     FORMAT_VERSION,
     LOCK_TIMEOUT_S,
+    MAX_STORAGE_ERROR,
     RECORDS_FILE,
     WRITER_LOCK,
+    file_digest,
+    storage_loss,
 )
 from datainf.store.fingerprint import (
     PEFT_REINITIALIZED,
@@ -59,11 +62,12 @@ from datainf.store.fingerprint import (
     fingerprint_model,
     fingerprint_task,
 )
-from datainf.store.gradient_store import GradientStore, require_free_space
+from datainf.store.gradient_store import GradientStore, disk_full, existing_ancestor, require_free_space
 from datainf.store.manifest import StoreProblem, projection_label
 
 __all__ = [
     "AUTO", "CHECKSUM", "CHUNK_MANIFEST", "DTYPES", "FINGERPRINT_KEYS", "FORMAT_VERSION", "LOCK_TIMEOUT_S",
-    "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreProblem", "StoredBlock",
-    "fingerprint_dataset", "fingerprint_model", "fingerprint_task", "projection_label", "require_free_space",
+    "MAX_STORAGE_ERROR", "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreProblem",
+    "StoredBlock", "disk_full", "existing_ancestor", "file_digest", "fingerprint_dataset", "fingerprint_model",
+    "fingerprint_task", "projection_label", "require_free_space", "storage_loss",
 ]
