@@ -432,7 +432,7 @@ def _clear_stale_staging(out: Path) -> None:
     import glob
     import socket
 
-    from datainf.store.locking import _pid_alive
+    from datainf.store.locking import pid_alive
 
     for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.staging-*")):
         pid = folder.name.rsplit("-", 1)[-1]
@@ -442,7 +442,7 @@ def _clear_stale_staging(out: Path) -> None:
         host = socket.gethostname()
         if marker.is_file():
             host = json.loads(marker.read_text(encoding="utf-8")).get("host", host)
-        if host != socket.gethostname() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+        if host != socket.gethostname() or (int(pid) != os.getpid() and pid_alive(int(pid))):
             raise DataInfError(f"{out} is being preconditioned by process {pid} on host {host} (its rows are staged "
                                f"in {folder}); wait for it to finish, or stop it and rerun this command")
         logger.warning("removing %s, left by an interrupted `datainf store precondition` (process %s)", folder, pid)
@@ -465,9 +465,9 @@ def _resumable(out: Path, train: GradientStore, arguments: ScoreArguments, dtype
         old = None
     info = (old.get("meta") or {}).get("preconditioned") if isinstance(old, dict) else None
     if old is None or not isinstance(info, dict):
-        raise DataInfError(f"{out} exists and is not a preconditioned store; choose a new folder: {again}")
+        raise DataInfError(f"{out} is not empty and is not a preconditioned store; choose a new folder: {again}")
     if old.get("complete"):
-        raise DataInfError(f"{out} already holds a finished store preconditioned for {info.get('method')} from "
+        raise DataInfError(f"{out} is not empty: it holds a finished store preconditioned for {info.get('method')} from "
                            f"{info.get('source')}; score it with --method {info.get('method')}, or write a new one: "
                            f"{again}")
     settings = ("blocks", "n_examples", "chunk_size", "projection")
