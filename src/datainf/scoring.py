@@ -638,7 +638,8 @@ def _stage_blocks(method: Any, arguments: ScoreArguments, source: Mapping[str, A
             if k != 1.0:
                 pre = pre.double() / k
             np.save(folder / f"{c:05d}.npy", _stage_encode(pre.to("cpu", out_dtype), dtype,
-                                                           f"block '{name}', chunk {c}"), allow_pickle=False)
+                                                           f"preconditioning {train.path}: block '{name}', chunk {c}"),
+                    allow_pickle=False)
         del estimator
         bar.update(1)
 

@@ -115,7 +115,8 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
         if c != 1.0 and method.scale_power is None:
             raise DataInfError(
                 f"block '{name}': its gradients have scale {largest_magnitude(g):.1e}, beyond {cd}'s safe range "
-                f"for method '{method.name}' (which does not say how its scores scale); pass dtype float64"
+                f"for method '{method.name}' (which does not say how its scores scale); compute in float64 "
+                "(dtype=torch.float64, `datainf score --compute-dtype float64`)"
             )
         b = BlockRows(name, g, cd, dev, arguments.chunk_size, scale=c)
         sq = b.sq_norms()
@@ -166,7 +167,8 @@ def _scaled_back(part: Tensor, back: float, name: str, arguments: ScoreArguments
     if largest > info.max or 0.0 < largest < info.tiny / info.eps:
         raise DataInfError(
             f"block '{name}': its '{arguments.method}' scores are of order {largest:.1e}, beyond {part.dtype}'s "
-            "range (the gradients are scaled far from 1); pass dtype float64"
+            "range (its gradients lie far from 1); compute in float64 (dtype=torch.float64, `datainf score "
+            "--compute-dtype float64`)"
         )
     return (part.double() * back).to(part.dtype)  # back may lie outside part's dtype: multiplied in float64
 

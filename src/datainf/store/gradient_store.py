@@ -698,7 +698,8 @@ class GradientStore:
                 f"store {self.path}: the disk is full (writing chunk {index}; the {len(missing)} chunks left need "
                 f"{_size(rows * self.bytes_per_example())}, the disk has "
                 f"{_size(shutil.disk_usage(existing_ancestor(self.path)).free)} free); free some space and "
-                f"rerun the same command: it resumes after the {self.num_chunks - len(missing)} chunks written"
+                f"rerun the same command: it keeps the chunks written ({self.num_chunks - len(missing)} of "
+                f"{self.num_chunks}) and resumes"
             ) from None
 
     def _write_chunk_files(self, index: int, arrays: Mapping[str, np.ndarray], sq: np.ndarray) -> None:
