@@ -17,9 +17,12 @@ store's fingerprints and the fit's time (:func:`curvature_for`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -37,7 +40,15 @@ from datainf.distributed import distributed_score, is_main_process
 from datainf.errors import DataInfError, parse_json
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, curvature_from_gradients
-from datainf.store import GradientStore, projection_label, require_free_space
+from datainf.store import (
+    CHECKSUM,
+    MAX_STORAGE_ERROR,
+    GradientStore,
+    disk_full,
+    projection_label,
+    require_free_space,
+    storage_loss,
+)
 from datainf.version import __version__
 
 SCORES_FORMAT = "datainf-scores"
@@ -47,6 +58,8 @@ _CURVATURE_FORMAT = "datainf-kfac"
 _SUMS_FORMAT = "datainf-kfac-sums"
 #: fingerprints that must agree between a training store and a query store
 PAIRED_FINGERPRINTS = ("model", "adapter", "task")
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,10 +158,26 @@ def query_blocks(queries: GradientStore | Mapping[str, Tensor]) -> dict[str, Ten
 # --------------------------------------------------------------------------------------------------
 
 
+def _curvature_digest(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> str:
+    """sha256 of a curvature file's content: its metadata (without the digest) and every tensor's name, dtype,
+    shape and bytes. Recorded in the file when it is written, checked whenever it is read."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM}, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"\n{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class CorruptCurvatureError(DataInfError):
+    """A curvature file that cannot be trusted: unreadable, or its content does not match its checksum."""
+
+
 def save_curvature(curvature: KFACCurvature, path: str | os.PathLike, *, fingerprints: Mapping[str, str],
                    fit_seconds: float = 0.0, breakdown: Mapping[str, float] | None = None) -> Path:
     """Write the eigendecompositions and EK-FAC eigenvalues as safetensors (atomically), with the
-    fingerprints of the store they belong to, the time the fit took and where it went (``breakdown``)."""
+    fingerprints of the store they belong to, the time the fit took, where it went (``breakdown``) and the
+    sha256 of the whole content (checked by :func:`load_curvature` and ``datainf store verify``)."""
     tensors: dict[str, Tensor] = {}
     for name, b in curvature.blocks.items():
         for key in ("q_a", "a", "q_s", "s", "corrected"):
@@ -158,44 +187,94 @@ def save_curvature(curvature: KFACCurvature, path: str | os.PathLike, *, fingerp
     meta = {"format": _CURVATURE_FORMAT, "version": 1, "blocks": list(curvature.blocks),
             "n_examples": curvature.n_examples, "fingerprints": dict(fingerprints), "fit_seconds": fit_seconds,
             "fit_breakdown": dict(breakdown or {})}
+    meta[CHECKSUM] = _curvature_digest(tensors, meta)
     curvature.fingerprints = dict(fingerprints)
     return atomic.save_safetensors(path, tensors, {"datainf": json.dumps(meta)})
 
 
-def load_curvature(path: str | os.PathLike, *, fingerprints: Mapping[str, str] | None = None
-                   ) -> tuple[KFACCurvature, float]:
-    """Read a file of :func:`save_curvature`: (curvature, seconds its fit took). With ``fingerprints``, a file
-    made for another model, adapter, task or dataset is refused."""
+def _read_curvature_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, tensors) of a curvature file whose content matches its recorded sha256; raises
+    :class:`CorruptCurvatureError` for any other file (unreadable, not one, no or a wrong checksum)."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = parse_json((f.metadata() or {}).get("datainf", "{}"), f"{path}'s metadata")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise CorruptCurvatureError(f"{path} is unreadable ({reason})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _CURVATURE_FORMAT:
+        raise CorruptCurvatureError(f"{path} is not a datainf K-FAC curvature file")
+    recorded = meta.get(CHECKSUM)
+    if recorded is None:
+        raise CorruptCurvatureError(f"{path} has no {CHECKSUM} checksum (written by an older datainf), so it "
+                                    "cannot be checked")
+    if _curvature_digest(tensors, meta) != recorded:
+        raise CorruptCurvatureError(f"{path} does not match its {CHECKSUM} checksum (its bytes changed after it "
+                                    "was written)")
+    return meta, tensors
+
+
+def load_curvature(path: str | os.PathLike, *, fingerprints: Mapping[str, str] | None = None
+                   ) -> tuple[KFACCurvature, float]:
+    """Read a file of :func:`save_curvature`: (curvature, seconds its fit took). A file whose content does not
+    match its checksum is refused (:class:`CorruptCurvatureError`); with ``fingerprints``, so is a file made
+    for another model, adapter, task or dataset."""
     path = Path(path)
     if not path.is_file():
         raise DataInfError(f"no K-FAC curvature at {path}: fit it with curvature_for(store)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = parse_json((f.metadata() or {}).get("datainf", "{}"), f"{path}'s metadata")
-        if not isinstance(meta, dict) or meta.get("format") != _CURVATURE_FORMAT:
-            raise DataInfError(f"{path} is not a datainf K-FAC curvature file")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    meta, tensors = _read_curvature_file(path)
     saved = meta.get("fingerprints", {})
     for key, value in (fingerprints or {}).items():
         if saved.get(key) != value:
             raise DataInfError(f"{path} was made with a different {key} (fingerprint {saved.get(key)} != {value}); "
                                "delete it to refit the curvature for this store")
-    blocks = {name: BlockCurvature(*(tensors[f"{name}::{k}"] for k in ("q_a", "a", "q_s", "s")),
-                                   corrected=tensors.get(f"{name}::corrected")) for name in meta["blocks"]}
+    try:
+        blocks = {name: BlockCurvature(*(tensors[f"{name}::{k}"] for k in ("q_a", "a", "q_s", "s")),
+                                       corrected=tensors.get(f"{name}::corrected")) for name in meta["blocks"]}
+    except KeyError as e:
+        raise CorruptCurvatureError(f"{path} lacks the tensor {e.args[0]}") from None
     curvature = KFACCurvature(blocks, int(meta["n_examples"]), saved)
     curvature.fit_breakdown = dict(meta.get("fit_breakdown", {}))  # type: ignore[attr-defined]
     return curvature, float(meta.get("fit_seconds", 0.0))
 
 
+def curvature_problem(store: GradientStore) -> str | None:
+    """What is wrong with the curvature cache inside a store (None when it has none or it is sound): what
+    ``datainf store verify`` reports; scoring would move such a file aside and refit."""
+    path = Path(store.path) / CURVATURE_FILE
+    if not path.exists():
+        return None
+    try:
+        load_curvature(path, fingerprints=store.fingerprints)
+    except CorruptCurvatureError as e:
+        return str(e).replace(f"{path} ", f"{CURVATURE_FILE} (the curvature cache) ", 1)
+    except DataInfError:
+        return None  # fitted for other gradients: scoring refits it, it is never used as is
+    return None
+
+
+def _set_aside(path: Path, reason: str) -> Path:
+    """Move a bad cache file aside (``.NAME.corrupt-<time>-<pid>``, never deleted) and say so."""
+    aside = path.with_name(f".{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    logger.warning("%s; moved it to %s and fitting the curvature again", reason, aside.name)
+    return aside
+
+
 def curvature_for(store: GradientStore, *, chunk_size: int = 2048) -> tuple[KFACCurvature, float]:
     """EK-FAC / K-FAC curvature of a store's blocks (eigenbasis from the per-example gradients' Kronecker
-    factors, eigenvalues corrected by one pass): loaded from ``<store>/kfac.safetensors`` when its
-    fingerprints match the store, else fitted and saved there. Returns (curvature, seconds of the fit)."""
+    factors, eigenvalues corrected by one pass): loaded from ``<store>/kfac.safetensors`` when its content
+    matches its checksum and its fingerprints match the store, else fitted and saved there (a file that fails
+    its checksum is moved aside first, like a bad chunk). Returns (curvature, seconds of the fit)."""
     path = Path(store.path) / CURVATURE_FILE
     if path.exists():
         try:
             return load_curvature(path, fingerprints=store.fingerprints)
+        except CorruptCurvatureError as e:
+            if is_main_process():
+                _set_aside(path, str(e))
         except DataInfError:
             pass  # made for another store content: refit below (the file is ours to replace)
     t0 = time.perf_counter()
@@ -204,6 +283,10 @@ def curvature_for(store: GradientStore, *, chunk_size: int = 2048) -> tuple[KFAC
                                          timings=breakdown)
     seconds = time.perf_counter() - t0
     curvature.fit_breakdown = breakdown  # type: ignore[attr-defined]
+    for b in curvature.blocks.values():  # laid out as the cache holds them, so that a fit just made and the
+        for key in ("q_a", "a", "q_s", "s", "corrected"):  # cache give bit-identical products
+            if getattr(b, key) is not None:
+                setattr(b, key, getattr(b, key).contiguous())
     if is_main_process():
         save_curvature(curvature, path, fingerprints=store.fingerprints, fit_seconds=seconds, breakdown=breakdown)
     return curvature, seconds
@@ -303,16 +386,101 @@ def preconditioned(store: GradientStore) -> dict[str, Any] | None:
 
 
 def _stage_encode(t: Tensor, dtype: str, what: str) -> Any:
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
     if dtype == "float16" and bool((t.abs() > 65504.0).any()):
         raise DataInfError(f"{what}: preconditioned values beyond float16's range; pass dtype='bfloat16' or 'float32'")
+    if dtype in ("float16", "bfloat16"):
+        stored = t.to(getattr(torch, dtype))
+        error, zeroed = storage_loss(t, stored)
+        if error > MAX_STORAGE_ERROR:
+            raise DataInfError(f"{what}: the preconditioned values underflow in {dtype} ({zeroed:.0%} of the nonzero "
+                               f"entries would be stored as 0, relative error {error:.2g}); precondition into "
+                               "float32 (--dtype float32)")
+        return stored.view(torch.int16).numpy().view("uint16") if dtype == "bfloat16" else stored.numpy()
     return t.to(getattr(torch, dtype)).numpy()
 
 
 def _stage_decode(a: Any, dtype: str) -> Tensor:
     t = torch.from_numpy(a)
     return t.view(torch.int16).view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+#: the file that marks a staging folder as precondition_store's own (what a rerun may remove once its
+#: process is dead)
+_STAGING_MARKER = "staging.json"
+_STAGING_FORMAT = "datainf-precondition-staging"
+_STAGED_BLOCK = re.compile(r"^b\d{4}$")
+_STAGED_CHUNK = re.compile(r"^\d{5}\.npy$")
+
+
+def _is_staging(folder: Path) -> bool:
+    """Whether ``folder`` is recognisably a staging folder of :func:`precondition_store`: it holds our marker,
+    or (written by an older datainf, without it) nothing but ``bNNNN/CCCCC.npy`` files."""
+    marker = folder / _STAGING_MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text(encoding="utf-8")).get("format") == _STAGING_FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+    entries = list(folder.iterdir())
+    return all(e.is_dir() and _STAGED_BLOCK.match(e.name) and all(f.is_file() and _STAGED_CHUNK.match(f.name)
+                                                                   for f in e.iterdir()) for e in entries)
+
+
+def _clear_stale_staging(out: Path) -> None:
+    """Remove the staging folders an interrupted precondition into ``out`` left beside it (``.OUT.staging-PID``
+    whose process is dead on this host, recognisably ours); refuse while another live process stages there."""
+    import glob
+    import socket
+
+    from datainf.store.locking import pid_alive
+
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.staging-*")):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if not folder.is_dir() or not pid.isdigit() or not _is_staging(folder):
+            continue  # not ours: left alone
+        marker = folder / _STAGING_MARKER
+        host = socket.gethostname()
+        if marker.is_file():
+            host = json.loads(marker.read_text(encoding="utf-8")).get("host", host)
+        if host != socket.gethostname() or (int(pid) != os.getpid() and pid_alive(int(pid))):
+            raise DataInfError(f"{out} is being preconditioned by process {pid} on host {host} (its rows are staged "
+                               f"in {folder}); wait for it to finish, or stop it and rerun this command")
+        logger.warning("removing %s, left by an interrupted `datainf store precondition` (process %s)", folder, pid)
+        shutil.rmtree(folder)
+
+
+def _resumable(out: Path, train: GradientStore, arguments: ScoreArguments, dtype: str) -> dict[str, Any] | None:
+    """The manifest of the unfinished store at ``out`` when it is this command's own (an interrupted run of
+    the same preconditioning of ``train``: it is resumed); None when ``out`` is absent or empty; refused
+    otherwise, with the command that works."""
+    from datainf.store.manifest import read_manifest
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    method = arguments.method
+    again = f"`datainf store precondition --method {method} {train.path} NEW_FOLDER`"
+    try:
+        old = read_manifest(out) if out.is_dir() and (out / "manifest.json").is_file() else None
+    except DataInfError:
+        old = None
+    info = (old.get("meta") or {}).get("preconditioned") if isinstance(old, dict) else None
+    if old is None or not isinstance(info, dict):
+        raise DataInfError(f"{out} is not empty and is not a preconditioned store; choose a new folder: {again}")
+    if old.get("complete"):
+        raise DataInfError(f"{out} is not empty: it holds a finished store preconditioned for {info.get('method')} from "
+                           f"{info.get('source')}; score it with --method {info.get('method')}, or write a new one: "
+                           f"{again}")
+    settings = ("blocks", "n_examples", "chunk_size", "projection")
+    ours = (info.get("method") == method and dict(info.get("options") or {}) == dict(arguments.options)
+            and info.get("source_fingerprints") == dict(train.fingerprints) and old.get("dtype") == dtype
+            and all(old.get(key) == train.manifest.get(key) for key in settings))
+    if not ours:
+        finish = (f"`datainf store precondition --method {info.get('method')} --dtype {old.get('dtype')} "
+                  f"{info.get('source')} {out}`")
+        raise DataInfError(f"{out} holds an unfinished store preconditioned for {info.get('method')} "
+                           f"({old.get('dtype')}) from {info.get('source')}, not what this command writes; finish "
+                           f"it with {finish}, or choose a new folder: {again}")
+    return old
 
 
 def precondition_store(
@@ -333,9 +501,12 @@ def precondition_store(
     (0, 1]), so a float16 store stays in range. Methods: identity, exact, kfac, ekfac, datainf (whose
     ``(1/n) sum_i (g_i g_i^T + lambda I)^{-1}`` is symmetric too; through its d x d matrix when d <= n).
     Work: one block at a time (its state: a Cholesky factor, the Kronecker eigenbases, or DataInf's d x d
-    matrix), each block's rows staged beside ``out`` and then written chunk by chunk with the
-    store's usual checks. The new store keeps the source's fingerprints, projection, records and meta, and
-    records ``meta.preconditioned`` (method, damping and scale per block, source, seconds).
+    matrix), each block's rows staged beside ``out`` (``.OUT.staging-PID``) and then written chunk by chunk
+    with the store's usual checks. The new store keeps the source's fingerprints, projection, records and
+    meta, and records ``meta.preconditioned`` (method, damping and scale per block, source, seconds).
+
+    Interrupted (killed, disk full), the same call again resumes: it removes the staging folders of dead
+    runs into ``out``, stages again, and writes only the chunks ``out`` lacks.
     """
     from datainf.estimators import resolve_damping
 
@@ -349,14 +520,16 @@ def precondition_store(
     if preconditioned(train):
         raise DataInfError(f"store {train.path} is already preconditioned; precondition its source store")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataInfError(f"{out} exists and is not empty; choose a new folder for the preconditioned store")
     dtype = dtype or train.storage_dtype
     if dtype not in _NP_STAGING:
         raise DataInfError(f"dtype must be one of {', '.join(_NP_STAGING)}, got {dtype!r}")
-    require_free_space(out.parent if out.parent.exists() else Path.cwd(), 2 * train.n_examples *
-                       train.bytes_per_example(dtype), f"preconditioning {train.path} into {out} (the rows staged "
-                       "beside it, then the new store)", "precondition into float16/bfloat16 (--dtype)")
+    resumed = _resumable(out, train, arguments, dtype)
+    _clear_stale_staging(out)
+    missing = [c for c in range(train.num_chunks) if resumed is None or not (out / "chunks" / f"{c:05d}").is_dir()]
+    rows_left = sum(len(train.chunk_rows(c)) for c in missing)
+    need = (train.n_examples + rows_left) * train.bytes_per_example(dtype)
+    require_free_space(out.parent, need, f"preconditioning {train.path} into {out} (the rows staged beside it, "
+                       "then the new store)", "precondition into float16/bfloat16 (--dtype)")
     curvature, fit_seconds = (curvature_for(train, chunk_size=arguments.chunk_size) if method.needs_curvature
                               else (None, 0.0))
     names = train.block_names
@@ -370,11 +543,28 @@ def precondition_store(
 
     bar = tqdm(total=len(names), desc="preconditioning blocks", unit="block", disable=not progress)
     try:
+        staging.mkdir(parents=True)
+        import socket
+
+        (staging / _STAGING_MARKER).write_text(json.dumps({"format": _STAGING_FORMAT, "pid": os.getpid(),
+                                                           "host": socket.gethostname(), "out": str(out)}))
         _stage_blocks(method, arguments, source, names, lams, shared, train, staging, dtype, damping, scale, bar)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if disk_full(e):
+            raise DataInfError(f"the disk is full: staging the preconditioned rows of {train.path} in {staging} (then "
+                               f"writing {out}) needs {_size(need)}; free some space, then rerun the same "
+                               "command") from None
         raise
     bar.close()
+    if resumed is not None:
+        recorded = resumed["meta"]["preconditioned"].get("damping") or {}
+        if any(not math.isclose(recorded.get(n, math.nan), damping[n], rel_tol=1e-12) for n in names):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataInfError(f"{out} holds an unfinished store preconditioned with another damping "
+                               f"({recorded}); rerun with the --damping it was started with, or choose a new "
+                               f"folder: `datainf store precondition --method {arguments.method} {train.path} "
+                               "NEW_FOLDER`")
     meta = dict(train.manifest.get("meta") or {})
     meta["preconditioned"] = {
         "method": arguments.method, "options": dict(arguments.options), "damping": damping, "scale": scale,
@@ -388,7 +578,7 @@ def precondition_store(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
-        for c in range(train.num_chunks):
+        for c in store.missing_chunks():
             store.write_chunk(c, {name: _stage_decode(np.load(staging / f"b{j:04d}" / f"{c:05d}.npy"), dtype)
                                   for j, name in enumerate(names)})
         records = train.records()
@@ -397,10 +587,23 @@ def precondition_store(
         meta["preconditioned"]["seconds"] = time.perf_counter() - t_start
         store.manifest = {**store.manifest, "meta": meta}
         store.finalize()
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        raise DataInfError(f"the disk is full: writing {out} ({e.strerror}); free some space, then rerun the same "
+                           "command: it resumes") from None
     finally:
         store.close()
         shutil.rmtree(staging, ignore_errors=True)
     return GradientStore.open(out)
+
+
+def _size(n: int) -> str:
+    """Bytes for a message."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def _stage_blocks(method: Any, arguments: ScoreArguments, source: Mapping[str, Any], names: list[str],
@@ -408,28 +611,35 @@ def _stage_blocks(method: Any, arguments: ScoreArguments, source: Mapping[str, A
                   damping: dict[str, float], scale: dict[str, float], bar: Any) -> None:
     """Block after block: build the method's estimator (its state only for this block), precondition the
     block's rows chunk by chunk, and stage them as ``staging/bNNNN/CCCCC.npy``."""
-    from datainf.estimators import BlockRows, compute_dtype
+    from datainf.estimators import BlockRows, block_scale, compute_dtype, scaled
 
     for j, name in enumerate(names):
         g = source[name]
         cd = compute_dtype(g, arguments.torch_dtype)
-        b = BlockRows(name, g, cd, torch.device(arguments.device or "cpu"), arguments.chunk_size)
+        # gradients outside cd's safe range are read scaled by a power of two k (exact): the method's
+        # lambda' P' g' is then k times lambda P g, and its damping k^2 times lambda (see scale_power)
+        k = block_scale(g, cd, arguments.chunk_size)
+        b = BlockRows(name, g, cd, torch.device(arguments.device or "cpu"), arguments.chunk_size, scale=k)
         sq = b.sq_norms()
-        lam = lams[j] if lams[j] is not None else method.default_damping(b, sq, shared)
+        lam = lams[j] * k * k if lams[j] is not None else method.default_damping(b, sq, shared)
         if lam == 0.0:  # an all-zero block: its preconditioned rows are zero too
             lam = 1.0
         estimator = method(b, lam, sq, arguments.method_options(), shared)
         factor = 1.0 if arguments.method == "identity" else float(lam)
-        damping[name], scale[name] = float(lam), 1.0 / factor
+        damping[name] = float(lam) / (k * k)
+        scale[name] = 1.0 if arguments.method == "identity" else 1.0 / damping[name]
         folder = staging / f"b{j:04d}"
         folder.mkdir(parents=True, exist_ok=True)
+        out_dtype = torch.float32 if cd != torch.float64 else torch.float64
         for c in range(train.num_chunks):
             rows = train.chunk_rows(c)
-            block_rows = b.g[rows.start : rows.stop].to(device=b.device, dtype=cd)
+            block_rows = scaled(b.g[rows.start : rows.stop], k, cd, b.device)
             pre = estimator.precondition_rows(block_rows) * factor
-            np.save(folder / f"{c:05d}.npy", _stage_encode(pre.to("cpu", torch.float32 if cd != torch.float64
-                                                                    else torch.float64), dtype,
-                                                           f"block '{name}', chunk {c}"), allow_pickle=False)
+            if k != 1.0:
+                pre = pre.double() / k
+            np.save(folder / f"{c:05d}.npy", _stage_encode(pre.to("cpu", out_dtype), dtype,
+                                                           f"preconditioning {train.path}: block '{name}', chunk {c}"),
+                    allow_pickle=False)
         del estimator
         bar.update(1)
 
@@ -438,7 +648,7 @@ def _score_preconditioned(train: GradientStore, info: Mapping[str, Any],
                           queries: GradientStore | Mapping[str, Tensor] | None,
                           arguments: ScoreArguments) -> ScoreResult:
     """Scores against a store of :func:`precondition_store`: one streaming pass, ``-scale_l G'_l V_l^T``."""
-    from datainf.estimators import BlockRows, compute_dtype
+    from datainf.estimators import BlockRows, block_scale, compute_dtype, scaled
 
     made = info["method"]
     if queries is None:
@@ -471,8 +681,12 @@ def _score_preconditioned(train: GradientStore, info: Mapping[str, Any],
             v = v.mean(dim=0, keepdim=True)
         cd = compute_dtype(g, arguments.torch_dtype)
         dev = torch.device(arguments.device or "cpu")
-        b = BlockRows(name, g, cd, dev, arguments.chunk_size)
-        part = b.dot(v.to(device=dev, dtype=cd)) * (-float(info["scale"][name]))
+        # rows and queries outside cd's safe range are scaled by powers of two (exact), undone in float64
+        k, q = block_scale(g, cd, arguments.chunk_size), block_scale(v, cd, arguments.chunk_size)
+        b = BlockRows(name, g, cd, dev, arguments.chunk_size, scale=k)
+        factor = -float(info["scale"][name]) / (k * q)
+        part = b.dot(scaled(v, q, cd, dev))
+        part = part * factor if k == q == 1.0 else (part.double() * factor).to(cd)
         scores = part if scores is None else scores + part
     assert scores is not None
     return ScoreResult(scores=scores, arguments=arguments, kind="influence", damping=dict(damping),

@@ -66,6 +66,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     from datainf.attributor import Attributor
     from datainf.distributed import init_distributed, is_main_process
     from datainf.gradients import ProjectionSettings
+    from datainf.store import disk_full
 
     check_output(store_dir, inputs={"model folder": model_dir, "adapter folder": adapter_dir,
                                     "--labels-from store": labels_from})
@@ -92,7 +93,13 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
                             batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
                             label_names=names, skip_nonfinite=skip_nonfinite,
                             projection=None if project_dim is None else ProjectionSettings(project_dim, project_seed))
-    store = attributor.fit(records)
+    try:
+        store = attributor.fit(records)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        raise DataInfError(f"the disk is full: writing the store {store_dir} ({e}); free some space, then rerun the "
+                           "same command: it resumes after the chunks written") from None
     if is_main_process():
         shown = f" (labels {describe(names)}, from {source})" if names else ""
         projected = f" (projected, k={project_dim}, seed {project_seed})" if project_dim is not None else ""

@@ -25,18 +25,31 @@ def command() -> None:
 def verify(store_dir: str) -> None:
     """Check every chunk of STORE: its chunk.json (index, rows), every file's size, shape, dtype and sha256,
     the squared norms against the stored gradients, and records.jsonl. Exits 2 naming the bad chunks."""
+    from pathlib import Path
+
+    from datainf.scoring import CURVATURE_FILE, curvature_problem
     from datainf.store import GradientStore
 
     store = GradientStore.open(store_dir, allow_incomplete=True)
-    problems = store.verify()
+    found = store.verify()
+    problems, hints = [str(p) for p in found], []
+    if found:
+        recompute = all(p.chunk is not None for p in found)
+        hints.append("rerun `datainf grads` with the same settings: it moves the bad chunks aside and recomputes "
+                     "just them" if recompute else "rerun `datainf grads` with the same settings (it recomputes bad "
+                     "chunks, finishes an unfinished store, rewrites records.jsonl); where manifest.json is wrong, "
+                     "recompute in a new --store")
+    cache = curvature_problem(store)
+    if cache is not None:
+        problems.append(cache)
+        hints.append(f"the next `datainf score --method ekfac` (or kfac) on this store moves {CURVATURE_FILE} aside "
+                     "and fits it again")
     if problems:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        recompute = all(p.chunk is not None for p in problems)
-        hint = ("rerun `datainf grads` with the same settings: it moves the bad chunks aside and recomputes just them"
-                if recompute else "rerun `datainf grads` with the same settings (it recomputes bad chunks, finishes "
-                "an unfinished store, rewrites records.jsonl); where manifest.json is wrong, recompute in a new --store")
-        raise DataInfError(f"store {store_dir}: {len(problems)} problem(s): {shown}; {hint}")
+        raise DataInfError(f"store {store_dir}: {len(problems)} problem(s): {shown}; {'; '.join(hints)}")
     checks = "sha256 checksums" if store.has_checksums else "sizes and shapes only (an old store without checksums)"
+    if (Path(store_dir) / CURVATURE_FILE).exists():
+        checks += f" (and {CURVATURE_FILE}'s)"
     click.echo(f"store {store_dir}: ok ({store.n_examples} examples, {store.num_chunks} chunks, "
                f"{len(store.block_names)} blocks; {checks} and squared norms verified)")
 
@@ -57,13 +70,19 @@ def precondition(ctx: click.Context, store_dir: str, out_dir: str, method: str, 
     """Write OUT_DIR: the training gradients of STORE_DIR preconditioned once by METHOD."""
     from datainf.estimators import ScoreArguments
     from datainf.scoring import precondition_store
-    from datainf.store import GradientStore
+    from datainf.store import GradientStore, disk_full
 
     check_output(out_dir, inputs={"training store": store_dir})
     progress, device = setup(ctx, device)
     store = GradientStore.open(store_dir)
     arguments = ScoreArguments(method=method, damping=damping, dtype=compute_dtype, device=device)
-    out = precondition_store(store, out_dir, arguments, dtype=dtype, progress=progress)
+    try:
+        out = precondition_store(store, out_dir, arguments, dtype=dtype, progress=progress)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        raise DataInfError(f"the disk is full: writing {out_dir} ({e}); free some space, then rerun the same "
+                           "command: it resumes") from None
     info = out.manifest["meta"]["preconditioned"]
     click.echo(f"wrote {out_dir}: {out.n_examples} examples x {len(out.block_names)} blocks preconditioned by "
                f"{method} in {info['seconds']:.1f} s (curvature {info['curvature_seconds']:.1f} s); score it with "

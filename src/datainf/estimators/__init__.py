@@ -41,13 +41,16 @@ from datainf.estimators.blocks import (
     Damping,
     RowSource,
     as_blocks,
+    block_scale,
     check_damping,
     check_finite_queries,
     compute_dtype,
     default_damping,
     is_row_source,
+    largest_magnitude,
     pair_blocks,
     resolve_damping,
+    scaled,
 )
 from datainf.estimators.registry import Estimator, get_method, method_names, register, unregister
 
@@ -107,12 +110,22 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
         cd = compute_dtype(g, arguments.torch_dtype)
         dev = torch.device(arguments.device) if arguments.device is not None else getattr(
             g, "device", torch.device("cpu"))
-        b = BlockRows(name, g, cd, dev, arguments.chunk_size)
+        # gradients outside cd's safe range are scaled by a power of two (exact), the scores scaled back
+        c = block_scale(g, cd, arguments.chunk_size)
+        if c != 1.0 and method.scale_power is None:
+            raise DataInfError(
+                f"block '{name}': its gradients have scale {largest_magnitude(g):.1e}, beyond {cd}'s safe range "
+                f"for method '{method.name}' (which does not say how its scores scale); compute in float64 "
+                "(dtype=torch.float64, `datainf score --compute-dtype float64`)"
+            )
+        b = BlockRows(name, g, cd, dev, arguments.chunk_size, scale=c)
         sq = b.sq_norms()
         V = None
         if v is not None:
             check_finite_queries(name, v)
-            V = v.to(device=dev, dtype=cd)
+            V = scaled(v, c, cd, dev)
+        if lam is not None:
+            lam = lam * c * c
         if lam is None:
             lam = method.default_damping(b, sq, shared)
             if lam == 0.0:
@@ -123,24 +136,41 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
                 continue
             check_damping(name, lam)
         estimator = method(b, lam, sq, opts, shared)
+        back = 1.0 if c == 1.0 else c ** -float(method.scale_power or 0)  # what the scaling multiplied the scores by
         if V is None:
-            part = estimator.self_scores()
+            part = _scaled_back(estimator.self_scores(), back, name, arguments)
         elif arguments.normalize:
             R = estimator.precondition(V)
-            part = -b.dot(R)
-            tq = -estimator.self_scores()
-            qq = (V * R).sum(dim=1)
+            part = _scaled_back(-b.dot(R), back, name, arguments)
+            tq = _scaled_back(-estimator.self_scores(), back, name, arguments)
+            qq = _scaled_back((V * R).sum(dim=1), back, name, arguments)
             out.train_quadratic = tq if out.train_quadratic is None else out.train_quadratic + tq.to(
                 out.train_quadratic.dtype)
             out.query_quadratic = qq if out.query_quadratic is None else out.query_quadratic + qq.to(
                 out.query_quadratic.dtype)
         else:
-            part = estimator.scores(V)
+            part = _scaled_back(estimator.scores(V), back, name, arguments)
         out.scores = part if out.scores is None else out.scores + part.to(out.scores.dtype)
-        out.damping[name] = float(lam)
+        out.damping[name] = float(lam) / (c * c)
         if estimator.info:
             out.diagnostics[name] = dict(estimator.info)
     return out
+
+
+def _scaled_back(part: Tensor, back: float, name: str, arguments: ScoreArguments) -> Tensor:
+    """A block's scores computed on rescaled gradients, multiplied back by ``back`` (a power of two, exact);
+    refused, with the true cause, when the true scores lie beyond the compute dtype's range."""
+    if back == 1.0:
+        return part
+    largest = float(part.abs().max()) * back if part.numel() else 0.0
+    info = torch.finfo(part.dtype)
+    if largest > info.max or 0.0 < largest < info.tiny / info.eps:
+        raise DataInfError(
+            f"block '{name}': its '{arguments.method}' scores are of order {largest:.1e}, beyond {part.dtype}'s "
+            "range (its gradients lie far from 1); compute in float64 (dtype=torch.float64, `datainf score "
+            "--compute-dtype float64`)"
+        )
+    return (part.double() * back).to(part.dtype)  # back may lie outside part's dtype: multiplied in float64
 
 
 def finish(partial: PartialScores, arguments: ScoreArguments, kind: str, seconds: float,

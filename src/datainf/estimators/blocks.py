@@ -161,24 +161,65 @@ def rows_per_chunk(g: Any, chunk: int, dtype: torch.dtype, device: torch.device)
     return max(1, min(chunk, ROW_BUFFER_BYTES // max(1, row_bytes)))
 
 
+def largest_magnitude(g: Any, chunk: int = 4096) -> float:
+    """The size of a block's largest gradient, computed without overflow or underflow: the largest row norm
+    (from the float64 squared norms a store's block knows), else the largest absolute entry (exact in any
+    dtype). 0.0 exactly when every entry is zero; NaN when one is NaN."""
+    known = getattr(g, "sq_norms", None)
+    if callable(known) and not isinstance(g, Tensor):
+        sq = known()
+        return math.sqrt(float(sq.max())) if sq.numel() else 0.0
+    out = 0.0
+    for s in chunks(int(g.shape[0]), chunk):
+        rows = g[s]
+        if rows.numel():
+            out = max(out, float(rows.abs().max()))
+    return out
+
+
+def block_scale(g: Any, dtype: torch.dtype, chunk: int = 4096) -> float:
+    """A power of two ``c`` that brings a block's gradients into the safe range of ``dtype`` when they lie
+    outside it (largest magnitude below ``tiny**(1/4)`` or above ``max**(1/4)``: about 1e-10 and 1e9 in
+    float32, where products of four gradient entries, such as ``g^T (G^T G) g``, underflow or overflow); 1.0
+    otherwise, and for an all-zero or non-finite block. Multiplying by a power of two is exact in floating
+    point, so the estimators see the same problem, scaled (see :attr:`Estimator.scale_power`)."""
+    info = torch.finfo(dtype)
+    size = largest_magnitude(g, chunk)
+    if not (math.isfinite(size) and size > 0) or info.tiny ** 0.25 <= size <= info.max ** 0.25:
+        return 1.0
+    return 2.0 ** -round(math.log2(size))
+
+
+def scaled(x: Tensor, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``x * scale`` in ``dtype`` on ``device``; the product is formed in float64 first, so values outside
+    ``dtype``'s range (float64 rows read into float32) are scaled before they are rounded."""
+    if scale == 1.0:
+        return x.to(device=device, dtype=dtype)
+    return (x.to(device=device, dtype=torch.float64) * scale).to(dtype)
+
+
 class BlockRows:
     """One block's training gradients ``G`` (n, d), read ``chunk`` rows at a time in the compute dtype.
 
     ``rows()`` yields ``(slice, (rows, d) tensor)``; ``matvec(X)`` is ``H X^T`` as (m, d) with
-    ``H = G^T G / n`` (or on a subset of rows); ``sq_norms()`` the squared norm of every row.
+    ``H = G^T G / n`` (or on a subset of rows); ``sq_norms()`` the squared norm of every row. With ``scale``
+    (a power of two, see :func:`block_scale`) every row is read multiplied by it: the estimators then work on
+    ``scale * G``.
     """
 
-    def __init__(self, name: str, g: Any, dtype: torch.dtype, device: torch.device, chunk: int):
+    def __init__(self, name: str, g: Any, dtype: torch.dtype, device: torch.device, chunk: int,
+                 scale: float = 1.0):
         self.name, self.g, self.dtype, self.device, self.chunk = name, g, dtype, device, chunk
         self.n, self.d = int(g.shape[0]), int(g.shape[1])
+        self.scale = float(scale)
 
     def rows(self) -> Iterator[tuple[slice, Tensor]]:
         for s in chunks(self.n, rows_per_chunk(self.g, self.chunk, self.dtype, self.device)):
-            yield s, self.g[s].to(device=self.device, dtype=self.dtype)
+            yield s, scaled(self.g[s], self.scale, self.dtype, self.device)
 
     def take(self, rows: Tensor) -> Tensor:
         """The rows of ``G`` at the (sorted) indices ``rows``, in the compute dtype."""
-        return self.g[rows].to(device=self.device, dtype=self.dtype)
+        return scaled(self.g[rows], self.scale, self.dtype, self.device)
 
     def sq_norms(self) -> Tensor:
         """Squared norm of every example's gradient, (n,); names the first non-finite example. A row source
@@ -186,7 +227,7 @@ class BlockRows:
         pass over the rows."""
         known = getattr(self.g, "sq_norms", None)
         if callable(known) and not isinstance(self.g, Tensor):
-            out = known().to(device=self.device, dtype=self.dtype)
+            out = (known().double() * self.scale**2).to(device=self.device, dtype=self.dtype)
         else:
             out = torch.empty(self.n, dtype=self.dtype, device=self.device)
             for s, gc in self.rows():
@@ -309,14 +350,17 @@ __all__ = [
     "Damping",
     "RowSource",
     "as_blocks",
+    "block_scale",
     "check_damping",
     "check_finite_queries",
     "chunks",
     "compute_dtype",
     "default_damping",
     "is_row_source",
+    "largest_magnitude",
     "pair_blocks",
     "paper_damping",
     "resolve_damping",
     "rows_per_chunk",
+    "scaled",
 ]

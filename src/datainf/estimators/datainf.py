@@ -19,6 +19,7 @@ from datainf.estimators.registry import Estimator, register
 class DataInf(Estimator):
     name = "datainf"
     summary = "DataInf: average of per-example Sherman-Morrison inverses, O(n d) per block"
+    scale_power = 0
 
     def setup(self) -> None:
         self.w = 1.0 / (self.damping + self.sq_norms)

@@ -33,6 +33,7 @@ MAX_MATRIX_BYTES = 16 * 2**30
 class Exact(Estimator):
     name = "exact"
     summary = "exact inverse of the damped block Fisher (Cholesky; d x d or n x n Gram form)"
+    scale_power = 0
 
     def setup(self) -> None:
         b = self.block

@@ -12,6 +12,7 @@ from datainf.estimators.registry import Estimator, register
 class Identity(Estimator):
     name = "identity"
     summary = "Hessian-free: the gradient dot product -v . g_k"
+    scale_power = 2
 
     def precondition(self, V: Tensor) -> Tensor:
         return V

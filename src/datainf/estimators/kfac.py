@@ -44,7 +44,15 @@ import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
-from datainf.estimators.blocks import BlockRows, Blocks, as_blocks, chunks, rows_per_chunk
+from datainf.estimators.blocks import (
+    BlockRows,
+    Blocks,
+    as_blocks,
+    block_scale,
+    chunks,
+    rows_per_chunk,
+    scaled,
+)
 from datainf.estimators.registry import Estimator, register
 
 KFAC_METHODS = ("kfac", "ekfac")
@@ -298,15 +306,16 @@ def _gradient_basis(curvature: KFACCurvature, train_grads: Blocks, chunk_size: i
         s_g = torch.zeros(out, out, dtype=torch.float64)
         cd = _product_dtype(g)
         cpu = torch.device("cpu")
+        c = block_scale(g, cd, chunk_size)  # a power of two: products in cd's range, sums divided back exactly
         for s in chunks(g.shape[0], rows_per_chunk(g, chunk_size, cd, cpu)):  # chunk products in cd, sums in float64
-            rows = g[s].to(device="cpu", dtype=cd).reshape(-1, out, inn)
+            rows = scaled(g[s], c, cd, cpu).reshape(-1, out, inn)
             flat = rows.reshape(-1, inn)
             a_g += (flat.T @ flat).double()
             by_out = rows.transpose(0, 1).reshape(out, -1)  # (out, k * in): the one copy of the chunk
             s_g += (by_out @ by_out.T).double()
             del flat, by_out, rows
-        a_g /= g.shape[0]
-        s_g /= g.shape[0]
+        a_g /= g.shape[0] * c * c
+        s_g /= g.shape[0] * c * c
         t1 = time.perf_counter()
         a, q_a = _eigh(a_g)
         s_vals, q_s = _eigh(s_g)
@@ -324,14 +333,15 @@ def correct_eigenvalues(curvature: KFACCurvature, train_grads: Blocks, *, chunk_
         total = torch.zeros(out, inn, dtype=torch.float64)
         n = g.shape[0]
         cd = _product_dtype(g)
+        c = block_scale(g, cd, chunk_size)
         q_s_t, q_a = b.q_s.T.to(cd), b.q_a.to(cd)
         for s in chunks(n, rows_per_chunk(g, chunk_size, cd, torch.device("cpu"))):
-            rows = g[s].to(device="cpu", dtype=cd).reshape(-1, out, inn)
+            rows = scaled(g[s], c, cd, torch.device("cpu")).reshape(-1, out, inn)
             rotated = torch.matmul(q_s_t, rows)
             rotated = torch.matmul(rotated, q_a)
             total += rotated.pow_(2).sum(dim=0).double()
             del rows, rotated
-        b.corrected = total / n
+        b.corrected = total / (n * c * c)
 
 
 def _product_dtype(g: Any) -> torch.dtype:
@@ -376,6 +386,8 @@ class _Kronecker(Estimator):
     """K-FAC family: ``self.shared`` is the fitted :class:`KFACCurvature`; damping ``0.1 * mean eigenvalue``."""
 
     needs_curvature = True
+    needs_curvature = True
+    scale_power = 0
 
     @classmethod
     def prepare(cls, train: list[tuple[str, Any]], curvature: Any, chunk_size: int) -> KFACCurvature:
@@ -401,11 +413,12 @@ class _Kronecker(Estimator):
 
     @classmethod
     def default_damping(cls, block: BlockRows, sq_norms: Tensor, shared: Any) -> float:
-        return 0.1 * float(shared.block(block.name).eigenvalues(cls.name).mean())
+        return 0.1 * float(shared.block(block.name).eigenvalues(cls.name).mean()) * block.scale**2
 
     def setup(self) -> None:
         self.curv = self.shared.block(self.block.name)
-        self.eig = self.curv.eigenvalues(self.name)
+        # the curvature is of the gradients as they are (float64); the block's rows may be read scaled
+        self.eig = self.curv.eigenvalues(self.name) * self.block.scale**2
 
     def precondition(self, V: Tensor) -> Tensor:
         return precondition(self.curv, V, self.eig, self.damping, self.block.name)

@@ -96,11 +96,15 @@ class Lissa(Estimator):
     name = "lissa"
     summary = "LiSSA: iterative inverse-Hessian-vector products (options: iterations, scale, batch_size, seed)"
     options = LissaOptions
+    scale_power = 0  # with a given scale s, the scaled problem uses s * c**2 (setup)
 
     def setup(self) -> None:
         self.opts = self.opts or LissaOptions()
         o = self.opts
-        self.scale = o.scale if o.scale is not None else 1.1 * (top_eigenvalue(self.block, o.seed) + self.damping)
+        if o.scale is not None:  # a given scale is for the gradients as they are: scaled like H (block.scale**2)
+            self.scale = o.scale * self.block.scale**2
+        else:
+            self.scale = 1.1 * (top_eigenvalue(self.block, o.seed) + self.damping)
 
     def precondition(self, V: Tensor) -> Tensor:
         return lissa_solve(self.block, V, self.damping, self.opts, self.info, scale=self.scale)

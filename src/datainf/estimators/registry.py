@@ -38,7 +38,7 @@ class Estimator:
     Class attributes a method sets: ``name`` (registry key), ``summary`` (one line for ``--help``),
     ``options`` (a frozen dataclass of the method's own settings, e.g. LiSSA's iterations, or None),
     ``needs_curvature`` (True: the caller passes Kronecker factors or a fitted curvature, see
-    :meth:`prepare`).
+    :meth:`prepare`), ``scale_power`` (how its scores scale with the gradients, see below).
 
     Instance attributes: ``block`` (:class:`BlockRows`, the training gradients G, n x d), ``damping``
     (lambda > 0), ``sq_norms`` ((n,) squared row norms of G), ``opts`` (an instance of ``options`` or None),
@@ -53,6 +53,12 @@ class Estimator:
     summary: ClassVar[str] = ""
     options: ClassVar[type | None] = None
     needs_curvature: ClassVar[bool] = False
+    #: how the method's scores change when the training and query gradients are both multiplied by ``c`` and
+    #: the damping by ``c**2`` (what its default damping rule then gives by itself): times ``c**scale_power``.
+    #: 0 for every method that applies ``(H + lambda I)^{-1}``, 2 for the gradient dot product. Scoring uses
+    #: it to rescale blocks outside float32's safe range exactly (by a power of two); None (a method that
+    #: does not say) refuses such blocks instead.
+    scale_power: ClassVar[int | None] = None
 
     def __init__(self, block: BlockRows, damping: float, sq_norms: Tensor, opts: Any = None, shared: Any = None):
         self.block, self.damping, self.sq_norms, self.opts, self.shared = block, damping, sq_norms, opts, shared

@@ -31,7 +31,10 @@ rows, every file has the size, shape and dtype it was written with; no chunk fol
 store object touches it, and :meth:`GradientStore.verify` (``datainf store verify``) checks everything,
 squared norms included. A failure names the chunk. Resuming (:meth:`GradientStore.create` on an existing
 store) checks every stored chunk's checksums and moves a bad one aside to ``chunks/.corrupt-NNNNN-<time>``
-(nothing is deleted), so the rerun recomputes just that chunk. Stores written before chunk manifests
+(nothing is deleted), so the rerun recomputes just that chunk. A 16-bit store refuses, by block and chunk,
+gradients its dtype would underflow (``MAX_STORAGE_ERROR``), and ``verify`` allows exactly the rounding the
+writer accepts. A curvature cache inside a store (``kfac.safetensors``, written by datainf.scoring) records
+the sha256 of its content and is checked on load and by ``datainf store verify``. Stores written before chunk manifests
 existed (no ``integrity`` key in manifest.json) are still read, with a warning: only their sizes and
 shapes can be checked.
 
@@ -50,8 +53,11 @@ from datainf.store.files import (
     FINGERPRINT_KEYS,
     FORMAT_VERSION,
     LOCK_TIMEOUT_S,
+    MAX_STORAGE_ERROR,
     RECORDS_FILE,
     WRITER_LOCK,
+    file_digest,
+    storage_loss,
 )
 from datainf.store.fingerprint import (
     PEFT_REINITIALIZED,
@@ -59,11 +65,12 @@ from datainf.store.fingerprint import (
     fingerprint_model,
     fingerprint_task,
 )
-from datainf.store.gradient_store import GradientStore, require_free_space
+from datainf.store.gradient_store import GradientStore, disk_full, existing_ancestor, require_free_space
 from datainf.store.manifest import StoreProblem, projection_label
 
 __all__ = [
     "AUTO", "CHECKSUM", "CHUNK_MANIFEST", "DTYPES", "FINGERPRINT_KEYS", "FORMAT_VERSION", "LOCK_TIMEOUT_S",
-    "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreProblem", "StoredBlock",
-    "fingerprint_dataset", "fingerprint_model", "fingerprint_task", "projection_label", "require_free_space",
+    "MAX_STORAGE_ERROR", "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreProblem",
+    "StoredBlock", "disk_full", "existing_ancestor", "file_digest", "fingerprint_dataset", "fingerprint_model",
+    "fingerprint_task", "projection_label", "require_free_space", "storage_loss",
 ]

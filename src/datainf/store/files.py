@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import mmap
 import os
 import re
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -33,6 +35,13 @@ TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 #: ``dtype`` default of the readers: float32 rows, float64 for a float64 store
 AUTO = "auto"
 FLOAT16_MAX = 65504.0
+#: round-to-nearest error of each 16-bit storage dtype: (relative error of a number in the normal range,
+#: absolute error below it, half the subnormal spacing); what `verify` allows between the squared norms
+#: recorded from the float32 values and those of the stored values
+ROUNDING = {"float16": (2.0**-11, 2.0**-25), "bfloat16": (2.0**-8, 2.0**-134)}
+#: the largest relative error (Frobenius norm, per block of a chunk) a 16-bit store accepts: 20x float16's
+#: rounding of normal numbers, so only underflow to zero or to imprecise subnormals reaches it
+MAX_STORAGE_ERROR = 1e-2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,6 +59,30 @@ def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
         f.write(data)
     return {"bytes": len(data), "shape": list(array.shape), "dtype": array.dtype.str,
             CHECKSUM: hashlib.sha256(data).hexdigest()}
+
+
+def storage_loss(values: Tensor, stored: Tensor) -> tuple[float, float]:
+    """What storing ``values`` (float32/float64) as ``stored`` (their 16-bit rounding, read back) lost:
+    (relative error of the whole block, ``||stored - values|| / ||values||``, 0 for an all-zero block;
+    fraction of the nonzero entries stored as 0)."""
+    exact = values.double()
+    norm = float(exact.norm())
+    error = float((stored.double() - exact).norm()) / norm if norm > 0 else 0.0
+    nonzero = values != 0
+    count = int(nonzero.sum())
+    zeroed = int((nonzero & (stored == 0)).sum()) / count if count else 0.0
+    return error, zeroed
+
+
+def norms_tolerance(sq: np.ndarray, d: int, dtype: str) -> np.ndarray:
+    """How far the squared norms of rows stored as ``dtype`` may lie from ``sq``, those of the rows before
+    rounding (d entries each): with every entry rounded to nearest, ``||stored - row|| <= e = u ||row|| +
+    a sqrt(d)`` (:data:`ROUNDING`), so the squared norms differ by at most ``e (2 ||row|| + e)``; plus the
+    float64 summation's own error."""
+    u, a = ROUNDING[dtype]
+    norm = np.sqrt(np.maximum(sq, 0.0))
+    e = u * norm + a * math.sqrt(d)
+    return 1.001 * e * (2 * norm + e) + 1e-12 * sq
 
 
 def file_digest(path: Path) -> str:

@@ -29,14 +29,18 @@ from datainf.store.files import (
     CHUNK_NAME,
     FLOAT16_MAX,
     FORMAT_VERSION,
+    MAX_STORAGE_ERROR,
     NUMPY_STORAGE,
     RECORDS_FILE,
+    ROUNDING,
     TORCH_STORAGE,
     WRITER_LOCK,
     file_digest,
     map_npy,
+    norms_tolerance,
     npy_header,
     save_npy,
+    storage_loss,
 )
 from datainf.store.locking import acquire_lock, release_lock
 from datainf.store.manifest import (
@@ -56,13 +60,28 @@ from datainf.version import __version__
 logger = logging.getLogger(__name__)
 
 
-def require_free_space(folder: Path, need: int, what: str, remedy: str) -> None:
-    """Refuse (DataInfError) when ``folder``'s disk has less than ``need`` bytes free; the message says
-    ``what`` needs them and, besides freeing space or another disk, the ``remedy``."""
-    free = shutil.disk_usage(folder).free
+def existing_ancestor(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent folder: the disk it will be written
+    on (a folder not created yet lies on its nearest existing ancestor's disk, not the current directory's)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def require_free_space(folder: str | os.PathLike[str], need: int, what: str, remedy: str) -> None:
+    """Refuse (DataInfError) when the disk ``folder`` is (or will be) on, that of its nearest existing
+    ancestor, has less than ``need`` bytes free; the message says ``what`` needs them and, besides freeing
+    space or another disk, the ``remedy``."""
+    free = shutil.disk_usage(existing_ancestor(folder)).free
     if need > free:
         raise DataInfError(f"{what} need {_size(need)}, and the disk has {_size(free)} free; free some space, "
                            f"write it on another disk, or {remedy}")
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk (or the user's quota) is full."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _size(n: int) -> str:
@@ -484,14 +503,17 @@ class GradientStore:
         """Whether sq_norms.npy agrees with the chunk's stored gradients (up to the storage rounding)."""
         try:
             sq = np.asarray(self._mapped(index, "sq_norms.npy", verify=False), dtype=np.float64)
-            tol = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}[self.storage_dtype]
             for j, name in enumerate(self.block_names):
                 stored = self._to_work(self._mapped(index, self._block_file(name), verify=False))
                 if not bool(torch.isfinite(stored).all()):
                     return f"{self._block_file(name)} holds a NaN or infinite value"
                 got = (stored.double() ** 2).sum(dim=1).numpy()
-                scale = np.maximum(np.abs(sq[:, j]), 1e-30)
-                off = np.abs(got - sq[:, j]) > tol * scale + 1e-30
+                if self.storage_dtype in ROUNDING:  # what rounding each entry to nearest can change, no more
+                    allowed = norms_tolerance(sq[:, j], stored.shape[1], self.storage_dtype)
+                else:  # the stored values are those whose squared norms were recorded: summation order only
+                    tol = {"float64": 1e-9, "float32": 1e-4}[self.storage_dtype]
+                    allowed = tol * np.abs(sq[:, j])
+                off = np.abs(got - sq[:, j]) > allowed
                 if off.any():
                     k = int(np.flatnonzero(off)[0])
                     return (f"sq_norms.npy disagrees with {self._block_file(name)} (example "
@@ -642,10 +664,45 @@ class GradientStore:
                     f"store {self.path}: block '{name}', example {k} has gradient entries beyond float16's "
                     f"range (|x| > {FLOAT16_MAX:g}); create the store with dtype='bfloat16' or 'float32'"
                 )
-            return g32.to(torch.float16).numpy()
-        return g32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            stored = g32.to(torch.float16)
+        else:
+            stored = g32.to(torch.bfloat16)
+        self._check_rounding(name, g32, stored, rows)
+        if self.storage_dtype == "float16":
+            return stored.numpy()
+        return stored.view(torch.int16).numpy().view(np.uint16)
+
+    def _check_rounding(self, name: str, g32: Tensor, stored: Tensor, rows: range) -> None:
+        """Refuse a block of a chunk that its 16-bit storage dtype would lose, beyond rounding: entries that
+        underflow to 0 or to imprecise subnormals (relative error of the block above MAX_STORAGE_ERROR)."""
+        error, zeroed = storage_loss(g32, stored)
+        if error > MAX_STORAGE_ERROR:
+            raise DataInfError(
+                f"store {self.path}: block '{name}' (examples {rows.start}..{rows.stop - 1}) underflows in "
+                f"{self.storage_dtype}: {zeroed:.0%} of its nonzero entries would be stored as 0 (relative error "
+                f"{error:.2g} of the block; its largest entry is {float(g32.abs().max()):.3g}); store it as "
+                "float32 (--dtype float32, in a new --store directory)"
+            )
 
     def _commit(self, index: int, arrays: Mapping[str, np.ndarray], sq: np.ndarray) -> None:
+        """Write chunk ``index`` whole or not at all; a full disk is one clear refusal (the store stays
+        resumable: the chunks written are kept, the half-written one is removed)."""
+        try:
+            self._write_chunk_files(index, arrays, sq)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            missing = self.missing_chunks()
+            rows = sum(len(self.chunk_rows(c)) for c in missing)
+            raise DataInfError(
+                f"store {self.path}: the disk is full (writing chunk {index}; the {len(missing)} chunks left need "
+                f"{_size(rows * self.bytes_per_example())}, the disk has "
+                f"{_size(shutil.disk_usage(existing_ancestor(self.path)).free)} free); free some space and "
+                f"rerun the same command: it keeps the chunks written ({self.num_chunks - len(missing)} of "
+                f"{self.num_chunks}) and resumes"
+            ) from None
+
+    def _write_chunk_files(self, index: int, arrays: Mapping[str, np.ndarray], sq: np.ndarray) -> None:
         rows = self.chunk_rows(index)
         with atomic.new_directory(self._chunk_dir(index), fsync=True) as tmp:
             files = {}

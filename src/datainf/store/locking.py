@@ -29,6 +29,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    return _pid_alive(pid)
+
+
 def _writer_lock(store: Path, timeout: float = LOCK_TIMEOUT_S) -> Any:
     """The OS lock (fcntl/msvcrt through ``filelock``) held while the JSON lock is read and replaced."""
     import filelock
