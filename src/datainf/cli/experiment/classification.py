@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from datainf.errors import DataInfError
@@ -16,6 +18,7 @@ from datainf.experiments.classification import (
 )
 from datainf.experiments.mislabeled import MislabeledSettings
 from datainf.models.finetune import POOLINGS
+from datainf.outputs import check_apart
 
 
 def ints(value: str) -> list[int]:
@@ -69,6 +72,8 @@ def grid_of(params: dict) -> tuple[MislabeledSettings, dict]:
     for option, values in zip(("--datasets", "--ranks", "--seeds", "--targets"), grid.values()):
         if not values:
             raise DataInfError(f"{option} is empty: give at least one value")
+    check_apart(params["out_dir"], {"model folder": params["model_dir"],
+                                    "data set": [d for d in grid["datasets"] if Path(d).exists()]})
     base = MislabeledSettings(
         model_dir=params["model_dir"], n_train=params["n_train"], n_val=params["n_val"], epochs=params["epochs"],
         learning_rate=params["lr"], methods=tuple(m.strip() for m in params["methods"].split(",") if m.strip()),
