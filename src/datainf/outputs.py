@@ -162,7 +162,7 @@ def is_top_table(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class FileKind:
-    """A kind of output file: what it is called in messages, the command that writes it, and how an existing
+    """A kind of output file: what it is called in messages (with its article), the command that writes it, and how an existing
     file of that kind is recognised (None: never, so an existing file needs ``--overwrite``)."""
 
     name: str
@@ -171,11 +171,11 @@ class FileKind:
 
 
 FILE_KINDS: dict[str, FileKind] = {
-    "scores": FileKind("scores file", "datainf score", is_scores_file),
-    "report": FileKind("HTML report", "datainf report", is_report),
-    "explain": FileKind("explain JSON file", "datainf explain --json", is_explain_json),
-    "top": FileKind("top-k table", "datainf top", is_top_table),
-    "example-data": FileKind("data file", "datainf example-data", None),
+    "scores": FileKind("a scores file", "datainf score", is_scores_file),
+    "report": FileKind("an HTML report", "datainf report", is_report),
+    "explain": FileKind("an explain JSON file", "datainf explain --json", is_explain_json),
+    "top": FileKind("a top-k table", "datainf top", is_top_table),
+    "example-data": FileKind("a data file", "datainf example-data", None),
 }
 
 
@@ -237,14 +237,14 @@ def check_output(path: str | os.PathLike, *, inputs: Mapping[str, Input], kind: 
     if not out.exists() and not out.is_symlink():
         return False
     if out.is_dir():
-        raise DataInfError(f"{option} {path} is a folder; give a file name for the {file_kind.name}")
+        raise DataInfError(f"{option} {path} is a folder; give a file name for {file_kind.name}")
     if not out.is_file():
         raise DataInfError(f"{option} {path} exists and is not a regular file; choose another name")
     if overwrite:
         return True
     if file_kind.recognise is not None and file_kind.recognise(out):
         return True
-    what = (f"is not a {file_kind.name} written by `{file_kind.command}`" if file_kind.recognise is not None
+    what = (f"is not {file_kind.name} written by `{file_kind.command}`" if file_kind.recognise is not None
             else "exists")
     raise DataInfError(f"{option} {path} {what}; choose a new file name, or pass --overwrite to replace it")
 

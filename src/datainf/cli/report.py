@@ -16,7 +16,7 @@ import click
 
 from datainf.cli.common import data_options, overwrite_option
 from datainf.errors import DataInfError
-from datainf.outputs import check_output
+from datainf.outputs import check_apart, check_output
 
 GENERATION_TASKS = ("causal_lm", "causal_lm_mean")
 
@@ -44,7 +44,7 @@ def command(scores_path: str, data_path: str | None, flipped_column: str, out_pa
     from datainf.scoring import load_scores
 
     inputs = {"scores file": scores_path, "data file": data_path}
-    check_output(out_path, inputs=inputs, kind="report", overwrite=overwrite)
+    check_apart(out_path, inputs)
     loaded = load_scores(scores_path)
     train_meta = loaded.meta.get("train_store") or {}
     check_output(out_path, inputs={**inputs, "training store": train_meta.get("path"),  # whose records it reads

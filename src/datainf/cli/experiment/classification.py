@@ -67,13 +67,13 @@ def grid_options(f):
 def grid_of(params: dict) -> tuple[MislabeledSettings, dict]:
     """(base settings, the grid's keyword arguments for run_grid / run_selection_grid) from grid_options'
     parameters; an empty --datasets, --ranks, --seeds or --targets is one error line."""
+    check_apart(params["out_dir"], {"model folder": params["model_dir"],
+                                    "data set": [d for d in params["datasets"].split(",") if d and Path(d).exists()]})
     grid = {"datasets": [d for d in params["datasets"].split(",") if d], "ranks": ints(params["ranks"]),
             "seeds": ints(params["seeds"]), "target_sets": target_sets_of(params["targets"])}
     for option, values in zip(("--datasets", "--ranks", "--seeds", "--targets"), grid.values()):
         if not values:
             raise DataInfError(f"{option} is empty: give at least one value")
-    check_apart(params["out_dir"], {"model folder": params["model_dir"],
-                                    "data set": [d for d in grid["datasets"] if Path(d).exists()]})
     base = MislabeledSettings(
         model_dir=params["model_dir"], n_train=params["n_train"], n_val=params["n_val"], epochs=params["epochs"],
         learning_rate=params["lr"], methods=tuple(m.strip() for m in params["methods"].split(",") if m.strip()),
