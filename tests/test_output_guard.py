@@ -360,6 +360,24 @@ def test_11_top_and_example_data_refuse_files_they_did_not_write(world, tmp_path
     assert len(notes.read_text().splitlines()) == 2
 
 
+def test_11_a_run_folder_with_a_foreign_scores_file_or_report_is_refused(world, tmp_path, capsys):
+    """The demo and single-run experiments write scores.safetensors and report.html into --out: one there
+    that is not datainf's is refused (the --device options are refused right after, were it not)."""
+    out = tmp_path / "demo-out"
+    out.mkdir()
+    shutil.copy(world["bert"] / "model.safetensors", out / "scores.safetensors")
+    before = hashes(out)
+    refused(["demo", "--device", "cuda", "--out", str(out)], capsys,
+            "holds a scores.safetensors that is not a scores file")
+    assert hashes(out) == before
+    (out / "scores.safetensors").unlink()
+    (out / "report.html").write_text("<html>my page</html>")
+    before = hashes(out)
+    refused(["experiment", "llm-identification", "--load-in-8bit", "--device", "cpu", "--out", str(out)], capsys,
+            "holds a report.html that is not an HTML report")
+    assert hashes(out) == before
+
+
 def test_modes_follow_the_umask(tmp_path, umask_022):
     import torch
 

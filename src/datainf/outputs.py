@@ -249,6 +249,22 @@ def check_output(path: str | os.PathLike, *, inputs: Mapping[str, Input], kind: 
     raise DataInfError(f"{option} {path} {what}; choose a new file name, or pass --overwrite to replace it")
 
 
+#: the files a single experiment run (the demo, llm-identification, diffusion) writes into its --out folder
+RUN_FILES = {"scores.safetensors": "scores", "report.html": "report"}
+
+
+def check_run_folder(folder: str | os.PathLike, inputs: Mapping[str, Input], option: str = "--out") -> Path:
+    """A folder a run writes its named files into (and resumes in): apart from the inputs, and every file of
+    :data:`RUN_FILES` already there recognised as the run's own kind by its content (else: a new folder)."""
+    check_apart(folder, inputs, option)
+    for name, kind in RUN_FILES.items():
+        path = Path(folder) / name
+        if path.exists() and not (path.is_file() and FILE_KINDS[kind].recognise(path)):  # type: ignore[misc]
+            raise DataInfError(f"{option} {folder} holds a {name} that is not {FILE_KINDS[kind].name} written by "
+                               "datainf, which this run would replace; choose a new folder")
+    return Path(folder)
+
+
 def _check_adapter_folder(out: Path, overwrite: bool, option: str) -> bool:
     if out.exists() and not out.is_dir():
         raise DataInfError(f"{option} {out} is a file; give a folder for the adapter")
@@ -266,5 +282,5 @@ def _check_adapter_folder(out: Path, overwrite: bool, option: str) -> bool:
 
 
 __all__ = ["ADAPTER_MARKER", "EXPLAIN_FORMAT", "FILE_KINDS", "FileKind", "REPORT_MARKER", "TOP_COLUMNS",
-           "check_apart", "check_output", "foreign_adapter_files", "is_explain_json", "is_finetune_adapter",
+           "RUN_FILES", "check_apart", "check_output", "check_run_folder", "foreign_adapter_files", "is_explain_json", "is_finetune_adapter",
            "is_report", "is_scores_file", "is_top_table", "safetensors_metadata"]
