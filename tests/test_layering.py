@@ -21,6 +21,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.version": (),
     "datainf.errors": (),
     "datainf.atomic": (),
+    "datainf.outputs": ("datainf.errors",),  # the one output guard, used by every command that writes
     "datainf.adapters": (),
     "datainf.metrics": ("datainf.errors",),
     "datainf.ranking": ("datainf.errors",),

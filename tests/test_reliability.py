@@ -135,8 +135,8 @@ def test_1_finetune_never_deletes_a_folder_it_did_not_write(rel, tiny_bert_dir, 
     before = hashes(notes, model)
     base = ["finetune", "--train", str(train), "--epochs", "1", "--device", "cpu"]
     refused([*base, "--model", str(model), "--out", str(notes)], capsys,
-            "exists and is not an adapter written by `datainf finetune`; choose a new folder, or pass --overwrite")
-    refused([*base, "--model", str(model), "--out", str(model)], capsys, f"--out {model} lies inside the model folder")
+            "holds ideas.txt, which `datainf finetune` does not write")
+    refused([*base, "--model", str(model), "--out", str(model)], capsys, f"--out {model} is the model folder")
     refused([*base, "--model", str(model), "--out", str(model / "adapter")], capsys, "lies inside the model folder")
     assert hashes(notes, model) == before
 
@@ -522,7 +522,7 @@ def test_8_outputs_never_overwrite_other_files(rel, tmp_path, capsys):
     refused([*score, str(store / "manifest.npz")], capsys, "scores are written as .safetensors")
     refused([*score, str(store / "manifest.safetensors")], capsys, "lies inside the training store")
     refused(["report", "--scores", str(root / "scores.safetensors"), "--data", str(root / "train.jsonl"), "--out",
-             str(root / "scores.safetensors")], capsys, "lies inside the scores file")
+             str(root / "scores.safetensors")], capsys, "is the scores file")
     assert hashes(mine, store) == before
 
 

@@ -36,6 +36,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's file mode creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode a plain ``open()`` / ``mkdir()`` would:
+    0o666 or 0o777 less the umask (writers that go through temporary files, such as safetensors, leave 0o600)."""
+    mask = umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -44,12 +60,14 @@ def _fsync_file(path: Path) -> None:
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike, *, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write a file to; on success it replaces ``path`` in one rename, on any
-    error it is removed and ``path`` is left as it was. Parent folders are created."""
+    error it is removed and ``path`` is left as it was. Parent folders are created. The file gets the mode a
+    plain ``open()`` gives a new file (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path, suffix)
     try:
         yield tmp
+        plain_modes(tmp)
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, path)
@@ -65,7 +83,8 @@ def new_directory(path: str | os.PathLike, *, fsync: bool = False, replace: bool
 
     ``path`` must not exist, unless ``replace=True``: then the old folder is moved aside, the new one
     renamed in, and the old one deleted (a crash in between leaves the old folder under a ``.old`` name,
-    never a mix). On any error the temporary folder is removed and ``path`` is untouched.
+    never a mix). On any error the temporary folder is removed and ``path`` is untouched. The folder and its
+    files get the modes a plain ``mkdir()`` and ``open()`` give (0o777 and 0o666 less the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +93,7 @@ def new_directory(path: str | os.PathLike, *, fsync: bool = False, replace: bool
     tmp.mkdir()
     try:
         yield tmp
+        plain_modes(tmp)
         if fsync:
             for file in tmp.rglob("*"):
                 if file.is_file():
@@ -144,5 +164,5 @@ def exclusive(lock_path: str | os.PathLike, waiting: str) -> Iterator[None]:
         lock.release()
 
 
-__all__ = ["exclusive", "fsync_dir", "new_directory", "replacing", "save_safetensors", "savefig", "temporary_sibling",
-           "write_json", "write_text"]
+__all__ = ["exclusive", "fsync_dir", "new_directory", "plain_modes", "replacing", "save_safetensors", "savefig", "temporary_sibling",
+           "umask", "write_json", "write_text"]

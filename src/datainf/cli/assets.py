@@ -6,7 +6,7 @@ import json
 
 import click
 
-from datainf.cli.common import check_output
+from datainf.outputs import check_output
 
 
 @click.command("assets")
@@ -31,18 +31,16 @@ def command(name: str) -> None:
 @click.option("--classes", type=click.IntRange(2, 10), default=10)
 @click.option("--per-class", type=click.IntRange(1, 2000), default=20)
 @click.option("--seed", type=int, default=0)
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
-def example_data(task: str, data_format: str, classes: int, per_class: int, seed: int, out_path: str) -> None:
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL file to write; an existing file is refused unless --overwrite.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def example_data(task: str, data_format: str, classes: int, per_class: int, seed: int, out_path: str,
+                 overwrite: bool) -> None:
     """Write a generated training set as JSONL (with each example's class as `label` and `class_name`)."""
-    from pathlib import Path
-
     from datainf import atomic
     from datainf.data.generation import chat_records, make_task
-    from datainf.errors import DataInfError
 
-    check_output(out_path, inputs={})
-    if Path(out_path).exists():
-        raise DataInfError(f"--out {out_path} exists; choose a new file")
+    check_output(out_path, inputs={}, kind="example-data", overwrite=overwrite)
     records = make_task(task, classes, per_class, seed=seed)
     if data_format == "messages":
         records = chat_records(records)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from datainf.errors import DataInfError
+from datainf.outputs import ADAPTER_MARKER
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -98,22 +99,16 @@ def device_option(f: Any) -> Any:
     return click.option("--device", default=None, help="cpu or cuda[:N]; default cuda when available.")(f)
 
 
-def check_output(path: str | os.PathLike, *, inputs: dict[str, str | os.PathLike | None]) -> Path:
-    """Refuse an output path that is, or lies inside, one of the command's inputs (a store, a model folder):
-    writing there would overwrite or corrupt what the command reads."""
-    out = Path(path).resolve()
-    for what, value in inputs.items():
-        if value is None:
-            continue
-        where = Path(value).resolve()
-        if out == where or where in out.parents:
-            raise DataInfError(f"--out {path} lies inside the {what} {value}; write the output somewhere else")
-    return Path(path)
+def overwrite_option(f: Any) -> Any:
+    """``--overwrite``: replace an existing output that this command did not write (see datainf.outputs)."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an existing --out file that is not one this command wrote (an output that "
+                             "is or holds an input is refused all the same).")(f)
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: the file that marks an adapter folder as written by `datainf finetune` (task, labels, training summary)
-FINETUNE_MARKER = "datainf_finetune.json"
+FINETUNE_MARKER = ADAPTER_MARKER
 
 
 def adapter_labels(adapter_dir: str | None) -> dict[str, Any]:
@@ -299,5 +294,5 @@ def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: 
                         assistant_turns=assistant_turns, loss_tokens=loss_tokens)
 
 
-__all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "check_output", "data_options", "default_map", "device_option", "load_config",
+__all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "data_options", "default_map", "device_option", "load_config", "overwrite_option",
            "load_model", "make_collator", "tokenization_differences", "model_dtype_option", "parse_methods", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]

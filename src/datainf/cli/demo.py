@@ -7,6 +7,7 @@ import click
 from datainf.cli.common import device_option, parse_methods, setup
 from datainf.errors import DataInfError
 from datainf.estimators import method_names
+from datainf.outputs import check_run_folder
 
 
 @click.command("demo")
@@ -36,6 +37,7 @@ def command(ctx: click.Context, out_dir: str, dataset: str, n_train: int, n_val:
     """
     from datainf.experiments.mislabeled import MislabeledSettings, format_table, run
 
+    check_run_folder(out_dir, {})
     progress, device = setup(ctx, device)
     if device != "cpu":
         raise DataInfError("the demo runs on the CPU; drop --device")

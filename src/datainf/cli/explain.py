@@ -17,8 +17,9 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import device_option, model_dtype_option, parse_methods, setup
+from datainf.cli.common import device_option, model_dtype_option, overwrite_option, parse_methods, setup
 from datainf.errors import DataInfError, parse_json
+from datainf.outputs import EXPLAIN_FORMAT, check_output
 
 
 def _cut(text: str, width: int) -> str:
@@ -133,7 +134,9 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
                    "not registered is refused with the list of those that are.")
 @click.option("--k", type=click.IntRange(min=1), default=10, help="Examples shown per list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the rows (and settings) as JSON to this file.")
+              help="Also write the rows (and settings) as JSON to this file; an existing file is replaced only if "
+                   "it is one explain wrote (or with --overwrite).")
+@overwrite_option
 @click.option("--interactive", is_flag=True, help="Keep the model loaded and ask for the next prompt.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Length of a generated response.")
 @click.option("--allow-mismatch", is_flag=True,
@@ -143,8 +146,8 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], store_dirs: tuple[str, ...],
             weights: str, prompt: str | None, response: str | None, system: str | None,
-            conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, interactive: bool,
-            max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
+            conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
+            interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
     """Which training examples made the model give this response to this prompt?"""
     from datainf.attributor import Attributor
     from datainf.cli.common import load_model
@@ -156,6 +159,10 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
     from datainf.scoring import score_store
     from datainf.store import GradientStore
 
+    if json_path is not None:
+        check_output(json_path, inputs={"model folder": model_dir, "adapter folder": adapter_dirs,
+                                        "training store": store_dirs, "--conversation file": conversation_path},
+                     kind="explain", overwrite=overwrite, option="--json")
     conversation: list[dict[str, str]] | None = None
     if conversation_path is not None:
         if prompt is not None or system is not None or interactive:
@@ -273,7 +280,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
         from datainf import atomic
 
         checkpoints = [{"adapter": a, "store": d, "weight": w} for a, d, w in zip(adapter_dirs, store_dirs, pair_weights)]
-        atomic.write_json(Path(json_path), {"store": str(store_dir), "model": model_dir, "adapter": adapter_dirs[0],
+        atomic.write_json(Path(json_path), {"format": EXPLAIN_FORMAT, "store": str(store_dir), "model": model_dir, "adapter": adapter_dirs[0],
                                             "k": k, "answers": answers, "mismatch": differences,
                                             **({"checkpoints": checkpoints} if len(adapter_dirs) > 1 else {})})
         click.echo(f"wrote {json_path}")

@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 
 from datainf.cli.common import (
     FINETUNE_MARKER,
-    check_output,
     data_options,
     device_option,
     make_collator,
     read_data,
     setup,
 )
-from datainf.errors import DataInfError
+from datainf.outputs import check_output
 
 #: the file that marks an adapter folder as written by `datainf finetune`
 MARKER = FINETUNE_MARKER
-
-
-def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
-    """Whether ``out_dir`` is to be replaced: it must be new, empty, or an adapter this command wrote (or
-    ``--overwrite``); never the base model's folder or inside it."""
-    check_output(out_dir, inputs={"model folder": model_dir})
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataInfError(f"--out {out_dir} is a file; give a folder for the adapter")
-    if not out.exists() or not any(out.iterdir()):
-        return out.exists()
-    if (out / MARKER).is_file() or overwrite:
-        return True
-    raise DataInfError(f"--out {out_dir} exists and is not an adapter written by `datainf finetune`; choose a new "
-                       "folder, or pass --overwrite to replace it")
 
 
 @click.command("finetune")
@@ -44,8 +27,11 @@ def check_adapter_out(out_dir: str, model_dir: str, overwrite: bool) -> bool:
 @click.option("--train", "train_path", required=True, type=click.Path(),
               help="Training data: JSONL, JSON, CSV/TSV, parquet or a `datasets` save_to_disk folder.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for the LoRA adapter (save_pretrained); new, empty, or an adapter written by this command.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder that this command did not write.")
+              help="Folder for the LoRA adapter (save_pretrained); new, empty, or an adapter written by this command "
+                   "(replaced whole: a folder holding any other file is refused, naming it).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out adapter that this command did not write (peft's, the Trainer's); a "
+                   "folder holding files an adapter does not have is refused all the same.")
 @click.option("--task", type=click.Choice(["classification", "causal_lm"]), default="classification",
               help="classification: a sequence classifier (new head); causal_lm: a causal LM on chat, "
                    "prompt/response or text records.")
@@ -82,7 +68,8 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
     from datainf.models.checkpoints import CHECKPOINT_FILE, Snapshots, snapshot_steps
     from datainf.models.finetune import LoraSettings, optimizer_steps, save_adapter
 
-    replace = check_adapter_out(out_dir, model_dir, overwrite)
+    replace = check_output(out_dir, inputs={"model folder": model_dir, "training data": train_path}, kind="adapter",
+                           overwrite=overwrite)
     progress, device = setup(ctx, device)
     records = read_data(train_path, task, **data)
     lm = task == "causal_lm"

@@ -7,7 +7,6 @@ from typing import Any
 import click
 
 from datainf.cli.common import (
-    check_output,
     data_options,
     device_option,
     load_model,
@@ -21,6 +20,7 @@ from datainf.cli.common import (
 )
 from datainf.data.labels import describe
 from datainf.errors import DataInfError
+from datainf.outputs import check_apart
 
 
 @click.command("grads")
@@ -68,8 +68,9 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     from datainf.gradients import ProjectionSettings
     from datainf.store import disk_full
 
-    check_output(store_dir, inputs={"model folder": model_dir, "adapter folder": adapter_dir,
-                                    "--labels-from store": labels_from})
+    # the store itself resumes, or refuses a folder that is not one (datainf.store); here: apart from the inputs
+    check_apart(store_dir, {"model folder": model_dir, "adapter folder": adapter_dir, "data file": data_path,
+                            "--labels-from store": labels_from}, option="--store")
     progress, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     progress = progress and is_main_process()

@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import check_output, data_options
+from datainf.cli.common import data_options, overwrite_option
 from datainf.errors import DataInfError
+from datainf.outputs import check_apart, check_output
 
 GENERATION_TASKS = ("causal_lm", "causal_lm_mean")
 
@@ -29,10 +30,12 @@ GENERATION_TASKS = ("causal_lm", "causal_lm_mean")
 @data_options
 @click.option("--flipped-column", default="flipped",
               help="classification: optional boolean column of --data marking known-bad labels.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The HTML file; an existing file is replaced only if it is a datainf report (or with --overwrite).")
+@overwrite_option
 @click.option("--top-k", type=click.IntRange(min=1), default=10, help="Rows of each helpful / harmful list.")
 @click.option("--title", default=None, help="The page's title.")
-def command(scores_path: str, data_path: str | None, flipped_column: str, out_path: str, top_k: int,
+def command(scores_path: str, data_path: str | None, flipped_column: str, out_path: str, overwrite: bool, top_k: int,
             title: str | None, **data: Any) -> None:
     """A self-contained HTML report from a scores file, laid out for its task (generations: each query's
     prompt and response first, with its most helpful and harmful training examples)."""
@@ -40,11 +43,13 @@ def command(scores_path: str, data_path: str | None, flipped_column: str, out_pa
     from datainf.report import write_report
     from datainf.scoring import load_scores
 
-    check_output(out_path, inputs={"scores file": scores_path, "data file": data_path})
+    inputs = {"scores file": scores_path, "data file": data_path}
+    check_apart(out_path, inputs)
     loaded = load_scores(scores_path)
     train_meta = loaded.meta.get("train_store") or {}
-    check_output(out_path, inputs={"training store": train_meta.get("path"),
-                                   "query store": (loaded.meta.get("query_store") or {}).get("path")})
+    check_output(out_path, inputs={**inputs, "training store": train_meta.get("path"),  # whose records it reads
+                                   "query store": (loaded.meta.get("query_store") or {}).get("path")},
+                 kind="report", overwrite=overwrite)
     task = train_meta.get("task") or "classification"
     generation = task in GENERATION_TASKS
     train = _training_examples(loaded, scores_path, data_path, data, flipped_column, generation)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from datainf.cli.common import check_output, device_option, parse_methods, rank_device, setup
+from datainf.cli.common import device_option, overwrite_option, parse_methods, rank_device, setup
 from datainf.errors import DataInfError
+from datainf.outputs import check_output
 
 
 @click.command("score")
@@ -32,12 +33,14 @@ from datainf.errors import DataInfError
               help="Score a query store made with another adapter or task (a cross-checkpoint comparison); the "
                    "differences are recorded in the scores file.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside).")
+              help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside); an "
+                   "existing file is replaced only if it is a scores file (or with --overwrite).")
+@overwrite_option
 @device_option
 @click.pass_context
 def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, methods: tuple[str, ...],
             mean_query: bool, normalize: bool, damping: float | None, lissa_iterations: int,
-            compute_dtype: str | None, allow_mismatch: bool, out_path: str, device: str | None) -> None:
+            compute_dtype: str | None, allow_mismatch: bool, out_path: str, overwrite: bool, device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
     from datainf.distributed import init_distributed, is_main_process
     from datainf.estimators import ScoreArguments
@@ -49,7 +52,8 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
     if Path(out_path).suffix != ".safetensors":
         raise DataInfError(f"--out {out_path}: scores are written as .safetensors; name it "
                            f"{Path(out_path).with_suffix('.safetensors')}")
-    check_output(out_path, inputs={"training store": store_dir, "query store": query_dir})
+    check_output(out_path, inputs={"training store": store_dir, "query store": query_dir}, kind="scores",
+                 overwrite=overwrite)
     _, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     names = parse_methods(methods)

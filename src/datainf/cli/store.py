@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import click
 
-from datainf.cli.common import check_output, device_option, setup
+from datainf.cli.common import device_option, setup
 from datainf.errors import DataInfError
+from datainf.outputs import check_apart
 
 
 @click.group("store")
@@ -72,7 +73,7 @@ def precondition(ctx: click.Context, store_dir: str, out_dir: str, method: str, 
     from datainf.scoring import precondition_store
     from datainf.store import GradientStore, disk_full
 
-    check_output(out_dir, inputs={"training store": store_dir})
+    check_apart(out_dir, {"training store": store_dir}, option="OUT")
     progress, device = setup(ctx, device)
     store = GradientStore.open(store_dir)
     arguments = ScoreArguments(method=method, damping=damping, dtype=compute_dtype, device=device)

@@ -10,11 +10,19 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import check_output, data_options
+from datainf.cli.common import data_options, overwrite_option
 from datainf.errors import DataInfError
+from datainf.outputs import TOP_COLUMNS, check_apart, check_output
 
-COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "train_data_row", "score", "train_prompt",
-           "train_response", "train_text", "train_label", "train_label_name")
+COLUMNS = TOP_COLUMNS
+#: the first characters that make a spreadsheet read a CSV cell as a formula (OWASP's CSV injection list)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralised(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading single quote
+    (OWASP's advice); numbers and other strings are unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def training_records(loaded: Any, data_path: str | None, data: dict[str, Any]) -> list[dict] | None:
@@ -49,16 +57,25 @@ def query_records(loaded: Any) -> list[dict] | None:
 @click.option("--k", type=click.IntRange(min=1), default=20, help="Examples per list (helpful, harmful).")
 @click.option("--method", "only", default=None, help="Only these methods (comma-separated); default all in the file.")
 @click.option("--format", "out_format", type=click.Choice(["jsonl", "csv"]), default="jsonl")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Output file; default stdout.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Output file; default stdout. An existing file is replaced only if it is a table of this command "
+                   "(or with --overwrite).")
+@overwrite_option
 def command(scores_path: str, data_path: str | None, k: int, only: str | None, out_format: str,
-            out_path: str | None, **data: Any) -> None:
-    """Per method and query: rank, training index, score and the training example's text."""
+            out_path: str | None, overwrite: bool, **data: Any) -> None:
+    """Per method and query: rank, training index, score and the training example's text. In CSV, a text
+    starting with =, +, -, @, a tab or a carriage return gets a leading ' (a spreadsheet shows it as text)."""
     from datainf.ranking import top_examples
     from datainf.scoring import load_scores
 
+    inputs = {"scores file": scores_path, "data file": data_path}
     if out_path is not None:
-        check_output(out_path, inputs={"scores file": scores_path, "data file": data_path})
+        check_apart(out_path, inputs)
     loaded = load_scores(scores_path)
+    if out_path is not None:  # the stores whose records it reads are inputs too
+        check_output(out_path, inputs={**inputs, "training store": (loaded.meta.get("train_store") or {}).get("path"),
+                                       "query store": (loaded.meta.get("query_store") or {}).get("path")},
+                     kind="top", overwrite=overwrite)
     methods = [m.strip() for m in only.split(",")] if only else list(loaded.scores)
     missing = [m for m in methods if m not in loaded.scores]
     if missing:
@@ -81,7 +98,7 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
         writer = csv.DictWriter(buffer, fieldnames=[c for c in COLUMNS if any(c in r for r in rows)],
                                 extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: neutralised(value) for key, value in row.items()} for row in rows)
         text = buffer.getvalue()
     if out_path is None:
         click.echo(text, nl=False)

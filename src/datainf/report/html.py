@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from datainf import atomic
 from datainf.errors import DataInfError
 from datainf.report.plots import as_vector, histogram_png, roc_curve_png
 
@@ -804,7 +805,7 @@ def _write_atomically(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, 0o666 & ~atomic.umask())  # what a plain open() gives, not mkstemp's 0o600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

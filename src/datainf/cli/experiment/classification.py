@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from datainf.errors import DataInfError
@@ -16,6 +18,7 @@ from datainf.experiments.classification import (
 )
 from datainf.experiments.mislabeled import MislabeledSettings
 from datainf.models.finetune import POOLINGS
+from datainf.outputs import check_apart
 
 
 def ints(value: str) -> list[int]:
@@ -64,6 +67,8 @@ def grid_options(f):
 def grid_of(params: dict) -> tuple[MislabeledSettings, dict]:
     """(base settings, the grid's keyword arguments for run_grid / run_selection_grid) from grid_options'
     parameters; an empty --datasets, --ranks, --seeds or --targets is one error line."""
+    check_apart(params["out_dir"], {"model folder": params["model_dir"],
+                                    "data set": [d for d in params["datasets"].split(",") if d and Path(d).exists()]})
     grid = {"datasets": [d for d in params["datasets"].split(",") if d], "ranks": ints(params["ranks"]),
             "seeds": ints(params["seeds"]), "target_sets": target_sets_of(params["targets"])}
     for option, values in zip(("--datasets", "--ranks", "--seeds", "--targets"), grid.values()):

@@ -11,6 +11,7 @@ import diffusers  # noqa: F401 - the experiments' optional dependency: without i
 from datainf.cli.common import setup
 from datainf.errors import DataInfError
 from datainf.experiments.diffusion import DiffusionSettings, format_table, run
+from datainf.outputs import check_run_folder
 from datainf.tasks import PAPER_TIMESTEPS
 
 
@@ -47,6 +48,7 @@ def common_options(f):
 
 def run_command(ctx: click.Context, experiment: str, out: str, methods: str, timesteps: str, device: str | None,
                 rebuild_base: bool, **kw: Any) -> None:
+    check_run_folder(out, {"base UNet folder": kw.get("base")})
     progress, device = setup(ctx, device)
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     settings = DiffusionSettings(experiment=experiment, methods=names,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from datainf.data.generation import TASKS
 from datainf.data.text import DATASETS
 from datainf.experiments.classification import load_dataset_records
 from datainf.experiments.lds import LdsSettings, run
+from datainf.outputs import check_apart
 
 
 @click.command(name="lds")
@@ -37,6 +40,7 @@ from datainf.experiments.lds import LdsSettings, run
 def lds_command(ctx, out_dir, task, dataset, model_dir, n_train, n_query, noise, classes, rank, epochs, lr, subsets,
                 loo_examples, loo_seeds, methods, device, seed):
     """Linear datamodeling score and leave-one-out correlation of each method (retrains; cached, resumable)."""
+    check_apart(out_dir, {"model folder": model_dir, "data set": dataset if Path(dataset).exists() else None})
     chosen = {"methods": tuple(m for m in methods.split(",") if m)} if methods else {}
     settings = LdsSettings(task=task, dataset=dataset, model_dir=model_dir, n_train=n_train, n_query=n_query,
                            noise_fraction=noise, classes=classes, rank=rank, epochs=epochs, learning_rate=lr,

@@ -10,6 +10,7 @@ from datainf.cli.common import setup
 from datainf.data.generation import TASKS
 from datainf.errors import DataInfError
 from datainf.experiments.llm_identification import LLMIdentificationSettings, format_table, run
+from datainf.outputs import check_run_folder
 
 
 def split_list(value: str, what: str) -> tuple[str, ...]:
@@ -65,6 +66,7 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
     on each test example with each method, and measures how well the most helpful training examples of a
     test prompt come from its own class (AUC and recall, averaged over test prompts).
     """
+    check_run_folder(out_dir, {"model folder": model_dir})
     progress, device = setup(ctx, device)
     if (load_in_8bit or load_in_4bit) and not device.startswith("cuda"):
         raise DataInfError("--load-in-8bit/--load-in-4bit need bitsandbytes and a CUDA GPU (--device cuda); "
