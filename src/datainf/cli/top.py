@@ -15,6 +15,8 @@ from datainf.errors import DataInfError
 
 COLUMNS = ("method", "query", "query_text", "kind", "rank", "train_index", "train_data_row", "score", "train_prompt",
            "train_response", "train_text", "train_label", "train_label_name")
+#: how many "this list is short" notes `top` prints before summing up the rest
+_NOTES_SHOWN = 5
 
 
 def training_records(loaded: Any, data_path: str | None, data: dict[str, Any]) -> list[dict] | None:
@@ -53,7 +55,7 @@ def query_records(loaded: Any) -> list[dict] | None:
 def command(scores_path: str, data_path: str | None, k: int, only: str | None, out_format: str,
             out_path: str | None, **data: Any) -> None:
     """Per method and query: rank, training index, score and the training example's text."""
-    from datainf.ranking import top_examples
+    from datainf.ranking import short_lists, sign_note, top_examples
     from datainf.scoring import load_scores
 
     if out_path is not None:
@@ -64,11 +66,17 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
     if missing:
         raise DataInfError(f"{scores_path} holds no scores for {missing}; it has {list(loaded.scores)}")
     train, queries = training_records(loaded, data_path, data), query_records(loaded)
-    rows = []
+    rows, notes = [], []
     for method in methods:
         scores = loaded.scores[method]
         qs = queries if queries is not None and scores.ndim == 2 and scores.shape[1] == len(queries) else None
         rows += top_examples(scores, k, method=method, train_records=train, query_records=qs)
+        notes += [f"{method}, {query}: {sign_note(kind, count, scores.shape[0])}, so its {kind} list holds "
+                  f"{'only those' if count else 'no rows'}" for query, kind, count in short_lists(scores, k)]
+    for note in notes[:_NOTES_SHOWN]:  # a list never shows an example of the other sign: say why it is short
+        click.echo(f"note: {note}", err=True)
+    if len(notes) > _NOTES_SHOWN:
+        click.echo(f"note: (and {len(notes) - _NOTES_SHOWN} more lists shorter than --k {k})", err=True)
     dropped = set((loaded.meta.get("train_store") or {}).get("dropped_rows") or [])
     if dropped:  # the store left out examples with a non-finite loss: say which row of the data each one is
         source = [i for i in range(loaded.n_train + len(dropped)) if i not in dropped]
