@@ -121,11 +121,12 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
                    "same fine-tune, each with the store made with it; the scores are summed over them (the first "
                    "pair is the model that answers).")
 @click.option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="The training set's gradient store (from `datainf grads` with that --adapter).")
+              help="The training set's gradient store (from `datainf grads` with that --adapter). Several stores "
+                   "must be made from the same data with the same grads options (tokenization, projection).")
 @click.option("--weights", default="lr", show_default=True,
               help="With several --adapter/--store pairs, each one's weight in the sum: 'lr' (the learning rate "
                    "the checkpoint was saved at, from datainf_checkpoint.json or the Trainer's trainer_state.json: "
-                   "TracIn's sum), 'equal', or comma-separated numbers.")
+                   "TracIn's sum), 'equal', or comma-separated numbers; each must be a finite number > 0.")
 @click.option("--prompt", default=None, help="The prompt to explain (asked for with --interactive).")
 @click.option("--response", default=None, help="The response to explain; default: the model's own (generated).")
 @click.option("--system", default=None, help="A system turn before the prompt (chat stores), as in training.")
