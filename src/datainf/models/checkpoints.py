@@ -16,6 +16,7 @@ Pruthi et al. 2020; LESS sums warm-up checkpoints the same way).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -96,14 +97,15 @@ def checked_rate(value: Any, where: str) -> float:
     """``value`` as a checkpoint's weight in a sum over checkpoints: a finite number > 0, else one error
     naming ``where`` (a file and key, a flag): NaN or infinity would make every score NaN or infinite, zero
     drop the checkpoint, a negative weight swap helpful and harmful."""
+    shown = json.dumps(value, default=repr)  # as the file spells it: true, NaN, "1e-3"
     if not _is_number(value):
-        raise DataInfError(f"{where} is {value!r}, not a number; a checkpoint's weight must be a finite number > 0")
+        raise DataInfError(f"{where} is {shown}, not a number; a checkpoint's weight must be a finite number > 0")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond float's range
         number = math.inf
     if not math.isfinite(number) or number <= 0:
-        raise DataInfError(f"{where} is {value!r}; a checkpoint's weight must be a finite number > 0 (NaN or "
+        raise DataInfError(f"{where} is {shown}; a checkpoint's weight must be a finite number > 0 (NaN or "
                            "infinity make every score NaN or infinite, 0 drops the checkpoint, a negative weight "
                            "swaps helpful and harmful)")
     return number
