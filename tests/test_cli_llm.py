@@ -137,8 +137,8 @@ def test_explain_a_conversations_last_turn(flow, chat_model_dir, tmp_path, capsy
     scores = datainf.influence(GradientStore.open(root / "store").blocks(), query, "identity")[:, 0]
     answer = json.loads((tmp_path / "e.json").read_text())["answers"][0]
     assert answer["conversation"] == conversation[:-1] and answer["response"] == conversation[-1]["content"]
-    assert [r["train_index"] for r in answer["rows"] if r["kind"] == "harmful"] == torch.argsort(
-        scores, descending=True)[:2].tolist()
+    assert [r["train_index"] for r in answer["rows"] if r["kind"] == "harmful"] == [  # positive scores only
+        i for i in torch.argsort(scores, descending=True).tolist() if scores[i] > 0][:2]
     for r in answer["rows"]:
         assert r["score"] == pytest.approx(float(scores[r["train_index"]]), rel=FLOAT64_TOL, abs=1e-300)
     # ending on the user's turn: the model answers it
@@ -197,7 +197,8 @@ def test_explain_sums_over_checkpoints_weighted_by_their_learning_rate(flow, cha
     answer = json.loads((tmp_path / "e.json").read_text())
     assert [c["weight"] for c in answer["checkpoints"]] == pytest.approx([x["learning_rate"] for x in saved])
     rows = answer["answers"][0]["rows"]
-    assert [r["train_index"] for r in rows if r["kind"] == "helpful"] == torch.argsort(want)[:3].tolist()
+    assert [r["train_index"] for r in rows if r["kind"] == "helpful"] == [  # negative scores only
+        i for i in torch.argsort(want).tolist() if want[i] < 0][:3]
     for r in rows:
         assert r["score"] == pytest.approx(float(want[r["train_index"]]), rel=FLOAT64_TOL, abs=1e-300)
     # a store paired with the wrong checkpoint is refused
@@ -259,17 +260,21 @@ def test_top_writes_csv_and_jsonl_rows_with_the_training_texts(flow, tmp_path, c
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     loaded = load_scores(scores)
-    assert len(rows) == 2 * 2 * 2  # methods x (helpful, harmful) x k
+    signed = [min(2, int((s < 0).sum())) + min(2, int((s > 0).sum())) for s in loaded.scores.values()]
+    assert len(rows) == sum(signed)  # per method: up to k helpful (score < 0) and up to k harmful (> 0)
     for r in rows:
         value = loaded.scores[r["method"]][int(r["train_index"])]
         assert float(r["score"]) == pytest.approx(float(value), rel=1e-12)
         assert r["train_response"] == records[int(r["train_index"])]["messages"][-1]["content"]
-    harmful = [int(r["train_index"]) for r in rows if r["method"] == "identity" and r["kind"] == "harmful"]
-    assert harmful == torch.argsort(-loaded.scores["identity"])[:2].tolist()
+    identity = loaded.scores["identity"]
+    helpful = [int(r["train_index"]) for r in rows if r["method"] == "identity" and r["kind"] == "helpful"]
+    assert helpful == [i for i in torch.argsort(identity).tolist() if identity[i] < 0][:2]
     code, out, _ = run(["top", "--scores", str(scores), "--k", "1", "--method", "datainf", "--format", "jsonl",
                         "--out", str(tmp_path / "top.jsonl")], capsys)
     lines = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
-    assert code == 0 and [r["kind"] for r in lines] == ["helpful", "harmful"]
+    datainf_scores = loaded.scores["datainf"]
+    assert code == 0 and [r["kind"] for r in lines] == [kind for kind, n in (
+        ("helpful", (datainf_scores < 0).sum()), ("harmful", (datainf_scores > 0).sum())) if n]
 
 
 def _trl_prompt_completion(tok, prompt: list[dict], completion: list[dict]) -> dict:

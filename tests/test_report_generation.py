@@ -96,11 +96,12 @@ def open_tables(node: Node) -> list[tuple[str, Node]]:
 
 
 def expected_order(column: torch.Tensor, kind: str, k: int = K) -> list[int]:
-    """The top-k training indices, computed independently of the report: sorted by (score, index)."""
+    """The top-k training indices, computed independently of the report: sorted by (score, index), of the
+    list's sign only (helpful: score < 0, harmful: score > 0)."""
     values = column.double().tolist()
     if kind == "helpful":
-        return sorted(range(len(values)), key=lambda i: (values[i], i))[:k]
-    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
+        return sorted((i for i in range(len(values)) if values[i] < 0), key=lambda i: (values[i], i))[:k]
+    return sorted((i for i in range(len(values)) if values[i] > 0), key=lambda i: (-values[i], i))[:k]
 
 
 def test_generation_report_per_query(lm_run, capsys):

@@ -473,7 +473,7 @@ class Attributor:
     def top(self, scores: Tensor | ScoreResult, k: int = 10, *, queries: Sequence[Any] | None = None,
             method: str | None = None) -> list[dict[str, Any]]:
         """For each query (column), the k most helpful (most negative) and most harmful (most positive)
-        training examples, as rows {"method", "query", "kind", "rank", "train_index", "score", and the
+        training examples (fewer when fewer have that sign: a list never holds the other sign), as rows {"method", "query", "kind", "rank", "train_index", "score", and the
         example's texts} (see :func:`datainf.ranking.top_examples`); texts come from the store's records."""
         if isinstance(scores, ScoreResult):
             method = method or scores.method

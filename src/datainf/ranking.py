@@ -2,7 +2,10 @@
 
 Scores follow the library's sign convention (positive = harmful: up-weighting the example raises the
 query's loss; negative = helpful), so the most *helpful* examples are the most negative scores and the most
-*harmful* the most positive. Each row is a plain dict (JSON/CSV-ready)::
+*harmful* the most positive. A list holds only the examples of its sign (helpful: score < 0, harmful: score > 0;
+a score of exactly 0 is in neither), so it is shorter than k when fewer examples have that sign:
+:func:`short_lists` says which lists are, and :func:`sign_note` how to say so. Each row is a plain dict
+(JSON/CSV-ready)::
 
     {"method", "query", "kind" ("helpful" | "harmful"), "rank" (1..k), "train_index", "score",
      "query_text"?, "train_text"?, "train_prompt"?, "train_response"?, "train_label"?}
@@ -21,6 +24,9 @@ import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
+
+#: the two lists of every query, in the order rows come
+KINDS = ("helpful", "harmful")
 
 
 def record_parts(record: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -68,7 +74,8 @@ def top_examples(
     query_names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """For every query (column of ``scores``, (n_train, n_query); a 1-D vector is one column), the ``k`` most
-    helpful and the ``k`` most harmful training examples, as rows (see the module docstring)."""
+    helpful (negative scores only) and the ``k`` most harmful (positive scores only) training examples, as rows
+    (see the module docstring); fewer when fewer examples have that sign."""
     if not isinstance(scores, Tensor):
         scores = torch.as_tensor(scores)
     if scores.ndim == 1:
@@ -87,9 +94,9 @@ def top_examples(
     rows = []
     for j in range(m):
         col = scores[:, j].double()
-        query = query_names[j] if query_names is not None else (f"query {j}" if m > 1 else "mean query")
-        for kind, order in (("helpful", torch.argsort(col)), ("harmful", torch.argsort(-col))):
-            for rank, i in enumerate(order[:k].tolist(), start=1):
+        query = _query_name(j, m, query_names)
+        for kind in KINDS:
+            for rank, i in enumerate(_signed_order(col, kind)[:k].tolist(), start=1):
                 row: dict[str, Any] = {"method": method, "query": query, "kind": kind, "rank": rank,
                                        "train_index": int(i), "score": float(col[i])}
                 if query_records is not None:
@@ -103,4 +110,41 @@ def top_examples(
     return rows
 
 
-__all__ = ["record_parts", "record_text", "top_examples"]
+def _signed_order(col: Tensor, kind: str) -> Tensor:
+    """Indices of the examples with ``kind``'s sign, most extreme first (ties in index order)."""
+    signed = col if kind == "harmful" else -col
+    order = torch.argsort(-signed, stable=True)
+    return order[signed[order] > 0]
+
+
+def _query_name(j: int, m: int, query_names: Sequence[str] | None) -> str:
+    return query_names[j] if query_names is not None else (f"query {j}" if m > 1 else "mean query")
+
+
+def short_lists(scores: Tensor, k: int, query_names: Sequence[str] | None = None) -> list[tuple[str, str, int]]:
+    """The lists :func:`top_examples` fills with fewer than ``min(k, n_train)`` rows because fewer training
+    examples have their sign: (query, as the rows name it; "helpful" | "harmful"; how many have that sign)."""
+    if not isinstance(scores, Tensor):
+        scores = torch.as_tensor(scores)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    wanted = min(k, scores.shape[0])
+    out = []
+    for j in range(scores.shape[1]):
+        col = scores[:, j].double()
+        for kind in KINDS:
+            count = int((col < 0).sum() if kind == "helpful" else (col > 0).sum())
+            if count < wanted:
+                out.append((_query_name(j, scores.shape[1], query_names), kind, count))
+    return out
+
+
+def sign_note(kind: str, count: int, n_train: int) -> str:
+    """How a short list is explained: "only 2 of 6 training examples have a harmful score (> 0)"."""
+    sign = "< 0" if kind == "helpful" else "> 0"
+    if count == 0:
+        return f"none of the {n_train} training examples has a {kind} score ({sign})"
+    return f"only {count} of {n_train} training examples {'has' if count == 1 else 'have'} a {kind} score ({sign})"
+
+
+__all__ = ["KINDS", "record_parts", "record_text", "short_lists", "sign_note", "top_examples"]

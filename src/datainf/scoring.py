@@ -644,6 +644,30 @@ def _stage_blocks(method: Any, arguments: ScoreArguments, source: Mapping[str, A
         bar.update(1)
 
 
+def check_preconditioned(train: GradientStore, arguments: ScoreArguments) -> None:
+    """Refuse ``arguments`` a preconditioned ``train`` store cannot be scored with (another method, other
+    options or damping, normalized scores), before any query gradient is computed; nothing for a store that
+    is not preconditioned."""
+    info = preconditioned(train)
+    if info is None:
+        return
+    made = info["method"]
+    if arguments.method != made:
+        raise DataInfError(f"store {train.path} holds gradients preconditioned for '{made}'; score it with method "
+                           f"'{made}', or score its source store {info.get('source')} with '{arguments.method}'")
+    if arguments.normalize:
+        raise DataInfError(f"normalized scores need the original gradients too; score the source store "
+                           f"{info.get('source')}")
+    if dict(arguments.options) != dict(info.get("options") or {}):
+        raise DataInfError(f"store {train.path} was preconditioned with options {info.get('options')}, not "
+                           f"{dict(arguments.options)}")
+    if arguments.damping is not None:
+        wanted = resolve_damping_for(arguments.damping, train.block_names)
+        if any(not math.isclose(wanted[n], info["damping"][n], rel_tol=1e-9) for n in train.block_names):
+            raise DataInfError(f"store {train.path} was preconditioned with the damping it records "
+                               "(meta.preconditioned.damping); score it without --damping, or precondition again")
+
+
 def _score_preconditioned(train: GradientStore, info: Mapping[str, Any],
                           queries: GradientStore | Mapping[str, Tensor] | None,
                           arguments: ScoreArguments) -> ScoreResult:
@@ -654,21 +678,8 @@ def _score_preconditioned(train: GradientStore, info: Mapping[str, Any],
     if queries is None:
         raise DataInfError(f"store {train.path} holds preconditioned gradients: self-influence needs the original "
                            f"ones; score its source store {info.get('source')}")
-    if arguments.method != made:
-        raise DataInfError(f"store {train.path} holds gradients preconditioned for '{made}'; score it with method "
-                           f"'{made}', or score its source store {info.get('source')} with '{arguments.method}'")
-    if arguments.normalize:
-        raise DataInfError(f"normalized scores need the original gradients too; score the source store "
-                           f"{info.get('source')}")
-    if dict(arguments.options) != dict(info.get("options") or {}):
-        raise DataInfError(f"store {train.path} was preconditioned with options {info.get('options')}, not "
-                           f"{dict(arguments.options)}")
+    check_preconditioned(train, arguments)
     damping = info["damping"]
-    if arguments.damping is not None:
-        wanted = resolve_damping_for(arguments.damping, train.block_names)
-        if any(not math.isclose(wanted[n], damping[n], rel_tol=1e-9) for n in train.block_names):
-            raise DataInfError(f"store {train.path} was preconditioned with the damping it records "
-                               "(meta.preconditioned.damping); score it without --damping, or precondition again")
     t0 = time.perf_counter()
     qgrads = query_blocks(queries)
     if set(qgrads) != set(train.block_names):
@@ -833,6 +844,7 @@ __all__ = [
     "SCORES_FORMAT",
     "ScoresFile",
     "check_pair",
+    "check_preconditioned",
     "check_queries",
     "curvature_for",
     "load_curvature",

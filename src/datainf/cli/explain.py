@@ -89,13 +89,18 @@ def generate(model: Any, tokenizer: Any, context: list[dict[str, str]] | str, ma
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
-def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
-    """The terminal table of one method's helpful and harmful examples."""
+def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train: int | None = None) -> str:
+    """The terminal table of one method's helpful and harmful examples; a list shorter than ``k`` (fewer of
+    the ``n_train`` examples have its sign) says so."""
+    from datainf.ranking import sign_note
+
     lines = []
     for kind, meaning in (("helpful", "score < 0: up-weighting it makes this response more likely"),
                           ("harmful", "score > 0: up-weighting it makes this response less likely")):
         picked = [r for r in rows if r["method"] == method and r["kind"] == kind]
         lines.append(f"{method}: the {len(picked)} most {kind} training examples ({meaning})")
+        if n_train is not None and len(picked) < min(k, n_train):
+            lines.append(f"  ({sign_note(kind, len(picked), n_train)})")
         lines.append(f"  {'rank':>4}  {'score':>10}  {'#':>6}  example")
         text_width = max(width - 28, 20)
         for r in picked:
@@ -117,11 +122,12 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int) -> str:
                    "same fine-tune, each with the store made with it; the scores are summed over them (the first "
                    "pair is the model that answers).")
 @click.option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="The training set's gradient store (from `datainf grads` with that --adapter).")
+              help="The training set's gradient store (from `datainf grads` with that --adapter). Several stores "
+                   "must be made from the same data with the same grads options (tokenization, projection).")
 @click.option("--weights", default="lr", show_default=True,
               help="With several --adapter/--store pairs, each one's weight in the sum: 'lr' (the learning rate "
                    "the checkpoint was saved at, from datainf_checkpoint.json or the Trainer's trainer_state.json: "
-                   "TracIn's sum), 'equal', or comma-separated numbers.")
+                   "TracIn's sum), 'equal', or comma-separated numbers; each must be a finite number > 0.")
 @click.option("--prompt", default=None, help="The prompt to explain (asked for with --interactive).")
 @click.option("--response", default=None, help="The response to explain; default: the model's own (generated).")
 @click.option("--system", default=None, help="A system turn before the prompt (chat stores), as in training.")
@@ -152,11 +158,10 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
     from datainf.attributor import Attributor
     from datainf.cli.common import load_model
     from datainf.data.collate import TextCollator
-    from datainf.estimators import ScoreArguments
     from datainf.gradients import ProjectionSettings
     from datainf.models.checkpoints import load_adapter_weights
     from datainf.ranking import top_examples
-    from datainf.scoring import score_store
+    from datainf.scoring import check_preconditioned, score_store
     from datainf.store import GradientStore
 
     if json_path is not None:
@@ -180,6 +185,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
     if len(adapter_dirs) != len(store_dirs):
         raise DataInfError(f"{len(adapter_dirs)} --adapter for {len(store_dirs)} --store: give one training store "
                            "per adapter (each made by `datainf grads` with that adapter), in the same order")
+    check_distinct_pairs(adapter_dirs, store_dirs)
     stores = [GradientStore.open(d) for d in store_dirs]
     pair_weights = checkpoint_weights(weights, adapter_dirs)
     store, store_dir = stores[0], store_dirs[0]
@@ -190,11 +196,10 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
         if other_task not in ("causal_lm", "causal_lm_mean"):
             raise DataInfError(f"store {other_dir} holds gradients of task {other_task!r}; explain answers for "
                                "causal LM stores (made by `datainf grads --task causal_lm`)")
-        if other is not store and (other_task != task or other.fingerprints.get("dataset")
-                                   != store.fingerprints.get("dataset")
-                                   or other.n_examples != store.n_examples):
-            raise DataInfError(f"stores {store_dir} and {other_dir} hold other examples or another task; the "
-                               "checkpoints' stores must all be made from the same training file")
+    check_summable(stores, store_dirs)
+    for method in names:  # a store preconditioned for another method is refused before the model is loaded
+        for s in stores:
+            check_preconditioned(s, _score_arguments(method))
     settings = dict(meta.get("collate") or {})
     records = store.records()
     completion_turns = bool(records) and isinstance(records[0].get("prompt"), list)  # conversational pairs
@@ -207,6 +212,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir, adapter_dirs[0], task, None, device, model_dtype)
     load_seconds = time.perf_counter() - t0
+    # every store was tokenized alike (check_summable): the first one's settings tokenize the query for all
     query_settings = {key: settings[key] for key in ("max_length", "append_eos") if key in settings}
     collate = TextCollator(tokenizer=tokenizer, task=task, assistant_turns="last", **query_settings)
     attributors = [Attributor(model, task=task, store=d, collate=collate, progress=False,
@@ -257,9 +263,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
                 load_adapter_weights(model, adapter_dir)
             qgrads = attributor.gradients([record], desc=None)
             for method in names:
-                options = {"iterations": 100} if method == "lissa" else {}
-                result = score_store(s, qgrads, ScoreArguments(method=method, options=options),
-                                     allow_mismatch=allow_mismatch)
+                result = score_store(s, qgrads, _score_arguments(method), allow_mismatch=allow_mismatch)
                 timings[method] = timings.get(method, 0.0) + result.seconds
                 summed[method] = summed.get(method, 0) + pair_weights[i] * result.scores
         rows = []
@@ -267,7 +271,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
             rows += top_examples(summed[method], k, method=method, train_records=records, query_names=["query"])
         seconds = time.perf_counter() - t0
         for method in names:
-            click.echo("\n" + render(rows, method, k, width))
+            click.echo("\n" + render(rows, method, k, width, store.n_examples))
         click.echo(f"\n(gradient + scoring against {store.n_examples} examples"
                    f"{f' at {len(adapter_dirs)} checkpoints' if len(adapter_dirs) > 1 else ''}: {seconds:.2f} s)")
         answers.append({"system": system, "prompt": prompt, "response": response, "generated": generated,
@@ -286,27 +290,89 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
         click.echo(f"wrote {json_path}")
 
 
+def _score_arguments(method: str) -> Any:
+    """How explain scores with ``method`` (LiSSA with 100 iterations: one query needs no more)."""
+    from datainf.estimators import ScoreArguments
+
+    return ScoreArguments(method=method, options={"iterations": 100} if method == "lissa" else {})
+
+
+def check_distinct_pairs(adapter_dirs: tuple[str, ...] | list[str], store_dirs: tuple[str, ...] | list[str]) -> None:
+    """Each checkpoint counts once in the sum: the same adapter folder or the same store folder (after
+    resolving symbolic links and relative paths) given twice is refused, naming both pairs."""
+    seen: dict[str, dict[Path, int]] = {"--adapter": {}, "--store": {}}
+    for i, (adapter_dir, store_dir) in enumerate(zip(adapter_dirs, store_dirs), start=1):
+        for flag, folder in (("--adapter", adapter_dir), ("--store", store_dir)):
+            first = seen[flag].setdefault(Path(folder).resolve(), i)
+            if first != i:
+                raise DataInfError(
+                    f"pair {i} (--adapter {adapter_dir} --store {store_dir}) repeats the {flag} of pair {first} "
+                    f"(--adapter {adapter_dirs[first - 1]} --store {store_dirs[first - 1]}): each checkpoint "
+                    "would count twice in the sum; give every (adapter, store) pair once")
+
+
+def summing_fields(store: Any) -> dict[str, Any]:
+    """What the stores of one checkpoint sum must share, by name: the training examples (dataset
+    fingerprint, count, task), the tokenization (every collate setting the store recorded: max_length,
+    loss_tokens, chat_template, assistant_turns...), the projection and the task fingerprint (which also
+    covers the loss's other settings)."""
+    from datainf.data.collate import TextCollator
+
+    meta = store.manifest.get("meta") or {}
+    collate = {"loss_tokens": TextCollator.loss_tokens, **(meta.get("collate") or {})}  # left out when default
+    return {"task": meta.get("task"), "dataset fingerprint": store.fingerprints.get("dataset"),
+            "number of examples": store.n_examples,
+            **{f"tokenization {key}": value for key, value in sorted(collate.items())},
+            "projection": store.projection, "task fingerprint": store.fingerprints.get("task")}
+
+
+def check_summable(stores: list[Any], store_dirs: tuple[str, ...] | list[str]) -> None:
+    """Refuse to sum scores over stores that do not hold the same examples under the same loss
+    (:func:`summing_fields`), naming the store, the first field that differs and both values."""
+    from datainf.store import projection_label
+
+    first = summing_fields(stores[0])
+    for other, other_dir in zip(stores[1:], store_dirs[1:]):
+        theirs = summing_fields(other)
+        for key in {**first, **theirs}:
+            a, b = first.get(key), theirs.get(key)
+            if a != b:
+                if key == "projection" and projection_label({"projection": a}) != projection_label({"projection": b}):
+                    a, b = projection_label({"projection": a}), projection_label({"projection": b})
+                raise DataInfError(
+                    f"stores {store_dirs[0]} and {other_dir} cannot be summed: their {key} differs ({a!r} in "
+                    f"{store_dirs[0]}, {b!r} in {other_dir}); make every checkpoint's store from the same training "
+                    "file with the same `datainf grads` options")
+
+
 def checkpoint_weights(weights: str, adapter_dirs: tuple[str, ...] | list[str]) -> list[float]:
     """Each (adapter, store) pair's weight in the summed scores: the learning rate its checkpoint was saved at
-    ("lr"), 1 each ("equal"), or the numbers given; one pair always weighs 1."""
-    from datainf.models.checkpoints import learning_rate
+    ("lr"), 1 each ("equal"), or the numbers given; one pair always weighs 1. Every weight must be a finite
+    number > 0 (NaN, infinity, 0 and negative numbers are refused, naming the checkpoint or the position in
+    --weights), the learning rates read from a checkpoint's files included."""
+    from datainf.models.checkpoints import checked_rate, learning_rate
 
-    if len(adapter_dirs) == 1:
-        return [1.0]
-    if weights == "equal":
+    if weights not in ("lr", "equal"):
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise DataInfError(f"--weights must be 'lr', 'equal' or comma-separated numbers, got {weights!r}"
+                               ) from None
+        if len(values) != len(adapter_dirs):
+            raise DataInfError(f"--weights gives {len(values)} numbers for {len(adapter_dirs)} --adapter")
+        for i, (text, value) in enumerate(zip(weights.split(","), values), start=1):
+            checked_rate(value, f"--weights number {i} ({text.strip()!r}, for --adapter {adapter_dirs[i - 1]})")
+    if len(adapter_dirs) == 1 or weights == "equal":
         return [1.0] * len(adapter_dirs)
     if weights == "lr":
-        rates = [learning_rate(a) for a in adapter_dirs]
+        try:
+            rates = [learning_rate(a) for a in adapter_dirs]
+        except DataInfError as e:
+            raise DataInfError(f"{e}; pass --weights equal, or one number per --adapter") from None
         missing = [a for a, r in zip(adapter_dirs, rates) if r is None]
         if missing:
             raise DataInfError(f"{missing[0]} does not say the learning rate it was saved at (no "
                                "datainf_checkpoint.json or trainer_state.json with a logged learning_rate); pass "
                                "--weights equal, or one number per --adapter")
-        return [float(r) for r in rates]
-    try:
-        values = [float(w) for w in weights.split(",")]
-    except ValueError:
-        raise DataInfError(f"--weights must be 'lr', 'equal' or comma-separated numbers, got {weights!r}") from None
-    if len(values) != len(adapter_dirs):
-        raise DataInfError(f"--weights gives {len(values)} numbers for {len(adapter_dirs)} --adapter")
+        return [float(r) for r in rates if r is not None]
     return values

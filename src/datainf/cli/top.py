@@ -23,6 +23,8 @@ def neutralised(value: Any) -> Any:
     """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading single quote
     (OWASP's advice); numbers and other strings are unchanged."""
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+#: how many "this list is short" notes `top` prints before summing up the rest
+_NOTES_SHOWN = 5
 
 
 def training_records(loaded: Any, data_path: str | None, data: dict[str, Any]) -> list[dict] | None:
@@ -65,7 +67,7 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
             out_path: str | None, overwrite: bool, **data: Any) -> None:
     """Per method and query: rank, training index, score and the training example's text. In CSV, a text
     starting with =, +, -, @, a tab or a carriage return gets a leading ' (a spreadsheet shows it as text)."""
-    from datainf.ranking import top_examples
+    from datainf.ranking import short_lists, sign_note, top_examples
     from datainf.scoring import load_scores
 
     inputs = {"scores file": scores_path, "data file": data_path}
@@ -81,11 +83,17 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
     if missing:
         raise DataInfError(f"{scores_path} holds no scores for {missing}; it has {list(loaded.scores)}")
     train, queries = training_records(loaded, data_path, data), query_records(loaded)
-    rows = []
+    rows, notes = [], []
     for method in methods:
         scores = loaded.scores[method]
         qs = queries if queries is not None and scores.ndim == 2 and scores.shape[1] == len(queries) else None
         rows += top_examples(scores, k, method=method, train_records=train, query_records=qs)
+        notes += [f"{method}, {query}: {sign_note(kind, count, scores.shape[0])}, so its {kind} list holds "
+                  f"{'only those' if count else 'no rows'}" for query, kind, count in short_lists(scores, k)]
+    for note in notes[:_NOTES_SHOWN]:  # a list never shows an example of the other sign: say why it is short
+        click.echo(f"note: {note}", err=True)
+    if len(notes) > _NOTES_SHOWN:
+        click.echo(f"note: (and {len(notes) - _NOTES_SHOWN} more lists shorter than --k {k})", err=True)
     dropped = set((loaded.meta.get("train_store") or {}).get("dropped_rows") or [])
     if dropped:  # the store left out examples with a non-finite loss: say which row of the data each one is
         source = [i for i in range(loaded.n_train + len(dropped)) if i not in dropped]

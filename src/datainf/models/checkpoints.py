@@ -16,6 +16,8 @@ Pruthi et al. 2020; LESS sums warm-up checkpoints the same way).
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +68,47 @@ def learning_rate(adapter_dir: str | Path) -> float | None:
     """The learning rate the training was at when this checkpoint was saved, or None when the folder does not
     say: ``datainf_checkpoint.json``'s, else the last ``learning_rate`` the Trainer logged at or before the
     checkpoint's ``global_step`` in ``trainer_state.json`` (logged every ``logging_steps``, so the rate of the
-    last logging step before the save)."""
+    last logging step before the save). A rate that is not a finite number > 0 (NaN, infinite, 0, negative,
+    a boolean, a string) is refused, naming the file: it would be used as the checkpoint's weight."""
     folder = Path(adapter_dir)
     ours = folder / CHECKPOINT_FILE
     if ours.is_file():
         value = read_json_object(ours).get("learning_rate")
-        return float(value) if isinstance(value, (int, float)) else None
+        return None if value is None else checked_rate(value, f"{ours}: learning_rate")
     state_file = folder / TRAINER_STATE
     if not state_file.is_file():
         return None
     state = read_json_object(state_file)
     step = state.get("global_step")
     logged = [e for e in state.get("log_history") or [] if isinstance(e, dict)
-              and isinstance(e.get("learning_rate"), (int, float)) and isinstance(e.get("step"), (int, float))
-              and (not isinstance(step, (int, float)) or e["step"] <= step)]
-    return float(max(logged, key=lambda e: e["step"])["learning_rate"]) if logged else None
+              and e.get("learning_rate") is not None and _is_number(e.get("step"))
+              and (not _is_number(step) or e["step"] <= step)]
+    if not logged:
+        return None
+    last = max(logged, key=lambda e: e["step"])
+    return checked_rate(last["learning_rate"], f"{state_file}: the learning_rate logged at step {last['step']}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checked_rate(value: Any, where: str) -> float:
+    """``value`` as a checkpoint's weight in a sum over checkpoints: a finite number > 0, else one error
+    naming ``where`` (a file and key, a flag): NaN or infinity would make every score NaN or infinite, zero
+    drop the checkpoint, a negative weight swap helpful and harmful."""
+    shown = json.dumps(value, default=repr)  # as the file spells it: true, NaN, "1e-3"
+    if not _is_number(value):
+        raise DataInfError(f"{where} is {shown}, not a number; a checkpoint's weight must be a finite number > 0")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        number = math.inf
+    if not math.isfinite(number) or number <= 0:
+        raise DataInfError(f"{where} is {shown}; a checkpoint's weight must be a finite number > 0 (NaN or "
+                           "infinity make every score NaN or infinite, 0 drops the checkpoint, a negative weight "
+                           "swaps helpful and harmful)")
+    return number
 
 
 def load_adapter_weights(model: Any, adapter_dir: str | Path) -> None:
@@ -120,5 +148,5 @@ def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
     raise DataInfError(f"{folder} has no adapter_model.safetensors (or .bin)")
 
 
-__all__ = ["CHECKPOINT_FILE", "TRAINER_STATE", "Snapshots", "learning_rate", "load_adapter_weights",
+__all__ = ["CHECKPOINT_FILE", "TRAINER_STATE", "Snapshots", "checked_rate", "learning_rate", "load_adapter_weights",
            "snapshot_steps"]

@@ -152,14 +152,32 @@ def _mean_pooling_class() -> type:
     return MeanPoolingBertForSequenceClassification
 
 
+def check_model_folder(model_dir: str | Path, kind: str = "model") -> None:
+    """Refuse, with one error naming the file, a folder transformers cannot load a model from: no
+    config.json, one that is not a JSON object, or one without a ``model_type`` this transformers knows
+    (transformers would raise deep inside ``from_pretrained``). ``kind`` names the model in the message."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from datainf.data.tables import read_json_object
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers {kind}")
+    model_type = read_json_object(config_file, f"pass the folder of a saved transformers {kind}").get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise DataInfError(f"{config_file} has no 'model_type' (the architecture, e.g. \"llama\"); pass the folder "
+                           f"of a saved transformers {kind}, or add the model_type it was saved with")
+    if model_type not in CONFIG_MAPPING:
+        raise DataInfError(f"{config_file}: model_type {model_type!r} is not one this transformers version knows; "
+                           "upgrade transformers or pass a model of a known architecture")
+
+
 def _load_base(model_dir: str | Path, num_labels: int, dtype: torch.dtype = torch.float32,
                pooling: str = "pooler") -> tuple[torch.nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers model")
-    read_json_object(model_dir / "config.json", "pass the folder of a saved transformers model")
+    check_model_folder(model_dir, "model")
     if not isinstance(num_labels, int) or num_labels < 2:
         raise DataInfError(f"num_labels must be an integer >= 2, got {num_labels!r}")
     if pooling not in POOLINGS:

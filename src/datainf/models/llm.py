@@ -31,7 +31,7 @@ from datainf.data.assets import build_once, cache_root
 from datainf.data.collate import TextCollator
 from datainf.data.tables import read_json_object
 from datainf.errors import DataInfError
-from datainf.models.finetune import LoraSettings, TrainSettings, train_epochs
+from datainf.models.finetune import LoraSettings, TrainSettings, check_model_folder, train_epochs
 
 log = logging.getLogger("datainf.models.llm")
 
@@ -143,9 +143,7 @@ def load_causal_lm(
 
     lora = lora or LoraSettings(rank=8, alpha=32, target_modules=("q_proj", "v_proj"), modules_to_save=())
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers causal LM")
-    read_json_object(model_dir / "config.json", "pass the folder of a saved transformers causal LM")
+    check_model_folder(model_dir, "causal LM")
     if load_in_8bit and load_in_4bit:
         raise DataInfError("choose one of --load-in-8bit and --load-in-4bit")
     device = torch.device(device if device is not None else "cpu")
@@ -189,9 +187,7 @@ def load_causal_lm_adapter(model_dir: str | os.PathLike, adapter_dir: str | os.P
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
-    if not (model_dir / "config.json").is_file():
-        raise DataInfError(f"{model_dir} has no config.json; pass the folder of a saved transformers causal LM")
-    read_json_object(model_dir / "config.json", "pass the folder of a saved transformers causal LM")
+    check_model_folder(model_dir, "causal LM")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DataInfError(f"{adapter_dir} has no adapter_config.json; pass a folder written by peft's save_pretrained")
     read_json_object(adapter_dir / "adapter_config.json", "pass a folder written by peft's save_pretrained")

@@ -330,20 +330,23 @@ def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict],
 
 
 def _sign_note(values: np.ndarray, top_k: int, harmful: bool) -> str:
-    """A caption's note when fewer than ``top_k`` examples have the list's sign (the rest of it has the other)."""
+    """A caption's note when fewer than ``top_k`` examples have the list's sign (the list holds only those, as
+    `datainf top` and `explain` do)."""
     n = int((values > 0).sum() if harmful else (values < 0).sum())
     if n >= min(top_k, len(values)):
         return ""
     if n == 0:
         return f"; no training example {'raises' if harmful else 'lowers'} this loss"
-    return (f"; only {n} training example{'s' if n > 1 else ''} {'raise' if harmful else 'lower'}"
-            f"{'' if n > 1 else 's'} it, the rest {'lower' if harmful else 'raise'} it")
+    return (f"; only {n} of {len(values)} training examples {'raise' if harmful else 'lower'}"
+            f"{'' if n > 1 else 's'} it")
 
 
 def _top(values: np.ndarray, top_k: int, harmful: bool) -> np.ndarray:
-    """Indices of the top_k largest (harmful) or smallest (helpful) values, most extreme first."""
-    order = np.argsort(-values if harmful else values, kind="stable")
-    return order[:top_k]
+    """Indices of the top_k largest positive (harmful) or most negative (helpful) values, most extreme first:
+    an example of the other sign (or 0) is never listed."""
+    signed = values if harmful else -values
+    order = np.argsort(-signed, kind="stable")
+    return order[signed[order] > 0][:top_k]
 
 
 def _image(png: bytes, alt: str) -> str:

@@ -250,8 +250,8 @@ class GradientStore:
             missing = store.missing_chunks()
             raise DataInfError(
                 f"store {path} is incomplete ({store.num_chunks - len(missing)} of {store.num_chunks} chunks "
-                "written, not finalized); rerun the command that computes it to resume, or open it with "
-                "allow_incomplete=True"
+                "written, not finalized); rerun the command that computes it to resume and finish it (`datainf "
+                "grads` with the same arguments, or Attributor.fit with the same data)"
             )
         return store
 
