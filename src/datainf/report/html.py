@@ -1,9 +1,14 @@
 """One self-contained HTML file showing the results of an influence run.
 
-Everything is inline: CSS in a <style> block, plots as base64 PNG data URIs, no JavaScript, so the file
-opens offline and can be mailed around. Sections carry stable ``id`` attributes (``settings``, ``methods``,
-``roc``, ``histograms``, ``harmful``, ``helpful``, ``queries``, ``diagnostics``; the per-block damping table
-is the ``<details id="damping-blocks">`` of ``methods``).
+Everything is inline: the CSS, the plots as base64 PNG data URIs, no JavaScript, so the file opens offline
+and can be mailed around. Sections carry stable ``id`` attributes (``settings``, ``methods``, ``roc``,
+``histograms``, ``harmful``, ``helpful``, ``queries``, ``diagnostics``; the per-block damping table is the
+collapsed ``damping-blocks`` block of ``methods``).
+
+This module checks the inputs and builds plain data (tables of rows of cells, cards, sections); the markup
+is in the Jinja2 templates of ``report/templates`` (``report.html.j2``, ``macros.html.j2``, ``report.css``),
+rendered with autoescaping on (:mod:`datainf.report.render`), and the page is written with
+:func:`datainf.atomic.write_text`.
 
 Two layouts: the default one (a classification run: settings, methods, ROC and histograms when flipped
 labels are known, the harmful and helpful lists, the queries) and, with ``generation=True``, one made for
@@ -17,13 +22,11 @@ example is up-weighted. Positive = harmful (raises the loss), negative = helpful
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ import numpy as np
 from datainf import atomic
 from datainf.errors import DataInfError
 from datainf.report.plots import as_vector, histogram_png, roc_curve_png
+from datainf.report.render import render
 
 #: at most this many queries are shown in the ``queries`` section
 MAX_QUERIES = 20
@@ -57,11 +61,6 @@ _TASK_NOTES = {
 
 
 # ----------------------------------------------------------------------------------------------- formatting
-def _e(value: Any) -> str:
-    """HTML-escaped text of any value."""
-    return html.escape(str(value), quote=True)
-
-
 def _known(value: Any) -> bool:
     """Whether a value was measured: not None, not NaN, not an empty string."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -256,6 +255,51 @@ def _check_query_scores(query_scores: Mapping[str, Any], queries: Sequence[dict]
 
 
 # ----------------------------------------------------------------------------------------------- pieces
+# Plain data for the templates (templates/macros.html.j2): tables of rows of cells, and "blocks", dicts with a
+# "kind" (table, note, pre, plots, per_method, damping, index, query) that a section or a query lists.
+Block = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: its text, CSS classes, and how it is shown (a row header, a tooltip, a note before
+    the text, the text in a span of a class, or in a preformatted block)."""
+
+    text: str
+    css: str = ""
+    header: bool = False
+    title: str = ""
+    note: str = ""
+    span: str = ""
+    pre: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: its cells and CSS classes."""
+
+    cells: list[Cell]
+    css: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table: CSS classes, rows, header cells (none for a key-value table) and a caption."""
+
+    css: str
+    rows: list[Row]
+    head: list[Cell] = field(default_factory=list)
+    caption: str = ""
+
+
+def _table(table: Table) -> Block:
+    return {"kind": "table", "table": table}
+
+
+def _note(text: str) -> Block:
+    return {"kind": "note", "text": text}
+
+
 def _label(example: Mapping, key: str = "label") -> str:
     value = example.get(key)
     name = example.get("label_name") if key == "label" else None
@@ -264,23 +308,16 @@ def _label(example: Mapping, key: str = "label") -> str:
     return format_value(value)
 
 
-def _cut(text: Any, limit: int) -> tuple[str, str]:
-    """(shown, tooltip attribute) of a text cut to ``limit`` characters; the tooltip holds the full text."""
+def _text_cell(text: Any, limit: int = MAX_TEXT_CHARS, note: str = "") -> Cell:
+    """A text cut to ``limit`` characters; the full text (up to 4000 characters) in the cell's tooltip."""
     full = str(text)
     shown = full if len(full) <= limit else full[:limit].rstrip() + " …"
-    tooltip = f' title="{_e(full[:4000])}"' if shown != full else ""
-    return shown, tooltip
+    return Cell(shown, "text", title=full[:4000] if shown != full else "", note=note)
 
 
-def _text_cell(text: Any, limit: int = MAX_TEXT_CHARS, note: str = "") -> str:
-    shown, tooltip = _cut(text, limit)
-    lead = f'<span class="muted">{_e(note)}</span> ' if note else ""
-    return f'<td class="text"{tooltip}>{lead}{_e(shown)}</td>'
-
-
-def _score_cell(value: float) -> str:
+def _score_cell(value: float) -> Cell:
     kind = "harm" if value > 0 else "help" if value < 0 else ""
-    return f'<td class="num score {kind}">{_e(format_score(value))}</td>'
+    return Cell(format_score(value), f"num score {kind}".strip())
 
 
 def _turns_note(example: Mapping) -> str:
@@ -289,7 +326,7 @@ def _turns_note(example: Mapping) -> str:
 
 
 def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict], info: _TrainInfo,
-                   caption: str, text_limit: int = MAX_TEXT_CHARS) -> str:
+                   caption: str, text_limit: int = MAX_TEXT_CHARS) -> Table:
     """Table of training examples ``order`` (indices into train) with their ``values`` (n_train,)."""
     has_true = any("true_label" in train[int(index)] for index in order)
     head = ["Rank", "#", "Score"]
@@ -301,32 +338,26 @@ def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict],
     for rank, index in enumerate(order, start=1):
         example = train[int(index)]
         flipped = bool(example.get("flipped", False))
-        cells = [f'<td class="num">{rank}</td>', f'<td class="num muted">{int(index)}</td>',
-                 _score_cell(float(values[index]))]
+        cells = [Cell(str(rank), "num"), Cell(str(int(index)), "num muted"), _score_cell(float(values[index]))]
         if info.label:
-            cells.append(f"<td>{_e(_label(example))}</td>")
+            cells.append(Cell(_label(example)))
             if has_true:
-                cells.append(f"<td>{_e(format_value(example.get('true_label')))}</td>")
+                cells.append(Cell(format_value(example.get("true_label"))))
         if info.flipped:
-            badge = '<span class="badge flip">yes</span>' if flipped else '<span class="muted">no</span>'
-            cells.append(f"<td>{badge}</td>")
+            cells.append(Cell("yes", span="badge flip") if flipped else Cell("no", span="muted"))
         if info.prompt:
             if "prompt" in example:
                 cells.append(_text_cell(example["prompt"], text_limit, _turns_note(example)))
                 cells.append(_text_cell(example.get("response", ""), text_limit))
             else:  # a plain-text record among prompt/response ones
                 cells.append(_text_cell(example.get("text", ""), text_limit))
-                cells.append(f'<td class="muted">{MISSING}</td>')
+                cells.append(Cell(MISSING, "muted"))
         else:
             cells.append(_text_cell(example["text"], text_limit))
-        row_class = ' class="flipped"' if flipped else ""
-        rows.append(f"<tr{row_class}>{''.join(cells)}</tr>")
+        rows.append(Row(cells, "flipped" if flipped else ""))
     numeric = {"Rank", "#", "Score"}
-    header = "".join(f'<th class="num">{_e(name)}</th>' if name in numeric else f"<th>{_e(name)}</th>"
-                     for name in head)
-    css = "examples generation" if info.prompt else "examples"
-    return (f'<table class="{css}"><caption>{_e(caption)}</caption><thead><tr>{header}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    return Table("examples generation" if info.prompt else "examples", rows,
+                 [Cell(name, "num" if name in numeric else "") for name in head], caption)
 
 
 def _sign_note(values: np.ndarray, top_k: int, harmful: bool) -> str:
@@ -349,9 +380,10 @@ def _top(values: np.ndarray, top_k: int, harmful: bool) -> np.ndarray:
     return order[signed[order] > 0][:top_k]
 
 
-def _image(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="plot" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+def _plots(images: list[tuple[bytes, str]], note: str = "") -> Block:
+    """PNG images (bytes, alt text) shown inline as base64 data, or a note in their place."""
+    return {"kind": "plots", "note": note,
+            "images": [{"alt": alt, "data": base64.b64encode(png).decode("ascii")} for png, alt in images]}
 
 
 def _setting_text(value: Any) -> str:
@@ -360,58 +392,51 @@ def _setting_text(value: Any) -> str:
     return format_value(value)
 
 
-def _key_value_table(items: Mapping[str, Any], css_class: str = "kv") -> str:
+def _key_value_table(items: Mapping[str, Any], css_class: str = "kv") -> Block:
     """Rows ``key | value``; values that were not measured (None, NaN) are left out."""
     rows = []
     for key, value in items.items():
         if not _known(value) or (isinstance(value, (Mapping, list, tuple)) and not value):
             continue
         if isinstance(value, Mapping):
-            shown = f"<pre>{_e(json.dumps(value, indent=2, default=str))}</pre>"
+            shown = Cell(json.dumps(value, indent=2, default=str), pre=True)
         else:
-            shown = _e(_setting_text(value))
-        rows.append(f'<tr><th scope="row">{_e(key)}</th><td>{shown}</td></tr>')
+            shown = Cell(_setting_text(value))
+        rows.append(Row([Cell(str(key), header=True), shown]))
     if not rows:
-        return '<p class="muted">No settings recorded.</p>'
-    return f'<table class="{css_class}"><tbody>{"".join(rows)}</tbody></table>'
+        return _note("No settings recorded.")
+    return _table(Table(css_class, rows))
 
 
-def _section(section_id: str, heading: str, body: str, intro: str = "") -> str:
-    lead = f'<p class="lead">{intro}</p>' if intro else ""
-    return f'<section id="{section_id}"><h2>{_e(heading)}</h2>{lead}{body}</section>'
+def _section(section_id: str, heading: str, blocks: list[Block], intro: str = "") -> dict[str, Any]:
+    return {"id": section_id, "heading": heading, "intro": intro, "blocks": blocks}
 
 
-def _per_method(methods: list[str], render) -> str:
-    """The first method shown openly, every other one in a collapsed <details> block."""
-    first, rest = methods[0], methods[1:]
-    parts = [f'<h3 class="method">{_e(first)}</h3>{render(first)}']
-    for name in rest:
-        parts.append(f'<details><summary>{_e(name)}</summary>{render(name)}</details>')
-    return "".join(parts)
+def _per_method(methods: list[str], tables: Callable[[str], list[Table]]) -> Block:
+    """Each method's tables: the first method's shown openly, every other one's in a collapsed block."""
+    return {"kind": "per_method", "groups": [{"name": name, "tables": tables(name)} for name in methods]}
 
 
-def _damping_details(metrics: Mapping[str, Any], names: list[str]) -> str:
-    """The full per-block damping of every method that has one, in a collapsed <details> block."""
+def _damping_details(metrics: Mapping[str, Any], names: list[str]) -> list[Block]:
+    """The full per-block damping of every method that has one, in a collapsed block (none without one)."""
     per_method = {name: blocks for name in names
                   if (blocks := _block_values((metrics.get(name) or {}).get("damping"))) is not None}
     if not per_method:
-        return ""
+        return []
     blocks = list(dict.fromkeys(block for values in per_method.values() for block in values))
-    header = "<th>Block</th>" + "".join(f'<th class="num">{_e(name)}</th>' for name in per_method)
-    rows = []
-    for block in blocks:
-        cells = "".join(f'<td class="num">{values[block]:.3e}</td>' if block in values
-                        else f'<td class="num na">{MISSING}</td>' for values in per_method.values())
-        rows.append(f'<tr><th scope="row" class="block">{_e(block)}</th>{cells}</tr>')
+    head = [Cell("Block")] + [Cell(name, "num") for name in per_method]
+    rows = [Row([Cell(block, "block", header=True)]
+                + [Cell(f"{values[block]:.3e}", "num") if block in values else Cell(MISSING, "num na")
+                   for values in per_method.values()])
+            for block in blocks]
     note = ("" if all(len(v) == len(blocks) for v in per_method.values()) else
-            f'<p class="muted">{MISSING}: the block was left out (its training gradients are all zero).</p>')
-    return (f'<details id="damping-blocks"><summary>Damping per block ({len(blocks)} blocks)</summary>'
-            f'<table class="damping"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-            f"{note}</details>")
+            f"{MISSING}: the block was left out (its training gradients are all zero).")
+    return [{"kind": "damping", "summary": f"Damping per block ({len(blocks)} blocks)",
+             "table": Table("damping", rows, head), "note": note}]
 
 
-def _methods_table(results: Mapping[str, Any], method_names: list[str]) -> tuple[str, str]:
-    """(the methods section's body, its intro); a column is shown when some method has a value for it."""
+def _methods_table(results: Mapping[str, Any], method_names: list[str]) -> tuple[list[Block], str]:
+    """(the methods section's blocks, its intro); a column is shown when some method has a value for it."""
     metrics = results.get("methods") or {}
     if not isinstance(metrics, Mapping):
         raise DataInfError("results['methods']: expected a dict method -> {auc, seconds, ...}")
@@ -427,19 +452,16 @@ def _methods_table(results: Mapping[str, Any], method_names: list[str]) -> tuple
     columns = [(k, label) for k, label in columns
                if any(_known((metrics.get(name) or {}).get(k)) for name in names)]
     numeric = {"auc", "seconds", "pearson_with_exact", "spearman_with_exact"}
-    header = "<th>Method</th>" + "".join(
-        f'<th class="num">{_e(label)}</th>' if key in numeric else f"<th>{_e(label)}</th>"
-        for key, label in columns)
-    rows = []
+    head = [Cell("Method")] + [Cell(label, "num" if key in numeric else "") for key, label in columns]
+    rows, missing = [], False
     for name in names:
         entry = metrics.get(name) or {}
-        cells = []
+        cells = [Cell(name, header=True)]
         for key, _ in columns:
             text = _metric_cell(key, entry.get(key))
-            css = ("num" if key in numeric else "") + (" na" if text == MISSING else "")
-            cells.append(f'<td class="{css.strip()}">{_e(text)}</td>')
-        rows.append(f'<tr><th scope="row">{_e(name)}</th>{"".join(cells)}</tr>')
-    table = f'<table class="methods"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            missing |= text == MISSING
+            cells.append(Cell(text, " ".join(["num"] * (key in numeric) + ["na"] * (text == MISSING))))
+        rows.append(Row(cells))
     keys = {key for key, _ in columns}
     intro = []
     if "auc" in keys:
@@ -451,16 +473,14 @@ def _methods_table(results: Mapping[str, Any], method_names: list[str]) -> tuple
         intro.append("Time: the method's scoring time.")
     if "damping" in keys:
         intro.append("Damping: the λ added to each block's curvature before inverting it.")
-    if MISSING in table:
+    if missing:
         intro.append(f"{MISSING}: not measured for that method.")
-    return table + _damping_details(metrics, names), " ".join(intro)
+    table = _table(Table("methods", rows, head))
+    return [table, *_damping_details(metrics, names)], " ".join(intro)
 
 
-def _card(label: str, value: str, note: str = "", mono: bool = False) -> str:
-    css = "card-value mono" if mono else "card-value"
-    sub = f'<div class="card-note">{_e(note)}</div>' if note else ""
-    return (f'<div class="card"><div class="card-label">{_e(label)}</div>'
-            f'<div class="{css}">{_e(value)}</div>{sub}</div>')
+def _card(label: str, value: str, note: str = "", mono: bool = False) -> dict[str, Any]:
+    return {"label": label, "value": value, "note": note, "mono": mono}
 
 
 def _created(value: Any) -> str:
@@ -469,7 +489,7 @@ def _created(value: Any) -> str:
 
 
 def _summary(results: Mapping[str, Any], n_train: int, n_flipped: int | None, n_query: int | None,
-             methods: list[str]) -> str:
+             methods: list[str]) -> list[dict[str, Any]]:
     """The cards at the top: only what the run recorded, never a placeholder."""
     cards = []
     task = results.get("task")
@@ -497,7 +517,7 @@ def _summary(results: Mapping[str, Any], n_train: int, n_flipped: int | None, n_
         value = results.get(key)
         if _is_number(value) and not math.isnan(float(value)):
             cards.append(_card(label, format_seconds(value)))
-    return f'<div class="cards">{"".join(cards)}</div>'
+    return cards
 
 
 def _query_parts(query: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
@@ -534,48 +554,42 @@ def query_names(queries: Sequence[Mapping[str, Any]], limit: int = QUERY_NAME_CH
     return [_one_line(name, limit) for name in full]
 
 
-def _query_body(query: Mapping[str, Any]) -> str:
-    """The query's prompt and response side by side (or its text)."""
+
+
+def _query_body(query: Mapping[str, Any], generation: bool = True) -> dict[str, str | None]:
+    """What the page shows of a query: its prompt and response side by side (generation), else its text."""
     prompt, response, text = _query_parts(query)
-    if prompt is None:
-        return f'<pre class="query-text">{_e(text if text is not None else _query_text(query))}</pre>'
+    if prompt is None or not generation:
+        return {"prompt": None, "text": text if text is not None and generation else _query_text(query)}
     turns = _turns_note(query)
-    label = f"Prompt {turns}" if turns else "Prompt"
-    return (f'<div class="qa"><div class="qa-part"><div class="qa-label">{_e(label)}</div>'
-            f'<pre class="query-text prompt">{_e(prompt)}</pre></div>'
-            f'<div class="qa-part"><div class="qa-label">Response</div>'
-            f'<pre class="query-text response">{_e(response or "")}</pre></div></div>')
+    return {"prompt": prompt, "response": response or "", "label": f"Prompt {turns}" if turns else "Prompt"}
 
 
-def _query_index(names: Sequence[str], shown: int, linked: bool) -> str:
-    items = []
-    for j in range(shown):
-        name = _e(names[j])
-        items.append(f'<li><a href="#query-{j}">{name}</a></li>' if linked else f"<li>{name}</li>")
-    return f'<ol class="query-index">{"".join(items)}</ol>'
+def _query_block(j: int, name: str, query: Mapping[str, Any], generation: bool, blocks: list[Block]) -> Block:
+    return {"kind": "query", "id": f"query-{j}", "number": j + 1, "name": name,
+            "query": _query_body(query, generation), "blocks": blocks}
 
 
 def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict], train: Sequence[dict],
-                     info: _TrainInfo, top_k: int, generation: bool = False) -> str:
+                     info: _TrainInfo, top_k: int, generation: bool = False) -> dict[str, Any]:
     methods = list(query_scores)
     shown = min(len(queries), MAX_QUERIES)
     names, short = query_names(queries), query_names(queries, 60)
-    parts = [_query_index(names, shown, linked=True)] if generation and shown > 1 else []
+    blocks: list[Block] = []
+    if generation and shown > 1:
+        blocks.append({"kind": "index", "entries": [{"id": f"query-{j}", "name": names[j]} for j in range(shown)]})
     for j in range(shown):
 
-        def render(method: str, j: int = j) -> str:
+        def tables(method: str, j: int = j) -> list[Table]:
             column = query_scores[method][:, j]
-            helpful = _example_table(column, _top(column, top_k, harmful=False), train, info,
-                                     f"Most helpful for “{short[j]}”, most negative first ({method})"
-                                     + _sign_note(column, top_k, harmful=False), 200)
-            harmful = _example_table(column, _top(column, top_k, harmful=True), train, info,
-                                     f"Most harmful for “{short[j]}”, most positive first ({method})"
-                                     + _sign_note(column, top_k, harmful=True), 200)
-            return helpful + harmful
+            return [_example_table(column, _top(column, top_k, harmful=False), train, info,
+                                   f"Most helpful for “{short[j]}”, most negative first ({method})"
+                                   + _sign_note(column, top_k, harmful=False), 200),
+                    _example_table(column, _top(column, top_k, harmful=True), train, info,
+                                   f"Most harmful for “{short[j]}”, most positive first ({method})"
+                                   + _sign_note(column, top_k, harmful=True), 200)]
 
-        body = _query_body(queries[j]) if generation else f'<pre class="query-text">{_e(_query_text(queries[j]))}</pre>'
-        parts.append(f'<article class="query" id="query-{j}"><h3 class="query-name"><span class="muted">{j + 1}.'
-                     f"</span> {_e(names[j])}</h3>{body}{_per_method(methods, render)}</article>")
+        blocks.append(_query_block(j, names[j], queries[j], generation, [_per_method(methods, tables)]))
     note = f"Showing the first {shown} of {len(queries)} queries." if shown < len(queries) else ""
     if generation:
         intro = (("The query's" if len(queries) == 1 else "Each query's") + " prompt and response, then the "
@@ -586,109 +600,21 @@ def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict
         intro = ("For each query, the training examples that lowered (helpful, most negative first) and raised "
                  "(harmful, most positive first) its loss the most. " + note)
     heading = "Queries" if len(queries) != 1 else "The query"
-    return _section("queries", heading, "".join(parts), _e(intro.strip()))
+    return _section("queries", heading, blocks, intro.strip())
 
 
-def _queries_list_section(queries: Sequence[dict]) -> str:
+def _queries_list_section(queries: Sequence[dict]) -> dict[str, Any]:
     """The queries of a run scored against their mean: each one's prompt and response, no lists of their own."""
     shown = min(len(queries), MAX_QUERIES)
     names = query_names(queries)
-    parts = [f'<article class="query" id="query-{j}"><h3 class="query-name"><span class="muted">{j + 1}.</span> '
-             f"{_e(names[j])}</h3>{_query_body(queries[j])}</article>" for j in range(shown)]
+    blocks = [_query_block(j, names[j], queries[j], True, []) for j in range(shown)]
     note = f" Showing the first {shown} of {len(queries)}." if shown < len(queries) else ""
     intro = ("These queries were scored together, as their mean (one gradient: the mean of theirs), so the lists "
              "below are over the mean query, not over any one of them." + note)
-    return _section("queries", "Queries (scored as their mean)", "".join(parts), _e(intro))
+    return _section("queries", "Queries (scored as their mean)", blocks, intro)
 
 
 # ----------------------------------------------------------------------------------------------- document
-_CSS = """
-:root { --fg:#1d2330; --muted:#6b7280; --line:#e5e7eb; --bg:#f7f8fa; --accent:#2f5fa7;
-        --harm:#b42318; --help:#067647; --flip:#fff4e5; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--fg);
-       font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-header { background:#1d2d4a; color:#fff; padding:28px 0 20px; }
-header .wrap, main, nav .wrap { max-width:1160px; margin:0 auto; padding:0 24px; }
-header h1 { margin:0 0 4px; font-size:26px; font-weight:600; overflow-wrap:anywhere; }
-header .meta { color:#c7d2e5; font-size:13px; }
-nav { background:#fff; border-bottom:1px solid var(--line); position:sticky; top:0; z-index:1; }
-nav a { display:inline-block; padding:10px 12px 10px 0; margin-right:8px; color:var(--accent);
-        text-decoration:none; font-size:14px; }
-nav a:hover { text-decoration:underline; }
-.howto { background:#eef3fb; border-left:4px solid var(--accent); padding:10px 14px; margin:20px 0 0;
-         border-radius:4px; }
-.howto .harm { color:var(--harm); font-weight:600; } .howto .help { color:var(--help); font-weight:600; }
-section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:18px 22px; margin:20px 0; }
-h2 { margin:0 0 10px; font-size:20px; } h3 { margin:18px 0 8px; font-size:16px; }
-h3.query-name { font-size:17px; overflow-wrap:anywhere; }
-h3.method { font-size:14px; color:#374151; margin:14px 0 4px; }
-.lead { color:var(--muted); margin:0 0 12px; font-size:14px; }
-.cards { display:flex; flex-wrap:wrap; gap:12px; margin-top:20px; }
-.card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px 16px; min-width:150px;
-        max-width:100%; }
-.card-label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
-.card-value { font-size:20px; font-weight:600; overflow-wrap:anywhere; }
-.card-value.mono { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:15px;
-                   padding-top:4px; }
-.card-note { color:var(--muted); font-size:12px; }
-table { border-collapse:collapse; width:100%; font-size:14px; margin:6px 0 10px; }
-caption { text-align:left; color:var(--muted); font-size:13px; padding-bottom:4px; }
-th, td { border-bottom:1px solid var(--line); padding:6px 10px; text-align:left; vertical-align:top; }
-thead th { background:#f1f3f6; font-weight:600; font-size:13px; white-space:nowrap; }
-tbody tr:nth-child(even) { background:#fafbfc; }
-tbody th { font-weight:600; white-space:nowrap; }
-table.kv { width:auto; min-width:50%; } table.kv th { color:#374151; font-weight:500; padding-right:28px; }
-table.kv td { overflow-wrap:anywhere; }
-td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap;
-         font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:13px; }
-th.num { text-align:right; }
-table.examples td.num, table.examples th.num { width:1%; }
-table.methods thead th { white-space:normal; }
-td.na { color:var(--muted); font-family:inherit; }
-td.score.harm { color:var(--harm); } td.score.help { color:var(--help); }
-td.text { max-width:620px; overflow-wrap:anywhere; }
-table.generation td.text { width:45%; max-width:none; white-space:pre-wrap; }
-table.damping { width:auto; min-width:40%; }
-table.damping th.block { font-weight:400; white-space:normal; overflow-wrap:anywhere;
-                         font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12.5px; }
-tr.flipped, tbody tr.flipped:nth-child(even) { background:var(--flip); }
-.badge { display:inline-block; padding:0 7px; border-radius:9px; font-size:12px; font-weight:600; }
-.badge.flip { background:#fde6c8; color:#93370d; }
-.muted { color:var(--muted); }
-details { margin:8px 0; border:1px solid var(--line); border-radius:6px; padding:6px 12px; }
-details[open] { padding-bottom:10px; }
-summary { cursor:pointer; font-weight:600; }
-.plots { display:flex; flex-wrap:wrap; gap:16px; }
-img.plot { max-width:100%; height:auto; border:1px solid var(--line); border-radius:6px; background:#fff; }
-pre { background:#f5f6f8; border:1px solid var(--line); border-radius:6px; padding:8px 10px; margin:0;
-      font-size:12.5px; overflow-x:auto; white-space:pre-wrap; overflow-wrap:anywhere; }
-.qa { display:grid; grid-template-columns:1fr 1fr; gap:12px; margin:4px 0 8px; }
-.qa-label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
-.qa pre { max-height:16em; overflow-y:auto; font-size:13.5px; }
-.qa pre.response { background:#f1f8f4; }
-@media (max-width: 760px) { .qa { grid-template-columns:1fr; } }
-ol.query-index { margin:0 0 8px; padding-left:26px; columns:2; font-size:14px; }
-ol.query-index a { color:var(--accent); text-decoration:none; }
-.query { border-top:2px solid var(--line); padding-top:6px; margin-top:18px; }
-.query:first-of-type { border-top:0; }
-footer { color:var(--muted); font-size:12px; text-align:center; padding:10px 0 30px; }
-"""
-
-
-def _howto(generation: bool, has_flipped: bool) -> str:
-    target = ("query's loss (the loss of its response)" if generation else "validation (or query) loss")
-    text = (f'<p class="howto"><strong>How to read this:</strong> a score is the first-order change of the '
-            f'{target} when that training example is up-weighted. '
-            '<span class="harm">Positive = harmful</span> (raises the loss); '
-            '<span class="help">negative = helpful</span> (lowers it).')
-    if generation:
-        text += " Helpful examples are the ones that made the model more likely to give the response."
-    if has_flipped:
-        text += " Mislabeled examples should rank near the top of the harmful list."
-    return text + "</p>"
-
-
 def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, Any],
                   query_scores: Mapping[str, Any] | None = None, queries: Sequence[dict] | None = None,
                   top_k: int = 10, title: str = "datainf report", generation: bool = False,
@@ -708,111 +634,84 @@ def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, 
     methods = list(vectors)
     k = min(top_k, n_train)
 
-    sections = []
-    nav = []
+    sections: list[dict[str, Any]] = []
+    nav: list[dict[str, str]] = []
 
-    def add(section_id: str, heading: str, body: str, intro: str = "", link: str | None = None) -> None:
-        sections.append(_section(section_id, heading, body, intro))
-        nav.append(f'<a href="#{section_id}">{_e(link or heading)}</a>')
+    def add(section: dict[str, Any], link: str | None = None) -> None:
+        sections.append(section)
+        nav.append({"id": section["id"], "label": link or section["heading"]})
 
     settings = results.get("settings") or {}
     if not isinstance(settings, Mapping):
         raise DataInfError("results['settings']: expected a flat dict of settings")
-    methods_body, methods_intro = _methods_table(results, methods)
+    methods_blocks, methods_intro = _methods_table(results, methods)
 
     def add_settings() -> None:
-        add("settings", "Settings",
-            _key_value_table(settings) if settings else '<p class="muted">No settings recorded.</p>')
+        add(_section("settings", "Settings",
+                     [_key_value_table(settings) if settings else _note("No settings recorded.")]))
 
     def add_lists(order: tuple[str, ...]) -> None:
         over = f": {scores_over}" if scores_over else ""
         loss = "the queries' loss" if generation else "the validation loss"
         for kind in order:
             harmful = kind == "harmful"
-            body = _per_method(methods, lambda name, harmful=harmful: _example_table(
+            body = _per_method(methods, lambda name, harmful=harmful: [_example_table(
                 vectors[name], _top(vectors[name], k, harmful=harmful), train, info,
                 f"Top {k} by score, {'largest' if harmful else 'most negative'} first ({name})"
-                + _sign_note(vectors[name], k, harmful)))
+                + _sign_note(vectors[name], k, harmful))])
             if harmful:
-                add("harmful", f"Most harmful training examples{over}", body,
-                    _e(f"Largest positive scores: up-weighting these raises {loss}."), "Most harmful")
+                add(_section("harmful", f"Most harmful training examples{over}", [body],
+                             f"Largest positive scores: up-weighting these raises {loss}."), "Most harmful")
             else:
-                add("helpful", f"Most helpful training examples{over}", body,
-                    _e(f"Most negative scores: up-weighting these lowers {loss}."), "Most helpful")
+                add(_section("helpful", f"Most helpful training examples{over}", [body],
+                             f"Most negative scores: up-weighting these lowers {loss}."), "Most helpful")
 
     if generation:
         if per_query is not None:
-            sections.append(_queries_section(per_query, queries, train, info, k, generation=True))
-            nav.append(f'<a href="#queries">{"Queries" if len(queries) != 1 else "The query"}</a>')
+            add(_queries_section(per_query, queries, train, info, k, generation=True),
+                "Queries" if len(queries) != 1 else "The query")
         elif queries:
-            sections.append(_queries_list_section(queries))
-            nav.append('<a href="#queries">Queries</a>')
+            add(_queries_list_section(queries), "Queries")
         if per_query is None or len(queries) > 1:  # one query: its own lists are the overall ones
             add_lists(("helpful", "harmful"))
-        add("methods", "Methods", methods_body, _e(methods_intro))
+        add(_section("methods", "Methods", methods_blocks, methods_intro))
         add_settings()
     else:
         add_settings()
-        add("methods", "Methods", methods_body, _e(methods_intro))
+        add(_section("methods", "Methods", methods_blocks, methods_intro))
     if info.flipped:
         if flipped.any() and not flipped.all():
-            roc = _image(roc_curve_png(vectors, flipped), "ROC curves of every method for finding flipped labels")
-            hist = _image(histogram_png(vectors, flipped), "Score histograms, flipped vs clean, per method")
+            roc = _plots([(roc_curve_png(vectors, flipped), "ROC curves of every method for finding flipped labels")])
+            hist = _plots([(histogram_png(vectors, flipped), "Score histograms, flipped vs clean, per method")])
         else:
-            roc = hist = '<p class="muted">Every example is in one class (all flipped or none): no curve.</p>'
-        add("roc", "Finding flipped labels (ROC)", f'<div class="plots">{roc}</div>',
-            "Training examples ranked by score, largest (most harmful) first; a curve hugging the top-left "
-            "corner finds the flipped labels early.")
-        add("histograms", "Score distributions", f'<div class="plots">{hist}</div>',
-            "Flipped examples should sit to the right (positive, harmful) of the clean ones.")
+            roc = hist = _plots([], "Every example is in one class (all flipped or none): no curve.")
+        add(_section("roc", "Finding flipped labels (ROC)", [roc],
+                     "Training examples ranked by score, largest (most harmful) first; a curve hugging the "
+                     "top-left corner finds the flipped labels early."))
+        add(_section("histograms", "Score distributions", [hist],
+                     "Flipped examples should sit to the right (positive, harmful) of the clean ones."))
     if not generation:
         add_lists(("harmful", "helpful"))
         if per_query is not None:
-            sections.append(_queries_section(per_query, queries, train, info, k))
-            nav.append('<a href="#queries">Queries</a>')
+            add(_queries_section(per_query, queries, train, info, k), "Queries")
     diagnostics = results.get("diagnostics")
     if diagnostics:
-        body = (_key_value_table(diagnostics) if isinstance(diagnostics, Mapping)
-                else f"<pre>{_e(json.dumps(diagnostics, indent=2, default=str))}</pre>")
-        add("diagnostics", "Diagnostics", body)
+        add(_section("diagnostics", "Diagnostics", [
+            _key_value_table(diagnostics) if isinstance(diagnostics, Mapping)
+            else {"kind": "pre", "text": json.dumps(diagnostics, indent=2, default=str)}]))
 
-    meta = " · ".join(_e(part) for part in (
+    meta = [part for part in (
         f"datainf {results['library_version']}" if _known(results.get("library_version")) else "",
         f"created {_created(results['created'])}" if _known(results.get("created")) else "",
-        f"task {results['task']}" if _known(results.get("task")) else "") if part)
+        f"task {results['task']}" if _known(results.get("task")) else "") if part]
     n_flipped = int(flipped.sum()) if info.flipped else None
     n_query = results.get("n_query")
     if not (_is_number(n_query) and int(n_query) > 0):
         n_query = len(queries) if queries is not None and (per_query is not None or generation) else None
-    meta_line = f'<div class="meta">{meta}</div>' if meta else ""
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f'<header><div class="wrap"><h1>{_e(title)}</h1>{meta_line}</div></header>'
-        f'<nav><div class="wrap">{"".join(nav)}</div></nav>'
-        f"<main>{_howto(generation, info.flipped)}"
-        f"{_summary(results, n_train, n_flipped, None if n_query is None else int(n_query), methods)}"
-        f"{''.join(sections)}</main>"
-        "<footer>Generated by datainf. Self-contained file: no network needed to view it.</footer>"
-        "</body></html>\n"
-    )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes to a temporary file in the same folder, then renames it over ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~atomic.umask())  # what a plain open() gives, not mkstemp's 0o600
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    target = "query's loss (the loss of its response)" if generation else "validation (or query) loss"
+    return render("report.html.j2", title=title, meta=meta, nav=nav, sections=sections,
+                  howto={"target": target, "generation": generation, "flipped": info.flipped},
+                  cards=_summary(results, n_train, n_flipped, None if n_query is None else int(n_query), methods))
 
 
 def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict],
@@ -847,5 +746,5 @@ def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict
                              queries=queries, top_k=top_k, title=title, generation=generation,
                              scores_over=scores_over)
     target = Path(path)
-    _write_atomically(target, document)
+    atomic.write_text(target, document)
     return target

@@ -4,7 +4,6 @@ training images, after a table of each method's metrics. One self-contained HTML
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import os
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from datainf import atomic
+from datainf.report.render import render
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -33,45 +33,30 @@ def write_image_report(path: str | os.PathLike, *, results: dict, train: list[di
                        scores: np.ndarray, method: str, group_key: str, top_k: int = 5,
                        max_queries: int = 30) -> Path:
     """Self-contained HTML: a table of each method's metrics, then each query image beside its ``top_k`` most
-    helpful and most harmful training images under ``method`` (green border: same style/subject)."""
+    helpful and most harmful training images under ``method`` (green border: same style/subject). The markup
+    is the template ``report/templates/images.html.j2``; the page is written atomically."""
     path = Path(path)
-    rows = []
+    methods = []
     for m, r in results["methods"].items():
         paper = results.get("paper", {}).get(m, {})
-        rows.append(
-            f"<tr><td>{html.escape(m)}</td><td>{r['auc']:.3f}</td><td>{r['recall']:.3f}</td><td>{r['top1']:.3f}</td>"
-            f"<td>{r['seconds']:.2f}</td><td>{paper.get('auc', 'n/a')}</td><td>{paper.get('recall', 'n/a')}</td></tr>")
+        methods.append([m, f"{r['auc']:.3f}", f"{r['recall']:.3f}", f"{r['top1']:.3f}", f"{r['seconds']:.2f}",
+                        paper.get("auc", "n/a"), paper.get("recall", "n/a")])
     first = next(iter(results["methods"].values()))
     queries = []
     for j, q in enumerate(test[:max_queries]):
         col = scores[:, j]
-        cells = [f"<figure><img src='{image_png(q['image'])}'><figcaption>query {j}<br>"
-                 f"{html.escape(str(q[group_key]))}</figcaption></figure><span class='sep'></span>"]
+        lists = []
         for label, order in (("helpful", np.argsort(col)[:top_k]), ("harmful", np.argsort(-col)[:top_k])):
-            for i in order:
-                same = train[i][group_key] == q[group_key]
-                cells.append(f"<figure class='{'same' if same else 'other'}'><img src='{image_png(train[i]['image'])}'>"
-                             f"<figcaption>{label}<br>#{i} {col[i]:+.2e}</figcaption></figure>")
-            cells.append("<span class='sep'></span>")
-        queries.append(f"<div class='row'><p>{html.escape(q['prompt'])}</p>{''.join(cells)}</div>")
-    settings = html.escape(json.dumps(results.get("settings", {}), default=str))
-    text = f"""<!doctype html><html><head><meta charset="utf-8"><title>datainf: {html.escape(results['experiment'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px}}
-figure{{display:inline-block;margin:2px;text-align:center;font-size:10px;border:3px solid transparent}}
-figure.same{{border-color:#2a2}} figure.other{{border-color:#c33}}
-img{{width:64px;height:64px;image-rendering:pixelated}} .sep{{display:inline-block;width:16px}}
-.row p{{margin:.8em 0 .2em}}</style></head><body>
-<h1>datainf: {html.escape(results['experiment'])}</h1>
-<p>{results['n_train']} training images, {results['n_test']} queries, image size {results['image_size']}.
-Training images are ranked by helpfulness (-score); AUC and recall@k (k = number of same-{group_key} training
-images) are averaged over queries; top1 = share of queries whose most helpful image has the same {group_key}
-(chance: {first['chance_top1']:.3f}; chance recall {first['chance_recall']:.3f}).</p>
-<table><tr><th>method</th><th>AUC</th><th>recall@k</th><th>top1</th><th>seconds</th><th>paper AUC</th>
-<th>paper recall</th></tr>{''.join(rows)}</table>
-<h2>Queries and their most helpful / harmful training images ({html.escape(method)})</h2>
-<p>Green border: same {group_key} as the query; red: different. Scores: positive = harmful.</p>
-{''.join(queries)}
-<h2>Settings</h2><pre>{settings}</pre></body></html>"""
+            lists.append({"label": label, "figures": [
+                {"image": image_png(train[i]["image"]), "same": train[i][group_key] == q[group_key],
+                 "index": int(i), "score": f"{col[i]:+.2e}"} for i in order]})
+        queries.append({"prompt": q["prompt"], "image": image_png(q["image"]), "number": j,
+                        "group": str(q[group_key]), "lists": lists})
+    text = render("images.html.j2", experiment=results["experiment"], n_train=results["n_train"],
+                  n_test=results["n_test"], image_size=results["image_size"], group_key=group_key,
+                  chance_top1=f"{first['chance_top1']:.3f}", chance_recall=f"{first['chance_recall']:.3f}",
+                  methods=methods, method=method, queries=queries,
+                  settings=json.dumps(results.get("settings", {}), default=str))
     atomic.write_text(path, text)
     return path
 
