@@ -236,9 +236,9 @@ def test_queries_section(tmp_path):
     section = root.find_id("queries")
     assert section is not None
     articles = [node for node in section.iter("article")]
-    assert len(articles) == 20  # capped
-    assert "20 of 25" in section.text()
-    for j in (0, 7):
+    assert len(articles) == n_query  # every query (25: one page, not split)
+    assert not [node for node in section.iter("details") if "query-page" in node.attrs.get("class", "")]
+    for j in (0, 7, 24):
         article = root.find_id(f"query-{j}")
         assert f"prompt {j} -> response {j}" in article.text()
         helpful, harmful = [table for table in article.iter("table")][:2]

@@ -19,6 +19,17 @@ from datainf.errors import DataInfError
 from datainf.outputs import check_apart, check_output
 
 GENERATION_TASKS = ("causal_lm", "causal_lm_mean")
+#: record keys the report shows in columns of their own (or reads the texts from); any other plain value in a
+#: record (e.g. "skill", "source", "id") is an extra data column of the report's tables
+RECORD_KEYS = frozenset({"prompt", "response", "completion", "messages", "text", "label", "label_name", "turns",
+                         "flipped", "true_label"})
+
+
+def _extras(record: Any) -> dict[str, Any]:
+    """The extra data columns of a record: its plain values (text, number, flag) under other keys."""
+    if not isinstance(record, dict):
+        return {}
+    return {k: v for k, v in record.items() if k not in RECORD_KEYS and isinstance(v, (str, int, float, bool))}
 
 
 @click.command("report")
@@ -127,10 +138,11 @@ def command(scores_path: str, data_path: str | None, flipped_column: str, out_pa
         "settings": _settings(loaded, scores_path, data_path),
         "methods": methods,
     }
+    columns = list(dict.fromkeys(k for r in [*train, *(shown_queries or [])] for k in r if k not in RECORD_KEYS))
     write_report(out_path, results=results, train=train, scores=overall, query_scores=per_query or None,
                  queries=shown_queries if per_query or generation else None, top_k=top_k,
                  title=title or f"datainf report: {Path(scores_path).name}", generation=generation,
-                 scores_over=_scores_over(kinds, targets, n_queries, queries))
+                 scores_over=_scores_over(kinds, targets, n_queries, queries), columns=columns)
     click.echo(f"wrote {out_path}")
 
 
@@ -243,7 +255,7 @@ def _training_examples(loaded: Any, scores_path: str, data_path: str | None, dat
         example = {k: parts[k] for k in ("prompt", "response", "turns", "text", "label", "label_name") if k in parts}
         if "prompt" in example:
             example.pop("text", None)
-        shown.append(example)
+        shown.append({**example, **_extras(record)})
     if data_path is not None:
         split = data.get("split")
         label_column = data.get("label_column") or "label"
@@ -300,5 +312,5 @@ def _query_examples(loaded: Any) -> list[dict] | None:
         query = {k: parts[k] for k in ("prompt", "response", "turns", "text", "label") if k in parts}
         if "prompt" in query:
             query.pop("text", None)
-        out.append(query)
+        out.append({**query, **_extras(record)})
     return out

@@ -26,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ from datainf.errors import DataInfError
 from datainf.report.plots import as_vector, histogram_png, roc_curve_png
 from datainf.report.render import render
 
-#: at most this many queries are shown in the ``queries`` section
-MAX_QUERIES = 20
+#: every query is shown; more than this many are split into collapsed pages of this many queries each
+QUERIES_PER_PAGE = 25
+#: a value of an extra data column (``columns``) is cut to this many characters in a cell
+COLUMN_CHARS = 80
 #: training texts longer than this are cut in tables (the full text is in the cell's tooltip)
 MAX_TEXT_CHARS = 300
 #: what a table cell shows for a value that was not measured
@@ -175,6 +177,7 @@ class _TrainInfo:
     flipped: bool  # every example has "flipped"
     label: bool  # every example has "label"
     prompt: bool  # some example has "prompt" (generation records): Prompt and Response columns, not Text
+    columns: tuple[str, ...] = ()  # extra data columns (e.g. "skill", "source"), one table column each
 
 
 def _check_train(train: Sequence[dict], generation: bool = False) -> _TrainInfo:
@@ -315,6 +318,16 @@ def _text_cell(text: Any, limit: int = MAX_TEXT_CHARS, note: str = "") -> Cell:
     return Cell(shown, "text", title=full[:4000] if shown != full else "", note=note)
 
 
+def _column_value(value: Any) -> str:
+    """A value of an extra data column on one line, cut to COLUMN_CHARS; MISSING when the example has none."""
+    return _one_line(format_value(value), COLUMN_CHARS)
+
+
+def _column_cell(value: Any) -> Cell:
+    text = _column_value(value)
+    return Cell(text, "na" if text == MISSING else "")
+
+
 def _score_cell(value: float) -> Cell:
     kind = "harm" if value > 0 else "help" if value < 0 else ""
     return Cell(format_score(value), f"num score {kind}".strip())
@@ -333,6 +346,7 @@ def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict],
     if info.label:
         head += ["Given label" if info.flipped else "Label"] + (["True label"] if has_true else [])
     head += ["Flipped"] if info.flipped else []
+    head += list(info.columns)
     head += ["Prompt", "Response"] if info.prompt else ["Text"]
     rows = []
     for rank, index in enumerate(order, start=1):
@@ -345,6 +359,7 @@ def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict],
                 cells.append(Cell(format_value(example.get("true_label"))))
         if info.flipped:
             cells.append(Cell("yes", span="badge flip") if flipped else Cell("no", span="muted"))
+        cells += [_column_cell(example.get(column)) for column in info.columns]
         if info.prompt:
             if "prompt" in example:
                 cells.append(_text_cell(example["prompt"], text_limit, _turns_note(example)))
@@ -556,29 +571,53 @@ def query_names(queries: Sequence[Mapping[str, Any]], limit: int = QUERY_NAME_CH
 
 
 
-def _query_body(query: Mapping[str, Any], generation: bool = True) -> dict[str, str | None]:
-    """What the page shows of a query: its prompt and response side by side (generation), else its text."""
+def _query_body(query: Mapping[str, Any], generation: bool = True,
+                columns: Sequence[str] = ()) -> dict[str, Any]:
+    """What the page shows of a query: its prompt and response side by side (generation), else its text; and
+    the values it has of the extra data ``columns``."""
     prompt, response, text = _query_parts(query)
+    shown = [{"name": column, "value": _column_value(query[column])} for column in columns
+             if _known(query.get(column))]
     if prompt is None or not generation:
-        return {"prompt": None, "text": text if text is not None and generation else _query_text(query)}
+        return {"prompt": None, "text": text if text is not None and generation else _query_text(query),
+                "columns": shown}
     turns = _turns_note(query)
-    return {"prompt": prompt, "response": response or "", "label": f"Prompt {turns}" if turns else "Prompt"}
+    return {"prompt": prompt, "response": response or "", "label": f"Prompt {turns}" if turns else "Prompt",
+            "columns": shown}
 
 
-def _query_block(j: int, name: str, query: Mapping[str, Any], generation: bool, blocks: list[Block]) -> Block:
+def _query_block(j: int, name: str, query: Mapping[str, Any], generation: bool, columns: Sequence[str],
+                 blocks: list[Block]) -> Block:
     return {"kind": "query", "id": f"query-{j}", "number": j + 1, "name": name,
-            "query": _query_body(query, generation), "blocks": blocks}
+            "query": _query_body(query, generation, columns), "blocks": blocks}
+
+
+def _paged(index: list[Block], queries: list[Block]) -> tuple[list[Block], str]:
+    """(blocks, a note for the intro): every query; above QUERIES_PER_PAGE, in collapsed pages of that many
+    (the first open), with the index of all of them collapsed too, so that a page with hundreds of queries
+    stays usable. ``index`` is the index block (or none)."""
+    n = len(queries)
+    if n <= QUERIES_PER_PAGE:
+        return index + queries, ""
+    pages = [{"kind": "page", "id": f"queries-{start + 1}", "open": start == 0,
+              "summary": f"Queries {start + 1}–{min(start + QUERIES_PER_PAGE, n)} of {n}",
+              "blocks": queries[start:start + QUERIES_PER_PAGE]}
+             for start in range(0, n, QUERIES_PER_PAGE)]
+    index = [{"kind": "page", "id": "query-index", "open": False, "summary": f"Index of the {n} queries",
+              "blocks": index}] if index else []
+    return index + pages, f"The {n} queries are in {len(pages)} pages of up to {QUERIES_PER_PAGE}; open one to see them."
+
+
+def _query_index(names: Sequence[str]) -> list[Block]:
+    return [{"kind": "index", "entries": [{"id": f"query-{j}", "name": name} for j, name in enumerate(names)]}]
 
 
 def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict], train: Sequence[dict],
                      info: _TrainInfo, top_k: int, generation: bool = False) -> dict[str, Any]:
     methods = list(query_scores)
-    shown = min(len(queries), MAX_QUERIES)
     names, short = query_names(queries), query_names(queries, 60)
-    blocks: list[Block] = []
-    if generation and shown > 1:
-        blocks.append({"kind": "index", "entries": [{"id": f"query-{j}", "name": names[j]} for j in range(shown)]})
-    for j in range(shown):
+    articles: list[Block] = []
+    for j in range(len(queries)):
 
         def tables(method: str, j: int = j) -> list[Table]:
             column = query_scores[method][:, j]
@@ -589,8 +628,10 @@ def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict
                                    f"Most harmful for “{short[j]}”, most positive first ({method})"
                                    + _sign_note(column, top_k, harmful=True), 200)]
 
-        blocks.append(_query_block(j, names[j], queries[j], generation, [_per_method(methods, tables)]))
-    note = f"Showing the first {shown} of {len(queries)} queries." if shown < len(queries) else ""
+        articles.append(_query_block(j, names[j], queries[j], generation, info.columns,
+                                     [_per_method(methods, tables)]))
+    indexed = len(queries) > QUERIES_PER_PAGE or (generation and len(queries) > 1)
+    blocks, note = _paged(_query_index(names) if indexed else [], articles)
     if generation:
         intro = (("The query's" if len(queries) == 1 else "Each query's") + " prompt and response, then the "
                  "training examples that made that response more "
@@ -603,14 +644,13 @@ def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict
     return _section("queries", heading, blocks, intro.strip())
 
 
-def _queries_list_section(queries: Sequence[dict]) -> dict[str, Any]:
+def _queries_list_section(queries: Sequence[dict], columns: Sequence[str]) -> dict[str, Any]:
     """The queries of a run scored against their mean: each one's prompt and response, no lists of their own."""
-    shown = min(len(queries), MAX_QUERIES)
     names = query_names(queries)
-    blocks = [_query_block(j, names[j], queries[j], True, []) for j in range(shown)]
-    note = f" Showing the first {shown} of {len(queries)}." if shown < len(queries) else ""
+    articles = [_query_block(j, names[j], queries[j], True, columns, []) for j in range(len(queries))]
+    blocks, note = _paged(_query_index(names) if len(queries) > QUERIES_PER_PAGE else [], articles)
     intro = ("These queries were scored together, as their mean (one gradient: the mean of theirs), so the lists "
-             "below are over the mean query, not over any one of them." + note)
+             "below are over the mean query, not over any one of them." + (" " + note if note else ""))
     return _section("queries", "Queries (scored as their mean)", blocks, intro)
 
 
@@ -618,13 +658,15 @@ def _queries_list_section(queries: Sequence[dict]) -> dict[str, Any]:
 def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, Any],
                   query_scores: Mapping[str, Any] | None = None, queries: Sequence[dict] | None = None,
                   top_k: int = 10, title: str = "datainf report", generation: bool = False,
-                  scores_over: str | None = None) -> str:
+                  scores_over: str | None = None, columns: Sequence[str] = ()) -> str:
     """The report as one HTML string; arguments as in :func:`write_report`."""
     if not isinstance(results, Mapping):
         raise DataInfError("results: expected a dict like results.json (settings, methods, ...)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise DataInfError(f"top_k: expected a positive integer, got {top_k!r}")
-    info = _check_train(train, generation)
+    if isinstance(columns, str) or not all(isinstance(c, str) and c for c in columns):
+        raise DataInfError(f"columns: expected a list of column names (non-empty strings), got {columns!r}")
+    info = replace(_check_train(train, generation), columns=tuple(dict.fromkeys(columns)))
     n_train = len(train)
     vectors = _check_scores(scores, n_train)
     per_query = _check_query_scores(query_scores, queries, n_train) if query_scores is not None else None
@@ -671,7 +713,7 @@ def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, 
             add(_queries_section(per_query, queries, train, info, k, generation=True),
                 "Queries" if len(queries) != 1 else "The query")
         elif queries:
-            add(_queries_list_section(queries), "Queries")
+            add(_queries_list_section(queries, info.columns), "Queries")
         if per_query is None or len(queries) > 1:  # one query: its own lists are the overall ones
             add_lists(("helpful", "harmful"))
         add(_section("methods", "Methods", methods_blocks, methods_intro))
@@ -718,7 +760,7 @@ def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict
                  scores: Mapping[str, Any], query_scores: Mapping[str, Any] | None = None,
                  queries: Sequence[dict] | None = None, top_k: int = 10,
                  title: str = "datainf report", generation: bool = False,
-                 scores_over: str | None = None) -> Path:
+                 scores_over: str | None = None, columns: Sequence[str] = ()) -> Path:
     """Writes the self-contained HTML report of an influence run to ``path`` (atomically); returns the path.
 
     results: JSON-able dict like the demo's results.json (library_version, created, task, settings,
@@ -732,8 +774,8 @@ def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict
         ``generation``: "prompt" and "response" (or "text"), "label" optional (all examples or none).
     scores: method -> (n_train,) influence on the validation loss (positive = harmful).
     query_scores: optional method -> (n_train, n_query) influence on each query's loss; needs ``queries``,
-        one dict with "text" (or "prompt"/"response") per query. The first MAX_QUERIES are shown, each
-        named by its text (prompt).
+        one dict with "text" (or "prompt"/"response") per query. Every query is shown, named by its text
+        (prompt); more than QUERIES_PER_PAGE are split into collapsed pages.
     top_k: rows of each harmful/helpful table.
     generation: the layout for generations: the queries (prompt and response) first, each with its own
         helpful and harmful lists, then the lists over all queries (left out for one query: they would
@@ -741,10 +783,12 @@ def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict
         queries whose mean was scored.
     scores_over: what the ``scores`` lists are over, said in their headings (e.g. "over the mean query
         (scores averaged over the 3 queries)"); default: no qualifier.
+    columns: extra data columns of the examples and queries (e.g. "skill", "source") shown in every
+        example table (a column each, MISSING where an example has no value) and beside each query's name.
     """
     document = render_report(results=results, train=train, scores=scores, query_scores=query_scores,
                              queries=queries, top_k=top_k, title=title, generation=generation,
-                             scores_over=scores_over)
+                             scores_over=scores_over, columns=columns)
     target = Path(path)
     atomic.write_text(target, document)
     return target
