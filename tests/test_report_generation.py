@@ -281,3 +281,71 @@ def test_chat_records_show_their_last_user_and_assistant_turns(tiny_lm, tmp_path
         prompt, response = TRAIN[i]["prompt"], TRAIN[i]["response"].strip()
         assert row[3] == (f"[last turn of 4 messages] {prompt}" if i == 2 else prompt)
         assert row[4] == response
+
+
+SKILLS = ("add", "sub", "mul")
+
+
+@pytest.fixture(scope="module")
+def tagged_run(tmp_path_factory, tiny_lm):
+    """Stores whose records carry extra columns (skill, source) and texts with markup in them, 30 queries (more
+    than a page), scored per query by `datainf score`."""
+    from datainf.attributor import Attributor
+    from datainf.report.html import QUERIES_PER_PAGE
+
+    root = tmp_path_factory.mktemp("report-tagged")
+    model, tok = tiny_lm
+    train = [dict(r, skill=SKILLS[i % 3], source=f"set-{i % 2}") for i, r in enumerate(TRAIN)]
+    train[1]["prompt"] = "What is <b>4</b> & 'one' ?"
+    n_query = QUERIES_PER_PAGE + 5
+    queries = [{"prompt": f"What is {j} plus {j % 4} ? <i>q{j}</i>", "response": f" {j + j % 4}",
+                "skill": SKILLS[j % 3]} for j in range(n_query)]
+    for records, store in ((train, "train-store"), (queries, "query-store")):
+        Attributor(model, task="causal_lm", store=root / store, tokenizer=tok, batch_size=8,
+                   progress=False).fit(records)
+    with pytest.raises(SystemExit) as e:
+        main(["--quiet", "score", "--store", str(root / "train-store"), "--queries", str(root / "query-store"),
+              "--method", "datainf,identity", "--out", str(root / "scores.safetensors")])
+    assert e.value.code == 0
+    return root, train, queries
+
+
+def test_report_from_a_scores_file_shows_every_query_and_the_records_columns(tagged_run, capsys):
+    """Every visible row checked against the scores file and the records, independently of the report code:
+    each query (all 30, named by its prompt, with its skill), each method's helpful and harmful rows (indices
+    by the sign-filtered order, scores formatted as +d.ddde+xx, prompts and responses as in the records,
+    markup shown as text), and the skill and source columns."""
+    from datainf.outputs import is_report
+
+    root, train, queries = tagged_run
+    path = report(root, capsys)
+    raw = path.read_text(encoding="utf-8")
+    assert is_report(path) and "<b>4</b>" not in raw and "<i>q" not in raw
+    loaded = load_scores(root / "scores.safetensors")
+    page = parse(path)
+    section = page.find_id("queries")
+    articles = list(section.iter("article"))
+    assert len(articles) == len(queries)
+    checked = 0
+    for j, query in enumerate(queries):
+        article = page.find_id(f"query-{j}")
+        assert next(article.iter("h3")).text() == f"{j + 1}. {query['prompt']}"
+        assert next(n for n in article.iter("p") if n.attrs.get("class") == "query-columns").text() == \
+            f"skill: {query['skill']}"
+        tables = open_tables(article)
+        assert [m for m, _ in tables] == ["datainf", "datainf", "identity", "identity"]
+        for (method, table), kind in zip(tables, ("helpful", "harmful") * 2):
+            head = header_cells(table)
+            assert head == ["Rank", "#", "Score", "skill", "source", "Prompt", "Response"]
+            column = loaded.scores[method][:, j]
+            want = expected_order(column, kind)
+            rows = body_rows(table)
+            assert [int(r[1]) for r in rows] == want, (method, j, kind)
+            assert [r[2] for r in rows] == [f"{float(column[i]):+.3e}" for i in want]
+            assert [(r[3], r[4], r[5], r[6]) for r in rows] == [
+                (train[i]["skill"], train[i]["source"], train[i]["prompt"], train[i]["response"].strip())
+                for i in want]
+            checked += len(rows)
+    assert checked > 0
+    index = [a.text() for a in page.find_id("query-index").iter("a")]
+    assert index == [q["prompt"] for q in queries]
