@@ -183,6 +183,12 @@ def test_cli_build_check_and_search_give_the_rows_of_top(stores, tmp_path, capsy
                         "--nlist", "2"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "ix/index.json").read_text())["kind"] == "ivf"
+    # read back from disk with every list probed, the IVF index lists what the flat one did
+    code, out, err = run(["index", "search", str(tmp_path / "ix"), "--queries", str(tmp_path / "queries"),
+                          "--k", "7", "--nprobe", "2"], capsys)
+    assert code == 0, err
+    assert [tuple(json.loads(line)[c] for c in key) for line in out.splitlines()] == \
+        [tuple(r[c] for c in key) for r in want]
 
 
 def test_a_stale_index_is_refused(stores, tmp_path, capsys):

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from datainf.cli.common import overwrite_option
 from datainf.errors import DataInfError
-from datainf.outputs import check_apart, check_output, check_output_folder
+from datainf.outputs import check_output, check_output_folder
+
+if TYPE_CHECKING:
+    from datainf.index import TopIndex
+    from datainf.store import GradientStore
 
 
 @click.group("index")
@@ -72,7 +77,8 @@ def build(store_dir: str, method: str | None, normalize: bool, kind: str, nlist:
                "--queries QUERIES --k K`")
 
 
-def _check(store, queries, top, k: int, nprobe: int | None) -> dict:  # type: ignore[no-untyped-def]
+def _check(store: GradientStore, queries: GradientStore, top: TopIndex, k: int, nprobe: int | None
+           ) -> dict[str, Any]:
     """recall@k of ``top`` against the exhaustive scores of ``queries``, printed and returned."""
     from datainf.estimators import ScoreArguments
     from datainf.index import exhaustive_top, recall_at_k
@@ -118,7 +124,6 @@ def search(index_dir: str, query_dir: str, store_dir: str | None, k: int, nprobe
     store_dir = store_dir or manifest["store"]["path"]
     inputs = {"index": index_dir, "training store": store_dir, "query store": query_dir}
     if out_path is not None:
-        check_apart(out_path, inputs)
         check_output(out_path, inputs=inputs, kind="top", overwrite=overwrite)
     if not Path(store_dir).is_dir():
         raise DataInfError(f"the training store {store_dir} that index {index_dir} was built from is gone; pass "
