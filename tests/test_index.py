@@ -236,3 +236,16 @@ def test_build_refusals(stores, tmp_path, capsys):
     assert (tmp_path / "other/notes.txt").read_text() == "mine"
     assert sha(tmp_path / "train") == before
     assert not (tmp_path / "train.index").exists()
+
+
+def test_ivf_built_from_a_sample_of_the_store_lists_what_flat_does_with_every_list_probed(stores, monkeypatch):
+    """An IVF index whose quantizer is trained on a sample of the rows (fewer rows a list than the store has)
+    still holds every row: probed whole, its lists are the exhaustive ones."""
+    import datainf.index as index_module
+
+    train, queries, train_g, query_g = stores
+    monkeypatch.setattr(index_module, "TRAIN_ROWS_PER_LIST", 10)  # 3 lists: 30 of the 80 rows train it
+    top = build_store_index(train, kind="ivf", nlist=3)
+    assert top.index.ntotal == 80 and top.manifest["nlist"] == 3
+    G, V = stored(train_g), stored(query_g)
+    assert_same_top(top.search(queries, 10, nprobe=3), -sum(G[n] @ V[n].T for n in SHAPES), 10)

@@ -126,20 +126,22 @@ def _normalized(x: Tensor) -> Tensor:
     return (x.double() / norms.clamp_min(torch.finfo(torch.float64).tiny)).to(x.dtype)
 
 
-def training_vectors(store: GradientStore, settings: IndexSettings) -> np.ndarray:
-    """The store's rows as index vectors, (n_examples, d) float32, read chunk by chunk: per block the stored
-    row times ``-scale_l``, concatenated in the store's block order (normalized to norm 1 if asked)."""
-    names = store.block_names
-    widths = [math.prod(store.block_shapes[n]) for n in names]
-    out = np.empty((store.n_examples, sum(widths)), dtype=np.float32)
+def _vector_rows(store: GradientStore, settings: IndexSettings, rows: slice | np.ndarray) -> np.ndarray:
+    """Index vectors of some rows of the store, float32: per block the stored row times ``-scale_l``,
+    concatenated in the store's block order (normalized to norm 1 if asked)."""
     blocks = store.blocks(dtype=torch.float32)
+    x = torch.cat([blocks[n][rows] * (-settings.scale[n]) for n in store.block_names], dim=1)
+    return np.ascontiguousarray((_normalized(x) if settings.normalize else x).numpy(), dtype=np.float32)
+
+
+def training_vectors(store: GradientStore, settings: IndexSettings) -> np.ndarray:
+    """The store's rows as index vectors, (n_examples, d) float32, read chunk by chunk (see
+    :func:`_vector_rows`)."""
+    d = sum(math.prod(s) for s in store.block_shapes.values())
+    out = np.empty((store.n_examples, d), dtype=np.float32)
     for c in range(store.num_chunks):
         rows = store.chunk_rows(c)
-        parts = [blocks[n][rows.start : rows.stop] * (-settings.scale[n]) for n in names]
-        x = torch.cat(parts, dim=1)
-        if settings.normalize:
-            x = _normalized(x)
-        out[rows.start : rows.stop] = x.numpy()
+        out[rows.start : rows.stop] = _vector_rows(store, settings, slice(rows.start, rows.stop))
     return out
 
 
@@ -167,28 +169,41 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(round(math.sqrt(n))), n // 39))
 
 
-def build_index(vectors: np.ndarray, kind: str = "flat", nlist: int | None = None, seed: int = 0) -> Any:
-    """A faiss inner-product index of ``vectors`` (n, d): ``flat`` (exact) or ``ivf`` (``nlist`` lists,
-    default :func:`default_nlist`; its quantizer trained on the rows with ``seed``)."""
+def empty_index(d: int, kind: str = "flat", nlist: int = 1) -> Any:
+    """An empty faiss inner-product index of d numbers a row: ``flat`` or ``ivf`` (``nlist`` lists, untrained)."""
     faiss = load_faiss()
+    if kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0  # the quantizer's k-means: the same index from the same rows (faiss keeps it alive)
+        return index
+    raise DataInfError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+
+
+def _check_nlist(nlist: int, n: int) -> int:
+    if not 1 <= nlist <= n:
+        raise DataInfError(f"--nlist {nlist}: an IVF index of {n} rows takes 1 to {n} lists")
+    return nlist
+
+
+def build_index(vectors: np.ndarray, kind: str = "flat", nlist: int | None = None) -> Any:
+    """A faiss inner-product index of ``vectors`` (n, d): ``flat`` (exact) or ``ivf`` (``nlist`` lists,
+    default :func:`default_nlist`; its quantizer trained on the rows)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     if n == 0:
         raise DataInfError("an index needs at least one training example")
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = nlist or default_nlist(n)
-        if not 1 <= nlist <= n:
-            raise DataInfError(f"--nlist {nlist}: an IVF index of {n} rows takes 1 to {n} lists")
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed  # faiss's Python layer keeps the quantizer alive with the index
+    nlist = _check_nlist(nlist or default_nlist(n), n) if kind == "ivf" else 1
+    index = empty_index(d, kind, nlist)
+    if kind == "ivf":
         index.train(vectors)
-    else:
-        raise DataInfError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     index.add(vectors)
     return index
+
+
+#: rows an IVF quantizer is trained on, per list (faiss's own cap: it samples this many when given more)
+TRAIN_ROWS_PER_LIST = 256
 
 
 def search(index: Any, queries: np.ndarray, k: int, nprobe: int | None = None
@@ -265,10 +280,27 @@ def build_store_index(store: GradientStore, *, method: str | None = None, normal
     """Build an index of ``store`` (see the module docstring) with its manifest."""
     faiss = load_faiss()
     settings = index_settings(store, method, normalize)
+    n = store.n_examples
+    if n == 0:
+        raise DataInfError(f"store {store.path} holds no examples to index")
+    d = sum(math.prod(s) for s in store.block_shapes.values())
+    nlist = _check_nlist(nlist or default_nlist(n), n) if kind == "ivf" else 1
+    index = empty_index(d, kind, nlist)
     t0 = time.perf_counter()
-    vectors = training_vectors(store, settings)
-    read_s = time.perf_counter() - t0
-    index = build_index(vectors, kind, nlist)
+    train_s = 0.0
+    if kind == "ivf":  # the quantizer trained on a sample of rows (all of them up to 256 a list)
+        rows = np.arange(n)
+        if n > TRAIN_ROWS_PER_LIST * nlist:
+            rows = np.sort(np.random.default_rng(0).choice(n, TRAIN_ROWS_PER_LIST * nlist, replace=False))
+        sample = _vector_rows(store, settings, rows)
+        t1 = time.perf_counter()
+        index.train(sample)
+        train_s = time.perf_counter() - t1
+        del sample
+    for c in range(store.num_chunks):  # rows added chunk by chunk: one copy of the vectors in memory, faiss's
+        rows = store.chunk_rows(c)
+        index.add(_vector_rows(store, settings, slice(rows.start, rows.stop)))
+    build_s = time.perf_counter() - t0
     manifest = {
         "format": INDEX_FORMAT, "version": INDEX_VERSION, "library_version": __version__,
         "faiss_version": getattr(faiss, "__version__", None), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -276,8 +308,8 @@ def build_store_index(store: GradientStore, *, method: str | None = None, normal
         "method": settings.method, "normalize": settings.normalize, "damping": settings.damping,
         "scale": settings.scale,
         "store": {"path": str(store.path), "fingerprints": dict(store.fingerprints), "digest": store_digest(store),
-                  "n_examples": store.n_examples, "blocks": list(store.block_names), "dim": int(vectors.shape[1])},
-        "seconds": {"read": read_s, "build": time.perf_counter() - t0 - read_s},
+                  "n_examples": store.n_examples, "blocks": list(store.block_names), "dim": d},
+        "seconds": {"train": train_s, "build": build_s},
     }
     return TopIndex(index, settings, manifest)
 
@@ -381,7 +413,7 @@ def check_queries_store(store: GradientStore, queries: GradientStore) -> None:
 
 
 __all__ = ["INDEX_FILE", "INDEX_FILES", "INDEX_FORMAT", "INDEX_KINDS", "MANIFEST_FILE", "IndexSettings", "TopIndex",
-           "build_index", "build_store_index", "check_queries_store", "default_nlist", "exhaustive_top",
+           "build_index", "build_store_index", "empty_index", "check_queries_store", "default_nlist", "exhaustive_top",
            "index_rows", "index_settings", "is_index_folder", "load_faiss", "load_index", "query_vectors",
            "read_manifest", "rebuild_command", "recall_at_k", "save_index", "search", "store_digest",
            "training_vectors"]

@@ -73,7 +73,7 @@ def build(store_dir: str, method: str | None, normalize: bool, kind: str, nlist:
     seconds = top.manifest["seconds"]
     click.echo(f"wrote {out_dir}: {kind} index of {store.n_examples} examples x {top.manifest['store']['dim']} "
                f"numbers ({top.settings.method}{', normalized' if normalize else ''}) in "
-               f"{seconds['read'] + seconds['build']:.1f} s; search it with `datainf index search {out_dir} "
+               f"{seconds['build']:.1f} s; search it with `datainf index search {out_dir} "
                "--queries QUERIES --k K`")
 
 
