@@ -363,6 +363,126 @@ def latency(path: Path, args: argparse.Namespace, base: dict[str, Any], rows: li
     return out
 
 
+# ------------------------------------------------------------------------------------------------ the top-k index
+INDEX_K = 50
+INDEX_QUERIES = 20
+INDEX_LATENCY_GOAL_MS = 50.0
+INDEX_RECALL_GOAL = 0.95
+
+
+def index_queries(path: Path, m: int, seed: int = 2) -> dict[str, torch.Tensor]:
+    """m query gradients like the store's rows: a random training row plus Gaussian noise of the same norm
+    per block (a query that resembles some training examples, as a validation example does)."""
+    from datainf.store import GradientStore
+
+    store = GradientStore.open(path)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, store.n_examples, (m,), generator=gen)
+    out = {}
+    for name in store.block_names:
+        g = store.block(name, dtype=torch.float32)[rows]
+        noise = torch.randn(g.shape, generator=gen)
+        out[name] = g + noise * (g.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True))
+    return out
+
+
+def index_targets(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The top-k index (datainf.index, identity over the store): build time, and per query (one at a time,
+    one thread) the latency of its top-50 helpful and harmful lists and their recall@50 against the exhaustive
+    scores of ``score_store``, for a flat index and an IVF index at several nprobe."""
+    import faiss
+
+    from datainf.estimators import ScoreArguments
+    from datainf.index import (
+        build_index,
+        default_nlist,
+        exhaustive_top,
+        index_settings,
+        query_vectors,
+        recall_at_k,
+        search,
+        training_vectors,
+    )
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    faiss.omp_set_num_threads(args.threads)
+    store = GradientStore.open(path)
+    print(f"\n## top-k index: {store.n_examples:,} examples, identity, top-{INDEX_K} of {INDEX_QUERIES} queries "
+          "(each a training row plus noise of its norm), one query at a time", flush=True)
+    queries = index_queries(path, INDEX_QUERIES)
+    t0 = time.perf_counter()
+    exact = exhaustive_top(score_store(store, queries, ScoreArguments(method="identity")).scores, INDEX_K)
+    exhaustive_s = time.perf_counter() - t0
+    settings = index_settings(store, "identity")
+    t0 = time.perf_counter()
+    vectors = training_vectors(store, settings)
+    read_s = time.perf_counter() - t0
+    q = query_vectors(queries, store.block_names)
+    print(f"  exhaustive scores (score_store, {INDEX_QUERIES} queries): {exhaustive_s:.1f} s; index vectors read "
+          f"({vectors.nbytes / 1e9:.2f} GB float32): {read_s:.1f} s", flush=True)
+
+    def timed(index: Any, nprobe: int | None) -> tuple[float, float]:
+        found: dict[str, list] = {"helpful": [], "harmful": []}
+        times = []
+        for j in range(len(q)):
+            t = time.perf_counter()
+            one = search(index, q[j : j + 1], INDEX_K, nprobe)
+            times.append(time.perf_counter() - t)
+            for kind in found:
+                found[kind] += one[kind]
+        return 1000 * float(np.median(times)), recall_at_k(found, exact)
+
+    out: dict[str, Any] = {"n": store.n_examples, "dim": int(vectors.shape[1]), "k": INDEX_K,
+                           "queries": INDEX_QUERIES, "exhaustive_s": exhaustive_s, "read_s": read_s}
+    t0 = time.perf_counter()
+    flat = build_index(vectors, "flat")
+    build_s = time.perf_counter() - t0
+    ms, recall = timed(flat, None)
+    out["flat"] = {"build_s": build_s, "ms": ms, "recall": recall}
+    print(f"  flat: built in {build_s:.1f} s; top-{INDEX_K} (both lists) {ms:.1f} ms per query, "
+          f"recall@{INDEX_K} {recall:.4f}", flush=True)
+    del flat
+    nlist = default_nlist(store.n_examples)
+    t0 = time.perf_counter()
+    ivf = build_index(vectors, "ivf", nlist)
+    build_s = time.perf_counter() - t0
+    del vectors
+    out["ivf"] = {"nlist": nlist, "build_s": build_s, "nprobe": {}}
+    print(f"  ivf: {nlist} lists, trained and built in {build_s:.1f} s", flush=True)
+    for nprobe in sorted({2 ** i for i in range(int(math.log2(nlist)) + 1)} | {nlist}):
+        ms, recall = timed(ivf, nprobe)
+        out["ivf"]["nprobe"][nprobe] = {"ms": ms, "recall": recall}
+        print(f"    nprobe {nprobe:>2}: {ms:.1f} ms per query, recall@{INDEX_K} {recall:.4f}", flush=True)
+    return out
+
+
+def index_target_lines(index: dict[str, Any]) -> list[str]:
+    """The index's target lines: the flat index's, and the IVF index's at the smallest nprobe whose recall
+    reaches the goal (else its highest recall)."""
+    k = index["k"]
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    lines = []
+    flat = index["flat"]
+    lines.append(f"target flat index top-{k} latency: {flat['ms']:.1f} ms (goal <= {INDEX_LATENCY_GOAL_MS:.0f} ms) "
+                 f"{verdict(flat['ms'] <= INDEX_LATENCY_GOAL_MS)}")
+    lines.append(f"target flat index recall@{k}: {flat['recall']:.4f} (goal >= {INDEX_RECALL_GOAL}) "
+                 f"{verdict(flat['recall'] >= INDEX_RECALL_GOAL)}")
+    probes = index["ivf"]["nprobe"]
+    if probes:
+        good = [p for p, r in probes.items() if r["recall"] >= INDEX_RECALL_GOAL]
+        p = min(good) if good else max(probes, key=lambda x: probes[x]["recall"])
+        r = probes[p]
+        lines.append(f"target ivf index (nprobe {p}) top-{k} latency: {r['ms']:.1f} ms (goal <= "
+                     f"{INDEX_LATENCY_GOAL_MS:.0f} ms) {verdict(r['ms'] <= INDEX_LATENCY_GOAL_MS)}")
+        lines.append(f"target ivf index (nprobe {p}) recall@{k}: {r['recall']:.4f} (goal >= {INDEX_RECALL_GOAL}) "
+                     f"{verdict(r['recall'] >= INDEX_RECALL_GOAL)}")
+    return lines
+
+
 def explain_gradient(args: argparse.Namespace) -> dict[str, Any]:
     """One projected SmolLM2 query gradient (the other half of a `datainf explain` answer)."""
     from datainf.data.collate import TextCollator
@@ -398,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--index-only", action="store_true",
+                    help="only the projected store and its top-k index (no per-method passes)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -405,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.n, args.full_n, args.chunk_size, args.disk_gb = 3000, 600, 512, 0.2
+    if args.index_only:
+        args.full_n = 0
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -430,9 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     result["stores"] = []
     for label, shapes, n, projection, slow in stores:
         path = out / ("store-full" if projection is None else f"store-k{args.dim}")
-        entry = bench_store(label, path, shapes, n, args, result, projection, slow)
-        if projection is not None:
+        entry = bench_store(label, path, shapes, n, args, result, projection, [] if args.index_only else slow)
+        if projection is not None and not args.index_only:
             entry["latency"] = latency(path, args, result, entry["rows"])
+        if projection is not None:
+            entry["index"] = index_targets(path, args)
         result["stores"].append(entry)
         if not args.keep:
             shutil.rmtree(path)
@@ -459,6 +585,8 @@ def summarize(result: dict[str, Any]) -> None:
                 ok = "PASS" if row["vs_matmul"] >= 0.4 else "MISS"
                 print(f"  {entry['label']}, {row['method']}, 100 queries at >= 40% of matmul throughput: "
                       f"{row['vs_matmul']:.0%} {ok}")
+        for line in index_target_lines(entry["index"]) if "index" in entry else []:
+            print(line)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.distributed": ("datainf.errors", "datainf.estimators", "datainf.store"),
     "datainf.scoring": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
                         "datainf.store", "datainf.distributed"),
+    "datainf.index": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.store", "datainf.scoring",
+                      "datainf.ranking"),  # the top-k index: beside scoring, faiss imported lazily
     "datainf.diagnostics": ("datainf.errors", "datainf.estimators"),
     "datainf.attributor": ("datainf.errors", "datainf.atomic", "datainf.tasks", "datainf.gradients",
                            "datainf.store", "datainf.estimators", "datainf.distributed", "datainf.scoring",

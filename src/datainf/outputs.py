@@ -249,6 +249,31 @@ def check_output(path: str | os.PathLike, *, inputs: Mapping[str, Input], kind: 
     raise DataInfError(f"{option} {path} {what}; choose a new file name, or pass --overwrite to replace it")
 
 
+def check_output_folder(path: str | os.PathLike, *, inputs: Mapping[str, Input], files: Iterable[str],
+                        recognise: Callable[[Path], bool], what: str, overwrite: bool = False,
+                        option: str = "--out") -> bool:
+    """Check an output folder a command writes whole (e.g. an index: ``files`` are the names it writes):
+    apart from the inputs; an existing folder is replaced only when it holds none but ``files`` and is
+    ``recognise``-d as ``what`` (or with ``overwrite``); a folder holding any other file is refused, even with
+    ``overwrite``. Returns whether something exists at ``path`` that the output will replace."""
+    check_apart(path, inputs, option)
+    out = Path(path)
+    if not out.exists() and not out.is_symlink():
+        return False
+    if not out.is_dir():
+        raise DataInfError(f"{option} {path} is a file; give a folder for {what}")
+    mine = set(files)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in mine or not p.is_file())
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise DataInfError(f"{option} {path} holds {foreign[0]}{more}, which is not part of {what}: replacing the "
+                           "folder would delete it; choose a new folder (or move that file out)")
+    if not any(out.iterdir()) or overwrite or recognise(out):
+        return True
+    raise DataInfError(f"{option} {path} exists and is not {what}; choose a new folder, or pass --overwrite to "
+                       "replace it")
+
+
 #: the files a single experiment run (the demo, llm-identification, diffusion) writes into its --out folder
 RUN_FILES = {"scores.safetensors": "scores", "report.html": "report"}
 
@@ -282,5 +307,5 @@ def _check_adapter_folder(out: Path, overwrite: bool, option: str) -> bool:
 
 
 __all__ = ["ADAPTER_MARKER", "EXPLAIN_FORMAT", "FILE_KINDS", "FileKind", "REPORT_MARKER", "TOP_COLUMNS",
-           "RUN_FILES", "check_apart", "check_output", "check_run_folder", "foreign_adapter_files", "is_explain_json", "is_finetune_adapter",
+           "RUN_FILES", "check_apart", "check_output", "check_output_folder", "check_run_folder", "foreign_adapter_files", "is_explain_json", "is_finetune_adapter",
            "is_report", "is_scores_file", "is_top_table", "safetensors_metadata"]

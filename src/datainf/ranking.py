@@ -94,19 +94,30 @@ def top_examples(
     rows = []
     for j in range(m):
         col = scores[:, j].double()
-        query = _query_name(j, m, query_names)
+        query = query_name(j, m, query_names)
         for kind in KINDS:
-            for rank, i in enumerate(_signed_order(col, kind)[:k].tolist(), start=1):
-                row: dict[str, Any] = {"method": method, "query": query, "kind": kind, "rank": rank,
-                                       "train_index": int(i), "score": float(col[i])}
-                if query_records is not None:
-                    row["query_text"] = record_text(query_records[j])
-                if train_records is not None:
-                    parts = record_parts(train_records[i])
-                    for key in ("prompt", "response", "text", "label", "label_name"):
-                        if key in parts:
-                            row[f"train_{key}"] = parts[key]
-                rows.append(row)
+            hits = [(int(i), float(col[i])) for i in _signed_order(col, kind)[:k].tolist()]
+            rows += hit_rows(hits, method=method, query=query, kind=kind, train_records=train_records,
+                             query_record=None if query_records is None else query_records[j])
+    return rows
+
+
+def hit_rows(hits: Sequence[tuple[int, float]], *, method: str, query: str, kind: str,
+             train_records: Sequence[Mapping[str, Any]] | None = None,
+             query_record: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One list (``kind`` of one query) as rows: ``hits`` are (training index, score), best first; rank 1..."""
+    rows = []
+    for rank, (i, score) in enumerate(hits, start=1):
+        row: dict[str, Any] = {"method": method, "query": query, "kind": kind, "rank": rank,
+                               "train_index": int(i), "score": float(score)}
+        if query_record is not None:
+            row["query_text"] = record_text(query_record)
+        if train_records is not None:
+            parts = record_parts(train_records[i])
+            for key in ("prompt", "response", "text", "label", "label_name"):
+                if key in parts:
+                    row[f"train_{key}"] = parts[key]
+        rows.append(row)
     return rows
 
 
@@ -117,7 +128,8 @@ def _signed_order(col: Tensor, kind: str) -> Tensor:
     return order[signed[order] > 0]
 
 
-def _query_name(j: int, m: int, query_names: Sequence[str] | None) -> str:
+def query_name(j: int, m: int, query_names: Sequence[str] | None = None) -> str:
+    """How rows name query ``j`` of ``m``: its given name, else "query j" ("mean query" when it is the only one)."""
     return query_names[j] if query_names is not None else (f"query {j}" if m > 1 else "mean query")
 
 
@@ -135,7 +147,7 @@ def short_lists(scores: Tensor, k: int, query_names: Sequence[str] | None = None
         for kind in KINDS:
             count = int((col < 0).sum() if kind == "helpful" else (col > 0).sum())
             if count < wanted:
-                out.append((_query_name(j, scores.shape[1], query_names), kind, count))
+                out.append((query_name(j, scores.shape[1], query_names), kind, count))
     return out
 
 
@@ -147,4 +159,4 @@ def sign_note(kind: str, count: int, n_train: int) -> str:
     return f"only {count} of {n_train} training examples {'has' if count == 1 else 'have'} a {kind} score ({sign})"
 
 
-__all__ = ["KINDS", "record_parts", "record_text", "short_lists", "sign_note", "top_examples"]
+__all__ = ["KINDS", "hit_rows", "query_name", "record_parts", "record_text", "short_lists", "sign_note", "top_examples"]

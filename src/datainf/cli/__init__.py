@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("datainf.cli.report", "A self-contained HTML report from a scores file."),
     "store": ("datainf.cli.store",
               "Check a store (verify), precondition it for one-pass queries, or describe it (info)."),
+    "index": ("datainf.cli.index", "A top-k index of a store (faiss): build it, search it without a full pass."),
     "experiment": ("datainf.cli.experiment", "The paper's experiments (see docs/results.md)."),
     "assets": ("datainf.cli.assets", "Print the folder of an offline model (converted once)."),
     "example-data": ("datainf.cli.assets", "Write a generated chat or prompt/response training set as JSONL."),

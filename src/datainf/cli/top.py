@@ -99,6 +99,12 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
         source = [i for i in range(loaded.n_train + len(dropped)) if i not in dropped]
         for row in rows:
             row["train_data_row"] = source[row["train_index"]]
+    write_rows(rows, out_format, out_path)
+
+
+def write_rows(rows: list[dict[str, Any]], out_format: str, out_path: str | None) -> None:
+    """Rows of :mod:`datainf.ranking` as JSON lines or CSV (formula-like cells neutralised) to ``out_path``
+    (atomically; the caller has checked it with the output guard) or stdout."""
     if out_format == "jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     else:
