@@ -1,8 +1,17 @@
 """On-disk store of per-example gradients: resumable, atomic per chunk, memory-mapped on read.
 
-The package, by file: ``files`` (names, dtypes, .npy helpers), ``manifest`` (manifest.json read, validated,
-compared; the problem lines), ``locking`` (the writer's lock), ``blocks`` (:class:`StoredBlock`, rows read on
-demand), ``gradient_store`` (:class:`GradientStore`), ``fingerprint`` (what the gradients depend on).
+The package, by file, each importing only those above it (no circle):
+
+- ``files`` (names, dtypes, .npy helpers), ``manifest`` (manifest.json read, validated, compared; the problem
+  lines), ``locking`` (the writer's lock), ``fingerprint`` (what the gradients depend on);
+- ``blocks``: :class:`StoredBlock`, one block's rows read on demand through :class:`~datainf.store.blocks.BlockSource`,
+  the store's public reading API (``block_file``, ``checked_file``, ``mapped``, ``sq_norms_table``);
+- :class:`GradientStore` is built by concern, each class adding to the one before: ``layout`` (where
+  everything lies: chunks, rows, the files a chunk must hold, the cheap checks of a chunk) -> ``reader``
+  (``open``, blocks, squared norms, records, and the reading API) -> ``verify`` (``verify``: checksums and
+  squared norms of everything) -> ``writer`` (``create``/resume, ``write_chunk``, ``write_records``,
+  ``finalize``, the lock) -> ``gradient_store`` (:class:`GradientStore` itself, which adds the disk access:
+  free space, a chunk's files written whole or not at all, a chunk file memory-mapped back).
 
 A store is a directory holding the per-example gradients of one dataset under one model + adapter + task,
 so that scoring never recomputes them::

@@ -1,10 +1,13 @@
-"""One block of a store read as rows from memory-mapped chunk files: :class:`StoredBlock`."""
+"""One block of a store read as rows from memory-mapped chunk files: :class:`StoredBlock`, and what it reads
+them through, :class:`BlockSource` (the store's public reading API; :class:`datainf.store.GradientStore` is
+one). This module imports nothing else of the store: the store imports it."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -12,8 +15,35 @@ from torch import Tensor
 
 from datainf.errors import DataInfError
 
-if TYPE_CHECKING:
-    from datainf.store.gradient_store import GradientStore
+
+class BlockSource(Protocol):
+    """What a :class:`StoredBlock` reads its rows through: a store's layout and its chunk files."""
+
+    path: Path
+    n_examples: int
+    chunk_size: int
+    num_chunks: int
+    block_names: list[str]
+    block_shapes: dict[str, tuple[int, ...]]
+    storage_dtype: str
+    #: whether reads check each chunk file's sha256 the first time they touch it
+    checksums: bool
+
+    def block_file(self, name: str) -> str:
+        """The file name of block ``name`` inside each chunk folder."""
+        ...
+
+    def checked_file(self, index: int, file: str, *, verify: bool | None = None) -> Path:
+        """The path of ``file`` of chunk ``index``, refused when missing or (first read) not matching its sha256."""
+        ...
+
+    def mapped(self, index: int, file: str, *, verify: bool | None = None) -> np.ndarray:
+        """``file`` of chunk ``index``, memory-mapped and checked: (rows of the chunk, d), storage dtype."""
+        ...
+
+    def sq_norms_table(self) -> Tensor:
+        """Every example's squared norm per block, float64 (n_examples, n_blocks), columns in block order."""
+        ...
 
 
 class StoredBlock:
@@ -25,14 +55,14 @@ class StoredBlock:
     Can be passed to :func:`datainf.influence` directly.
     """
 
-    def __init__(self, store: GradientStore, name: str, dtype: torch.dtype):
+    def __init__(self, store: BlockSource, name: str, dtype: torch.dtype):
         self.store = store
         self.name = name
         self.block_shape = store.block_shapes[name]
         self.shape = (store.n_examples, math.prod(self.block_shape))
         self.dtype = dtype
         self.device = torch.device("cpu")
-        self._file = store._block_file(name)
+        self._file = store.block_file(name)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -42,7 +72,7 @@ class StoredBlock:
 
     def _chunk(self, index: int) -> np.ndarray:
         """The chunk's rows of this block, memory-mapped: (rows_in_chunk, d) in the storage dtype."""
-        return self.store._mapped(index, self._file)
+        return self.store.mapped(index, self._file)
 
     def _to_torch(self, array: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.array(array))  # copies only the requested rows out of the memory map
@@ -68,8 +98,8 @@ class StoredBlock:
         norms."""
         if self.store.checksums:
             for c in range(self.store.num_chunks):
-                self.store._checked_file(c, self._file)
-        return self.store._sq_norms_table()[:, self.store.block_names.index(self.name)]
+                self.store.checked_file(c, self._file)
+        return self.store.sq_norms_table()[:, self.store.block_names.index(self.name)]
 
     def __getitem__(self, rows: slice | int | Tensor | np.ndarray | list[int]) -> Tensor:
         n, d = self.shape
