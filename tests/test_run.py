@@ -93,11 +93,10 @@ def setup(tiny_llama_dir, tmp_path_factory):
             "stores": root / "stores", "query_stores": root / "query-stores"}
 
 
-def test_finetune_saves_step_0_and_the_learning_rates_the_scheduler_used(tiny_llama_dir, setup, tmp_path, capsys):
+def test_finetune_saves_step_0_and_the_learning_rates_the_scheduler_used(setup):
     """checkpoint-0, checkpoint-6 and the final adapter, each weighing the mean rate of the steps from it to
     the next checkpoint (the final: its own step's), from transformers' scheduler computed here; step 1 runs at
-    rate 0 (warm-up), so checkpoint-0 weighs the mean of steps 1-6, not 0. The message counts every
-    checkpoint (old: `--checkpoints 2` said "1 checkpoints")."""
+    rate 0 (warm-up), so checkpoint-0 weighs the mean of steps 1-6, not 0."""
     out = setup["run"]
     saved = {p.parent.name: json.loads(p.read_text()) for p in out.rglob("datainf_checkpoint.json")}
     assert sorted(saved) == ["adapter", "checkpoint-0", "checkpoint-6"]
@@ -112,11 +111,20 @@ def test_finetune_saves_step_0_and_the_learning_rates_the_scheduler_used(tiny_ll
 
     assert [(c.adapter, c.step) for c in run_checkpoints(out)] == [
         (out / "checkpoint-0", 0), (out / "checkpoint-6", 6), (out, 12)]
-    # the message, on a run of 4 checkpoints asked for
-    code, text, err = run(["finetune", "--task", "causal_lm", "--model", str(tiny_llama_dir), "--train",
-                           str(setup["data"]), "--out", str(tmp_path / "a"), "--epochs", "2", "--batch-size", "3",
-                           "--rank", "2", "--checkpoints", "4", "--device", "cpu"], capsys)
+
+
+def test_finetune_counts_every_checkpoint_it_saved(tiny_llama_dir, tmp_path, capsys):
+    """`--checkpoints 4` on 4 steps: checkpoint-0..3 and the final adapter, and the message says so (old:
+    "3 checkpoints", and no checkpoint-0)."""
+    records = [{"prompt": r["prompt"], "response": r["response"]}
+               for r in make_task("sentences", classes=2, per_class=3)]
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    out = tmp_path / "a"
+    code, text, err = run(["finetune", "--task", "causal_lm", "--model", str(tiny_llama_dir), "--train", str(data),
+                           "--out", str(out), "--epochs", "2", "--batch-size", "3", "--rank", "2", "--checkpoints",
+                           "4", "--device", "cpu"], capsys)
     assert code == 0, err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(4)]
     assert "a run of 5 checkpoints: steps 0, 1, 2, 3 in" in text and "step 4, the final adapter" in text, text
 
 
