@@ -2,15 +2,20 @@
 
 A fully trained model's per-example gradients can lose what made each example matter: on our LLM runs the
 class of a test prompt is found near chance by every method on the final adapter, and well on adapters from
-early in fine-tuning (docs/results.md). Summing each checkpoint's scores weighted by the learning rate at
-that checkpoint, ``sum_c lr_c * score_c``, follows the training trajectory instead of its end point (TracIn,
-Pruthi et al. 2020; LESS sums warm-up checkpoints the same way).
+early in fine-tuning, best of all at step 0, before the first optimizer step (docs/results.md). Summing
+each checkpoint's scores weighted by the learning rate over the interval it stands for,
+``sum_c lr_c * score_c``, follows the training trajectory instead of its end point (TracIn, Pruthi et al.
+2020; LESS sums warm-up checkpoints the same way).
 
-* :class:`Snapshots` records the trainable weights at chosen optimizer steps (the training loop's
-  ``on_step`` hook) and puts them back into the model;
-* :func:`learning_rate` reads the learning rate a checkpoint folder was saved at: ours
+* :class:`Snapshots` records the trainable weights at step 0 and at chosen optimizer steps (the training
+  loop's ``on_step`` hook), every step's learning rate, and puts weights back into the model;
+* :func:`interval_rates` is the weight rule of our checkpoints: the mean learning rate of the optimizer steps
+  from a checkpoint to the next one (the final adapter: its own step's rate);
+* :func:`learning_rate` reads the weight a checkpoint folder was saved with: ours
   (``datainf_checkpoint.json``, written by ``datainf finetune --checkpoints``) or the Trainer's / TRL's
   (``trainer_state.json``, in every ``checkpoint-N`` folder they save);
+* :func:`run_checkpoints` reads a whole run folder (ours or the Trainer's) as (adapter, weight, step) in
+  step order; :func:`checkpoint_weights` the weights of (adapter, store) pairs given by hand;
 * :func:`load_adapter_weights` swaps a checkpoint's LoRA weights into an already loaded PEFT model.
 """
 
@@ -102,8 +107,8 @@ def interval_rates(steps: list[int], rates: list[float]) -> list[float]:
 
 
 def learning_rate(adapter_dir: str | Path) -> float | None:
-    """The learning rate the training was at when this checkpoint was saved, or None when the folder does not
-    say: ``datainf_checkpoint.json``'s, else the last ``learning_rate`` the Trainer logged at or before the
+    """This checkpoint's weight in a sum over the run, or None when the folder does not say:
+    ``datainf_checkpoint.json``'s ``learning_rate`` (:func:`interval_rates`' rule), else the last ``learning_rate`` the Trainer logged at or before the
     checkpoint's ``global_step`` in ``trainer_state.json`` (logged every ``logging_steps``, so the rate of the
     last logging step before the save). A rate that is not a finite number > 0 (NaN, infinite, 0, negative,
     a boolean, a string) is refused, naming the file: it would be used as the checkpoint's weight."""
