@@ -168,9 +168,10 @@ def test_explain_sums_over_checkpoints_weighted_by_their_learning_rate(flow, cha
     # 6 examples, batch 3, 2 epochs: 4 steps; checkpoints at steps 2 and 4 (the final adapter, OUT itself)
     adapters = [out, out / "checkpoint-2"]
     saved = [json.loads((a / "datainf_checkpoint.json").read_text()) for a in adapters]
-    assert [x["step"] for x in saved] == [4, 2] and "1 checkpoints in" in text
-    # warm-up round(0.06 * 4) = 0 steps, then linear decay: step t used lr * (4 - (t - 1)) / 4
-    assert [x["learning_rate"] for x in saved] == pytest.approx([1e-2 * 1 / 4, 1e-2 * 3 / 4])
+    assert [x["step"] for x in saved] == [4, 2] and "a run of 3 checkpoints: steps 0, 2 in" in text
+    # warm-up round(0.06 * 4) = 0 steps, then linear decay: step t used lr * (4 - (t - 1)) / 4; a checkpoint
+    # weighs the mean rate of the steps from it to the next (steps 3 and 4), the final its own step's
+    assert [x["learning_rate"] for x in saved] == pytest.approx([1e-2 * 1 / 4, 1e-2 * (2 / 4 + 1 / 4) / 2])
     stores = []
     for i, adapter in enumerate(adapters):
         stores.append(tmp_path / f"store{i}")

@@ -175,8 +175,8 @@ def test_bad_settings_and_inputs(tiny_dir, tmp_path):
 
 def test_cli_checkpoints_hold_the_weights_of_their_step(tiny_dir, tmp_path):
     """`datainf finetune --checkpoints 3` (classifier): OUT/checkpoint-STEP holds the adapter as it was after
-    that optimizer step, checked against the same fine-tune run again here with its weights copied at each
-    step; the final adapter is OUT itself."""
+    that optimizer step (checkpoint-0: before the first), checked against the same fine-tune run again here
+    with its weights copied at each step; the final adapter is OUT itself."""
     from datainf.cli import main
 
     records = _toy_records()[:24]  # 24 examples, batch 8, 2 epochs: 6 steps; checkpoints at 2, 4 and 6
@@ -187,14 +187,15 @@ def test_cli_checkpoints_hold_the_weights_of_their_step(tiny_dir, tmp_path):
         main(["--quiet", "finetune", "--model", str(tiny_dir), "--train", str(data), "--out", str(out), "--epochs", "2",
               "--batch-size", "8", "--lr", "1e-2", "--checkpoints", "3", "--device", "cpu"])
     assert e.value.code == 0
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-0", "checkpoint-2", "checkpoint-4"]  # checkpoint-0: the weights before the first step
     model, tokenizer = load_classifier(tiny_dir, num_labels=2, lora=LoraSettings(rank=4, target_modules=("value",)),
                                        seed=0)
-    seen = {}
+    seen = {0: {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
     finetune_classifier(model, tokenizer, records, TrainSettings(epochs=2, batch_size=8, learning_rate=1e-2, seed=0),
                         progress=False, on_step=lambda step, lr: seen.update(
                             {step: {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}))
-    for folder, step in ((out / "checkpoint-2", 2), (out / "checkpoint-4", 4), (out, 6)):
+    for folder, step in ((out / "checkpoint-0", 0), (out / "checkpoint-2", 2), (out / "checkpoint-4", 4), (out, 6)):
         assert json.loads((folder / "datainf_checkpoint.json").read_text())["step"] == step
         loaded, _ = load_adapter(tiny_dir, folder, num_labels=2)
         weights = dict(loaded.named_parameters())

@@ -37,6 +37,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                         "datainf.store", "datainf.distributed"),
     "datainf.index": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.store", "datainf.scoring",
                       "datainf.ranking"),  # the top-k index: beside scoring, faiss imported lazily
+    # one way to combine scores (weighted sums of terms over one training set); data.collate: the loss default
+    "datainf.combine": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
+                        "datainf.store", "datainf.scoring", "datainf.data.collate"),
     "datainf.diagnostics": ("datainf.errors", "datainf.estimators"),
     "datainf.attributor": ("datainf.errors", "datainf.atomic", "datainf.tasks", "datainf.gradients",
                            "datainf.store", "datainf.estimators", "datainf.distributed", "datainf.scoring",

@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from datainf.estimators import (
     score,
     score_self,
 )
-from datainf.store import GradientStore
+from datainf.store import RECORDS_FILE, GradientStore
 
 logger = logging.getLogger("datainf.distributed")
 
@@ -235,7 +236,9 @@ def write_store(
             _agree(failure, group, "computing the gradient store")
         elif failure is not None:
             raise failure
-        if rank == 0:
+        # a store found complete (same fingerprints, so the same records) is left as it is: a rerun changes no file
+        untouched = not missing and store.complete and (records is None or (Path(path) / RECORDS_FILE).is_file())
+        if rank == 0 and not untouched:
             try:
                 if records is not None and failure is None:
                     store.write_records(records)

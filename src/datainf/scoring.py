@@ -720,12 +720,15 @@ def resolve_damping_for(damping: Any, names: list[str]) -> dict[str, float]:
 @dataclass
 class ScoresFile:
     """What a scores file holds: ``scores`` (entry -> tensor), ``settings`` (entry -> the result's
-    settings: kind, arguments, damping, seconds, ...), and ``meta`` (stores, data fingerprint, extra)."""
+    settings: kind, arguments, damping, seconds, ...), and ``meta`` (stores, data fingerprint, extra).
+    ``provenance``: for an entry that is a weighted sum of terms (:func:`datainf.combine.combine`), each
+    term's stores (path and fingerprints), weight and method; other entries, and older files, have none."""
 
     scores: dict[str, Tensor]
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    provenance: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def n_train(self) -> int:
@@ -750,7 +753,8 @@ def save_scores(
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``results`` (entry name -> ScoreResult) as one scores file, atomically. ``extra`` is kept in
-    the metadata (JSON-able: e.g. the data file's fingerprint, the task, the query texts)."""
+    the metadata (JSON-able: e.g. the data file's fingerprint, the task, the query texts). A combined result
+    (:func:`datainf.combine.combine`) keeps its terms' provenance in its entry's settings (``terms``)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DataInfError(f"scores are written as .safetensors files; name the output {path.with_suffix('.safetensors')}")
@@ -793,8 +797,11 @@ def load_scores(path: str | os.PathLike) -> ScoresFile:
     if not isinstance(meta, dict) or meta.get("format") != SCORES_FORMAT:
         raise DataInfError(f"{path} is a safetensors file but not a datainf scores file; make it with `datainf score`")
     entries = meta.pop("entries", {})
+    entries = entries if isinstance(entries, dict) else {}
     _check_scores(path, scores)
-    return ScoresFile(scores=scores, settings=entries if isinstance(entries, dict) else {}, meta=meta, path=path)
+    provenance = {name: list(e["terms"]) for name, e in entries.items()
+                  if isinstance(e, dict) and isinstance(e.get("terms"), list)}
+    return ScoresFile(scores=scores, settings=entries, meta=meta, path=path, provenance=provenance)
 
 
 def _check_scores(path: Path, scores: Mapping[str, Tensor]) -> None:

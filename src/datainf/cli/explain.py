@@ -117,13 +117,19 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
 @click.command("explain")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Local Hugging Face base model folder.")
-@click.option("--adapter", "adapter_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--adapter", "adapter_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="The LoRA adapter the training store was made with. Repeated with --store: checkpoints of the "
                    "same fine-tune, each with the store made with it; the scores are summed over them (the first "
-                   "pair is the model that answers).")
+                   "pair is the model that answers). Or give --run.")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A fine-tuning run folder (`datainf finetune --checkpoints K`'s --out, or a Trainer / TRL "
+                   "output_dir with checkpoint-N folders) instead of --adapter: every checkpoint, weighted by its "
+                   "learning rate, with --store the folder of run stores `datainf grads --run` made from it; the "
+                   "final checkpoint answers.")
 @click.option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="The training set's gradient store (from `datainf grads` with that --adapter). Several stores "
-                   "must be made from the same data with the same grads options (tokenization, projection).")
+              help="The training set's gradient store (from `datainf grads` with that --adapter; with --run, the "
+                   "folder `datainf grads --run` wrote). Several stores must be made from the same data with the "
+                   "same grads options (tokenization, projection).")
 @click.option("--weights", default="lr", show_default=True,
               help="With several --adapter/--store pairs, each one's weight in the sum: 'lr' (the learning rate "
                    "the checkpoint was saved at, from datainf_checkpoint.json or the Trainer's trainer_state.json: "
@@ -150,22 +156,23 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
 @model_dtype_option
 @device_option
 @click.pass_context
-def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], store_dirs: tuple[str, ...],
-            weights: str, prompt: str | None, response: str | None, system: str | None,
+def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
+            store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
             interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
     """Which training examples made the model give this response to this prompt?"""
     from datainf.attributor import Attributor
     from datainf.cli.common import load_model
+    from datainf.combine import Term, check_summable, combine
     from datainf.data.collate import TextCollator
     from datainf.gradients import ProjectionSettings
-    from datainf.models.checkpoints import load_adapter_weights
+    from datainf.models.checkpoints import checkpoint_weights, load_adapter_weights
     from datainf.ranking import top_examples
-    from datainf.scoring import check_preconditioned, score_store
+    from datainf.scoring import check_preconditioned
     from datainf.store import GradientStore
 
     if json_path is not None:
-        check_output(json_path, inputs={"model folder": model_dir, "adapter folder": adapter_dirs,
+        check_output(json_path, inputs={"model folder": model_dir, "adapter folder": adapter_dirs, "run folder": run_dir,
                                         "training store": store_dirs, "--conversation file": conversation_path},
                      kind="explain", overwrite=overwrite, option="--json")
     conversation: list[dict[str, str]] | None = None
@@ -182,12 +189,18 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
     if prompt is None and not interactive:
         raise DataInfError("give --prompt TEXT (or --conversation FILE, or --interactive to type prompts)")
     names = parse_methods(methods)
+    if run_dir is not None:
+        adapter_dirs, store_dirs, pair_weights = run_pairs(run_dir, adapter_dirs, store_dirs, weights)
+    elif not adapter_dirs:
+        raise DataInfError("give --adapter (with its --store) or --run RUN (with --store, the folder `datainf grads "
+                           "--run RUN` wrote)")
     if len(adapter_dirs) != len(store_dirs):
         raise DataInfError(f"{len(adapter_dirs)} --adapter for {len(store_dirs)} --store: give one training store "
                            "per adapter (each made by `datainf grads` with that adapter), in the same order")
     check_distinct_pairs(adapter_dirs, store_dirs)
     stores = [GradientStore.open(d) for d in store_dirs]
-    pair_weights = checkpoint_weights(weights, adapter_dirs)
+    if run_dir is None:
+        pair_weights = checkpoint_weights(weights, adapter_dirs)
     store, store_dir = stores[0], store_dirs[0]
     meta = store.manifest.get("meta", {})
     task = meta.get("task")
@@ -230,7 +243,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
     click.echo(f"loaded {model_dir} + {adapter_dirs[0]} in {load_seconds:.1f} s; store: {store.n_examples} training "
                f"examples, {len(store.block_names)} blocks{' (chat)' if chat else ''}")
     if len(adapter_dirs) > 1:
-        click.echo(f"scores summed over {len(adapter_dirs)} checkpoints, weighted by {weights}: " + ", ".join(
+        click.echo(f"scores summed over {len(adapter_dirs)} checkpoints, weighted by "
+                   f"{'lr' if run_dir is not None else weights}: " + ", ".join(
             f"{a} x {w:.3g}" for a, w in zip(adapter_dirs, pair_weights)))
     width = shutil.get_terminal_size((120, 24)).columns
     answers = []
@@ -256,16 +270,18 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
             click.echo(f"warning: this query is {length} tokens, more than the store's max_length of "
                        f"{collate.max_length}: its gradient is that of the last {collate.max_length} tokens, as "
                        "the training examples' were", err=True)
-        summed: dict[str, Any] = {}
-        timings: dict[str, float] = {}
-        for i, (adapter_dir, s, attributor) in enumerate(zip(adapter_dirs, stores, attributors)):
+        queries = []
+        for i, (adapter_dir, attributor) in enumerate(zip(adapter_dirs, attributors)):
             if i:
                 load_adapter_weights(model, adapter_dir)
-            qgrads = attributor.gradients([record], desc=None)
-            for method in names:
-                result = score_store(s, qgrads, _score_arguments(method), allow_mismatch=allow_mismatch)
-                timings[method] = timings.get(method, 0.0) + result.seconds
-                summed[method] = summed.get(method, 0) + pair_weights[i] * result.scores
+            queries.append(attributor.gradients([record], desc=None))
+        summed: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        for method in names:  # one weighted sum of terms (datainf.combine), one term per checkpoint
+            result = combine([Term(s, q, _score_arguments(method), w, label=a) for a, s, q, w in
+                              zip(adapter_dirs, stores, queries, pair_weights)], allow_mismatch=allow_mismatch)
+            timings[method] = sum(r.seconds for r in result.results)
+            summed[method] = result.scores
         rows = []
         for method in names:
             rows += top_examples(summed[method], k, method=method, train_records=records, query_names=["query"])
@@ -286,7 +302,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], s
         checkpoints = [{"adapter": a, "store": d, "weight": w} for a, d, w in zip(adapter_dirs, store_dirs, pair_weights)]
         atomic.write_json(Path(json_path), {"format": EXPLAIN_FORMAT, "store": str(store_dir), "model": model_dir, "adapter": adapter_dirs[0],
                                             "k": k, "answers": answers, "mismatch": differences,
-                                            **({"checkpoints": checkpoints} if len(adapter_dirs) > 1 else {})})
+                                            **({"checkpoints": checkpoints} if len(adapter_dirs) > 1 else {}),
+                                            **({"run": run_dir} if run_dir is not None else {})})
         click.echo(f"wrote {json_path}")
 
 
@@ -311,68 +328,30 @@ def check_distinct_pairs(adapter_dirs: tuple[str, ...] | list[str], store_dirs: 
                     "would count twice in the sum; give every (adapter, store) pair once")
 
 
-def summing_fields(store: Any) -> dict[str, Any]:
-    """What the stores of one checkpoint sum must share, by name: the training examples (dataset
-    fingerprint, count, task), the tokenization (every collate setting the store recorded: max_length,
-    loss_tokens, chat_template, assistant_turns...), the projection and the task fingerprint (which also
-    covers the loss's other settings)."""
-    from datainf.data.collate import TextCollator
+def run_pairs(run_dir: str, adapter_dirs: tuple[str, ...], store_dirs: tuple[str, ...], weights: str
+              ) -> tuple[list[str], list[str], list[float]]:
+    """The (adapter, store, weight) of every checkpoint of ``run_dir`` from the run stores ``store_dirs[0]``
+    (`datainf grads --run`), the final checkpoint first (the model that answers). Refused: --adapter or
+    --weights beside --run, a --store that is not a folder of run stores, or one made from another run (other
+    checkpoints or learning rates)."""
+    from datainf.combine import is_run_stores, read_run_stores
+    from datainf.models.checkpoints import run_checkpoints
 
-    meta = store.manifest.get("meta") or {}
-    collate = {"loss_tokens": TextCollator.loss_tokens, **(meta.get("collate") or {})}  # left out when default
-    return {"task": meta.get("task"), "dataset fingerprint": store.fingerprints.get("dataset"),
-            "number of examples": store.n_examples,
-            **{f"tokenization {key}": value for key, value in sorted(collate.items())},
-            "projection": store.projection, "task fingerprint": store.fingerprints.get("task")}
-
-
-def check_summable(stores: list[Any], store_dirs: tuple[str, ...] | list[str]) -> None:
-    """Refuse to sum scores over stores that do not hold the same examples under the same loss
-    (:func:`summing_fields`), naming the store, the first field that differs and both values."""
-    from datainf.store import projection_label
-
-    first = summing_fields(stores[0])
-    for other, other_dir in zip(stores[1:], store_dirs[1:]):
-        theirs = summing_fields(other)
-        for key in {**first, **theirs}:
-            a, b = first.get(key), theirs.get(key)
-            if a != b:
-                if key == "projection" and projection_label({"projection": a}) != projection_label({"projection": b}):
-                    a, b = projection_label({"projection": a}), projection_label({"projection": b})
-                raise DataInfError(
-                    f"stores {store_dirs[0]} and {other_dir} cannot be summed: their {key} differs ({a!r} in "
-                    f"{store_dirs[0]}, {b!r} in {other_dir}); make every checkpoint's store from the same training "
-                    "file with the same `datainf grads` options")
-
-
-def checkpoint_weights(weights: str, adapter_dirs: tuple[str, ...] | list[str]) -> list[float]:
-    """Each (adapter, store) pair's weight in the summed scores: the learning rate its checkpoint was saved at
-    ("lr"), 1 each ("equal"), or the numbers given; one pair always weighs 1. Every weight must be a finite
-    number > 0 (NaN, infinity, 0 and negative numbers are refused, naming the checkpoint or the position in
-    --weights), the learning rates read from a checkpoint's files included."""
-    from datainf.models.checkpoints import checked_rate, learning_rate
-
-    if weights not in ("lr", "equal"):
-        try:
-            values = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise DataInfError(f"--weights must be 'lr', 'equal' or comma-separated numbers, got {weights!r}"
-                               ) from None
-        if len(values) != len(adapter_dirs):
-            raise DataInfError(f"--weights gives {len(values)} numbers for {len(adapter_dirs)} --adapter")
-        for i, (text, value) in enumerate(zip(weights.split(","), values), start=1):
-            checked_rate(value, f"--weights number {i} ({text.strip()!r}, for --adapter {adapter_dirs[i - 1]})")
-    if len(adapter_dirs) == 1 or weights == "equal":
-        return [1.0] * len(adapter_dirs)
-    if weights == "lr":
-        try:
-            rates = [learning_rate(a) for a in adapter_dirs]
-        except DataInfError as e:
-            raise DataInfError(f"{e}; pass --weights equal, or one number per --adapter") from None
-        missing = [a for a, r in zip(adapter_dirs, rates) if r is None]
-        if missing:
-            raise DataInfError(f"{missing[0]} does not say the learning rate it was saved at (no "
-                               "datainf_checkpoint.json or trainer_state.json with a logged learning_rate); pass "
-                               "--weights equal, or one number per --adapter")
-        return [float(r) for r in rates if r is not None]
-    return values
+    if adapter_dirs:
+        raise DataInfError("--run gives the adapters (every checkpoint of the run): leave out --adapter")
+    if weights != "lr":
+        raise DataInfError("--run weighs each checkpoint by its learning rate: leave out --weights")
+    if len(store_dirs) != 1 or not is_run_stores(store_dirs[0]):
+        raise DataInfError(f"with --run, --store is the one folder `datainf grads --run {run_dir} --store FOLDER` "
+                           f"wrote; {', '.join(store_dirs)} is not")
+    stores = read_run_stores(store_dirs[0])
+    found = {c.step: c for c in run_checkpoints(run_dir)}
+    recorded = {r.step: r for r in stores}
+    if set(found) != set(recorded) or any(abs(found[k].learning_rate - recorded[k].weight) >
+                                          1e-12 * abs(found[k].learning_rate) for k in found):
+        raise DataInfError(f"the run stores {store_dirs[0]} hold checkpoints at steps {sorted(recorded)}, the run "
+                           f"{run_dir} at steps {sorted(found)} (or other learning rates); run `datainf grads --run "
+                           f"{run_dir} --store {store_dirs[0]}` again to make the missing ones")
+    order = sorted(found, reverse=True)
+    return ([str(found[k].adapter) for k in order], [str(recorded[k].path) for k in order],
+            [recorded[k].weight for k in order])

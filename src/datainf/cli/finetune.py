@@ -19,6 +19,9 @@ from datainf.outputs import check_output
 
 #: the file that marks an adapter folder as written by `datainf finetune`
 MARKER = FINETUNE_MARKER
+#: how a checkpoint's learning_rate (its weight in a checkpoint sum) is chosen; see interval_rates
+RATE_RULE = ("mean learning rate of the optimizer steps from this checkpoint to the next one (the final adapter: "
+             "its own step's rate)")
 
 
 @click.command("finetune")
@@ -55,8 +58,10 @@ MARKER = FINETUNE_MARKER
 @click.option("--head-lr", type=float, default=None,
               help="Classification: learning rate of the new head (default --lr).")
 @click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also save the adapter at this many evenly spaced steps (OUT/checkpoint-STEP, each with the "
-                   "learning rate it was saved at; the last is OUT itself), for `explain` summed over training.")
+              help="Also save the adapter at this many evenly spaced steps and before the first step (OUT/"
+                   "checkpoint-STEP, checkpoint-0 included; the last is OUT itself), each with its weight in a sum "
+                   "over the run: the mean learning rate of the steps from it to the next checkpoint. Then `grads "
+                   "--run OUT`, `score --run-stores`, `explain --run OUT` use them all.")
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, overwrite: bool, task: str,
@@ -85,7 +90,7 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
 
         model, tokenizer = load_causal_lm(model_dir, lora, device=device, seed=seed)
         collate = make_collator(tokenizer, "causal_lm", max_length, **data)
-        snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps))
+        snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps), initial=True)
         stats = finetune_causal_lm(model, tokenizer, records, epochs=epochs, lr=lr, batch_size=batch_size,
                                    max_length=max_length, seed=seed, progress=progress, collate=collate,
                                    on_step=snapshots.on_step)
@@ -105,7 +110,7 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
         num_labels = head_size([r["label"] for r in records], names, train_path, num_labels)
         model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=seed, pooling=pooling)
         model.to(device)
-        snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps))
+        snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps), initial=True)
         stats = finetune_classifier(model, tokenizer, records, TrainSettings(
             epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed,
             head_learning_rate=head_lr), progress=progress, on_step=snapshots.on_step)
@@ -114,8 +119,9 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
         shown = f"training accuracy {acc:.3f}; {num_labels} classes: {describe(names)}"
     marker = json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"), **summary}, indent=2)
     final = snapshots.current()
+    saved = snapshots.checkpoints()  # step 0, the K evenly spaced steps (the last is the final adapter)
     with atomic.new_directory(out_dir, replace=replace) as tmp:
-        for step, step_lr, state in snapshots.taken:  # the last one is the final adapter, OUT itself
+        for step, weight, state in saved:
             folder = tmp if step == total_steps else tmp / f"checkpoint-{step}"
             if step != total_steps:
                 snapshots.load(state)
@@ -123,12 +129,15 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
                 if lm:
                     tokenizer.save_pretrained(str(folder))
                 (folder / MARKER).write_text(marker)
-            (folder / CHECKPOINT_FILE).write_text(json.dumps({"step": step, "learning_rate": step_lr,
-                                                              "steps": total_steps}) + "\n")
+            (folder / CHECKPOINT_FILE).write_text(json.dumps({
+                "step": step, "learning_rate": weight, "steps": total_steps,
+                "learning_rate_rule": RATE_RULE}) + "\n")
         snapshots.load(final)
         save_adapter(model, tmp)
         if lm:
             tokenizer.save_pretrained(str(tmp))
         (tmp / MARKER).write_text(marker)
-    saved = f"; {len(snapshots.taken) - 1} checkpoints in {out_dir}/checkpoint-STEP" if len(snapshots.taken) > 1 else ""
-    click.echo(f"adapter written to {out_dir} ({shown}){saved}")
+    shown_steps = ", ".join(str(step) for step, _, _ in saved if step != total_steps)
+    listed = (f"; a run of {len(saved)} checkpoints: steps {shown_steps} in {out_dir}/checkpoint-STEP and step "
+              f"{total_steps}, the final adapter, in {out_dir}" if saved else "")
+    click.echo(f"adapter written to {out_dir} ({shown}){listed}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -28,10 +29,16 @@ from datainf.outputs import check_apart
               help="Local Hugging Face base model folder.")
 @click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="LoRA adapter folder (from `datainf finetune`, TRL, the Trainer or peft's save_pretrained).")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A fine-tuning run folder instead of --adapter (`datainf finetune --checkpoints K`'s --out, or a "
+                   "Trainer / TRL output_dir with checkpoint-N folders): one store per checkpoint, --store/"
+                   "checkpoint-STEP, and datainf_run.json saying each one's learning rate; complete stores are "
+                   "kept, interrupted ones resumed.")
 @click.option("--data", "data_path", required=True, type=click.Path(),
               help="JSONL, JSON, CSV/TSV, parquet or a save_to_disk folder.")
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
-              help="Gradient store folder (created, or resumed when it exists).")
+              help="Gradient store folder (created, or resumed when it exists); with --run, the folder of the run's "
+                   "stores.")
 @click.option("--task", type=click.Choice(["classification", "causal_lm", "causal_lm_mean"]),
               default="classification",
               help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: "
@@ -58,7 +65,7 @@ from datainf.outputs import check_apart
 @model_dtype_option
 @device_option
 @click.pass_context
-def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_path: str, store_dir: str, task: str,
+def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir: str | None, data_path: str, store_dir: str, task: str,
             num_labels: int | None, labels_from: str | None, skip_nonfinite: bool, batch_size: int, chunk_size: int,
             dtype: str, max_length: int, project_dim: int | None, project_seed: int, model_dtype: str,
             device: str | None, **data: Any) -> None:
@@ -70,7 +77,11 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
 
     # the store itself resumes, or refuses a folder that is not one (datainf.store); here: apart from the inputs
     check_apart(store_dir, {"model folder": model_dir, "adapter folder": adapter_dir, "data file": data_path,
-                            "--labels-from store": labels_from}, option="--store")
+                            "--labels-from store": labels_from, "run folder": run_dir}, option="--store")
+    jobs = [(adapter_dir, store_dir)]
+    if run_dir is not None:
+        jobs = run_jobs(run_dir, adapter_dir, store_dir)
+        adapter_dir = jobs[0][0]
     progress, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     progress = progress and is_main_process()
@@ -84,32 +95,62 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, data_pa
     names = getattr(records, "label_names", None)
     model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
     collate = make_collator(tokenizer, task, max_length, **data)
-    if task != "classification" and is_main_process():
-        differences = tokenization_differences(adapter_dir, collate.settings())
-        if differences:
-            click.echo(f"warning: {adapter_dir} was fine-tuned on examples tokenized otherwise "
-                       f"({'; '.join(differences)}): these gradients are not of its training loss; pass the options "
-                       "it was trained with", err=True)
-    attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
-                            batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
-                            label_names=names, skip_nonfinite=skip_nonfinite,
-                            projection=None if project_dim is None else ProjectionSettings(project_dim, project_seed))
-    try:
-        store = attributor.fit(records)
-    except OSError as e:
-        if not disk_full(e):
-            raise
-        raise DataInfError(f"the disk is full: writing the store {store_dir} ({e}); free some space, then rerun the "
-                           "same command: it resumes after the chunks written") from None
+    for i, (adapter_dir, store_dir) in enumerate(jobs):
+        if i:
+            from datainf.models.checkpoints import load_adapter_weights
+
+            load_adapter_weights(model, adapter_dir)
+        if task != "classification" and is_main_process():
+            differences = tokenization_differences(adapter_dir, collate.settings())
+            if differences:
+                click.echo(f"warning: {adapter_dir} was fine-tuned on examples tokenized otherwise "
+                           f"({'; '.join(differences)}): these gradients are not of its training loss; pass the "
+                           "options it was trained with", err=True)
+        attributor = Attributor(model, task=task, store=store_dir, tokenizer=tokenizer, collate=collate,
+                                batch_size=batch_size, chunk_size=chunk_size, store_dtype=dtype, progress=progress,
+                                label_names=names, skip_nonfinite=skip_nonfinite,
+                                projection=None if project_dim is None else ProjectionSettings(project_dim,
+                                                                                               project_seed))
+        try:
+            store = attributor.fit(records)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            raise DataInfError(f"the disk is full: writing the store {store_dir} ({e}); free some space, then rerun "
+                               "the same command: it resumes after the chunks written") from None
+        if is_main_process():
+            shown = f" (labels {describe(names)}, from {source})" if names else ""
+            projected = f" (projected, k={project_dim}, seed {project_seed})" if project_dim is not None else ""
+            dropped = (store.manifest.get("meta") or {}).get("nonfinite", {}).get("dropped") or []
+            skipped = (f"; dropped {len(dropped)} examples with a non-finite loss: rows "
+                       f"{', '.join(str(d['row']) for d in dropped[:10])}{', ...' if len(dropped) > 10 else ''}"
+                       if dropped else "")
+            cut = (store.manifest.get("meta") or {}).get("truncated")
+            truncated = (f"; {cut['examples']} examples cut to --max-length {cut['max_length']} (the longest "
+                         f"{'>= ' if cut.get('longest_is_a_lower_bound') else ''}{cut['longest']} tokens)"
+                         if cut else "")
+            click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks"
+                       f"{projected}, in {store_dir}{shown}{skipped}{truncated}")
+
+
+def run_jobs(run_dir: str, adapter_dir: str | None, store_dir: str) -> list[tuple[str, str]]:
+    """(adapter, store) of every checkpoint of ``run_dir`` (final first: its tokenizer is loaded), after
+    recording them in ``store_dir``'s datainf_run.json. Refused: --adapter beside --run, and a --store folder
+    that already holds anything but run stores."""
+    from datainf.combine import is_run_stores, write_run_stores
+    from datainf.distributed import is_main_process
+    from datainf.models.checkpoints import run_checkpoints
+
+    if adapter_dir is not None:
+        raise DataInfError("--run gives the adapters (every checkpoint of the run): leave out --adapter")
+    checkpoints = run_checkpoints(run_dir)
+    folder = Path(store_dir)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not is_run_stores(folder))):
+        raise DataInfError(f"--store {store_dir} exists and is not a folder of run stores (no datainf_run.json); "
+                           "with --run give a new folder, or the one an earlier `datainf grads --run` wrote")
     if is_main_process():
-        shown = f" (labels {describe(names)}, from {source})" if names else ""
-        projected = f" (projected, k={project_dim}, seed {project_seed})" if project_dim is not None else ""
-        dropped = (store.manifest.get("meta") or {}).get("nonfinite", {}).get("dropped") or []
-        skipped = (f"; dropped {len(dropped)} examples with a non-finite loss: rows "
-                   f"{', '.join(str(d['row']) for d in dropped[:10])}{', ...' if len(dropped) > 10 else ''}"
-                   if dropped else "")
-        cut = (store.manifest.get("meta") or {}).get("truncated")
-        truncated = (f"; {cut['examples']} examples cut to --max-length {cut['max_length']} (the longest "
-                     f"{'>= ' if cut.get('longest_is_a_lower_bound') else ''}{cut['longest']} tokens)" if cut else "")
-        click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks{projected}, "
-                   f"in {store_dir}{shown}{skipped}{truncated}")
+        stores = write_run_stores(folder, run_dir, checkpoints)
+    else:
+        stores = [folder / f"checkpoint-{c.step}" for c in checkpoints]
+    paths = [str(getattr(s, "path", s)) for s in stores]
+    return [(str(c.adapter), p) for c, p in reversed(list(zip(checkpoints, paths)))]

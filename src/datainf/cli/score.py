@@ -13,7 +13,9 @@ from datainf.outputs import check_output
 
 @click.command("score")
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
-              help="Gradient store of the training set.")
+              help="Gradient store of the training set; or the folder of run stores `datainf grads --run` made: "
+                   "the scores are then summed over the run's checkpoints, each weighted by its learning rate "
+                   "(--queries then the queries' run stores, made with `grads --run` on the same run).")
 @click.option("--queries", "query_dir", type=click.Path(file_okay=False), default=None,
               help="Gradient store of the queries (e.g. the validation set).")
 @click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
@@ -42,6 +44,7 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
             mean_query: bool, normalize: bool, damping: float | None, lissa_iterations: int,
             compute_dtype: str | None, allow_mismatch: bool, out_path: str, overwrite: bool, device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
+    from datainf.combine import combine, is_run_stores, read_run_stores, run_terms
     from datainf.distributed import init_distributed, is_main_process
     from datainf.estimators import ScoreArguments
     from datainf.scoring import save_scores, score_store
@@ -57,22 +60,38 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
     _, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     names = parse_methods(methods)
-    train = GradientStore.open(store_dir)
-    queries = GradientStore.open(query_dir) if query_dir is not None else None
+    run = is_run_stores(store_dir)
+    if run:  # a run: one term per checkpoint, the first checkpoint's stores stand for the run in the file's meta
+        if query_dir is not None and not is_run_stores(query_dir):
+            raise DataInfError(f"--store {store_dir} holds a run's stores, --queries {query_dir} one store; make the "
+                               "queries' stores with `datainf grads --run` on the same run folder")
+        first = read_run_stores(store_dir)[-1]
+        train = GradientStore.open(first.path)
+        queries = None if query_dir is None else GradientStore.open(read_run_stores(query_dir)[-1].path)
+    else:
+        if query_dir is not None and is_run_stores(query_dir):
+            raise DataInfError(f"--queries {query_dir} holds a run's stores, --store {store_dir} one store; give "
+                               "--store the training set's run stores (`datainf grads --run`)")
+        train = GradientStore.open(store_dir)
+        queries = GradientStore.open(query_dir) if query_dir is not None else None
     results = {}
     for method in names:
         options = {"iterations": lissa_iterations} if method == "lissa" else {}
         arguments = ScoreArguments(method=method, damping=damping, dtype=compute_dtype, device=device,
                                    mean_query=mean_query, normalize=normalize, options=options)
-        result = score_store(train, queries, arguments, allow_mismatch=allow_mismatch)
+        if run:
+            result = combine(run_terms(store_dir, query_dir, arguments), allow_mismatch=allow_mismatch)
+        else:
+            result = score_store(train, queries, arguments, allow_mismatch=allow_mismatch)
         results[method] = result
         if is_main_process():
             fit = f" (curvature fit {result.curvature_seconds:.2f} s)" if result.curvature_seconds else ""
-            click.echo(f"{method}: {tuple(result.scores.shape)} scores in {result.seconds:.2f} s{fit}")
+            summed = f", summed over {len(result.terms)} checkpoints" if run else ""
+            click.echo(f"{method}: {tuple(result.scores.shape)} scores in {result.seconds:.2f} s{fit}{summed}")
             if "mismatch" in result.diagnostics:
                 click.echo(f"warning: scored across stores that differ in {'; '.join(result.diagnostics['mismatch'])}",
                            err=True)
     if is_main_process():
         save_scores(out_path, results, train_store=train, query_store=queries,
-                    extra={"allow_mismatch": allow_mismatch})
+                    extra={"allow_mismatch": allow_mismatch, **({"run_stores": str(store_dir)} if run else {})})
         click.echo(f"wrote {out_path}")

@@ -2,15 +2,20 @@
 
 A fully trained model's per-example gradients can lose what made each example matter: on our LLM runs the
 class of a test prompt is found near chance by every method on the final adapter, and well on adapters from
-early in fine-tuning (docs/results.md). Summing each checkpoint's scores weighted by the learning rate at
-that checkpoint, ``sum_c lr_c * score_c``, follows the training trajectory instead of its end point (TracIn,
-Pruthi et al. 2020; LESS sums warm-up checkpoints the same way).
+early in fine-tuning, best of all at step 0, before the first optimizer step (docs/results.md). Summing
+each checkpoint's scores weighted by the learning rate over the interval it stands for,
+``sum_c lr_c * score_c``, follows the training trajectory instead of its end point (TracIn, Pruthi et al.
+2020; LESS sums warm-up checkpoints the same way).
 
-* :class:`Snapshots` records the trainable weights at chosen optimizer steps (the training loop's
-  ``on_step`` hook) and puts them back into the model;
-* :func:`learning_rate` reads the learning rate a checkpoint folder was saved at: ours
+* :class:`Snapshots` records the trainable weights at step 0 and at chosen optimizer steps (the training
+  loop's ``on_step`` hook), every step's learning rate, and puts weights back into the model;
+* :func:`interval_rates` is the weight rule of our checkpoints: the mean learning rate of the optimizer steps
+  from a checkpoint to the next one (the final adapter: its own step's rate);
+* :func:`learning_rate` reads the weight a checkpoint folder was saved with: ours
   (``datainf_checkpoint.json``, written by ``datainf finetune --checkpoints``) or the Trainer's / TRL's
   (``trainer_state.json``, in every ``checkpoint-N`` folder they save);
+* :func:`run_checkpoints` reads a whole run folder (ours or the Trainer's) as (adapter, weight, step) in
+  step order; :func:`checkpoint_weights` the weights of (adapter, store) pairs given by hand;
 * :func:`load_adapter_weights` swaps a checkpoint's LoRA weights into an already loaded PEFT model.
 """
 
@@ -18,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,16 +47,29 @@ def snapshot_steps(count: int, total_steps: int) -> list[int]:
 
 class Snapshots:
     """The model's trainable weights at ``steps`` (optimizer steps, counted from 1): pass :meth:`on_step` to
-    the training loop; ``taken`` then holds (step, learning rate that step used, {name: tensor})."""
+    the training loop; ``taken`` then holds (step, learning rate that step used, {name: tensor}) and
+    ``rates`` the rate of every step (``rates[t - 1]`` for step t). With ``initial``, the weights at
+    construction (before the first optimizer step: step 0) are kept in ``initial``; :meth:`checkpoints` gives
+    every saved state with its weight in a checkpoint sum (:func:`interval_rates`)."""
 
-    def __init__(self, model: Any, steps: list[int]):
+    def __init__(self, model: Any, steps: list[int], initial: bool = False):
         self.model = model
         self.steps = sorted(set(steps))
         self.taken: list[tuple[int, float, dict[str, torch.Tensor]]] = []
+        self.rates: list[float] = []
+        self.initial = self.current() if initial and self.steps else None
 
     def on_step(self, step: int, lr: float) -> None:
+        self.rates.append(float(lr))
         if step in self.steps:
             self.taken.append((step, lr, self.current()))
+
+    def checkpoints(self) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
+        """(step, weight, weights of the model) of step 0 (with ``initial``) and of every step taken, in
+        step order; the weight is :func:`interval_rates`'s for these steps."""
+        states = ([(0, self.initial)] if self.initial is not None else []) + [(s, st) for s, _, st in self.taken]
+        rates = interval_rates([s for s, _ in states], self.rates)
+        return [(s, r, st) for (s, st), r in zip(states, rates)]
 
     def current(self) -> dict[str, torch.Tensor]:
         """The model's trainable weights now (to put back after visiting the snapshots)."""
@@ -64,9 +83,32 @@ class Snapshots:
                     p.copy_(state[name])
 
 
+def interval_rates(steps: list[int], rates: list[float]) -> list[float]:
+    """Each checkpoint's weight in a checkpoint sum (TracIn's learning rate over the interval a checkpoint
+    stands for): a checkpoint saved after ``step`` optimizer steps stands for the steps that start from near
+    its weights, ``step + 1`` up to the next checkpoint's step, and weighs their mean learning rate
+    (``rates[t - 1]`` is the rate step t used). The last checkpoint, which no step follows (the final
+    adapter), weighs the rate of its own step. Where an interval's mean is 0 (a warm-up that starts at rate
+    0, e.g. step 0 when the next checkpoint is step 1), the interval runs on to the first step with a rate
+    above 0: step 0 always weighs what the first steps of training used."""
+    steps = sorted(steps)
+    out = []
+    for i, step in enumerate(steps):
+        if step >= len(rates):  # the final adapter (or beyond the recorded steps): the rate of its own step
+            out.append(rates[-1] if rates else 0.0)
+            continue
+        end = steps[i + 1] if i + 1 < len(steps) else len(rates)
+        end = min(max(end, step + 1), len(rates))
+        while end < len(rates) and not any(r > 0 for r in rates[step:end]):
+            end += 1
+        window = rates[step:end]
+        out.append(sum(window) / len(window))
+    return out
+
+
 def learning_rate(adapter_dir: str | Path) -> float | None:
-    """The learning rate the training was at when this checkpoint was saved, or None when the folder does not
-    say: ``datainf_checkpoint.json``'s, else the last ``learning_rate`` the Trainer logged at or before the
+    """This checkpoint's weight in a sum over the run, or None when the folder does not say:
+    ``datainf_checkpoint.json``'s ``learning_rate`` (:func:`interval_rates`' rule), else the last ``learning_rate`` the Trainer logged at or before the
     checkpoint's ``global_step`` in ``trainer_state.json`` (logged every ``logging_steps``, so the rate of the
     last logging step before the save). A rate that is not a finite number > 0 (NaN, infinite, 0, negative,
     a boolean, a string) is refused, naming the file: it would be used as the checkpoint's weight."""
@@ -111,6 +153,98 @@ def checked_rate(value: Any, where: str) -> float:
     return number
 
 
+class RunCheckpoint(NamedTuple):
+    """One checkpoint of a run: its adapter folder, its weight in the sum (learning rate), its step."""
+
+    adapter: Path
+    learning_rate: float
+    step: int
+
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _recorded_step(folder: Path) -> int | None:
+    """The optimizer step a folder's files say it was saved at: datainf_checkpoint.json's ``step``, else
+    trainer_state.json's ``global_step``; None when neither says."""
+    for name, key in ((CHECKPOINT_FILE, "step"), (TRAINER_STATE, "global_step")):
+        if (folder / name).is_file():
+            value = read_json_object(folder / name).get(key)
+            if _is_number(value) and float(value).is_integer() and value >= 0:
+                return int(value)
+    return None
+
+
+def run_checkpoints(run: str | Path) -> list[RunCheckpoint]:
+    """Every checkpoint of a fine-tuning run folder, in step order, each with its weight in a sum over the
+    run (TracIn) and its step. A run folder is ``datainf finetune --checkpoints K``'s (OUT, the final adapter,
+    and OUT/checkpoint-STEP, checkpoint-0 included) or a ``transformers`` Trainer / TRL output folder
+    (``checkpoint-N/`` subfolders holding an adapter and trainer_state.json). The root adapter is included
+    when it records its step (datainf_checkpoint.json, trainer_state.json) and no checkpoint-N has that step;
+    a root that records nothing (the Trainer's ``save_model`` after its last checkpoint) is left out when
+    checkpoint-N folders exist, and is the only checkpoint, weighing 1, when none do. Weights are
+    :func:`learning_rate`'s (ours: the mean rate from the checkpoint to the next, see :func:`interval_rates`;
+    the Trainer's: the rate last logged at or before its step); a checkpoint that records none is refused."""
+    folder = Path(run)
+    if not folder.is_dir():
+        raise DataInfError(f"run folder {folder} does not exist; pass the --out of `datainf finetune --checkpoints "
+                           "K` or a Trainer / TRL output_dir with checkpoint-N folders")
+    found: dict[int, Path] = {}
+    for sub in sorted(folder.iterdir()):
+        match = _CHECKPOINT_DIR.match(sub.name)
+        if match and sub.is_dir() and (sub / "adapter_config.json").is_file():
+            found[int(match.group(1))] = sub
+    root_is_adapter = (folder / "adapter_config.json").is_file()
+    if not found:
+        if not root_is_adapter:
+            raise DataInfError(f"{folder} holds no adapter (adapter_config.json) and no checkpoint-N folder with "
+                               "one; pass a run folder of `datainf finetune --checkpoints K` or the Trainer")
+        return [RunCheckpoint(folder, 1.0, _recorded_step(folder) or 0)]
+    if root_is_adapter:
+        step = _recorded_step(folder)
+        if step is not None and step not in found:
+            found[step] = folder
+    out = []
+    for step in sorted(found):
+        rate = learning_rate(found[step])
+        if rate is None:
+            raise DataInfError(f"{found[step]} does not say its learning rate (no datainf_checkpoint.json, no "
+                               "trainer_state.json with a logged learning_rate), its weight in the run's sum")
+        out.append(RunCheckpoint(found[step], rate, step))
+    return out
+
+
+def checkpoint_weights(weights: str, adapter_dirs: tuple[str, ...] | list[str]) -> list[float]:
+    """Each (adapter, store) pair's weight in the summed scores: the learning rate its checkpoint was saved at
+    ("lr"), 1 each ("equal"), or the numbers given; one pair always weighs 1. Every weight must be a finite
+    number > 0 (NaN, infinity, 0 and negative numbers are refused, naming the checkpoint or the position in
+    --weights), the learning rates read from a checkpoint's files included."""
+    if weights not in ("lr", "equal"):
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise DataInfError(f"--weights must be 'lr', 'equal' or comma-separated numbers, got {weights!r}"
+                               ) from None
+        if len(values) != len(adapter_dirs):
+            raise DataInfError(f"--weights gives {len(values)} numbers for {len(adapter_dirs)} --adapter")
+        for i, (text, value) in enumerate(zip(weights.split(","), values), start=1):
+            checked_rate(value, f"--weights number {i} ({text.strip()!r}, for --adapter {adapter_dirs[i - 1]})")
+    if len(adapter_dirs) == 1 or weights == "equal":
+        return [1.0] * len(adapter_dirs)
+    if weights == "lr":
+        try:
+            rates = [learning_rate(a) for a in adapter_dirs]
+        except DataInfError as e:
+            raise DataInfError(f"{e}; pass --weights equal, or one number per --adapter") from None
+        missing = [a for a, r in zip(adapter_dirs, rates) if r is None]
+        if missing:
+            raise DataInfError(f"{missing[0]} does not say the learning rate it was saved at (no "
+                               "datainf_checkpoint.json or trainer_state.json with a logged learning_rate); pass "
+                               "--weights equal, or one number per --adapter")
+        return [float(r) for r in rates if r is not None]
+    return values
+
+
 def load_adapter_weights(model: Any, adapter_dir: str | Path) -> None:
     """Swap the LoRA weights saved in ``adapter_dir`` (peft's ``save_pretrained``: a checkpoint of the same
     fine-tune) into ``model``, a PEFT model already carrying an adapter of the same shape. An adapter of
@@ -148,5 +282,5 @@ def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
     raise DataInfError(f"{folder} has no adapter_model.safetensors (or .bin)")
 
 
-__all__ = ["CHECKPOINT_FILE", "TRAINER_STATE", "Snapshots", "checked_rate", "learning_rate", "load_adapter_weights",
-           "snapshot_steps"]
+__all__ = ["CHECKPOINT_FILE", "TRAINER_STATE", "RunCheckpoint", "Snapshots", "checkpoint_weights", "checked_rate", "interval_rates", "learning_rate", "load_adapter_weights",
+           "run_checkpoints", "snapshot_steps"]
