@@ -135,12 +135,14 @@ def set_aside(path: Path, reason: str) -> Path:
     return aside
 
 
-def fitted_state(store: GradientStore, arguments: ScoreArguments) -> FittedState | None:
+def fitted_state(store: GradientStore, arguments: ScoreArguments, *, save: bool = True) -> FittedState | None:
     """The fitted state of ``arguments.method`` for ``store``'s gradients: read from ``<store>/<state_file>``
     when its content matches its checksum and it was made for this store's fingerprints and the method's
     :meth:`~datainf.estimators.Estimator.state_settings`; else fitted (``Estimator.fit`` over the store's
-    memory-mapped blocks) and written there by the main process (a file that fails its checksum is moved
-    aside first, like a bad chunk). None for a method without a fitted state. ``state.cached`` says which."""
+    memory-mapped blocks) and, with ``save``, written there by the main process (a file that fails its
+    checksum is moved aside first, like a bad chunk). ``save=False`` leaves the writing to :func:`cache_state`
+    (scoring writes the cache only once the scores came out right, so a refused call changes nothing in the
+    store). None for a method without a fitted state. ``state.cached`` says whether it was read back."""
     method = get_method(arguments.method)
     if method.state_file is None:
         return None
@@ -161,14 +163,25 @@ def fitted_state(store: GradientStore, arguments: ScoreArguments) -> FittedState
         return None
     state.seconds = state.seconds or time.perf_counter() - t0
     state.tensors = {key: t.contiguous() for key, t in state.tensors.items()}  # laid out as the cache holds
-    if is_main_process():  # them, so that a fit just made and the cache give bit-identical products
-        try:
-            save_state(path, state, method=method, fingerprints=store.fingerprints, settings=settings)
-        except OSError as e:  # a read-only store or a full disk: the scores do not need the cache
-            logger.warning("could not cache method '%s''s fitted state as %s (%s); it is fitted again next time",
-                           method.name, path, e.strerror or e)
-    state.meta["fingerprints"] = dict(store.fingerprints)
+    state.meta["fingerprints"] = dict(store.fingerprints)  # them, so a fit just made and the cache give the
+    if save:  # same products
+        cache_state(store, arguments, state)
     return state
+
+
+def cache_state(store: GradientStore, arguments: ScoreArguments, state: FittedState) -> None:
+    """Write a state :func:`fitted_state` fitted (not one it read back) as the store's cache, from the main
+    process only; a store that cannot take it (read-only, a full disk) is only warned about."""
+    method = get_method(arguments.method)
+    if state.cached or method.state_file is None or not is_main_process():
+        return
+    path = Path(store.path) / method.state_file
+    try:
+        save_state(path, state, method=method, fingerprints=store.fingerprints,
+                   settings=method.state_settings(arguments))
+    except OSError as e:  # the scores do not need the cache
+        logger.warning("could not cache method '%s''s fitted state as %s (%s); it is fitted again next time",
+                       method.name, path, e.strerror or e)
 
 
 def _state_owners() -> dict[str, list[type[Estimator]]]:
@@ -262,6 +275,7 @@ def _kfac() -> type[Estimator]:
 
 __all__ = [
     "CorruptStateError",
+    "cache_state",
     "curvature_for",
     "fitted_state",
     "load_curvature",

@@ -42,6 +42,7 @@ from datainf.estimators import ScoreArguments, ScoreResult, get_method
 from datainf.estimators.kfac import CURVATURE_FILE, KFACFactors
 from datainf.fitted import (  # noqa: F401  (curvature_for, load_/save_curvature: names kept for callers)
     CorruptStateError,
+    cache_state,
     curvature_for,
     fitted_state,
     load_curvature,
@@ -225,9 +226,10 @@ def score_store(
         return result
     fit_seconds = 0.0
     fit: dict[str, Any] | None = None
+    state = None
     if curvature is None:  # the method's fitted state, from the store's cache or fitted now
         t0 = time.perf_counter()
-        state = fitted_state(train, arguments)
+        state = fitted_state(train, arguments, save=False)
         now = time.perf_counter() - t0
         if state is not None:
             curvature = state
@@ -239,6 +241,8 @@ def score_store(
     result = distributed_score(train.blocks(), qgrads, arguments, curvature=curvature)
     result.seconds = time.perf_counter() - t0 + fit_seconds
     result.curvature_seconds += fit_seconds
+    if state is not None:  # cached only now that the scores came out right: a refused call leaves the store as it was
+        cache_state(train, arguments, state)
     if mismatch:
         result.diagnostics["mismatch"] = mismatch
     if fit is not None:  # the state's fit: its seconds are in result.seconds, whether fitted now or cached
@@ -405,7 +409,7 @@ def precondition_store(
     need = (train.n_examples + rows_left) * train.bytes_per_example(dtype)
     require_free_space(out.parent, need, f"preconditioning {train.path} into {out} (the rows staged beside it, "
                        "then the new store)", "precondition into float16/bfloat16 (--dtype)")
-    state = fitted_state(train, arguments)
+    state = fitted_state(train, arguments, save=False)
     fit_seconds = 0.0 if state is None else state.seconds
     names = train.block_names
     source = train.blocks()
@@ -462,6 +466,8 @@ def precondition_store(
         meta["preconditioned"]["seconds"] = time.perf_counter() - t_start
         store.manifest = {**store.manifest, "meta": meta}
         store.finalize()
+        if state is not None:
+            cache_state(train, arguments, state)
     except OSError as e:
         if not disk_full(e):
             raise
