@@ -208,8 +208,11 @@ def flops(method: str, n: int, m: int, ds: list[int]) -> float:
     """The arithmetic a method needs (for its GFLOP/s); 0 where it is not a fixed count."""
     if method == "identity":
         return sum(2 * n * m * d for d in ds)
-    if method == "datainf":
-        return sum(4 * n * m * d + 2 * n * m * d for d in ds)  # C and U in one pass, scores in another
+    if method == "datainf":  # with the store's cached d x d matrix (d <= MAX_FITTED_D): V M_bar, then one pass
+        from datainf.estimators.blocks import MAX_FITTED_D
+
+        return sum(2 * m * d * d + 2 * n * m * d if d <= MAX_FITTED_D  # (the one-time fit is timed apart)
+                   else 4 * n * m * d + 2 * n * m * d for d in ds)  # C and U in one pass, scores in another
     if method == "exact":  # the d x d route when d <= n, else the Gram route (upper triangle of K, n x n solve)
         return sum(2 * n * d * d + d**3 / 3 + 2 * m * d * d + 2 * n * m * d if d <= n
                    else n * n * d + n**3 / 3 + 2 * n * m * d + 2 * n * n * m for d in ds)
@@ -505,6 +508,72 @@ def explain_gradient(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": min(times), "blocks": len(grads), "tokens": int(batch["attention_mask"].sum())}
 
 
+# ------------------------------------------------------------------------------------------------ DataInf's fitted state
+def datainf_state(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """DataInf's one-query time with the store's cached d x d matrices (``fitted-datainf.safetensors``, fitted
+    once: one pass over the store) against the path without them (two passes over the store per call), both in
+    this process on the same store, warm (the store in the page cache as far as it fits), best of ``repeats``;
+    the scores of the two are compared too (max difference relative to the largest score)."""
+    from datainf.estimators import ScoreArguments, score
+    from datainf.fitted import fitted_state
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    store = GradientStore.open(path)
+    arguments = ScoreArguments(method="datainf")
+    queries = query_grads(store.block_shapes, 1)
+    (path / "fitted-datainf.safetensors").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    fitted_state(store, arguments)
+    fit_s = time.perf_counter() - t0
+    repeats = 2 if args.quick else 3
+    today_s, cached_s, today, cached = [], [], None, None
+    for _ in range(repeats):  # alternating, so that both see the same page cache and load
+        t0 = time.perf_counter()
+        today = score(store.blocks(), queries, arguments).scores  # no state: today's two passes
+        today_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        result = score_store(GradientStore.open(path), queries, arguments)
+        cached_s.append(time.perf_counter() - t0)
+        cached = result.scores
+        assert result.diagnostics["curvature_fit"]["cached"]
+    assert today is not None and cached is not None
+    difference = float((today.double() - cached.double()).abs().max() / today.double().abs().max())
+    out = {"n": store.n_examples, "blocks": len(store.block_names), "fit_s": fit_s, "without_state_s": min(today_s),
+           "cached_state_s": min(cached_s), "ratio": min(cached_s) / min(today_s), "relative_difference": difference,
+           "load": os.getloadavg()}
+    print(f"  datainf, 1 query, {out['n']:,} examples x {out['blocks']} blocks (warm, best of {repeats}): without "
+          f"the fitted state {out['without_state_s']:.2f} s, with the cached d x d state {out['cached_state_s']:.2f} s "
+          f"= {out['ratio']:.2f}x (fit once: {fit_s:.1f} s); scores differ by {difference:.1e} of the largest; "
+          f"load {out['load'][0]:.1f}", flush=True)
+    ok = "PASS" if out["ratio"] <= 0.6 else "MISS"
+    print(f"target datainf one query with the cached state vs without: {out['ratio']:.2f}x (goal <= 0.6x: one pass "
+          f"over the store instead of two) {ok}", flush=True)
+    return out
+
+
+def datainf_state_only(args: argparse.Namespace) -> int:
+    """``--datainf-state``: just :func:`datainf_state` on a projected store of ``--n`` examples."""
+    from datainf.gradients import ProjectionSettings
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = smollm2_blocks(2 if args.quick else LAYERS)
+    shapes = projected_blocks(blocks, args.dim)
+    layout = {**ProjectionSettings(dim=args.dim).to_dict(), "blocks": {
+        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in shapes.items()}}
+    path = out / f"store-k{args.dim}-datainf-state"
+    written = synthetic_store(path, shapes, args.n, args.chunk_size, projection=layout)
+    print(f"torch {torch.__version__}, {args.threads} thread(s); projected k={args.dim} store: {args.n:,} examples, "
+          f"{len(shapes)} blocks, {written['bytes'] / 1e9:.2f} GB", flush=True)
+    result = datainf_state(path, args)
+    if not args.keep:
+        shutil.rmtree(path)
+    (out / "bench_datainf_state.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_store")
@@ -521,12 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-only", action="store_true",
                     help="only the projected store and its top-k index (no per-method passes)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--datainf-state", action="store_true", help="only DataInf's cached d x d state vs without it")
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     if args.quick:
         args.n, args.full_n, args.chunk_size, args.disk_gb = 3000, 600, 512, 0.2
+    if args.datainf_state:
+        return datainf_state_only(args)
     if args.index_only:
         args.full_n = 0
     torch.set_num_threads(args.threads)
@@ -557,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = bench_store(label, path, shapes, n, args, result, projection, [] if args.index_only else slow)
         if projection is not None and not args.index_only:
             entry["latency"] = latency(path, args, result, entry["rows"])
+            entry["datainf_state"] = datainf_state(path, args)
         if projection is not None:
             entry["index"] = index_targets(path, args)
         result["stores"].append(entry)

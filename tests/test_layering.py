@@ -33,8 +33,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.store": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.adapters", "datainf.store"),
     "datainf.estimators": ("datainf.errors", "datainf.estimators"),
     "datainf.distributed": ("datainf.errors", "datainf.estimators", "datainf.store"),
+    "datainf.fitted": ("datainf.errors", "datainf.atomic", "datainf.estimators", "datainf.store",
+                       "datainf.distributed"),
     "datainf.scoring": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
-                        "datainf.store", "datainf.distributed"),
+                        "datainf.store", "datainf.distributed", "datainf.fitted"),
     "datainf.index": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.store", "datainf.scoring",
                       "datainf.ranking"),  # the top-k index: beside scoring, faiss imported lazily
     # one way to combine scores (weighted sums of terms over one training set); data.collate: the loss default
@@ -43,7 +45,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.diagnostics": ("datainf.errors", "datainf.estimators"),
     "datainf.attributor": ("datainf.errors", "datainf.atomic", "datainf.tasks", "datainf.gradients",
                            "datainf.store", "datainf.estimators", "datainf.distributed", "datainf.scoring",
-                           "datainf.data", "datainf.ranking"),
+                           "datainf.fitted", "datainf.data", "datainf.ranking"),
     "datainf.models": ("datainf.errors", "datainf.atomic", "datainf.tasks", "datainf.data", "datainf.models"),
     "datainf.report": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.metrics",
                        "datainf.estimators.registry", "datainf.report"),

@@ -28,6 +28,7 @@ from datainf.data.collate import LENGTH_PROBE, TextCollator
 from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError, NonFiniteError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
+from datainf.fitted import curvature_for
 from datainf.gradients import (
     GradientDict,
     ProjectionSettings,
@@ -36,7 +37,7 @@ from datainf.gradients import (
     tracked_parameters,
 )
 from datainf.ranking import top_examples
-from datainf.scoring import curvature_for, save_scores, score_store
+from datainf.scoring import save_scores, score_store
 from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
 from datainf.tasks import per_example_loss
 
@@ -458,7 +459,7 @@ class Attributor:
 
     def curvature(self) -> Any:
         """EK-FAC/K-FAC curvature of the store's blocks, fitted once and cached as
-        ``<store>/kfac.safetensors`` with the store's fingerprints (see :func:`datainf.scoring.curvature_for`)."""
+        ``<store>/kfac.safetensors`` with the store's fingerprints (see :func:`datainf.fitted.curvature_for`)."""
         return curvature_for(self.store)[0]
 
     def _check_blocks(self, arguments: ScoreArguments) -> None:

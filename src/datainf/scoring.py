@@ -11,13 +11,13 @@ and the query store's fingerprints and sizes, and whatever the writer adds (e.g.
 file, so a report refuses texts that do not belong to the scores). Old ``.npz`` scores are still read, with
 a deprecation message.
 
-K-FAC / EK-FAC curvature of a store is fitted once and cached as ``<store>/kfac.safetensors`` with the
-store's fingerprints and the fit's time (:func:`curvature_for`).
+A method's fitted state (K-FAC / EK-FAC curvature, DataInf's and exact's d x d matrices of small blocks,
+:meth:`~datainf.estimators.Estimator.fit`) is fitted once and cached inside the store with the store's
+fingerprints, the settings it depends on and the fit's time (:func:`datainf.fitted.fitted_state`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,12 +36,19 @@ import torch
 from torch import Tensor
 
 from datainf import atomic
-from datainf.distributed import distributed_score, is_main_process
+from datainf.distributed import distributed_score
 from datainf.errors import DataInfError, parse_json
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
-from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, curvature_from_gradients
+from datainf.estimators.kfac import CURVATURE_FILE, KFACFactors
+from datainf.fitted import (  # noqa: F401  (curvature_for, load_/save_curvature: names kept for callers)
+    CorruptStateError,
+    cache_state,
+    curvature_for,
+    fitted_state,
+    load_curvature,
+    save_curvature,
+)
 from datainf.store import (
-    CHECKSUM,
     MAX_STORAGE_ERROR,
     GradientStore,
     disk_full,
@@ -53,9 +60,9 @@ from datainf.version import __version__
 
 SCORES_FORMAT = "datainf-scores"
 SCORES_VERSION = 1
-CURVATURE_FILE = "kfac.safetensors"
-_CURVATURE_FORMAT = "datainf-kfac"
 _SUMS_FORMAT = "datainf-kfac-sums"
+#: the name earlier releases gave a corrupt curvature cache's error
+CorruptCurvatureError = CorruptStateError
 #: fingerprints that must agree between a training store and a query store
 PAIRED_FINGERPRINTS = ("model", "adapter", "task")
 
@@ -154,142 +161,8 @@ def query_blocks(queries: GradientStore | Mapping[str, Tensor]) -> dict[str, Ten
 
 
 # --------------------------------------------------------------------------------------------------
-# K-FAC curvature, cached next to the store
+# K-FAC factor sums (from the hooks, per process)
 # --------------------------------------------------------------------------------------------------
-
-
-def _curvature_digest(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> str:
-    """sha256 of a curvature file's content: its metadata (without the digest) and every tensor's name, dtype,
-    shape and bytes. Recorded in the file when it is written, checked whenever it is read."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM}, sort_keys=True).encode())
-    for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
-        h.update(f"\n{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-class CorruptCurvatureError(DataInfError):
-    """A curvature file that cannot be trusted: unreadable, or its content does not match its checksum."""
-
-
-def save_curvature(curvature: KFACCurvature, path: str | os.PathLike, *, fingerprints: Mapping[str, str],
-                   fit_seconds: float = 0.0, breakdown: Mapping[str, float] | None = None) -> Path:
-    """Write the eigendecompositions and EK-FAC eigenvalues as safetensors (atomically), with the
-    fingerprints of the store they belong to, the time the fit took, where it went (``breakdown``) and the
-    sha256 of the whole content (checked by :func:`load_curvature` and ``datainf store verify``)."""
-    tensors: dict[str, Tensor] = {}
-    for name, b in curvature.blocks.items():
-        for key in ("q_a", "a", "q_s", "s", "corrected"):
-            t = getattr(b, key)
-            if t is not None:
-                tensors[f"{name}::{key}"] = t.contiguous()
-    meta = {"format": _CURVATURE_FORMAT, "version": 1, "blocks": list(curvature.blocks),
-            "n_examples": curvature.n_examples, "fingerprints": dict(fingerprints), "fit_seconds": fit_seconds,
-            "fit_breakdown": dict(breakdown or {})}
-    meta[CHECKSUM] = _curvature_digest(tensors, meta)
-    curvature.fingerprints = dict(fingerprints)
-    return atomic.save_safetensors(path, tensors, {"datainf": json.dumps(meta)})
-
-
-def _read_curvature_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(metadata, tensors) of a curvature file whose content matches its recorded sha256; raises
-    :class:`CorruptCurvatureError` for any other file (unreadable, not one, no or a wrong checksum)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = parse_json((f.metadata() or {}).get("datainf", "{}"), f"{path}'s metadata")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for a damaged header
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise CorruptCurvatureError(f"{path} is unreadable ({reason})") from None
-    if not isinstance(meta, dict) or meta.get("format") != _CURVATURE_FORMAT:
-        raise CorruptCurvatureError(f"{path} is not a datainf K-FAC curvature file")
-    recorded = meta.get(CHECKSUM)
-    if recorded is None:
-        raise CorruptCurvatureError(f"{path} has no {CHECKSUM} checksum (written by an older datainf), so it "
-                                    "cannot be checked")
-    if _curvature_digest(tensors, meta) != recorded:
-        raise CorruptCurvatureError(f"{path} does not match its {CHECKSUM} checksum (its bytes changed after it "
-                                    "was written)")
-    return meta, tensors
-
-
-def load_curvature(path: str | os.PathLike, *, fingerprints: Mapping[str, str] | None = None
-                   ) -> tuple[KFACCurvature, float]:
-    """Read a file of :func:`save_curvature`: (curvature, seconds its fit took). A file whose content does not
-    match its checksum is refused (:class:`CorruptCurvatureError`); with ``fingerprints``, so is a file made
-    for another model, adapter, task or dataset."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataInfError(f"no K-FAC curvature at {path}: fit it with curvature_for(store)")
-    meta, tensors = _read_curvature_file(path)
-    saved = meta.get("fingerprints", {})
-    for key, value in (fingerprints or {}).items():
-        if saved.get(key) != value:
-            raise DataInfError(f"{path} was made with a different {key} (fingerprint {saved.get(key)} != {value}); "
-                               "delete it to refit the curvature for this store")
-    try:
-        blocks = {name: BlockCurvature(*(tensors[f"{name}::{k}"] for k in ("q_a", "a", "q_s", "s")),
-                                       corrected=tensors.get(f"{name}::corrected")) for name in meta["blocks"]}
-    except KeyError as e:
-        raise CorruptCurvatureError(f"{path} lacks the tensor {e.args[0]}") from None
-    curvature = KFACCurvature(blocks, int(meta["n_examples"]), saved)
-    curvature.fit_breakdown = dict(meta.get("fit_breakdown", {}))  # type: ignore[attr-defined]
-    return curvature, float(meta.get("fit_seconds", 0.0))
-
-
-def curvature_problem(store: GradientStore) -> str | None:
-    """What is wrong with the curvature cache inside a store (None when it has none or it is sound): what
-    ``datainf store verify`` reports; scoring would move such a file aside and refit."""
-    path = Path(store.path) / CURVATURE_FILE
-    if not path.exists():
-        return None
-    try:
-        load_curvature(path, fingerprints=store.fingerprints)
-    except CorruptCurvatureError as e:
-        return str(e).replace(f"{path} ", f"{CURVATURE_FILE} (the curvature cache) ", 1)
-    except DataInfError:
-        return None  # fitted for other gradients: scoring refits it, it is never used as is
-    return None
-
-
-def _set_aside(path: Path, reason: str) -> Path:
-    """Move a bad cache file aside (``.NAME.corrupt-<time>-<pid>``, never deleted) and say so."""
-    aside = path.with_name(f".{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-    os.replace(path, aside)
-    logger.warning("%s; moved it to %s and fitting the curvature again", reason, aside.name)
-    return aside
-
-
-def curvature_for(store: GradientStore, *, chunk_size: int = 2048) -> tuple[KFACCurvature, float]:
-    """EK-FAC / K-FAC curvature of a store's blocks (eigenbasis from the per-example gradients' Kronecker
-    factors, eigenvalues corrected by one pass): loaded from ``<store>/kfac.safetensors`` when its content
-    matches its checksum and its fingerprints match the store, else fitted and saved there (a file that fails
-    its checksum is moved aside first, like a bad chunk). Returns (curvature, seconds of the fit)."""
-    path = Path(store.path) / CURVATURE_FILE
-    if path.exists():
-        try:
-            return load_curvature(path, fingerprints=store.fingerprints)
-        except CorruptCurvatureError as e:
-            if is_main_process():
-                _set_aside(path, str(e))
-        except DataInfError:
-            pass  # made for another store content: refit below (the file is ours to replace)
-    t0 = time.perf_counter()
-    breakdown: dict[str, float] = {}
-    curvature = curvature_from_gradients(store.blocks(), shapes=store.block_shapes, chunk_size=chunk_size,
-                                         timings=breakdown)
-    seconds = time.perf_counter() - t0
-    curvature.fit_breakdown = breakdown  # type: ignore[attr-defined]
-    for b in curvature.blocks.values():  # laid out as the cache holds them, so that a fit just made and the
-        for key in ("q_a", "a", "q_s", "s", "corrected"):  # cache give bit-identical products
-            if getattr(b, key) is not None:
-                setattr(b, key, getattr(b, key).contiguous())
-    if is_main_process():
-        save_curvature(curvature, path, fingerprints=store.fingerprints, fit_seconds=seconds, breakdown=breakdown)
-    return curvature, seconds
 
 
 def save_factor_sums(factors: KFACFactors, path: str | os.PathLike) -> Path:
@@ -332,8 +205,10 @@ def score_store(
 ) -> ScoreResult:
     """Score a training store against queries (a query store or in-memory gradients; None for
     self-influence) under ``arguments``. Blocks are read memory-mapped, chunk by chunk; under ``torchrun``
-    the blocks are split over the ranks (every rank returns the full result). K-FAC methods use the
-    store's cached curvature (fitted once) unless ``curvature`` is given; its fit time is in the result.
+    the blocks are split over the ranks (every rank returns the full result). A method with a fitted state
+    (K-FAC/EK-FAC curvature, DataInf's and exact's d x d matrices of small blocks) uses the store's cached
+    state (fitted once, :func:`datainf.fitted.fitted_state`) unless ``curvature`` is given; its fit time is
+    in the result (``curvature_seconds``, ``diagnostics["curvature_fit"]``).
     A query store made with another model, adapter or task is refused unless ``allow_mismatch``
     (the differences then go into ``result.diagnostics["mismatch"]``)."""
     mismatch: list[str] = []
@@ -351,22 +226,26 @@ def score_store(
         return result
     fit_seconds = 0.0
     fit: dict[str, Any] | None = None
-    if get_method(arguments.method).needs_curvature and curvature is None:
+    state = None
+    if curvature is None:  # the method's fitted state, from the store's cache or fitted now
         t0 = time.perf_counter()
-        cached = (Path(train.path) / CURVATURE_FILE).exists()
-        curvature, fitted = curvature_for(train, chunk_size=arguments.chunk_size)
+        state = fitted_state(train, arguments, save=False)
         now = time.perf_counter() - t0
-        fit_seconds = max(fitted, now)
-        fit = {"fit_seconds": fitted, "seconds_now": now, "cached": cached and now < fitted,
-               "breakdown": dict(getattr(curvature, "fit_breakdown", {}))}
+        if state is not None:
+            curvature = state
+            fit_seconds = max(state.seconds, now)
+            fit = {"fit_seconds": state.seconds, "seconds_now": now, "cached": state.cached,
+                   "breakdown": dict(state.meta.get("fit_breakdown") or {})}
     t0 = time.perf_counter()
     qgrads = None if queries is None else query_blocks(queries)
     result = distributed_score(train.blocks(), qgrads, arguments, curvature=curvature)
     result.seconds = time.perf_counter() - t0 + fit_seconds
     result.curvature_seconds += fit_seconds
+    if state is not None:  # cached only now that the scores came out right: a refused call leaves the store as it was
+        cache_state(train, arguments, state)
     if mismatch:
         result.diagnostics["mismatch"] = mismatch
-    if fit is not None:  # the curvature's fit: its seconds are in result.seconds, whether fitted now or cached
+    if fit is not None:  # the state's fit: its seconds are in result.seconds, whether fitted now or cached
         result.diagnostics["curvature_fit"] = fit
     return result
 
@@ -530,11 +409,11 @@ def precondition_store(
     need = (train.n_examples + rows_left) * train.bytes_per_example(dtype)
     require_free_space(out.parent, need, f"preconditioning {train.path} into {out} (the rows staged beside it, "
                        "then the new store)", "precondition into float16/bfloat16 (--dtype)")
-    curvature, fit_seconds = (curvature_for(train, chunk_size=arguments.chunk_size) if method.needs_curvature
-                              else (None, 0.0))
+    state = fitted_state(train, arguments, save=False)
+    fit_seconds = 0.0 if state is None else state.seconds
     names = train.block_names
     source = train.blocks()
-    shared = method.prepare([(n, source[n]) for n in names], curvature, arguments.chunk_size)
+    shared = method.prepare([(n, source[n]) for n in names], state, arguments.chunk_size)
     lams = resolve_damping(arguments.damping, names)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"  # beside the store, removed at the end
     damping: dict[str, float] = {}
@@ -587,6 +466,8 @@ def precondition_store(
         meta["preconditioned"]["seconds"] = time.perf_counter() - t_start
         store.manifest = {**store.manifest, "meta": meta}
         store.finalize()
+        if state is not None:
+            cache_state(train, arguments, state)
     except OSError as e:
         if not disk_full(e):
             raise

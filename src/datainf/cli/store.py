@@ -26,9 +26,7 @@ def command() -> None:
 def verify(store_dir: str) -> None:
     """Check every chunk of STORE: its chunk.json (index, rows), every file's size, shape, dtype and sha256,
     the squared norms against the stored gradients, and records.jsonl. Exits 2 naming the bad chunks."""
-    from pathlib import Path
-
-    from datainf.scoring import CURVATURE_FILE, curvature_problem
+    from datainf.fitted import state_files, state_hint, state_problems
     from datainf.store import GradientStore
 
     store = GradientStore.open(store_dir, allow_incomplete=True)
@@ -40,17 +38,17 @@ def verify(store_dir: str) -> None:
                      "just them" if recompute else "rerun `datainf grads` with the same settings (it recomputes bad "
                      "chunks, finishes an unfinished store, rewrites records.jsonl); where manifest.json is wrong, "
                      "recompute in a new --store")
-    cache = curvature_problem(store)
-    if cache is not None:
-        problems.append(cache)
-        hints.append(f"the next `datainf score --method ekfac` (or kfac) on this store moves {CURVATURE_FILE} aside "
-                     "and fits it again")
+    caches = state_problems(store)  # every method's fitted-state cache inside the store (kfac.safetensors, ...)
+    if caches:
+        problems += caches
+        hints.append(state_hint([c.split(" ", 1)[0] for c in caches]))
     if problems:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         raise DataInfError(f"store {store_dir}: {len(problems)} problem(s): {shown}; {'; '.join(hints)}")
     checks = "sha256 checksums" if store.has_checksums else "sizes and shapes only (an old store without checksums)"
-    if (Path(store_dir) / CURVATURE_FILE).exists():
-        checks += f" (and {CURVATURE_FILE}'s)"
+    cached = [p.name for p in state_files(store)]
+    if cached:
+        checks += f" (and {', '.join(cached)}'s)"
     click.echo(f"store {store_dir}: ok ({store.n_examples} examples, {store.num_chunks} chunks, "
                f"{len(store.block_names)} blocks; {checks} and squared norms verified)")
 

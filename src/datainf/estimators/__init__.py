@@ -52,7 +52,7 @@ from datainf.estimators.blocks import (
     resolve_damping,
     scaled,
 )
-from datainf.estimators.registry import Estimator, get_method, method_names, register, unregister
+from datainf.estimators.registry import Estimator, FittedState, get_method, method_names, register, unregister
 
 # the built-in methods, in the order tables list them; any other module of this package registers too
 for _name in ("datainf", "exact", "lissa", "identity", "kfac"):
@@ -336,6 +336,7 @@ __all__ = [
     "Blocks",
     "Damping",
     "Estimator",
+    "FittedState",
     "PartialScores",
     "RowSource",
     "ScoreArguments",

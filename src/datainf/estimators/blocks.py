@@ -280,6 +280,30 @@ class BlockRows:
         return H
 
 
+#: the largest block (entries per example) whose d x d matrix a fitted state holds (4096: 64 MiB in float32);
+#: larger blocks are scored as without a state (two passes over G per call, never a d x d matrix)
+MAX_FITTED_D = 4096
+
+
+def fitted_blocks(train: list[tuple[str, Any]], arguments: Any, max_d: int, *, need_d_le_n: bool = False
+                  ) -> list[tuple[BlockRows, float | None]]:
+    """The blocks a d x d fitted state covers, read as scoring reads them (:class:`BlockRows` in the compute
+    dtype on the compute device), with their given damping (None: the method's rule): blocks with
+    ``d <= max_d`` (and ``d <= n`` when asked) whose rows need no rescaling (others keep the path without a
+    state, which handles them exactly)."""
+    out = []
+    lams = resolve_damping(arguments.damping, [name for name, _ in train])
+    for (name, g), lam in zip(train, lams):
+        n, d = int(g.shape[0]), math.prod(tuple(g.shape)[1:])
+        cd = compute_dtype(g, arguments.torch_dtype)
+        if d > max_d or (need_d_le_n and d > n) or block_scale(g, cd, arguments.chunk_size) != 1.0:
+            continue
+        dev = torch.device(arguments.device) if arguments.device is not None else getattr(g, "device", torch.device("cpu"))
+        rows = g if len(g.shape) == 2 else g.reshape(n, d)
+        out.append((BlockRows(name, rows, cd, dev, arguments.chunk_size), lam))
+    return out
+
+
 def check_finite_queries(name: str, v: Tensor) -> None:
     """Refuse a query block with a NaN or infinite entry, naming the first such query."""
     bad = ~torch.isfinite(v).all(dim=1)

@@ -3,15 +3,23 @@ the d x d system (d <= n, cost O(n d^2 + d^3)) and the n x n Gram (Woodbury) for
 O(n^2 d + n^3), never a d x d matrix):
 
 ``(G^T G / n + lambda I)^{-1} = (I - G^T (n lambda I + G G^T)^{-1} G) / lambda``.
+
+Fitted state (scoring a store): for blocks with ``d <= n`` and ``d <= MAX_FITTED_D`` the Fisher
+``H = G^T G / n`` is formed once (:meth:`Exact.fit`; it does not depend on the damping) and cached in the store
+(``fitted-exact.safetensors``); each call then factors ``H + lambda I`` (O(d^3), no pass over G) and reads G
+once for the scores.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
-from datainf.estimators.registry import Estimator, register
+from datainf.estimators.blocks import MAX_FITTED_D, fitted_blocks
+from datainf.estimators.registry import Estimator, FittedState, register
 
 
 def cholesky(A: Tensor, what: str) -> Tensor:
@@ -34,6 +42,33 @@ class Exact(Estimator):
     name = "exact"
     summary = "exact inverse of the damped block Fisher (Cholesky; d x d or n x n Gram form)"
     scale_power = 0
+    state_file = "fitted-exact.safetensors"
+
+    @classmethod
+    def state_settings(cls, arguments: Any) -> dict[str, Any]:
+        """``H`` is kept in the compute dtype (it does not depend on the damping)."""
+        return {"dtype": arguments.dtype}
+
+    @classmethod
+    def fit(cls, train: list[tuple[str, Any]], arguments: Any) -> FittedState:
+        """``<block>::fisher`` = ``H = G^T G / n`` (compute dtype, as :meth:`BlockRows.fisher` forms it) for every
+        block with ``d <= n`` and ``d <= MAX_FITTED_D``."""
+        tensors = {}
+        n = 0
+        for b, _ in fitted_blocks(train, arguments, MAX_FITTED_D, need_d_le_n=True):
+            tensors[f"{b.name}::fisher"], n = b.fisher(0.0), b.n
+        return FittedState(tensors, {"n_examples": n})
+
+    def _fisher(self) -> Tensor:
+        """``H + lambda I`` (d x d): from the fitted state's H when it has this block's, else one pass over G."""
+        b, state = self.block, self.shared
+        if isinstance(state, FittedState) and b.scale == 1.0 and state.meta.get("n_examples") == b.n:
+            H = state.tensors.get(f"{b.name}::fisher")
+            if H is not None and tuple(H.shape) == (b.d, b.d):
+                A = H.to(device=b.device, dtype=b.dtype).clone()
+                A.diagonal().add_(self.damping)
+                return A
+        return b.fisher(self.damping)
 
     def setup(self) -> None:
         b = self.block
@@ -52,7 +87,7 @@ class Exact(Estimator):
             A.diagonal().add_(b.n * self.damping)
             self.L = cholesky(A, what)
         else:
-            self.L = cholesky(b.fisher(self.damping), what)
+            self.L = cholesky(self._fisher(), what)
 
     def precondition(self, V: Tensor) -> Tensor:
         if not self.gram_route:

@@ -53,9 +53,12 @@ from datainf.estimators.blocks import (
     rows_per_chunk,
     scaled,
 )
-from datainf.estimators.registry import Estimator, register
+from datainf.estimators.registry import Estimator, FittedState, register
 
 KFAC_METHODS = ("kfac", "ekfac")
+#: the cache of the curvature inside a store (shared by kfac and ekfac: one fit serves both)
+CURVATURE_FILE = "kfac.safetensors"
+_CURVATURE_KEYS = ("q_a", "a", "q_s", "s", "corrected")
 
 
 class KFACFactors:
@@ -205,6 +208,31 @@ class KFACCurvature:
                 "with the same model and params as the gradients, with group_lora=False"
             )
         return self.blocks[name]
+
+
+def curvature_to_state(curvature: KFACCurvature, seconds: float = 0.0,
+                       breakdown: Mapping[str, float] | None = None) -> FittedState:
+    """The curvature as a :class:`FittedState` (what the store's cache holds): ``<block>::q_a``, ``::a``,
+    ``::q_s``, ``::s`` and ``::corrected`` tensors; the block order, n and the fit's breakdown in ``meta``."""
+    tensors = {f"{name}::{key}": getattr(b, key).contiguous() for name, b in curvature.blocks.items()
+               for key in _CURVATURE_KEYS if getattr(b, key) is not None}
+    meta = {"blocks": list(curvature.blocks), "n_examples": curvature.n_examples,
+            "fit_breakdown": dict(breakdown or getattr(curvature, "fit_breakdown", {}) or {})}
+    return FittedState(tensors, meta, seconds=seconds)
+
+
+def curvature_from_state(state: FittedState) -> KFACCurvature:
+    """The :class:`KFACCurvature` a :class:`FittedState` of :func:`curvature_to_state` holds; a clear error
+    when it lacks a tensor."""
+    t = state.tensors
+    try:
+        blocks = {name: BlockCurvature(*(t[f"{name}::{k}"] for k in _CURVATURE_KEYS[:4]),
+                                       corrected=t.get(f"{name}::corrected")) for name in state.meta["blocks"]}
+    except KeyError as e:
+        raise DataInfError(f"the K-FAC curvature state lacks {e.args[0]}; delete {CURVATURE_FILE} to refit it") from None
+    curvature = KFACCurvature(blocks, int(state.meta["n_examples"]), state.meta.get("fingerprints"))
+    curvature.fit_breakdown = dict(state.meta.get("fit_breakdown") or {})  # type: ignore[attr-defined]
+    return curvature
 
 
 def _check_method(method: str) -> None:
@@ -383,14 +411,32 @@ def precondition(b: BlockCurvature, v: Tensor, eig: Tensor, lam: float, name: st
 
 
 class _Kronecker(Estimator):
-    """K-FAC family: ``self.shared`` is the fitted :class:`KFACCurvature`; damping ``0.1 * mean eigenvalue``."""
+    """K-FAC family: ``self.shared`` is the fitted :class:`KFACCurvature`; damping ``0.1 * mean eigenvalue``.
+
+    Its fitted state (:meth:`fit`) is the EK-FAC curvature of the training gradients themselves
+    (:func:`curvature_from_gradients`: gradient basis + corrected eigenvalues), one fit for both methods,
+    cached in a store as ``kfac.safetensors``."""
 
     needs_curvature = True
-    needs_curvature = True
     scale_power = 0
+    state_file = CURVATURE_FILE
+    state_format = "datainf-kfac"  # the format the cache has had since it was first written: old caches load
+    state_version = 1
+
+    @classmethod
+    def fit(cls, train: list[tuple[str, Any]], arguments: Any) -> FittedState:
+        t0 = time.perf_counter()
+        breakdown: dict[str, float] = {}
+        sources = dict(train)
+        shapes = {name: tuple(getattr(g, "block_shape", None) or g.shape[1:]) for name, g in train}
+        curvature = curvature_from_gradients(sources, shapes=shapes, chunk_size=arguments.chunk_size,
+                                             timings=breakdown)
+        return curvature_to_state(curvature, time.perf_counter() - t0, breakdown)
 
     @classmethod
     def prepare(cls, train: list[tuple[str, Any]], curvature: Any, chunk_size: int) -> KFACCurvature:
+        if isinstance(curvature, FittedState):
+            curvature = curvature_from_state(curvature)
         if curvature is None:
             raise DataInfError(
                 f"method '{cls.name}' needs factors=...: accumulate KFACFactors with "
@@ -440,11 +486,14 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "KFAC_METHODS",
+    "CURVATURE_FILE",
     "BlockCurvature",
     "KFACCurvature",
     "KFACFactors",
     "correct_eigenvalues",
     "curvature_from_gradients",
+    "curvature_from_state",
+    "curvature_to_state",
     "fit_curvature",
     "precondition",
 ]

@@ -17,12 +17,19 @@ self-influence and normalized scores, for one process or split over ranks. Addin
             return V / (self.diag + self.damping)
 
 Everything else (the CLI's choices, every experiment's validation, the report) reads :func:`method_names`.
+
+A method whose preconditioner is the same for every query (a d x d matrix, an eigenbasis, a diagonal) can fit
+it once from the training blocks: :meth:`Estimator.fit` returns a :class:`FittedState` (tensors + JSON
+metadata) and sets ``state_file``; scoring a store then caches the state inside the store (checksummed,
+refitted when the store, the settings it depends on or its bytes change: :mod:`datainf.fitted`) and hands it
+to every block's estimator as ``self.shared``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -32,13 +39,28 @@ from datainf.errors import DataInfError
 from datainf.estimators.blocks import BlockRows, paper_damping
 
 
+@dataclass
+class FittedState:
+    """What a method fitted once from the training blocks (:meth:`Estimator.fit`): ``tensors`` (name ->
+    tensor, usually ``"<block>::<what>"``) and ``meta`` (JSON-able: what the tensors mean, per-block numbers
+    such as the damping the state was fitted for, a breakdown of the fit's time). ``seconds``: how long the fit
+    took (of the run that made it, for a cached state); ``cached``: read from the store's cache, not fitted
+    now."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+
+
 class Estimator:
     """How one method applies ``(H + lambda I)^{-1}`` on one block, built once per block and scoring call.
 
     Class attributes a method sets: ``name`` (registry key), ``summary`` (one line for ``--help``),
     ``options`` (a frozen dataclass of the method's own settings, e.g. LiSSA's iterations, or None),
-    ``needs_curvature`` (True: the caller passes Kronecker factors or a fitted curvature, see
-    :meth:`prepare`), ``scale_power`` (how its scores scale with the gradients, see below).
+    ``needs_curvature`` (True: it cannot score without a fitted state or the Kronecker factors the caller
+    passes, see :meth:`prepare`), ``scale_power`` (how its scores scale with the gradients, see below),
+    ``state_file`` / ``state_format`` / ``state_version`` (its fitted state's cache, see :meth:`fit`).
 
     Instance attributes: ``block`` (:class:`BlockRows`, the training gradients G, n x d), ``damping``
     (lambda > 0), ``sq_norms`` ((n,) squared row norms of G), ``opts`` (an instance of ``options`` or None),
@@ -46,7 +68,8 @@ class Estimator:
     method may fill, e.g. LiSSA's residual).
 
     A subclass implements :meth:`precondition` and may override :meth:`setup` (per-block state such as a
-    Cholesky factor), :meth:`self_scores` (a cheaper diagonal), :meth:`default_damping` and :meth:`prepare`.
+    Cholesky factor), :meth:`self_scores` (a cheaper diagonal), :meth:`default_damping`, :meth:`prepare`, and
+    :meth:`fit` with :meth:`state_settings` (a query-independent state fitted once and cached in the store).
     """
 
     name: ClassVar[str] = ""
@@ -59,6 +82,13 @@ class Estimator:
     #: it to rescale blocks outside float32's safe range exactly (by a power of two); None (a method that
     #: does not say) refuses such blocks instead.
     scale_power: ClassVar[int | None] = None
+    #: the file name of the fitted state's cache inside a store (``fitted-<name>.safetensors`` by convention;
+    #: methods sharing one state may share one file); None for a method without a fitted state
+    state_file: ClassVar[str | None] = None
+    #: the ``format`` recorded in the cache's metadata, and the version of the state's layout: a cache of
+    #: another version is fitted again (not refused)
+    state_format: ClassVar[str] = "datainf-fitted-state"
+    state_version: ClassVar[int] = 1
 
     def __init__(self, block: BlockRows, damping: float, sq_norms: Tensor, opts: Any = None, shared: Any = None):
         self.block, self.damping, self.sq_norms, self.opts, self.shared = block, damping, sq_norms, opts, shared
@@ -67,10 +97,29 @@ class Estimator:
 
     # ---------------------------------------------------------------- what a method may override
     @classmethod
-    def prepare(cls, train: list[tuple[str, Any]], curvature: Any, chunk_size: int) -> Any:
-        """Work shared by all blocks of one scoring call (e.g. fitting K-FAC factors); its result is
-        ``self.shared``. ``train`` is the list of (block name, rows); ``curvature`` what the caller passed."""
+    def fit(cls, train: list[tuple[str, Any]], arguments: Any) -> FittedState | None:
+        """The method's query-independent state, fitted once from the training blocks (``train``: the list of
+        (block name, rows), e.g. a store's memory-mapped blocks) under ``arguments`` (a
+        :class:`~datainf.estimators.ScoreArguments`). None (the default): the method has no fitted state.
+        A state may leave blocks out (e.g. blocks too large for a d x d matrix): :meth:`setup` then works as
+        without one. Scoring a store calls it only when the store holds no sound cache for the same
+        :meth:`state_settings`, and passes the state to :meth:`prepare`."""
         return None
+
+    @classmethod
+    def state_settings(cls, arguments: Any) -> dict[str, Any]:
+        """The part of ``arguments`` the fitted state depends on (JSON-able; e.g. the damping, the compute
+        dtype, an option): recorded in the cache, which is fitted again when they differ. Default: nothing
+        (the state depends on the store's gradients alone)."""
+        return {}
+
+    @classmethod
+    def prepare(cls, train: list[tuple[str, Any]], given: Any, chunk_size: int) -> Any:
+        """Work shared by all blocks of one scoring call; its result is ``self.shared``. ``train`` is the list
+        of (block name, rows); ``given`` is the :class:`FittedState` scoring a store fitted or read from its
+        cache, or whatever an in-memory caller passed (K-FAC: ``factors=``). The default passes a
+        :class:`FittedState` on and drops anything else."""
+        return given if isinstance(given, FittedState) else None
 
     @classmethod
     def default_damping(cls, block: BlockRows, sq_norms: Tensor, shared: Any) -> float:
@@ -114,6 +163,10 @@ def register(cls: type[Estimator]) -> type[Estimator]:
         raise DataInfError(f"{cls.__name__}: set the class attribute `name` before registering it")
     if cls.options is not None and not dataclasses.is_dataclass(cls.options):
         raise DataInfError(f"method '{cls.name}': `options` must be a dataclass of the method's settings")
+    if cls.state_file is not None and (not isinstance(cls.state_file, str) or "/" in cls.state_file
+                                       or not cls.state_file.endswith(".safetensors")):
+        raise DataInfError(f"method '{cls.name}': `state_file` must be a file name ending .safetensors, got "
+                           f"{cls.state_file!r}")
     known = _METHODS.get(cls.name)
     if known is not None and known.__qualname__ != cls.__qualname__:
         raise DataInfError(f"a method named '{cls.name}' is already registered ({known.__qualname__})")
@@ -152,4 +205,4 @@ def parse_options(name: str, options: Mapping[str, Any]) -> Any:
     return cls.options(**dict(options))
 
 
-__all__ = ["Estimator", "get_method", "method_names", "parse_options", "register", "unregister"]
+__all__ = ["Estimator", "FittedState", "get_method", "method_names", "parse_options", "register", "unregister"]
