@@ -314,3 +314,16 @@ def test_explain_run_sums_every_checkpoint_with_its_learning_rate(setup, tmp_pat
              str(setup["stores"] / "checkpoint-12"), "--prompt", PROMPT], capsys, "--store", "grads --run")
     refused(["explain", "--model", str(setup["model"]), "--run", str(setup["run"]), "--adapter", str(setup["run"]),
              "--store", str(setup["stores"]), "--prompt", PROMPT], capsys, "--adapter", "--run")
+
+
+def test_step_0_zero_blocks_are_one_warning_per_checkpoint(setup):
+    """Scoring checkpoint-0 (B = 0: the 4 A blocks have no gradient) through combine warns once, naming the
+    store and the count, not once per block."""
+    from datainf.combine import Term, combine
+
+    train = GradientStore.open(setup["stores"] / "checkpoint-0")
+    queries = GradientStore.open(setup["query_stores"] / "checkpoint-0")
+    with pytest.warns(UserWarning) as caught:
+        combine([Term(train, queries, ScoreArguments(method="identity"), 1.0)])
+    zero = [str(w.message) for w in caught if "all-zero" in str(w.message) or "gradient is zero" in str(w.message)]
+    assert len(zero) == 1 and "4 blocks" in zero[0] and str(train.path) in zero[0], zero

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,8 @@ def check_summable(stores: Sequence[GradientStore], names: Sequence[str] | None 
                     a, b = projection_label({"projection": a}), projection_label({"projection": b})
                 raise DataInfError(
                     f"stores {names[0]} and {other_name} cannot be summed: their {key} differs ({_shown(a)} in "
-                    f"{names[0]}, {_shown(b)} in {other_name}); make every term's store from the same training "
-                    "file with the same `datainf grads` options")
+                    f"{names[0]}, {_shown(b)} in {other_name}); make every store of the sum from the same "
+                    "training file with the same `datainf grads` options")
 
 
 def _shown(value: Any) -> str:
@@ -145,7 +146,7 @@ def combine(terms: Sequence[Term], *, allow_mismatch: bool = False) -> CombinedR
         raise DataInfError(f"combine: the terms' scores do not add up (self-influence, mean_query or the number of "
                            f"queries differ: {sorted(shapes, key=repr)}); give every term the same kind of queries")
     t0 = time.perf_counter()
-    results = [score_store(t.train, t.queries, t.arguments, allow_mismatch=allow_mismatch) for t in terms]
+    results = [_scored(t, label, allow_mismatch) for t, label in zip(terms, labels)]
     total = sum(w * r.scores.double() for w, r in zip(weights, results))
     first = results[0]
     provenance = [{**_provenance(t), "weight": w} for t, w in zip(terms, weights)]
@@ -253,7 +254,27 @@ def run_terms(train: str | os.PathLike, queries: str | os.PathLike | Mapping[str
             raise DataInfError(f"no query gradients for checkpoint {missing[0]} of {train}")
         query_stores = dict(queries)
     return [Term(GradientStore.open(r.path), None if queries is None else query_stores[r.name], arguments,
-                 r.weight, label=f"{r.name} ({r.adapter})") for r in stores]
+                 r.weight, label=f"{r.path} (adapter {r.adapter})") for r in stores]
+
+
+_ZERO_BLOCK = "every training gradient is zero"
+
+
+def _scored(term: Term, label: str, allow_mismatch: bool) -> ScoreResult:
+    """``score_store`` of one term; its warnings about blocks whose training gradients are all zero (every A
+    block at step 0, where B = 0) become one line for the term instead of one per block."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = score_store(term.train, term.queries, term.arguments, allow_mismatch=allow_mismatch)
+    zero = [w for w in caught if _ZERO_BLOCK in str(w.message)]
+    for w in caught:
+        if w not in zero:
+            warnings.warn(w.message, w.category, stacklevel=3)
+    if zero:
+        warnings.warn(f"{label}: {len(zero)} blocks have all-zero training gradients and add nothing to its scores "
+                      "(expected at step 0, where LoRA's B = 0 leaves the A blocks without gradient); skipped",
+                      UserWarning, stacklevel=3)
+    return result
 
 
 def _n_queries(queries: GradientStore | Mapping[str, Tensor]) -> int:
