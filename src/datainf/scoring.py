@@ -38,7 +38,7 @@ from torch import Tensor
 from datainf import atomic
 from datainf.distributed import distributed_score
 from datainf.errors import DataInfError, parse_json
-from datainf.estimators import ScoreArguments, ScoreResult, get_method
+from datainf.estimators import ScoreArguments, ScoreResult, get_method, method_names
 from datainf.estimators.kfac import CURVATURE_FILE, KFACFactors
 from datainf.fitted import (  # noqa: F401  (curvature_for, load_/save_curvature: names kept for callers)
     CorruptStateError,
@@ -254,8 +254,14 @@ def score_store(
 # a preconditioned training store: the query-independent work done once
 # --------------------------------------------------------------------------------------------------
 
-#: methods whose preconditioner is symmetric and independent of the query, so ``v^T P g = v . (P g)``
-PRECONDITIONABLE = ("identity", "exact", "kfac", "ekfac", "datainf")
+def preconditionable() -> tuple[str, ...]:
+    """The registered methods whose preconditioner is symmetric and independent of the query
+    (``Estimator.symmetric``), so ``v^T P g = v . (P g)``: those a store can be preconditioned for."""
+    return tuple(m for m in method_names() if get_method(m).symmetric)
+
+
+#: the built-in methods of :func:`preconditionable` (kept for callers of earlier releases)
+PRECONDITIONABLE = preconditionable()
 _NP_STAGING = {"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "uint16"}
 
 
@@ -391,9 +397,9 @@ def precondition_store(
 
     t_start = time.perf_counter()
     method = get_method(arguments.method)
-    if arguments.method not in PRECONDITIONABLE:
+    if not method.symmetric:
         raise DataInfError(f"method '{arguments.method}' cannot be precomputed into a store; choose one of "
-                           f"{', '.join(PRECONDITIONABLE)}")
+                           f"{', '.join(preconditionable())}")
     if arguments.normalize or arguments.mean_query:
         raise DataInfError("precondition_store takes neither normalize nor mean_query (they apply at query time)")
     if preconditioned(train):

@@ -146,9 +146,10 @@ class ScoreResult:
     kind: "influence" or "self_influence".
     damping: the lambda each block used (blocks whose training gradients are all zero are left out).
     diagnostics: per block, what the method reports (LiSSA: scale, last relative change, residual).
-    seconds: wall time of the scoring, curvature fit included.
-    curvature_seconds: the part of ``seconds`` (or, for a cached curvature, of the run that made it) spent
-        fitting K-FAC / EK-FAC curvature.
+    seconds: wall time of the scoring, the fit of the method's state included.
+    curvature_seconds: the part of ``seconds`` (or, for a cached state, of the run that made it) spent
+        fitting the method's state (:meth:`Estimator.fit`: K-FAC / EK-FAC curvature, DataInf's and exact's
+        d x d matrices).
     world_size: number of processes that shared the blocks.
     """
 

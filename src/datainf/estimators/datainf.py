@@ -30,6 +30,7 @@ class DataInf(Estimator):
     name = "datainf"
     summary = "DataInf: average of per-example Sherman-Morrison inverses, O(n d) per block"
     scale_power = 0
+    symmetric = True
     state_file = "fitted-datainf.safetensors"
 
     @classmethod

@@ -42,6 +42,7 @@ class Exact(Estimator):
     name = "exact"
     summary = "exact inverse of the damped block Fisher (Cholesky; d x d or n x n Gram form)"
     scale_power = 0
+    symmetric = True
     state_file = "fitted-exact.safetensors"
 
     @classmethod

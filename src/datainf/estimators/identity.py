@@ -13,6 +13,7 @@ class Identity(Estimator):
     name = "identity"
     summary = "Hessian-free: the gradient dot product -v . g_k"
     scale_power = 2
+    symmetric = True
 
     def precondition(self, V: Tensor) -> Tensor:
         return V

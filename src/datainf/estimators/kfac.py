@@ -419,6 +419,7 @@ class _Kronecker(Estimator):
 
     needs_curvature = True
     scale_power = 0
+    symmetric = True
     state_file = CURVATURE_FILE
     state_format = "datainf-kfac"  # the format the cache has had since it was first written: old caches load
     state_version = 1

@@ -85,6 +85,9 @@ class Estimator:
     #: the file name of the fitted state's cache inside a store (``fitted-<name>.safetensors`` by convention;
     #: methods sharing one state may share one file); None for a method without a fitted state
     state_file: ClassVar[str | None] = None
+    #: True: the preconditioner is symmetric and the same for every query, so ``v^T P g = v . (P g)`` and a
+    #: store's rows can be preconditioned once (``datainf store precondition``, :meth:`precondition_rows`)
+    symmetric: ClassVar[bool] = False
     #: the ``format`` recorded in the cache's metadata, and the version of the state's layout: a cache of
     #: another version is fitted again (not refused)
     state_format: ClassVar[str] = "datainf-fitted-state"
