@@ -11,7 +11,6 @@ from its own folder, float64).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,8 +25,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import datainf  # noqa: E402
+from cli_helpers import (  # noqa: E402
+    hashes,
+    refused,
+    write_jsonl,  # noqa: E402
+)
 from cli_helpers import run_cli as run  # noqa: E402
-from cli_helpers import write_jsonl  # noqa: E402
 from datainf.cli import main  # noqa: E402
 from datainf.data.generation import make_task  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
@@ -36,26 +39,6 @@ from reference import FLOAT64_TOL  # noqa: E402
 
 PROMPT = "Sentence: the old fox finds the book near the lake and the gentle robot carries the candle\nAva:"
 RESPONSE = " candle the carries robot gentle the and lake the near book the finds fox old the"
-
-
-def hashes(*paths: Path) -> dict[str, str]:
-    """sha256 of every file under the paths (a file hashes itself): what "unchanged" compares."""
-    out = {}
-    for path in map(Path, paths):
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        out |= {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    return out
-
-
-def refused(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    """Assert exit 2 with exactly one `error:` line holding every one of ``words``; return the line."""
-    code, _, err = run(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import datainf  # noqa: E402
+from cli_helpers import hashes, refused  # noqa: E402
 from cli_helpers import run_cli as run  # noqa: E402
 from datainf.estimators import Estimator, FittedState, ScoreArguments, register, unregister  # noqa: E402
 from datainf.scoring import score_store  # noqa: E402
@@ -70,20 +71,6 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 
 def paper_lambda(G: torch.Tensor) -> float:
     return 0.1 * float((G * G).sum(1).mean()) / G.shape[1]
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    code, _, err = run(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------------

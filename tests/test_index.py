@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import refused
 from cli_helpers import run_cli as run
 from datainf.estimators import ScoreArguments
 from datainf.ranking import top_examples
@@ -146,15 +147,6 @@ def test_ivf_recall_on_a_clustered_store():
 def sha(*folders: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(Path(f).rglob("*"))
             if p.is_file()}
-
-
-def refused(argv, capsys, words: str) -> str:
-    code, _, err = run(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert words in lines[0], lines[0]
-    return lines[0]
 
 
 def test_cli_build_check_and_search_give_the_rows_of_top(stores, tmp_path, capsys):

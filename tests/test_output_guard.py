@@ -12,7 +12,7 @@ of every input file unchanged. Built once per module on the tiny BERT and tiny L
 from __future__ import annotations
 
 import csv
-import hashlib
+import functools
 import io
 import json
 import os
@@ -24,26 +24,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+from cli_helpers import hashes as every_hash  # noqa: E402
+from cli_helpers import (
+    refused,  # noqa: E402
+    write_jsonl,  # noqa: E402
+)
 from cli_helpers import run_cli as run  # noqa: E402
-from cli_helpers import write_jsonl  # noqa: E402
 from datainf.data.generation import chat_records, make_task  # noqa: E402
 from datainf.store import GradientStore  # noqa: E402
 
 #: texts a spreadsheet would run as formulas (OWASP's list: = + - @ tab CR), and plain ones
 DANGEROUS = ["=HYPERLINK(\"http://x\")", "+1+2 great film", "-3 dull film", "@SUM(A1) fine", "\tTab start",
              "\rCR start"]
-
-
-def refused(argv: list[str], capsys, *words: str) -> str:
-    """Exit 2 with one `error:` line holding each of ``words``; returns that line."""
-    code, _, err = run(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def ok(argv: list[str], capsys) -> str:
@@ -61,14 +53,8 @@ def built(argv: list[str]) -> None:
     assert e.value.code == 0, argv
 
 
-def hashes(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under ``roots`` (following no link): what "unchanged" compares."""
-    out = {}
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-        for p in files:
-            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+#: sha256 of every file under the roots, following no link (a link to an input is not the input)
+hashes = functools.partial(every_hash, follow_links=False)
 
 
 @pytest.fixture(scope="module")

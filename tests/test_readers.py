@@ -28,7 +28,11 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cli_helpers import run_cli  # noqa: E402
+from cli_helpers import (  # noqa: E402
+    hashes,
+    refused,
+    run_cli,  # noqa: E402
+)
 from datainf.data.tables import read_table  # noqa: E402
 from datainf.data.text import load_lm_records, load_records  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
@@ -49,27 +53,6 @@ SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthChe
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def refused(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    """Assert the command exits 2 with one `error:` line holding every one of ``words``; return the line."""
-    code, _, err = run_cli(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err[-2000:])
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
-def hashes(*paths: Path) -> dict[str, str]:
-    """sha256 of every file at or under the paths: what "unchanged" compares."""
-    out = {}
-    for path in map(Path, paths):
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
-    return out
 
 
 def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:

@@ -8,7 +8,6 @@ Store-level checks (each corruption by the library, the lock race between writer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,8 +23,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cli_helpers import (  # noqa: E402
+    hashes,
+    refused,
+    write_jsonl,  # noqa: E402
+)
 from cli_helpers import run_cli as run  # noqa: E402
-from cli_helpers import write_jsonl  # noqa: E402
 from datainf.cli import main  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
@@ -34,31 +37,6 @@ from datainf.store import GradientStore  # noqa: E402
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def refused(argv, capsys, words: str) -> str:
-    """Assert the command exits 2 with one `error:` line containing ``words``; return that line."""
-    code, _, err = run(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert words in lines[0], lines[0]
-    return lines[0]
-
-
-def hashes(*folders: Path) -> dict[str, str]:
-    """sha256 of every file under the folders (absent folders hash to nothing): what "unchanged" compares."""
-    out = {}
-    for folder in folders:
-        folder = Path(folder)
-        if folder.is_file():
-            out[str(folder)] = hashlib.sha256(folder.read_bytes()).hexdigest()
-            continue
-        for p in sorted(folder.rglob("*")) if folder.exists() else []:
-            if p.is_file():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def inodes(store: Path) -> dict[str, tuple[int, int]]:

@@ -21,8 +21,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import datainf  # noqa: E402
+from cli_helpers import (
+    refused,  # noqa: E402
+    write_jsonl,  # noqa: E402
+)
 from cli_helpers import run_cli as run  # noqa: E402
-from cli_helpers import write_jsonl  # noqa: E402
 from datainf.data.generation import make_task  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.estimators import ScoreArguments  # noqa: E402
@@ -39,16 +42,6 @@ def files(folder: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime (ns) of every file under ``folder``."""
     return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    code, _, err = run(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def scheduler_rates() -> list[float]:

@@ -24,8 +24,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cli_helpers import (  # noqa: E402
+    hashes,
+    refused,
+    write_jsonl,  # noqa: E402
+)
 from cli_helpers import run_cli as run  # noqa: E402
-from cli_helpers import write_jsonl  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.estimators import ScoreArguments, method_names  # noqa: E402
 from datainf.scoring import CURVATURE_FILE, precondition_store, score_store  # noqa: E402
@@ -53,27 +57,6 @@ def make_store(path: Path, n: int = 40, *, scale: float = 1.0, dtype: str = "flo
         store.write_records([{"text": f"example {i}", "label": i % 2} for i in range(n)])
         store.finalize()
     return GradientStore.open(path), grads
-
-
-def refused(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    """Assert exit 2 with one `error:` line holding every one of ``words``; return the line."""
-    code, _, err = run(argv, capsys)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
-def hashes(*folders: Path) -> dict[str, str]:
-    """sha256 of every file under the folders: what "unchanged" compares."""
-    out = {}
-    for folder in folders:
-        for p in sorted(Path(folder).rglob("*")) if Path(folder).exists() else []:
-            if p.is_file():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def same_store(a: Path, b: Path) -> None:
