@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,20 +79,15 @@ def check_apart(path: str | os.PathLike, inputs: Mapping[str, Input], option: st
 
 
 def safetensors_metadata(path: Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors file's header (read without loading a tensor), or None when
-    ``path`` is not a safetensors file."""
+    """The ``__metadata__`` of a safetensors file's header (read by safetensors without loading a tensor),
+    or None when ``path`` is not a safetensors file."""
+    from safetensors import safe_open
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return None
-            (size,) = struct.unpack("<Q", head)
-            if size > 100_000_000:
-                return None
-            header = json.loads(f.read(size).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+    except Exception:  # noqa: BLE001 - safetensors raises its own error type for a file that is not one
         return None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else None
 
 
