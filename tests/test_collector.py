@@ -34,7 +34,7 @@ from datainf.collector import GradientCollector, ProjectionSettings  # noqa: E40
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.store import GradientStore, StreamingWriter  # noqa: E402
 from datainf.tasks import per_example_loss  # noqa: E402
-from reference import assert_close_to, assert_per_example_close  # noqa: E402
+from reference import FLOAT32_TOL, assert_close_to, assert_per_example_close  # noqa: E402
 from test_gradients import reference_gradients  # noqa: E402
 from test_projection import explicit_projection  # noqa: E402
 from tiny_models import (  # noqa: E402
@@ -91,6 +91,19 @@ def test_collector_equals_a_loop_of_single_example_backwards(bert, llama, task, 
     full = reference_gradients(model, batch, task)
     for name, g in grads.items():
         assert_close_to(g, full[name].sum(dim=0), what=name)
+
+
+def test_float32_collector_is_within_float32_rounding_of_the_float64_loop():
+    """The float32 path a training loop runs: float32 rows within FLOAT32_TOL (tests/reference.py: under 1e4
+    accumulated terms at 6e-8 each) of the float64 loop on the same weights; a leaked pad is O(1e-1) off."""
+    model = tiny_llama_causal_lm()
+    batch = random_causal_lm_batch(4, padding="right", seed=23)
+    with GradientCollector(model) as collector:
+        caller_step(model, batch, "causal_lm")
+        actual = collector.take()
+    assert all(a.dtype == torch.float32 for a in actual.values())
+    expected = reference_gradients(tiny_llama_causal_lm().double(), batch, "causal_lm")
+    assert_per_example_close(actual, expected, tol=FLOAT32_TOL)
 
 
 def test_collector_gives_each_batch_of_a_loop_its_own_gradients(llama):
