@@ -258,6 +258,15 @@ def test_streaming_writer_refuses_bad_rows_and_keeps_nothing_of_them(tmp_path):
         assert writer.store.missing_chunks() == list(range(1, 5))
 
 
+def test_a_new_store_refused_before_its_first_chunk_leaves_nothing(tmp_path):
+    grads = rows_of()
+    grads["a"][1, 0, 0] = float("inf")
+    with pytest.raises(DataInfError, match="block 'a', example 1 has a NaN or infinite"):
+        with StreamingWriter.create(tmp_path / "s", **spec()) as writer:
+            writer.add(range(0, 3), {name: g[0:3] for name, g in grads.items()})
+    assert not (tmp_path / "s").exists()
+
+
 CHILD = """
 import os, signal, sys
 sys.path.insert(0, {src!r})

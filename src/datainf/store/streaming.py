@@ -51,12 +51,16 @@ class StreamingWriter:
         self._buffers: dict[int, dict[str, Tensor]] = {}  # chunk -> block -> (rows in chunk, d)
         self._work = torch.float64 if store.storage_dtype == "float64" else torch.float32
         self._sizes = {name: math.prod(store.block_shapes[name]) for name in store.block_names}
+        self._owns_store = False  # made by create(): a failed first use then leaves nothing behind
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], **spec: Any) -> StreamingWriter:
         """Create the store at ``path`` (or resume it: same settings) with :meth:`GradientStore.create`'s
-        arguments, and a writer into it; the writer's :meth:`close` releases the store's lock."""
-        return cls(GradientStore.create(path, **spec))
+        arguments, and a writer into it; the writer's :meth:`close` releases the store's lock. Leaving its
+        ``with`` block on an error before any chunk was written removes what the creation made."""
+        writer = cls(GradientStore.create(path, **spec))
+        writer._owns_store = True
+        return writer
 
     # ---------------------------------------------------------------- what is left
 
@@ -188,7 +192,9 @@ class StreamingWriter:
     def __enter__(self) -> StreamingWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and self._owns_store and self.store.writable:
+            self.store.discard_if_unused()  # a new store refused before its first chunk: nothing is left
         self.close()
 
 
