@@ -106,6 +106,23 @@ def test_float32_collector_is_within_float32_rounding_of_the_float64_loop():
     assert_per_example_close(actual, expected, tol=FLOAT32_TOL)
 
 
+def test_collector_under_bfloat16_autocast_as_a_mixed_precision_step_runs():
+    """A Trainer's bf16 step: float32 weights, Linear layers run in bfloat16 under autocast. The rows come back
+    in float32, within bfloat16's rounding of the float64 loop (8-bit mantissa, 4e-3 per operation over a few
+    dozen accumulated terms: 5e-2 of the largest entry), and the batch-gradient check accepts them."""
+    model = tiny_bert_classifier(num_labels=3)
+    batch = random_classification_batch(4, num_labels=3, seed=24)
+    with GradientCollector(model) as collector:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum").backward()
+        actual = collector.take()
+    assert all(a.dtype == torch.float32 for a in actual.values())
+    expected = reference_gradients(tiny_bert_classifier(num_labels=3).double(), batch, "classification")
+    assert_per_example_close(actual, expected, tol=5e-2)
+
+
 def test_collector_gives_each_batch_of_a_loop_its_own_gradients(llama):
     """Several steps inside one collector (a training loop): each take() is that batch's rows only."""
     batches = [random_causal_lm_batch(b, padding="right", seed=30 + b) for b in (3, 1, 4)]

@@ -447,6 +447,8 @@ class GradientCollector:
         projection = self.projection
         weight_grad, bias_grad = None, None
         key = module_key(record.weight or record.bias or "")
+        # under autocast (a Trainer's bf16/fp16 step) the batch gradient was summed in half precision
+        half = any(t.dtype in (torch.float16, torch.bfloat16) for call in calls for t in (call.inputs, call.grad))
         for call in calls:
             g, x = upcast(call.grad), upcast(call.inputs)  # type: ignore[arg-type]
             if g.shape[0] != size or x.shape[0] != size or g.shape[:-1] != x.shape[:-1]:
@@ -474,7 +476,7 @@ class GradientCollector:
             total = totals.get(name)
             if projection is not None and total is not None:
                 total = project_gradient(name, upcast(total), projection, batched=False)
-            if _agrees(grad.sum(dim=0), total, param.dtype):
+            if _agrees(grad.sum(dim=0), total, torch.bfloat16 if half else param.dtype):
                 kept[name] = grad
         if factors is not None:  # K-FAC factors from the same inputs and output gradients (datainf.estimators.kfac)
             weight, bias = (n if n in kept else None for n in (record.weight, record.bias))
