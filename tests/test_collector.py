@@ -165,6 +165,36 @@ def test_collector_refuses_what_it_cannot_give(bert):
         lora_a.requires_grad_(True)
 
 
+class ScaledLinear(torch.nn.Module):
+    """An nn.Linear (hooked) times a raw parameter (no hook can see it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(3, 2).double()
+        self.scale = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def test_collector_refuses_a_parameter_no_hook_sees_unless_partial():
+    model = ScaledLinear()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with GradientCollector(model) as collector:
+        assert collector.uncovered == ["scale"]
+        model(x).pow(2).sum().backward()
+        with pytest.raises(DataInfError, match="per-example gradients of scale cannot be collected"):
+            collector.take()
+        model(x).pow(2).sum().backward()
+        partial = collector.take(partial=True)
+    assert list(partial) == ["linear.weight", "linear.bias"]
+    for i in range(4):  # each row: the gradient of example i's own loss
+        w, b = torch.autograd.grad(model(x[i:i + 1]).pow(2).sum(), [model.linear.weight, model.linear.bias])
+        assert_close_to(partial["linear.weight"][i], w, what=f"weight {i}")
+        assert_close_to(partial["linear.bias"][i], b, what=f"bias {i}")
+
+
 def test_per_example_gradients_runs_inside_the_collector(bert, monkeypatch):
     """One implementation: per_example_gradients' fast path is the collector's take()."""
     calls = []
