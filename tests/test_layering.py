@@ -29,7 +29,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.data.assets": ("datainf.errors", "datainf.atomic"),  # atomic: the cache lock
     "datainf.data": ("datainf.errors", "datainf.data", "datainf.tasks"),
     "datainf.tasks": ("datainf.errors",),
-    "datainf.gradients": ("datainf.errors", "datainf.tasks", "datainf.adapters"),
+    "datainf.collector": ("datainf.errors", "datainf.tasks", "datainf.adapters"),  # hooks + projection
+    "datainf.gradients": ("datainf.errors", "datainf.tasks", "datainf.adapters", "datainf.collector"),
     "datainf.store": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.adapters", "datainf.store"),
     "datainf.estimators": ("datainf.errors", "datainf.estimators"),
     "datainf.distributed": ("datainf.errors", "datainf.estimators", "datainf.store"),

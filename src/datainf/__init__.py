@@ -7,8 +7,9 @@ negative = helpful.
 
 The public API is re-exported here and imported on first use, so that ``import datainf`` (and the
 command line's start-up) stays cheap: :func:`influence`, :func:`self_influence`, :func:`score`,
-:class:`ScoreArguments`, :class:`ScoreResult`, :func:`per_example_gradients`, :class:`Attributor`,
-:class:`GradientStore`, :func:`method_names`, :func:`default_damping`.
+:class:`ScoreArguments`, :class:`ScoreResult`, :func:`per_example_gradients`, :class:`GradientCollector`,
+:class:`Attributor`, :class:`GradientStore`, :class:`StreamingWriter`, :func:`method_names`,
+:func:`default_damping`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from datainf.version import __version__
 _PUBLIC = {
     "Attributor": "datainf.attributor",
     "DataInfError": "datainf.errors",
+    "GradientCollector": "datainf.collector",
     "GradientStore": "datainf.store",
+    "StreamingWriter": "datainf.store",
     "ScoreArguments": "datainf.estimators",
     "ScoreResult": "datainf.estimators",
     "default_damping": "datainf.estimators",

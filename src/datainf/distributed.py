@@ -52,7 +52,7 @@ from datainf.estimators import (
     score,
     score_self,
 )
-from datainf.store import RECORDS_FILE, GradientStore
+from datainf.store import RECORDS_FILE, GradientStore, StreamingWriter
 
 logger = logging.getLogger("datainf.distributed")
 
@@ -225,9 +225,10 @@ def write_store(
         failure: BaseException | None = None
         todo = sum(len(store.chunk_rows(c)) for c in mine)
         bar = tqdm(total=todo, desc="train gradients", unit="ex", disable=not (progress and rank == 0))
+        stream = StreamingWriter(store)  # the store's one way in for rows (the collector's batches, chunks here)
         try:
             for c in mine:
-                store.write_chunk(c, compute_chunk(store.chunk_rows(c), bar))
+                stream.add(store.chunk_rows(c), compute_chunk(store.chunk_rows(c), bar))
         except Exception as e:
             failure = e
         finally:

@@ -11,7 +11,10 @@ The package, by file, each importing only those above it (no circle):
   (``open``, blocks, squared norms, records, and the reading API) -> ``verify`` (``verify``: checksums and
   squared norms of everything) -> ``writer`` (``create``/resume, ``write_chunk``, ``write_records``,
   ``finalize``, the lock) -> ``gradient_store`` (:class:`GradientStore` itself, which adds the disk access:
-  free space, a chunk's files written whole or not at all, a chunk file memory-mapped back).
+  free space, a chunk's files written whole or not at all, a chunk file memory-mapped back);
+- ``streaming``: :class:`StreamingWriter`, rows pushed as they come (any batch sizes, any order) into a
+  writable store, each chunk written as soon as its rows are all there (resumable: a rerun keeps the chunks
+  written and lists the rows left in ``pending()``).
 
 A store is a directory holding the per-example gradients of one dataset under one model + adapter + task,
 so that scoring never recomputes them::
@@ -76,10 +79,12 @@ from datainf.store.fingerprint import (
 )
 from datainf.store.gradient_store import GradientStore, disk_full, existing_ancestor, require_free_space
 from datainf.store.manifest import StoreProblem, projection_label
+from datainf.store.streaming import StreamingWriter
 
 __all__ = [
     "AUTO", "CHECKSUM", "CHUNK_MANIFEST", "DTYPES", "FINGERPRINT_KEYS", "FORMAT_VERSION", "LOCK_TIMEOUT_S",
     "MAX_STORAGE_ERROR", "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreProblem",
+    "StreamingWriter",
     "StoredBlock", "disk_full", "existing_ancestor", "file_digest", "fingerprint_dataset", "fingerprint_model",
     "fingerprint_task", "projection_label", "require_free_space", "storage_loss",
 ]

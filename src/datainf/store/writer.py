@@ -153,6 +153,11 @@ class StoreWriter(StoreVerifier):
             )
         return cls(path, read_manifest(path), writable=True)
 
+    @property
+    def writable(self) -> bool:
+        """Whether this store object may write (opened with :meth:`create` or :meth:`join`, not closed)."""
+        return bool(self._writable)
+
     def discard_if_unused(self) -> bool:
         """Remove what :meth:`create` made when no chunk and no records were written (a run refused before
         its first chunk leaves nothing behind). Only a writer of a store it created itself does so; returns
