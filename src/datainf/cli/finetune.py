@@ -117,7 +117,8 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
         acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
         summary = {"num_labels": num_labels, "label_names": names, "train_accuracy": acc}
         shown = f"training accuracy {acc:.3f}; {num_labels} classes: {describe(names)}"
-    marker = json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"), **summary}, indent=2)
+    marker = json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"), "seed": seed,
+                         **summary}, indent=2)  # seed: drew the LoRA A matrices (grads --initial rebuilds step 0)
     final = snapshots.current()
     saved = snapshots.checkpoints()  # step 0, the K evenly spaced steps (the last is the final adapter)
     with atomic.new_directory(out_dir, replace=replace) as tmp:
