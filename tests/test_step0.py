@@ -89,7 +89,7 @@ def test_initial_without_a_recorded_seed_uses_seed_and_says_so(setup, tmp_path, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from datainf.models.finetune import initial_lora
+    from datainf.models.initial import initial_lora
 
     foreign = tmp_path / "foreign"
     shutil.copytree(setup["adapter"], foreign, ignore=shutil.ignore_patterns("checkpoint-*"))

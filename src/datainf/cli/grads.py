@@ -108,7 +108,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
     if initial:
         import torch
 
-        from datainf.models.finetune import initial_lora
+        from datainf.models.initial import initial_lora
 
         model, tokenizer, seed_used, seed_source = initial_lora(model_dir, adapter_dir, seed=initial_seed,
                                                                 dtype=getattr(torch, model_dtype), device=device)
