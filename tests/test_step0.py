@@ -150,3 +150,33 @@ def test_step_0_zero_blocks_are_one_warning(setup, tmp_path, capsys):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len([line for line in done.stderr.splitlines() if "gradient is zero" in line]) == 1, done.stderr
+
+
+def test_finetune_saves_second_moments_that_adam_normalization_reads(setup, tmp_path, capsys):
+    """finetune writes Adam's exp_avg_sq of every LoRA parameter beside the final adapter (not at step 0, where
+    Adam has none), named as the store's blocks; `score --adam-moments ADAPTER` then divides by hand's values."""
+    from safetensors.torch import load_file
+
+    from datainf.remedies import SECOND_MOMENTS_FILE
+    from datainf.scoring import load_scores
+
+    assert not (setup["adapter"] / "checkpoint-0" / SECOND_MOMENTS_FILE).exists()
+    moments = load_file(str(setup["adapter"] / SECOND_MOMENTS_FILE))
+    grads(setup, capsys, setup["adapter"], tmp_path / "t")
+    grads(setup, capsys, setup["adapter"], tmp_path / "q", data=setup["queries"])
+    train, queries = GradientStore.open(tmp_path / "t"), GradientStore.open(tmp_path / "q")
+    assert sorted(moments) == sorted(train.block_names)
+    assert all(bool((v > 0).any()) and bool((v >= 0).all()) for v in moments.values())
+    code, _, err = run(["score", "--store", str(train.path), "--queries", str(queries.path), "--method", "identity",
+                        "--adam-moments", str(setup["adapter"]), "--out", str(tmp_path / "s.safetensors")], capsys)
+    assert code == 0, err
+
+    def by_hand(store: GradientStore) -> torch.Tensor:
+        parts = [store.block(n)[0 : store.n_examples].reshape(store.n_examples, -1).double()
+                 / (moments[n].double().reshape(1, -1).sqrt() + 1e-8) for n in store.block_names]
+        x = torch.cat(parts, dim=1)
+        return x / x.norm(dim=1, keepdim=True)
+
+    want = -by_hand(train) @ by_hand(queries).T
+    got = load_scores(tmp_path / "s.safetensors").scores["identity"].double()
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)

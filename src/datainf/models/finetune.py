@@ -362,7 +362,9 @@ def train_epochs(
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
-                if on_step is not None:
+                if on_step is not None and getattr(on_step, "wants_optimizer", False):
+                    on_step(len(losses), lr_used, optimizer)  # e.g. SecondMoments: reads the optimizer's state
+                elif on_step is not None:
                     on_step(len(losses), lr_used)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -499,3 +501,26 @@ def recorded_seed(adapter_dir: str | Path) -> int | None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DataInfError(f"{record}: seed {seed!r} is not a whole number; rewrite the adapter with `datainf finetune`")
     return seed
+
+
+class SecondMoments:
+    """An ``on_step`` for :func:`train_epochs` that keeps Adam's second moments (``exp_avg_sq``) of every
+    trainable parameter, by name as in ``model.named_parameters()`` (a gradient store's block names), after
+    each of ``steps``; ``then`` (another ``on_step``, e.g. :meth:`datainf.models.checkpoints.Snapshots.on_step`)
+    runs first. ``taken[step]`` is {name: tensor}. The Adam-normalized scores divide by their square root
+    (:mod:`datainf.remedies`)."""
+
+    wants_optimizer = True
+
+    def __init__(self, model: Any, steps: Sequence[int], then: Callable[[int, float], None] | None = None):
+        self.model, self.steps, self.then = model, set(steps), then
+        self.taken: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, step: int, lr: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+        if self.then is not None:
+            self.then(step, lr)
+        if step not in self.steps or optimizer is None:
+            return
+        names = {id(p): name for name, p in self.model.named_parameters() if p.requires_grad}
+        self.taken[step] = {names[id(p)]: state["exp_avg_sq"].detach().to("cpu").clone().contiguous()
+                            for p, state in optimizer.state.items() if id(p) in names and "exp_avg_sq" in state}
