@@ -180,3 +180,33 @@ def test_finetune_saves_second_moments_that_adam_normalization_reads(setup, tmp_
     want = -by_hand(train) @ by_hand(queries).T
     got = load_scores(tmp_path / "s.safetensors").scores["identity"].double()
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_explain_takes_the_remedies(setup, tmp_path, capsys):
+    """`explain --remove-top 1` ranks by identity scores of gradients with the training gradients' top
+    direction removed: the query's gradient (computed here by the Attributor) and the store's, projected with
+    an explicit float64 SVD."""
+    from datainf.attributor import Attributor
+    from datainf.data.collate import TextCollator
+    from datainf.models.llm import load_causal_lm_adapter
+
+    grads(setup, capsys, setup["adapter"], tmp_path / "t")
+    store = GradientStore.open(tmp_path / "t")
+    out = tmp_path / "e.json"
+    code, _, err = run(["explain", "--model", str(setup["model"]), "--adapter", str(setup["adapter"]), "--store",
+                        str(store.path), "--prompt", PROMPT, "--response", RESPONSE, "--method", "identity",
+                        "--remove-top", "1", "--k", "3", "--json", str(out), "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    model, tok = load_causal_lm_adapter(setup["model"], setup["adapter"], dtype=torch.float64)
+    query = Attributor(model, task="causal_lm", collate=TextCollator(tok, task="causal_lm"), progress=False
+                       ).gradients([{"prompt": PROMPT, "response": RESPONSE}])
+    want = 0
+    for name in store.block_names:
+        G = store.block(name)[0 : store.n_examples].reshape(store.n_examples, -1).double()
+        q = query[name].reshape(1, -1).double()
+        top = torch.linalg.svd(G, full_matrices=False).Vh[:1]
+        want = want - (G - G @ top.T @ top) @ (q - q @ top.T @ top).T
+    rows = json.loads(out.read_text())["answers"][0]["rows"]
+    assert rows
+    for r in rows:
+        assert r["score"] == pytest.approx(float(want[r["train_index"], 0]), rel=1e-8, abs=1e-12)
