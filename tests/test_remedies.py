@@ -229,3 +229,16 @@ def test_remedies_round_trip_through_the_arguments_dict():
                           damping_rule="rank")
     assert ScoreArguments.from_dict(args.to_dict()) == args
     assert math.isclose(ScoreArguments.from_dict({"method": "datainf"}).damping_scale, 1.0)
+
+
+def test_a_preconditioned_store_refuses_the_remedies(tmp_path):
+    """Preconditioning bakes the method's damping into the rows; remedies apply to the original gradients:
+    refused both when preconditioning and when scoring a preconditioned store."""
+    from datainf.scoring import precondition_store
+
+    store, _ = make_store(tmp_path / "s", SHAPES, 16, seed=0)
+    with pytest.raises(DataInfError, match="precondition_store takes no remedy"):
+        precondition_store(store, tmp_path / "p2", ScoreArguments(method="datainf", damping_scale=2.0))
+    pre = precondition_store(store, tmp_path / "p", ScoreArguments(method="datainf"))
+    with pytest.raises(DataInfError, match="preconditioned gradients; remove_top"):
+        score_store(pre, queries_for(SHAPES), ScoreArguments(method="datainf", remove_top=1))

@@ -426,6 +426,9 @@ def precondition_store(
                            f"{', '.join(preconditionable())}")
     if arguments.normalize or arguments.mean_query:
         raise DataInfError("precondition_store takes neither normalize nor mean_query (they apply at query time)")
+    if uses_remedies(arguments):
+        raise DataInfError("precondition_store takes no remedy (remove_top, adam_moments, damping_scale, "
+                           "damping_rule): score the store itself with them")
     if preconditioned(train):
         raise DataInfError(f"store {train.path} is already preconditioned; precondition its source store")
     out = Path(out)
