@@ -36,8 +36,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.distributed": ("datainf.errors", "datainf.estimators", "datainf.store"),
     "datainf.fitted": ("datainf.errors", "datainf.atomic", "datainf.estimators", "datainf.store",
                        "datainf.distributed"),
+    "datainf.remedies": ("datainf.errors", "datainf.estimators"),  # gradient remedies, applied by scoring
     "datainf.scoring": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
-                        "datainf.store", "datainf.distributed", "datainf.fitted"),
+                        "datainf.store", "datainf.distributed", "datainf.fitted", "datainf.remedies"),
     "datainf.index": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.store", "datainf.scoring",
                       "datainf.ranking"),  # the top-k index: beside scoring, faiss imported lazily
     # one way to combine scores (weighted sums of terms over one training set); data.collate: the loss default

@@ -161,6 +161,18 @@ def combine(terms: Sequence[Term], *, allow_mismatch: bool = False) -> CombinedR
                           world_size=first.world_size, terms=provenance, results=results)
 
 
+def debias_terms(train: GradientStore, queries: GradientStore | Mapping[str, Tensor] | None,
+                 base_train: GradientStore, base_queries: GradientStore | Mapping[str, Tensor] | None,
+                 arguments: ScoreArguments, weight: float = 1.0) -> list[Term]:
+    """DDA's debias (Wu et al., arXiv 2410.01285) as the terms of one :func:`combine` call: the fine-tuned
+    model's scores minus the scores at the model before fine-tuning (its "knowledge bias"), ``weight * (S -
+    S_base)``. For LoRA the model before fine-tuning is step 0 (checkpoint-0, or ``datainf grads --initial``:
+    B = 0, the base model's function). Both training stores must hold the same rows (combine checks)."""
+    return [Term(train, queries, arguments, weight, label=f"{train.path} (fine-tuned)"),
+            Term(base_train, base_queries, arguments, -weight, label=f"{base_train.path} (before fine-tuning: "
+                                                                    "DDA's debias)")]
+
+
 #: the file that makes a folder of per-checkpoint stores (`datainf grads --run RUN --store S`) one run
 RUN_STORES_FILE = "datainf_run.json"
 RUN_STORES_FORMAT = "datainf-run-stores"
@@ -270,8 +282,9 @@ def _scored(term: Term, label: str, allow_mismatch: bool) -> ScoreResult:
     for w in caught:
         if w not in zero:
             warnings.warn(w.message, w.category, stacklevel=3)
+    count = sum(len(getattr(w.message, "blocks", [None])) for w in zero)
     if zero:
-        warnings.warn(f"{label}: {len(zero)} blocks have all-zero training gradients and add nothing to its scores "
+        warnings.warn(f"{label}: {count} blocks have all-zero training gradients and add nothing to its scores "
                       "(expected at step 0, where LoRA's B = 0 leaves the A blocks without gradient); skipped",
                       UserWarning, stacklevel=3)
     return result
@@ -284,4 +297,5 @@ def _n_queries(queries: GradientStore | Mapping[str, Tensor]) -> int:
 
 
 __all__ = ["RUN_STORES_FILE", "CombinedResult", "RunStore", "Term", "is_run_stores", "read_run_stores",
-           "run_terms", "write_run_stores", "check_summable", "check_weight", "combine", "summing_fields"]
+           "run_terms", "write_run_stores", "debias_terms", "check_summable", "check_weight", "combine",
+           "summing_fields"]

@@ -48,6 +48,7 @@ from datainf.fitted import (  # noqa: F401  (curvature_for, load_/save_curvature
     load_curvature,
     save_curvature,
 )
+from datainf.remedies import apply_remedies, uses_gradient_remedies
 from datainf.store import (
     MAX_STORAGE_ERROR,
     GradientStore,
@@ -227,7 +228,11 @@ def score_store(
     fit_seconds = 0.0
     fit: dict[str, Any] | None = None
     state = None
-    if curvature is None:  # the method's fitted state, from the store's cache or fitted now
+    remedied = uses_remedies(arguments)
+    if remedied:
+        check_remedies(train, arguments)
+    # a state fitted on the stored gradients under the rule's damping is not these gradients' (or this damping's)
+    if curvature is None and not (remedied and not get_method(arguments.method).needs_curvature):
         t0 = time.perf_counter()
         state = fitted_state(train, arguments, save=False)
         now = time.perf_counter() - t0
@@ -238,7 +243,10 @@ def score_store(
                    "breakdown": dict(state.meta.get("fit_breakdown") or {})}
     t0 = time.perf_counter()
     qgrads = None if queries is None else query_blocks(queries)
-    result = distributed_score(train.blocks(), qgrads, arguments, curvature=curvature)
+    blocks, qgrads = apply_remedies(train.blocks(), qgrads, arguments, shapes=train.block_shapes)
+    inner = arguments.replace(remove_top=0, adam_moments=None) if uses_gradient_remedies(arguments) else arguments
+    result = distributed_score(blocks, qgrads, inner, curvature=curvature)
+    result.arguments = arguments  # the scores file records every remedy that made them
     result.seconds = time.perf_counter() - t0 + fit_seconds
     result.curvature_seconds += fit_seconds
     if state is not None:  # cached only now that the scores came out right: a refused call leaves the store as it was
@@ -248,6 +256,22 @@ def score_store(
     if fit is not None:  # the state's fit: its seconds are in result.seconds, whether fitted now or cached
         result.diagnostics["curvature_fit"] = fit
     return result
+
+
+def uses_remedies(arguments: ScoreArguments) -> bool:
+    """True when ``arguments`` ask for any remedy (:mod:`datainf.remedies`): top-r removal, Adam
+    normalization, a damping multiplier or rule."""
+    return (uses_gradient_remedies(arguments) or arguments.damping_scale != 1.0
+            or arguments.damping_rule is not None)
+
+
+def check_remedies(train: GradientStore, arguments: ScoreArguments) -> None:
+    """Refuse remedies a store cannot take: Adam normalization of projected gradients (the second moments
+    are per parameter entry; project after normalizing)."""
+    if arguments.adam_moments is not None and train.projection:
+        raise DataInfError(f"store {train.path} holds projected gradients ({projection_label(train.manifest)}); "
+                           "Adam normalization divides each parameter entry by its second moment, so it needs "
+                           "full gradients: make the store without --project")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,6 +426,9 @@ def precondition_store(
                            f"{', '.join(preconditionable())}")
     if arguments.normalize or arguments.mean_query:
         raise DataInfError("precondition_store takes neither normalize nor mean_query (they apply at query time)")
+    if uses_remedies(arguments):
+        raise DataInfError("precondition_store takes no remedy (remove_top, adam_moments, damping_scale, "
+                           "damping_rule): score the store itself with them")
     if preconditioned(train):
         raise DataInfError(f"store {train.path} is already preconditioned; precondition its source store")
     out = Path(out)
@@ -539,6 +566,10 @@ def check_preconditioned(train: GradientStore, arguments: ScoreArguments) -> Non
     if info is None:
         return
     made = info["method"]
+    if uses_remedies(arguments):
+        raise DataInfError(f"store {train.path} holds preconditioned gradients; remove_top, the Adam normalization "
+                           f"and the damping knobs apply to the original ones: score its source store "
+                           f"{info.get('source')}")
     if arguments.method != made:
         raise DataInfError(f"store {train.path} holds gradients preconditioned for '{made}'; score it with method "
                            f"'{made}', or score its source store {info.get('source')} with '{arguments.method}'")

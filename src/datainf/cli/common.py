@@ -296,3 +296,33 @@ def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: 
 
 __all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "data_options", "default_map", "device_option", "load_config", "overwrite_option",
            "load_model", "make_collator", "tokenization_differences", "model_dtype_option", "parse_methods", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]
+
+
+# the remedies of datainf.remedies, one option each, kept here together (score and explain take them all)
+REMEDY_OPTIONS = ("remove_top", "adam_moments", "damping_scale", "damping_rule")
+
+
+def remedy_options(f: Any) -> Any:
+    """The options that turn on a remedy of :mod:`datainf.remedies` (fields of ScoreArguments of the same
+    names; see docs/math.md, "Remedies")."""
+    options = [
+        click.option("--remove-top", "remove_top", type=click.IntRange(min=0), default=0, metavar="R",
+                     help="Remove the training gradients' top R principal directions of every block from training "
+                          "and query gradients before the method (Bergson's style-subspace removal)."),
+        click.option("--adam-moments", "adam_moments", type=click.Path(), default=None, metavar="FILE",
+                     help="Adam-normalized gradients (TrackStar, LESS): divide by sqrt(v)+eps of the LoRA "
+                          "parameters' second moments (optimizer_second_moments.safetensors, or the adapter folder "
+                          "holding it, saved by `datainf finetune`), then unit norm."),
+        click.option("--damping-scale", "damping_scale", type=float, default=1.0, metavar="X",
+                     help="Multiply every block's damping by X (the damping as a knob: 0.001-10 x the rule)."),
+        click.option("--damping-rule", "damping_rule", type=click.Choice(["rank"]), default=None,
+                     help="rank: 0.1 * mean ||g||^2 / min(n, d) per block, instead of the method's rule."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def remedy_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The ScoreArguments fields of the remedy options among a command's ``values``."""
+    return {key: values[key] for key in REMEDY_OPTIONS if key in values}

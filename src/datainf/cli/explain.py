@@ -17,7 +17,14 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import device_option, model_dtype_option, overwrite_option, parse_methods, setup
+from datainf.cli.common import (
+    device_option,
+    model_dtype_option,
+    overwrite_option,
+    parse_methods,
+    remedy_options,
+    setup,
+)
 from datainf.errors import DataInfError, parse_json
 from datainf.outputs import EXPLAIN_FORMAT, check_output
 
@@ -153,13 +160,15 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Length of a generated response.")
 @click.option("--allow-mismatch", is_flag=True,
               help="Explain with a model or adapter other than the store's (a cross-checkpoint comparison).")
+@remedy_options
 @model_dtype_option
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
-            interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None) -> None:
+            interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None,
+            **remedies: Any) -> None:
     """Which training examples made the model give this response to this prompt?"""
     from datainf.attributor import Attributor
     from datainf.cli.common import load_model
@@ -212,7 +221,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     check_summable(stores, store_dirs)
     for method in names:  # a store preconditioned for another method is refused before the model is loaded
         for s in stores:
-            check_preconditioned(s, _score_arguments(method))
+            check_preconditioned(s, _score_arguments(method, remedies))
     settings = dict(meta.get("collate") or {})
     records = store.records()
     completion_turns = bool(records) and isinstance(records[0].get("prompt"), list)  # conversational pairs
@@ -278,7 +287,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
         summed: dict[str, Any] = {}
         timings: dict[str, float] = {}
         for method in names:  # one weighted sum of terms (datainf.combine), one term per checkpoint
-            result = combine([Term(s, q, _score_arguments(method), w, label=a) for a, s, q, w in
+            result = combine([Term(s, q, _score_arguments(method, remedies), w, label=a) for a, s, q, w in
                               zip(adapter_dirs, stores, queries, pair_weights)], allow_mismatch=allow_mismatch)
             timings[method] = sum(r.seconds for r in result.results)
             summed[method] = result.scores
@@ -307,11 +316,14 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
         click.echo(f"wrote {json_path}")
 
 
-def _score_arguments(method: str) -> Any:
-    """How explain scores with ``method`` (LiSSA with 100 iterations: one query needs no more)."""
+def _score_arguments(method: str, remedies: dict[str, Any] | None = None) -> Any:
+    """How explain scores with ``method`` (LiSSA with 100 iterations: one query needs no more), with the
+    remedies asked for (--remove-top, --adam-moments, --damping-scale, --damping-rule)."""
+    from datainf.cli.common import remedy_fields
     from datainf.estimators import ScoreArguments
 
-    return ScoreArguments(method=method, options={"iterations": 100} if method == "lissa" else {})
+    return ScoreArguments(method=method, options={"iterations": 100} if method == "lissa" else {},
+                          **remedy_fields(remedies or {}))
 
 
 def check_distinct_pairs(adapter_dirs: tuple[str, ...] | list[str], store_dirs: tuple[str, ...] | list[str]) -> None:

@@ -69,9 +69,12 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
             batch_size: int | None, max_length: int, seed: int, pooling: str, head_lr: float | None,
             checkpoints: int, device: str | None, **data: Any) -> None:
     """LoRA fine-tuning of a local model; writes the adapter (and, for a causal LM, its tokenizer)."""
+    from safetensors.torch import save_file
+
     from datainf import atomic
     from datainf.models.checkpoints import CHECKPOINT_FILE, Snapshots, snapshot_steps
-    from datainf.models.finetune import LoraSettings, optimizer_steps, save_adapter
+    from datainf.models.finetune import LoraSettings, SecondMoments, optimizer_steps, save_adapter
+    from datainf.remedies import SECOND_MOMENTS_FILE
 
     replace = check_output(out_dir, inputs={"model folder": model_dir, "training data": train_path}, kind="adapter",
                            overwrite=overwrite)
@@ -91,9 +94,10 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
         model, tokenizer = load_causal_lm(model_dir, lora, device=device, seed=seed)
         collate = make_collator(tokenizer, "causal_lm", max_length, **data)
         snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps), initial=True)
+        moments = SecondMoments(model, [*snapshot_steps(checkpoints, total_steps), total_steps], snapshots.on_step)
         stats = finetune_causal_lm(model, tokenizer, records, epochs=epochs, lr=lr, batch_size=batch_size,
                                    max_length=max_length, seed=seed, progress=progress, collate=collate,
-                                   on_step=snapshots.on_step)
+                                   on_step=moments)
         summary = {"train_loss_per_token": response_loss(model, tokenizer, records, collate=collate),
                    "collate": collate.settings()}
         shown = f"training loss {summary['train_loss_per_token']:.3f} per token"
@@ -111,13 +115,15 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
         model, tokenizer = load_classifier(model_dir, num_labels, lora, seed=seed, pooling=pooling)
         model.to(device)
         snapshots = Snapshots(model, snapshot_steps(checkpoints, total_steps), initial=True)
+        moments = SecondMoments(model, [*snapshot_steps(checkpoints, total_steps), total_steps], snapshots.on_step)
         stats = finetune_classifier(model, tokenizer, records, TrainSettings(
             epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-            head_learning_rate=head_lr), progress=progress, on_step=snapshots.on_step)
+            head_learning_rate=head_lr), progress=progress, on_step=moments)
         acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
         summary = {"num_labels": num_labels, "label_names": names, "train_accuracy": acc}
         shown = f"training accuracy {acc:.3f}; {num_labels} classes: {describe(names)}"
-    marker = json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"), **summary}, indent=2)
+    marker = json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"), "seed": seed,
+                         **summary}, indent=2)  # seed: drew the LoRA A matrices (grads --initial rebuilds step 0)
     final = snapshots.current()
     saved = snapshots.checkpoints()  # step 0, the K evenly spaced steps (the last is the final adapter)
     with atomic.new_directory(out_dir, replace=replace) as tmp:
@@ -129,11 +135,15 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
                 if lm:
                     tokenizer.save_pretrained(str(folder))
                 (folder / MARKER).write_text(marker)
+            if step in moments.taken:  # Adam's second moments there (none at step 0): --adam-moments FOLDER
+                save_file(moments.taken[step], str(folder / SECOND_MOMENTS_FILE))
             (folder / CHECKPOINT_FILE).write_text(json.dumps({
                 "step": step, "learning_rate": weight, "steps": total_steps,
                 "learning_rate_rule": RATE_RULE}) + "\n")
         snapshots.load(final)
         save_adapter(model, tmp)
+        if total_steps in moments.taken:
+            save_file(moments.taken[total_steps], str(tmp / SECOND_MOMENTS_FILE))
         if lm:
             tokenizer.save_pretrained(str(tmp))
         (tmp / MARKER).write_text(marker)

@@ -62,13 +62,20 @@ from datainf.outputs import check_apart
                    "module larger than K becomes K (LoRA A r x d_in -> r x K, B d_out x r -> K x r). Queries must "
                    "use the same K and seed. Default: full gradients.")
 @click.option("--project-seed", type=click.IntRange(min=0), default=0, help="Seed of the projection matrices.")
+@click.option("--initial", is_flag=True,
+              help="Step 0 from the final adapter alone (causal LM): gradients at a fresh LoRA of the adapter's own "
+                   "config, B = 0 and A drawn with the seed `datainf finetune` recorded (else --seed), i.e. the "
+                   "LoRA before the first optimizer step. Queries need the same --initial (and seed).")
+@click.option("--seed", "initial_seed", type=click.IntRange(min=0), default=None,
+              help="With --initial, for an adapter that records no seed (TRL, the Trainer): the seed A is drawn "
+                   "with; default 0. The line printed says which seed was used.")
 @model_dtype_option
 @device_option
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir: str | None, data_path: str, store_dir: str, task: str,
             num_labels: int | None, labels_from: str | None, skip_nonfinite: bool, batch_size: int, chunk_size: int,
-            dtype: str, max_length: int, project_dim: int | None, project_seed: int, model_dtype: str,
-            device: str | None, **data: Any) -> None:
+            dtype: str, max_length: int, project_dim: int | None, project_seed: int, initial: bool,
+            initial_seed: int | None, model_dtype: str, device: str | None, **data: Any) -> None:
     """Per-example gradients of a dataset into a gradient store (resumes an interrupted run)."""
     from datainf.attributor import Attributor
     from datainf.distributed import init_distributed, is_main_process
@@ -79,6 +86,11 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
     check_apart(store_dir, {"model folder": model_dir, "adapter folder": adapter_dir, "data file": data_path,
                             "--labels-from store": labels_from, "run folder": run_dir}, option="--store")
     jobs = [(adapter_dir, store_dir)]
+    if initial_seed is not None and not initial:
+        raise DataInfError("--seed is the seed of --initial's LoRA A matrices: give --initial too, or drop --seed")
+    if initial and (run_dir is not None or adapter_dir is None or task == "classification"):
+        raise DataInfError("--initial builds step 0 from one final --adapter of a causal LM (--task causal_lm or "
+                           "causal_lm_mean); a --run folder already holds checkpoint-0")
     if run_dir is not None:
         jobs = run_jobs(run_dir, adapter_dir, store_dir)
         adapter_dir = jobs[0][0]
@@ -93,7 +105,18 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
     # labels are read with the run's mapping and checked against the classes before anything is written
     records = read_data(data_path, task, label_names=names, num_labels=num_labels, **data)
     names = getattr(records, "label_names", None)
-    model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
+    if initial:
+        import torch
+
+        from datainf.models.initial import initial_lora
+
+        model, tokenizer, seed_used, seed_source = initial_lora(model_dir, adapter_dir, seed=initial_seed,
+                                                                dtype=getattr(torch, model_dtype), device=device)
+        if is_main_process():
+            click.echo(f"step 0 of {adapter_dir}: a fresh LoRA of its config, B = 0, A drawn with seed {seed_used} "
+                       f"({seed_source})")
+    else:
+        model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
     collate = make_collator(tokenizer, task, max_length, **data)
     for i, (adapter_dir, store_dir) in enumerate(jobs):
         if i:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from datainf.cli.common import device_option, overwrite_option, parse_methods, rank_device, setup
+from datainf.cli.common import (
+    device_option,
+    overwrite_option,
+    parse_methods,
+    rank_device,
+    remedy_fields,
+    remedy_options,
+    setup,
+)
 from datainf.errors import DataInfError
 from datainf.outputs import check_output
 
@@ -37,14 +46,19 @@ from datainf.outputs import check_output
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside); an "
                    "existing file is replaced only if it is a scores file (or with --overwrite).")
+@click.option("--debias", "debias", default=None, metavar="BASE_STORE[,BASE_QUERIES]",
+              help="DDA's debias: subtract the scores of these stores, made at the model before fine-tuning (step 0: "
+                   "`grads --initial`, or checkpoint-0's), from the scores (training store, then query store).")
+@remedy_options
 @overwrite_option
 @device_option
 @click.pass_context
 def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, methods: tuple[str, ...],
             mean_query: bool, normalize: bool, damping: float | None, lissa_iterations: int,
-            compute_dtype: str | None, allow_mismatch: bool, out_path: str, overwrite: bool, device: str | None) -> None:
+            compute_dtype: str | None, allow_mismatch: bool, out_path: str, overwrite: bool, device: str | None,
+            debias: str | None, **remedies: Any) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
-    from datainf.combine import combine, is_run_stores, read_run_stores, run_terms
+    from datainf.combine import combine, debias_terms, is_run_stores, read_run_stores, run_terms
     from datainf.distributed import init_distributed, is_main_process
     from datainf.estimators import ScoreArguments
     from datainf.scoring import save_scores, score_store
@@ -74,12 +88,16 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
                                "--store the training set's run stores (`datainf grads --run`)")
         train = GradientStore.open(store_dir)
         queries = GradientStore.open(query_dir) if query_dir is not None else None
+    base = None if debias is None else debias_stores(debias, queries is None, run)
     results = {}
     for method in names:
         options = {"iterations": lissa_iterations} if method == "lissa" else {}
         arguments = ScoreArguments(method=method, damping=damping, dtype=compute_dtype, device=device,
-                                   mean_query=mean_query, normalize=normalize, options=options)
-        if run:
+                                   mean_query=mean_query, normalize=normalize, options=options,
+                                   **remedy_fields(remedies))
+        if base is not None:
+            result = combine(debias_terms(train, queries, base[0], base[1], arguments), allow_mismatch=allow_mismatch)
+        elif run:
             result = combine(run_terms(store_dir, query_dir, arguments), allow_mismatch=allow_mismatch)
         else:
             result = score_store(train, queries, arguments, allow_mismatch=allow_mismatch)
@@ -87,6 +105,7 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
         if is_main_process():
             fit = f" (curvature fit {result.curvature_seconds:.2f} s)" if result.curvature_seconds else ""
             summed = f", summed over {len(result.terms)} checkpoints" if run else ""
+            summed += ", minus the scores before fine-tuning (DDA's debias)" if base is not None else ""
             click.echo(f"{method}: {tuple(result.scores.shape)} scores in {result.seconds:.2f} s{fit}{summed}")
             if "mismatch" in result.diagnostics:
                 click.echo(f"warning: scored across stores that differ in {'; '.join(result.diagnostics['mismatch'])}",
@@ -95,3 +114,20 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
         save_scores(out_path, results, train_store=train, query_store=queries,
                     extra={"allow_mismatch": allow_mismatch, **({"run_stores": str(store_dir)} if run else {})})
         click.echo(f"wrote {out_path}")
+
+
+def debias_stores(value: str, self_influence: bool, run: bool) -> tuple[Any, Any]:
+    """The stores of --debias: BASE_STORE (self-influence) or BASE_STORE,BASE_QUERIES (influence)."""
+    from datainf.store import GradientStore
+
+    if run:
+        raise DataInfError("--debias applies to one training store, not to a run's stores (step 0 is already a term "
+                           "of the run's sum)")
+    parts = [p for p in value.split(",") if p]
+    if len(parts) != (1 if self_influence else 2):
+        raise DataInfError(f"--debias {value}: give {'BASE_STORE' if self_influence else 'BASE_STORE,BASE_QUERIES'} "
+                           "(the stores made at the model before fine-tuning)")
+    for p in parts:
+        if not Path(p).is_dir():
+            raise DataInfError(f"--debias: store {p} does not exist; make it with `datainf grads --initial`")
+    return GradientStore.open(parts[0]), None if self_influence else GradientStore.open(parts[1])

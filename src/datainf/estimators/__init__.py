@@ -54,6 +54,15 @@ from datainf.estimators.blocks import (
 )
 from datainf.estimators.registry import Estimator, FittedState, get_method, method_names, register, unregister
 
+
+def rank_damping(sq_norms: Tensor, d: int) -> float:
+    """The "rank" damping rule (``ScoreArguments.damping_rule="rank"``): ``0.1 * mean_i ||g_i||^2 / min(n, d)``.
+    The paper's rule spreads the Fisher's trace over all d directions; when n < d at most n of them hold any
+    of it, so this rule spreads it over the directions the training gradients can span (the mean nonzero
+    eigenvalue of ``H = G^T G / n`` when G has full rank, times 0.1; the paper's rule when d <= n)."""
+    n = int(sq_norms.shape[0])
+    return DAMPING_FACTOR * float(sq_norms.double().mean()) / min(n, d)
+
 # the built-in methods, in the order tables list them; any other module of this package registers too
 for _name in ("datainf", "exact", "lissa", "identity", "kfac"):
     importlib.import_module(f"{__name__}.{_name}")
@@ -106,6 +115,7 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
     t0 = time.perf_counter()
     shared = method.prepare(train, curvature, arguments.chunk_size)
     out = PartialScores(None, curvature_seconds=time.perf_counter() - t0 if method.needs_curvature else 0.0)
+    zero: list[str] = []
     for (name, g, v), lam in zip(pairs, lams):
         cd = compute_dtype(g, arguments.torch_dtype)
         dev = torch.device(arguments.device) if arguments.device is not None else getattr(
@@ -127,14 +137,13 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
         if lam is not None:
             lam = lam * c * c
         if lam is None:
-            lam = method.default_damping(b, sq, shared)
+            lam = (rank_damping(sq, b.d) if arguments.damping_rule == "rank"
+                   else method.default_damping(b, sq, shared))
             if lam == 0.0:
-                warnings.warn(
-                    f"block '{name}': every training gradient is zero, so it adds nothing to any score; skipped",
-                    stacklevel=3,
-                )
+                zero.append(name)
                 continue
-            check_damping(name, lam)
+        lam = lam * arguments.damping_scale  # the damping as a knob (1: the rule or the value as given)
+        check_damping(name, lam)
         estimator = method(b, lam, sq, opts, shared)
         back = 1.0 if c == 1.0 else c ** -float(method.scale_power or 0)  # what the scaling multiplied the scores by
         if V is None:
@@ -154,7 +163,23 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
         out.damping[name] = float(lam) / (c * c)
         if estimator.info:
             out.diagnostics[name] = dict(estimator.info)
+    if zero:  # one line for all of them (at step 0, where LoRA's B = 0, every A block is one)
+        warnings.warn(ZeroBlocksWarning(zero), stacklevel=3)
     return out
+
+
+class ZeroBlocksWarning(UserWarning):
+    """Blocks whose training gradients are all zero: they add nothing to any score and are skipped. One
+    warning names them all (``blocks``); expected at step 0, where LoRA's B = 0 leaves every A block without
+    gradient."""
+
+    def __init__(self, blocks: list[str]):
+        self.blocks = list(blocks)
+        shown = ", ".join(f"'{b}'" for b in blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
+        what = f"block {shown}" if len(blocks) == 1 else f"{len(blocks)} blocks ({shown})"
+        super().__init__(f"{what}: every training gradient is zero, so {'it adds' if len(blocks) == 1 else 'they add'} "
+                         "nothing to any score; skipped (expected at step 0, where LoRA's B = 0 leaves the A blocks "
+                         "without gradient)")
 
 
 def _scaled_back(part: Tensor, back: float, name: str, arguments: ScoreArguments) -> Tensor:
@@ -341,12 +366,14 @@ __all__ = [
     "RowSource",
     "ScoreArguments",
     "ScoreResult",
+    "ZeroBlocksWarning",
     "default_damping",
     "finish",
     "get_method",
     "influence",
     "method_names",
     "partial_scores",
+    "rank_damping",
     "register",
     "score",
     "score_self",

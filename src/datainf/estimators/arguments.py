@@ -79,6 +79,15 @@ class ScoreArguments:
     mean_query: score against the mean of the query gradients (the influence on the mean query loss, the
         paper's "influence on the validation loss"); the result has one column.
     options: the method's own options (LiSSA: iterations, scale, batch_size, seed), validated by it.
+    remove_top: remove the training gradients' top-r principal directions of every block from training and
+        query gradients before the method (Bergson's style-subspace removal; :mod:`datainf.remedies`). 0: none.
+    adam_moments: a file of the LoRA parameters' Adam second moments (``optimizer_second_moments.safetensors``,
+        saved by ``datainf finetune`` beside each checkpoint): gradients are divided by ``sqrt(v) + eps``, then
+        scaled to unit norm (TrackStar / LESS). None: raw gradients.
+    damping_scale: a multiplier of every block's damping (the rule's or the given one): the damping as a knob
+        (a grid of 0.001-10 x the paper's rule, :data:`datainf.remedies.DAMPING_GRID`).
+    damping_rule: None for the method's rule, or "rank": ``0.1 * mean ||g||^2 / min(n, d)`` per block
+        (:func:`datainf.remedies.rank_damping`); used where no damping is given.
     """
 
     method: str = "datainf"
@@ -89,6 +98,10 @@ class ScoreArguments:
     normalize: bool = False
     mean_query: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    remove_top: int = 0
+    adam_moments: str | None = None
+    damping_scale: float = 1.0
+    damping_rule: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
@@ -107,6 +120,22 @@ class ScoreArguments:
             raise DataInfError(f"options must be a mapping of the method's options, got {self.options!r}")
         set_(self, "options", dict(self.options))
         parse_options(self.method, self.options)  # an unknown or bad option fails here, by name
+        if isinstance(self.remove_top, bool) or not isinstance(self.remove_top, int) or self.remove_top < 0:
+            raise DataInfError(f"remove_top must be a whole number of directions >= 0, got {self.remove_top!r}")
+        if self.adam_moments is not None:
+            set_(self, "adam_moments", str(self.adam_moments))
+        scale = self.damping_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise DataInfError(f"damping_scale must be a finite number > 0 (1: the rule as it is), got {scale!r}")
+        set_(self, "damping_scale", float(scale))
+        rules = ("rank",)
+        if self.damping_rule is not None and self.damping_rule not in rules:
+            raise DataInfError(f"damping_rule must be one of {list(rules)} (or none, for the method's rule), got "
+                               f"{self.damping_rule!r}")
+        if get_method(self.method).needs_curvature and (self.remove_top or self.adam_moments is not None):
+            raise DataInfError(f"method '{self.method}' fits its curvature from the model's activations, which "
+                               "remove_top and the Adam normalization do not change; use them with datainf, exact, "
+                               "lissa or identity")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

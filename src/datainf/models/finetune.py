@@ -362,7 +362,9 @@ def train_epochs(
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
-                if on_step is not None:
+                if on_step is not None and getattr(on_step, "wants_optimizer", False):
+                    on_step(len(losses), lr_used, optimizer)  # e.g. SecondMoments: reads the optimizer's state
+                elif on_step is not None:
                     on_step(len(losses), lr_used)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -480,3 +482,45 @@ def load_adapter(
         ) from None
     model.eval()
     return model, tokenizer
+
+
+#: the record `datainf finetune` writes into an adapter folder (datainf.outputs.ADAPTER_MARKER): its "seed" is
+#: the seed the LoRA A matrices were drawn with
+FINETUNE_RECORD = "datainf_finetune.json"
+
+
+def recorded_seed(adapter_dir: str | Path) -> int | None:
+    """The seed ``datainf finetune`` recorded for this adapter (its LoRA initialisation), or None when the
+    folder does not say (an adapter from TRL, the Trainer, or an earlier datainf)."""
+    record = Path(adapter_dir) / FINETUNE_RECORD
+    if not record.is_file():
+        return None
+    seed = read_json_object(record, "rewrite the adapter with `datainf finetune`").get("seed")
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataInfError(f"{record}: seed {seed!r} is not a whole number; rewrite the adapter with `datainf finetune`")
+    return seed
+
+
+class SecondMoments:
+    """An ``on_step`` for :func:`train_epochs` that keeps Adam's second moments (``exp_avg_sq``) of every
+    trainable parameter, by name as in ``model.named_parameters()`` (a gradient store's block names), after
+    each of ``steps``; ``then`` (another ``on_step``, e.g. :meth:`datainf.models.checkpoints.Snapshots.on_step`)
+    runs first. ``taken[step]`` is {name: tensor}. The Adam-normalized scores divide by their square root
+    (:mod:`datainf.remedies`)."""
+
+    wants_optimizer = True
+
+    def __init__(self, model: Any, steps: Sequence[int], then: Callable[[int, float], None] | None = None):
+        self.model, self.steps, self.then = model, set(steps), then
+        self.taken: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, step: int, lr: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+        if self.then is not None:
+            self.then(step, lr)
+        if step not in self.steps or optimizer is None:
+            return
+        names = {id(p): name for name, p in self.model.named_parameters() if p.requires_grad}
+        self.taken[step] = {names[id(p)]: state["exp_avg_sq"].detach().to("cpu").clone().contiguous()
+                            for p, state in optimizer.state.items() if id(p) in names and "exp_avg_sq" in state}
