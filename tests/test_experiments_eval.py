@@ -161,3 +161,97 @@ def test_resemblance_control_is_the_base_models_hidden_state_cosine(tiny_llama_d
     assert float((trained - untouched).abs().max()) > 1e-4  # so the check below could fail
     again = resemblance_scores(model, tok, prompts_and_responses(train), prompts_and_responses(test), 128)
     assert float((again.scores.double() - want).abs().max()) <= FLOAT32_TOL
+
+
+# --------------------------------------------------------------------------------------------------- LDS
+def test_lds_scores_step0_run_and_control_and_correlates_them_like_scipy(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    """`experiment lds --checkpoints 1 --control --loo-examples 0` on a generation task: step 0's identity
+    scores are -G0 V0^T from single-example backward calls at the initial adapter (the same LoRA seed); the
+    control is the base model's hidden-state cosine; every row's LDS is scipy's Spearman of the subset sums of
+    its scores against the cached retrains' losses; no leave-one-out retrain is made; a rerun with more
+    subsets from a folder made before these settings existed retrains only the new subset."""
+    from scipy.stats import spearmanr
+    from transformers import AutoModelForCausalLM
+
+    from datainf.cli import main
+    from datainf.experiments import lds as lds_module
+
+    out = tmp_path / "out"
+    argv = ["--quiet", "experiment", "lds", "--task", "math", "--out", str(out), "--model", str(tiny_llama_dir),
+            "--classes", "2", "--n-train", "6", "--n-query", "2", "--rank", "2", "--epochs", "1", "--lr", "1e-2",
+            "--subsets", "3", "--loo-examples", "0", "--loo-seeds", "1", "--methods", "identity,datainf",
+            "--checkpoints", "1", "--control", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    res = json.loads((out / "lds.json").read_text())
+    rows = {f"{m}{x}" for m in ("identity", "datainf") for x in ("", "+step0", "+run")} | {CONTROL}
+    assert set(res["methods"]) == rows
+    assert not (out / "loo").exists() and res["loo"]["examples"] == []
+    assert all(r["loo_pearson"] is None for r in res["methods"].values())
+    scores = json.loads((out / "scores.json").read_text())
+    settings = lds_module.LdsSettings(task="math", classes=2, n_train=6, n_query=2, rank=2, epochs=1,
+                                      learning_rate=1e-2, subsets=3, loo_examples=0, loo_seeds=1,
+                                      methods=("identity", "datainf"), checkpoints=1, control=True)
+    train, queries, _ = lds_module._records(settings, None)
+    # step 0: the initial adapter, by hand
+    model, tok = load_causal_lm(tiny_llama_dir, LoraSettings(rank=2, alpha=32.0, dropout=0.05,
+                                                             target_modules=("q_proj", "v_proj"),
+                                                             modules_to_save=()), seed=0)
+    model.eval()
+    G, V = _per_block_grads(model, tok, train), _per_block_grads(model, tok, queries)
+    want = _identity(G, V)
+    got = torch.tensor(scores["identity+step0"], dtype=torch.float64)
+    assert float((got - want).abs().max()) <= FLOAT32_TOL * float(want.abs().max())
+    # the control, from the base model alone
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).double().eval()
+
+    def mean_state(record):
+        ids, _ = _response_ids(tok, record)
+        with torch.no_grad():
+            return base(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].mean(0)
+
+    A, B = torch.stack([mean_state(r) for r in train]), torch.stack([mean_state(r) for r in queries])
+    cosine = (A @ B.T) / (A.norm(dim=1)[:, None] * B.norm(dim=1)[None, :])
+    assert float((torch.tensor(scores[CONTROL], dtype=torch.float64) + cosine).abs().max()) <= FLOAT32_TOL
+    # every row's LDS from the cached retrains, by scipy
+    masks = lds_module.subset_masks(settings, 6).astype(float)
+    losses = [json.loads((out / "subsets" / f"{i:04d}.json").read_text()) for i in range(3)]
+    for name in rows:
+        s = torch.tensor(scores[name], dtype=torch.float64).numpy()
+        per_query = [spearmanr(masks @ s[:, j], [row[j] for row in losses]).statistic for j in range(2)]
+        assert res["methods"][name]["lds"] == pytest.approx(sum(per_query) / 2, abs=1e-12), name
+    # a folder made before --checkpoints/--control existed (settings.json without them) resumes when they are
+    # left at their defaults, and only the new subset is retrained
+    saved = json.loads((out / "settings.json").read_text())
+    old = {k: v for k, v in saved.items() if k not in ("checkpoints", "control")}
+    (out / "settings.json").write_text(json.dumps(old))
+    (out / "scores.json").write_text(json.dumps({k: v for k, v in scores.items() if "+" not in k
+                                                 and not k.startswith(CONTROL)}))
+    fits = []
+    real_fit = lds_module.CausalLMTrainer.fit
+    monkeypatch.setattr(lds_module.CausalLMTrainer, "fit", lambda self, *a, **k: fits.append(a) or real_fit(
+        self, *a, **k))
+    plain = [a for a in argv if a not in ("--control",)]
+    plain = plain[: plain.index("--checkpoints")] + plain[plain.index("--checkpoints") + 2:]
+    plain[plain.index("--subsets") + 1] = "4"
+    with pytest.raises(SystemExit) as e:
+        main(plain)
+    assert e.value.code == 0 and len(fits) == 1
+    assert set(json.loads((out / "lds.json").read_text())["methods"]) == {"identity", "datainf"}
+
+
+def test_lds_refuses_step0_and_control_on_a_classifier(tiny_bert_dir, tmp_path, capsys):
+    """A classifier's head is random at step 0: --checkpoints / --control are refused in one line, before
+    anything is written."""
+    from datainf.cli import main
+
+    for flag in (["--checkpoints", "2"], ["--control"]):
+        out = tmp_path / "o"
+        with pytest.raises(SystemExit) as e:
+            main(["--quiet", "experiment", "lds", "--out", str(out), "--model", str(tiny_bert_dir), *flag])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
+        assert "generation tasks only" in err[0]
+        assert not out.exists()

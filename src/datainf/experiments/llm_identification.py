@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,9 +274,13 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
                                                                       test_pr, out / "store", progress)
     per_checkpoint = None
     if settings.checkpoints:
-        scored, per_checkpoint = score_along_run(settings, model, tokenizer, train_pr, test_pr, snapshots,
-                                                 (attributor.store, query_grads), out / "store-run",
-                                                 train_labels, test_labels, progress)
+        def gradients_at(store: Path) -> tuple[GradientStore, dict[str, torch.Tensor]]:
+            at, queries, *_ = gradients(settings, model, tokenizer, train_pr, test_pr, store, progress)
+            return at.store, queries
+
+        scored, per_step = score_along_run(snapshots, gradients_at, method_arguments(settings),
+                                           (attributor.store, query_grads), out / "store-run")
+        per_checkpoint = checkpoint_metrics(per_step, train_labels, test_labels)
     else:
         scored = score_methods(settings, attributor, query_grads)
     if control is not None:
@@ -408,20 +413,19 @@ def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,
             for name, arguments in method_arguments(settings).items()}
 
 
-def score_along_run(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
-                    test_pr: list[dict], snapshots: Snapshots,
-                    final: tuple[GradientStore, dict[str, torch.Tensor]], store_root: Path,
-                    train_labels: list[int], test_labels: list[int], progress: bool,
-                    ) -> tuple[dict[str, ScoreResult], list[dict[str, Any]]]:
-    """Every variant scored along the fine-tune: at step 0, at each snapshot, and summed over them.
+def score_along_run(snapshots: Snapshots, gradients_at: Callable[[Path], tuple[GradientStore, dict[str, torch.Tensor]]],
+                    arguments: dict[str, ScoreArguments], final: tuple[GradientStore, dict[str, torch.Tensor]],
+                    store_root: Path) -> tuple[dict[str, ScoreResult], list[dict[str, Any]]]:
+    """Every variant of ``arguments`` scored along the fine-tune: at step 0, at each snapshot, and summed.
 
-    The training gradients of each checkpoint but the last (``final``: the final model's store and query
-    gradients, already made) go to ``store_root/checkpoint-STEP`` (deleted at the end). Each variant is then
-    scored by one :func:`datainf.combine.combine` call over the checkpoints, each weighing
-    :meth:`Snapshots.checkpoints`' weight (:data:`WEIGHT_RULE`, as ``datainf finetune --checkpoints`` records
-    it). Returns ({"<variant>": final score, "<variant>+step0": step 0's, "<variant>+run": the weighted sum},
-    per checkpoint {"step", "lr" (its weight), "methods": {variant: {"auc", "recall"}}}). The model is left
-    with its final weights."""
+    ``snapshots`` was taken with ``initial=True`` during the fine-tune; the model now holds its final weights,
+    whose training store and query gradients are ``final``. For each earlier checkpoint the model is given
+    its weights and ``gradients_at(store_root / "checkpoint-STEP")`` makes its (training store, query
+    gradients) (the stores are deleted at the end). Each variant is then scored by one
+    :func:`datainf.combine.combine` call over the checkpoints, each weighing :meth:`Snapshots.checkpoints`'
+    weight (:data:`WEIGHT_RULE`, as ``datainf finetune --checkpoints`` records it). Returns ({"<variant>":
+    the final score, "<variant>+step0": step 0's, "<variant>+run": the weighted sum}, per checkpoint {"step",
+    "lr" (its weight), "scores": {variant: ScoreResult}}). The model is left with its final weights."""
     checkpoints = snapshots.checkpoints()
     if len(checkpoints) < 2 or checkpoints[0][0] != 0:
         raise DataInfError("scoring along the run needs step 0 and at least one snapshot of the fine-tune")
@@ -430,28 +434,37 @@ def score_along_run(settings: LLMIdentificationSettings, model: Any, tokenizer: 
     try:
         for step, _, state in checkpoints[:-1]:
             snapshots.load(state)
-            attributor, queries, *_ = gradients(settings, model, tokenizer, train_pr, test_pr,
-                                                store_root / f"checkpoint-{step}", progress)
-            grads[step] = (attributor.store, queries)
+            grads[step] = gradients_at(store_root / f"checkpoint-{step}")
         snapshots.load(final_state)
         grads[checkpoints[-1][0]] = final
         scored: dict[str, ScoreResult] = {}
-        per_step: dict[int, dict[str, Any]] = {s: {"step": s, "lr": w, "methods": {}} for s, w, _ in checkpoints}
-        for name, arguments in method_arguments(settings).items():
-            combined: CombinedResult = combine([Term(grads[s][0], grads[s][1], arguments, w, label=f"checkpoint-{s}")
+        per_step = [{"step": s, "lr": w, "scores": {}} for s, w, _ in checkpoints]
+        for name, args in arguments.items():
+            combined: CombinedResult = combine([Term(grads[s][0], grads[s][1], args, w, label=f"checkpoint-{s}")
                                                 for s, w, _ in checkpoints])
             scored[name], scored[f"{name}+step0"], scored[f"{name}+run"] = (combined.results[-1],
                                                                               combined.results[0], combined)
-            for (s, _, _), term in zip(checkpoints, combined.results):
-                metrics = identification_metrics(term.scores, np.array(train_labels), np.array(test_labels))
-                per_step[s]["methods"][name] = {"auc": metrics["auc"], "recall": metrics["recall"]}
+            for row, term in zip(per_step, combined.results):
+                row["scores"][name] = term
     finally:
         snapshots.load(final_state)
         shutil.rmtree(store_root, ignore_errors=True)
-    for row in per_step.values():
+    return scored, per_step
+
+
+def checkpoint_metrics(per_step: list[dict[str, Any]], train_labels: list[int], test_labels: list[int],
+                       ) -> list[dict[str, Any]]:
+    """Per checkpoint of :func:`score_along_run`: {"step", "lr", "methods": {variant: {"auc", "recall"}}}."""
+    rows = []
+    for row in per_step:
+        methods = {}
+        for name, result in row["scores"].items():
+            metrics = identification_metrics(result.scores, np.array(train_labels), np.array(test_labels))
+            methods[name] = {"auc": metrics["auc"], "recall": metrics["recall"]}
+        rows.append({"step": row["step"], "lr": row["lr"], "methods": methods})
         log.info("checkpoint at step %d (weight %.2e): %s", row["step"], row["lr"],
-                 ", ".join(f"{m} AUC {v['auc']:.3f}" for m, v in row["methods"].items()))
-    return scored, list(per_step.values())
+                 ", ".join(f"{m} AUC {v['auc']:.3f}" for m, v in methods.items()))
+    return rows
 
 
 @dataclass
@@ -569,5 +582,5 @@ def format_table(result: LLMIdentificationResult) -> str:
 
 __all__ = ["CONTROL", "PROTOCOLS", "WEIGHT_RULE", "ControlResult", "LLMIdentificationResult",
            "LLMIdentificationSettings", "LLMMethod", "format_table", "identification_metrics", "mean_column_correlation",
-           "mean_hidden_states", "method_arguments", "resemblance_scores", "run", "run_llm_identification",
+           "checkpoint_metrics", "mean_hidden_states", "method_arguments", "resemblance_scores", "run", "run_llm_identification",
            "score_along_run"]
