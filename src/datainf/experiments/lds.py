@@ -16,6 +16,14 @@ labelled text set with flipped labels; a generation task (``"sentences"``, ``"ma
 retrains a LoRA causal LM (SmolLM2-135M-Instruct by default) on that generated task, the query loss being
 each query's summed NLL of its response tokens (the loss its gradient, and so its score, is about).
 
+On a generation task, ``checkpoints`` K > 0 scores the full model along its fine-tune as well
+(:func:`datainf.experiments.llm_identification.score_along_run`): each method at the final adapter
+(``"<method>"``), at step 0 (``"<method>+step0"``: the initial adapter, B = 0) and summed over step 0 and K
+evenly spaced checkpoints with ``datainf finetune``'s learning-rate weights (``"<method>+run"``); the retrains
+are the same. ``control`` adds the resemblance control as the row ``"resemblance"`` (minus the cosine of the
+base model's mean last hidden states; a method must beat it to count as attribution). ``loo_examples=0``
+skips leave-one-out.
+
 Every retrained model's losses are cached in ``out_dir`` as they finish, so a killed run resumes. :func:`run`
 returns an :class:`LdsResult`; its ``to_dict()`` is what lds.json holds.
 """
@@ -25,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +42,7 @@ import torch
 
 from datainf import atomic
 from datainf.errors import DataInfError, parse_json
-from datainf.estimators import method_names
+from datainf.estimators import ScoreArguments, method_names
 from datainf.experiments.common import check_methods, method_options, settings_dict
 from datainf.metrics import pearson, spearman
 
@@ -76,6 +84,8 @@ class LdsSettings:
     loo_seeds: int = 3
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(m for m in method_names() if m != "kfac"))
     lissa_iterations: int = 100
+    checkpoints: int = 0        # generation tasks: also score at step 0 and summed over step 0 + K checkpoints
+    control: bool = False       # generation tasks: also score the resemblance control
     device: str | None = None
     seed: int = 0
 
@@ -97,8 +107,14 @@ class LdsSettings:
             raise DataInfError("--subsets must be >= 2 (LDS correlates over subsets)")
         if not 0 < self.subset_fraction < 1:
             raise DataInfError(f"--subset-fraction must be in (0, 1), got {self.subset_fraction}")
-        if self.loo_examples > self.n_train:
-            raise DataInfError("--loo-examples cannot exceed --n-train")
+        if not 0 <= self.loo_examples <= self.n_train:
+            raise DataInfError(f"--loo-examples must be from 0 (no leave-one-out) to --n-train, got {self.loo_examples}")
+        if not isinstance(self.checkpoints, int) or self.checkpoints < 0:
+            raise DataInfError(f"--checkpoints must be an integer >= 0, got {self.checkpoints!r}")
+        if self.kind == "classification" and (self.checkpoints or self.control):
+            raise DataInfError("--checkpoints and --control apply to the generation tasks only (a classifier's new "
+                               "head is random at step 0); drop them or choose --task sentences, math or "
+                               "math-reasoning")
         if self.kind == "causal_lm" and (self.n_train % self.classes or self.n_query % self.classes):
             raise DataInfError(f"--n-train ({self.n_train}) and --n-query ({self.n_query}) must be multiples of "
                                f"--classes ({self.classes}) for task '{self.task}' (same count per class)")
@@ -156,13 +172,23 @@ class CausalLMTrainer:
         self.lora = LoraSettings(rank=s.rank, alpha=s.alpha, dropout=0.05, target_modules=("q_proj", "v_proj"),
                                  modules_to_save=())
 
-    def fit(self, indices: list[int], train_seed: int):
-        from datainf.models.llm import finetune_causal_lm, load_causal_lm
+    def load(self):
+        """The LoRA-wrapped model at its initialisation (the same for every retrain) and its tokenizer."""
+        from datainf.models.llm import load_causal_lm
 
-        model, tok = load_causal_lm(self.model_dir, self.lora, device=self.s.device, seed=self.s.seed)
+        return load_causal_lm(self.model_dir, self.lora, device=self.s.device, seed=self.s.seed)
+
+    def train_on(self, model, tok, indices: list[int], train_seed: int, on_step=None) -> None:
+        """Fine-tune ``model`` in place on the examples ``indices`` (``on_step(step, lr)`` after each step)."""
+        from datainf.models.llm import finetune_causal_lm
+
         finetune_causal_lm(model, tok, [self.train[i] for i in indices], epochs=self.s.epochs,
                            lr=self.s.learning_rate, batch_size=self.s.batch_size, max_length=self.s.max_length,
-                           seed=train_seed, progress=False)
+                           seed=train_seed, progress=False, on_step=on_step)
+
+    def fit(self, indices: list[int], train_seed: int):
+        model, tok = self.load()
+        self.train_on(model, tok, indices, train_seed)
         return model, tok
 
     def query_losses(self, model, tok) -> np.ndarray:
@@ -213,7 +239,11 @@ def _check_same_settings(path: Path, s: LdsSettings) -> None:
     """The cached retrains in a folder are only valid for the settings that made them: refuse others."""
     mine = {k: v for k, v in settings_dict(s).items() if k not in EXTENDABLE}
     if path.exists():
-        theirs = {k: v for k, v in parse_json(path.read_bytes(), str(path), f"remove {path.parent} or use another --out").items() if k not in EXTENDABLE}
+        saved = parse_json(path.read_bytes(), str(path), f"remove {path.parent} or use another --out")
+        # a setting added since the folder was made (checkpoints, control) had its default there
+        defaults = {f.name: f.default for f in fields(LdsSettings) if f.default is not MISSING}
+        theirs = {k: v for k, v in {**{k: defaults[k] for k in mine if k in defaults and k not in saved},
+                                    **saved}.items() if k not in EXTENDABLE}
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise DataInfError(f"{path.parent} holds retrains made with other settings ({', '.join(differ)}); "
@@ -251,8 +281,8 @@ class LdsMethod:
 
     lds: float
     lds_sd_over_queries: float
-    loo_pearson: float
-    loo_spearman: float
+    loo_pearson: float | None      # None without leave-one-out (loo_examples=0)
+    loo_spearman: float | None
     seconds: float
 
 
@@ -296,20 +326,21 @@ def run(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool = T
     trainer = ClassifierTrainer(s, train, queries) if s.kind == "classification" else CausalLMTrainer(
         s, train, queries)
     full = _cached(out / "scores.json", lambda: full_model_scores(s, trainer, train, queries, out, progress))
-    scores = {m: np.array(full[m]) for m in s.methods}
+    scores = {m: np.array(full[m]) for m in score_names(s)}
     masks = subset_masks(s, len(train))
     losses = subset_losses(s, trainer, masks, out, progress)
     loo_idx = loo_examples(s, len(train))
-    effects, seed_noise = loo_effects(s, trainer, loo_idx, len(train), out, progress)
+    effects, seed_noise = loo_effects(s, trainer, loo_idx, len(train), out, progress) if loo_idx else (None, None)
     methods = {}
-    for m in s.methods:
+    for m in scores:
         mean_lds, per_query = lds(scores[m], masks, losses)
-        predicted_removal = -scores[m][loo_idx].mean(axis=1)
+        predicted_removal = -scores[m][loo_idx].mean(axis=1) if loo_idx else None
         methods[m] = LdsMethod(lds=mean_lds, lds_sd_over_queries=float(np.std(per_query)),
-                               loo_pearson=pearson(predicted_removal, effects),
-                               loo_spearman=spearman(predicted_removal, effects), seconds=full[m + ":seconds"])
+                               loo_pearson=pearson(predicted_removal, effects) if loo_idx else None,
+                               loo_spearman=spearman(predicted_removal, effects) if loo_idx else None,
+                               seconds=full[m + ":seconds"])
     result = LdsResult(settings=settings_dict(s), n_flipped=n_flipped, methods=methods,
-                       loo=LooOutcome(loo_idx, effects.tolist(), seed_noise),
+                       loo=LooOutcome(loo_idx, [] if effects is None else effects.tolist(), seed_noise),
                        wall_seconds_this_call=time.perf_counter() - t_start)
     atomic.write_json(out / "lds.json", result.to_dict())
     return result
@@ -321,9 +352,12 @@ run_lds = run
 
 def full_model_scores(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrainer, train: list[dict],
                       queries: list[dict], out: Path, progress: bool) -> dict[str, Any]:
-    """Every method's scores (as lists) and seconds (``"{method}:seconds"``) on the model trained on all data."""
+    """Every method's scores (as lists) and seconds (``"{method}:seconds"``) on the model trained on all data
+    (and, with ``checkpoints`` or ``control``, the rows of :func:`score_names`: :func:`run_scores`)."""
     from datainf.attributor import Attributor
 
+    if s.checkpoints or s.control:
+        return run_scores(s, trainer, train, queries, out, progress)
     model, tok = trainer.fit(list(range(len(train))), train_seed=s.seed)
     att = Attributor(model, trainer.task, store=out / "store", tokenizer=tok, max_length=s.max_length,
                      batch_size=s.batch_size, progress=progress)
@@ -335,6 +369,56 @@ def full_model_scores(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrain
         res[m] = att.scores(qgrads, method=m, save=False, **method_options(m, s.lissa_iterations)
                             ).double().numpy().tolist()
         res[m + ":seconds"] = time.perf_counter() - t0
+    return res
+
+
+def score_names(s: LdsSettings) -> list[str]:
+    """The scored rows: each method; with ``checkpoints`` also "<method>+step0" and "<method>+run"; with
+    ``control`` the resemblance control."""
+    from datainf.experiments.llm_identification import CONTROL
+
+    suffixes = ("", "+step0", "+run") if s.checkpoints else ("",)
+    return [m + x for m in s.methods for x in suffixes] + ([CONTROL] if s.control else [])
+
+
+def run_scores(s: LdsSettings, trainer: CausalLMTrainer, train: list[dict], queries: list[dict], out: Path,
+               progress: bool) -> dict[str, Any]:
+    """:func:`full_model_scores` of a causal LM scored along its fine-tune (``checkpoints``: the final
+    adapter, step 0 and the run's learning-rate-weighted sum, by
+    :func:`datainf.experiments.llm_identification.score_along_run`) and with the resemblance control
+    (``control``, computed on the base model before fine-tuning)."""
+    from datainf.attributor import Attributor
+    from datainf.experiments.llm_identification import CONTROL, resemblance_scores, score_along_run
+    from datainf.models.checkpoints import Snapshots, snapshot_steps
+    from datainf.models.finetune import optimizer_steps
+    from datainf.scoring import score_store
+
+    model, tok = trainer.load()
+    control = resemblance_scores(model, tok, queries=queries, train=train, max_length=s.max_length,
+                                 batch_size=s.batch_size) if s.control else None
+    everyone = list(range(len(train)))
+    steps = snapshot_steps(s.checkpoints, optimizer_steps(len(train), s.batch_size, s.epochs))
+    snapshots = Snapshots(model, steps, initial=True)
+    trainer.train_on(model, tok, everyone, s.seed, on_step=snapshots.on_step)
+
+    def gradients_at(store: Path):
+        att = Attributor(model, trainer.task, store=store, tokenizer=tok, max_length=s.max_length,
+                         batch_size=s.batch_size, progress=progress)
+        att.fit(train)
+        return att.store, att.gradients(queries)
+
+    arguments = {m: ScoreArguments(method=m, options=method_options(m, s.lissa_iterations)) for m in s.methods}
+    final = gradients_at(out / "store")
+    if s.checkpoints:
+        scored, _ = score_along_run(snapshots, gradients_at, arguments, final, out / "store-run")
+    else:
+        scored = {m: score_store(final[0], final[1], a) for m, a in arguments.items()}
+    if control is not None:
+        scored[CONTROL] = control
+    res: dict[str, Any] = {}
+    for name, result in scored.items():
+        res[name] = result.scores.double().numpy().tolist()
+        res[name + ":seconds"] = result.seconds
     return res
 
 
@@ -395,4 +479,4 @@ def _bar(it, desc: str, progress: bool):
 
 
 __all__ = ["EXTENDABLE", "TASK_DEFAULTS", "CausalLMTrainer", "ClassifierTrainer", "LdsMethod", "LdsResult",
-           "LdsSettings", "LooOutcome", "lds", "run", "run_lds"]
+           "LdsSettings", "LooOutcome", "lds", "run", "run_lds", "run_scores", "score_names"]

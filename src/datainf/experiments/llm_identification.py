@@ -13,10 +13,16 @@ training example with each influence method. Two protocols (``protocol``):
 
 With ``normalize`` the methods are also scored with unit-normalized preconditioned gradients (cosine
 similarity after preconditioning, as TrackStar does), reported as ``"<method>+normalized"``. With
-``checkpoints`` K > 0 the adapter is also snapshotted at K evenly spaced steps of fine-tuning (the last is
-the final model), every method scores at each snapshot, and ``"<method>+checkpoints"`` is the sum of those
-scores weighted by the learning rate at the snapshot (TracIn's sum over checkpoints, here with any method's
-preconditioner; LESS averages over warm-up checkpoints the same way).
+``checkpoints`` K > 0 the adapter is also kept at step 0 (the initial adapter, B = 0, before the first
+optimizer step) and at K evenly spaced steps of fine-tuning (the last is the final model); every method
+scores at each, ``"<method>+step0"`` is the score at step 0 alone and ``"<method>+run"`` the sum over all of
+them (step 0 included) weighted as ``datainf finetune --checkpoints`` records its checkpoints
+(:func:`datainf.models.checkpoints.interval_rates`: the mean learning rate of the steps from a checkpoint to
+the next; TracIn's sum over checkpoints, here with any method's preconditioner), summed by
+:func:`datainf.combine.combine`. With ``control`` the resemblance control is scored as the row
+``"resemblance"``: minus the cosine similarity of the base model's mean last hidden states of prompt +
+response (train vs query). It finds examples that look alike, not examples that changed the model, so a
+method must beat it on LDS to count as attribution.
 
 A method is good when the most helpful training examples (most NEGATIVE scores) of a test prompt come from
 the prompt's own class. Per test prompt:
@@ -31,10 +37,12 @@ is what results.json holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +51,11 @@ import numpy as np
 import torch
 
 from datainf.attributor import Attributor
+from datainf.combine import CombinedResult, Term, combine
 from datainf.data.collate import TextCollator
 from datainf.data.generation import TASKS, make_task, split_task
 from datainf.errors import DataInfError
-from datainf.estimators import ScoreResult
+from datainf.estimators import ScoreArguments, ScoreResult
 from datainf.experiments.common import (
     check_methods,
     damping_label,
@@ -62,6 +71,7 @@ from datainf.models.checkpoints import Snapshots, snapshot_steps
 from datainf.models.finetune import LoraSettings, optimizer_steps
 from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss, smollm2_dir
 from datainf.scoring import save_scores
+from datainf.store import GradientStore
 from datainf.version import __version__
 
 log = logging.getLogger("datainf.experiments")
@@ -71,6 +81,11 @@ PROTOCOLS = ("paper", "response")
 #: methods whose normalized variant is also scored with normalize (LiSSA's self-influence would run its
 #: recursion for every training example: n times the cost of scoring)
 NORMALIZED_EXCLUDED = ("lissa",)
+#: the resemblance control's row
+CONTROL = "resemblance"
+#: how each checkpoint's weight in ``"<method>+run"`` is chosen (as ``datainf finetune --checkpoints`` records it)
+WEIGHT_RULE = ("interval_rates: mean learning rate of the optimizer steps from this checkpoint to the next one "
+               "(the final adapter: its own step's rate)")
 
 
 @dataclass
@@ -94,7 +109,8 @@ class LLMIdentificationSettings:
     damping: float | None = None          # None: the paper's rule per block
     protocol: str = "response"            # "paper": prompt-only LM loss, as the research code; "response"
     normalize: bool = False               # also score every method but lissa with normalized gradients
-    checkpoints: int = 0                  # > 0: also sum each method's scores over this many snapshots
+    checkpoints: int = 0                  # > 0: also score at step 0 and sum over step 0 + this many snapshots
+    control: bool = False                 # also score the resemblance control (base model hidden-state cosine)
     lissa_iterations: int = 100
     grad_batch_size: int = 8
     seed: int = 0
@@ -162,7 +178,8 @@ class LLMIdentificationResult:
     protocol: str = "response"
     test_response_loss_after: float | None = None   # the response NLL per token, whatever the protocol
     test_response_loss_after_without_eos: float | None = None   # the same over the response's own tokens
-    checkpoints: list[dict[str, Any]] | None = None   # per snapshot: step, lr, each method's AUC and recall
+    checkpoints: list[dict[str, Any]] | None = None   # per checkpoint (step 0 first): step, lr (its weight in
+    #                                                   the run's sum, WEIGHT_RULE), each variant's AUC and recall
     wall_seconds: float | None = None
     library_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -183,6 +200,8 @@ class LLMIdentificationResult:
                "per_query": {m: {"auc": r.auc_per_query, "recall": r.recall_per_query}
                              for m, r in self.methods.items()},
                "torch_threads": self.torch_threads}
+        if self.checkpoints:
+            out["checkpoint_weight_rule"] = WEIGHT_RULE
         return out | present(self, "checkpoints", "wall_seconds")
 
 
@@ -243,27 +262,36 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     torch.manual_seed(settings.seed)
     train, test = task_records(settings)
     train_pr, test_pr = prompts_and_responses(train), prompts_and_responses(test)
+    train_labels, test_labels = [r["label"] for r in train], [r["label"] for r in test]
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    control = (resemblance_scores(model, tokenizer, train_pr, test_pr, settings.max_length,
+                                  settings.grad_batch_size) if settings.control else None)
     steps = optimizer_steps(len(train_pr), settings.batch_size, settings.epochs)
-    snapshots = Snapshots(model, snapshot_steps(settings.checkpoints, steps))
+    snapshots = Snapshots(model, snapshot_steps(settings.checkpoints, steps), initial=True)
     stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
                                                                       test_pr, out / "store", progress)
-    scored = score_methods(settings, attributor, query_grads)
     per_checkpoint = None
     if settings.checkpoints:
-        summed, per_checkpoint = checkpoint_sum(settings, model, tokenizer, train_pr, test_pr, snapshots, scored,
-                                                out / "store-checkpoint", [r["label"] for r in train],
-                                                [r["label"] for r in test], progress)
-        scored |= summed
+        def gradients_at(store: Path) -> tuple[GradientStore, dict[str, torch.Tensor]]:
+            at, queries, *_ = gradients(settings, model, tokenizer, train_pr, test_pr, store, progress)
+            return at.store, queries
+
+        scored, per_step = score_along_run(snapshots, gradients_at, method_arguments(settings),
+                                           (attributor.store, query_grads), out / "store-run")
+        per_checkpoint = checkpoint_metrics(per_step, train_labels, test_labels)
+    else:
+        scored = score_methods(settings, attributor, query_grads)
+    if control is not None:
+        scored[CONTROL] = control
     scores = {m: r.scores.double().cpu().numpy() for m, r in scored.items()}
     result = LLMIdentificationResult(
         settings=settings_dict(settings), model=model_name, n_train=len(train), n_test=len(test),
         trainable_parameters=n_trainable, blocks=len(query_grads), final_epoch_train_loss=stats["final_epoch_loss"],
         finetune_seconds=stats["seconds"], train_gradient_seconds=train_seconds,
         query_gradient_seconds=query_seconds,
-        methods=method_outcomes(settings, scored, scores, [r["label"] for r in train], [r["label"] for r in test]),
+        methods=method_outcomes(settings, scored, scores, train_labels, test_labels),
         protocol=settings.protocol, checkpoints=per_checkpoint, **losses)
     write_outputs(result, out, settings, train, test, scored, scores, attributor)
     if not settings.keep_store:
@@ -367,59 +395,129 @@ def gradients(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, t
     return attributor, query_grads, train_seconds, time.perf_counter() - t0
 
 
-def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,
-                  query_grads: dict[str, torch.Tensor]) -> dict[str, ScoreResult]:
-    """Each method's influence of every training example on every test example; NaN or inf is refused."""
-    scored = {}
+def method_arguments(settings: LLMIdentificationSettings) -> dict[str, ScoreArguments]:
+    """The scored variants by row name: each method, and with ``normalize`` each method but lissa normalized
+    (``"<method>+normalized"``)."""
     variants = [(m, False) for m in settings.methods]
     if settings.normalize:
         variants += [(m, True) for m in settings.methods if m not in NORMALIZED_EXCLUDED]
-    for m, normalize in variants:
-        name = f"{m}+normalized" if normalize else m
-        scored[name] = attributor.score(query_grads, method=m, damping=settings.damping, save=False,
-                                        normalize=normalize, **method_options(m, settings.lissa_iterations))
-    return scored
+    return {f"{m}+normalized" if normalize else m: ScoreArguments(
+        method=m, damping=settings.damping, normalize=normalize, options=method_options(m, settings.lissa_iterations))
+        for m, normalize in variants}
 
 
-def checkpoint_sum(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
-                   test_pr: list[dict], snapshots: Snapshots, final: dict[str, ScoreResult], store: Path,
-                   train_labels: list[int], test_labels: list[int], progress: bool,
-                   ) -> tuple[dict[str, ScoreResult], list[dict[str, Any]]]:
-    """Every method's scores at each snapshot (the final one is ``final``, already scored), summed with the
-    snapshot's learning rate as weight: ({"<method>+checkpoints": ScoreResult}, per snapshot {"step", "lr",
-    "methods": {method: {"auc", "recall"}}}). The model is left with its final weights."""
-    if not snapshots.taken:
-        raise DataInfError("no checkpoint was taken during fine-tuning")
-    last_step = snapshots.taken[-1][0]
+def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,
+                  query_grads: dict[str, torch.Tensor]) -> dict[str, ScoreResult]:
+    """Each method's influence of every training example on every test example; NaN or inf is refused."""
+    return {name: attributor.score(query_grads, arguments, save=False)
+            for name, arguments in method_arguments(settings).items()}
+
+
+def score_along_run(snapshots: Snapshots, gradients_at: Callable[[Path], tuple[GradientStore, dict[str, torch.Tensor]]],
+                    arguments: dict[str, ScoreArguments], final: tuple[GradientStore, dict[str, torch.Tensor]],
+                    store_root: Path) -> tuple[dict[str, ScoreResult], list[dict[str, Any]]]:
+    """Every variant of ``arguments`` scored along the fine-tune: at step 0, at each snapshot, and summed.
+
+    ``snapshots`` was taken with ``initial=True`` during the fine-tune; the model now holds its final weights,
+    whose training store and query gradients are ``final``. For each earlier checkpoint the model is given
+    its weights and ``gradients_at(store_root / "checkpoint-STEP")`` makes its (training store, query
+    gradients) (the stores are deleted at the end). Each variant is then scored by one
+    :func:`datainf.combine.combine` call over the checkpoints, each weighing :meth:`Snapshots.checkpoints`'
+    weight (:data:`WEIGHT_RULE`, as ``datainf finetune --checkpoints`` records it). Returns ({"<variant>":
+    the final score, "<variant>+step0": step 0's, "<variant>+run": the weighted sum}, per checkpoint {"step",
+    "lr" (its weight), "scores": {variant: ScoreResult}}). The model is left with its final weights."""
+    checkpoints = snapshots.checkpoints()
+    if len(checkpoints) < 2 or checkpoints[0][0] != 0:
+        raise DataInfError("scoring along the run needs step 0 and at least one snapshot of the fine-tune")
     final_state = snapshots.current()
-    sums: dict[str, torch.Tensor] = {}
-    seconds: dict[str, float] = {}
-    per_checkpoint = []
+    grads: dict[int, tuple[GradientStore, dict[str, torch.Tensor]]] = {}
     try:
-        for step, lr, state in snapshots.taken:
-            if step == last_step:
-                scored = final
-            else:
-                snapshots.load(state)
-                attributor, query_grads, *_ = gradients(settings, model, tokenizer, train_pr, test_pr, store,
-                                                        progress)
-                scored = score_methods(settings, attributor, query_grads)
-            row: dict[str, Any] = {"step": step, "lr": lr, "methods": {}}
-            for m, result in scored.items():
-                sums[m] = sums.get(m, 0) + lr * result.scores.double().cpu()
-                seconds[m] = seconds.get(m, 0.0) + result.seconds
-                metrics = identification_metrics(result.scores, np.array(train_labels), np.array(test_labels))
-                row["methods"][m] = {"auc": metrics["auc"], "recall": metrics["recall"]}
-            per_checkpoint.append(row)
-            log.info("checkpoint at step %d (lr %.2e): %s", step, lr,
-                     ", ".join(f"{m} AUC {v['auc']:.3f}" for m, v in row["methods"].items()))
+        for step, _, state in checkpoints[:-1]:
+            snapshots.load(state)
+            grads[step] = gradients_at(store_root / f"checkpoint-{step}")
+        snapshots.load(final_state)
+        grads[checkpoints[-1][0]] = final
+        scored: dict[str, ScoreResult] = {}
+        per_step = [{"step": s, "lr": w, "scores": {}} for s, w, _ in checkpoints]
+        for name, args in arguments.items():
+            combined: CombinedResult = combine([Term(grads[s][0], grads[s][1], args, w, label=f"checkpoint-{s}")
+                                                for s, w, _ in checkpoints])
+            scored[name], scored[f"{name}+step0"], scored[f"{name}+run"] = (combined.results[-1],
+                                                                              combined.results[0], combined)
+            for row, term in zip(per_step, combined.results):
+                row["scores"][name] = term
     finally:
         snapshots.load(final_state)
-        shutil.rmtree(store, ignore_errors=True)
-    summed = {f"{m}+checkpoints": ScoreResult(scores=total, arguments=final[m].arguments, kind="influence",
-                                              damping={}, seconds=seconds[m])
-              for m, total in sums.items()}
-    return summed, per_checkpoint
+        shutil.rmtree(store_root, ignore_errors=True)
+    return scored, per_step
+
+
+def checkpoint_metrics(per_step: list[dict[str, Any]], train_labels: list[int], test_labels: list[int],
+                       ) -> list[dict[str, Any]]:
+    """Per checkpoint of :func:`score_along_run`: {"step", "lr", "methods": {variant: {"auc", "recall"}}}."""
+    rows = []
+    for row in per_step:
+        methods = {}
+        for name, result in row["scores"].items():
+            metrics = identification_metrics(result.scores, np.array(train_labels), np.array(test_labels))
+            methods[name] = {"auc": metrics["auc"], "recall": metrics["recall"]}
+        rows.append({"step": row["step"], "lr": row["lr"], "methods": methods})
+        log.info("checkpoint at step %d (weight %.2e): %s", row["step"], row["lr"],
+                 ", ".join(f"{m} AUC {v['auc']:.3f}" for m, v in methods.items()))
+    return rows
+
+
+@dataclass
+class ControlResult(ScoreResult):
+    """The resemblance control's scores, saved beside the methods' (``settings()`` says what they are)."""
+
+    definition: str = ""
+
+    @property
+    def method(self) -> str:
+        return CONTROL
+
+    def settings(self) -> dict[str, Any]:
+        return {"kind": "control", "definition": self.definition, "shape": list(self.scores.shape),
+                "seconds": self.seconds}
+
+
+def mean_hidden_states(model: Any, collate: TextCollator, records: list[dict], batch_size: int = 8) -> torch.Tensor:
+    """(n, hidden) float64: each record's last hidden state (``hidden_states[-1]``) averaged over its tokens
+    (prompt and response as the collator tokenizes them; padding excluded), from the BASE model: a PEFT
+    model's adapter is disabled for the pass. The model's train/eval mode is restored."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    base = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    out = []
+    try:
+        with torch.no_grad(), base:
+            for i in range(0, len(records), batch_size):
+                batch = collate(records[i : i + batch_size])
+                mask = batch["attention_mask"].to(device)
+                hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                               output_hidden_states=True).hidden_states[-1].double()
+                weights = mask.unsqueeze(-1).double()
+                out.append(((hidden * weights).sum(dim=1) / weights.sum(dim=1)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def resemblance_scores(model: Any, tokenizer: Any, train: list[dict], queries: list[dict], max_length: int,
+                       batch_size: int = 8) -> ControlResult:
+    """The resemblance control: ``score[k, j] = -cos(h_k, h_j)``, with h the base model's mean last hidden
+    state of prompt + response (:func:`mean_hidden_states`; the response then EOS, as the response
+    protocol tokenizes). Negative = helpful, as the influence scores: the most similar training example
+    ranks first."""
+    t0 = time.perf_counter()
+    collate = TextCollator(tokenizer, task="causal_lm", max_length=max_length)
+    a = torch.nn.functional.normalize(mean_hidden_states(model, collate, train, batch_size), dim=1)
+    b = torch.nn.functional.normalize(mean_hidden_states(model, collate, queries, batch_size), dim=1)
+    return ControlResult(scores=-(a @ b.T), arguments=ScoreArguments(method="identity"), kind="control", damping={},
+                         seconds=time.perf_counter() - t0,
+                         definition="-cosine of the base model's mean last hidden states of prompt + response")
 
 
 def method_outcomes(settings: LLMIdentificationSettings, scored: dict[str, ScoreResult],
@@ -477,10 +575,12 @@ def format_table(result: LLMIdentificationResult) -> str:
     lines.append("(class detection per test prompt, ranked most helpful first, averaged over test prompts; "
                  "pearson/spearman: with exact, mean over test prompts)")
     for row in result.checkpoints or []:
-        lines.append(f"at step {row['step']} (lr {row['lr']:.2e}): " + ", ".join(
+        lines.append(f"at step {row['step']} (weight {row['lr']:.2e}): " + ", ".join(
             f"{m} {v['auc']:.3f}" for m, v in row["methods"].items()))
     return "\n".join(lines)
 
 
-__all__ = ["PROTOCOLS", "LLMIdentificationResult", "LLMIdentificationSettings", "LLMMethod", "format_table",
-           "identification_metrics", "mean_column_correlation", "run", "run_llm_identification"]
+__all__ = ["CONTROL", "PROTOCOLS", "WEIGHT_RULE", "ControlResult", "LLMIdentificationResult",
+           "LLMIdentificationSettings", "LLMMethod", "format_table", "identification_metrics", "mean_column_correlation",
+           "checkpoint_metrics", "mean_hidden_states", "method_arguments", "resemblance_scores", "run", "run_llm_identification",
+           "score_along_run"]

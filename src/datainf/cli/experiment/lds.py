@@ -31,28 +31,39 @@ from datainf.outputs import check_apart
 @click.option("--epochs", type=int, default=None, help="[default: 4 classifier, 2 causal LM]")
 @click.option("--lr", type=float, default=None, help="[default: 3e-3 classifier, 1e-3 causal LM]")
 @click.option("--subsets", type=int, default=50, show_default=True)
-@click.option("--loo-examples", type=int, default=20, show_default=True)
+@click.option("--loo-examples", type=int, default=20, show_default=True, help="0: no leave-one-out.")
 @click.option("--loo-seeds", type=int, default=3, show_default=True)
 @click.option("--methods", default=None, help="Comma-separated; default every registered method but kfac.")
+@click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Generation tasks: also score at step 0 (rows <method>+step0) and summed over step 0 and this many "
+                   "evenly spaced checkpoints of the full fine-tune, weighted as finetune --checkpoints records "
+                   "them (rows <method>+run).")
+@click.option("--control/--no-control", default=False,
+              help="Generation tasks: also score the resemblance control (row 'resemblance').")
 @click.option("--device", default=None, help="Causal LM only: cpu or cuda [default: cuda when available].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_context
 def lds_command(ctx, out_dir, task, dataset, model_dir, n_train, n_query, noise, classes, rank, epochs, lr, subsets,
-                loo_examples, loo_seeds, methods, device, seed):
+                loo_examples, loo_seeds, methods, checkpoints, control, device, seed):
     """Linear datamodeling score and leave-one-out correlation of each method (retrains; cached, resumable)."""
     check_apart(out_dir, {"model folder": model_dir, "data set": dataset if Path(dataset).exists() else None})
     chosen = {"methods": tuple(m for m in methods.split(",") if m)} if methods else {}
     settings = LdsSettings(task=task, dataset=dataset, model_dir=model_dir, n_train=n_train, n_query=n_query,
                            noise_fraction=noise, classes=classes, rank=rank, epochs=epochs, learning_rate=lr,
                            subsets=subsets, loo_examples=loo_examples, loo_seeds=loo_seeds, device=device,
-                           seed=seed, **chosen)
+                           seed=seed, checkpoints=checkpoints, control=control, **chosen)
     records = None
     if task == "classification" and dataset not in DATASETS:
         records = load_dataset_records(dataset, n_train, n_query, seed)
     result = run(settings, out_dir, progress=not ctx.find_root().params.get("quiet"), records=records)
-    click.echo(f"{'method':<10} {'LDS':>7} {'LOO pearson':>12} {'LOO spearman':>13}")
+    width = max(10, *(len(m) for m in result.methods))
+
+    def shown(x, w):
+        return f"{x:{w}.3f}" if x is not None else f"{'-':>{w}}"
+
+    click.echo(f"{'method':<{width}} {'LDS':>7} {'LOO pearson':>12} {'LOO spearman':>13}")
     for m, r in result.methods.items():
-        click.echo(f"{m:<10} {r.lds:7.3f} {r.loo_pearson:12.3f} {r.loo_spearman:13.3f}")
+        click.echo(f"{m:<{width}} {r.lds:7.3f} {shown(r.loo_pearson, 12)} {shown(r.loo_spearman, 13)}")
 
 
 commands = {"lds": lds_command}

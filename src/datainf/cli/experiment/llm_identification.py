@@ -43,8 +43,13 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 @click.option("--normalize", is_flag=True,
               help="Also score every method but lissa with unit-normalized preconditioned gradients.")
 @click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also score at this many evenly spaced steps of fine-tuning (the last the final model) and sum "
-                   "each method's scores over them weighted by the learning rate (TracIn's checkpoint sum).")
+              help="Also score at step 0 (the initial adapter, B = 0; rows <method>+step0) and at this many evenly "
+                   "spaced steps of fine-tuning (the last the final model), and sum each method's scores over step 0 "
+                   "and them, each weighted by the mean learning rate of the steps from it to the next (as finetune "
+                   "--checkpoints records it; rows <method>+run).")
+@click.option("--control/--no-control", default=False,
+              help="Also score the resemblance control (row 'resemblance'): minus the cosine of the base model's "
+                   "mean last hidden states of prompt + response, training example vs test example.")
 @click.option("--damping", type=float, default=None, help="Damping for every block; default the paper's rule.")
 @click.option("--lissa-iterations", type=int, default=100)
 @click.option("--seed", type=int, default=0)
@@ -56,7 +61,8 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 def llm_identification_command(ctx: click.Context, task: str, out_dir: str, model_dir: str | None, classes: int,
                                train_per_class: int, test_per_class: int, epochs: int, lr: float, batch_size: int,
                                max_length: int, rank: int, alpha: float, target_modules: str, methods: str,
-                               protocol: str, normalize: bool, checkpoints: int, damping: float | None,
+                               protocol: str, normalize: bool, checkpoints: int, control: bool,
+                               damping: float | None,
                                lissa_iterations: int,
                                seed: int, load_in_8bit: bool, load_in_4bit: bool, keep_store: bool,
                                device: str | None) -> None:
@@ -78,7 +84,7 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         test_per_class=test_per_class, epochs=epochs, learning_rate=lr, batch_size=batch_size,
         max_length=max_length, rank=rank, alpha=alpha, target_modules=split_list(target_modules, "--target-modules"),
         methods=split_list(methods, "--methods"), protocol=protocol, normalize=normalize, checkpoints=checkpoints,
-        damping=damping,
+        control=control, damping=damping,
         lissa_iterations=lissa_iterations, seed=seed,
         load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_store=keep_store, device=device)
     result = run(settings, out_dir, progress=progress)
