@@ -61,7 +61,6 @@ from datainf.models.checkpoints import (
     CHECKPOINT_FILE,
     LEARNING_RATE_RULE,
     Snapshots,
-    interval_rates,
     snapshot_steps,
 )
 from datainf.outputs import check_apart
