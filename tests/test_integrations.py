@@ -29,7 +29,8 @@ from cli_helpers import hashes, run_cli, write_jsonl  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.integrations import EXP_AVG_SQ_FILE, TRAINING_FILE, DatainfCallback  # noqa: E402
 from datainf.models.checkpoints import CHECKPOINT_FILE, run_checkpoints  # noqa: E402
-from reference import FLOAT32_TOL  # noqa: E402
+from datainf.store import GradientStore  # noqa: E402
+from reference import FLOAT32_TOL, assert_close_to  # noqa: E402
 
 WORDS = "red green blue cat dog sun moon tree".split()
 
@@ -58,14 +59,14 @@ def model_dir(tok, tmp_path_factory) -> Path:
     return folder
 
 
-def lora_model(model_dir: Path, dropout: float = 0.0, seed: int = 0):
+def lora_model(model_dir: Path, dropout: float = 0.0, seed: int = 0, task_type: str | None = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                           lora_dropout=dropout, task_type="CAUSAL_LM"))
+                                           lora_dropout=dropout, task_type=task_type))
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -159,19 +160,31 @@ def single_example_gradients(model, examples: list[tuple[list[int], list[int]]])
 
 
 def reference_scores(model_dir: Path, run: Path, weights: list[float], train: list[tuple[list[int], list[int]]],
-                     query: tuple[list[int], list[int]]) -> torch.Tensor:
-    """sum over the run's checkpoints of weight * identity score (-g_query . g_train), in float64."""
+                     query: tuple[list[int], list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum over the run's checkpoints of weight * identity score (-g_query . g_train), in float64; and each
+    score's scale, sum of weight * |g_query| |g_train| (the size a dot product's rounding error is relative to)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    total = torch.zeros(len(train), dtype=torch.float64)
+    total, scale = torch.zeros(len(train), dtype=torch.float64), torch.zeros(len(train), dtype=torch.float64)
     for c, weight in zip(run_checkpoints(run), weights):
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
         model = PeftModel.from_pretrained(base, str(c.adapter), is_trainable=True).eval()
         g_train = single_example_gradients(model, train)
         g_query = single_example_gradients(model, [query])[0]
         total += weight * -(g_train @ g_query)
-    return total
+        scale += weight * g_train.norm(dim=1) * g_query.norm()
+    return total, scale
+
+
+def assert_scores(got: dict[int, float], reference: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Every training example's score against the float64 reference. The stores and the query gradient are
+    float32 (the trainer's model): each gradient is within FLOAT32_TOL of its norm, so each dot product
+    within FLOAT32_TOL of the product of the norms (the scale), however much its terms cancel."""
+    want, scale = reference
+    assert sorted(got) == list(range(len(want))) and bool((scale > 0).all())
+    for i, score in got.items():
+        assert abs(score - float(want[i])) <= FLOAT32_TOL * float(scale[i]), (i, score, float(want[i]))
 
 
 def explained_scores(path: Path) -> dict[int, float]:
@@ -180,10 +193,11 @@ def explained_scores(path: Path) -> dict[int, float]:
 
 
 def test_sft_trainer_run_is_recorded_and_explain_run_sums_its_checkpoints(tok, model_dir, tmp_path, capsys):
-    """TRL's SFTTrainer on conversational prompt-completion rows: the recorded checkpoints (weights, rates,
-    exp_avg_sq, the run's record) are the trainer's own; `grads --run` + `explain --run` on the run equal the
-    learning-rate-weighted sum of per-checkpoint scores from single-example backward calls on the recorded
-    adapters, tokenized by TRL's own pipeline."""
+    """TRL's SFTTrainer on conversational prompt-completion rows, gradients=True: the recorded checkpoints
+    (weights, rates, exp_avg_sq, the run's record) are the trainer's own; the stores written during training
+    are the ones `grads --run` makes (run on them, it changes no file: same fingerprints although TRL turned
+    the model's KV cache off); `explain --run` on them equals the learning-rate-weighted sum of per-checkpoint
+    scores from single-example backward calls on the recorded adapters, tokenized by TRL's own pipeline."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -192,14 +206,15 @@ def test_sft_trainer_run_is_recorded_and_explain_run_sums_its_checkpoints(tok, m
 
     rows = [{"prompt": [{"role": "user", "content": f"say {w}"}],
              "completion": [{"role": "assistant", "content": f"{w} {w}"}]} for w in WORDS]
-    run, capture = tmp_path / "run", Capture()
+    run, stores, capture = tmp_path / "run", tmp_path / "stores", Capture()
     model = lora_model(model_dir)
     initial = lora_state(model)
     args = SFTConfig(output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=2,
                      learning_rate=1e-2, warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
                      use_cpu=True, max_length=64, disable_tqdm=True, seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         callbacks=[DatainfCallback(run, checkpoints=2, train_data=rows), capture])
+                         callbacks=[DatainfCallback(run, checkpoints=2, train_data=rows, gradients=True,
+                                                    store=stores), capture])
     trainer.train()
     weights = check_recorded_run(run, capture, initial, model_dir, [0, 3, 6])
 
@@ -215,14 +230,15 @@ def test_sft_trainer_run_is_recorded_and_explain_run_sums_its_checkpoints(tok, m
     assert [c["step"] for c in record["checkpoints"]] == [0, 3, 6]
 
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    before = hashes(stores)
     code, _, err = run_cli(["grads", "--task", "causal_lm", "--model", str(model_dir), "--run", str(run), "--data",
-                            str(data), "--store", str(tmp_path / "stores"), "--max-length", "64", "--dtype", "float64",
-                            "--model-dtype", "float64"], capsys)
+                            str(data), "--store", str(stores), "--max-length", "64"], capsys)
     assert code == 0, err
+    assert hashes(stores) == before and before  # complete stores of this run and data: nothing to redo
     prompt, response = "say sun", "sun sun"
-    code, _, err = run_cli(["explain", "--model", str(model_dir), "--run", str(run), "--store", str(tmp_path / "stores"),
+    code, _, err = run_cli(["explain", "--model", str(model_dir), "--run", str(run), "--store", str(stores),
                             "--prompt", prompt, "--response", response, "--method", "identity", "--k", str(len(rows)),
-                            "--json", str(tmp_path / "e.json"), "--model-dtype", "float64"], capsys)
+                            "--json", str(tmp_path / "e.json")], capsys)
     assert code == 0, err
 
     # TRL's own tokenization of the training rows (its prepared dataset: input_ids, labels), and of the query
@@ -236,19 +252,16 @@ def test_sft_trainer_run_is_recorded_and_explain_run_sums_its_checkpoints(tok, m
                                             return_dict=True)["input_ids"])
     assert full_ids[:len(prompt_ids)] == prompt_ids
     query = (full_ids, [-100] * len(prompt_ids) + full_ids[len(prompt_ids):])
-    want = reference_scores(model_dir, run, weights, train, query)
-    got = explained_scores(tmp_path / "e.json")
-    assert sorted(got) == list(range(len(rows)))
-    for i, score in got.items():
-        assert score == pytest.approx(float(want[i]), rel=1e-9, abs=1e-12 * float(want.abs().max()))
+    assert_scores(explained_scores(tmp_path / "e.json"), reference_scores(model_dir, run, weights, train, query))
 
 
 def test_trainer_run_with_gradients_writes_the_stores_grads_run_would_and_leaves_training_unchanged(
         tok, model_dir, tmp_path, capsys):
-    """The transformers Trainer with datainf's TextCollator and gradients=True: the checkpoints are the
-    trainer's own; the stores written during training are complete `grads --run` stores (a `grads --run` on
-    them changes no file); `explain --run` on them equals the hand-computed weighted sum; and the training
-    itself (dropout on) ends at the same weights as without the callback."""
+    """The transformers Trainer with datainf's TextCollator and gradients=True (a LoRA config without a
+    task_type, which peft's save completes): the checkpoints are the trainer's own; the stores written during
+    training are complete `grads --run` stores (a `grads --run` on them changes no file, and one into a new
+    folder makes the same gradients); `explain --run` on them equals the hand-computed weighted sum; and the
+    training itself (dropout on) ends at the same weights as without the callback."""
     from transformers import Trainer, TrainingArguments
 
     from datainf.data.collate import TextCollator
@@ -257,7 +270,7 @@ def test_trainer_run_with_gradients_writes_the_stores_grads_run_would_and_leaves
     collate = TextCollator(tok, task="causal_lm", max_length=64)
 
     def train(callbacks, out):
-        model = lora_model(model_dir, dropout=0.1)
+        model = lora_model(model_dir, dropout=0.1, task_type=None)
         initial = lora_state(model)
         args = TrainingArguments(output_dir=str(out), max_steps=5, per_device_train_batch_size=2, learning_rate=1e-2,
                                  warmup_steps=2, save_strategy="no", report_to=[], use_cpu=True,
@@ -283,6 +296,18 @@ def test_trainer_run_with_gradients_writes_the_stores_grads_run_would_and_leaves
                             str(data), "--store", str(stores), "--max-length", "64"], capsys)
     assert code == 0, err
     assert hashes(stores) == before  # every store complete, made as grads --run makes it
+    code, _, err = run_cli(["grads", "--task", "causal_lm", "--model", str(model_dir), "--run", str(run), "--data",
+                            str(data), "--store", str(tmp_path / "fresh"), "--max-length", "64"], capsys)
+    assert code == 0, err
+    for step in (0, 2, 5):
+        mine, theirs = (GradientStore.open(folder / f"checkpoint-{step}") for folder in (stores, tmp_path / "fresh"))
+        assert mine.fingerprints == theirs.fingerprints and mine.block_names == theirs.block_names
+        for name in mine.block_names:
+            block, other = mine.load(name), theirs.load(name)
+            if other.any():
+                assert_close_to(block, other, tol=FLOAT32_TOL, what=f"checkpoint-{step} {name}")
+            else:
+                assert not block.any()  # lora_A at step 0, where B = 0
 
     prompt, response = "say moon twice:", " moon moon"
     code, _, err = run_cli(["explain", "--model", str(model_dir), "--run", str(run), "--store", str(stores),
@@ -295,13 +320,8 @@ def test_trainer_run_with_gradients_writes_the_stores_grads_run_would_and_leaves
         n_prompt = len(tok(prompt)["input_ids"])
         return ids, [-100] * n_prompt + ids[n_prompt:]
 
-    want = reference_scores(model_dir, run, weights, [by_hand(r["prompt"], r["response"]) for r in records],
-                            by_hand(prompt, response))
-    got = explained_scores(tmp_path / "e.json")
-    assert sorted(got) == list(range(len(records)))
-    scale = float(want.abs().max())
-    for i, score in got.items():  # float32 gradients in the stores and the query: FLOAT32_TOL of the largest
-        assert abs(score - float(want[i])) <= FLOAT32_TOL * scale, (i, score, float(want[i]))
+    assert_scores(explained_scores(tmp_path / "e.json"), reference_scores(
+        model_dir, run, weights, [by_hand(r["prompt"], r["response"]) for r in records], by_hand(prompt, response)))
 
 
 def test_refusals_write_nothing(tok, model_dir, tmp_path):

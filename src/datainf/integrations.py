@@ -134,6 +134,8 @@ class DatainfCallback(TrainerCallback):
         self.total_steps = 0
         self.record: dict[str, Any] = {}
         self.saved_config: dict[str, dict[str, Any]] = {}
+        self.lora_ids: set[int] = set()
+        self.waiting = False  # a checkpoint whose interval has only had rates of 0 so far
         self.records: Sequence[Any] | None = None
 
     # ------------------------------------------------------------------ the trainer's events
@@ -152,6 +154,7 @@ class DatainfCallback(TrainerCallback):
                                "SFTTrainer's peft_config)")
         self.tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         self.total_steps = int(state.max_steps)
+        self.lora_ids = {id(p) for n, p in lora.items() if "lora_" in n}
         self.records = None if self.train_data is None else _as_records(self.train_data)
         tokenization = self._tokenization(args)
         if self.gradients and self.collate is None:
@@ -188,12 +191,14 @@ class DatainfCallback(TrainerCallback):
         checkpoint step keep the weights and Adam's second moments; write the checkpoints whose weight is known."""
         assert self.snapshots is not None, "on_train_begin was not called"
         step = int(state.global_step) + 1
-        self.snapshots.on_step(step, _lora_rate(optimizer, model))
-        if step in self.snapshots.steps:
+        rate = _group_rate(optimizer, self.lora_ids)
+        self.snapshots.on_step(step, rate)
+        taken = step in self.snapshots.steps
+        if taken:
             self.moments[step] = _second_moments(optimizer, model)
             if state.is_world_process_zero and self.gradients:
                 self._collect(model, step)
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and (taken or (self.waiting and rate > 0)):
             self._publish_ready(model, final_step=self.total_steps)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -220,10 +225,12 @@ class DatainfCallback(TrainerCallback):
         steps = [s for s, _, _ in saved]
         rates = self.snapshots.rates
         done = {s for _, _, s in self.published}
+        self.waiting = False
         for i, (step, weight, state) in enumerate(saved):
             if step in done:
                 continue
             if not ended and not _weight_is_final(i, steps, rates, final_step):
+                self.waiting = i + 1 < len(steps)  # only a rate above 0 is missing (a warm-up from 0)
                 break
             self._write_checkpoint(model, step, weight, state, final=step == final_step)
         if self.gradients:
@@ -291,7 +298,8 @@ class DatainfCallback(TrainerCallback):
         from datainf.attributor import Attributor
 
         assert self.store is not None and self.records is not None
-        with torch.random.fork_rng(devices=_devices(model)), _config_as_saved(model, self.saved_config):
+        with (torch.random.fork_rng(devices=_devices(model)), _config_as_saved(model, self.saved_config),
+              _without_autocast(model)):
             Attributor(model, task=self.task, store=self.store / f"checkpoint-{step}", tokenizer=self.tokenizer,
                        collate=self.collate, batch_size=self.batch_size, chunk_size=self.chunk_size,
                        store_dtype=self.store_dtype, progress=False, projection=self.projection).fit(self.records)
@@ -322,8 +330,8 @@ class DatainfCallback(TrainerCallback):
         from TRL's SFTConfig when none was given."""
         data_format = _data_format(self.records[0]) if self.records else None
         trl = {k: getattr(args, k) for k in ("assistant_only_loss", "completion_only_loss", "max_length",
-                                             "truncation_mode", "packing", "padding_free", "dataset_text_field")
-               if hasattr(args, k)}
+                                             "truncation_mode", "packing", "padding_free", "dataset_text_field",
+                                             "bf16", "fp16") if hasattr(args, k)}
         out: dict[str, Any] = {"data_format": data_format, "trainer_settings": _jsonable(trl)}
         if self.collate is None and "assistant_only_loss" in trl:
             loss_tokens, source = _trl_loss_tokens(trl, data_format)
@@ -409,6 +417,23 @@ def _config_as_saved(model: Any, saved: dict[str, dict[str, Any]]) -> Iterator[N
                 setattr(obj, k, v)
 
 
+@contextlib.contextmanager
+def _without_autocast(model: Any) -> Iterator[None]:
+    """Within the block the model runs its own forward, not the one accelerate wraps in autocast for mixed
+    precision training (TRL's SFTConfig trains in bf16 by default): the stores hold the gradients of the model
+    as ``datainf grads`` loads it, at its own precision. The wrapped forward is put back afterwards."""
+    original = getattr(model, "_original_forward", None)  # where accelerate keeps the unwrapped forward
+    if original is None:
+        yield
+        return
+    wrapped = model.forward
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 def _weight_is_final(i: int, steps: list[int], rates: list[float], final_step: int) -> bool:
     """Whether checkpoint ``i``'s weight (:func:`interval_rates`) no longer changes as training goes on: the
     final checkpoint once its step is taken; another once the steps up to the next checkpoint have their
@@ -421,11 +446,10 @@ def _weight_is_final(i: int, steps: list[int], rates: list[float], final_step: i
     return any(r > 0 for r in rates[step:])
 
 
-def _lora_rate(optimizer: Any, model: Any) -> float:
-    """The learning rate of the optimizer's parameter group that holds the LoRA parameters."""
-    lora = {id(p) for n, p in adapter_parameters(model).items() if "lora_" in n}
+def _group_rate(optimizer: Any, lora_ids: set[int]) -> float:
+    """The learning rate of the optimizer's parameter group that holds the LoRA parameters (by their ids)."""
     for group in optimizer.param_groups:
-        if any(id(p) in lora for p in group["params"]):
+        if any(id(p) in lora_ids for p in group["params"]):
             return float(group["lr"])
     return float(optimizer.param_groups[0]["lr"])
 
@@ -496,10 +520,22 @@ def _grads_options(settings: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _as_records(data: Any) -> Sequence[Any]:
+def _as_records(data: Any) -> list[dict]:
+    """The training records as ``datainf grads`` reads them from a file of the same rows (TRL's
+    ``completion`` read as the response, only the columns of the format kept), so that the stores written
+    during training are the ones ``datainf grads --run`` makes from that file: same rows, same fingerprint.
+    They go through the file reader itself, by way of a temporary JSON lines file."""
     from datainf.attributor import as_records
+    from datainf.data.text import load_lm_records
 
-    return as_records(data)
+    rows = [dict(r) if hasattr(r, "keys") else r for r in as_records(data)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "train_data.jsonl"
+        try:
+            path.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in rows), encoding="utf-8")
+            return load_lm_records(path)
+        except DataInfError as e:
+            raise DataInfError(str(e).replace(str(path), "train_data")) from None
 
 
 def _jsonable(value: Any) -> Any:
