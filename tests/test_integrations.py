@@ -358,3 +358,51 @@ def test_refusals_write_nothing(tok, model_dir, tmp_path):
             trainer.train()
         assert not out.exists() or not any(out.iterdir())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_warm_up_from_zero_and_an_early_stop_give_finetunes_weights(tok, model_dir, tmp_path):
+    """A checkpoint after every step with a warm-up that starts at rate 0: step 0's interval (step 1, rate 0)
+    runs on to step 2, the first rate above 0, as `datainf finetune` weighs it. A run stopped at step 4 of 6
+    (a callback of the test stops it) has step 4, its last, as the final checkpoint (RUN itself), weighing
+    step 4's rate; checkpoint 3 weighs the rates of the steps from it to there."""
+    from transformers import Trainer, TrainingArguments
+
+    from datainf.data.collate import TextCollator
+
+    records = [{"prompt": f"say {w}:", "response": f" {w}"} for w in WORDS]
+    collate = TextCollator(tok, task="causal_lm", max_length=32)
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
+    for checkpoints, stop, steps in ((6, [], [0, 1, 2, 3, 4, 5, 6]), (2, [Stop()], [0, 3, 4])):
+        run, capture = tmp_path / f"run-{checkpoints}", Capture()
+        args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, warmup_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                 remove_unused_columns=False, disable_tqdm=True)
+        Trainer(model=lora_model(model_dir), args=args, train_dataset=records, data_collator=collate,
+                callbacks=[DatainfCallback(run, checkpoints=checkpoints, tokenizer=tok), capture, *stop]).train()
+        found = run_checkpoints(run)
+        assert [c.step for c in found] == steps and found[-1].adapter == run
+        rates = capture.rates
+        assert len(rates) == steps[-1] and rates[0] == 0.0 < rates[1]
+        if checkpoints == 6:
+            # step 0 runs on to the first rate above 0; checkpoint k weighs step k + 1; the final its own step
+            want = [(rates[0] + rates[1]) / 2, *rates[1:], rates[5]]
+        else:
+            want = [sum(rates[0:3]) / 3, rates[3], rates[3]]  # step 3 stands for step 4; the final: step 4's
+        assert [c.learning_rate for c in found] == pytest.approx(want, rel=1e-12)
+        for c in found:
+            assert torch.equal(lora_state_of(model_dir, c.adapter)["base_model.model.model.layers.0.self_attn."
+                                                                 "v_proj.lora_B.default.weight"],
+                               capture.weights[c.step]["base_model.model.model.layers.0.self_attn.v_proj.lora_B."
+                                                       "default.weight"])
+
+
+def lora_state_of(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return lora_state(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(adapter)))
