@@ -343,6 +343,8 @@ def test_refusals_write_nothing(tok, model_dir, tmp_path):
         DatainfCallback(tmp_path / "run", gradients=True, train_data=[{"text": "a"}])
     with pytest.raises(DataInfError, match="checkpoints must be an integer >= 1"):
         DatainfCallback(tmp_path / "run", checkpoints=0)
+    with pytest.raises(DataInfError, match="projection must be a datainf ProjectionSettings"):
+        DatainfCallback(tmp_path / "run", projection=64)
     assert hashes(tmp_path) == before and not (tmp_path / "run").exists()
 
     records = [{"text": "the red cat"}, {"text": "the blue dog"}]

@@ -57,6 +57,7 @@ from datainf import atomic
 from datainf.adapters import adapter_parameters
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
+from datainf.gradients import ProjectionSettings
 from datainf.models.checkpoints import (
     CHECKPOINT_FILE,
     LEARNING_RATE_RULE,
@@ -108,6 +109,8 @@ class DatainfCallback(TrainerCallback):
                                f"{checkpoints!r}")
         if task not in ("causal_lm", "causal_lm_mean"):
             raise DataInfError(f"task must be 'causal_lm' or 'causal_lm_mean' (the loss of the gradients), got {task!r}")
+        if projection is not None and not isinstance(projection, ProjectionSettings):
+            raise DataInfError(f"projection must be a datainf ProjectionSettings(dim=k, seed=s), got {projection!r}")
         if collate is not None and not isinstance(collate, TextCollator):
             raise DataInfError(f"collate must be a datainf TextCollator, got {type(collate).__name__}")
         self.out = Path(out)
