@@ -55,6 +55,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 #: the application layers may import everything below them (never the CLI)
 ALLOWED["datainf.experiments"] = tuple(sorted({m for v in ALLOWED.values() for m in v} | set(ALLOWED))) + (
     "datainf.experiments",)
+#: the Trainer / TRL callback: an application too (it calls the gradient writer and the run stores)
+ALLOWED["datainf.integrations"] = tuple(m for m in ALLOWED["datainf.experiments"] if m != "datainf.experiments")
 ALLOWED["datainf.cli"] = ALLOWED["datainf.experiments"] + ("datainf.cli",)
 
 

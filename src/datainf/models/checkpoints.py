@@ -36,6 +36,9 @@ from datainf.errors import DataInfError
 CHECKPOINT_FILE = "datainf_checkpoint.json"
 #: what the transformers Trainer (and TRL's trainers) write into each checkpoint-N folder
 TRAINER_STATE = "trainer_state.json"
+#: how a checkpoint's learning_rate (its weight in a checkpoint sum) is chosen; see interval_rates
+LEARNING_RATE_RULE = ("mean learning rate of the optimizer steps from this checkpoint to the next one (the final "
+                      "adapter: its own step's rate)")
 
 
 def snapshot_steps(count: int, total_steps: int) -> list[int]:
@@ -282,5 +285,5 @@ def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
     raise DataInfError(f"{folder} has no adapter_model.safetensors (or .bin)")
 
 
-__all__ = ["CHECKPOINT_FILE", "TRAINER_STATE", "RunCheckpoint", "Snapshots", "checkpoint_weights", "checked_rate", "interval_rates", "learning_rate", "load_adapter_weights",
+__all__ = ["CHECKPOINT_FILE", "LEARNING_RATE_RULE", "TRAINER_STATE", "RunCheckpoint", "Snapshots", "checkpoint_weights", "checked_rate", "interval_rates", "learning_rate", "load_adapter_weights",
            "run_checkpoints", "snapshot_steps"]
