@@ -8,7 +8,8 @@ negative = helpful.
 The public API is re-exported here and imported on first use, so that ``import datainf`` (and the
 command line's start-up) stays cheap: :func:`influence`, :func:`self_influence`, :func:`score`,
 :class:`ScoreArguments`, :class:`ScoreResult`, :func:`per_example_gradients`, :class:`Attributor`,
-:class:`GradientStore`, :func:`method_names`, :func:`default_damping`.
+:class:`GradientStore`, :func:`method_names`, :func:`default_damping`, :func:`explain` (many prompts against a
+training store at once, typed answers) and its :class:`Explainer`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from datainf.version import __version__
 _PUBLIC = {
     "Attributor": "datainf.attributor",
     "DataInfError": "datainf.errors",
+    "Explainer": "datainf.explaining",
+    "explain": "datainf.explaining",
     "GradientStore": "datainf.store",
     "ScoreArguments": "datainf.estimators",
     "ScoreResult": "datainf.estimators",
