@@ -248,6 +248,10 @@ def read_queries(path: PathLike, *, messages_column: str = "messages", prompt_co
         prompt, response = row.get(prompt_column), row.get(response_column)
         if isinstance(prompt, list) or isinstance(response, list):  # TRL's conversational prompt-completion
             turns = _turn_list(prompt, where, prompt_column)
+            if not isinstance(turns, list):
+                raise DataInfError(f"{where}: column {response_column!r} holds a list but {prompt_column!r} does "
+                                   "not; give both as text, or both as lists of {'role', 'content'} turns (TRL's "
+                                   "conversational prompt-completion)")
             reply = _turn_list(response, where, response_column) if response not in (None, "") else None
             if reply is not None and not (isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], dict)
                                           and reply[0].get("role") == "assistant"
