@@ -31,7 +31,6 @@ import datainf  # noqa: E402
 from cli_helpers import hashes, refused, write_jsonl  # noqa: E402
 from cli_helpers import run_cli as run  # noqa: E402
 from datainf.data.generation import chat_records, make_task  # noqa: E402
-from datainf.explaining import Query, conversation_query, read_queries  # noqa: E402
 from reference import FLOAT64_TOL, assert_close_to  # noqa: E402
 
 PROMPT, RESPONSE = "the old fox finds the book", "book the finds fox old the"
@@ -122,13 +121,13 @@ def dense_scores(method: str, train: dict[str, torch.Tensor], queries: dict[str,
     return total
 
 
-def chat_query(q: Query, response: str) -> dict:
+def chat_query(q, response: str) -> dict:
     turns = list(q.context) if q.context is not None else (
         ([{"role": "system", "content": q.system}] if q.system else []) + [{"role": "user", "content": q.prompt}])
     return {"messages": [*turns, {"role": "assistant", "content": response}]}
 
 
-def reference(setup, queries: list[Query], responses: list[str], method: str, checkpoints: list[str]) -> torch.Tensor:
+def reference(setup, queries: list, responses: list[str], method: str, checkpoints: list[str]) -> torch.Tensor:
     """sum over ``checkpoints`` of (its learning rate, from its own datainf_checkpoint.json, when several) x
     the dense scores of the training examples' and the queries' backward gradients at that checkpoint."""
     total = 0
@@ -176,6 +175,8 @@ def test_library_explain_answers_many_queries_against_backward_gradients(setup):
     """datainf.explain with four queries (a system turn, a conversation's last turn, a generated reply) at
     one (adapter, store) pair: every answer's scores for every training example equal the dense float64
     reference of single-example backward gradients; the generated reply is the model's greedy one."""
+    from datainf.explaining import Explanation, Query, conversation_query
+
     records = setup["records"]
     conversation = records[1]["messages"] + [{"role": "user", "content": PROMPT},
                                              {"role": "assistant", "content": RESPONSE}]
@@ -184,7 +185,7 @@ def test_library_explain_answers_many_queries_against_backward_gradients(setup):
     got = datainf.explain(queries, model=setup["model"], adapter=setup["run"],
                           store=setup["stores"] / "checkpoint-2", methods=["datainf", "identity"], k=2,
                           max_new_tokens=3, model_dtype="float64")
-    assert isinstance(got, datainf.explaining.Explanation) and len(got.answers) == 4
+    assert isinstance(got, Explanation) and len(got.answers) == 4
     assert got.methods == ["datainf", "identity"] and got.arguments["datainf"].method == "datainf"
     assert [a.generated for a in got.answers] == [False, False, False, True]
     assert [a.prompt for a in got.answers] == [PROMPT, "a cat sat", PROMPT, "the lake is blue"]
@@ -230,6 +231,8 @@ def test_explain_queries_file_over_a_run_writes_json_and_csv(setup, tmp_path, ca
     assert answers[0]["response"] == RESPONSE and answers[2]["response"] == records[4]["messages"][2]["content"]
     final_turns = [{"role": "system", "content": system}, {"role": "user", "content": "a cat sat"}]
     assert answers[1]["response"] == greedy(setup, setup["run"], final_turns, 3)  # the final adapter answers
+    from datainf.explaining import read_queries
+
     queries = read_queries(queries_file)
     responses = [a["response"] for a in answers]
     for method in ("identity", "datainf"):
@@ -299,6 +302,8 @@ def test_the_fitted_state_comes_from_the_stores_cache(setup, tmp_path, capsys, m
 def test_query_files_read_alike_in_every_format(tmp_path):
     """The same prompt/response queries from JSONL, a JSON array and CSV (an empty cell: no response) read as
     the same Query objects; a text column is a prompt to answer."""
+    from datainf.explaining import read_queries
+
     rows = [{"prompt": PROMPT, "response": RESPONSE, "system": "be brief"}, {"prompt": "a, \"quoted\"\nline"}]
     jsonl = write_jsonl(tmp_path / "q.jsonl", rows)
     array = tmp_path / "q.json"
@@ -359,3 +364,106 @@ def test_queries_beside_a_prompt_are_refused(setup, tmp_path, capsys):
     queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": PROMPT}])
     refused(["explain", "--model", str(setup["model"]), "--run", str(setup["run"]), "--store", str(setup["stores"]),
              "--queries", str(queries), "--prompt", PROMPT], capsys, "--queries", "--prompt")
+
+
+# ------------------------------------------------------------------------------------------- issue 31's friction
+
+
+def test_finetune_keeps_a_loss_log_and_names_the_loss_it_prints(tiny_llama_dir, tmp_path, capsys):
+    """`finetune` keeps every optimizer step's batch loss in datainf_finetune.json (old: none) and says the
+    loss it prints is the final adapter's on the training set (old: "training loss"). Step 1 runs with B = 0,
+    so its loss is the base model's mean NLL per loss token over the one batch of all six examples, written
+    out here with a plain forward pass (float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datainf.data.collate import TextCollator
+
+    records = [{"prompt": r["prompt"], "response": r["response"]}
+               for r in make_task("sentences", classes=2, per_class=3)]
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    out = tmp_path / "adapter"
+    code, text, err = run(["finetune", "--task", "causal_lm", "--model", str(tiny_llama_dir), "--train", str(data),
+                           "--out", str(out), "--epochs", "3", "--batch-size", "6", "--rank", "2", "--device", "cpu"],
+                          capsys)
+    assert code == 0, err
+    assert "the final adapter's loss on the training set" in text and "training loss" not in text, text
+    losses = json.loads((out / "datainf_finetune.json").read_text())["losses"]
+    assert len(losses) == 3  # one batch per epoch
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    collate = TextCollator(tok, task="causal_lm", max_length=128)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for record in records:
+            ids, labels = collate.tokenize(record)
+            logits = base(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+            targets = torch.tensor(labels[1:])
+            total += float(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+    assert losses[0] == pytest.approx(total / count, rel=1e-5)
+    assert f"{losses[0]:.3f} at step 1" in text and f"{losses[-1]:.3f} at step 3" in text
+
+
+def test_score_mismatch_names_each_store_beside_its_fingerprint(setup, tmp_path, capsys):
+    """A query store of the final adapter against checkpoint-0's training store: the message gives each
+    fingerprint next to the store it belongs to (old: "fingerprint TRAIN vs QUERY" after naming the query
+    store first); a query store whose loss is on every token says that the loss tokens differ (old: only
+    "different task ... to compare across checkpoints")."""
+    from datainf.store import GradientStore
+
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": PROMPT},
+                                                               {"role": "assistant", "content": RESPONSE}]}])
+    made = {}
+    for name, extra in (("q", []), ("q-all", ["--loss-tokens", "all"])):
+        made[name] = tmp_path / name
+        code, _, err = run(["grads", "--task", "causal_lm", "--model", str(setup["model"]), "--adapter",
+                            str(setup["run"]), "--data", str(queries), "--store", str(made[name]), "--dtype", "float64",
+                            "--model-dtype", "float64", *extra], capsys)
+        assert code == 0, err
+    train_dir, out = setup["stores"] / "checkpoint-0", tmp_path / "s.safetensors"
+    train, query = GradientStore.open(train_dir), GradientStore.open(made["q"])
+    refused(["score", "--store", str(train_dir), "--queries", str(made["q"]), "--out", str(out)], capsys,
+            f"fingerprint {query.fingerprints['adapter']} in {made['q']}, {train.fingerprints['adapter']} in {train_dir}")
+    final = setup["stores"] / "checkpoint-2"
+    refused(["score", "--store", str(final), "--queries", str(made["q-all"]), "--out", str(out)], capsys,
+            "different task", "loss_tokens 'all' in the query store, 'assistant' in the training store",
+            "query loss other than the training loss")
+    assert not out.exists()
+
+
+def test_explain_mismatch_names_the_store_and_the_adapter_beside_their_fingerprints(setup, capsys):
+    """checkpoint-0's adapter with the final checkpoint's store: the store's fingerprint, then the loaded
+    adapter's, each named (old: "fingerprint X vs this one's Y")."""
+    from datainf.store import GradientStore
+
+    store, adapter = setup["stores"] / "checkpoint-2", setup["checkpoints"]["checkpoint-0"]
+    theirs = GradientStore.open(store).fingerprints["adapter"]
+    refused(["explain", "--model", str(setup["model"]), "--adapter", str(adapter), "--store", str(store), "--prompt",
+             PROMPT, "--response", RESPONSE, "--model-dtype", "float64"], capsys,
+            f"store {store} was made with a different adapter (fingerprint {theirs} in the store, ",
+            f" for {adapter} on {setup['model']} as float64)", "--model-dtype")
+
+
+@pytest.mark.parametrize("damage", ["other rank", "no weights"])
+def test_a_checkpoint_that_cannot_be_swapped_in_is_refused_before_the_model_loads(damage, setup, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A second (adapter, store) pair whose adapter has another LoRA rank, or no weights file, is refused
+    before the model is loaded (old: after the load, when its weights were swapped in)."""
+    import datainf.models.llm
+
+    early = shutil.copytree(setup["checkpoints"]["checkpoint-0"], tmp_path / "early")
+    if damage == "other rank":
+        config = json.loads((early / "adapter_config.json").read_text())
+        (early / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+        words = (str(early), "not a checkpoint of the same adapter", "r is 4", str(setup["run"]))
+    else:
+        (early / "adapter_model.safetensors").unlink()
+        words = (str(early), "adapter_model.safetensors")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapters were checked")
+
+    monkeypatch.setattr(datainf.models.llm, "load_causal_lm_adapter", no_load)
+    refused(["explain", "--model", str(setup["model"]), "--adapter", str(setup["run"]), "--store",
+             str(setup["stores"] / "checkpoint-2"), "--adapter", str(early), "--store",
+             str(setup["stores"] / "checkpoint-0"), "--prompt", PROMPT, "--response", RESPONSE], capsys, *words)

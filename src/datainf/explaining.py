@@ -344,6 +344,35 @@ def checkpoints_of(adapter: PathLike | Sequence[PathLike] | None, store: PathLik
     return [Checkpoint(a, s, w) for a, s, w in zip(adapters, stores, checkpoint_weights(weights, adapters))]
 
 
+#: what must agree between the checkpoints of one fine-tune for their weights to swap into one model
+LORA_SHAPE = ("r", "lora_alpha", "target_modules")
+
+
+def check_adapters(checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse, before any model is loaded, an adapter folder without peft's files (adapter_config.json and
+    adapter_model.safetensors or .bin), and a checkpoint whose LoRA (rank, alpha, target modules) is not the
+    answering adapter's, so that its weights could not be swapped into the loaded model."""
+    from datainf.data.tables import read_json_object
+
+    first: dict[str, Any] | None = None
+    for c in checkpoints:
+        folder = Path(c.adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise DataInfError(f"{folder} has no adapter_config.json; pass a folder written by `datainf finetune` "
+                               "or peft's save_pretrained (a checkpoint-N folder of the Trainer or TRL holds one)")
+        if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise DataInfError(f"{folder} has no adapter_model.safetensors (or .bin): the LoRA weights are missing")
+        config = read_json_object(folder / "adapter_config.json", "pass a folder written by peft's save_pretrained")
+        shape = {key: sorted(v) if isinstance(v := config.get(key), list) else v for key in LORA_SHAPE}
+        if first is None:
+            first = shape
+            continue
+        for key in LORA_SHAPE:
+            if shape[key] != first[key]:
+                raise DataInfError(f"{folder} is not a checkpoint of the same adapter as {checkpoints[0].adapter}: "
+                                   f"its {key} is {shape[key]!r}, {first[key]!r} in {checkpoints[0].adapter}")
+
+
 # --------------------------------------------------------------------------------------------------
 # the explainer
 # --------------------------------------------------------------------------------------------------
@@ -374,6 +403,7 @@ class Explainer:
             raise DataInfError(f"k and max_new_tokens must be >= 1, got {k} and {max_new_tokens}")
         self.model_dir, self.run = str(model), None if run is None else str(run)
         self.checkpoints = checkpoints_of(adapter, store, run, weights)
+        check_adapters(self.checkpoints)
         self.run_stores = _names(store)[0] if run is not None else None  # the folder of `grads --run`
         self.arguments = {m: score_arguments(m) for m in dict.fromkeys(methods)}
         self.k, self.max_new_tokens, self.allow_mismatch = k, max_new_tokens, allow_mismatch
@@ -447,13 +477,23 @@ class Explainer:
         self._model, self.tokenizer = model, tokenizer
         for i, (c, s) in enumerate(zip(self.checkpoints, self.stores)):
             self._use(i)
-            found = self.attributors[i].differences(s)
+            found = self.differences(s, c)
             if found and not self.allow_mismatch:
                 self._model = None
-                raise DataInfError(f"store {c.store} was made with a different {found[0]}; explain with the model and "
-                                   f"adapter it was made with ({c.adapter} is not it), or pass --allow-mismatch")
+                raise DataInfError(f"store {c.store} was made with a different {found[0]}; explain with the model, "
+                                   "adapter and --model-dtype it was made with, or pass --allow-mismatch")
             self.mismatch += [f"{c.store}: {x}" for x in found]
         return self.load_seconds
+
+    def differences(self, store: Any, checkpoint: Checkpoint) -> list[str]:
+        """What differs between the loaded model (with ``checkpoint``'s weights) and the one ``store`` was made
+        with: "adapter (fingerprint F in the store, G for ADAPTER on MODEL as float32)", the store's first."""
+        from datainf.store import fingerprint_model
+
+        mine = fingerprint_model(self._model)
+        loaded = f"{checkpoint.adapter} on {self.model_dir} as {self.model_dtype}"
+        return [f"{key} (fingerprint {store.fingerprints[key]} in the store, {mine[key]} for {loaded})"
+                for key in ("model", "adapter") if store.fingerprints.get(key) not in (None, mine[key])]
 
     def _use(self, i: int) -> None:
         """Put checkpoint ``i``'s LoRA weights into the model (the answering adapter is checkpoint 0)."""
