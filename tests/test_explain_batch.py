@@ -467,3 +467,30 @@ def test_a_checkpoint_that_cannot_be_swapped_in_is_refused_before_the_model_load
     refused(["explain", "--model", str(setup["model"]), "--adapter", str(setup["run"]), "--store",
              str(setup["stores"] / "checkpoint-2"), "--adapter", str(early), "--store",
              str(setup["stores"] / "checkpoint-0"), "--prompt", PROMPT, "--response", RESPONSE], capsys, *words)
+
+
+def test_interactive_keeps_the_model_and_answers_each_typed_prompt(setup, tmp_path, capsys, monkeypatch):
+    """--interactive through the same Explainer: each typed prompt answered by the model (greedy, as
+    transformers' generate gives it), the model loaded once, an empty line stops; --json holds both."""
+    import sys
+
+    import datainf.models.llm
+
+    loads = []
+    original = datainf.models.llm.load_causal_lm_adapter
+
+    def counting(*args, **kwargs):
+        loads.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(datainf.models.llm, "load_causal_lm_adapter", counting)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the lake is blue\na cat sat\n\n"))
+    out = tmp_path / "e.json"
+    code, text, err = run(["explain", "--model", str(setup["model"]), "--adapter", str(setup["run"]), "--store",
+                           str(setup["stores"] / "checkpoint-2"), "--interactive", "--max-new-tokens", "2",
+                           "--method", "identity", "--k", "1", "--model-dtype", "float64", "--json", str(out)], capsys)
+    assert code == 0, err
+    answers = json.loads(out.read_text())["answers"]
+    assert [a["prompt"] for a in answers] == ["the lake is blue", "a cat sat"] and len(loads) == 1
+    for a in answers:
+        assert a["generated"] and a["response"] == greedy(setup, setup["run"], [{"role": "user", "content": a["prompt"]}], 2)
