@@ -399,6 +399,8 @@ class Explainer:
         if unknown or not methods:
             what = f"unknown method {unknown[0]!r}" if unknown else "no method given"
             raise DataInfError(f"{what}; choose from {', '.join(method_names())}")
+        if model_dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise DataInfError(f"model_dtype must be float32, float16, bfloat16 or float64, got {model_dtype!r}")
         if k < 1 or max_new_tokens < 1:
             raise DataInfError(f"k and max_new_tokens must be >= 1, got {k} and {max_new_tokens}")
         self.model_dir, self.run = str(model), None if run is None else str(run)

@@ -134,7 +134,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
         queries = [conversation_query(context + ([{"role": "assistant", "content": reply}] if reply else []),
                                       where, response)]
     elif prompt is not None:
-        queries = [Query(prompt, response, system)]
+        queries = [Query(prompt, response, system, source="--system" if system is not None else "--prompt")]
     elif not interactive:
         raise DataInfError("give --prompt TEXT (or --queries FILE, --conversation FILE, or --interactive to type "
                            "prompts)")
