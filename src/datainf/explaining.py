@@ -22,12 +22,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from datainf.errors import DataInfError, parse_json
-from datainf.estimators import ScoreArguments
+
+if TYPE_CHECKING:  # torch is imported on first use, so that `datainf explain --help` stays quick
+    from torch import Tensor
+
+    from datainf.estimators import ScoreArguments
 
 Turns = list[dict[str, str]]
 PathLike = str | os.PathLike
@@ -136,6 +138,8 @@ CSV_COLUMNS = ("query_index", "prompt", "response", "generated", "method", "kind
 def score_arguments(method: str) -> ScoreArguments:
     """How explain scores with ``method``: the method's defaults (LiSSA with 100 iterations: a few queries
     need no more)."""
+    from datainf.estimators import ScoreArguments
+
     return ScoreArguments(method=method, options={"iterations": 100} if method == "lissa" else {})
 
 
