@@ -494,3 +494,18 @@ def test_interactive_keeps_the_model_and_answers_each_typed_prompt(setup, tmp_pa
     assert [a["prompt"] for a in answers] == ["the lake is blue", "a cat sat"] and len(loads) == 1
     for a in answers:
         assert a["generated"] and a["response"] == greedy(setup, setup["run"], [{"role": "user", "content": a["prompt"]}], 2)
+
+
+def test_explain_says_when_the_store_holds_a_loss_on_every_token(setup, tmp_path, capsys):
+    """A store of `grads --loss-tokens all` (TRL's default for 'messages' data) with response-loss queries:
+    explain says so (old: silently)."""
+    store = tmp_path / "all-tokens"
+    code, _, err = run(["grads", "--task", "causal_lm", "--model", str(setup["model"]), "--adapter", str(setup["run"]),
+                        "--data", str(setup["root"] / "chat.jsonl"), "--store", str(store), "--loss-tokens", "all"],
+                       capsys)
+    assert code == 0, err
+    code, text, err = run(["explain", "--model", str(setup["model"]), "--adapter", str(setup["run"]), "--store",
+                           str(store), "--prompt", PROMPT, "--response", RESPONSE, "--method", "identity", "--k", "1"],
+                          capsys)
+    assert code == 0, err
+    assert f"note: the training store {store} holds gradients of the loss on every token" in text, text

@@ -441,6 +441,14 @@ class Explainer:
     def n_train(self) -> int:
         return self.stores[0].n_examples
 
+    def notes(self) -> list[str]:
+        """What the user should know about how the queries are scored against these stores: a training loss
+        on every token (TRL's default for 'messages' data) is compared with the response's loss alone."""
+        if self.collate_settings.get("loss_tokens") == "all":
+            return [f"the training store {self.checkpoints[0].store} holds gradients of the loss on every token "
+                    "(--loss-tokens all); each query is scored by its response's loss alone (the answer explained)"]
+        return []
+
     def check(self, queries: Sequence[Query]) -> None:
         """Refuse queries this store cannot answer (a system turn or a conversation for a store of
         prompt/response or text records), naming the first one, before the model is loaded."""

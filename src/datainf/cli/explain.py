@@ -149,6 +149,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     first = explainer.checkpoints[0]
     click.echo(f"loaded {model_dir} + {first.adapter} in {seconds:.1f} s; store: {explainer.n_train} training "
                f"examples, {len(explainer.stores[0].block_names)} blocks{' (chat)' if explainer.chat else ''}")
+    for note in explainer.notes():
+        click.echo(f"note: {note}")
     if len(explainer.checkpoints) > 1:
         click.echo(f"scores summed over {len(explainer.checkpoints)} checkpoints, weighted by "
                    f"{'lr' if run_dir is not None else weights}: " + ", ".join(
