@@ -261,38 +261,39 @@ def test_explain_queries_file_over_a_run_writes_json_and_csv(setup, tmp_path, ca
     assert other.read_text() == "a,b\n1,2\n"
 
 
-def test_the_fitted_state_comes_from_the_stores_cache(setup, tmp_path, capsys, monkeypatch):
-    """Three queries explained twice with DataInf over a run of two checkpoints: the first call fits
-    DataInf's state once per store (2 fits, not one per query), the second fits nothing, and the cache files
-    keep their bytes and mtimes."""
+@pytest.mark.parametrize("method", ["datainf", "ekfac"])
+def test_the_fitted_state_comes_from_the_stores_cache(method, setup, tmp_path, capsys, monkeypatch):
+    """Three queries explained twice over a run of two checkpoints: the first call fits the method's state
+    (DataInf's matrices, EK-FAC's curvature) once per store (2 fits, not one per query), the second fits
+    nothing, and the cache files keep their bytes and mtimes."""
     from datainf.estimators import get_method
 
     stores = shutil.copytree(setup["stores"], tmp_path / "stores")
-    for cache in stores.rglob("fitted-*.safetensors"):
+    cls = get_method(method)
+    for cache in stores.rglob(cls.state_file):
         cache.unlink()
-    method = get_method("datainf")
     fits = []
-    original = method.fit
+    original = cls.fit
 
     def counting(blocks, arguments):
         fits.append(arguments.method)
         return original(blocks, arguments)
 
-    monkeypatch.setattr(method, "fit", staticmethod(counting))
+    monkeypatch.setattr(cls, "fit", staticmethod(counting))
     queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": PROMPT, "response": RESPONSE},
                                                  {"prompt": "a cat sat", "response": "sat cat a"},
                                                  {"prompt": "the lake", "response": "lake the"}])
     argv = ["explain", "--model", str(setup["model"]), "--run", str(setup["run"]), "--store", str(stores),
-            "--queries", str(queries), "--method", "datainf", "--k", "1", "--model-dtype", "float64"]
+            "--queries", str(queries), "--method", method, "--k", "1", "--model-dtype", "float64"]
     code, _, err = run(argv, capsys)
     assert code == 0, err
-    assert fits == ["datainf", "datainf"]
-    caches = sorted(stores.rglob("fitted-datainf.safetensors"))
+    assert fits == [method, method]
+    caches = sorted(stores.rglob(cls.state_file))
     assert [c.parent.name for c in caches] == ["checkpoint-0", "checkpoint-2"]
     before = {c: (c.stat().st_mtime_ns, hashes(c)) for c in caches}
     code, _, err = run(argv, capsys)
     assert code == 0, err
-    assert fits == ["datainf", "datainf"]  # nothing refitted
+    assert fits == [method, method]  # nothing refitted
     assert {c: (c.stat().st_mtime_ns, hashes(c)) for c in caches} == before
 
 
