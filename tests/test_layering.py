@@ -52,6 +52,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.report": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.metrics",
                        "datainf.estimators.registry", "datainf.report"),
 }
+#: explain as a library call (datainf.explain): an application of everything below it, used by the CLI
+ALLOWED["datainf.explaining"] = ("datainf.errors", "datainf.atomic", "datainf.outputs", "datainf.tasks", "datainf.data",
+                                 "datainf.gradients", "datainf.store", "datainf.estimators", "datainf.scoring",
+                                 "datainf.combine", "datainf.attributor", "datainf.models", "datainf.ranking")
 #: the application layers may import everything below them (never the CLI)
 ALLOWED["datainf.experiments"] = tuple(sorted({m for v in ALLOWED.values() for m in v} | set(ALLOWED))) + (
     "datainf.experiments",)

@@ -9,7 +9,8 @@ The public API is re-exported here and imported on first use, so that ``import d
 command line's start-up) stays cheap: :func:`influence`, :func:`self_influence`, :func:`score`,
 :class:`ScoreArguments`, :class:`ScoreResult`, :func:`per_example_gradients`, :class:`GradientCollector`,
 :class:`Attributor`, :class:`GradientStore`, :class:`StreamingWriter`, :func:`method_names`,
-:func:`default_damping`.
+:func:`default_damping`, :func:`explain` (many prompts against a training store at once, typed answers) and its
+:class:`Explainer`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from datainf.version import __version__
 _PUBLIC = {
     "Attributor": "datainf.attributor",
     "DataInfError": "datainf.errors",
+    "Explainer": "datainf.explaining",
     "GradientCollector": "datainf.collector",
+    "explain": "datainf.explaining",
     "GradientStore": "datainf.store",
     "StreamingWriter": "datainf.store",
     "ScoreArguments": "datainf.estimators",

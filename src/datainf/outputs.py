@@ -154,6 +154,12 @@ def is_top_table(path: Path) -> bool:
     return needed <= keys <= set(TOP_COLUMNS)
 
 
+def is_explain_csv(path: Path) -> bool:
+    """A table of `datainf explain --csv`: CSV whose header starts with query_index and names the rows' columns."""
+    keys = _head(path).split("\n", 1)[0].strip().split(",")
+    return keys[:1] == ["query_index"] and {"method", "kind", "rank", "train_index", "score"} <= set(keys)
+
+
 @dataclass(frozen=True)
 class FileKind:
     """A kind of output file: what it is called in messages (with its article), the command that writes it, and how an existing
@@ -168,6 +174,7 @@ FILE_KINDS: dict[str, FileKind] = {
     "scores": FileKind("a scores file", "datainf score", is_scores_file),
     "report": FileKind("an HTML report", "datainf report", is_report),
     "explain": FileKind("an explain JSON file", "datainf explain --json", is_explain_json),
+    "explain-csv": FileKind("an explain CSV table", "datainf explain --csv", is_explain_csv),
     "top": FileKind("a top-k table", "datainf top", is_top_table),
     "example-data": FileKind("a data file", "datainf example-data", None),
 }

@@ -90,9 +90,25 @@ def store_mismatch(train: GradientStore, queries: GradientStore) -> list[str]:
                 break
     for key in PAIRED_FINGERPRINTS:
         a, b = train.fingerprints.get(key), queries.fingerprints.get(key)
-        if a is not None and b is not None and a != b:
-            problems.append(f"{key} (fingerprint {a} vs {b})")
+        if a is not None and b is not None and a != b:  # the query store's first, as the messages name it first
+            why = _tokenization_differences(train, queries) if key == "task" else ""
+            problems.append(f"{key} (fingerprint {b} in {queries.path}, {a} in {train.path}{why})")
     return problems
+
+
+def _tokenization_differences(train: GradientStore, queries: GradientStore) -> str:
+    """"; its tokenization differs: loss_tokens 'assistant' in the query store, 'all' in the training store"
+    (the collate settings of a causal LM task that differ; loss_tokens left out means 'assistant')."""
+    def settings(store: GradientStore) -> dict[str, Any]:
+        collate = (store.manifest.get("meta") or {}).get("collate") or {}
+        if not isinstance(collate, Mapping):  # a collate function of the caller's, recorded by its name
+            return {"collate": collate}
+        return {"loss_tokens": "assistant", **collate} if collate else {}
+
+    mine, theirs = settings(queries), settings(train)
+    keys = [k for k in sorted({*mine, *theirs}) if mine.get(k) != theirs.get(k)]
+    return ("; its tokenization differs: " + ", ".join(f"{k} {mine.get(k)!r} in the query store, {theirs.get(k)!r} "
+                                                       "in the training store" for k in keys)) if keys else ""
 
 
 def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: bool = False) -> list[str]:
@@ -120,10 +136,11 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
         raise DataInfError(f"query store {queries.path} holds other blocks than {train.path} ({problems[0]}); "
                            "make both with one model and adapter")
     if not allow_mismatch:
-        raise DataInfError(
-            f"query store {queries.path} was made with a different {problems[0]} than {train.path}; make both "
-            "with the same model, adapter and task, or pass --allow-mismatch to compare across checkpoints"
-        )
+        fix = ("make the query store with the training store's `datainf grads` options (the same --task and loss "
+               "tokens), or pass --allow-mismatch to score a query loss other than the training loss"
+               if problems[0].startswith("task") else "make both with the same model, adapter and task, or pass "
+               "--allow-mismatch to compare across checkpoints")
+        raise DataInfError(f"query store {queries.path} was made with a different {problems[0]} than {train.path}; {fix}")
     return problems
 
 

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("datainf.cli.finetune", "LoRA fine-tuning of a local classifier or causal LM."),
     "grads": ("datainf.cli.grads", "Per-example gradients of a dataset into a gradient store (resumes)."),
     "score": ("datainf.cli.score", "Scores of training examples against queries, or self-influence."),
-    "explain": ("datainf.cli.explain", "Why did my model say this? One prompt against a training store."),
+    "explain": ("datainf.cli.explain", "Why did my model say this? Prompts (or a file of them) against a training store."),
     "top": ("datainf.cli.top", "The top-k helpful and harmful training examples per query, as JSONL or CSV."),
     "report": ("datainf.cli.report", "A self-contained HTML report from a scores file."),
     "store": ("datainf.cli.store",

@@ -1,17 +1,18 @@
-"""`datainf explain`: why did my model say this? One prompt (and response) against a training store.
+"""`datainf explain`: why did my model say this? Prompts (and responses) against a training store.
 
-Loads the model and adapter once, takes a prompt from the command line (and a response, or generates one),
+A thin wrapper of :mod:`datainf.explaining` (``datainf.explain``). Loads the model and adapter once, takes a
+prompt from the command line, or a file of them (``--queries FILE``), (and a response, or generates one),
 tokenizes it as the training data was (the chat template when the store holds chat records: a conversation,
 or a prompt and a completion of turns as TRL's conversational prompt-completion rows are), computes its
 gradient, scores it against the store with each method and prints the most helpful and most harmful
 training examples. ``--conversation FILE`` explains the last assistant turn of a whole conversation (or the
-model's reply to it). ``--interactive`` keeps the model loaded and asks for the next prompt.
+model's reply to it). ``--interactive`` keeps the model loaded and asks for the next prompt. ``--json`` and
+``--csv`` write the answers.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,78 +23,18 @@ from datainf.cli.common import (
     model_dtype_option,
     overwrite_option,
     parse_methods,
+    remedy_fields,
     remedy_options,
     setup,
 )
-from datainf.errors import DataInfError, parse_json
-from datainf.outputs import EXPLAIN_FORMAT, check_output
+from datainf.errors import DataInfError
+from datainf.explaining import read_conversation
+from datainf.outputs import check_output
 
 
 def _cut(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: max(width - 1, 1)] + "…"
-
-
-def _turns(prompt: str, system: str | None) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-def read_conversation(path: str) -> tuple[list[dict[str, str]], str | None]:
-    """A conversation file: a JSON list of {"role", "content"} turns, or an object with "messages" (one row of
-    a chat JSONL). Returns (the turns before the reply to explain, that reply or None when the
-    conversation ends on a user turn, for the model to answer)."""
-    try:
-        text = Path(path).read_bytes()
-    except OSError as e:
-        raise DataInfError(f"--conversation {path}: not a readable file ({e})") from None
-    data = parse_json(text, f"--conversation {path}")
-    turns = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(turns, list) or not turns:
-        raise DataInfError(f"--conversation {path}: give a JSON list of {{\"role\", \"content\"}} turns, or an "
-                           'object with "messages"')
-    for i, turn in enumerate(turns):
-        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
-            raise DataInfError(f"--conversation {path}: turn {i} needs a 'role' and a 'content' string")
-    turns = [{"role": t["role"], "content": t["content"]} for t in turns]
-    if turns[-1]["role"] == "assistant":
-        context, reply = turns[:-1], turns[-1]["content"]
-    else:
-        context, reply = turns, None
-    if not any(t["role"] == "user" for t in context):
-        raise DataInfError(f"--conversation {path}: no user turn before the reply to explain")
-    return context, reply
-
-
-def query_record(context: list[dict[str, str]] | str, response: str,
-                 completion_turns: bool = False) -> dict[str, Any]:
-    """The query as a record of the store's kind: the context turns (a system turn, a user turn, or a whole
-    conversation) and an assistant turn for a chat store, as one conversation or, with ``completion_turns``
-    (a store of TRL's conversational prompt-completion records), as a prompt of turns and a completion of
-    one assistant turn; a prompt/response record (``context`` the prompt string) otherwise."""
-    if isinstance(context, str):
-        return {"prompt": context, "response": response}
-    if completion_turns:
-        return {"prompt": context, "response": [{"role": "assistant", "content": response}]}
-    return {"messages": [*context, {"role": "assistant", "content": response}]}
-
-
-def generate(model: Any, tokenizer: Any, context: list[dict[str, str]] | str, max_new_tokens: int) -> str:
-    """The model's own greedy continuation: of the context turns through the chat template (a chat store),
-    or of the prompt string."""
-    import torch
-
-    device = next(model.parameters()).device
-    if not isinstance(context, str):
-        ids = tokenizer.apply_chat_template(context, add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-        inputs = {k: v.to(device) for k, v in ids.items()}
-    else:
-        inputs = {k: v.to(device) for k, v in tokenizer(context, return_tensors="pt").items()}
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train: int | None = None) -> str:
@@ -163,207 +104,125 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
 @remedy_options
 @model_dtype_option
 @device_option
+@click.option("--queries", "queries_path", type=click.Path(exists=True), default=None,
+              help="Explain every row of this file (JSONL, JSON, CSV/TSV, parquet) at once, instead of --prompt: "
+                   "chat 'messages' (the last assistant turn, or the model's reply to a final user turn), 'prompt' "
+                   "with an optional 'response' (or 'completion') and 'system', or 'text' (a prompt); a row without "
+                   "a response is answered by the model (generated).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write one CSV row per query x training example shown; an existing file is replaced only "
+                   "if it is one explain wrote (or with --overwrite).")
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
             interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None,
-            **remedies: Any) -> None:
-    """Which training examples made the model give this response to this prompt?"""
-    from datainf.attributor import Attributor
-    from datainf.cli.common import load_model
-    from datainf.combine import Term, check_summable, combine
-    from datainf.data.collate import TextCollator
-    from datainf.gradients import ProjectionSettings
-    from datainf.models.checkpoints import checkpoint_weights, load_adapter_weights
-    from datainf.ranking import top_examples
-    from datainf.scoring import check_preconditioned
-    from datainf.store import GradientStore
+            queries_path: str | None, csv_path: str | None, **remedies: Any) -> None:
+    """Which training examples made the model give this response to this prompt (or these, --queries)?"""
+    from datainf.explaining import Explainer, Query, conversation_query, read_queries
 
-    if json_path is not None:
-        check_output(json_path, inputs={"model folder": model_dir, "adapter folder": adapter_dirs, "run folder": run_dir,
-                                        "training store": store_dirs, "--conversation file": conversation_path},
-                     kind="explain", overwrite=overwrite, option="--json")
-    conversation: list[dict[str, str]] | None = None
-    if conversation_path is not None:
+    inputs = {"model folder": model_dir, "adapter folder": adapter_dirs, "run folder": run_dir,
+              "training store": store_dirs, "--conversation file": conversation_path, "--queries file": queries_path}
+    for path, kind, option in ((json_path, "explain", "--json"), (csv_path, "explain-csv", "--csv")):
+        if path is not None:
+            check_output(path, inputs=inputs, kind=kind, overwrite=overwrite, option=option)
+    if json_path is not None and csv_path is not None and Path(json_path).resolve() == Path(csv_path).resolve():
+        raise DataInfError(f"--json and --csv name the same file {json_path}; give two file names")
+    queries: list[Query] = []
+    if queries_path is not None:
+        if prompt is not None or response is not None or system is not None or conversation_path or interactive:
+            raise DataInfError("--queries holds the prompts (and responses): leave out --prompt, --response, "
+                               "--system, --conversation and --interactive")
+        queries = read_queries(queries_path)
+    elif conversation_path is not None:
         if prompt is not None or system is not None or interactive:
             raise DataInfError("--conversation holds the prompt and any system turn: leave out --prompt, --system "
                                "and --interactive")
-        conversation, reply = read_conversation(conversation_path)
-        if reply is not None and response is not None:
-            raise DataInfError(f"--conversation {conversation_path} ends with the assistant's reply, which is the "
-                               "response explained; leave out --response (or end the file on the user's turn)")
-        response = response if reply is None else reply
-        prompt = [t["content"] for t in conversation if t["role"] == "user"][-1]
-    if prompt is None and not interactive:
-        raise DataInfError("give --prompt TEXT (or --conversation FILE, or --interactive to type prompts)")
-    names = parse_methods(methods)
-    if run_dir is not None:
-        adapter_dirs, store_dirs, pair_weights = run_pairs(run_dir, adapter_dirs, store_dirs, weights)
-    elif not adapter_dirs:
-        raise DataInfError("give --adapter (with its --store) or --run RUN (with --store, the folder `datainf grads "
-                           "--run RUN` wrote)")
-    if len(adapter_dirs) != len(store_dirs):
-        raise DataInfError(f"{len(adapter_dirs)} --adapter for {len(store_dirs)} --store: give one training store "
-                           "per adapter (each made by `datainf grads` with that adapter), in the same order")
-    check_distinct_pairs(adapter_dirs, store_dirs)
-    stores = [GradientStore.open(d) for d in store_dirs]
-    if run_dir is None:
-        pair_weights = checkpoint_weights(weights, adapter_dirs)
-    store, store_dir = stores[0], store_dirs[0]
-    meta = store.manifest.get("meta", {})
-    task = meta.get("task")
-    for other, other_dir in zip(stores, store_dirs):
-        other_task = (other.manifest.get("meta") or {}).get("task")
-        if other_task not in ("causal_lm", "causal_lm_mean"):
-            raise DataInfError(f"store {other_dir} holds gradients of task {other_task!r}; explain answers for "
-                               "causal LM stores (made by `datainf grads --task causal_lm`)")
-    check_summable(stores, store_dirs)
-    for method in names:  # a store preconditioned for another method is refused before the model is loaded
-        for s in stores:
-            check_preconditioned(s, _score_arguments(method, remedies))
-    settings = dict(meta.get("collate") or {})
-    records = store.records()
-    completion_turns = bool(records) and isinstance(records[0].get("prompt"), list)  # conversational pairs
-    chat = bool(settings.get("chat_template")) or bool(records and "messages" in records[0]) or completion_turns
-    if not chat and (system is not None or conversation is not None):
-        raise DataInfError(f"{'--system' if conversation is None else '--conversation'} applies to chat stores (made "
-                           "from 'messages' records, prompt/completion turns, or with --chat-template); "
-                           f"{store_dir} holds prompt/response or text records")
-    _, device = setup(ctx, device)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(model_dir, adapter_dirs[0], task, None, device, model_dtype)
-    load_seconds = time.perf_counter() - t0
-    # every store was tokenized alike (check_summable): the first one's settings tokenize the query for all
-    query_settings = {key: settings[key] for key in ("max_length", "append_eos") if key in settings}
-    collate = TextCollator(tokenizer=tokenizer, task=task, assistant_turns="last", **query_settings)
-    attributors = [Attributor(model, task=task, store=d, collate=collate, progress=False,
-                              projection=ProjectionSettings.from_dict(s.projection))  # as the store was made
-                   for d, s in zip(store_dirs, stores)]
-    differences: list[str] = []
-    for i, (adapter_dir, s, d) in enumerate(zip(adapter_dirs, stores, store_dirs)):
-        if i:
-            load_adapter_weights(model, adapter_dir)
-        found = attributors[i].differences(s)
-        if found and not allow_mismatch:
-            raise DataInfError(f"store {d} was made with a different {found[0]}; explain with the model and adapter "
-                               f"it was made with ({adapter_dir} is not it), or pass --allow-mismatch")
-        differences += [f"{d}: {x}" for x in found]
-    click.echo(f"loaded {model_dir} + {adapter_dirs[0]} in {load_seconds:.1f} s; store: {store.n_examples} training "
-               f"examples, {len(store.block_names)} blocks{' (chat)' if chat else ''}")
-    if len(adapter_dirs) > 1:
-        click.echo(f"scores summed over {len(adapter_dirs)} checkpoints, weighted by "
+        context, reply = read_conversation(conversation_path)
+        where = f"--conversation {conversation_path}"
+        queries = [conversation_query(context + ([{"role": "assistant", "content": reply}] if reply else []),
+                                      where, response)]
+    elif prompt is not None:
+        queries = [Query(prompt, response, system, source="--system" if system is not None else "--prompt")]
+    elif not interactive:
+        raise DataInfError("give --prompt TEXT (or --queries FILE, --conversation FILE, or --interactive to type "
+                           "prompts)")
+    explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
+                          methods=parse_methods(methods), k=k, max_new_tokens=max_new_tokens,
+                          allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=setup(ctx, device)[1],
+                          remedies=remedy_fields(remedies))
+    if queries:
+        explainer.check(queries)  # refused before the model is loaded
+    elif system is not None:
+        explainer.check([Query("", system=system, source="--system")])
+    seconds = explainer.load()
+    first = explainer.checkpoints[0]
+    click.echo(f"loaded {model_dir} + {first.adapter} in {seconds:.1f} s; store: {explainer.n_train} training "
+               f"examples, {len(explainer.stores[0].block_names)} blocks{' (chat)' if explainer.chat else ''}")
+    for note in explainer.notes():
+        click.echo(f"note: {note}")
+    if len(explainer.checkpoints) > 1:
+        click.echo(f"scores summed over {len(explainer.checkpoints)} checkpoints, weighted by "
                    f"{'lr' if run_dir is not None else weights}: " + ", ".join(
-            f"{a} x {w:.3g}" for a, w in zip(adapter_dirs, pair_weights)))
+                       f"{c.adapter} x {c.weight:.3g}" for c in explainer.checkpoints))
     width = shutil.get_terminal_size((120, 24)).columns
     answers = []
     while True:
-        if interactive and prompt is None:
-            prompt = click.prompt("prompt (empty to stop)", default="", show_default=False)
-            if not prompt.strip():
+        if interactive and not queries:
+            typed = click.prompt("prompt (empty to stop)", default="", show_default=False)
+            if not typed.strip():
                 break
-        assert prompt is not None
-        context = conversation if conversation is not None else _turns(prompt, system) if chat else prompt
-        generated = response is None
-        if len(adapter_dirs) > 1:
-            load_adapter_weights(model, adapter_dirs[0])  # the model that answers
-        if generated:
-            response = generate(model, tokenizer, context, max_new_tokens)
-        earlier = f" (after {len(conversation) - 1} earlier turns)" if conversation and len(conversation) > 1 else ""
-        click.echo(f"\nprompt:   {_cut(prompt, width - 10)}{earlier}\nresponse: {_cut(response, width - 10)}"
-                   f"{'   (generated by the model, greedy)' if generated else ''}")
-        t0 = time.perf_counter()
-        record = query_record(context, response, completion_turns)
-        length = collate.token_counts([record])[0]
-        if length > collate.max_length:
-            click.echo(f"warning: this query is {length} tokens, more than the store's max_length of "
-                       f"{collate.max_length}: its gradient is that of the last {collate.max_length} tokens, as "
-                       "the training examples' were", err=True)
-        queries = []
-        for i, (adapter_dir, attributor) in enumerate(zip(adapter_dirs, attributors)):
-            if i:
-                load_adapter_weights(model, adapter_dir)
-            queries.append(attributor.gradients([record], desc=None))
-        summed: dict[str, Any] = {}
-        timings: dict[str, float] = {}
-        for method in names:  # one weighted sum of terms (datainf.combine), one term per checkpoint
-            result = combine([Term(s, q, _score_arguments(method, remedies), w, label=a) for a, s, q, w in
-                              zip(adapter_dirs, stores, queries, pair_weights)], allow_mismatch=allow_mismatch)
-            timings[method] = sum(r.seconds for r in result.results)
-            summed[method] = result.scores
-        rows = []
-        for method in names:
-            rows += top_examples(summed[method], k, method=method, train_records=records, query_names=["query"])
-        seconds = time.perf_counter() - t0
-        for method in names:
-            click.echo("\n" + render(rows, method, k, width, store.n_examples))
-        click.echo(f"\n(gradient + scoring against {store.n_examples} examples"
-                   f"{f' at {len(adapter_dirs)} checkpoints' if len(adapter_dirs) > 1 else ''}: {seconds:.2f} s)")
-        answers.append({"system": system, "prompt": prompt, "response": response, "generated": generated,
-                        **({"conversation": conversation} if conversation is not None else {}),
-                        "seconds": timings, "rows": rows})
+            queries = [Query(typed, system=system)]
+        found = explainer.explain(queries)
+        for answer in found:
+            _show(answer, explainer, width)
+        answers += found
         if not interactive:
             break
-        prompt, response = None, None
+        queries = []
+    explanation = explainer.explanation(answers)
     if json_path is not None:
         from datainf import atomic
 
-        checkpoints = [{"adapter": a, "store": d, "weight": w} for a, d, w in zip(adapter_dirs, store_dirs, pair_weights)]
-        atomic.write_json(Path(json_path), {"format": EXPLAIN_FORMAT, "store": str(store_dir), "model": model_dir, "adapter": adapter_dirs[0],
-                                            "k": k, "answers": answers, "mismatch": differences,
-                                            **({"checkpoints": checkpoints} if len(adapter_dirs) > 1 else {}),
-                                            **({"run": run_dir} if run_dir is not None else {})})
+        atomic.write_json(Path(json_path), explanation.to_json())
         click.echo(f"wrote {json_path}")
+    if csv_path is not None:
+        _write_csv(Path(csv_path), explanation.csv_rows())
+        click.echo(f"wrote {csv_path}")
 
 
-def _score_arguments(method: str, remedies: dict[str, Any] | None = None) -> Any:
-    """How explain scores with ``method`` (LiSSA with 100 iterations: one query needs no more), with the
-    remedies asked for (--remove-top, --adam-moments, --damping-scale, --damping-rule)."""
-    from datainf.cli.common import remedy_fields
-    from datainf.estimators import ScoreArguments
-
-    return ScoreArguments(method=method, options={"iterations": 100} if method == "lissa" else {},
-                          **remedy_fields(remedies or {}))
-
-
-def check_distinct_pairs(adapter_dirs: tuple[str, ...] | list[str], store_dirs: tuple[str, ...] | list[str]) -> None:
-    """Each checkpoint counts once in the sum: the same adapter folder or the same store folder (after
-    resolving symbolic links and relative paths) given twice is refused, naming both pairs."""
-    seen: dict[str, dict[Path, int]] = {"--adapter": {}, "--store": {}}
-    for i, (adapter_dir, store_dir) in enumerate(zip(adapter_dirs, store_dirs), start=1):
-        for flag, folder in (("--adapter", adapter_dir), ("--store", store_dir)):
-            first = seen[flag].setdefault(Path(folder).resolve(), i)
-            if first != i:
-                raise DataInfError(
-                    f"pair {i} (--adapter {adapter_dir} --store {store_dir}) repeats the {flag} of pair {first} "
-                    f"(--adapter {adapter_dirs[first - 1]} --store {store_dirs[first - 1]}): each checkpoint "
-                    "would count twice in the sum; give every (adapter, store) pair once")
+def _show(answer: Any, explainer: Any, width: int) -> None:
+    """One answer on the terminal: the prompt, the response, a warning for a query cut to the store's length,
+    and each method's table."""
+    conversation = answer.conversation
+    earlier = f" (after {len(conversation) - 1} earlier turns)" if conversation and len(conversation) > 1 else ""
+    click.echo(f"\nprompt:   {_cut(answer.prompt, width - 10)}{earlier}\nresponse: {_cut(answer.response, width - 10)}"
+               f"{'   (generated by the model, greedy)' if answer.generated else ''}")
+    limit = explainer.collate.max_length
+    if answer.tokens > limit:
+        click.echo(f"warning: this query is {answer.tokens} tokens, more than the store's max_length of {limit}: its "
+                   f"gradient is that of the last {limit} tokens, as the training examples' were", err=True)
+    for method in explainer.arguments:
+        click.echo("\n" + render(answer.rows, method, explainer.k, width, explainer.n_train))
+    checkpoints = len(explainer.checkpoints)
+    click.echo(f"\n(scoring against {explainer.n_train} examples{f' at {checkpoints} checkpoints' if checkpoints > 1 else ''}: "
+               + ", ".join(f"{m} {s:.2f} s" for m, s in answer.seconds.items()) + ")")
 
 
-def run_pairs(run_dir: str, adapter_dirs: tuple[str, ...], store_dirs: tuple[str, ...], weights: str
-              ) -> tuple[list[str], list[str], list[float]]:
-    """The (adapter, store, weight) of every checkpoint of ``run_dir`` from the run stores ``store_dirs[0]``
-    (`datainf grads --run`), the final checkpoint first (the model that answers). Refused: --adapter or
-    --weights beside --run, a --store that is not a folder of run stores, or one made from another run (other
-    checkpoints or learning rates)."""
-    from datainf.combine import is_run_stores, read_run_stores
-    from datainf.models.checkpoints import run_checkpoints
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The rows as CSV (the columns of datainf.explaining.CSV_COLUMNS that any row has), written atomically."""
+    import csv
+    import io
 
-    if adapter_dirs:
-        raise DataInfError("--run gives the adapters (every checkpoint of the run): leave out --adapter")
-    if weights != "lr":
-        raise DataInfError("--run weighs each checkpoint by its learning rate: leave out --weights")
-    if len(store_dirs) != 1 or not is_run_stores(store_dirs[0]):
-        raise DataInfError(f"with --run, --store is the one folder `datainf grads --run {run_dir} --store FOLDER` "
-                           f"wrote; {', '.join(store_dirs)} is not")
-    stores = read_run_stores(store_dirs[0])
-    found = {c.step: c for c in run_checkpoints(run_dir)}
-    recorded = {r.step: r for r in stores}
-    if set(found) != set(recorded) or any(abs(found[k].learning_rate - recorded[k].weight) >
-                                          1e-12 * abs(found[k].learning_rate) for k in found):
-        raise DataInfError(f"the run stores {store_dirs[0]} hold checkpoints at steps {sorted(recorded)}, the run "
-                           f"{run_dir} at steps {sorted(found)} (or other learning rates); run `datainf grads --run "
-                           f"{run_dir} --store {store_dirs[0]}` again to make the missing ones")
-    order = sorted(found, reverse=True)
-    return ([str(found[k].adapter) for k in order], [str(recorded[k].path) for k in order],
-            [recorded[k].weight for k in order])
+    from datainf import atomic
+    from datainf.explaining import CSV_COLUMNS
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=[c for c in CSV_COLUMNS if c in ("query_index", "prompt", "response",
+                                                                                 "generated", "method", "kind", "rank",
+                                                                                 "train_index", "score")
+                                                or any(c in r for r in rows)], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(path, buffer.getvalue())
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -100,7 +101,7 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
                                    on_step=moments)
         summary = {"train_loss_per_token": response_loss(model, tokenizer, records, collate=collate),
                    "collate": collate.settings()}
-        shown = f"training loss {summary['train_loss_per_token']:.3f} per token"
+        shown = f"the final adapter's loss on the training set: {summary['train_loss_per_token']:.3f} per token"
     else:
         from datainf.data.labels import describe, head_size
         from datainf.models.finetune import (
@@ -122,6 +123,11 @@ def command(ctx: click.Context, model_dir: str, train_path: str, out_dir: str, o
         acc = evaluate_classifier(model, tokenizer, records, max_length=max_length)["accuracy"]
         summary = {"num_labels": num_labels, "label_names": names, "train_accuracy": acc}
         shown = f"training accuracy {acc:.3f}; {num_labels} classes: {describe(names)}"
+    # the loss log: each optimizer step's batch loss (mean per loss token for a causal LM), in step order
+    summary["losses"] = [float(x) for x in stats.get("losses", [])]
+    if summary["losses"]:
+        shown += (f"; batch loss {summary['losses'][0]:.3f} at step 1, {summary['losses'][-1]:.3f} at step "
+                  f"{len(summary['losses'])} (every step's in {Path(out_dir) / MARKER})")
     marker = json.dumps({"task": task, "train": str(train_path), "seconds": stats.get("seconds"), "seed": seed,
                          **summary}, indent=2)  # seed: drew the LoRA A matrices (grads --initial rebuilds step 0)
     final = snapshots.current()
