@@ -282,3 +282,40 @@ def test_explain_tokens_refusals_are_one_line_and_exit_2(cli_flow, tiny_llama_di
     before = hashes(tmp_path, root)
     refused(["report", "--tokens", str(plain), "--out", str(tmp_path / "r.html")], capsys, "--tokens", str(plain))
     assert hashes(tmp_path, root) == before and not (tmp_path / "r.html").exists()
+
+
+def test_explain_tokens_sums_over_checkpoints_and_leaves_the_answering_one_loaded(cli_flow, tiny_llama_dir, setup,
+                                                                                   tmp_path, capsys):
+    """Two (adapter, store) pairs weighted 2 and 1: each token's scores are 2 x those of the first checkpoint
+    plus 1 x the second's (each from the library on its own model), and the response's rows, computed after the
+    token gradients, are still 2 x the first's whole-response score + the second's (the first checkpoint is
+    loaded again after the token pass)."""
+    from datainf.models.llm import load_causal_lm_adapter
+
+    root = cli_flow
+    second = _lora_model(tiny_llama_dir)
+    with torch.no_grad():
+        for name, p in second.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-2.0)
+    second.save_pretrained(str(tmp_path / "adapter2"))
+    assert _cli(["grads", "--task", "causal_lm", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "adapter2"),
+                 "--data", str(root / "train.jsonl"), "--store", str(tmp_path / "store2"), "--dtype", "float64",
+                 "--model-dtype", "float64"]) == 0
+    out_json = tmp_path / "explain.json"
+    argv = _explain(root, tiny_llama_dir, "--adapter", str(tmp_path / "adapter2"), "--store", str(tmp_path / "store2"),
+                    "--weights", "2,1", "--method", "datainf", "--k", "3", "--json", str(out_json), "--tokens")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    answer = json.loads(out_json.read_text())["answers"][0]
+    token_scores, whole = 0, 0
+    for weight, adapter, store in ((2.0, root / "adapter", root / "store"), (1.0, tmp_path / "adapter2",
+                                                                            tmp_path / "store2")):
+        m, t = load_causal_lm_adapter(tiny_llama_dir, adapter, dtype=torch.float64)
+        att = Attributor(m, task="causal_lm", store=store, collate=TextCollator(t, task="causal_lm"), progress=False)
+        token_scores = token_scores + weight * token_attribution(att, QUERY, "datainf").scores["datainf"]
+        whole = whole + weight * att.scores([QUERY], method="datainf", save=False)[:, 0].double()
+    for entry in answer["tokens"]["methods"]["datainf"]["examples"]:
+        assert entry["scores"] == pytest.approx(token_scores[entry["train_index"]].tolist(), rel=1e-9, abs=1e-300)
+    rows = [r for r in answer["rows"] if r["method"] == "datainf"]
+    assert rows and all(r["score"] == pytest.approx(float(whole[r["train_index"]]), rel=1e-9) for r in rows)
