@@ -284,7 +284,7 @@ def test_explain_tokens_refusals_are_one_line_and_exit_2(cli_flow, tiny_llama_di
     assert hashes(tmp_path, root) == before and not (tmp_path / "r.html").exists()
 
 
-def test_explain_tokens_sums_over_checkpoints_and_leaves_the_answering_one_loaded(cli_flow, tiny_llama_dir, setup,
+def test_explain_tokens_sums_over_checkpoints_and_leaves_the_answering_one_loaded(cli_flow, tiny_llama_dir,
                                                                                    tmp_path, capsys):
     """Two (adapter, store) pairs weighted 2 and 1: each token's scores are 2 x those of the first checkpoint
     plus 1 x the second's (each from the library on its own model), and the response's rows, computed after the
