@@ -281,6 +281,10 @@ def test_explain_tokens_refusals_are_one_line_and_exit_2(cli_flow, tiny_llama_di
     assert _cli(_explain(root, tiny_llama_dir, "--json", str(plain))) == 0
     before = hashes(tmp_path, root)
     refused(["report", "--tokens", str(plain), "--out", str(tmp_path / "r.html")], capsys, "--tokens", str(plain))
+    # report with neither --scores nor --tokens, or with both
+    refused(["report", "--out", str(tmp_path / "r.html")], capsys, "--scores", "--tokens")
+    refused(["report", "--tokens", str(plain), "--scores", str(plain), "--out", str(tmp_path / "r.html")], capsys,
+            "one of the two")
     assert hashes(tmp_path, root) == before and not (tmp_path / "r.html").exists()
 
 
