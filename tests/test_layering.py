@@ -48,6 +48,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.attributor": ("datainf.errors", "datainf.atomic", "datainf.tasks", "datainf.gradients",
                            "datainf.store", "datainf.estimators", "datainf.distributed", "datainf.scoring",
                            "datainf.fitted", "datainf.data", "datainf.ranking"),
+    # token-level attribution: per-token query gradients (the attributor's path) scored by combine
+    "datainf.tokens": ("datainf.errors", "datainf.attributor", "datainf.combine", "datainf.data.collate",
+                       "datainf.estimators", "datainf.gradients", "datainf.ranking", "datainf.tasks"),
     "datainf.models": ("datainf.errors", "datainf.atomic", "datainf.tasks", "datainf.data", "datainf.models"),
     "datainf.report": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.metrics",
                        "datainf.estimators.registry", "datainf.report"),

@@ -71,12 +71,18 @@ class Answer:
     system: str | None = None
     conversation: Turns | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: token by token (``tokens=True``): the :class:`datainf.tokens.TokenAttribution` of the response
+    by_token: Any = field(default=None, repr=False)
+    k: int = 10
 
     def to_json(self) -> dict[str, Any]:
-        """The answer as ``explain --json`` writes it (the scores vectors left out)."""
+        """The answer as ``explain --json`` writes it (the scores vectors left out; with token scores, each
+        token's top-k lists under ``tokens``, as `datainf report --tokens` reads them)."""
         return {"system": self.system, "prompt": self.prompt, "response": self.response, "generated": self.generated,
                 **({"conversation": self.conversation} if self.conversation is not None else {}),
-                "seconds": dict(self.seconds), "rows": list(self.rows)}
+                "seconds": dict(self.seconds), "rows": list(self.rows),
+                **({"tokens": {**self.by_token.to_json(self.k), "seconds": self.by_token.seconds}}
+                   if self.by_token is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -396,7 +402,7 @@ class Explainer:
                  adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None,
                  weights: str = "lr", methods: Sequence[str] = ("datainf",), k: int = 10, max_new_tokens: int = 64,
                  allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
-                 remedies: Mapping[str, Any] | None = None) -> None:
+                 remedies: Mapping[str, Any] | None = None, tokens: bool = False) -> None:
         from datainf.combine import check_summable
         from datainf.estimators import method_names
         from datainf.scoring import check_preconditioned
@@ -416,6 +422,7 @@ class Explainer:
         self.run_stores = _names(store)[0] if run is not None else None  # the folder of `grads --run`
         self.arguments = {m: score_arguments(m, remedies) for m in dict.fromkeys(methods)}
         self.k, self.max_new_tokens, self.allow_mismatch = k, max_new_tokens, allow_mismatch
+        self.tokens = tokens  # also score every response token (datainf.tokens)
         self.model_dtype, self.device = model_dtype, device
         self.stores = [GradientStore.open(c.store) for c in self.checkpoints]
         for s, c in zip(self.stores, self.checkpoints):
@@ -572,6 +579,14 @@ class Explainer:
         responses = [q.response if q.response is not None else self.generate(c) for q, c in zip(queries, contexts)]
         records = [self.record(c, r) for c, r in zip(contexts, responses)]
         lengths = self.collate.token_counts(records)
+        by_token: list[Any] = [None] * len(records)
+        if self.tokens:  # token by token first: a response without loss tokens is refused before any scoring
+            from datainf.tokens import token_attribution
+
+            for j, record in enumerate(records):
+                by_token[j] = token_attribution(
+                    self.attributors, record, list(self.arguments.values()), weights=[c.weight for c in self.checkpoints],
+                    load=self._use, allow_mismatch=self.allow_mismatch)
         gradients = []
         for i, attributor in enumerate(self.attributors):
             self._use(i)
@@ -598,7 +613,7 @@ class Explainer:
             answers.append(Answer(prompt=q.prompt, response=response, generated=q.response is None, rows=rows,
                                   scores={m: s[:, j] for m, s in scores.items()}, tokens=lengths[j], system=q.system,
                                   conversation=None if q.context is None else [dict(t) for t in q.context],
-                                  seconds=dict(seconds)))
+                                  seconds=dict(seconds), by_token=by_token[j], k=self.k))
         return answers
 
     def explanation(self, answers: list[Answer]) -> Explanation:
@@ -612,7 +627,7 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
             adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None, weights: str = "lr",
             methods: Sequence[str] | str = ("datainf",), k: int = 10, max_new_tokens: int = 64,
             allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
-            remedies: Mapping[str, Any] | None = None) -> Explanation:
+            remedies: Mapping[str, Any] | None = None, tokens: bool = False) -> Explanation:
     """Which training examples made the model give these responses to these prompts?
 
     ``queries``: :class:`Query` objects (or prompt strings, answered by the model), e.g. from
@@ -621,7 +636,8 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
     first answers; scores summed with ``weights``: 'lr', 'equal' or comma-separated numbers); or ``run``: a
     fine-tuning run folder with ``store`` the run stores of ``datainf grads --run`` (every checkpoint,
     weighted by its learning rate). ``methods``: registered method names; ``remedies``: ScoreArguments fields
-    of :mod:`datainf.remedies` applied to every method (e.g. ``{"remove_top": 1}``). Returns an :class:`Explanation`:
+    of :mod:`datainf.remedies` applied to every method (e.g. ``{"remove_top": 1}``); ``tokens``: also score
+    every response token (:mod:`datainf.tokens`; each answer's ``by_token``). Returns an :class:`Explanation`:
     one :class:`Answer` per query, in order."""
     if isinstance(queries, (str, Query)):
         queries = [queries]
@@ -629,7 +645,7 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     explainer = Explainer(model, store=store, adapter=adapter, run=run, weights=weights, methods=methods, k=k,
                           max_new_tokens=max_new_tokens, allow_mismatch=allow_mismatch, model_dtype=model_dtype,
-                          device=device, remedies=remedies)
+                          device=device, remedies=remedies, tokens=tokens)
     queries = [Query(q) if isinstance(q, str) else q for q in queries]
     explainer.check(queries)
     return explainer.explanation(explainer.explain(queries))

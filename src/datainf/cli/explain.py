@@ -112,12 +112,16 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="Also write one CSV row per query x training example shown; an existing file is replaced only "
                    "if it is one explain wrote (or with --overwrite).")
+@click.option("--tokens", is_flag=True,
+              help="Also explain the response token by token: each token's own loss gradient scored against the "
+                   "store (datainf.tokens); prints each token's most helpful and harmful example, and with --json "
+                   "writes every token's top --k lists under the answer's 'tokens' (for `datainf report --tokens`).")
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
             interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None,
-            queries_path: str | None, csv_path: str | None, **remedies: Any) -> None:
+            queries_path: str | None, csv_path: str | None, tokens: bool, **remedies: Any) -> None:
     """Which training examples made the model give this response to this prompt (or these, --queries)?"""
     from datainf.explaining import Explainer, Query, conversation_query, read_queries
 
@@ -150,7 +154,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
                           methods=parse_methods(methods), k=k, max_new_tokens=max_new_tokens,
                           allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=setup(ctx, device)[1],
-                          remedies=remedy_fields(remedies))
+                          remedies=remedy_fields(remedies), tokens=tokens)
     if queries:
         explainer.check(queries)  # refused before the model is loaded
     elif system is not None:
@@ -202,6 +206,11 @@ def _show(answer: Any, explainer: Any, width: int) -> None:
     if answer.tokens > limit:
         click.echo(f"warning: this query is {answer.tokens} tokens, more than the store's max_length of {limit}: its "
                    f"gradient is that of the last {limit} tokens, as the training examples' were", err=True)
+    if answer.by_token is not None:  # --tokens: each method's token table (datainf.tokens)
+        for method in answer.by_token.scores:
+            click.echo("\n" + answer.by_token.render(method, width))
+        click.echo(f"\n(token gradients + scoring of {len(answer.by_token.tokens)} response tokens: "
+                   f"{answer.by_token.seconds:.2f} s)")
     for method in explainer.arguments:
         click.echo("\n" + render(answer.rows, method, explainer.k, width, explainer.n_train))
     checkpoints = len(explainer.checkpoints)

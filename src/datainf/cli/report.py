@@ -33,8 +33,9 @@ def _extras(record: Any) -> dict[str, Any]:
 
 
 @click.command("report")
-@click.option("--scores", "scores_path", required=True, type=click.Path(dir_okay=False),
-              help="A scores file from `datainf score` (.safetensors; an old .npz is still read).")
+@click.option("--scores", "scores_path", type=click.Path(dir_okay=False), default=None,
+              help="A scores file from `datainf score` (.safetensors; an old .npz is still read). Required unless "
+                   "--tokens is given.")
 @click.option("--data", "data_path", type=click.Path(), default=None,
               help="The training data the store was made from (default: the examples kept in the training "
                    "store); checked against the store's dataset fingerprint.")
@@ -46,13 +47,29 @@ def _extras(record: Any) -> dict[str, Any]:
 @overwrite_option
 @click.option("--top-k", type=click.IntRange(min=1), default=10, help="Rows of each helpful / harmful list.")
 @click.option("--title", default=None, help="The page's title.")
-def command(scores_path: str, data_path: str | None, flipped_column: str, out_path: str, overwrite: bool, top_k: int,
-            title: str | None, **data: Any) -> None:
+@click.option("--tokens", "tokens_path", type=click.Path(dir_okay=False), default=None,
+              help="Instead of --scores: the JSON of `datainf explain --tokens --json FILE`; the page shows each "
+                   "response with its tokens shaded by their influence and the top examples per token.")
+def command(scores_path: str | None, data_path: str | None, flipped_column: str, out_path: str, overwrite: bool,
+            top_k: int, title: str | None, tokens_path: str | None = None, **data: Any) -> None:
     """A self-contained HTML report from a scores file, laid out for its task (generations: each query's
-    prompt and response first, with its most helpful and harmful training examples)."""
+    prompt and response first, with its most helpful and harmful training examples); or, with --tokens, of
+    an explain --tokens file, token by token."""
     from datainf.metrics import method_summary
     from datainf.report import write_report
     from datainf.scoring import load_scores
+
+    if tokens_path is not None or scores_path is None:  # the token-level page (datainf.report.tokens)
+        from datainf.report.tokens import read_explain_tokens, write_token_report
+
+        if tokens_path is None or scores_path is not None:
+            raise DataInfError("give --scores FILE (a scores file) or --tokens FILE (an `explain --tokens --json` "
+                               "file), one of the two")
+        check_apart(out_path, {"explain file": tokens_path})
+        check_output(out_path, inputs={"explain file": tokens_path}, kind="report", overwrite=overwrite)
+        write_token_report(out_path, read_explain_tokens(tokens_path), title)
+        click.echo(f"wrote {out_path}")
+        return
 
     inputs = {"scores file": scores_path, "data file": data_path}
     check_apart(out_path, inputs)
