@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from datainf.cli.options import device_option, overwrite_option
 from datainf.errors import DataInfError
 from datainf.outputs import ADAPTER_MARKER
 
@@ -82,28 +83,14 @@ def rank_device(device: str, rank_world: tuple[int, int]) -> str:
 
 def parse_methods(value: str | Sequence[str]) -> list[str]:
     """Method names, comma-separated and/or from a repeated ``--method`` flag (``("datainf,exact", "lissa")``),
-    each checked against the registry; a name given twice is scored once."""
-    from datainf.estimators import method_names
+    each checked against the registry; a name given twice is scored once (:func:`datainf.cli.options.method_names_of`,
+    the one parser of ``--method``)."""
+    from datainf.cli.options import method_names_of
 
-    parts = [value] if isinstance(value, str) else list(value)
-    methods = list(dict.fromkeys(m.strip() for part in parts for m in part.split(",") if m.strip()))
-    for m in methods:
-        if m not in method_names():
-            raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
+    methods = list(method_names_of(value))
     if not methods:
         raise DataInfError("--method needs at least one method")
     return methods
-
-
-def device_option(f: Any) -> Any:
-    return click.option("--device", default=None, help="cpu or cuda[:N]; default cuda when available.")(f)
-
-
-def overwrite_option(f: Any) -> Any:
-    """``--overwrite``: replace an existing output that this command did not write (see datainf.outputs)."""
-    return click.option("--overwrite", is_flag=True,
-                        help="Replace an existing --out file that is not one this command wrote (an output that "
-                             "is or holds an input is refused all the same).")(f)
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")

@@ -17,7 +17,15 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import device_option, model_dtype_option, overwrite_option, parse_methods, setup
+from datainf.cli.common import model_dtype_option, parse_methods, setup
+from datainf.cli.options import (
+    current_scoring,
+    device_option,
+    method_option,
+    option,
+    overwrite_option,
+    scoring_options,
+)
 from datainf.errors import DataInfError, parse_json
 from datainf.outputs import EXPLAIN_FORMAT, check_output
 
@@ -115,21 +123,19 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
 
 
 @click.command("explain")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Local Hugging Face base model folder.")
-@click.option("--adapter", "adapter_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="The LoRA adapter the training store was made with. Repeated with --store: checkpoints of the "
-                   "same fine-tune, each with the store made with it; the scores are summed over them (the first "
-                   "pair is the model that answers). Or give --run.")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A fine-tuning run folder (`datainf finetune --checkpoints K`'s --out, or a Trainer / TRL "
-                   "output_dir with checkpoint-N folders) instead of --adapter: every checkpoint, weighted by its "
-                   "learning rate, with --store the folder of run stores `datainf grads --run` made from it; the "
-                   "final checkpoint answers.")
-@click.option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="The training set's gradient store (from `datainf grads` with that --adapter; with --run, the "
-                   "folder `datainf grads --run` wrote). Several stores must be made from the same data with the "
-                   "same grads options (tokenization, projection).")
+@option("--model", required=True)
+@option("--adapter", "adapter_dirs", multiple=True,
+        help="The LoRA adapter the training store was made with. Repeated with --store: checkpoints of the same "
+             "fine-tune, each with the store made with it; the scores are summed over them (the first pair is the "
+             "model that answers). Or give --run.")
+@option("--run", help="A fine-tuning run folder (`datainf finetune --checkpoints K`'s --out, or a Trainer / TRL "
+                      "output_dir with checkpoint-N folders) instead of --adapter: every checkpoint, weighted by its "
+                      "learning rate, with --store the folder of run stores `datainf grads --run` made from it; the "
+                      "final checkpoint answers.")
+@option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
+        help="The training set's gradient store (from `datainf grads` with that --adapter; with --run, the folder "
+             "`datainf grads --run` wrote). Several stores must be made from the same data with the same grads "
+             "options (tokenization, projection).")
 @click.option("--weights", default="lr", show_default=True,
               help="With several --adapter/--store pairs, each one's weight in the sum: 'lr' (the learning rate "
                    "the checkpoint was saved at, from datainf_checkpoint.json or the Trainer's trainer_state.json: "
@@ -141,20 +147,19 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
               help="Explain the last assistant turn of this conversation (a JSON list of turns, or an object with "
                    "'messages'), the earlier turns its context; one ending on a user turn is answered by the model. "
                    "Chat stores; instead of --prompt and --system.")
-@click.option("--method", "methods", multiple=True, default=("datainf",),
-              help="Method names, comma-separated or repeated (--method datainf --method exact); a name that is "
-                   "not registered is refused with the list of those that are.")
-@click.option("--k", type=click.IntRange(min=1), default=10, help="Examples shown per list.")
+@method_option()
+@option("--k", default=10, help="Examples shown per list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows (and settings) as JSON to this file; an existing file is replaced only if "
                    "it is one explain wrote (or with --overwrite).")
 @overwrite_option
 @click.option("--interactive", is_flag=True, help="Keep the model loaded and ask for the next prompt.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Length of a generated response.")
-@click.option("--allow-mismatch", is_flag=True,
-              help="Explain with a model or adapter other than the store's (a cross-checkpoint comparison).")
+@option("--allow-mismatch", help="Explain with a model or adapter other than the store's (a cross-checkpoint "
+                                 "comparison).")
 @model_dtype_option
 @device_option
+@scoring_options(methods=(), into=None, with_method=False)
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
@@ -308,10 +313,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
 
 
 def _score_arguments(method: str) -> Any:
-    """How explain scores with ``method`` (LiSSA with 100 iterations: one query needs no more)."""
-    from datainf.estimators import ScoreArguments
-
-    return ScoreArguments(method=method, options={"iterations": 100} if method == "lissa" else {})
+    """How explain scores with ``method``: under the scoring flags (``--damping``, ``--option``, ...)."""
+    return current_scoring().arguments(method)
 
 
 def check_distinct_pairs(adapter_dirs: tuple[str, ...] | list[str], store_dirs: tuple[str, ...] | list[str]) -> None:

@@ -9,7 +9,6 @@ import click
 
 from datainf.cli.common import (
     data_options,
-    device_option,
     load_model,
     make_collator,
     model_dtype_option,
@@ -19,44 +18,39 @@ from datainf.cli.common import (
     setup,
     tokenization_differences,
 )
+from datainf.cli.options import device_option, option
 from datainf.data.labels import describe
 from datainf.errors import DataInfError
 from datainf.outputs import check_apart
 
 
 @click.command("grads")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Local Hugging Face base model folder.")
-@click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="LoRA adapter folder (from `datainf finetune`, TRL, the Trainer or peft's save_pretrained).")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A fine-tuning run folder instead of --adapter (`datainf finetune --checkpoints K`'s --out, or a "
+@option("--model", required=True)
+@option("--adapter", "adapter_dir", default=None,
+        help="LoRA adapter folder (from `datainf finetune`, TRL, the Trainer or peft's save_pretrained).")
+@option("--run", help="A fine-tuning run folder instead of --adapter (`datainf finetune --checkpoints K`'s --out, or a "
                    "Trainer / TRL output_dir with checkpoint-N folders): one store per checkpoint, --store/"
                    "checkpoint-STEP, and datainf_run.json saying each one's learning rate; complete stores are "
                    "kept, interrupted ones resumed.")
-@click.option("--data", "data_path", required=True, type=click.Path(),
-              help="JSONL, JSON, CSV/TSV, parquet or a save_to_disk folder.")
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
-              help="Gradient store folder (created, or resumed when it exists); with --run, the folder of the run's "
+@option("--data", required=True)
+@option("--store", required=True, help="Gradient store folder (created, or resumed when it exists); with --run, the folder of the run's "
                    "stores.")
 @click.option("--task", type=click.Choice(["classification", "causal_lm", "causal_lm_mean"]),
               default="classification",
               help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: "
                    "averaged over them.")
 @data_options
-@click.option("--num-labels", type=click.IntRange(min=2), default=None,
-              help="Classification: number of classes; default what `datainf finetune` recorded, else 2.")
+@option("--num-labels", help="Classification: number of classes; default what `datainf finetune` recorded, else 2.")
 @click.option("--labels-from", "labels_from", type=click.Path(file_okay=False), default=None,
               help="Classification: read class names with the mapping of this (training) store, e.g. for a "
                    "validation file that lacks some classes; default the adapter's, else this file's sorted names.")
 @click.option("--skip-nonfinite", is_flag=True,
               help="Drop the examples whose loss is NaN or infinite (recorded in the store's manifest) instead of "
                    "refusing the run; costs one forward pass over the data.")
-@click.option("--batch-size", type=int, default=16)
+@option("--batch-size")
 @click.option("--chunk-size", type=int, default=256, help="Examples per store shard (unit of resumption).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
-              help="Storage dtype of the gradients.")
-@click.option("--max-length", type=click.IntRange(min=2), default=128, help="Token limit per example.")
+@option("--dtype", default="float32")
+@option("--max-length")
 @click.option("--project", "project_dim", type=click.IntRange(min=1), default=None, metavar="K",
               help="Project every gradient inside the hooks with fixed seeded random matrices: each side of a "
                    "module larger than K becomes K (LoRA A r x d_in -> r x K, B d_out x r -> K x r). Queries must "

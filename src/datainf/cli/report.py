@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import data_options, overwrite_option
+from datainf.cli.common import data_options
+from datainf.cli.options import option, overwrite_option
 from datainf.errors import DataInfError
 from datainf.outputs import check_apart, check_output
 
@@ -33,16 +34,15 @@ def _extras(record: Any) -> dict[str, Any]:
 
 
 @click.command("report")
-@click.option("--scores", "scores_path", required=True, type=click.Path(dir_okay=False),
-              help="A scores file from `datainf score` (.safetensors; an old .npz is still read).")
-@click.option("--data", "data_path", type=click.Path(), default=None,
-              help="The training data the store was made from (default: the examples kept in the training "
+@option("--scores", help="A scores file from `datainf score` (.safetensors; an old .npz is still read).")
+@option("--data", default=None,
+        help="The training data the store was made from (default: the examples kept in the training "
                    "store); checked against the store's dataset fingerprint.")
 @data_options
 @click.option("--flipped-column", default="flipped",
               help="classification: optional boolean column of --data marking known-bad labels.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="The HTML file; an existing file is replaced only if it is a datainf report (or with --overwrite).")
+@option("--out", "out_path", required=True,
+        help="The HTML file; an existing file is replaced only if it is a datainf report (or with --overwrite).")
 @overwrite_option
 @click.option("--top-k", type=click.IntRange(min=1), default=10, help="Rows of each helpful / harmful list.")
 @click.option("--title", default=None, help="The page's title.")

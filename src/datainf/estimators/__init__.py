@@ -52,7 +52,15 @@ from datainf.estimators.blocks import (
     resolve_damping,
     scaled,
 )
-from datainf.estimators.registry import Estimator, FittedState, get_method, method_names, register, unregister
+from datainf.estimators.registry import (
+    Estimator,
+    FittedState,
+    get_method,
+    method_names,
+    options_from_text,
+    register,
+    unregister,
+)
 
 # the built-in methods, in the order tables list them; any other module of this package registers too
 for _name in ("datainf", "exact", "lissa", "identity", "kfac"):
@@ -346,6 +354,7 @@ __all__ = [
     "get_method",
     "influence",
     "method_names",
+    "options_from_text",
     "partial_scores",
     "register",
     "score",
