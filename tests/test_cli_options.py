@@ -127,3 +127,26 @@ def test_each_flag_is_spelled_in_few_click_options():
     repeated = sorted(f for f, n in spelled.items() if n > 1)
     assert len(repeated) <= 10, repeated
     assert "--method" not in repeated and "--damping" not in repeated
+
+
+def test_method_names_are_written_only_in_the_estimators_package():
+    """At most 3 string literals outside datainf/estimators/ name a registered method (the default lists live in
+    datainf.estimators.defaults); "datainf" as the package, program, logger or metadata key is not a method."""
+    import re
+
+    from datainf.estimators import method_names
+
+    names = set(method_names())
+    found = []
+    for path in SRC.rglob("*.py"):
+        if "estimators" in path.relative_to(SRC).parts:
+            continue
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                line = lines[node.lineno - 1]
+                if node.value == "datainf" and re.search(
+                        r'getLogger|package_name|prog_name|split\(|\.cache|\.get\("datainf"|\{"datainf":', line):
+                    continue
+                found.append(f"{path.relative_to(SRC)}:{node.lineno}:{node.value}")
+    assert len(found) <= 3, found

@@ -38,7 +38,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.scoring": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
                         "datainf.store", "datainf.distributed", "datainf.fitted"),
     "datainf.index": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.store", "datainf.scoring",
-                      "datainf.ranking"),  # the top-k index: beside scoring, faiss imported lazily
+                      "datainf.ranking", "datainf.estimators.defaults"),  # the top-k index: beside scoring, faiss imported lazily
     # one way to combine scores (weighted sums of terms over one training set); data.collate: the loss default
     "datainf.combine": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
                         "datainf.store", "datainf.scoring", "datainf.data.collate"),

@@ -28,6 +28,7 @@ from datainf.data.collate import LENGTH_PROBE, TextCollator
 from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError, NonFiniteError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
+from datainf.estimators.defaults import DEFAULT_METHOD
 from datainf.fitted import curvature_for
 from datainf.gradients import (
     GradientDict,
@@ -445,14 +446,14 @@ class Attributor:
             self._save("self", result)
         return result
 
-    def scores(self, queries: Any, method: str = "datainf", damping: Any = None, *, mean_query: bool = False,
+    def scores(self, queries: Any, method: str = DEFAULT_METHOD, damping: Any = None, *, mean_query: bool = False,
                save: bool = True, **options: Any) -> Tensor:
         """:meth:`score` returning only the tensor ``(n_train, n_query)`` (``(n_train, 1)`` with
         ``mean_query``, the influence on the average query loss, the paper's "validation loss")."""
         return self.score(queries, method=method, damping=damping, mean_query=mean_query, save=save,
                           **options).scores
 
-    def self_influence(self, method: str = "datainf", damping: Any = None, *, save: bool = True,
+    def self_influence(self, method: str = DEFAULT_METHOD, damping: Any = None, *, save: bool = True,
                        **options: Any) -> Tensor:
         """Self-influence of every training example, ``(n_train,)`` (always <= 0; large magnitude = unusual)."""
         return self.score_self(method=method, damping=damping, save=save, **options).scores

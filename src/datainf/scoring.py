@@ -39,6 +39,7 @@ from datainf import atomic
 from datainf.distributed import distributed_score
 from datainf.errors import DataInfError, parse_json
 from datainf.estimators import ScoreArguments, ScoreResult, get_method, method_names
+from datainf.estimators.defaults import PLAIN_METHOD
 from datainf.estimators.kfac import CURVATURE_FILE, KFACFactors
 from datainf.fitted import (  # noqa: F401  (curvature_for, load_/save_curvature: names kept for callers)
     CorruptStateError,
@@ -512,9 +513,9 @@ def _stage_blocks(method: Any, arguments: ScoreArguments, source: Mapping[str, A
         if lam == 0.0:  # an all-zero block: its preconditioned rows are zero too
             lam = 1.0
         estimator = method(b, lam, sq, arguments.method_options(), shared)
-        factor = 1.0 if arguments.method == "identity" else float(lam)
+        factor = 1.0 if arguments.method == PLAIN_METHOD else float(lam)
         damping[name] = float(lam) / (k * k)
-        scale[name] = 1.0 if arguments.method == "identity" else 1.0 / damping[name]
+        scale[name] = 1.0 if arguments.method == PLAIN_METHOD else 1.0 / damping[name]
         folder = staging / f"b{j:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         out_dtype = torch.float32 if cd != torch.float64 else torch.float64

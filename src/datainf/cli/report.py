@@ -50,6 +50,7 @@ def command(scores_path: str, data_path: str | None, flipped_column: str, out_pa
             title: str | None, **data: Any) -> None:
     """A self-contained HTML report from a scores file, laid out for its task (generations: each query's
     prompt and response first, with its most helpful and harmful training examples)."""
+    from datainf.estimators.defaults import REFERENCE_METHOD
     from datainf.metrics import method_summary
     from datainf.report import write_report
     from datainf.scoring import load_scores
@@ -114,7 +115,7 @@ def command(scores_path: str, data_path: str | None, flipped_column: str, out_pa
         import numpy as np
 
         flagged = np.array([r["flipped"] for r in train])
-    summary = method_summary(overall, flagged)
+    summary = method_summary(overall, flagged, reference=REFERENCE_METHOD)
     methods: dict[str, dict[str, Any]] = {}
     for name in overall:
         settings = loaded.settings.get(name) or {}

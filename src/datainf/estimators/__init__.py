@@ -55,6 +55,7 @@ from datainf.estimators.blocks import (
 from datainf.estimators.registry import (
     Estimator,
     FittedState,
+    accepted_options,
     get_method,
     method_names,
     options_from_text,
@@ -66,7 +67,7 @@ from datainf.estimators.registry import (
 for _name in ("datainf", "exact", "lissa", "identity", "kfac"):
     importlib.import_module(f"{__name__}.{_name}")
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("arguments", "blocks", "registry"):
+    if _info.name not in ("arguments", "blocks", "defaults", "diagnostics", "registry"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 #: residual above which LiSSA warns that it has not converged
@@ -349,6 +350,7 @@ __all__ = [
     "RowSource",
     "ScoreArguments",
     "ScoreResult",
+    "accepted_options",
     "default_damping",
     "finish",
     "get_method",

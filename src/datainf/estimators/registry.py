@@ -209,6 +209,12 @@ def parse_options(name: str, options: Mapping[str, Any]) -> Any:
     return cls.options(**dict(options))
 
 
+def accepted_options(name: str, **values: Any) -> dict[str, Any]:
+    """Of ``values`` (e.g. ``iterations=10`` for every method of a table), those the method ``name``
+    declares in its options dataclass: what a caller with settings for several methods passes to each."""
+    return {k: v for k, v in values.items() if k in _allowed(name)}
+
+
 def _allowed(name: str) -> list[str]:
     cls = get_method(name)
     return [] if cls.options is None else [f.name for f in dataclasses.fields(cls.options)]
@@ -269,5 +275,5 @@ def options_from_text(methods: Sequence[str], pairs: Sequence[str], optional: Se
     return {m: given for m, given in out.items() if given}
 
 
-__all__ = ["Estimator", "FittedState", "get_method", "method_names", "options_from_text", "parse_options", "register",
+__all__ = ["Estimator", "FittedState", "accepted_options", "get_method", "method_names", "options_from_text", "parse_options", "register",
            "unregister"]

@@ -35,6 +35,7 @@ import torch
 from datainf import atomic
 from datainf.errors import DataInfError, parse_json
 from datainf.estimators import method_names
+from datainf.estimators.defaults import LDS_LEFT_OUT
 from datainf.experiments.common import check_methods, method_options, settings_dict
 from datainf.metrics import pearson, spearman
 
@@ -74,7 +75,7 @@ class LdsSettings:
     subset_fraction: float = 0.5
     loo_examples: int = 20
     loo_seeds: int = 3
-    methods: tuple[str, ...] = field(default_factory=lambda: tuple(m for m in method_names() if m != "kfac"))
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(m for m in method_names() if m not in LDS_LEFT_OUT))
     lissa_iterations: int = 100
     device: str | None = None
     seed: int = 0

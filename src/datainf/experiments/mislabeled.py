@@ -23,7 +23,8 @@ from datainf.attributor import Attributor
 from datainf.data.noise import flip_labels
 from datainf.data.text import load_text_dataset, sample_split
 from datainf.errors import DataInfError
-from datainf.estimators import ScoreResult, method_names
+from datainf.estimators import ScoreResult, get_method, method_names
+from datainf.estimators.defaults import REFERENCE_METHOD
 from datainf.experiments.common import (
     check_methods,
     damping_label,
@@ -264,12 +265,12 @@ def method_outcomes(settings: MislabeledSettings, scored: dict[str, ScoreResult]
     for m, result in scored.items():
         auc = roc_auc(scores[m], is_flipped) if 0 < is_flipped.sum() < len(is_flipped) else None
         outcomes[m] = MislabeledMethod(auc=auc, seconds=result.seconds, damping=damping_label(settings.damping),
-                                       max_relative_residual=max_relative_residual(result) if m == "lissa" else None)
+                                       max_relative_residual=max_relative_residual(result))
         log.info("%s: %s", m, outcomes[m].to_dict())
-    if "exact" in scores:
+    if REFERENCE_METHOD in scores:
         for m, s in scores.items():
-            outcomes[m].pearson_with_exact = pearson(s, scores["exact"])
-            outcomes[m].spearman_with_exact = spearman(s, scores["exact"])
+            outcomes[m].pearson_with_exact = pearson(s, scores[REFERENCE_METHOD])
+            outcomes[m].spearman_with_exact = spearman(s, scores[REFERENCE_METHOD])
     return outcomes
 
 
@@ -284,7 +285,7 @@ def diagnose(settings: MislabeledSettings, attributor: Attributor, val_grads: di
     report = approximation_report(
         attributor.store.blocks(), {k: v.mean(0, keepdim=True) for k, v in val_grads.items()},
         methods=diagnosed, damping=settings.damping, lissa_iterations=settings.lissa_iterations,
-        factors=attributor.curvature() if {"kfac", "ekfac"} & set(diagnosed) else None, seed=settings.seed)
+        factors=attributor.curvature() if any(get_method(m).needs_curvature for m in diagnosed) else None, seed=settings.seed)
     return summarize_diagnostics(report)
 
 
