@@ -22,13 +22,13 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.version": (),
     "datainf.errors": (),
     "datainf.atomic": (),
-    "datainf.outputs": ("datainf.errors",),  # the one output guard, used by every command that writes
+    "datainf.outputs": ("datainf.errors", "datainf.adapters"),  # the one output guard, used by every command that writes
     "datainf.adapters": (),
     "datainf.metrics": ("datainf.errors",),
     "datainf.ranking": ("datainf.errors",),
     "datainf.data.assets": ("datainf.errors", "datainf.atomic"),  # atomic: the cache lock
     "datainf.data": ("datainf.errors", "datainf.data", "datainf.tasks"),
-    "datainf.tasks": ("datainf.errors",),
+    "datainf.tasks": ("datainf.errors", "datainf.adapters"),
     "datainf.gradients": ("datainf.errors", "datainf.tasks", "datainf.adapters"),
     "datainf.store": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.adapters", "datainf.store"),
     "datainf.estimators": ("datainf.errors", "datainf.estimators"),

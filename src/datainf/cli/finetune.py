@@ -34,8 +34,8 @@ RATE_RULE = ("mean learning rate of the optimizer steps from this checkpoint to 
 @option("--overwrite",
         help="Replace an existing --out adapter that this command did not write (peft's, the Trainer's); a "
                    "folder holding files an adapter does not have is refused all the same.")
-@click.option("--task", type=click.Choice(["classification", "causal_lm"]), default="classification",
-              help="classification: a sequence classifier (new head); causal_lm: a causal LM on chat, "
+@option("--task", type=click.Choice(["classification", "causal_lm"]), default="classification", metavar=None,
+        help="classification: a sequence classifier (new head); causal_lm: a causal LM on chat, "
                    "prompt/response or text records.")
 @data_options
 @option("--num-labels",

@@ -35,10 +35,10 @@ from datainf.outputs import check_apart
 @option("--data", required=True)
 @option("--store", required=True, help="Gradient store folder (created, or resumed when it exists); with --run, the folder of the run's "
                    "stores.")
-@click.option("--task", type=click.Choice(["classification", "causal_lm", "causal_lm_mean"]),
-              default="classification",
-              help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: "
-                   "averaged over them.")
+@option("--task", default=None,
+        help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: averaged "
+             "over them. Default: the task the adapter folder records (datainf_finetune.json, or PEFT's task_type "
+             "in adapter_config.json), else classification.")
 @data_options
 @option("--num-labels", help="Classification: number of classes; default what `datainf finetune` recorded, else 2.")
 @click.option("--labels-from", "labels_from", type=click.Path(file_okay=False), default=None,
@@ -59,7 +59,8 @@ from datainf.outputs import check_apart
 @model_dtype_option
 @device_option
 @click.pass_context
-def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir: str | None, data_path: str, store_dir: str, task: str,
+def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir: str | None, data_path: str,
+            store_dir: str, task: str | None,
             num_labels: int | None, labels_from: str | None, skip_nonfinite: bool, batch_size: int, chunk_size: int,
             dtype: str, max_length: int, project_dim: int | None, project_seed: int, model_dtype: str,
             device: str | None, **data: Any) -> None:
@@ -76,9 +77,12 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
     if run_dir is not None:
         jobs = run_jobs(run_dir, adapter_dir, store_dir)
         adapter_dir = jobs[0][0]
+    task, said = task_for(task, adapter_dir)
     progress, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     progress = progress and is_main_process()
+    if said and progress:
+        click.echo(said, err=True)
     names, source = None, ""
     if task == "classification":
         names, num_labels, source = run_labels(adapter_dir, labels_from, num_labels)
@@ -125,6 +129,23 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
                          if cut else "")
             click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks"
                        f"{projected}, in {store_dir}{shown}{skipped}{truncated}")
+
+
+def task_for(task: str | None, adapter_dir: str | None) -> tuple[str, str | None]:
+    """(the task, a line saying where it came from or None): ``--task``, else the one the adapter folder
+    records, else the default. Refused: a ``--task`` of another kind (classifier / causal LM) than the adapter
+    was fine-tuned as, naming the file that says so."""
+    from datainf.tasks import DEFAULT_TASK, get_task, recorded_task
+
+    recorded = recorded_task(adapter_dir)
+    if task is None:
+        if recorded is None:
+            return DEFAULT_TASK, None
+        return recorded[0], f"task {recorded[0]} (recorded in {recorded[1]}; --task overrides it)"
+    if recorded is not None and get_task(task).collate != get_task(recorded[0]).collate:
+        raise DataInfError(f"--task {task}, but {recorded[1]} says the adapter was fine-tuned as {recorded[0]}; "
+                           f"pass --task {recorded[0]} (or leave --task out to use it)")
+    return task, None
 
 
 def run_jobs(run_dir: str, adapter_dir: str | None, store_dir: str) -> list[tuple[str, str]]:

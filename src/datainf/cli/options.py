@@ -25,6 +25,21 @@ _FOLDER = click.Path(file_okay=False)
 _EXISTING_FOLDER = click.Path(exists=True, file_okay=False)
 _FILE = click.Path(dir_okay=False)
 
+class TaskName(click.ParamType):
+    """A named task of :data:`datainf.tasks.NAMED_TASKS`, checked when the option is read (that module imports
+    torch, which ``--help`` does not)."""
+
+    name = "task"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from datainf.tasks import get_task
+
+        try:
+            return get_task(value).name
+        except DataInfError as e:
+            self.fail(str(e), param, ctx)
+
+
 #: flag -> click.option keywords (type, default, help ...); "dest" is the parameter name when it is not the flag's
 FLAGS: dict[str, dict[str, Any]] = {
     "--out": {"type": _FILE, "help": "The output."},
@@ -42,7 +57,7 @@ FLAGS: dict[str, dict[str, Any]] = {
                                                                  "folder."},
     "--scores": {"dest": "scores_path", "type": _FILE, "required": True,
                  "help": "A scores file from `datainf score`."},
-    "--task": {"help": "What the examples are."},
+    "--task": {"type": TaskName(), "metavar": "TASK", "help": "What the examples are."},
     "--dataset": {"default": "rotten_tomatoes", "help": "Built-in offline labelled set, a local file, or glue:TASK."},
     "--n-train": {"type": int, "default": 1000, "help": "Training examples drawn."},
     "--n-val": {"type": int, "default": 200, "help": "Validation examples drawn."},
@@ -224,5 +239,5 @@ def overwrite_option(f: Any) -> Any:
     return option("--overwrite")(f)
 
 
-__all__ = ["FLAGS", "SCORING_KEY", "Scoring", "current_scoring", "declared", "device_option", "method_names_of", "method_option", "option",
+__all__ = ["FLAGS", "SCORING_KEY", "Scoring", "TaskName", "current_scoring", "declared", "device_option", "method_names_of", "method_option", "option",
            "overwrite_option", "read_scoring", "scoring_options"]

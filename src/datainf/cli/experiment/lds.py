@@ -16,7 +16,7 @@ from datainf.outputs import check_apart
 
 @click.command(name="lds")
 @option("--out", "out_dir", default="runs/lds", type=click.Path(file_okay=False), help="Output folder.")
-@option("--task", default="classification", show_default=True, type=click.Choice(["classification", *TASKS]),
+@option("--task", default="classification", show_default=True, type=click.Choice(["classification", *TASKS]), metavar=None,
         help="classification: a LoRA sequence classifier on --dataset; the others: a LoRA causal LM on "
                    "that generated task.")
 @option("--dataset", show_default=True,
