@@ -39,7 +39,7 @@ from datainf.gradients import (
 )
 from datainf.ranking import top_examples
 from datainf.scoring import save_scores, score_store
-from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
+from datainf.store import GradientStore, StoreMeta, fingerprint_dataset, fingerprint_model, fingerprint_task
 from datainf.tasks import per_example_loss
 
 log = logging.getLogger("datainf.attributor")
@@ -336,19 +336,16 @@ class Attributor:
         except NonFiniteError as e:
             where = [source[k] if source is not None else k for k in e.examples]
             raise NonFiniteError(_nonfinite_message(where, e), where, e.what, e.values) from None
-        meta: dict[str, Any] = {"task": self._task_name(), "task_fingerprint": fingerprints["task"],
-                                "blocks_tracked": len(blocks), "collate": self._collate_settings(),
-                                "nonfinite": nonfinite}
-        truncated = self._truncation(records, source)
-        if truncated is not None:
-            meta["truncated"] = truncated
-        if self.task == "classification":
-            meta["labels"] = {"names": self.label_names, "num_labels": self._num_labels()}
+        meta = StoreMeta(task=self._task_name(), task_fingerprint=fingerprints["task"], blocks_tracked=len(blocks),
+                         collate=self._collate_settings(), nonfinite=nonfinite,
+                         truncated=self._truncation(records, source),
+                         labels={"names": self.label_names, "num_labels": self._num_labels()}
+                         if self.task == "classification" else None)
         # one writing path for one process or torchrun: ranks split the missing chunks, rank 0 owns the lock
         self._store = write_store(
             self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
             compute_chunk=lambda rows, bar: self._grads_in_order(records, rows, bar=bar, source=source),
-            chunk_size=self.chunk_size, dtype=self.store_dtype, meta=meta,
+            chunk_size=self.chunk_size, dtype=self.store_dtype, meta=meta.to_dict(),
             records=plain_records(records), progress=self.progress,
             projection=None if self.projection is None else projection_layout(
                 self.model, self.projection, params=self.params, group_lora=self.group_lora),

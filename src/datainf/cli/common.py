@@ -129,12 +129,12 @@ def run_labels(adapter_dir: str | None, labels_from: str | None, num_labels: int
     if labels_from is not None:
         from datainf.store import GradientStore
 
-        labels = (GradientStore.open(labels_from).manifest.get("meta") or {}).get("labels") or {}
-        if not labels:
+        recorded = GradientStore.open(labels_from).metadata
+        if not recorded.labels:
             raise DataInfError(f"--labels-from {labels_from}: that store records no class mapping (it was not made "
                                "by `datainf grads` on a classification task)")
-        names, source = labels.get("names"), f"the training store {labels_from}"
-        count = count if count is not None else labels.get("num_labels")
+        names, source = recorded.label_names, f"the training store {labels_from}"
+        count = count if count is not None else recorded.num_labels
     else:
         recorded = adapter_labels(adapter_dir)
         if recorded.get("label_names"):

@@ -119,11 +119,11 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
         if is_main_process():
             shown = f" (labels {describe(names)}, from {source})" if names else ""
             projected = f" (projected, k={project_dim}, seed {project_seed})" if project_dim is not None else ""
-            dropped = (store.manifest.get("meta") or {}).get("nonfinite", {}).get("dropped") or []
+            dropped = store.metadata.dropped
             skipped = (f"; dropped {len(dropped)} examples with a non-finite loss: rows "
                        f"{', '.join(str(d['row']) for d in dropped[:10])}{', ...' if len(dropped) > 10 else ''}"
                        if dropped else "")
-            cut = (store.manifest.get("meta") or {}).get("truncated")
+            cut = store.metadata.truncated
             truncated = (f"; {cut['examples']} examples cut to --max-length {cut['max_length']} (the longest "
                          f"{'>= ' if cut.get('longest_is_a_lower_bound') else ''}{cut['longest']} tokens)"
                          if cut else "")

@@ -82,7 +82,7 @@ def precondition(ctx: click.Context, store_dir: str, out_dir: str, method: str, 
             raise
         raise DataInfError(f"the disk is full: writing {out_dir} ({e}); free some space, then rerun the same "
                            "command: it resumes") from None
-    info = out.manifest["meta"]["preconditioned"]
+    info = out.metadata.preconditioned or {}
     click.echo(f"wrote {out_dir}: {out.n_examples} examples x {len(out.block_names)} blocks preconditioned by "
                f"{method} in {info['seconds']:.1f} s (curvature {info['curvature_seconds']:.1f} s); score it with "
                f"--method {method}")

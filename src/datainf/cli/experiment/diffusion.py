@@ -58,24 +58,29 @@ def run_command(ctx: click.Context, experiment: str, out: str, methods: tuple[st
                f"({result.wall_seconds:.0f} s)")
 
 
-@click.command("diffusion-style")
-@common_options
-@click.option("--n-train-per-style", default=30, show_default=True, help="Training images per style.")
-@click.option("--n-test-per-style", default=5, show_default=True, help="Held-out query images per style.")
-@click.pass_context
-def style_command(ctx: click.Context, **kw: Any) -> None:
-    """Which training images of a LoRA-tuned diffusion model share a query image's style? (paper table 2)"""
-    run_command(ctx, "style", **kw)
+def experiment_command(name: str, experiment: str, doc: str, *options: Any) -> click.Command:
+    """The click command ``name`` of one diffusion experiment: the common options, then its own."""
+
+    def command(ctx: click.Context, **kw: Any) -> None:
+        run_command(ctx, experiment, **kw)
+
+    command.__doc__ = doc
+    f = click.pass_context(command)
+    for decorate in reversed(options):
+        f = decorate(f)
+    return click.command(name)(common_options(f))
 
 
-@click.command("diffusion-subject")
-@common_options
-@click.option("--n-subjects", default=30, show_default=True, help="Subjects (each one MNIST image + augmentations).")
-@click.option("--views", default=3, show_default=True, help="Training images per subject.")
-@click.pass_context
-def subject_command(ctx: click.Context, **kw: Any) -> None:
-    """Which training images of a DreamBooth-style LoRA show a query's subject? (paper table 2)"""
-    run_command(ctx, "subject", **kw)
+style_command = experiment_command(
+    "diffusion-style", "style",
+    "Which training images of a LoRA-tuned diffusion model share a query image's style? (paper table 2)",
+    click.option("--n-train-per-style", default=30, show_default=True, help="Training images per style."),
+    click.option("--n-test-per-style", default=5, show_default=True, help="Held-out query images per style."))
+subject_command = experiment_command(
+    "diffusion-subject", "subject",
+    "Which training images of a DreamBooth-style LoRA show a query's subject? (paper table 2)",
+    click.option("--n-subjects", default=30, show_default=True, help="Subjects (each one MNIST image + augmentations)."),
+    click.option("--views", default=3, show_default=True, help="Training images per subject."))
 
 
 commands = {"diffusion-style": style_command, "diffusion-subject": subject_command}
