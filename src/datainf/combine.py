@@ -67,7 +67,8 @@ def summing_fields(store: GradientStore) -> dict[str, Any]:
     from datainf.data.collate import TextCollator
 
     meta = store.metadata
-    collate = {"loss_tokens": TextCollator.loss_tokens, **(meta.collate or {})}  # left out when default
+    own = meta.collate if isinstance(meta.collate, dict) else {"collate": meta.collate} if meta.collate else {}
+    collate = {"loss_tokens": TextCollator.loss_tokens, **own}  # left out when default
     return {"task": meta.task, "dataset fingerprint": store.fingerprints.get("dataset"),
             "number of examples": store.n_examples,
             **{f"tokenization {key}": value for key, value in sorted(collate.items())},

@@ -6,7 +6,8 @@ manifest read from disk) and its one writer's form (:meth:`StoreMeta.to_dict`). 
 - ``task``: the task's name ("classification", "causal_lm", "causal_lm_mean", or a callable's name);
 - ``task_fingerprint``: the fingerprint of the loss (also in ``fingerprints.task``);
 - ``blocks_tracked``: how many parameter blocks the gradients cover;
-- ``collate``: the collator's settings (max_length, chat_template, assistant_turns, loss_tokens, ...);
+- ``collate``: the collator's settings (max_length, chat_template, assistant_turns, loss_tokens, ...), or the
+  name of a collate callable of one's own;
 - ``labels``: classification only, ``{"names": [...] or null, "num_labels": int or null}``, the class mapping;
 - ``nonfinite``: ``{"dropped": [{"row": i, ...}, ...]}``, the examples left out for a non-finite loss;
 - ``truncated``: ``{"examples", "max_length", "longest", "longest_is_a_lower_bound"}`` when examples were cut;
@@ -36,7 +37,7 @@ class StoreMeta:
     task: str | None = None
     task_fingerprint: str | None = None
     blocks_tracked: int | None = None
-    collate: dict[str, Any] | None = None
+    collate: dict[str, Any] | str | None = None
     labels: dict[str, Any] | None = None
     nonfinite: dict[str, Any] | None = None
     truncated: dict[str, Any] | None = None
@@ -47,7 +48,7 @@ class StoreMeta:
     def read(cls, meta: Mapping[str, Any] | None, where: str = "the store") -> StoreMeta:
         """The typed form of a manifest's ``meta`` mapping; a value of the wrong kind is one line naming it."""
         meta = dict(meta or {})
-        for key in ("collate", "labels", "nonfinite", "truncated", "preconditioned"):
+        for key in ("labels", "nonfinite", "truncated", "preconditioned"):
             if meta.get(key) is not None and not isinstance(meta[key], Mapping):
                 raise DataInfError(f"{where}: manifest.json's meta.{key} is not a mapping; recompute the store")
         if meta.get("task") is not None and not isinstance(meta["task"], str):
