@@ -270,7 +270,7 @@ def options_from_text(methods: Sequence[str], pairs: Sequence[str], optional: Se
         if given:
             try:
                 parse_options(m, given)
-            except TypeError as e:
+            except (TypeError, DataInfError) as e:
                 raise DataInfError(f"--option: method '{m}': {e}; allowed: {listing}") from None
     return {m: given for m, given in out.items() if given}
 
