@@ -22,13 +22,13 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.version": (),
     "datainf.errors": (),
     "datainf.atomic": (),
-    "datainf.outputs": ("datainf.errors",),  # the one output guard, used by every command that writes
+    "datainf.outputs": ("datainf.errors", "datainf.adapters"),  # the one output guard, used by every command that writes
     "datainf.adapters": (),
     "datainf.metrics": ("datainf.errors",),
     "datainf.ranking": ("datainf.errors",),
     "datainf.data.assets": ("datainf.errors", "datainf.atomic"),  # atomic: the cache lock
     "datainf.data": ("datainf.errors", "datainf.data", "datainf.tasks"),
-    "datainf.tasks": ("datainf.errors",),
+    "datainf.tasks": ("datainf.errors", "datainf.adapters"),
     "datainf.collector": ("datainf.errors", "datainf.tasks", "datainf.adapters"),  # hooks + projection
     "datainf.gradients": ("datainf.errors", "datainf.tasks", "datainf.adapters", "datainf.collector"),
     "datainf.store": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.adapters", "datainf.store"),
@@ -40,7 +40,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "datainf.scoring": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
                         "datainf.store", "datainf.distributed", "datainf.fitted", "datainf.remedies"),
     "datainf.index": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.store", "datainf.scoring",
-                      "datainf.ranking"),  # the top-k index: beside scoring, faiss imported lazily
+                      "datainf.ranking", "datainf.estimators.defaults"),  # the top-k index: beside scoring, faiss imported lazily
     # one way to combine scores (weighted sums of terms over one training set); data.collate: the loss default
     "datainf.combine": ("datainf.errors", "datainf.atomic", "datainf.version", "datainf.estimators",
                         "datainf.store", "datainf.scoring", "datainf.data.collate"),

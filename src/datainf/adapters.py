@@ -8,8 +8,13 @@ adapter is then found by PEFT's own parameter names: ``lora_`` matrices and ``mo
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:  # torch is not imported for the marker's name (`datainf --help` imports none)
+    from torch import nn
+
+#: the file `datainf finetune` writes in an adapter folder it made (task, labels, training summary)
+ADAPTER_MARKER = "datainf_finetune.json"
 #: name parts of PEFT adapter parameters (LoRA matrices, LoRA embeddings, trained head copies)
 ADAPTER_NAME_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                       "modules_to_save")
@@ -30,4 +35,4 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if is_peft_adapter_name(name)}
 
 
-__all__ = ["ADAPTER_NAME_PARTS", "adapter_parameters", "is_peft_adapter_name"]
+__all__ = ["ADAPTER_MARKER", "ADAPTER_NAME_PARTS", "adapter_parameters", "is_peft_adapter_name"]

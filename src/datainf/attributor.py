@@ -28,6 +28,7 @@ from datainf.data.collate import LENGTH_PROBE, TextCollator
 from datainf.distributed import is_main_process, write_store
 from datainf.errors import DataInfError, NonFiniteError
 from datainf.estimators import ScoreArguments, ScoreResult, get_method
+from datainf.estimators.defaults import DEFAULT_METHOD
 from datainf.fitted import curvature_for
 from datainf.gradients import (
     GradientDict,
@@ -38,7 +39,7 @@ from datainf.gradients import (
 )
 from datainf.ranking import top_examples
 from datainf.scoring import save_scores, score_store
-from datainf.store import GradientStore, fingerprint_dataset, fingerprint_model, fingerprint_task
+from datainf.store import GradientStore, StoreMeta, fingerprint_dataset, fingerprint_model, fingerprint_task
 from datainf.tasks import per_example_loss
 
 log = logging.getLogger("datainf.attributor")
@@ -335,19 +336,16 @@ class Attributor:
         except NonFiniteError as e:
             where = [source[k] if source is not None else k for k in e.examples]
             raise NonFiniteError(_nonfinite_message(where, e), where, e.what, e.values) from None
-        meta: dict[str, Any] = {"task": self._task_name(), "task_fingerprint": fingerprints["task"],
-                                "blocks_tracked": len(blocks), "collate": self._collate_settings(),
-                                "nonfinite": nonfinite}
-        truncated = self._truncation(records, source)
-        if truncated is not None:
-            meta["truncated"] = truncated
-        if self.task == "classification":
-            meta["labels"] = {"names": self.label_names, "num_labels": self._num_labels()}
+        meta = StoreMeta(task=self._task_name(), task_fingerprint=fingerprints["task"], blocks_tracked=len(blocks),
+                         collate=self._collate_settings(), nonfinite=nonfinite,
+                         truncated=self._truncation(records, source),
+                         labels={"names": self.label_names, "num_labels": self._num_labels()}
+                         if self.task == "classification" else None)
         # one writing path for one process or torchrun: ranks split the missing chunks, rank 0 owns the lock
         self._store = write_store(
             self.store_path, blocks=blocks, n_examples=len(records), fingerprints=fingerprints,
             compute_chunk=lambda rows, bar: self._grads_in_order(records, rows, bar=bar, source=source),
-            chunk_size=self.chunk_size, dtype=self.store_dtype, meta=meta,
+            chunk_size=self.chunk_size, dtype=self.store_dtype, meta=meta.to_dict(),
             records=plain_records(records), progress=self.progress,
             projection=None if self.projection is None else projection_layout(
                 self.model, self.projection, params=self.params, group_lora=self.group_lora),
@@ -445,14 +443,14 @@ class Attributor:
             self._save("self", result)
         return result
 
-    def scores(self, queries: Any, method: str = "datainf", damping: Any = None, *, mean_query: bool = False,
+    def scores(self, queries: Any, method: str = DEFAULT_METHOD, damping: Any = None, *, mean_query: bool = False,
                save: bool = True, **options: Any) -> Tensor:
         """:meth:`score` returning only the tensor ``(n_train, n_query)`` (``(n_train, 1)`` with
         ``mean_query``, the influence on the average query loss, the paper's "validation loss")."""
         return self.score(queries, method=method, damping=damping, mean_query=mean_query, save=save,
                           **options).scores
 
-    def self_influence(self, method: str = "datainf", damping: Any = None, *, save: bool = True,
+    def self_influence(self, method: str = DEFAULT_METHOD, damping: Any = None, *, save: bool = True,
                        **options: Any) -> Tensor:
         """Self-influence of every training example, ``(n_train,)`` (always <= 0; large magnitude = unusual)."""
         return self.score_self(method=method, damping=damping, save=save, **options).scores

@@ -66,9 +66,10 @@ def summing_fields(store: GradientStore) -> dict[str, Any]:
     the task fingerprint (which also covers the loss's other settings)."""
     from datainf.data.collate import TextCollator
 
-    meta = store.manifest.get("meta") or {}
-    collate = {"loss_tokens": TextCollator.loss_tokens, **(meta.get("collate") or {})}  # left out when default
-    return {"task": meta.get("task"), "dataset fingerprint": store.fingerprints.get("dataset"),
+    meta = store.metadata
+    own = meta.collate if isinstance(meta.collate, dict) else {"collate": meta.collate} if meta.collate else {}
+    collate = {"loss_tokens": TextCollator.loss_tokens, **own}  # left out when default
+    return {"task": meta.task, "dataset fingerprint": store.fingerprints.get("dataset"),
             "number of examples": store.n_examples,
             **{f"tokenization {key}": value for key, value in sorted(collate.items())},
             "projection": store.projection, "task fingerprint": store.fingerprints.get("task")}

@@ -52,6 +52,7 @@ from datainf.estimators import (
     score,
     score_self,
 )
+from datainf.estimators.defaults import DEFAULT_METHOD
 from datainf.store import RECORDS_FILE, GradientStore, StreamingWriter
 
 logger = logging.getLogger("datainf.distributed")
@@ -387,7 +388,7 @@ def _legacy(method: str, damping: Damping, chunk_size: int, dtype: Any, device: 
                           device=None if device is None else str(device), options=options), curvature
 
 
-def distributed_influence(train_grads: Blocks | GradientStore, query_grads: Blocks, method: str = "datainf",
+def distributed_influence(train_grads: Blocks | GradientStore, query_grads: Blocks, method: str = DEFAULT_METHOD,
                           damping: Damping = None, *, chunk_size: int = 2048, dtype: torch.dtype | None = None,
                           device: torch.device | str | None = None, group: Any = None, **options: Any) -> Tensor:
     """:func:`datainf.influence` with the blocks split across ranks (see :func:`distributed_score`)."""
@@ -395,7 +396,7 @@ def distributed_influence(train_grads: Blocks | GradientStore, query_grads: Bloc
     return distributed_score(train_grads, query_grads, arguments, curvature=curvature, group=group).scores
 
 
-def distributed_self_influence(train_grads: Blocks | GradientStore, method: str = "datainf",
+def distributed_self_influence(train_grads: Blocks | GradientStore, method: str = DEFAULT_METHOD,
                                damping: Damping = None, *, chunk_size: int = 2048,
                                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                                group: Any = None, **options: Any) -> Tensor:

@@ -402,7 +402,8 @@ class Explainer:
                  adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None,
                  weights: str = "lr", methods: Sequence[str] = ("datainf",), k: int = 10, max_new_tokens: int = 64,
                  allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
-                 remedies: Mapping[str, Any] | None = None, tokens: bool = False) -> None:
+                 remedies: Mapping[str, Any] | None = None, tokens: bool = False,
+                 arguments: Mapping[str, ScoreArguments] | None = None) -> None:
         from datainf.combine import check_summable
         from datainf.estimators import method_names
         from datainf.scoring import check_preconditioned
@@ -420,7 +421,9 @@ class Explainer:
         self.checkpoints = checkpoints_of(adapter, store, run, weights)
         check_adapters(self.checkpoints)
         self.run_stores = _names(store)[0] if run is not None else None  # the folder of `grads --run`
-        self.arguments = {m: score_arguments(m, remedies) for m in dict.fromkeys(methods)}
+        # each method's ScoreArguments: given whole (the command line's scoring flags), or its defaults + remedies
+        self.arguments = ({m: score_arguments(m, remedies) for m in dict.fromkeys(methods)} if arguments is None
+                          else {m: arguments[m] for m in dict.fromkeys(methods)})
         self.k, self.max_new_tokens, self.allow_mismatch = k, max_new_tokens, allow_mismatch
         self.tokens = tokens  # also score every response token (datainf.tokens)
         self.model_dtype, self.device = model_dtype, device

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from datainf import atomic
 from datainf.errors import DataInfError, parse_json
+from datainf.estimators.defaults import PLAIN_METHOD
 from datainf.ranking import KINDS, hit_rows, query_name
 from datainf.scoring import check_pair, preconditioned, query_blocks
 from datainf.store import CHUNK_MANIFEST, GradientStore, file_digest
@@ -100,19 +101,19 @@ def index_settings(store: GradientStore, method: str | None = None, normalize: b
     not give by an inner product."""
     info = preconditioned(store)
     if info is None:
-        method = method or "identity"
-        if method != "identity":
+        method = method or PLAIN_METHOD
+        if method != PLAIN_METHOD:
             raise DataInfError(
                 f"store {store.path} holds plain gradients, so an index of it reproduces identity scores only; for "
                 f"'{method}', precondition it first: `datainf store precondition --method {method} {store.path} "
                 f"PRE` then `datainf index build PRE --method {method}`")
-        return IndexSettings("identity", normalize, {n: 1.0 for n in store.block_names})
+        return IndexSettings(PLAIN_METHOD, normalize, {n: 1.0 for n in store.block_names})
     made = info["method"]
     if method is not None and method != made:
         raise DataInfError(f"store {store.path} is preconditioned for '{made}', not '{method}'; build the index "
                            f"with --method {made}, or precondition its source store {info.get('source')} for "
                            f"'{method}'")
-    if normalize and made != "identity":
+    if normalize and made != PLAIN_METHOD:
         raise DataInfError(f"--normalize needs each gradient's preconditioned norm, which store {store.path} "
                            f"(preconditioned for '{made}') does not hold; build the index without --normalize, "
                            f"or with --method identity over its source store {info.get('source')}")

@@ -129,11 +129,11 @@ def spearman(a: Any, b: Any) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 
-def method_summary(per_example: dict[str, Any], flagged: Any = None, reference: str = "exact"
+def method_summary(per_example: dict[str, Any], flagged: Any = None, reference: str | None = None
                    ) -> dict[str, dict[str, float | None]]:
     """Per method: the AUC of its scores (n,) against a mask of known-bad examples (``flagged``, e.g.
     flipped labels; ranked most harmful first) and its Pearson / Spearman correlation with ``reference``'s
-    scores when that method is present. Missing quantities are left out, never filled with placeholders."""
+    scores when that method is present (the exact one: ``datainf.estimators.defaults.REFERENCE_METHOD``). Missing quantities are left out, never filled with placeholders."""
     out: dict[str, dict[str, float | None]] = {}
     mask = None if flagged is None else _mask(flagged, len(next(iter(per_example.values()))))
     for method, values in per_example.items():

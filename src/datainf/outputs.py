@@ -25,13 +25,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from datainf.adapters import ADAPTER_MARKER
 from datainf.errors import DataInfError
 
 #: an input given to a command: a path, several (a repeated option), or None (not given)
 Input = str | os.PathLike | Iterable[str | os.PathLike] | None
 
-#: the file that marks an adapter folder as written by `datainf finetune`
-ADAPTER_MARKER = "datainf_finetune.json"
 #: what the `--format` key of an `explain --json` file says
 EXPLAIN_FORMAT = "datainf-explain"
 #: the columns `datainf top` may write (its CSV header, its JSON lines' keys)

@@ -39,6 +39,7 @@ from datainf import atomic
 from datainf.distributed import distributed_score
 from datainf.errors import DataInfError, parse_json
 from datainf.estimators import ScoreArguments, ScoreResult, get_method, method_names
+from datainf.estimators.defaults import PLAIN_METHOD
 from datainf.estimators.kfac import CURVATURE_FILE, KFACFactors
 from datainf.fitted import (  # noqa: F401  (curvature_for, load_/save_curvature: names kept for callers)
     CorruptStateError,
@@ -52,6 +53,7 @@ from datainf.remedies import apply_remedies, uses_gradient_remedies
 from datainf.store import (
     MAX_STORAGE_ERROR,
     GradientStore,
+    StoreMeta,
     disk_full,
     projection_label,
     require_free_space,
@@ -115,8 +117,7 @@ def check_pair(train: GradientStore, queries: GradientStore, *, allow_mismatch: 
     """Refuse a query store made with another base model, adapter or task than the training store (one
     line naming what differs); with ``allow_mismatch`` (a deliberate cross-checkpoint comparison) return the
     differences instead, for the caller to record. Different blocks are refused either way."""
-    train_names = ((train.manifest.get("meta") or {}).get("labels") or {}).get("names")
-    query_names = ((queries.manifest.get("meta") or {}).get("labels") or {}).get("names")
+    train_names, query_names = train.metadata.label_names, queries.metadata.label_names
     if train_names is not None and query_names is not None and train_names != query_names:
         def describe(names: list[str]) -> str:
             return ", ".join(f"{i}={name}" for i, name in enumerate(names))
@@ -308,7 +309,7 @@ _NP_STAGING = {"float32": "float32", "float64": "float64", "float16": "float16",
 
 def preconditioned(store: GradientStore) -> dict[str, Any] | None:
     """What :func:`precondition_store` recorded in a store's manifest (``meta.preconditioned``), or None."""
-    return (store.manifest.get("meta") or {}).get("preconditioned")
+    return store.metadata.preconditioned
 
 
 def _stage_encode(t: Tensor, dtype: str, what: str) -> Any:
@@ -389,7 +390,7 @@ def _resumable(out: Path, train: GradientStore, arguments: ScoreArguments, dtype
         old = read_manifest(out) if out.is_dir() and (out / "manifest.json").is_file() else None
     except DataInfError:
         old = None
-    info = (old.get("meta") or {}).get("preconditioned") if isinstance(old, dict) else None
+    info = StoreMeta.of(old, str(out)).preconditioned if isinstance(old, dict) else None
     if old is None or not isinstance(info, dict):
         raise DataInfError(f"{out} is not empty and is not a preconditioned store; choose a new folder: {again}")
     if old.get("complete"):
@@ -487,22 +488,21 @@ def precondition_store(
         raise
     bar.close()
     if resumed is not None:
-        recorded = resumed["meta"]["preconditioned"].get("damping") or {}
+        recorded = (StoreMeta.of(resumed, str(out)).preconditioned or {}).get("damping") or {}
         if any(not math.isclose(recorded.get(n, math.nan), damping[n], rel_tol=1e-12) for n in names):
             shutil.rmtree(staging, ignore_errors=True)
             raise DataInfError(f"{out} holds an unfinished store preconditioned with another damping "
                                f"({recorded}); rerun with the --damping it was started with, or choose a new "
                                f"folder: `datainf store precondition --method {arguments.method} {train.path} "
                                "NEW_FOLDER`")
-    meta = dict(train.manifest.get("meta") or {})
-    meta["preconditioned"] = {
-        "method": arguments.method, "options": dict(arguments.options), "damping": damping, "scale": scale,
-        "source": str(train.path), "source_fingerprints": dict(train.fingerprints),
-        "curvature_seconds": fit_seconds, "seconds": None}
+    info = {"method": arguments.method, "options": dict(arguments.options), "damping": damping, "scale": scale,
+            "source": str(train.path), "source_fingerprints": dict(train.fingerprints),
+            "curvature_seconds": fit_seconds, "seconds": None}
+    meta = train.metadata.replace(preconditioned=info)
     try:
         store = GradientStore.create(out, blocks=train.block_shapes, n_examples=train.n_examples,
                                      fingerprints=train.fingerprints, chunk_size=train.chunk_size, dtype=dtype,
-                                     meta=meta, projection=train.projection)
+                                     meta=meta.to_dict(), projection=train.projection)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -513,8 +513,8 @@ def precondition_store(
         records = train.records()
         if records is not None:
             store.write_records(records)
-        meta["preconditioned"]["seconds"] = time.perf_counter() - t_start
-        store.manifest = {**store.manifest, "meta": meta}
+        info["seconds"] = time.perf_counter() - t_start
+        store.manifest = {**store.manifest, "meta": meta.replace(preconditioned=info).to_dict()}
         store.finalize()
         if state is not None:
             cache_state(train, arguments, state)
@@ -556,9 +556,9 @@ def _stage_blocks(method: Any, arguments: ScoreArguments, source: Mapping[str, A
         if lam == 0.0:  # an all-zero block: its preconditioned rows are zero too
             lam = 1.0
         estimator = method(b, lam, sq, arguments.method_options(), shared)
-        factor = 1.0 if arguments.method == "identity" else float(lam)
+        factor = 1.0 if arguments.method == PLAIN_METHOD else float(lam)
         damping[name] = float(lam) / (k * k)
-        scale[name] = 1.0 if arguments.method == "identity" else 1.0 / damping[name]
+        scale[name] = 1.0 if arguments.method == PLAIN_METHOD else 1.0 / damping[name]
         folder = staging / f"b{j:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         out_dtype = torch.float32 if cd != torch.float64 else torch.float64
@@ -673,10 +673,10 @@ class ScoresFile:
 def _store_summary(store: GradientStore | None) -> dict[str, Any] | None:
     if store is None:
         return None
-    meta = store.manifest.get("meta") or {}
+    meta = store.metadata
     return {"path": str(store.path), "n_examples": store.n_examples, "fingerprints": dict(store.fingerprints),
-            "blocks": len(store.block_names), "task": meta.get("task"), "labels": meta.get("labels"),
-            "dropped_rows": [d["row"] for d in (meta.get("nonfinite") or {}).get("dropped", [])]}
+            "blocks": len(store.block_names), "task": meta.task, "labels": meta.labels,
+            "dropped_rows": meta.dropped_rows}
 
 
 def save_scores(

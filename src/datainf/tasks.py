@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datainf.errors import DataInfError
+from datainf.adapters import ADAPTER_MARKER, ADAPTER_NAME_PARTS
+from datainf.errors import DataInfError, parse_json
 
 #: label value of tokens that carry no loss (prompt and padding), as in Hugging Face
 IGNORE_INDEX = -100
@@ -36,7 +39,6 @@ IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 Task = str | LossFn
 
-TASKS = ("classification", "causal_lm", "causal_lm_mean")
 #: the fixed timesteps of the paper's diffusion notebook
 PAPER_TIMESTEPS = (25, 225, 425, 525, 725, 925)
 
@@ -165,11 +167,96 @@ def _causal_lm_mean(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     return causal_lm_loss(model, batch, reduction="mean")
 
 
-_BUILTIN: dict[str, LossFn] = {
-    "classification": classification_loss,
-    "causal_lm": causal_lm_loss,
-    "causal_lm_mean": _causal_lm_mean,
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as one object: what its examples are trained on and what a query measures.
+
+    name: how stores, adapters and the CLI call it.
+    loss: the training loss, ``(model, batch) -> Tensor (B,)``: the training examples' gradients.
+    measurement: what a query's gradient is of, ``(model, batch) -> Tensor (B,)`` (e.g. a class's
+        log-probability margin, a token span's log-likelihood); None: the training loss (the paper's setting).
+    collate: which records the collator builds: ``"classification"`` ({"text", "label"}) or ``"causal_lm"``
+        (chat, prompt/response or text records with -100 on the tokens that carry no loss).
+    tracked: name parts of the parameters whose gradients are taken (PEFT's adapter parameters).
+    peft_task_type: the ``task_type`` PEFT writes in adapter_config.json for a model of this task.
+
+    A spec is itself a loss callable (its training loss), so it goes wherever a task name or loss does;
+    :meth:`query` is the spec whose loss is the measurement, for the queries' gradients.
+    """
+
+    name: str
+    loss: LossFn
+    measurement: LossFn | None = None
+    collate: str = "classification"
+    tracked: tuple[str, ...] = ADAPTER_NAME_PARTS
+    peft_task_type: str | None = None
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+        return self.loss(model, batch)
+
+    @property
+    def token_level(self) -> bool:
+        """Whether the loss is over tokens with -100 on those without one (an example may have none)."""
+        return self.collate == "causal_lm"
+
+    def query(self) -> TaskSpec:
+        """The task whose loss is this one's query measurement (itself when it has none)."""
+        if self.measurement is None:
+            return self
+        return replace(self, name=f"{self.name}:query", loss=self.measurement, measurement=None)
+
+
+#: the named tasks, declared once: every name the CLI, stores and adapters use
+NAMED_TASKS: dict[str, TaskSpec] = {
+    spec.name: spec for spec in (
+        TaskSpec("classification", classification_loss, collate="classification", peft_task_type="SEQ_CLS"),
+        TaskSpec("causal_lm", causal_lm_loss, collate="causal_lm", peft_task_type="CAUSAL_LM"),
+        TaskSpec("causal_lm_mean", _causal_lm_mean, collate="causal_lm", peft_task_type="CAUSAL_LM"),
+    )
 }
+TASKS = tuple(NAMED_TASKS)
+#: the name of the task of each kind of record a collator builds, when nothing else says
+DEFAULT_TASK = TASKS[0]
+
+
+def get_task(task: str | TaskSpec) -> TaskSpec:
+    """The spec of a named task (a spec is returned as it is); one line listing the names otherwise."""
+    if isinstance(task, TaskSpec):
+        return task
+    if isinstance(task, str) and task in NAMED_TASKS:
+        return NAMED_TASKS[task]
+    raise DataInfError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+
+
+def token_level(task: Task) -> bool:
+    """Whether ``task`` (a name or spec) scores tokens of a causal LM (False for a plain loss callable)."""
+    spec = task if isinstance(task, TaskSpec) else NAMED_TASKS.get(task) if isinstance(task, str) else None
+    return spec is not None and spec.token_level
+
+
+def recorded_task(adapter_dir: str | Path | None) -> tuple[str, str] | None:
+    """(task name, the file that says so) of an adapter folder: what `datainf finetune` recorded in its
+    marker file, else the ``task_type`` PEFT wrote in adapter_config.json (a causal LM or a sequence
+    classifier); None when neither names a task this library has."""
+    if adapter_dir is None:
+        return None
+    folder = Path(adapter_dir)
+    marker = folder / ADAPTER_MARKER
+    for path, key in ((marker, "task"), (folder / "adapter_config.json", "task_type")):
+        if not path.is_file():
+            continue
+        try:
+            data = parse_json(path.read_bytes(), str(path))
+        except (DataInfError, OSError):
+            continue
+        value = data.get(key) if isinstance(data, dict) else None
+        if key == "task" and value in NAMED_TASKS:
+            return str(value), str(path)
+        if key == "task_type" and isinstance(value, str):
+            names = [spec.name for spec in NAMED_TASKS.values() if spec.peft_task_type == value]
+            if names:
+                return names[0], str(path)
+    return None
 
 
 class DiffusionLoss:
@@ -257,11 +344,11 @@ class DiffusionLoss:
 
 
 def resolve_task(task: Task) -> LossFn:
-    """The loss function ``(model, batch) -> Tensor (B,)`` of a task name or callable."""
+    """The loss function ``(model, batch) -> Tensor (B,)`` of a task name, spec or callable."""
     if callable(task):
         return task
-    if isinstance(task, str) and task in _BUILTIN:
-        return _BUILTIN[task]
+    if isinstance(task, str) and task in NAMED_TASKS:
+        return NAMED_TASKS[task]
     raise DataInfError(f"unknown task {task!r}: use one of {', '.join(TASKS)} or a callable loss(model, batch)")
 
 
@@ -294,7 +381,7 @@ def batch_size(batch: Any) -> int | None:
 def empty_examples(task: Task, batch: Mapping[str, Any]) -> list[int]:
     """Indices of the examples whose loss has no tokens (a causal LM task with every label -100 after the
     first position); always empty for other tasks."""
-    if task not in ("causal_lm", "causal_lm_mean") or not isinstance(batch, Mapping):
+    if not token_level(task) or not isinstance(batch, Mapping):
         return []
     labels = batch.get("labels")
     if not isinstance(labels, Tensor) or labels.dim() != 2:

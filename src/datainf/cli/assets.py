@@ -6,6 +6,7 @@ import json
 
 import click
 
+from datainf.cli.options import option
 from datainf.outputs import check_output
 
 
@@ -30,10 +31,9 @@ def command(name: str) -> None:
               help="Chat records (TRL's conversational format) or prompt/response records.")
 @click.option("--classes", type=click.IntRange(2, 10), default=10)
 @click.option("--per-class", type=click.IntRange(1, 2000), default=20)
-@click.option("--seed", type=int, default=0)
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="JSONL file to write; an existing file is refused unless --overwrite.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@option("--seed", help="Seed of the generated examples.")
+@option("--out", "out_path", required=True, help="JSONL file to write; an existing file is refused unless --overwrite.")
+@option("--overwrite", help="Replace an existing --out file.")
 def example_data(task: str, data_format: str, classes: int, per_class: int, seed: int, out_path: str,
                  overwrite: bool) -> None:
     """Write a generated training set as JSONL (with each example's class as `label` and `class_name`)."""

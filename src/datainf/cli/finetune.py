@@ -11,11 +11,11 @@ import click
 from datainf.cli.common import (
     FINETUNE_MARKER,
     data_options,
-    device_option,
     make_collator,
     read_data,
     setup,
 )
+from datainf.cli.options import device_option, option
 from datainf.outputs import check_output
 
 #: the file that marks an adapter folder as written by `datainf finetune`
@@ -26,40 +26,38 @@ RATE_RULE = ("mean learning rate of the optimizer steps from this checkpoint to 
 
 
 @click.command("finetune")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Local Hugging Face model folder (config.json, weights, tokenizer).")
+@option("--model", required=True, help="Local Hugging Face model folder (config.json, weights, tokenizer).")
 @click.option("--train", "train_path", required=True, type=click.Path(),
               help="Training data: JSONL, JSON, CSV/TSV, parquet or a `datasets` save_to_disk folder.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for the LoRA adapter (save_pretrained); new, empty, or an adapter written by this command "
+@option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+        help="Folder for the LoRA adapter (save_pretrained); new, empty, or an adapter written by this command "
                    "(replaced whole: a folder holding any other file is refused, naming it).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing --out adapter that this command did not write (peft's, the Trainer's); a "
+@option("--overwrite",
+        help="Replace an existing --out adapter that this command did not write (peft's, the Trainer's); a "
                    "folder holding files an adapter does not have is refused all the same.")
-@click.option("--task", type=click.Choice(["classification", "causal_lm"]), default="classification",
-              help="classification: a sequence classifier (new head); causal_lm: a causal LM on chat, "
+@option("--task", type=click.Choice(["classification", "causal_lm"]), default="classification", metavar=None,
+        help="classification: a sequence classifier (new head); causal_lm: a causal LM on chat, "
                    "prompt/response or text records.")
 @data_options
-@click.option("--num-labels", type=click.IntRange(min=2), default=None,
-              help="Classification: classes of the new head; default the number of label names, or of ids 0..K-1 "
+@option("--num-labels",
+        help="Classification: classes of the new head; default the number of label names, or of ids 0..K-1 "
                    "(ids with gaps, such as 0, 1, 7, are refused unless this asks for that head).")
-@click.option("--rank", type=int, default=None, help="LoRA rank; default 4 (classification) or 8 (causal_lm).")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha; default = rank (classification) or 32.")
-@click.option("--target-modules", default=None,
-              help="Comma-separated module names to adapt; default value (classification) or q_proj,v_proj.")
-@click.option("--epochs", type=int, default=3)
-@click.option("--lr", type=float, default=1e-3)
-@click.option("--batch-size", type=int, default=None, help="Default 32 (classification) or 8 (causal_lm).")
-@click.option("--max-length", type=click.IntRange(min=2), default=128)
-@click.option("--seed", type=int, default=0)
-@click.option("--pooling", type=click.Choice(["pooler", "mean"]), default="pooler", show_default=True,
-              help="Classification: what the head reads, the model's own pooler (as transformers' "
+@option("--rank", help="LoRA rank; default 4 (classification) or 8 (causal_lm).")
+@option("--alpha", help="LoRA alpha; default = rank (classification) or 32.")
+@option("--target-modules", help="Comma-separated module names to adapt; default value (classification) or "
+                                  "q_proj,v_proj.")
+@option("--epochs")
+@option("--lr")
+@option("--batch-size", default=None, help="Default 32 (classification) or 8 (causal_lm).")
+@option("--max-length")
+@option("--seed")
+@option("--pooling", type=click.Choice(["pooler", "mean"]),
+        help="Classification: what the head reads, the model's own pooler (as transformers' "
                    "ForSequenceClassification) or the mean token state (sentence-transformers encoders such as "
                    "MiniLM; BERT-family models). Recorded in the adapter; grads and explain read it back.")
-@click.option("--head-lr", type=float, default=None,
-              help="Classification: learning rate of the new head (default --lr).")
-@click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also save the adapter at this many evenly spaced steps and before the first step (OUT/"
+@option("--head-lr", help="Classification: learning rate of the new head (default --lr).")
+@option("--checkpoints",
+        help="Also save the adapter at this many evenly spaced steps and before the first step (OUT/"
                    "checkpoint-STEP, checkpoint-0 included; the last is OUT itself), each with its weight in a sum "
                    "over the run: the mean learning rate of the steps from it to the next checkpoint. Then `grads "
                    "--run OUT`, `score --run-stores`, `explain --run OUT` use them all.")

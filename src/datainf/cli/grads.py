@@ -9,7 +9,6 @@ import click
 
 from datainf.cli.common import (
     data_options,
-    device_option,
     load_model,
     make_collator,
     model_dtype_option,
@@ -19,44 +18,39 @@ from datainf.cli.common import (
     setup,
     tokenization_differences,
 )
+from datainf.cli.options import device_option, option
 from datainf.data.labels import describe
 from datainf.errors import DataInfError
 from datainf.outputs import check_apart
 
 
 @click.command("grads")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Local Hugging Face base model folder.")
-@click.option("--adapter", "adapter_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="LoRA adapter folder (from `datainf finetune`, TRL, the Trainer or peft's save_pretrained).")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A fine-tuning run folder instead of --adapter (`datainf finetune --checkpoints K`'s --out, or a "
+@option("--model", required=True)
+@option("--adapter", "adapter_dir", default=None,
+        help="LoRA adapter folder (from `datainf finetune`, TRL, the Trainer or peft's save_pretrained).")
+@option("--run", help="A fine-tuning run folder instead of --adapter (`datainf finetune --checkpoints K`'s --out, or a "
                    "Trainer / TRL output_dir with checkpoint-N folders): one store per checkpoint, --store/"
                    "checkpoint-STEP, and datainf_run.json saying each one's learning rate; complete stores are "
                    "kept, interrupted ones resumed.")
-@click.option("--data", "data_path", required=True, type=click.Path(),
-              help="JSONL, JSON, CSV/TSV, parquet or a save_to_disk folder.")
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
-              help="Gradient store folder (created, or resumed when it exists); with --run, the folder of the run's "
+@option("--data", required=True)
+@option("--store", required=True, help="Gradient store folder (created, or resumed when it exists); with --run, the folder of the run's "
                    "stores.")
-@click.option("--task", type=click.Choice(["classification", "causal_lm", "causal_lm_mean"]),
-              default="classification",
-              help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: "
-                   "averaged over them.")
+@option("--task", default=None,
+        help="classification: cross-entropy; causal_lm: NLL summed over the loss tokens; causal_lm_mean: averaged "
+             "over them. Default: the task the adapter folder records (datainf_finetune.json, or PEFT's task_type "
+             "in adapter_config.json), else classification.")
 @data_options
-@click.option("--num-labels", type=click.IntRange(min=2), default=None,
-              help="Classification: number of classes; default what `datainf finetune` recorded, else 2.")
+@option("--num-labels", help="Classification: number of classes; default what `datainf finetune` recorded, else 2.")
 @click.option("--labels-from", "labels_from", type=click.Path(file_okay=False), default=None,
               help="Classification: read class names with the mapping of this (training) store, e.g. for a "
                    "validation file that lacks some classes; default the adapter's, else this file's sorted names.")
 @click.option("--skip-nonfinite", is_flag=True,
               help="Drop the examples whose loss is NaN or infinite (recorded in the store's manifest) instead of "
                    "refusing the run; costs one forward pass over the data.")
-@click.option("--batch-size", type=int, default=16)
+@option("--batch-size")
 @click.option("--chunk-size", type=int, default=256, help="Examples per store shard (unit of resumption).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32",
-              help="Storage dtype of the gradients.")
-@click.option("--max-length", type=click.IntRange(min=2), default=128, help="Token limit per example.")
+@option("--dtype", default="float32")
+@option("--max-length")
 @click.option("--project", "project_dim", type=click.IntRange(min=1), default=None, metavar="K",
               help="Project every gradient inside the hooks with fixed seeded random matrices: each side of a "
                    "module larger than K becomes K (LoRA A r x d_in -> r x K, B d_out x r -> K x r). Queries must "
@@ -72,7 +66,8 @@ from datainf.outputs import check_apart
 @model_dtype_option
 @device_option
 @click.pass_context
-def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir: str | None, data_path: str, store_dir: str, task: str,
+def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir: str | None, data_path: str,
+            store_dir: str, task: str | None,
             num_labels: int | None, labels_from: str | None, skip_nonfinite: bool, batch_size: int, chunk_size: int,
             dtype: str, max_length: int, project_dim: int | None, project_seed: int, initial: bool,
             initial_seed: int | None, model_dtype: str, device: str | None, **data: Any) -> None:
@@ -94,9 +89,12 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
     if run_dir is not None:
         jobs = run_jobs(run_dir, adapter_dir, store_dir)
         adapter_dir = jobs[0][0]
+    task, said = task_for(task, adapter_dir)
     progress, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     progress = progress and is_main_process()
+    if said and progress:
+        click.echo(said, err=True)
     names, source = None, ""
     if task == "classification":
         names, num_labels, source = run_labels(adapter_dir, labels_from, num_labels)
@@ -144,16 +142,33 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
         if is_main_process():
             shown = f" (labels {describe(names)}, from {source})" if names else ""
             projected = f" (projected, k={project_dim}, seed {project_seed})" if project_dim is not None else ""
-            dropped = (store.manifest.get("meta") or {}).get("nonfinite", {}).get("dropped") or []
+            dropped = store.metadata.dropped
             skipped = (f"; dropped {len(dropped)} examples with a non-finite loss: rows "
                        f"{', '.join(str(d['row']) for d in dropped[:10])}{', ...' if len(dropped) > 10 else ''}"
                        if dropped else "")
-            cut = (store.manifest.get("meta") or {}).get("truncated")
+            cut = store.metadata.truncated
             truncated = (f"; {cut['examples']} examples cut to --max-length {cut['max_length']} (the longest "
                          f"{'>= ' if cut.get('longest_is_a_lower_bound') else ''}{cut['longest']} tokens)"
                          if cut else "")
             click.echo(f"stored gradients of {store.n_examples} examples, {len(store.block_names)} blocks"
                        f"{projected}, in {store_dir}{shown}{skipped}{truncated}")
+
+
+def task_for(task: str | None, adapter_dir: str | None) -> tuple[str, str | None]:
+    """(the task, a line saying where it came from or None): ``--task``, else the one the adapter folder
+    records, else the default. Refused: a ``--task`` of another kind (classifier / causal LM) than the adapter
+    was fine-tuned as, naming the file that says so."""
+    from datainf.tasks import DEFAULT_TASK, get_task, recorded_task
+
+    recorded = recorded_task(adapter_dir)
+    if task is None:
+        if recorded is None:
+            return DEFAULT_TASK, None
+        return recorded[0], f"task {recorded[0]} (recorded in {recorded[1]}; --task overrides it)"
+    if recorded is not None and get_task(task).collate != get_task(recorded[0]).collate:
+        raise DataInfError(f"--task {task}, but {recorded[1]} says the adapter was fine-tuned as {recorded[0]}; "
+                           f"pass --task {recorded[0]} (or leave --task out to use it)")
+    return task, None
 
 
 def run_jobs(run_dir: str, adapter_dir: str | None, store_dir: str) -> list[tuple[str, str]]:

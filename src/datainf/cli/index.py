@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from datainf.cli.common import overwrite_option
+from datainf.cli.options import method_option, option, overwrite_option
 from datainf.errors import DataInfError
 from datainf.outputs import check_output, check_output_folder
 
@@ -36,20 +36,20 @@ def _default_out(store_dir: str) -> str:
 
 @command.command("build")
 @click.argument("store_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--method", default=None,
-              help="The method whose scores the index reproduces: the one the store is preconditioned for "
+@method_option(None, single=True, dest="method",
+               help="The method whose scores the index reproduces: the one the store is preconditioned for "
                    "(`datainf store precondition`), identity for a plain store (the default).")
-@click.option("--normalize", is_flag=True, help="Cosine similarity (identity only): rows and queries of norm 1.")
+@option("--normalize", help="Cosine similarity (identity only): rows and queries of norm 1.")
 @click.option("--kind", type=click.Choice(["flat", "ivf"]), default="flat", show_default=True,
               help="flat: exact top-k; ivf: approximate, for large stores (search with --nprobe).")
 @click.option("--nlist", type=click.IntRange(min=1), default=None, help="IVF lists; default about sqrt(n).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=True), default=None,
-              help="Index folder; default STORE.index beside the store. An existing folder is replaced only if it "
+@option("--out", "out_dir", type=click.Path(file_okay=True), default=None,
+        help="Index folder; default STORE.index beside the store. An existing folder is replaced only if it "
                    "is an index (or with --overwrite), and never when it holds other files.")
 @click.option("--check", "check_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="A query store: measure the index's recall@k against the exhaustive scores and print it.")
-@click.option("--k", type=click.IntRange(min=1), default=50, show_default=True, help="k of --check's recall@k.")
-@click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists --check searches.")
+@option("--k", default=50, show_default=True, help="k of --check's recall@k.")
+@option("--nprobe", help="IVF lists --check searches.")
 @overwrite_option
 def build(store_dir: str, method: str | None, normalize: bool, kind: str, nlist: int | None, out_dir: str | None,
           check_dir: str | None, k: int, nprobe: int | None, overwrite: bool) -> None:
@@ -103,15 +103,14 @@ def _check(store: GradientStore, queries: GradientStore, top: TopIndex, k: int, 
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.option("--queries", "query_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Gradient store of the queries.")
-@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
-              help="The training store the index was built from (default: the path it recorded).")
-@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Examples per list (helpful, harmful).")
+@option("--store", default=None,
+        help="The training store the index was built from (default: the path it recorded).")
+@option("--k", show_default=True)
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
               help="IVF lists searched (more: higher recall, slower); default 1.")
 @click.option("--format", "out_format", type=click.Choice(["jsonl", "csv"]), default="jsonl")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Output file (the rows `datainf top` writes); default stdout.")
+@option("--out", "out_path", default=None,
+        help="Output file (the rows `datainf top` writes); default stdout.")
 @overwrite_option
 def search(index_dir: str, query_dir: str, store_dir: str | None, k: int, nprobe: int | None, out_format: str,
            out_path: str | None, overwrite: bool) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import data_options, overwrite_option
+from datainf.cli.common import data_options
+from datainf.cli.options import option, overwrite_option
 from datainf.errors import DataInfError
 from datainf.outputs import check_apart, check_output
 
@@ -33,17 +34,17 @@ def _extras(record: Any) -> dict[str, Any]:
 
 
 @click.command("report")
-@click.option("--scores", "scores_path", type=click.Path(dir_okay=False), default=None,
-              help="A scores file from `datainf score` (.safetensors; an old .npz is still read). Required unless "
-                   "--tokens is given.")
-@click.option("--data", "data_path", type=click.Path(), default=None,
-              help="The training data the store was made from (default: the examples kept in the training "
-                   "store); checked against the store's dataset fingerprint.")
+@option("--scores", required=False, default=None,
+        help="A scores file from `datainf score` (.safetensors; an old .npz is still read). Required unless --tokens "
+             "is given.")
+@option("--data", default=None,
+        help="The training data the store was made from (default: the examples kept in the training "
+             "store); checked against the store's dataset fingerprint.")
 @data_options
 @click.option("--flipped-column", default="flipped",
               help="classification: optional boolean column of --data marking known-bad labels.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="The HTML file; an existing file is replaced only if it is a datainf report (or with --overwrite).")
+@option("--out", "out_path", required=True,
+        help="The HTML file; an existing file is replaced only if it is a datainf report (or with --overwrite).")
 @overwrite_option
 @click.option("--top-k", type=click.IntRange(min=1), default=10, help="Rows of each helpful / harmful list.")
 @click.option("--title", default=None, help="The page's title.")
@@ -55,6 +56,7 @@ def command(scores_path: str | None, data_path: str | None, flipped_column: str,
     """A self-contained HTML report from a scores file, laid out for its task (generations: each query's
     prompt and response first, with its most helpful and harmful training examples); or, with --tokens, of
     an explain --tokens file, token by token."""
+    from datainf.estimators.defaults import REFERENCE_METHOD
     from datainf.metrics import method_summary
     from datainf.report import write_report
     from datainf.scoring import load_scores
@@ -131,7 +133,7 @@ def command(scores_path: str | None, data_path: str | None, flipped_column: str,
         import numpy as np
 
         flagged = np.array([r["flipped"] for r in train])
-    summary = method_summary(overall, flagged)
+    summary = method_summary(overall, flagged, reference=REFERENCE_METHOD)
     methods: dict[str, dict[str, Any]] = {}
     for name in overall:
         settings = loaded.settings.get(name) or {}

@@ -7,60 +7,38 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import (
-    device_option,
-    overwrite_option,
-    parse_methods,
-    rank_device,
-    remedy_fields,
-    remedy_options,
-    setup,
-)
+from datainf.cli.common import rank_device, setup
+from datainf.cli.options import Scoring, device_option, option, overwrite_option, scoring_options
 from datainf.errors import DataInfError
 from datainf.outputs import check_output
 
 
 @click.command("score")
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
-              help="Gradient store of the training set; or the folder of run stores `datainf grads --run` made: "
-                   "the scores are then summed over the run's checkpoints, each weighted by its learning rate "
-                   "(--queries then the queries' run stores, made with `grads --run` on the same run).")
-@click.option("--queries", "query_dir", type=click.Path(file_okay=False), default=None,
-              help="Gradient store of the queries (e.g. the validation set).")
+@option("--store", required=True,
+        help="Gradient store of the training set; or the folder of run stores `datainf grads --run` made: the scores "
+             "are then summed over the run's checkpoints, each weighted by its learning rate (--queries then the "
+             "queries' run stores, made with `grads --run` on the same run).")
+@option("--queries")
 @click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
-@click.option("--method", "methods", multiple=True, default=("datainf",),
-              help="Method names, comma-separated or repeated (--method datainf --method exact); a name that is "
-                   "not registered is refused with the list of those that are.")
 @click.option("--mean-query", is_flag=True,
               help="Score against the mean query gradient: influence on the average query loss.")
-@click.option("--normalize", is_flag=True,
-              help="Cosine similarity after preconditioning: divide each score by both gradients' preconditioned "
-                   "norms (TrackStar).")
-@click.option("--damping", type=float, default=None, help="One damping for every block; default the paper's rule.")
-@click.option("--lissa-iterations", type=int, default=100)
-@click.option("--compute-dtype", type=click.Choice(["float32", "float64"]), default=None,
-              help="Compute dtype; default float32 (float64 for a float64 store).")
-@click.option("--allow-mismatch", is_flag=True,
-              help="Score a query store made with another adapter or task (a cross-checkpoint comparison); the "
-                   "differences are recorded in the scores file.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside); an "
-                   "existing file is replaced only if it is a scores file (or with --overwrite).")
+@scoring_options()
 @click.option("--debias", "debias", default=None, metavar="BASE_STORE[,BASE_QUERIES]",
               help="DDA's debias: subtract the scores of these stores, made at the model before fine-tuning (step 0: "
                    "`grads --initial`, or checkpoint-0's), from the scores (training store, then query store).")
-@remedy_options
+@option("--allow-mismatch")
+@option("--out", "out_path", required=True,
+        help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside); an existing "
+             "file is replaced only if it is a scores file (or with --overwrite).")
 @overwrite_option
 @device_option
 @click.pass_context
-def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, methods: tuple[str, ...],
-            mean_query: bool, normalize: bool, damping: float | None, lissa_iterations: int,
-            compute_dtype: str | None, allow_mismatch: bool, out_path: str, overwrite: bool, device: str | None,
-            debias: str | None, **remedies: Any) -> None:
+def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, mean_query: bool,
+            scoring: Scoring, debias: str | None, allow_mismatch: bool, out_path: str, overwrite: bool,
+            device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
     from datainf.combine import combine, debias_terms, is_run_stores, read_run_stores, run_terms
     from datainf.distributed import init_distributed, is_main_process
-    from datainf.estimators import ScoreArguments
     from datainf.scoring import save_scores, score_store
     from datainf.store import GradientStore
 
@@ -73,7 +51,6 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
                  overwrite=overwrite)
     _, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
-    names = parse_methods(methods)
     run = is_run_stores(store_dir)
     if run:  # a run: one term per checkpoint, the first checkpoint's stores stand for the run in the file's meta
         if query_dir is not None and not is_run_stores(query_dir):
@@ -90,11 +67,8 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
         queries = GradientStore.open(query_dir) if query_dir is not None else None
     base = None if debias is None else debias_stores(debias, queries is None, run)
     results = {}
-    for method in names:
-        options = {"iterations": lissa_iterations} if method == "lissa" else {}
-        arguments = ScoreArguments(method=method, damping=damping, dtype=compute_dtype, device=device,
-                                   mean_query=mean_query, normalize=normalize, options=options,
-                                   **remedy_fields(remedies))
+    for method in scoring.methods:
+        arguments = scoring.arguments(method, device=device, mean_query=mean_query)
         if base is not None:
             result = combine(debias_terms(train, queries, base[0], base[1], arguments), allow_mismatch=allow_mismatch)
         elif run:

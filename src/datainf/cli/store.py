@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import click
 
-from datainf.cli.common import device_option, setup
+from datainf.cli.common import setup
+from datainf.cli.options import declared, device_option, method_option, option
 from datainf.errors import DataInfError
 from datainf.outputs import check_apart
 
@@ -56,12 +57,11 @@ def verify(store_dir: str) -> None:
 @command.command("precondition")
 @click.argument("store_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--method", default="ekfac", show_default=True,
-              help="identity, exact, kfac, ekfac or datainf (methods whose inverse does not depend on the query).")
-@click.option("--damping", type=float, default=None, help="One damping for every block; default the method's rule.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
-              help="Storage dtype of OUT; default the source store's.")
-@click.option("--compute-dtype", type=click.Choice(["float32", "float64"]), default=None)
+@method_option(declared("PRECONDITION_METHOD"), single=True, dest="method",
+               help="A method whose inverse does not depend on the query (identity, exact, kfac, ekfac, datainf).")
+@option("--damping")
+@option("--dtype", help="Storage dtype of OUT; default the source store's.")
+@option("--compute-dtype")
 @device_option
 @click.pass_context
 def precondition(ctx: click.Context, store_dir: str, out_dir: str, method: str, damping: float | None,
@@ -82,7 +82,7 @@ def precondition(ctx: click.Context, store_dir: str, out_dir: str, method: str, 
             raise
         raise DataInfError(f"the disk is full: writing {out_dir} ({e}); free some space, then rerun the same "
                            "command: it resumes") from None
-    info = out.manifest["meta"]["preconditioned"]
+    info = out.metadata.preconditioned or {}
     click.echo(f"wrote {out_dir}: {out.n_examples} examples x {len(out.block_names)} blocks preconditioned by "
                f"{method} in {info['seconds']:.1f} s (curvature {info['curvature_seconds']:.1f} s); score it with "
                f"--method {method}")

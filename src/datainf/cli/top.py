@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import data_options, overwrite_option
+from datainf.cli.common import data_options
+from datainf.cli.options import method_option, option, overwrite_option
 from datainf.errors import DataInfError
 from datainf.outputs import TOP_COLUMNS, check_apart, check_output
 
@@ -51,19 +52,19 @@ def query_records(loaded: Any) -> list[dict] | None:
 
 
 @click.command("top")
-@click.option("--scores", "scores_path", required=True, type=click.Path(dir_okay=False),
-              help="A scores file from `datainf score`.")
-@click.option("--data", "data_path", type=click.Path(), default=None,
-              help="The training data (default: the examples kept in the training store).")
+@option("--scores")
+@option("--data", default=None,
+        help="The training data (default: the examples kept in the training store).")
 @data_options
-@click.option("--k", type=click.IntRange(min=1), default=20, help="Examples per list (helpful, harmful).")
-@click.option("--method", "only", default=None, help="Only these methods (comma-separated); default all in the file.")
-@click.option("--format", "out_format", type=click.Choice(["jsonl", "csv"]), default="jsonl")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Output file; default stdout. An existing file is replaced only if it is a table of this command "
+@option("--k")
+@method_option(None, "Only these methods (comma-separated or repeated); default all in the file.", registered=False,
+               dest="only")
+@option("--format")
+@option("--out", "out_path", default=None,
+        help="Output file; default stdout. An existing file is replaced only if it is a table of this command "
                    "(or with --overwrite).")
 @overwrite_option
-def command(scores_path: str, data_path: str | None, k: int, only: str | None, out_format: str,
+def command(scores_path: str, data_path: str | None, k: int, only: tuple[str, ...], out_format: str,
             out_path: str | None, overwrite: bool, **data: Any) -> None:
     """Per method and query: rank, training index, score and the training example's text. In CSV, a text
     starting with =, +, -, @, a tab or a carriage return gets a leading ' (a spreadsheet shows it as text)."""
@@ -78,7 +79,7 @@ def command(scores_path: str, data_path: str | None, k: int, only: str | None, o
         check_output(out_path, inputs={**inputs, "training store": (loaded.meta.get("train_store") or {}).get("path"),
                                        "query store": (loaded.meta.get("query_store") or {}).get("path")},
                      kind="top", overwrite=overwrite)
-    methods = [m.strip() for m in only.split(",")] if only else list(loaded.scores)
+    methods = list(only) or list(loaded.scores)
     missing = [m for m in methods if m not in loaded.scores]
     if missing:
         raise DataInfError(f"{scores_path} holds no scores for {missing}; it has {list(loaded.scores)}")

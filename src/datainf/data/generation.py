@@ -138,11 +138,18 @@ def _field_trip(r: random.Random) -> tuple[str, list[str], int]:
     return question, [f"There are {a} + {b} = {a + b} people.", f"The tickets cost {a + b} x {c} = {(a + b) * c}."], (a + b) * c
 
 
-def _aquarium(r: random.Random) -> tuple[str, list[str], int]:
+def _product_plus(r: random.Random, question: str, product: str, total: str) -> tuple[str, list[str], int]:
+    """A question whose answer is ``a * b + c`` for three draws from 1..99: the question, its two steps (the
+    product ``p``, then the total ``t``) filled in from ``str.format`` templates, and the answer."""
     a, b, c = r.randint(1, 99), r.randint(1, 99), r.randint(1, 99)
-    question = (f"An aquarium has {a} tanks with {b} fish in each tank. Then {c} new fish arrive. "
-                f"How many fish does the aquarium have now?")
-    return question, [f"The tanks hold {a} x {b} = {a * b} fish.", f"With the new fish, {a * b} + {c} = {a * b + c}."], a * b + c
+    p, t = a * b, a * b + c
+    return question.format(a=a, b=b, c=c), [product.format(a=a, b=b, p=p), total.format(p=p, c=c, t=t)], t
+
+
+def _aquarium(r: random.Random) -> tuple[str, list[str], int]:
+    return _product_plus(r, "An aquarium has {a} tanks with {b} fish in each tank. Then {c} new fish arrive. "
+                            "How many fish does the aquarium have now?",
+                         "The tanks hold {a} x {b} = {p} fish.", "With the new fish, {p} + {c} = {t}.")
 
 
 def _basketball(r: random.Random) -> tuple[str, list[str], int]:
@@ -155,10 +162,9 @@ def _basketball(r: random.Random) -> tuple[str, list[str], int]:
 
 
 def _time_challenge(r: random.Random) -> tuple[str, list[str], int]:
-    a, b, c = r.randint(1, 99), r.randint(1, 99), r.randint(1, 99)
-    question = (f"In a time challenge a runner completes {a} laps that take {b} minutes each, then rests for "
-                f"{c} minutes. How many minutes does the challenge take?")
-    return question, [f"The laps take {a} x {b} = {a * b} minutes.", f"With the rest, {a * b} + {c} = {a * b + c}."], a * b + c
+    return _product_plus(r, "In a time challenge a runner completes {a} laps that take {b} minutes each, then "
+                            "rests for {c} minutes. How many minutes does the challenge take?",
+                         "The laps take {a} x {b} = {p} minutes.", "With the rest, {p} + {c} = {t}.")
 
 
 def _discount(r: random.Random) -> tuple[str, list[str], int]:

@@ -52,7 +52,16 @@ from datainf.estimators.blocks import (
     resolve_damping,
     scaled,
 )
-from datainf.estimators.registry import Estimator, FittedState, get_method, method_names, register, unregister
+from datainf.estimators.registry import (
+    Estimator,
+    FittedState,
+    accepted_options,
+    get_method,
+    method_names,
+    options_from_text,
+    register,
+    unregister,
+)
 
 
 def rank_damping(sq_norms: Tensor, d: int) -> float:
@@ -67,7 +76,7 @@ def rank_damping(sq_norms: Tensor, d: int) -> float:
 for _name in ("datainf", "exact", "lissa", "identity", "kfac"):
     importlib.import_module(f"{__name__}.{_name}")
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("arguments", "blocks", "registry"):
+    if _info.name not in ("arguments", "blocks", "defaults", "diagnostics", "registry"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 #: residual above which LiSSA warns that it has not converged
@@ -367,11 +376,13 @@ __all__ = [
     "ScoreArguments",
     "ScoreResult",
     "ZeroBlocksWarning",
+    "accepted_options",
     "default_damping",
     "finish",
     "get_method",
     "influence",
     "method_names",
+    "options_from_text",
     "partial_scores",
     "rank_damping",
     "register",

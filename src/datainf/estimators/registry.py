@@ -28,7 +28,8 @@ to every block's estimator as ``self.shared``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -208,4 +209,71 @@ def parse_options(name: str, options: Mapping[str, Any]) -> Any:
     return cls.options(**dict(options))
 
 
-__all__ = ["Estimator", "FittedState", "get_method", "method_names", "parse_options", "register", "unregister"]
+def accepted_options(name: str, **values: Any) -> dict[str, Any]:
+    """Of ``values`` (e.g. ``iterations=10`` for every method of a table), those the method ``name``
+    declares in its options dataclass: what a caller with settings for several methods passes to each."""
+    return {k: v for k, v in values.items() if k in _allowed(name)}
+
+
+def _allowed(name: str) -> list[str]:
+    cls = get_method(name)
+    return [] if cls.options is None else [f.name for f in dataclasses.fields(cls.options)]
+
+
+def _value_of(text: str, hint: Any) -> Any:
+    """``text`` as the type a field is annotated with (int, float, bool, str, or one of them or None)."""
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if type(None) in typing.get_args(hint) and text.lower() in ("none", "null"):
+        return None
+    kind = kinds[0]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    return kind(text) if kind in (int, float, str) else text
+
+
+def options_from_text(methods: Sequence[str], pairs: Sequence[str], optional: Sequence[str] = ()
+                      ) -> dict[str, dict[str, Any]]:
+    """Each method's options from ``NAME=VALUE`` texts (``--option``): ``METHOD.NAME=VALUE`` for one method, a
+    bare ``NAME`` for every method of ``methods`` that has it; each value converted to its field's type and the
+    whole validated by the method's options dataclass (``optional``: more pairs, left out where no chosen method
+    has the name, as an old flag such as ``--lissa-iterations`` was). Refused, naming the methods and their allowed names: a
+    text without ``=``, a name no chosen method has, a value of the wrong type."""
+    allowed = {m: _allowed(m) for m in methods}
+    listing = "; ".join(f"{m}: {', '.join(a) or 'none'}" for m, a in allowed.items())
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    names = {n for a in allowed.values() for n in a}
+    pairs = [*pairs, *(p for p in optional if p.partition("=")[0].rpartition(".")[2].strip() in names)]
+    for pair in pairs:
+        key, sep, text = str(pair).partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
+            raise DataInfError(f"--option {pair}: give NAME=VALUE or METHOD.NAME=VALUE (e.g. --option "
+                               f"lissa.iterations=50); allowed for the chosen methods: {listing}")
+        method, _, name = key.rpartition(".")
+        if method and method not in allowed:
+            raise DataInfError(f"--option {pair}: method '{method}' is not among the chosen methods "
+                               f"({', '.join(methods)}); allowed: {listing}")
+        targets = [m for m in ([method] if method else methods) if name in allowed[m]]
+        if not targets:
+            raise DataInfError(f"--option {pair}: {'method ' + repr(method) if method else 'no chosen method'} "
+                               f"takes an option '{name}'; allowed: {listing}")
+        for m in targets:
+            hint = typing.get_type_hints(get_method(m).options)[name]
+            try:
+                out[m][name] = _value_of(text, hint)
+            except ValueError:
+                raise DataInfError(f"--option {pair}: method '{m}' wants {getattr(hint, '__name__', hint)} for "
+                                   f"'{name}', not {text!r}; allowed: {listing}") from None
+    for m, given in out.items():
+        if given:
+            try:
+                parse_options(m, given)
+            except (TypeError, DataInfError) as e:
+                raise DataInfError(f"--option: method '{m}': {e}; allowed: {listing}") from None
+    return {m: given for m, given in out.items() if given}
+
+
+__all__ = ["Estimator", "FittedState", "accepted_options", "get_method", "method_names", "options_from_text", "parse_options", "register",
+           "unregister"]

@@ -32,7 +32,8 @@ import torch
 from datainf import atomic
 from datainf.data.text import DATASETS, load_records, load_text_dataset, sample_split
 from datainf.errors import DataInfError, parse_json
-from datainf.estimators import get_method, influence, method_names
+from datainf.estimators import accepted_options, get_method, influence, method_names
+from datainf.estimators.defaults import REFERENCE_METHOD
 from datainf.experiments.common import settings_dict
 from datainf.experiments.mislabeled import MislabeledSettings, finetune, noisy_split, run_mislabeled
 from datainf.scoring import load_scores
@@ -246,7 +247,7 @@ def rank_plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows)
-               if not (m == "exact" and metric.endswith("with_exact"))]  # 1 by definition
+               if not (m == REFERENCE_METHOD and metric.endswith("with_exact"))]  # 1 by definition
     ranks = sorted(set(r["rank"] for r in rows))
     main_targets = max(set(r["targets"] for r in rows), key=lambda t: sum(r["targets"] == t for r in rows))
     colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
@@ -446,7 +447,7 @@ def time_method(n: int, d: int, method: str, blocks: int, n_query: int, gen: tor
     """Seconds of one influence call on ``blocks`` random (n, d) blocks, after a one-block warm-up."""
     G = [torch.randn(n, d, generator=gen) for _ in range(blocks)]
     V = [torch.randn(n_query, d, generator=gen) for _ in range(blocks)]
-    opts = {"iterations": SCALING_LISSA_ITERATIONS} if method == "lissa" else {}
+    opts = accepted_options(method, iterations=SCALING_LISSA_ITERATIONS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lissa at 10 iterations is not converged; only its time counts here
         influence(G[:1], V[:1], method, **opts)  # warm-up

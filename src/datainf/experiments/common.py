@@ -9,7 +9,7 @@ from typing import Any
 
 from datainf import atomic
 from datainf.errors import DataInfError
-from datainf.estimators import ScoreResult, method_names
+from datainf.estimators import ScoreResult, accepted_options, method_names
 
 #: how results.json shows the damping when none was given
 PAPER_DAMPING = "paper rule per block"
@@ -28,17 +28,19 @@ def check_methods(methods: tuple[str, ...]) -> None:
 
 
 def method_options(method: str, lissa_iterations: int) -> dict[str, Any]:
-    """The method's own scoring options (LiSSA's iteration count)."""
-    return {"iterations": lissa_iterations} if method == "lissa" else {}
+    """The method's own scoring options: the iteration count, for a method that has one (LiSSA)."""
+    return accepted_options(method, iterations=lissa_iterations)
 
 
 def damping_label(damping: float | None) -> float | str:
     return PAPER_DAMPING if damping is None else damping
 
 
-def max_relative_residual(result: ScoreResult) -> float:
-    """LiSSA's worst relative residual over the blocks."""
-    return max(v["relative_residual"] for v in result.diagnostics.values())
+def max_relative_residual(result: ScoreResult) -> float | None:
+    """The worst relative residual over the blocks of a method that reports one (LiSSA); None otherwise."""
+    found = [v["relative_residual"] for v in result.diagnostics.values()
+             if isinstance(v, dict) and "relative_residual" in v]
+    return max(found) if found else None
 
 
 def present(obj: Any, *names: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from datainf.attributor import Attributor
 from datainf.data.collate import DiffusionCollate
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreResult
+from datainf.estimators.defaults import DEFAULT_METHOD, DIFFUSION_METHODS, PLAIN_METHOD, REFERENCE_METHOD
 from datainf.experiments.common import check_methods, present, settings_dict, write_results
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
 from datainf.models.diffusion import PromptEncoder, add_lora, base_model, make_scheduler, train_denoiser
@@ -45,8 +46,8 @@ log = logging.getLogger("datainf.experiments")
 
 #: the paper's table 2 (stable-diffusion-v1.5, LoRA), for the results page
 PAPER = {
-    "style": {"datainf": {"auc": 0.820, "recall": 0.687}, "identity": {"auc": 0.692, "recall": 0.533}},
-    "subject": {"datainf": {"auc": 0.865, "recall": 0.315}, "identity": {"auc": 0.820, "recall": 0.210}},
+    "style": {DEFAULT_METHOD: {"auc": 0.820, "recall": 0.687}, PLAIN_METHOD: {"auc": 0.692, "recall": 0.533}},
+    "subject": {DEFAULT_METHOD: {"auc": 0.865, "recall": 0.315}, PLAIN_METHOD: {"auc": 0.820, "recall": 0.210}},
 }
 
 
@@ -65,7 +66,7 @@ class DiffusionSettings:
     learning_rate: float = 5e-3
     timesteps: tuple[int, ...] = PAPER_TIMESTEPS
     noise_draws: int = 1
-    methods: tuple[str, ...] = ("datainf", "identity", "exact")
+    methods: tuple[str, ...] = DIFFUSION_METHODS
     damping: float | None = None           # None: the paper's rule per block
     grad_batch_size: int = 16
     seed: int = 0
@@ -277,10 +278,10 @@ def method_outcomes(scored: dict[str, ScoreResult], scores: dict[str, np.ndarray
         outcomes[m] = DiffusionMethod(**attribution_metrics(scores[m], train_groups, test_groups),
                                       seconds=result.seconds)
         log.info("%s: %s", m, outcomes[m].to_dict())
-    if "exact" in scores:
+    if REFERENCE_METHOD in scores:
         for m, s in scores.items():
-            outcomes[m].pearson_with_exact = pearson(s.ravel(), scores["exact"].ravel())
-            outcomes[m].spearman_with_exact = spearman(s.ravel(), scores["exact"].ravel())
+            outcomes[m].pearson_with_exact = pearson(s.ravel(), scores[REFERENCE_METHOD].ravel())
+            outcomes[m].spearman_with_exact = spearman(s.ravel(), scores[REFERENCE_METHOD].ravel())
     return outcomes
 
 
@@ -292,7 +293,7 @@ def write_outputs(result: DiffusionResult, out: Path, settings: DiffusionSetting
 
     save_scores(out / "scores.safetensors", scored, train_store=attributor.store,
                 extra={"experiment": f"diffusion-{settings.experiment}"})
-    report_method = "datainf" if "datainf" in scores else next(iter(scores))
+    report_method = DEFAULT_METHOD if DEFAULT_METHOD in scores else next(iter(scores))
     write_image_report(out / "report.html", results=result.to_dict(), train=train, test=test,
                        scores=scores[report_method], method=report_method, group_key=group_key)
 

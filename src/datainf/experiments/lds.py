@@ -43,6 +43,7 @@ import torch
 from datainf import atomic
 from datainf.errors import DataInfError, parse_json
 from datainf.estimators import ScoreArguments, method_names
+from datainf.estimators.defaults import LDS_LEFT_OUT
 from datainf.experiments.common import check_methods, method_options, settings_dict
 from datainf.metrics import pearson, spearman
 
@@ -82,7 +83,7 @@ class LdsSettings:
     subset_fraction: float = 0.5
     loo_examples: int = 20
     loo_seeds: int = 3
-    methods: tuple[str, ...] = field(default_factory=lambda: tuple(m for m in method_names() if m != "kfac"))
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(m for m in method_names() if m not in LDS_LEFT_OUT))
     lissa_iterations: int = 100
     checkpoints: int = 0        # generation tasks: also score at step 0 and summed over step 0 + K checkpoints
     control: bool = False       # generation tasks: also score the resemblance control

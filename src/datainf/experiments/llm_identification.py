@@ -56,6 +56,7 @@ from datainf.data.collate import TextCollator
 from datainf.data.generation import TASKS, make_task, split_task
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult
+from datainf.estimators.defaults import LLM_IDENTIFICATION_METHODS, NOT_NORMALIZED, REFERENCE_METHOD
 from datainf.experiments.common import (
     check_methods,
     damping_label,
@@ -80,7 +81,7 @@ log = logging.getLogger("datainf.experiments")
 PROTOCOLS = ("paper", "response")
 #: methods whose normalized variant is also scored with normalize (LiSSA's self-influence would run its
 #: recursion for every training example: n times the cost of scoring)
-NORMALIZED_EXCLUDED = ("lissa",)
+NORMALIZED_EXCLUDED = NOT_NORMALIZED
 #: the resemblance control's row
 CONTROL = "resemblance"
 #: how each checkpoint's weight in ``"<method>+run"`` is chosen (as ``datainf finetune --checkpoints`` records it)
@@ -105,7 +106,7 @@ class LLMIdentificationSettings:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    methods: tuple[str, ...] = ("datainf", "identity", "exact", "lissa", "ekfac")
+    methods: tuple[str, ...] = LLM_IDENTIFICATION_METHODS
     damping: float | None = None          # None: the paper's rule per block
     protocol: str = "response"            # "paper": prompt-only LM loss, as the research code; "response"
     normalize: bool = False               # also score every method but lissa with normalized gradients
@@ -531,13 +532,12 @@ def method_outcomes(settings: LLMIdentificationSettings, scored: dict[str, Score
             auc=metrics["auc"], recall=metrics["recall"], seconds=result.seconds,
             damping=damping_label(settings.damping), auc_per_query=metrics["auc_per_query"],
             recall_per_query=metrics["recall_per_query"],
-            max_relative_residual=max_relative_residual(result) if result.method == "lissa" and result.diagnostics
-            else None)
+            max_relative_residual=max_relative_residual(result))
         log.info("%s: AUC %.3f recall %.3f (%.1f s)", m, metrics["auc"], metrics["recall"], result.seconds)
-    if "exact" in scores:
+    if REFERENCE_METHOD in scores:
         for m, s in scores.items():
             outcomes[m].pearson_with_exact, outcomes[m].spearman_with_exact = mean_column_correlation(
-                s, scores["exact"])
+                s, scores[REFERENCE_METHOD])
     return outcomes
 
 

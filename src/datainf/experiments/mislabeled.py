@@ -23,17 +23,9 @@ from datainf.attributor import Attributor
 from datainf.data.noise import flip_labels
 from datainf.data.text import load_text_dataset, sample_split
 from datainf.errors import DataInfError
-from datainf.estimators import ScoreResult, method_names
-from datainf.experiments.common import (
-    check_methods,
-    damping_label,
-    max_relative_residual,
-    method_options,
-    present,
-    settings_dict,
-    write_jsonl,
-    write_results,
-)
+from datainf.estimators import ScoreResult, get_method, method_names
+from datainf.estimators.defaults import REFERENCE_METHOD
+from datainf.experiments import common
 from datainf.metrics import pearson, roc_auc, spearman
 from datainf.models.finetune import (
     LoraSettings,
@@ -81,7 +73,7 @@ class MislabeledSettings:
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
-        check_methods(self.methods)
+        common.check_methods(self.methods)
         if not 0 <= self.noise_fraction < 1:
             raise DataInfError(f"noise_fraction must be in [0, 1), got {self.noise_fraction}")
         if self.n_train < 2 or self.n_val < 1:
@@ -101,7 +93,7 @@ class MislabeledMethod:
 
     def to_dict(self) -> dict[str, Any]:
         return {"auc": self.auc, "seconds": self.seconds, "damping": self.damping,
-                **present(self, "max_relative_residual", "pearson_with_exact", "spearman_with_exact")}
+                **common.present(self, "max_relative_residual", "pearson_with_exact", "spearman_with_exact")}
 
 
 @dataclass
@@ -136,12 +128,12 @@ class MislabeledResult:
         out = {"library_version": self.library_version, "created": self.created, "task": "classification",
                "experiment": "mislabeled", "settings": self.settings,
                "validation_accuracy": self.validation_accuracy, "validation_loss": self.validation_loss,
-               **present(self, "majority_accuracy", "clean_validation_accuracy"),
+               **common.present(self, "majority_accuracy", "clean_validation_accuracy"),
                **({"learned": self.learned} if self.learned is not None else {}),
                "n_flipped": self.n_flipped, "finetune_seconds": self.finetune_seconds,
                "gradient_seconds": self.gradient_seconds,
                "methods": {m: r.to_dict() for m, r in self.methods.items()}, "torch_threads": self.torch_threads}
-        return out | present(self, "diagnostics", "wall_seconds")
+        return out | common.present(self, "diagnostics", "wall_seconds")
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -167,7 +159,7 @@ def run(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: b
     scores = {m: r.scores[:, 0].double().cpu().numpy() for m, r in scored.items()}
     is_flipped = np.array([r["flipped"] for r in train])
     result = MislabeledResult(
-        settings=settings_dict(settings), validation_accuracy=val_metrics["accuracy"],
+        settings=common.settings_dict(settings), validation_accuracy=val_metrics["accuracy"],
         validation_loss=val_metrics.get("loss"), n_flipped=int(is_flipped.sum()),
         finetune_seconds=finetune_seconds, gradient_seconds=gradient_seconds,
         methods=method_outcomes(settings, scored, scores, is_flipped),
@@ -180,7 +172,7 @@ def run(settings: MislabeledSettings, out_dir: str | os.PathLike, *, progress: b
     result.wall_seconds = time.perf_counter() - t_start
     write_outputs(result, out, settings, train, scored, attributor)
     result.wall_seconds = time.perf_counter() - t_start
-    write_results(out / "results.json", result.to_dict())
+    common.write_results(out / "results.json", result.to_dict())
     if not keep_store:
         shutil.rmtree(out / "store", ignore_errors=True)
     return result
@@ -254,7 +246,7 @@ def score_methods(settings: MislabeledSettings, attributor: Attributor, val_grad
                   ) -> dict[str, ScoreResult]:
     """Each method's influence of every training example on the mean validation loss."""
     return {m: attributor.score(val_grads, method=m, damping=settings.damping, mean_query=True,
-                                **method_options(m, settings.lissa_iterations)) for m in settings.methods}
+                                **common.method_options(m, settings.lissa_iterations)) for m in settings.methods}
 
 
 def method_outcomes(settings: MislabeledSettings, scored: dict[str, ScoreResult], scores: dict[str, np.ndarray],
@@ -263,13 +255,13 @@ def method_outcomes(settings: MislabeledSettings, scored: dict[str, ScoreResult]
     outcomes = {}
     for m, result in scored.items():
         auc = roc_auc(scores[m], is_flipped) if 0 < is_flipped.sum() < len(is_flipped) else None
-        outcomes[m] = MislabeledMethod(auc=auc, seconds=result.seconds, damping=damping_label(settings.damping),
-                                       max_relative_residual=max_relative_residual(result) if m == "lissa" else None)
+        outcomes[m] = MislabeledMethod(auc=auc, seconds=result.seconds, damping=common.damping_label(settings.damping),
+                                       max_relative_residual=common.max_relative_residual(result))
         log.info("%s: %s", m, outcomes[m].to_dict())
-    if "exact" in scores:
+    if REFERENCE_METHOD in scores:
         for m, s in scores.items():
-            outcomes[m].pearson_with_exact = pearson(s, scores["exact"])
-            outcomes[m].spearman_with_exact = spearman(s, scores["exact"])
+            outcomes[m].pearson_with_exact = pearson(s, scores[REFERENCE_METHOD])
+            outcomes[m].spearman_with_exact = spearman(s, scores[REFERENCE_METHOD])
     return outcomes
 
 
@@ -284,7 +276,7 @@ def diagnose(settings: MislabeledSettings, attributor: Attributor, val_grads: di
     report = approximation_report(
         attributor.store.blocks(), {k: v.mean(0, keepdim=True) for k, v in val_grads.items()},
         methods=diagnosed, damping=settings.damping, lissa_iterations=settings.lissa_iterations,
-        factors=attributor.curvature() if {"kfac", "ekfac"} & set(diagnosed) else None, seed=settings.seed)
+        factors=attributor.curvature() if any(get_method(m).needs_curvature for m in diagnosed) else None, seed=settings.seed)
     return summarize_diagnostics(report)
 
 
@@ -295,7 +287,7 @@ def write_outputs(result: MislabeledResult, out: Path, settings: MislabeledSetti
 
     save_scores(out / "scores.safetensors", scored, train_store=attributor.store,
                 extra={"experiment": "mislabeled", "query": "mean validation gradient"})
-    write_jsonl(out / "train.jsonl", train)
+    common.write_jsonl(out / "train.jsonl", train)
     write_report(out / "report.html", results=result.to_dict(), train=train, scores=result.scores,
                  title=f"datainf: mislabeled examples in {settings.dataset}")
 

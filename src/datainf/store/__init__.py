@@ -79,11 +79,12 @@ from datainf.store.fingerprint import (
 )
 from datainf.store.gradient_store import GradientStore, disk_full, existing_ancestor, require_free_space
 from datainf.store.manifest import StoreProblem, projection_label
+from datainf.store.metadata import StoreMeta
 from datainf.store.streaming import StreamingWriter
 
 __all__ = [
     "AUTO", "CHECKSUM", "CHUNK_MANIFEST", "DTYPES", "FINGERPRINT_KEYS", "FORMAT_VERSION", "LOCK_TIMEOUT_S",
-    "MAX_STORAGE_ERROR", "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreProblem",
+    "MAX_STORAGE_ERROR", "PEFT_REINITIALIZED", "RECORDS_FILE", "WRITER_LOCK", "GradientStore", "StoreMeta", "StoreProblem",
     "StreamingWriter",
     "StoredBlock", "disk_full", "existing_ancestor", "file_digest", "fingerprint_dataset", "fingerprint_model",
     "fingerprint_task", "projection_label", "require_free_space", "storage_loss",

@@ -20,6 +20,7 @@ from datainf.store.manifest import (
     row_span,
     validate_manifest,
 )
+from datainf.store.metadata import StoreMeta
 
 
 class StoreLayout:
@@ -62,6 +63,11 @@ class StoreLayout:
     def has_checksums(self) -> bool:
         """Whether the store was written with chunk manifests (every chunk has a chunk.json with checksums)."""
         return self.manifest.get("integrity") == CHECKSUM
+
+    @property
+    def metadata(self) -> StoreMeta:
+        """What the manifest says about the gradients (task, labels, collation, dropped rows, ...), typed."""
+        return StoreMeta.read(self.manifest.get("meta"), f"store {self.path}")
 
     @property
     def projection(self) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from datainf.cli.options import method_option, option
 from datainf.errors import DataInfError
 from datainf.estimators import method_names
 from datainf.experiments.classification import (
@@ -35,32 +36,31 @@ def target_sets_of(value: str) -> list[tuple[str, ...]]:
 
 def grid_options(f):
     options = [
-        click.option("--out", "out_dir", default="runs/classification", type=click.Path(file_okay=False)),
+        option("--out", "out_dir", default="runs/classification", type=click.Path(file_okay=False), help="Output folder."),
         click.option("--datasets", default="rotten_tomatoes,sms_spam,trec_coarse",
                      help="Comma-separated: built-in offline sets, local files/folders, or glue:TASK."),
-        click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                     help="Local HF encoder folder; default the offline all-MiniLM-L6-v2."),
+        option("--model", default=None, help="Local HF encoder folder; default the offline all-MiniLM-L6-v2."),
         click.option("--ranks", default="1,2,4,8", help="LoRA ranks."),
         click.option("--seeds", default="0,1,2,3,4", help="Seeds (data sample, noise, training)."),
         click.option("--targets", default="value;query,value",
                      help="';'-separated LoRA target sets, each comma-separated module names."),
-        click.option("--n-train", type=int, default=1000),
-        click.option("--n-val", type=int, default=200),
-        click.option("--epochs", type=int, default=4),
-        click.option("--lr", type=float, default=3e-3),
-        click.option("--methods", default=",".join(method_names())),
-        click.option("--lissa-iterations", type=int, default=100),
+        option("--n-train"),
+        option("--n-val"),
+        option("--epochs", default=4),
+        option("--lr", default=3e-3),
+        method_option(method_names()),
+        option("--lissa-iterations", default=100, help="LiSSA's recursion steps."),
         click.option("--clean-baseline/--no-clean-baseline", default=True,
                      help="Also fine-tune each run on the clean labels, to record what the set-up learns."),
-        click.option("--pooling", type=click.Choice(POOLINGS), default="mean", show_default=True,
-                     help="What the head reads: the mean token state (how MiniLM was trained) or BERT's pooler."),
-        click.option("--head-lr", type=float, default=1e-2, show_default=True,
-                     help="Learning rate of the classifier head (the LoRA matrices use --lr)."),
+        option("--pooling", type=click.Choice(POOLINGS), default="mean",
+               help="What the head reads: the mean token state (how MiniLM was trained) or BERT's pooler."),
+        option("--head-lr", default=1e-2, show_default=True,
+               help="Learning rate of the classifier head (the LoRA matrices use --lr)."),
         click.option("--length-buckets/--no-length-buckets", default=True, show_default=True,
                      help="Batches of similar token length (less padding)."),
     ]
-    for option in reversed(options):
-        f = option(f)
+    for decorate in reversed(options):
+        f = decorate(f)
     return f
 
 
@@ -71,12 +71,12 @@ def grid_of(params: dict) -> tuple[MislabeledSettings, dict]:
                                     "data set": [d for d in params["datasets"].split(",") if d and Path(d).exists()]})
     grid = {"datasets": [d for d in params["datasets"].split(",") if d], "ranks": ints(params["ranks"]),
             "seeds": ints(params["seeds"]), "target_sets": target_sets_of(params["targets"])}
-    for option, values in zip(("--datasets", "--ranks", "--seeds", "--targets"), grid.values()):
+    for flag, values in zip(("--datasets", "--ranks", "--seeds", "--targets"), grid.values()):
         if not values:
-            raise DataInfError(f"{option} is empty: give at least one value")
+            raise DataInfError(f"{flag} is empty: give at least one value")
     base = MislabeledSettings(
         model_dir=params["model_dir"], n_train=params["n_train"], n_val=params["n_val"], epochs=params["epochs"],
-        learning_rate=params["lr"], methods=tuple(m.strip() for m in params["methods"].split(",") if m.strip()),
+        learning_rate=params["lr"], methods=params["methods"],
         lissa_iterations=params["lissa_iterations"], clean_baseline=params["clean_baseline"],
         pooling=params["pooling"], head_learning_rate=params["head_lr"], length_buckets=params["length_buckets"])
     return base, {**grid, "out_dir": params["out_dir"]}
@@ -109,15 +109,15 @@ def selection_command(ctx, keep, **params):
 
 
 @click.command(name="scaling")
-@click.option("--out", "out_dir", default="runs/scaling", type=click.Path(file_okay=False))
+@option("--out", "out_dir", default="runs/scaling", type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--n-values", default="250,500,1000,2000,4000")
 @click.option("--d-values", default="256,1024,4096")
 @click.option("--blocks", type=int, default=4)
-@click.option("--methods", default=None, help="Comma-separated; default every method that needs no curvature.")
+@method_option(None, "Comma-separated or repeated; default every method that needs no curvature.")
 def scaling_command(out_dir, n_values, d_values, blocks, methods):
     """Time of each method as n_train and the block size grow, with fitted log-log exponents."""
     result = run_scaling(out_dir, n_values=tuple(ints(n_values)), d_values=tuple(ints(d_values)), blocks=blocks,
-                         methods=tuple(m for m in methods.split(",") if m) if methods else None)
+                         methods=methods or None)
     for k, v in result.exponents.items():
         click.echo(f"{k:<16} exponent {v:.2f}")
 

@@ -9,6 +9,7 @@ import click
 import diffusers  # noqa: F401 - the experiments' optional dependency: without it the command says so in one line
 
 from datainf.cli.common import setup
+from datainf.cli.options import declared, method_option, option
 from datainf.errors import DataInfError
 from datainf.experiments.diffusion import DiffusionSettings, format_table, run
 from datainf.outputs import check_run_folder
@@ -24,34 +25,32 @@ def parse_ints(value: str, name: str) -> tuple[int, ...]:
 
 def common_options(f):
     options = [
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder."),
+        option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder."),
         click.option("--steps", default=160, show_default=True, help="LoRA fine-tuning steps."),
-        click.option("--batch-size", default=16, show_default=True, help="Fine-tuning batch size."),
-        click.option("--lr", "learning_rate", default=5e-3, show_default=True, help="LoRA learning rate."),
-        click.option("--rank", default=4, show_default=True, help="LoRA rank (alpha = rank)."),
+        option("--batch-size", show_default=True, help="Fine-tuning batch size."),
+        option("--lr", "learning_rate", default=5e-3, show_default=True),
+        option("--rank", default=4, show_default=True, help="LoRA rank (alpha = rank)."),
         click.option("--timesteps", default=",".join(map(str, PAPER_TIMESTEPS)), show_default=True,
                      help="Fixed timesteps of the attribution loss."),
-        click.option("--methods", default="datainf,identity,exact", show_default=True,
-                     help="Comma-separated: datainf, identity, exact, lissa."),
-        click.option("--damping", type=float, default=None, help="Damping; default the paper's rule per block."),
+        method_option(declared("DIFFUSION_METHODS"), "Comma-separated or repeated: datainf, identity, exact, lissa."),
+        option("--damping"),
         click.option("--grad-batch-size", default=16, show_default=True, help="Examples per gradient pass."),
-        click.option("--seed", default=0, show_default=True),
+        option("--seed", show_default=True),
         click.option("--base", default=None, type=click.Path(file_okay=False),
                      help="Pre-trained base UNet folder; default the cached one (built if missing)."),
         click.option("--rebuild-base", is_flag=True, help="Pre-train the base again (a few minutes)."),
-        click.option("--device", default=None, help="cpu or cuda[:N]; default cuda when available."),
+        option("--device"),
     ]
-    for option in reversed(options):
-        f = option(f)
+    for decorate in reversed(options):
+        f = decorate(f)
     return f
 
 
-def run_command(ctx: click.Context, experiment: str, out: str, methods: str, timesteps: str, device: str | None,
+def run_command(ctx: click.Context, experiment: str, out: str, methods: tuple[str, ...], timesteps: str, device: str | None,
                 rebuild_base: bool, **kw: Any) -> None:
     check_run_folder(out, {"base UNet folder": kw.get("base")})
     progress, device = setup(ctx, device)
-    names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    settings = DiffusionSettings(experiment=experiment, methods=names,
+    settings = DiffusionSettings(experiment=experiment, methods=methods,
                                  timesteps=parse_ints(timesteps, "timesteps"), **kw)
     result = run(settings, out, device=device, progress=progress, rebuild_base=rebuild_base)
     click.echo(format_table(result))
@@ -59,24 +58,29 @@ def run_command(ctx: click.Context, experiment: str, out: str, methods: str, tim
                f"({result.wall_seconds:.0f} s)")
 
 
-@click.command("diffusion-style")
-@common_options
-@click.option("--n-train-per-style", default=30, show_default=True, help="Training images per style.")
-@click.option("--n-test-per-style", default=5, show_default=True, help="Held-out query images per style.")
-@click.pass_context
-def style_command(ctx: click.Context, **kw: Any) -> None:
-    """Which training images of a LoRA-tuned diffusion model share a query image's style? (paper table 2)"""
-    run_command(ctx, "style", **kw)
+def experiment_command(name: str, experiment: str, doc: str, *options: Any) -> click.Command:
+    """The click command ``name`` of one diffusion experiment: the common options, then its own."""
+
+    def command(ctx: click.Context, **kw: Any) -> None:
+        run_command(ctx, experiment, **kw)
+
+    command.__doc__ = doc
+    f = click.pass_context(command)
+    for decorate in reversed(options):
+        f = decorate(f)
+    return click.command(name)(common_options(f))
 
 
-@click.command("diffusion-subject")
-@common_options
-@click.option("--n-subjects", default=30, show_default=True, help="Subjects (each one MNIST image + augmentations).")
-@click.option("--views", default=3, show_default=True, help="Training images per subject.")
-@click.pass_context
-def subject_command(ctx: click.Context, **kw: Any) -> None:
-    """Which training images of a DreamBooth-style LoRA show a query's subject? (paper table 2)"""
-    run_command(ctx, "subject", **kw)
+style_command = experiment_command(
+    "diffusion-style", "style",
+    "Which training images of a LoRA-tuned diffusion model share a query image's style? (paper table 2)",
+    click.option("--n-train-per-style", default=30, show_default=True, help="Training images per style."),
+    click.option("--n-test-per-style", default=5, show_default=True, help="Held-out query images per style."))
+subject_command = experiment_command(
+    "diffusion-subject", "subject",
+    "Which training images of a DreamBooth-style LoRA show a query's subject? (paper table 2)",
+    click.option("--n-subjects", default=30, show_default=True, help="Subjects (each one MNIST image + augmentations)."),
+    click.option("--views", default=3, show_default=True, help="Training images per subject."))
 
 
 commands = {"diffusion-style": style_command, "diffusion-subject": subject_command}

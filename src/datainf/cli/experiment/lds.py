@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from datainf.cli.options import method_option, option
 from datainf.data.generation import TASKS
 from datainf.data.text import DATASETS
 from datainf.experiments.classification import load_dataset_records
@@ -14,40 +15,39 @@ from datainf.outputs import check_apart
 
 
 @click.command(name="lds")
-@click.option("--out", "out_dir", default="runs/lds", type=click.Path(file_okay=False))
-@click.option("--task", default="classification", show_default=True,
-              type=click.Choice(["classification", *TASKS]),
-              help="classification: a LoRA sequence classifier on --dataset; the others: a LoRA causal LM on "
+@option("--out", "out_dir", default="runs/lds", type=click.Path(file_okay=False), help="Output folder.")
+@option("--task", default="classification", show_default=True, type=click.Choice(["classification", *TASKS]), metavar=None,
+        help="classification: a LoRA sequence classifier on --dataset; the others: a LoRA causal LM on "
                    "that generated task.")
-@click.option("--dataset", default="rotten_tomatoes", show_default=True,
-              help="Classification only: built-in offline set, a local file, or glue:TASK.")
-@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Local HF model folder; default MiniLM (classification) or SmolLM2-135M-Instruct.")
-@click.option("--n-train", type=int, default=200, show_default=True)
+@option("--dataset", show_default=True,
+        help="Classification only: built-in offline set, a local file, or glue:TASK.")
+@option("--model", default=None,
+        help="Local HF model folder; default MiniLM (classification) or SmolLM2-135M-Instruct.")
+@option("--n-train", default=200, show_default=True)
 @click.option("--n-query", type=int, default=50, show_default=True)
-@click.option("--noise", type=float, default=0.2, show_default=True, help="Classification only: flipped share.")
-@click.option("--classes", type=int, default=10, show_default=True, help="Generation tasks only.")
-@click.option("--rank", type=int, default=None, help="LoRA rank [default: 4 classifier, 8 causal LM].")
-@click.option("--epochs", type=int, default=None, help="[default: 4 classifier, 2 causal LM]")
-@click.option("--lr", type=float, default=None, help="[default: 3e-3 classifier, 1e-3 causal LM]")
+@option("--noise", show_default=True, help="Classification only: flipped share.")
+@option("--classes", show_default=True, help="Generation tasks only.")
+@option("--rank", help="LoRA rank [default: 4 classifier, 8 causal LM].")
+@option("--epochs", default=None, help="[default: 4 classifier, 2 causal LM]")
+@option("--lr", default=None, help="[default: 3e-3 classifier, 1e-3 causal LM]")
 @click.option("--subsets", type=int, default=50, show_default=True)
 @click.option("--loo-examples", type=int, default=20, show_default=True, help="0: no leave-one-out.")
 @click.option("--loo-seeds", type=int, default=3, show_default=True)
-@click.option("--methods", default=None, help="Comma-separated; default every registered method but kfac.")
-@click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Generation tasks: also score at step 0 (rows <method>+step0) and summed over step 0 and this many "
-                   "evenly spaced checkpoints of the full fine-tune, weighted as finetune --checkpoints records "
-                   "them (rows <method>+run).")
+@method_option(None, "Comma-separated or repeated; default every registered method but kfac.")
+@option("--checkpoints",
+        help="Generation tasks: also score at step 0 (rows <method>+step0) and summed over step 0 and this many "
+             "evenly spaced checkpoints of the full fine-tune, weighted as finetune --checkpoints records "
+             "them (rows <method>+run).")
 @click.option("--control/--no-control", default=False,
               help="Generation tasks: also score the resemblance control (row 'resemblance').")
-@click.option("--device", default=None, help="Causal LM only: cpu or cuda [default: cuda when available].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@option("--device", help="Causal LM only: cpu or cuda [default: cuda when available].")
+@option("--seed", show_default=True)
 @click.pass_context
 def lds_command(ctx, out_dir, task, dataset, model_dir, n_train, n_query, noise, classes, rank, epochs, lr, subsets,
                 loo_examples, loo_seeds, methods, checkpoints, control, device, seed):
     """Linear datamodeling score and leave-one-out correlation of each method (retrains; cached, resumable)."""
     check_apart(out_dir, {"model folder": model_dir, "data set": dataset if Path(dataset).exists() else None})
-    chosen = {"methods": tuple(m for m in methods.split(",") if m)} if methods else {}
+    chosen = {"methods": methods} if methods else {}
     settings = LdsSettings(task=task, dataset=dataset, model_dir=model_dir, n_train=n_train, n_query=n_query,
                            noise_fraction=noise, classes=classes, rank=rank, epochs=epochs, learning_rate=lr,
                            subsets=subsets, loo_examples=loo_examples, loo_seeds=loo_seeds, device=device,

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from datainf.cli.common import setup
+from datainf.cli.options import declared, method_option, option
 from datainf.data.generation import TASKS
 from datainf.errors import DataInfError
 from datainf.experiments.llm_identification import LLMIdentificationSettings, format_table, run
@@ -22,45 +23,45 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 
 @click.command("llm-identification")
 @click.option("--task", type=click.Choice(list(TASKS)), default="sentences", help="Synthetic generation task.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="llm-identification-out",
-              help="Output folder: results.json, scores.safetensors, train/test.jsonl, report.html, store/.")
-@click.option("--model", "model_dir", type=click.Path(), default=None,
-              help="Local Hugging Face causal LM folder; default SmolLM2-135M-Instruct (converted once).")
-@click.option("--classes", type=int, default=10, help="Number of classes (2-10).")
+@option("--out", "out_dir", type=click.Path(file_okay=False), default="llm-identification-out",
+        help="Output folder: results.json, scores.safetensors, train/test.jsonl, report.html, store/.")
+@option("--model", type=click.Path(), default=None,
+        help="Local Hugging Face causal LM folder; default SmolLM2-135M-Instruct (converted once).")
+@option("--classes")
 @click.option("--train-per-class", type=int, default=90)
 @click.option("--test-per-class", type=int, default=10)
-@click.option("--epochs", type=int, default=2)
-@click.option("--lr", type=float, default=1e-3, help="Fine-tuning learning rate (AdamW, linear warm-up).")
-@click.option("--batch-size", type=int, default=8, help="Fine-tuning batch size.")
-@click.option("--max-length", type=int, default=128, help="Token limit of prompt + response.")
-@click.option("--rank", type=int, default=8, help="LoRA rank.")
-@click.option("--alpha", type=float, default=32.0, help="LoRA alpha.")
-@click.option("--target-modules", default="q_proj,v_proj", help="Comma-separated module names to adapt.")
-@click.option("--methods", default="datainf,identity,exact,lissa,ekfac", help="Comma-separated influence methods.")
+@option("--epochs", default=2)
+@option("--lr", help="Fine-tuning learning rate (AdamW, linear warm-up).")
+@option("--batch-size", default=8, help="Fine-tuning batch size.")
+@option("--max-length", type=int, help="Token limit of prompt + response.")
+@option("--rank", default=8)
+@option("--alpha", default=32.0)
+@option("--target-modules", default="q_proj,v_proj")
+@method_option(declared("LLM_IDENTIFICATION_METHODS"), "Influence methods, comma-separated or repeated.")
 @click.option("--protocol", type=click.Choice(["paper", "response"]), default="response",
               help="paper: fine-tune on prompt + response, gradients of the mean LM loss over the prompt's tokens "
                    "(the research code); response: fine-tune on and attribute the response's NLL.")
-@click.option("--normalize", is_flag=True,
-              help="Also score every method but lissa with unit-normalized preconditioned gradients.")
-@click.option("--checkpoints", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also score at step 0 (the initial adapter, B = 0; rows <method>+step0) and at this many evenly "
-                   "spaced steps of fine-tuning (the last the final model), and sum each method's scores over step 0 "
-                   "and them, each weighted by the mean learning rate of the steps from it to the next (as finetune "
-                   "--checkpoints records it; rows <method>+run).")
+@option("--normalize",
+        help="Also score every method but lissa with unit-normalized preconditioned gradients.")
+@option("--checkpoints",
+        help="Also score at step 0 (the initial adapter, B = 0; rows <method>+step0) and at this many evenly "
+             "spaced steps of fine-tuning (the last the final model), and sum each method's scores over step 0 "
+             "and them, each weighted by the mean learning rate of the steps from it to the next (as finetune "
+             "--checkpoints records it; rows <method>+run).")
 @click.option("--control/--no-control", default=False,
               help="Also score the resemblance control (row 'resemblance'): minus the cosine of the base model's "
                    "mean last hidden states of prompt + response, training example vs test example.")
-@click.option("--damping", type=float, default=None, help="Damping for every block; default the paper's rule.")
-@click.option("--lissa-iterations", type=int, default=100)
-@click.option("--seed", type=int, default=0)
+@option("--damping")
+@option("--lissa-iterations", default=100, help="LiSSA's recursion steps.")
+@option("--seed")
 @click.option("--load-in-8bit/--no-load-in-8bit", default=False, help="8-bit base model (bitsandbytes + GPU).")
 @click.option("--load-in-4bit/--no-load-in-4bit", default=False, help="4-bit base model (bitsandbytes + GPU).")
 @click.option("--keep-store/--no-keep-store", default=True, help="Keep out/store (the training gradients).")
-@click.option("--device", default=None, help="cpu or cuda[:N]; default cuda when available.")
+@option("--device")
 @click.pass_context
 def llm_identification_command(ctx: click.Context, task: str, out_dir: str, model_dir: str | None, classes: int,
                                train_per_class: int, test_per_class: int, epochs: int, lr: float, batch_size: int,
-                               max_length: int, rank: int, alpha: float, target_modules: str, methods: str,
+                               max_length: int, rank: int, alpha: float, target_modules: str, methods: tuple[str, ...],
                                protocol: str, normalize: bool, checkpoints: int, control: bool,
                                damping: float | None,
                                lissa_iterations: int,
@@ -83,7 +84,7 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         task=task, model_dir=model_dir, classes=classes, train_per_class=train_per_class,
         test_per_class=test_per_class, epochs=epochs, learning_rate=lr, batch_size=batch_size,
         max_length=max_length, rank=rank, alpha=alpha, target_modules=split_list(target_modules, "--target-modules"),
-        methods=split_list(methods, "--methods"), protocol=protocol, normalize=normalize, checkpoints=checkpoints,
+        methods=methods, protocol=protocol, normalize=normalize, checkpoints=checkpoints,
         control=control, damping=damping,
         lissa_iterations=lissa_iterations, seed=seed,
         load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_store=keep_store, device=device)
