@@ -58,7 +58,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 #: explain as a library call (datainf.explain): an application of everything below it, used by the CLI
 ALLOWED["datainf.explaining"] = ("datainf.errors", "datainf.atomic", "datainf.outputs", "datainf.tasks", "datainf.data",
                                  "datainf.gradients", "datainf.store", "datainf.estimators", "datainf.scoring",
-                                 "datainf.combine", "datainf.attributor", "datainf.models", "datainf.ranking")
+                                 "datainf.combine", "datainf.attributor", "datainf.models", "datainf.ranking",
+                                 "datainf.tokens")
 #: the application layers may import everything below them (never the CLI)
 ALLOWED["datainf.experiments"] = tuple(sorted({m for v in ALLOWED.values() for m in v} | set(ALLOWED))) + (
     "datainf.experiments",)

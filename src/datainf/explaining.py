@@ -142,13 +142,11 @@ CSV_COLUMNS = ("query_index", "prompt", "response", "generated", "method", "kind
 
 
 def score_arguments(method: str, remedies: Mapping[str, Any] | None = None) -> ScoreArguments:
-    """How explain scores with ``method``: the method's defaults (LiSSA with 100 iterations: a few queries
-    need no more), with the remedies asked for (ScoreArguments fields of :mod:`datainf.remedies`:
+    """How explain scores with ``method``: the method's defaults, with the remedies asked for (ScoreArguments fields of :mod:`datainf.remedies`:
     ``remove_top``, ``adam_moments``, ``damping_scale``, ``damping_rule``)."""
     from datainf.estimators import ScoreArguments
 
-    return ScoreArguments(method=method, options={"iterations": 100} if method == "lissa" else {},
-                          **dict(remedies or {}))
+    return ScoreArguments(method=method, **dict(remedies or {}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,15 +398,17 @@ class Explainer:
 
     def __init__(self, model: PathLike, *, store: PathLike | Sequence[PathLike],
                  adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None,
-                 weights: str = "lr", methods: Sequence[str] = ("datainf",), k: int = 10, max_new_tokens: int = 64,
+                 weights: str = "lr", methods: Sequence[str] | None = None, k: int = 10, max_new_tokens: int = 64,
                  allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
                  remedies: Mapping[str, Any] | None = None, tokens: bool = False,
                  arguments: Mapping[str, ScoreArguments] | None = None) -> None:
         from datainf.combine import check_summable
         from datainf.estimators import method_names
+        from datainf.estimators.defaults import DEFAULT_METHOD
         from datainf.scoring import check_preconditioned
         from datainf.store import GradientStore
 
+        methods = (DEFAULT_METHOD,) if methods is None else methods
         unknown = [m for m in methods if m not in method_names()]
         if unknown or not methods:
             what = f"unknown method {unknown[0]!r}" if unknown else "no method given"
@@ -429,7 +429,7 @@ class Explainer:
         self.model_dtype, self.device = model_dtype, device
         self.stores = [GradientStore.open(c.store) for c in self.checkpoints]
         for s, c in zip(self.stores, self.checkpoints):
-            task = (s.manifest.get("meta") or {}).get("task")
+            task = s.metadata.task
             if task not in ("causal_lm", "causal_lm_mean"):
                 raise DataInfError(f"store {c.store} holds gradients of task {task!r}; explain answers for causal "
                                    "LM stores (made by `datainf grads --task causal_lm`)")
@@ -438,9 +438,9 @@ class Explainer:
             for s in self.stores:
                 check_preconditioned(s, arguments)
         first = self.stores[0]
-        meta = first.manifest.get("meta") or {}
-        self.task: str = meta["task"]
-        self.collate_settings = dict(meta.get("collate") or {})
+        meta = first.metadata
+        self.task: str = str(meta.task)
+        self.collate_settings = dict(meta.collate) if isinstance(meta.collate, dict) else {}
         self.records = first.records()
         self.completion_turns = bool(self.records) and isinstance(self.records[0].get("prompt"), list)
         self.chat = (bool(self.collate_settings.get("chat_template")) or self.completion_turns
@@ -628,7 +628,7 @@ class Explainer:
 
 def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, store: PathLike | Sequence[PathLike],
             adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None, weights: str = "lr",
-            methods: Sequence[str] | str = ("datainf",), k: int = 10, max_new_tokens: int = 64,
+            methods: Sequence[str] | str | None = None, k: int = 10, max_new_tokens: int = 64,
             allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
             remedies: Mapping[str, Any] | None = None, tokens: bool = False) -> Explanation:
     """Which training examples made the model give these responses to these prompts?

@@ -20,7 +20,8 @@ What RUN holds:
   ``datainf_checkpoint.json``: its step, its learning rate (its weight in a sum over the run:
   :func:`~datainf.models.checkpoints.interval_rates`, the rule ``datainf finetune`` uses and names in
   ``learning_rate_rule``), the number of steps, and Adam's second moments of the LoRA parameters after that
-  step (``optimizer_exp_avg_sq.safetensors``, keyed by the parameter names of the trained model; at step 0
+  step (``optimizer_second_moments.safetensors``, the file ``datainf finetune`` writes and
+  ``score --adam-moments`` reads, keyed by the parameter names of the trained model; at step 0
   none exist yet and the file says so with ``"exp_avg_sq": null`` and a note).
 * ``datainf_training.json``: the run as a whole: the trainer, the base model's path and fingerprint (the one
   gradient stores record), the LoRA settings, the optimizer, and the tokenization the trainer trained with
@@ -65,13 +66,14 @@ from datainf.models.checkpoints import (
     snapshot_steps,
 )
 from datainf.outputs import check_apart
+from datainf.remedies import SECOND_MOMENTS_FILE
 from datainf.version import __version__
 
 #: the run-level record the callback writes into RUN
 TRAINING_FILE = "datainf_training.json"
 TRAINING_FORMAT = "datainf-training-run"
 #: Adam's second moments of the LoRA parameters after a checkpoint's step, in each checkpoint folder
-EXP_AVG_SQ_FILE = "optimizer_exp_avg_sq.safetensors"
+EXP_AVG_SQ_FILE = SECOND_MOMENTS_FILE  # the same file finetune writes (datainf.remedies reads it)
 #: a trainer's max_length of None (no truncation) as a collator's max_length
 NO_TRUNCATION = 1_000_000
 

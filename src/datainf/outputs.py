@@ -184,9 +184,10 @@ FILE_KINDS: dict[str, FileKind] = {
 # --------------------------------------------------------------------------------------------------
 
 #: the files `datainf finetune` writes into an adapter folder (and into each checkpoint-STEP folder in it):
-#: peft's adapter, datainf's markers, and a causal LM's tokenizer (whatever files its save_pretrained writes)
+#: peft's adapter, datainf's markers, Adam's second moments, and a causal LM's tokenizer (whatever files its save_pretrained writes)
 _ADAPTER_FILE = re.compile(
     r"adapter_config\.json|adapter_model\.(safetensors|bin)|README\.md|datainf_(finetune|checkpoint|head)\.json"
+    r"|optimizer_second_moments\.safetensors"
     r"|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)"
     r"|vocab\.(json|txt)|merges\.txt|tokenizer\.model|spiece\.model|sentencepiece\.bpe\.model")
 _CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")

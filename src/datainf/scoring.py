@@ -102,7 +102,7 @@ def _tokenization_differences(train: GradientStore, queries: GradientStore) -> s
     """"; its tokenization differs: loss_tokens 'assistant' in the query store, 'all' in the training store"
     (the collate settings of a causal LM task that differ; loss_tokens left out means 'assistant')."""
     def settings(store: GradientStore) -> dict[str, Any]:
-        collate = (store.manifest.get("meta") or {}).get("collate") or {}
+        collate = store.metadata.collate or {}
         if not isinstance(collate, Mapping):  # a collate function of the caller's, recorded by its name
             return {"collate": collate}
         return {"loss_tokens": "assistant", **collate} if collate else {}

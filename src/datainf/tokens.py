@@ -43,6 +43,7 @@ from datainf.combine import Term, combine
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments
+from datainf.estimators.defaults import DEFAULT_METHOD
 from datainf.gradients import GradientDict
 from datainf.ranking import KINDS, hit_rows, record_parts
 from datainf.tasks import IGNORE_INDEX
@@ -249,7 +250,7 @@ def _arguments(methods: str | ScoreArguments | Sequence[str | ScoreArguments]) -
 def token_attribution(
     attributors: Attributor | Sequence[Attributor],
     record: Mapping[str, Any],
-    methods: str | ScoreArguments | Sequence[str | ScoreArguments] = "datainf",
+    methods: str | ScoreArguments | Sequence[str | ScoreArguments] = DEFAULT_METHOD,
     *,
     weights: Sequence[float] | None = None,
     load: Callable[[int], None] | None = None,
@@ -277,7 +278,7 @@ def token_attribution(
         raise DataInfError(f"{len(weights)} weights for {len(attributors)} attributors: give one per checkpoint")
     arguments = _arguments(methods)
     for a in attributors:
-        if a.store.manifest.get("meta", {}).get("task") not in TOKEN_TASKS:
+        if a.store.metadata.task not in TOKEN_TASKS:
             raise DataInfError(f"store {a.store.path} holds gradients of task "
                                f"{a.store.manifest.get('meta', {}).get('task')!r}; token-level attribution needs a "
                                "causal LM store (made by `datainf grads --task causal_lm`)")

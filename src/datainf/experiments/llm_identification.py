@@ -56,7 +56,12 @@ from datainf.data.collate import TextCollator
 from datainf.data.generation import TASKS, make_task, split_task
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult
-from datainf.estimators.defaults import LLM_IDENTIFICATION_METHODS, NOT_NORMALIZED, REFERENCE_METHOD
+from datainf.estimators.defaults import (
+    LLM_IDENTIFICATION_METHODS,
+    NOT_NORMALIZED,
+    PLAIN_METHOD,
+    REFERENCE_METHOD,
+)
 from datainf.experiments.common import (
     check_methods,
     damping_label,
@@ -516,7 +521,7 @@ def resemblance_scores(model: Any, tokenizer: Any, train: list[dict], queries: l
     collate = TextCollator(tokenizer, task="causal_lm", max_length=max_length)
     a = torch.nn.functional.normalize(mean_hidden_states(model, collate, train, batch_size), dim=1)
     b = torch.nn.functional.normalize(mean_hidden_states(model, collate, queries, batch_size), dim=1)
-    return ControlResult(scores=-(a @ b.T), arguments=ScoreArguments(method="identity"), kind="control", damping={},
+    return ControlResult(scores=-(a @ b.T), arguments=ScoreArguments(method=PLAIN_METHOD), kind="control", damping={},
                          seconds=time.perf_counter() - t0,
                          definition="-cosine of the base model's mean last hidden states of prompt + response")
 
