@@ -230,19 +230,16 @@ def read_queries(path: PathLike, *, messages_column: str = "messages", prompt_co
     continuation the model generates). A row that does not fit is refused with the file, its row number
     (counted from 0, as ``grads`` counts) and column."""
     from datainf.data.tables import read_table
+    from datainf.data.text import lm_format_of
 
     rows, columns = read_table(path)
     if not rows:
         raise DataInfError(f"{path} holds no queries; give a file with at least one row")
     if response_column not in columns and "completion" in columns:
         response_column = "completion"
-    if messages_column in columns:
-        kind = "messages"
-    elif prompt_column in columns:
-        kind = "prompt"
-    elif text_column in columns:
-        kind = "text"
-    else:
+    found = lm_format_of(columns, messages_column, prompt_column, text_column)
+    kind = "prompt" if found == "prompt-response" else found
+    if kind is None:
         raise DataInfError(f"{path} has none of the columns {messages_column!r} (chat), {prompt_column!r} (with an "
                            f"optional {response_column!r}) or {text_column!r}; its columns are {columns}")
     out = []

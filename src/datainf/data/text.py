@@ -172,6 +172,16 @@ def _turns_of(path: Path, row: int, column: str, value: Any) -> list[dict[str, s
     return [{"role": t["role"], "content": t["content"]} for t in value]
 
 
+def lm_format_of(columns: Sequence[str], messages_column: str = "messages", prompt_column: str = "prompt",
+                 text_column: str = "text") -> str | None:
+    """Which causal LM format a table's ``columns`` hold: "messages" (chat), "prompt-response" or "text", in
+    that order of preference; None when none of the three columns is there."""
+    for column, found in ((messages_column, "messages"), (prompt_column, "prompt-response"), (text_column, "text")):
+        if column in columns:
+            return found
+    return None
+
+
 def load_lm_records(
     path: str | Path,
     *,
@@ -202,13 +212,8 @@ def load_lm_records(
     if response_column not in columns and "completion" in columns:
         response_column = "completion"
     if format == "auto":
-        if messages_column in columns:
-            format = "messages"
-        elif prompt_column in columns:
-            format = "prompt-response"
-        elif text_column in columns:
-            format = "text"
-        else:
+        format = lm_format_of(columns, messages_column, prompt_column, text_column) or ""
+        if not format:
             raise DataInfError(
                 f"{path} has none of the columns {messages_column!r} (chat), {prompt_column!r} + "
                 f"{response_column!r}, or {text_column!r}; its columns are {columns}. Name yours with "
