@@ -229,3 +229,16 @@ def test_cuda_asked_without_cuda(flow, tmp_path, capsys):
     code, _, err = run(["score", "--store", str(root / "train-store"), "--self", "--device", "cuda", "--out",
                         str(tmp_path / "x.safetensors")], capsys)
     assert code == 2 and "no CUDA device" in err
+
+
+def test_a_library_warning_is_one_warning_line_on_the_command_line():
+    """Under the command line a warning the library raises (e.g. step 0's all-zero A blocks) is one
+    `warning: ...` line, not Python's file:line header plus the source line that raised it."""
+    import subprocess
+    import sys
+
+    code = ("import warnings\nimport datainf.cli as c\n"
+            "c.cli.main(args=['--quiet', 'store', '--help'], standalone_mode=False)\n"
+            "warnings.warn('two\\nlines')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr == "warning: two lines\n", out.stderr

@@ -105,6 +105,7 @@ def cli(ctx: click.Context, config_path: str | None, quiet: bool, verbose: bool)
     """
     # peft asks transformers a deprecated question on every load; it is not the user's to fix
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.formatwarning = _one_line_warning  # a library warning is one `warning:` line, not file:line + code
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s")
     if quiet and ctx.invoked_subcommand is not None:  # no model-loading bars or transformers notices either
@@ -119,6 +120,12 @@ def cli(ctx: click.Context, config_path: str | None, quiet: bool, verbose: bool)
         assert isinstance(group, click.Group)
         commands = {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
         ctx.default_map = default_map(load_config(config_path), {k: v for k, v in commands.items() if v})
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """How the command line shows a warning: ``warning: MESSAGE`` on one line (the message's own lines joined)."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def main(argv: list[str] | None = None) -> None:
