@@ -23,6 +23,7 @@ from datainf.estimators import ScoreArguments  # noqa: E402
 from datainf.remedies import SECOND_MOMENTS_FILE  # noqa: E402
 from datainf.scoring import load_scores, score_store  # noqa: E402
 from datainf.store import GradientStore  # noqa: E402
+from stores import write_store  # noqa: E402
 
 F64 = torch.float64
 #: float64 all through on both sides: agreement to rounding of a few d x d solves
@@ -36,15 +37,7 @@ def make_store(path: Path, shapes: dict[str, tuple[int, ...]], n: int, seed: int
     grads = {k: torch.randn(n, *s, generator=g, dtype=F64) * (0.5 + torch.rand(n, *[1] * len(s), generator=g,
                                                                                   dtype=F64))
              for k, s in shapes.items()}
-    with GradientStore.create(path, blocks=shapes, n_examples=n, fingerprints={"model": "m", "task": "t"},
-                              chunk_size=8, dtype=dtype, meta={"task": "classification"},
-                              projection=projection) as store:
-        for c in range(store.num_chunks):
-            rows = store.chunk_rows(c)
-            store.write_chunk(c, {k: v[rows.start : rows.stop] for k, v in grads.items()})
-        store.write_records([{"text": f"example {i}", "label": i % 2} for i in range(n)])
-        store.finalize()
-    return GradientStore.open(path), grads
+    return write_store(path, grads, dtype=dtype, projection=projection), grads
 
 
 def queries_for(shapes: dict[str, tuple[int, ...]], m: int = 3, seed: int = 7) -> dict[str, torch.Tensor]:

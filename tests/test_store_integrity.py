@@ -36,6 +36,7 @@ from datainf.scoring import CURVATURE_FILE, precondition_store, score_store  # n
 from datainf.store import GradientStore  # noqa: E402
 from datainf.store import gradient_store as gradient_store_module  # noqa: E402
 from reference import FLOAT32_TOL, assert_close_to  # noqa: E402
+from stores import write_store  # noqa: E402
 
 SHAPES = {"w": (6, 10), "b": (6,)}
 
@@ -47,16 +48,7 @@ def make_store(path: Path, n: int = 40, *, scale: float = 1.0, dtype: str = "flo
         g = torch.Generator().manual_seed(seed)
         grads = {k: torch.randn(n, *s, generator=g, dtype=torch.float64) * (0.1 + i) * scale
                  for i, (k, s) in enumerate(SHAPES.items())}
-    n = next(iter(grads.values())).shape[0]
-    with GradientStore.create(path, blocks={k: tuple(v.shape[1:]) for k, v in grads.items()}, n_examples=n,
-                              fingerprints={"model": "m", "task": "t"}, chunk_size=chunk_size, dtype=dtype,
-                              meta={"task": "classification"}) as store:
-        for c in range(store.num_chunks):
-            rows = store.chunk_rows(c)
-            store.write_chunk(c, {k: v[rows.start : rows.stop] for k, v in grads.items()})
-        store.write_records([{"text": f"example {i}", "label": i % 2} for i in range(n)])
-        store.finalize()
-    return GradientStore.open(path), grads
+    return write_store(path, grads, chunk_size=chunk_size, dtype=dtype), grads
 
 
 def same_store(a: Path, b: Path) -> None:

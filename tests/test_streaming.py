@@ -28,6 +28,7 @@ from datainf.estimators.kfac import curvature_from_gradients
 from datainf.scoring import PRECONDITIONABLE, precondition_store, preconditioned, score_store
 from datainf.store import GradientStore
 from reference import FLOAT32_TOL, FLOAT64_TOL, assert_close_to
+from stores import write_store
 
 CAP_MB = 120
 N, CHUNK = 30720, 1024
@@ -143,14 +144,7 @@ def _small_store(path, n=40, shapes=None, dtype="float64", seed=0):
     shapes = shapes or {"w": (6, 10), "b": (6,)}
     g = torch.Generator().manual_seed(seed)
     grads = {k: torch.randn(n, *s, generator=g, dtype=torch.float64) * (0.1 + i) for i, (k, s) in enumerate(shapes.items())}
-    with GradientStore.create(path, blocks=shapes, n_examples=n, fingerprints={"model": "m", "task": "t"},
-                              chunk_size=16, dtype=dtype, meta={"task": "classification"}) as store:
-        for c in range(store.num_chunks):
-            rows = store.chunk_rows(c)
-            store.write_chunk(c, {k: v[rows.start : rows.stop] for k, v in grads.items()})
-        store.write_records([{"text": f"example {i}", "label": i % 2} for i in range(n)])
-        store.finalize()
-    return GradientStore.open(path), grads
+    return write_store(path, grads, chunk_size=16, dtype=dtype), grads
 
 
 @pytest.mark.parametrize("method", PRECONDITIONABLE)
