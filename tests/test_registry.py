@@ -45,9 +45,9 @@ def test_a_toy_method_is_one_class_through_the_registry():
             want_self = want_self - (G * G / h).sum(1)
         assert_close_to(got, want, what="toy method scores")
         assert_close_to(selfs, want_self, what="toy method self-influence (generic chunked form)")
-        from datainf.cli.common import parse_methods
+        from datainf.cli.options import method_names_of
 
-        assert parse_methods("datainf,diagonal-test") == ["datainf", "diagonal-test"]  # the CLI sees it too
+        assert method_names_of("datainf,diagonal-test") == ("datainf", "diagonal-test")  # the CLI sees it too
     finally:
         unregister("diagonal-test")
     assert "diagonal-test" not in method_names()

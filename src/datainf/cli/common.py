@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,18 +78,6 @@ def rank_device(device: str, rank_world: tuple[int, int]) -> str:
     if rank_world[1] > 1 and device == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return device
-
-
-def parse_methods(value: str | Sequence[str]) -> list[str]:
-    """Method names, comma-separated and/or from a repeated ``--method`` flag (``("datainf,exact", "lissa")``),
-    each checked against the registry; a name given twice is scored once (:func:`datainf.cli.options.method_names_of`,
-    the one parser of ``--method``)."""
-    from datainf.cli.options import method_names_of
-
-    methods = list(method_names_of(value))
-    if not methods:
-        raise DataInfError("--method needs at least one method")
-    return methods
 
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -282,4 +269,4 @@ def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: 
 
 
 __all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "data_options", "default_map", "device_option", "load_config", "overwrite_option",
-           "load_model", "make_collator", "tokenization_differences", "model_dtype_option", "parse_methods", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]
+           "load_model", "make_collator", "tokenization_differences", "model_dtype_option", "rank_device", "read_data", "run_labels", "scored_training_data", "setup"]

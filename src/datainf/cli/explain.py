@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from datainf.cli.common import model_dtype_option, parse_methods, setup
+from datainf.cli.common import model_dtype_option, setup
 from datainf.cli.options import (
     current_scoring,
     device_option,
@@ -147,10 +147,11 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     elif not interactive:
         raise DataInfError("give --prompt TEXT (or --queries FILE, --conversation FILE, or --interactive to type "
                            "prompts)")
+    scoring = current_scoring()  # the --method names (parsed and checked by the option) and the scoring flags
     explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
-                          methods=parse_methods(methods), k=k, max_new_tokens=max_new_tokens,
+                          methods=scoring.methods, k=k, max_new_tokens=max_new_tokens,
                           allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=setup(ctx, device)[1],
-                          arguments={m: current_scoring().arguments(m) for m in parse_methods(methods)},
+                          arguments={m: scoring.arguments(m) for m in scoring.methods},
                           tokens=tokens)
     if queries:
         explainer.check(queries)  # refused before the model is loaded
