@@ -27,8 +27,9 @@ from transformers import TrainerCallback  # noqa: E402
 
 from cli_helpers import hashes, run_cli, write_jsonl  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
-from datainf.integrations import EXP_AVG_SQ_FILE, TRAINING_FILE, DatainfCallback  # noqa: E402
+from datainf.integrations import TRAINING_FILE, DatainfCallback  # noqa: E402
 from datainf.models.checkpoints import CHECKPOINT_FILE, run_checkpoints  # noqa: E402
+from datainf.remedies import SECOND_MOMENTS_FILE  # noqa: E402
 from datainf.store import GradientStore  # noqa: E402
 from reference import FLOAT32_TOL, assert_close_to  # noqa: E402
 
@@ -131,14 +132,14 @@ def check_recorded_run(run: Path, capture: Capture, initial: dict[str, torch.Ten
             assert torch.equal(loaded[name], value), (c.step, name)
         if c.step == 0:
             assert info["exp_avg_sq"] is None and "no optimizer step" in info["exp_avg_sq_note"]
-            assert not (c.adapter / EXP_AVG_SQ_FILE).exists()
+            assert not (c.adapter / SECOND_MOMENTS_FILE).exists()
             for name, value in initial.items():  # the model before training, B = 0
                 assert torch.equal(loaded[name], value), name
                 if "lora_B" in name:
                     assert not value.any()
         else:
-            moments = load_file(str(c.adapter / EXP_AVG_SQ_FILE))
-            assert info["exp_avg_sq"] == EXP_AVG_SQ_FILE and moments.keys() == capture.moments[c.step].keys()
+            moments = load_file(str(c.adapter / SECOND_MOMENTS_FILE))
+            assert info["exp_avg_sq"] == SECOND_MOMENTS_FILE and moments.keys() == capture.moments[c.step].keys()
             for name, value in capture.moments[c.step].items():
                 assert torch.equal(moments[name], value), (c.step, name)
             assert any(v.any() for v in moments.values())  # (lora_A's stay 0 while every B is 0)

@@ -65,6 +65,7 @@ from datainf.models.checkpoints import (
     Snapshots,
     snapshot_steps,
 )
+from datainf.models.finetune import second_moments
 from datainf.outputs import check_apart
 from datainf.remedies import SECOND_MOMENTS_FILE
 from datainf.version import __version__
@@ -72,8 +73,6 @@ from datainf.version import __version__
 #: the run-level record the callback writes into RUN
 TRAINING_FILE = "datainf_training.json"
 TRAINING_FORMAT = "datainf-training-run"
-#: Adam's second moments of the LoRA parameters after a checkpoint's step, in each checkpoint folder
-EXP_AVG_SQ_FILE = SECOND_MOMENTS_FILE  # the same file finetune writes (datainf.remedies reads it)
 #: a trainer's max_length of None (no truncation) as a collator's max_length
 NO_TRUNCATION = 1_000_000
 
@@ -249,7 +248,7 @@ class DatainfCallback(TrainerCallback):
         moments = self.moments.get(step)
         info = {"step": step, "learning_rate": weight, "steps": self.total_steps,
                 "learning_rate_rule": LEARNING_RATE_RULE,
-                "exp_avg_sq": EXP_AVG_SQ_FILE if moments else None}
+                "exp_avg_sq": SECOND_MOMENTS_FILE if moments else None}
         if step == 0:
             info["exp_avg_sq_note"] = "step 0: no optimizer step has been taken yet, so Adam has no second moments"
         elif not moments:
@@ -267,7 +266,7 @@ class DatainfCallback(TrainerCallback):
             if moments:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in moments.items()}, str(folder / EXP_AVG_SQ_FILE),
+                save_file({k: v.contiguous() for k, v in moments.items()}, str(folder / SECOND_MOMENTS_FILE),
                           metadata={"format": "datainf-exp-avg-sq", "step": str(step),
                                     "note": "Adam's exp_avg_sq after this step, not bias-corrected (divide by "
                                             "1 - beta2 ** step for the corrected estimate)"})
@@ -462,13 +461,7 @@ def _group_rate(optimizer: Any, lora_ids: set[int]) -> float:
 def _second_moments(optimizer: Any, model: Any) -> dict[str, torch.Tensor] | None:
     """Adam's exp_avg_sq of every LoRA parameter, by the model's parameter names (None: the optimizer keeps
     none)."""
-    out = {}
-    for name, p in adapter_parameters(model).items():
-        moment = (optimizer.state.get(p) or {}).get("exp_avg_sq")
-        if moment is None:
-            continue
-        out[name] = moment.detach().to("cpu", copy=True)
-    return out or None
+    return second_moments(optimizer, adapter_parameters(model)) or None
 
 
 def _optimizer_settings(optimizer: Any) -> dict[str, Any] | None:
@@ -557,4 +550,4 @@ def _devices(model: Any) -> list[int]:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
-__all__ = ["EXP_AVG_SQ_FILE", "TRAINING_FILE", "TRAINING_FORMAT", "DatainfCallback"]
+__all__ = ["TRAINING_FILE", "TRAINING_FORMAT", "DatainfCallback"]

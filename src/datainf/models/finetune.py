@@ -15,7 +15,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -503,6 +503,17 @@ def recorded_seed(adapter_dir: str | Path) -> int | None:
     return seed
 
 
+def second_moments(optimizer: Any, params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Adam's second moments (``exp_avg_sq``) of ``params`` (name -> parameter), copied to the CPU, by name;
+    a parameter the optimizer keeps none for (not Adam, or no step taken yet) is left out."""
+    out = {}
+    for name, p in params.items():
+        moment = (optimizer.state.get(p) or {}).get("exp_avg_sq")
+        if moment is not None:
+            out[name] = moment.detach().to("cpu").clone().contiguous()
+    return out
+
+
 class SecondMoments:
     """An ``on_step`` for :func:`train_epochs` that keeps Adam's second moments (``exp_avg_sq``) of every
     trainable parameter, by name as in ``model.named_parameters()`` (a gradient store's block names), after
@@ -521,6 +532,5 @@ class SecondMoments:
             self.then(step, lr)
         if step not in self.steps or optimizer is None:
             return
-        names = {id(p): name for name, p in self.model.named_parameters() if p.requires_grad}
-        self.taken[step] = {names[id(p)]: state["exp_avg_sq"].detach().to("cpu").clone().contiguous()
-                            for p, state in optimizer.state.items() if id(p) in names and "exp_avg_sq" in state}
+        self.taken[step] = second_moments(optimizer, {n: p for n, p in self.model.named_parameters()
+                                                      if p.requires_grad})
