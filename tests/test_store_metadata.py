@@ -56,7 +56,7 @@ def test_a_bad_metadata_entry_is_one_line(tmp_path, capsys):
 
 def test_no_raw_manifest_meta_read_outside_the_store_package():
     """The store manifest's ``meta`` is read through ``metadata`` / ``StoreMeta`` only."""
-    raw = re.compile(r'manifest\.get\("meta"|manifest\["meta"\]|resumed\["meta"\]|old\.get\("meta"\)')
+    raw = re.compile(r"""manifest\.get\(["']meta["']|manifest\[["']meta["']\]|resumed\[["']meta["']\]|old\.get\(["']meta["']\)""")
     found = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py") if "store" not in p.relative_to(SRC).parts[:1]
              for i, line in enumerate(p.read_text().splitlines(), 1) if raw.search(line)]
     assert found == []

@@ -404,6 +404,7 @@ class Explainer:
         from datainf.estimators.defaults import DEFAULT_METHOD
         from datainf.scoring import check_preconditioned
         from datainf.store import GradientStore
+        from datainf.tasks import token_level
 
         methods = (DEFAULT_METHOD,) if methods is None else methods
         unknown = [m for m in methods if m not in method_names()]
@@ -427,7 +428,7 @@ class Explainer:
         self.stores = [GradientStore.open(c.store) for c in self.checkpoints]
         for s, c in zip(self.stores, self.checkpoints):
             task = s.metadata.task
-            if task not in ("causal_lm", "causal_lm_mean"):
+            if not token_level(task):
                 raise DataInfError(f"store {c.store} holds gradients of task {task!r}; explain answers for causal "
                                    "LM stores (made by `datainf grads --task causal_lm`)")
         check_summable(self.stores, [c.store for c in self.checkpoints])

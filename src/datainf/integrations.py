@@ -68,6 +68,7 @@ from datainf.models.checkpoints import (
 from datainf.models.finetune import second_moments
 from datainf.outputs import check_apart
 from datainf.remedies import SECOND_MOMENTS_FILE
+from datainf.tasks import token_level
 from datainf.version import __version__
 
 #: the run-level record the callback writes into RUN
@@ -108,7 +109,7 @@ class DatainfCallback(TrainerCallback):
         if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
             raise DataInfError(f"checkpoints must be an integer >= 1 (steps recorded besides step 0), got "
                                f"{checkpoints!r}")
-        if task not in ("causal_lm", "causal_lm_mean"):
+        if not token_level(task):
             raise DataInfError(f"task must be 'causal_lm' or 'causal_lm_mean' (the loss of the gradients), got {task!r}")
         if projection is not None and not isinstance(projection, ProjectionSettings):
             raise DataInfError(f"projection must be a datainf ProjectionSettings(dim=k, seed=s), got {projection!r}")

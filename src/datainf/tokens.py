@@ -46,10 +46,10 @@ from datainf.estimators import ScoreArguments
 from datainf.estimators.defaults import DEFAULT_METHOD
 from datainf.gradients import GradientDict
 from datainf.ranking import KINDS, hit_rows, record_parts
-from datainf.tasks import IGNORE_INDEX
+from datainf.tasks import IGNORE_INDEX, NAMED_TASKS, token_level
 
-#: the causal LM tasks whose loss is a sum (or mean) of token NLLs
-TOKEN_TASKS = ("causal_lm", "causal_lm_mean")
+#: the causal LM tasks whose loss is a sum (or mean) of token NLLs (as the task objects declare)
+TOKEN_TASKS = tuple(name for name in NAMED_TASKS if token_level(name))
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ def token_attribution(
     for a in attributors:
         if a.store.metadata.task not in TOKEN_TASKS:
             raise DataInfError(f"store {a.store.path} holds gradients of task "
-                               f"{a.store.manifest.get('meta', {}).get('task')!r}; token-level attribution needs a "
+                               f"{a.store.metadata.task!r}; token-level attribution needs a "
                                "causal LM store (made by `datainf grads --task causal_lm`)")
     tokens = response_tokens(attributors[0].collate, record)
     grads = []
