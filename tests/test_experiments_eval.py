@@ -187,7 +187,8 @@ def test_lds_scores_step0_run_and_control_and_correlates_them_like_scipy(tiny_ll
     assert e.value.code == 0
     res = json.loads((out / "lds.json").read_text())
     rows = {f"{m}{x}" for m in ("identity", "datainf") for x in ("", "+step0", "+run")} | {CONTROL}
-    assert set(res["methods"]) == rows
+    dda = {f"{m}+dda" for m in ("identity", "datainf")}  # DDA's debias: final minus step 0, by hand below
+    assert set(res["methods"]) == rows | dda
     assert not (out / "loo").exists() and res["loo"]["examples"] == []
     assert all(r["loo_pearson"] is None for r in res["methods"].values())
     scores = json.loads((out / "scores.json").read_text())
@@ -218,8 +219,10 @@ def test_lds_scores_step0_run_and_control_and_correlates_them_like_scipy(tiny_ll
     # every row's LDS from the cached retrains, by scipy
     masks = lds_module.subset_masks(settings, 6).astype(float)
     losses = [json.loads((out / "subsets" / f"{i:04d}.json").read_text()) for i in range(3)]
-    for name in rows:
-        s = torch.tensor(scores[name], dtype=torch.float64).numpy()
+    for name in rows | dda:
+        s = torch.tensor(scores[name], dtype=torch.float64).numpy() if name in rows else (
+            torch.tensor(scores[name[:-4]], dtype=torch.float64) - torch.tensor(scores[name[:-4] + "+step0"],
+                                                                              dtype=torch.float64)).numpy()
         per_query = [spearmanr(masks @ s[:, j], [row[j] for row in losses]).statistic for j in range(2)]
         assert res["methods"][name]["lds"] == pytest.approx(sum(per_query) / 2, abs=1e-12), name
     # a folder made before --checkpoints/--control existed (settings.json without them) resumes when they are

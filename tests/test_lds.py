@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from datainf.cli import main
@@ -99,3 +100,46 @@ def test_lds_settings_errors():
     assert (s.rank, s.alpha, s.learning_rate, s.batch_size) == (8, 32.0, 1e-3, 8)
     c = lds_module.LdsSettings()
     assert (c.rank, c.alpha, c.epochs, c.learning_rate) == (4, 4.0, 4, 3e-3)
+
+
+def test_lds_variant_rows_are_cached_by_name_and_score_what_their_spec_says(tiny_bert_dir, tmp_path,
+                                                                            sentence_records, monkeypatch):
+    """`--variant identity:normalize` adds a row whose scores are the identity row's divided by both gradients'
+    norms (checked against the stored training gradients' norms: the ratio identity / variant / ||g_k|| is one
+    number per query, ||v_j||); its LDS is scipy's Spearman of its subset sums; a rerun reuses the cached
+    variant and trains nothing; a bad spec is refused before anything is trained."""
+    from scipy.stats import spearmanr
+
+    from datainf.store import GradientStore
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentence_records * 2))
+    out = tmp_path / "out"
+    argv = ["--quiet", "experiment", "lds", "--out", str(out), "--model", str(tiny_bert_dir), "--dataset", str(data),
+            "--n-train", "12", "--n-query", "4", "--epochs", "1", "--subsets", "3", "--loo-examples", "0",
+            "--methods", "identity"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--variant", "identity:normalize"])
+    assert e.value.code == 0
+    res = json.loads((out / "lds.json").read_text())
+    assert set(res["methods"]) == {"identity", "identity:normalize"}
+    plain = torch.tensor(json.loads((out / "scores.json").read_text())["identity"], dtype=torch.float64)
+    cosine = torch.tensor(json.loads((out / "scores-variants.json").read_text())["identity:normalize"],
+                          dtype=torch.float64)
+    store = GradientStore.open(out / "variants" / "store")
+    g_norm = torch.cat([store.load(n, dtype=torch.float64).reshape(12, -1) for n in store.blocks()], dim=1).norm(dim=1)
+    v_norm = plain / (cosine * g_norm[:, None])  # (12, 4): every row the same ||v_j||
+    assert float((v_norm - v_norm[0]).abs().max()) <= 1e-5 * float(v_norm.abs().max())
+    masks = lds_module.subset_masks(lds_module.LdsSettings(n_train=12, n_query=4, subsets=3, loo_examples=0), 12)
+    losses = [json.loads((out / "subsets" / f"{i:04d}.json").read_text()) for i in range(3)]
+    want = sum(spearmanr(masks.astype(float) @ cosine[:, j].numpy(), [r[j] for r in losses]).statistic
+               for j in range(4)) / 4
+    assert res["methods"]["identity:normalize"]["lds"] == pytest.approx(want, abs=1e-12)
+    calls = []
+    monkeypatch.setattr(lds_module.ClassifierTrainer, "fit", lambda *a, **k: calls.append(1))
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--variant", "identity:normalize"])
+    assert e.value.code == 0 and calls == []
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--variant", "identity:bogus=1"])
+    assert e.value.code == 2 and calls == []

@@ -230,10 +230,12 @@ def test_paper_protocol_gradients_are_the_prompt_only_mean_lm_loss(tiny_llama_di
         model.get_output_embeddings().weight[tok.eos_token_id] *= 300
     settings = LLMIdentificationSettings(task="math", classes=2, train_per_class=3, test_per_class=1, epochs=1,
                                          batch_size=3, grad_batch_size=2, protocol="paper", normalize=True,
-                                         methods=("datainf", "identity", "lissa"), lissa_iterations=3)
+                                         methods=("datainf", "identity", "lissa"), lissa_iterations=3,
+                                         variants=("identity:normalize",))
     result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
     assert result.protocol == "paper" and set(result.methods) == {
-        "datainf", "identity", "lissa", "datainf+normalized", "identity+normalized"}  # lissa is not normalized
+        "datainf", "identity", "lissa", "datainf+normalized", "identity+normalized",  # lissa is not normalized
+        "identity:normalize"}  # a variant row, named by its spec
     store = GradientStore.open(tmp_path / "store")
     assert store.manifest["meta"]["task"] == "causal_lm_mean"
     train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
@@ -275,6 +277,10 @@ def test_paper_protocol_gradients_are_the_prompt_only_mean_lm_loss(tiny_llama_di
     G = torch.cat([store.block(n)[0:6].double() for n in store.block_names], dim=1)
     assert float(loaded.scores["identity+normalized"].abs().max()) <= 1 + 1e-6
     assert G.shape[0] == 6
+    # the variant row: identity / variant / ||g_k|| is the same number for every training row k (||v_j||)
+    for row in ("identity:normalize", "identity+normalized"):
+        v_norm = loaded.scores["identity"].double() / (loaded.scores[row].double() * G.norm(dim=1)[:, None])
+        assert float((v_norm - v_norm[0]).abs().max()) <= 1e-4 * float(v_norm.abs().max()), row
 
 
 # The sum over checkpoints (step 0 included, finetune's weights) is checked in tests/test_experiments_eval.py.

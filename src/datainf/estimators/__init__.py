@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from datainf.errors import AllBlocksZeroError, DataInfError
-from datainf.estimators.arguments import ScoreArguments, ScoreResult
+from datainf.estimators.arguments import ScoreArguments, ScoreResult, arguments_from_spec
 from datainf.estimators.blocks import (
     DAMPING_FACTOR,
     BlockRows,
@@ -377,6 +377,7 @@ __all__ = [
     "ScoreResult",
     "ZeroBlocksWarning",
     "accepted_options",
+    "arguments_from_spec",
     "default_damping",
     "finish",
     "get_method",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
-from datainf.estimators.registry import get_method, parse_options
+from datainf.estimators.registry import allowed_options, get_method, parse_options, value_of
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -203,3 +204,37 @@ class ScoreResult:
 
 
 __all__ = ["ScoreArguments", "ScoreResult"]
+
+
+#: the fields of ScoreArguments a variant spec may set (the others belong to the call: device, chunk size, ...)
+SPEC_FIELDS = ("damping", "normalize", "remove_top", "damping_scale", "damping_rule", "dtype")
+
+
+def arguments_from_spec(spec: str, **fields: Any) -> ScoreArguments:
+    """One :class:`ScoreArguments` from a short text, as experiments and ``--variant`` name a scored variant:
+    ``METHOD`` or ``METHOD:KEY=VALUE,KEY=VALUE`` (a bare ``KEY`` is ``KEY=true``), each key one of
+    :data:`SPEC_FIELDS` or an option of the method (e.g. ``lissa:iterations=50``), each value converted to the
+    field's type. E.g. ``"ekfac:damping_scale=10"``, ``"identity:normalize"``, ``"datainf:remove_top=2"``.
+    ``fields``: more ScoreArguments fields (the caller's: mean_query, device ...). Refused with one line
+    naming the spec and what is allowed."""
+    method, _, rest = str(spec).partition(":")
+    method = method.strip()
+    get_method(method)
+    hints = typing.get_type_hints(ScoreArguments)
+    option_hints = typing.get_type_hints(get_method(method).options) if get_method(method).options else {}
+    allowed = [*SPEC_FIELDS, *allowed_options(method)]
+    values: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, text = pair.partition("=")
+        key, text = key.strip(), (text.strip() if sep else "true")
+        if key not in allowed or not text:
+            raise DataInfError(f"variant '{spec}': '{pair}' is not KEY[=VALUE] with KEY one of {', '.join(allowed)}")
+        try:
+            if key in SPEC_FIELDS:
+                values[key] = value_of(text, hints[key] if key != "damping" else float)
+            else:
+                options[key] = value_of(text, option_hints[key])
+        except ValueError:
+            raise DataInfError(f"variant '{spec}': '{text}' is not a valid value for '{key}'") from None
+    return ScoreArguments(method=method, options=options, **{**fields, **values})

@@ -212,15 +212,15 @@ def parse_options(name: str, options: Mapping[str, Any]) -> Any:
 def accepted_options(name: str, **values: Any) -> dict[str, Any]:
     """Of ``values`` (e.g. ``iterations=10`` for every method of a table), those the method ``name``
     declares in its options dataclass: what a caller with settings for several methods passes to each."""
-    return {k: v for k, v in values.items() if k in _allowed(name)}
+    return {k: v for k, v in values.items() if k in allowed_options(name)}
 
 
-def _allowed(name: str) -> list[str]:
+def allowed_options(name: str) -> list[str]:
     cls = get_method(name)
     return [] if cls.options is None else [f.name for f in dataclasses.fields(cls.options)]
 
 
-def _value_of(text: str, hint: Any) -> Any:
+def value_of(text: str, hint: Any) -> Any:
     """``text`` as the type a field is annotated with (int, float, bool, str, or one of them or None)."""
     kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     if type(None) in typing.get_args(hint) and text.lower() in ("none", "null"):
@@ -240,7 +240,7 @@ def options_from_text(methods: Sequence[str], pairs: Sequence[str], optional: Se
     whole validated by the method's options dataclass (``optional``: more pairs, left out where no chosen method
     has the name, as an old flag such as ``--lissa-iterations`` was). Refused, naming the methods and their allowed names: a
     text without ``=``, a name no chosen method has, a value of the wrong type."""
-    allowed = {m: _allowed(m) for m in methods}
+    allowed = {m: allowed_options(m) for m in methods}
     listing = "; ".join(f"{m}: {', '.join(a) or 'none'}" for m, a in allowed.items())
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     names = {n for a in allowed.values() for n in a}
@@ -262,7 +262,7 @@ def options_from_text(methods: Sequence[str], pairs: Sequence[str], optional: Se
         for m in targets:
             hint = typing.get_type_hints(get_method(m).options)[name]
             try:
-                out[m][name] = _value_of(text, hint)
+                out[m][name] = value_of(text, hint)
             except ValueError:
                 raise DataInfError(f"--option {pair}: method '{m}' wants {getattr(hint, '__name__', hint)} for "
                                    f"'{name}', not {text!r}; allowed: {listing}") from None

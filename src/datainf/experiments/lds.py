@@ -42,7 +42,7 @@ import torch
 
 from datainf import atomic
 from datainf.errors import DataInfError, parse_json
-from datainf.estimators import ScoreArguments, method_names
+from datainf.estimators import ScoreArguments, arguments_from_spec, method_names
 from datainf.estimators.defaults import LDS_LEFT_OUT
 from datainf.experiments.common import check_methods, method_options, settings_dict
 from datainf.metrics import pearson, spearman
@@ -87,6 +87,7 @@ class LdsSettings:
     lissa_iterations: int = 100
     checkpoints: int = 0        # generation tasks: also score at step 0 and summed over step 0 + K checkpoints
     control: bool = False       # generation tasks: also score the resemblance control
+    variants: tuple[str, ...] = ()  # more scored rows, each a spec of arguments_from_spec ("ekfac:damping_scale=10")
     device: str | None = None
     seed: int = 0
 
@@ -120,6 +121,9 @@ class LdsSettings:
             raise DataInfError(f"--n-train ({self.n_train}) and --n-query ({self.n_query}) must be multiples of "
                                f"--classes ({self.classes}) for task '{self.task}' (same count per class)")
         check_methods(self.methods)
+        self.variants = tuple(self.variants)
+        for spec in self.variants:
+            arguments_from_spec(spec)
 
 
 class ClassifierTrainer:
@@ -233,7 +237,7 @@ def _records(s: LdsSettings, records: tuple[list[dict], list[dict]] | None) -> t
 
 # Settings that only say how many retrains to run: a rerun with more of them reuses the cached ones (the
 # subset masks and the LOO examples are drawn so that the first ones stay the same).
-EXTENDABLE = ("subsets", "loo_examples", "loo_seeds", "device")
+EXTENDABLE = ("subsets", "loo_examples", "loo_seeds", "device", "variants")
 
 
 def _check_same_settings(path: Path, s: LdsSettings) -> None:
@@ -326,8 +330,11 @@ def run(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool = T
     train, queries, n_flipped = _records(s, records)
     trainer = ClassifierTrainer(s, train, queries) if s.kind == "classification" else CausalLMTrainer(
         s, train, queries)
-    full = _cached(out / "scores.json", lambda: full_model_scores(s, trainer, train, queries, out, progress))
+    base = method_arguments(s)
+    full = _cached(out / "scores.json", lambda: full_model_scores(s, trainer, train, queries, out, progress, base))
+    full.update(variant_scores(s, trainer, train, queries, out, progress))
     scores = {m: np.array(full[m]) for m in score_names(s)}
+    scores.update(debiased(s, scores, full))
     masks = subset_masks(s, len(train))
     losses = subset_losses(s, trainer, masks, out, progress)
     loo_idx = loo_examples(s, len(train))
@@ -351,39 +358,75 @@ def run(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool = T
 run_lds = run
 
 
-def full_model_scores(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrainer, train: list[dict],
-                      queries: list[dict], out: Path, progress: bool) -> dict[str, Any]:
-    """Every method's scores (as lists) and seconds (``"{method}:seconds"``) on the model trained on all data
-    (and, with ``checkpoints`` or ``control``, the rows of :func:`score_names`: :func:`run_scores`)."""
-    from datainf.attributor import Attributor
+def method_arguments(s: LdsSettings) -> dict[str, ScoreArguments]:
+    """Each method's arguments by row name (LiSSA with the settings' iteration count)."""
+    return {m: ScoreArguments(method=m, options=method_options(m, s.lissa_iterations)) for m in s.methods}
 
-    if s.checkpoints or s.control:
-        return run_scores(s, trainer, train, queries, out, progress)
+
+def variant_scores(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrainer, train: list[dict],
+                   queries: list[dict], out: Path, progress: bool) -> dict[str, Any]:
+    """The rows of the settings' ``variants`` (each a spec of :func:`datainf.estimators.arguments_from_spec`),
+    cached in ``scores-variants.json`` by name: a variant asked for later is computed on its own (the full model
+    retrained and its gradients taken again: the same seed gives the same model), those cached are reused."""
+    path = out / "scores-variants.json"
+    cached = parse_json(path.read_bytes(), str(path), "remove it to recompute it") if path.exists() else {}
+    missing = {v: arguments_from_spec(v) for v in s.variants if v not in cached}
+    if missing:
+        fresh = full_model_scores(s, trainer, train, queries, out / "variants", progress, missing, control=False)
+        cached = {**cached, **fresh}
+        atomic.write_text(path, json.dumps(cached))
+    return {k: v for k, v in cached.items() if k.partition(":seconds")[0].partition("+")[0] in s.variants}
+
+
+def debiased(s: LdsSettings, scores: dict[str, np.ndarray], full: dict[str, Any]) -> dict[str, np.ndarray]:
+    """With ``checkpoints``: DDA's debias (arXiv 2410.01285) of every row, ``"<row>+dda"`` = the final
+    adapter's scores minus step 0's (the model before fine-tuning), the same difference as
+    ``datainf score --debias``; its seconds are the two rows'."""
+    if not s.checkpoints:
+        return {}
+    out = {}
+    for name in [*s.methods, *s.variants]:
+        out[name + "+dda"] = scores[name] - scores[name + "+step0"]
+        full[name + "+dda:seconds"] = full[name + ":seconds"] + full[name + "+step0:seconds"]
+    return out
+
+
+def full_model_scores(s: LdsSettings, trainer: ClassifierTrainer | CausalLMTrainer, train: list[dict],
+                      queries: list[dict], out: Path, progress: bool, arguments: dict[str, ScoreArguments],
+                      control: bool | None = None) -> dict[str, Any]:
+    """The scores (as lists) and seconds (``"{row}:seconds"``) of each of ``arguments`` (row name -> arguments)
+    on the model trained on all data (and, with ``checkpoints`` or ``control``, the rows of
+    :func:`score_names`: :func:`run_scores`); the training store goes to ``out/store``."""
+    from datainf.attributor import Attributor
+    from datainf.scoring import score_store
+
+    control = s.control if control is None else control
+    if s.checkpoints or control:
+        return run_scores(s, trainer, train, queries, out, progress, arguments, control)
     model, tok = trainer.fit(list(range(len(train))), train_seed=s.seed)
     att = Attributor(model, trainer.task, store=out / "store", tokenizer=tok, max_length=s.max_length,
                      batch_size=s.batch_size, progress=progress)
     att.fit(train)
     qgrads = att.gradients(queries)
     res: dict[str, Any] = {}
-    for m in s.methods:
-        t0 = time.perf_counter()
-        res[m] = att.scores(qgrads, method=m, save=False, **method_options(m, s.lissa_iterations)
-                            ).double().numpy().tolist()
-        res[m + ":seconds"] = time.perf_counter() - t0
+    for name, args in arguments.items():
+        result = score_store(att.store, qgrads, args)
+        res[name] = result.scores.double().numpy().tolist()
+        res[name + ":seconds"] = result.seconds
     return res
 
 
 def score_names(s: LdsSettings) -> list[str]:
-    """The scored rows: each method; with ``checkpoints`` also "<method>+step0" and "<method>+run"; with
-    ``control`` the resemblance control."""
+    """The scored rows: each method and variant; with ``checkpoints`` also "<row>+step0" and "<row>+run" (and
+    the derived "<row>+dda" of :func:`debiased`); with ``control`` the resemblance control."""
     from datainf.experiments.llm_identification import CONTROL
 
     suffixes = ("", "+step0", "+run") if s.checkpoints else ("",)
-    return [m + x for m in s.methods for x in suffixes] + ([CONTROL] if s.control else [])
+    return [m + x for m in [*s.methods, *s.variants] for x in suffixes] + ([CONTROL] if s.control else [])
 
 
 def run_scores(s: LdsSettings, trainer: CausalLMTrainer, train: list[dict], queries: list[dict], out: Path,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, arguments: dict[str, ScoreArguments], control: bool) -> dict[str, Any]:
     """:func:`full_model_scores` of a causal LM scored along its fine-tune (``checkpoints``: the final
     adapter, step 0 and the run's learning-rate-weighted sum, by
     :func:`datainf.experiments.llm_identification.score_along_run`) and with the resemblance control
@@ -396,7 +439,7 @@ def run_scores(s: LdsSettings, trainer: CausalLMTrainer, train: list[dict], quer
 
     model, tok = trainer.load()
     control = resemblance_scores(model, tok, queries=queries, train=train, max_length=s.max_length,
-                                 batch_size=s.batch_size) if s.control else None
+                                 batch_size=s.batch_size) if control else None
     everyone = list(range(len(train)))
     steps = snapshot_steps(s.checkpoints, optimizer_steps(len(train), s.batch_size, s.epochs))
     snapshots = Snapshots(model, steps, initial=True)
@@ -408,7 +451,6 @@ def run_scores(s: LdsSettings, trainer: CausalLMTrainer, train: list[dict], quer
         att.fit(train)
         return att.store, att.gradients(queries)
 
-    arguments = {m: ScoreArguments(method=m, options=method_options(m, s.lissa_iterations)) for m in s.methods}
     final = gradients_at(out / "store")
     if s.checkpoints:
         scored, _ = score_along_run(snapshots, gradients_at, arguments, final, out / "store-run")

@@ -55,7 +55,7 @@ from datainf.combine import CombinedResult, Term, combine
 from datainf.data.collate import TextCollator
 from datainf.data.generation import TASKS, make_task, split_task
 from datainf.errors import DataInfError
-from datainf.estimators import ScoreArguments, ScoreResult
+from datainf.estimators import ScoreArguments, ScoreResult, arguments_from_spec
 from datainf.estimators.defaults import (
     LLM_IDENTIFICATION_METHODS,
     NOT_NORMALIZED,
@@ -117,6 +117,7 @@ class LLMIdentificationSettings:
     normalize: bool = False               # also score every method but lissa with normalized gradients
     checkpoints: int = 0                  # > 0: also score at step 0 and sum over step 0 + this many snapshots
     control: bool = False                 # also score the resemblance control (base model hidden-state cosine)
+    variants: tuple[str, ...] = ()        # more rows, each a spec of arguments_from_spec ("ekfac:damping_scale=10")
     lissa_iterations: int = 100
     grad_batch_size: int = 8
     seed: int = 0
@@ -131,6 +132,9 @@ class LLMIdentificationSettings:
         if self.task not in TASKS:
             raise DataInfError(f"unknown task '{self.task}'; choose from {', '.join(TASKS)}")
         check_methods(self.methods)
+        self.variants = tuple(self.variants)
+        for spec in self.variants:
+            arguments_from_spec(spec, damping=self.damping)
         if self.protocol not in PROTOCOLS:
             raise DataInfError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if not self.methods:
@@ -402,14 +406,15 @@ def gradients(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, t
 
 
 def method_arguments(settings: LLMIdentificationSettings) -> dict[str, ScoreArguments]:
-    """The scored variants by row name: each method, and with ``normalize`` each method but lissa normalized
-    (``"<method>+normalized"``)."""
+    """The scored variants by row name: each method, with ``normalize`` each method but lissa normalized
+    (``"<method>+normalized"``), and each of ``variants`` by its spec (:func:`datainf.estimators.arguments_from_spec`)."""
     variants = [(m, False) for m in settings.methods]
     if settings.normalize:
         variants += [(m, True) for m in settings.methods if m not in NORMALIZED_EXCLUDED]
     return {f"{m}+normalized" if normalize else m: ScoreArguments(
         method=m, damping=settings.damping, normalize=normalize, options=method_options(m, settings.lissa_iterations))
-        for m, normalize in variants}
+        for m, normalize in variants} | {spec: arguments_from_spec(spec, damping=settings.damping)
+                                         for spec in settings.variants}
 
 
 def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,

@@ -40,18 +40,23 @@ from datainf.outputs import check_apart
              "them (rows <method>+run).")
 @click.option("--control/--no-control", default=False,
               help="Generation tasks: also score the resemblance control (row 'resemblance').")
+@click.option("--variant", "variants", multiple=True, metavar="SPEC",
+              help="Also score this variant (repeatable): METHOD:KEY=VALUE,... e.g. ekfac:damping_scale=10, "
+                   "identity:normalize, datainf:remove_top=2 (keys: damping, normalize, remove_top, damping_scale, "
+                   "damping_rule, dtype, or the method's options). Cached by name; the retrains are reused.")
 @option("--device", help="Causal LM only: cpu or cuda [default: cuda when available].")
 @option("--seed", show_default=True)
 @click.pass_context
 def lds_command(ctx, out_dir, task, dataset, model_dir, n_train, n_query, noise, classes, rank, epochs, lr, subsets,
-                loo_examples, loo_seeds, methods, checkpoints, control, device, seed):
+                loo_examples, loo_seeds, methods, checkpoints, control, variants, device, seed):
     """Linear datamodeling score and leave-one-out correlation of each method (retrains; cached, resumable)."""
     check_apart(out_dir, {"model folder": model_dir, "data set": dataset if Path(dataset).exists() else None})
     chosen = {"methods": methods} if methods else {}
     settings = LdsSettings(task=task, dataset=dataset, model_dir=model_dir, n_train=n_train, n_query=n_query,
                            noise_fraction=noise, classes=classes, rank=rank, epochs=epochs, learning_rate=lr,
                            subsets=subsets, loo_examples=loo_examples, loo_seeds=loo_seeds, device=device,
-                           seed=seed, checkpoints=checkpoints, control=control, **chosen)
+                           seed=seed, checkpoints=checkpoints, control=control, variants=variants,
+                           **chosen)
     records = None
     if task == "classification" and dataset not in DATASETS:
         records = load_dataset_records(dataset, n_train, n_query, seed)

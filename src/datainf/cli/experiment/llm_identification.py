@@ -51,6 +51,9 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 @click.option("--control/--no-control", default=False,
               help="Also score the resemblance control (row 'resemblance'): minus the cosine of the base model's "
                    "mean last hidden states of prompt + response, training example vs test example.")
+@click.option("--variant", "variants", multiple=True, metavar="SPEC",
+              help="Also score this variant (repeatable; row named by the spec): METHOD:KEY=VALUE,... e.g. "
+                   "ekfac:damping_scale=10, identity:normalize, datainf:remove_top=2.")
 @option("--damping")
 @option("--lissa-iterations", default=100, help="LiSSA's recursion steps.")
 @option("--seed")
@@ -63,7 +66,7 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
                                train_per_class: int, test_per_class: int, epochs: int, lr: float, batch_size: int,
                                max_length: int, rank: int, alpha: float, target_modules: str, methods: tuple[str, ...],
                                protocol: str, normalize: bool, checkpoints: int, control: bool,
-                               damping: float | None,
+                               variants: tuple[str, ...], damping: float | None,
                                lissa_iterations: int,
                                seed: int, load_in_8bit: bool, load_in_4bit: bool, keep_store: bool,
                                device: str | None) -> None:
@@ -85,7 +88,7 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         test_per_class=test_per_class, epochs=epochs, learning_rate=lr, batch_size=batch_size,
         max_length=max_length, rank=rank, alpha=alpha, target_modules=split_list(target_modules, "--target-modules"),
         methods=methods, protocol=protocol, normalize=normalize, checkpoints=checkpoints,
-        control=control, damping=damping,
+        control=control, variants=variants, damping=damping,
         lissa_iterations=lissa_iterations, seed=seed,
         load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_store=keep_store, device=device)
     result = run(settings, out_dir, progress=progress)
