@@ -249,7 +249,35 @@ def test_score_refuses_a_query_store_of_another_adapter_unless_asked(flow, chat_
     code, _, err = run(["score", "--store", str(root / "store"), "--queries", str(tmp_path / "q"), "--out", str(out),
                         "--allow-mismatch"], capsys)
     assert code == 0 and "warning: scored across stores" in err
-    assert "adapter" in load_scores(out).settings["datainf"]["diagnostics"]["mismatch"][0]
+    assert "adapter" in load_scores(out).settings["ekfac"]["diagnostics"]["mismatch"][0]  # the causal-LM default
+
+
+def test_score_and_explain_without_method_use_the_measured_default_of_the_stores_kind(flow, chat_model_dir, tmp_path,
+                                                                                      capsys):
+    """No --method: a causal LM store is scored with EK-FAC (estimators.defaults, docs/results.md), the same
+    scores as asking for it; `explain` says which method answered and what it measured; an --option is
+    checked against the default method."""
+    root, _, records = flow
+    default, chosen = tmp_path / "default.safetensors", tmp_path / "ekfac.safetensors"
+    code, out, err = run(["score", "--store", str(root / "store"), "--queries", str(root / "store"), "--out",
+                          str(default)], capsys)
+    assert code == 0, err
+    assert "method: ekfac (the default for causal_lm stores" in out
+    assert run(["score", "--store", str(root / "store"), "--queries", str(root / "store"), "--out", str(chosen),
+                "--method", "ekfac"], capsys)[0] == 0
+    got, want = load_scores(default), load_scores(chosen)
+    assert set(got.scores) == {"ekfac"} and torch.equal(got.scores["ekfac"], want.scores["ekfac"])
+    code, _, err = run(["score", "--store", str(root / "store"), "--queries", str(root / "store"), "--out",
+                        str(tmp_path / "x.safetensors"), "--option", "iterations=5"], capsys)
+    assert code == 2 and err.startswith("error: --option iterations=5") and "ekfac" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    prompt, response = "the old fox finds the book", "book the finds fox old the"
+    code, out, err = run(["explain", "--model", str(chat_model_dir), "--adapter", str(root / "adapter"), "--store",
+                          str(root / "store"), "--system", records[0]["messages"][0]["content"], "--prompt", prompt,
+                          "--response", response, "--k", "2", "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    assert "method: ekfac (the default" in out and "LDS" in out and "--run" in out
+    assert "ekfac: the 2 most helpful" in out
 
 
 def test_top_writes_csv_and_jsonl_rows_with_the_training_texts(flow, tmp_path, capsys):

@@ -401,12 +401,12 @@ class Explainer:
                  arguments: Mapping[str, ScoreArguments] | None = None) -> None:
         from datainf.combine import check_summable
         from datainf.estimators import method_names
-        from datainf.estimators.defaults import DEFAULT_METHOD
+        from datainf.estimators.defaults import default_method
         from datainf.scoring import check_preconditioned
         from datainf.store import GradientStore
         from datainf.tasks import token_level
 
-        methods = (DEFAULT_METHOD,) if methods is None else methods
+        methods = (default_method(token_level=True),) if methods is None else methods  # explain: causal LM stores
         unknown = [m for m in methods if m not in method_names()]
         if unknown or not methods:
             what = f"unknown method {unknown[0]!r}" if unknown else "no method given"
@@ -636,7 +636,8 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
     training store ``datainf grads`` made with it, or several of each (checkpoints of one fine-tune, the
     first answers; scores summed with ``weights``: 'lr', 'equal' or comma-separated numbers); or ``run``: a
     fine-tuning run folder with ``store`` the run stores of ``datainf grads --run`` (every checkpoint,
-    weighted by its learning rate). ``methods``: registered method names; ``remedies``: ScoreArguments fields
+    weighted by its learning rate). ``methods``: registered method names (default EK-FAC, the most accurate measured
+    on LoRA causal LMs: :data:`datainf.estimators.defaults.DEFAULT_BY_TASK_KIND`); ``remedies``: ScoreArguments fields
     of :mod:`datainf.remedies` applied to every method (e.g. ``{"remove_top": 1}``); ``tokens``: also score
     every response token (:mod:`datainf.tokens`; each answer's ``by_token``). Returns an :class:`Explanation`:
     one :class:`Answer` per query, in order."""

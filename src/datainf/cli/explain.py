@@ -37,6 +37,20 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 1)] + "…"
 
 
+def method_line(methods: tuple[str, ...], defaulted: bool, checkpoints: int) -> str:
+    """What answers: the methods, and for the default what it measured (and, from one checkpoint, that the
+    run measured better)."""
+    from datainf.estimators.defaults import DEFAULT_EVIDENCE
+
+    line = f"method: {', '.join(methods)}"
+    if defaulted:
+        line += f" (the default; --method datainf for the paper's method). Measured: {DEFAULT_EVIDENCE['causal_lm']}"
+        if checkpoints == 1:
+            line += (". One checkpoint here: give --run RUN (the run's checkpoints, step 0 included) or step 0's "
+                     "store (`datainf grads --initial`) for the measured accuracy")
+    return line
+
+
 def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train: int | None = None) -> str:
     """The terminal table of one method's helpful and harmful examples; a list shorter than ``k`` (fewer of
     the ``n_train`` examples have its sign) says so."""
@@ -87,7 +101,8 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
               help="Explain the last assistant turn of this conversation (a JSON list of turns, or an object with "
                    "'messages'), the earlier turns its context; one ending on a user turn is answered by the model. "
                    "Chat stores; instead of --prompt and --system.")
-@method_option()
+@method_option(None, help="Methods, comma-separated or repeated; default EK-FAC, the most accurate measured on LoRA "
+                          "causal LMs (docs/results.md); datainf is the paper's method.")
 @option("--k", default=10, help="Examples shown per list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows (and settings) as JSON to this file; an existing file is replaced only if "
@@ -147,7 +162,9 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     elif not interactive:
         raise DataInfError("give --prompt TEXT (or --queries FILE, --conversation FILE, or --interactive to type "
                            "prompts)")
-    scoring = current_scoring()  # the --method names (parsed and checked by the option) and the scoring flags
+    # the --method names (parsed and checked by the option) and the scoring flags; no --method: the default
+    scoring = current_scoring()
+    defaulted, scoring = not scoring.methods, scoring.or_default(token_level=True)  # explain: causal LM stores
     explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
                           methods=scoring.methods, k=k, max_new_tokens=max_new_tokens,
                           allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=setup(ctx, device)[1],
@@ -163,6 +180,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
                f"examples, {len(explainer.stores[0].block_names)} blocks{' (chat)' if explainer.chat else ''}")
     for note in explainer.notes():
         click.echo(f"note: {note}")
+    click.echo(method_line(scoring.methods, defaulted, len(explainer.checkpoints)))
     if len(explainer.checkpoints) > 1:
         click.echo(f"scores summed over {len(explainer.checkpoints)} checkpoints, weighted by "
                    f"{'lr' if run_dir is not None else weights}: " + ", ".join(

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import click
 
 from datainf.errors import DataInfError
 
-#: the method `score` and `explain` use without --method (the library's own default is ScoreArguments')
-DEFAULT_METHOD = "datainf"
 _FOLDER = click.Path(file_okay=False)
 _EXISTING_FOLDER = click.Path(exists=True, file_okay=False)
 _FILE = click.Path(dir_okay=False)
@@ -147,7 +145,7 @@ def declared(name: str) -> Callable[[], Any]:
     return default
 
 
-def method_option(default: Sequence[str] | str | Callable[[], Any] | None = (DEFAULT_METHOD,),
+def method_option(default: Sequence[str] | str | Callable[[], Any] | None = None,
                   help: str | None = None, *,
                   single: bool = False, registered: bool = True, dest: str = "methods") -> Callable[[Any], Any]:
     """``--method`` (``--methods`` is the same option), parsed once, in the option: names comma-separated or
@@ -185,6 +183,22 @@ class Scoring:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the remedies asked for (ScoreArguments fields of datainf.remedies: remove_top, adam_moments, ...)
     remedies: dict[str, Any] = field(default_factory=dict)
+    #: --option texts (and --lissa-iterations') kept until the methods are known (no --method: the store decides)
+    option_texts: tuple[str, ...] = ()
+    old_option_texts: tuple[str, ...] = ()
+
+    def or_default(self, token_level: bool) -> Scoring:
+        """These flags with the default method of a store whose task is (or is not) over tokens
+        (:func:`datainf.estimators.defaults.default_method`) when no --method was given; the --option texts
+        are validated against it then."""
+        from datainf.estimators import options_from_text
+        from datainf.estimators.defaults import default_method
+
+        if self.methods:
+            return self
+        methods = (default_method(token_level),)
+        return replace(self, methods=methods,
+                       options=options_from_text(methods, self.option_texts, optional=self.old_option_texts))
 
     def arguments(self, method: str, **fields: Any) -> Any:
         """The :class:`~datainf.estimators.ScoreArguments` of one method under these flags (``fields``: the
@@ -203,15 +217,17 @@ def read_scoring(methods: Sequence[str], damping: float | None, compute_dtype: s
 
     old = [f"iterations={lissa_iterations}"] if lissa_iterations is not None else []
     return Scoring(methods=tuple(methods), damping=damping, dtype=compute_dtype, normalize=normalize,
-                   options=options_from_text(methods, method_options, optional=old),
-                   remedies={k: v for k, v in remedies.items() if k in REMEDIES})
+                   options=options_from_text(methods, method_options, optional=old) if methods else {},
+                   remedies={k: v for k, v in remedies.items() if k in REMEDIES},
+                   option_texts=tuple(method_options), old_option_texts=tuple(old))
 
 
 SCORING_KEY = "datainf.scoring"
 
 
-def scoring_options(methods: Sequence[str] = (DEFAULT_METHOD,), *, into: str | None = "scoring",
-                    with_method: bool = True, normalize_help: str | None = None) -> Callable[[Any], Any]:
+def scoring_options(methods: Sequence[str] = (), *, into: str | None = "scoring",
+                    with_method: bool = True, normalize_help: str | None = None,
+                    method_help: str | None = None) -> Callable[[Any], Any]:
     """``--method --damping --option --lissa-iterations --compute-dtype --normalize`` and the remedy flags
     (``--remove-top --adam-moments --damping-scale --damping-rule``) as one group; the command
     gets one :class:`Scoring` as the parameter ``into`` or, with ``into=None``, finds it in
@@ -234,7 +250,7 @@ def scoring_options(methods: Sequence[str] = (DEFAULT_METHOD,), *, into: str | N
                       option("--compute-dtype"), option("--normalize", **({"help": normalize_help}
                                                                            if normalize_help else {}))]
         decorators += [option(flag) for flag in ("--remove-top", "--adam-moments", "--damping-scale", "--damping-rule")]
-        for deco in reversed([method_option(methods)] * with_method + decorators):
+        for deco in reversed([method_option(methods, method_help)] * with_method + decorators):
             wrapper = deco(wrapper)
         return wrapper
 

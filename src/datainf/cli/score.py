@@ -22,7 +22,8 @@ from datainf.outputs import check_output
 @click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
 @click.option("--mean-query", is_flag=True,
               help="Score against the mean query gradient: influence on the average query loss.")
-@scoring_options()
+@scoring_options(method_help="Methods, comma-separated or repeated; default by the store's task: ekfac for a causal "
+                             "LM, datainf for a classifier (the most accurate measured: docs/results.md).")
 @click.option("--debias", "debias", default=None, metavar="BASE_STORE[,BASE_QUERIES]",
               help="DDA's debias: subtract the scores of these stores, made at the model before fine-tuning (step 0: "
                    "`grads --initial`, or checkpoint-0's), from the scores (training store, then query store).")
@@ -39,8 +40,10 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
     from datainf.combine import combine, debias_terms, is_run_stores, read_run_stores, run_terms
     from datainf.distributed import init_distributed, is_main_process
+    from datainf.estimators.defaults import task_kind
     from datainf.scoring import save_scores, score_store
     from datainf.store import GradientStore
+    from datainf.tasks import token_level
 
     if self_inf == (query_dir is not None):
         raise DataInfError("give exactly one of --queries STORE or --self")
@@ -66,6 +69,10 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
         train = GradientStore.open(store_dir)
         queries = GradientStore.open(query_dir) if query_dir is not None else None
     base = None if debias is None else debias_stores(debias, queries is None, run)
+    if not scoring.methods:  # the default of the store's kind (EK-FAC for a causal LM, docs/results.md)
+        scoring = scoring.or_default(token_level(train.metadata.task))
+        click.echo(f"method: {scoring.methods[0]} (the default for {task_kind(token_level(train.metadata.task))} "
+                   "stores; choose with --method)")
     results = {}
     for method in scoring.methods:
         arguments = scoring.arguments(method, device=device, mean_query=mean_query)
