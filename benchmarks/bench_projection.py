@@ -173,7 +173,7 @@ def run_llm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             for dim in [None, *args.dims]]
     _compare(rows, lambda s: identification_metrics(s, train_labels, test_labels)["auc"])
     return {"task": "llm", "settings": {"task": settings.task, "classes": sizes[0], "train_per_class": sizes[1],
-                                        "test_per_class": sizes[2], "rank": settings.rank,
+                                        "test_per_class": sizes[2], "rank": settings.lora.rank,
                                         "protocol": settings.protocol, "epochs": settings.train.epochs},
             "model": name, "test_loss_after": loss_after, "finetune_s": stats["seconds"],
             "auc_label": "identification AUC", "rows": rows}

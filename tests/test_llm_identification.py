@@ -94,7 +94,7 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path):
 
 
 
-def test_settings_hold_one_train_settings_and_refuse_fields_the_causal_lm_fine_tune_ignores():
+def test_settings_hold_one_train_and_one_lora_settings_and_refuse_fields_the_fine_tune_ignores():
     """The fine-tune's fields live in one TrainSettings (defaults: the paper's), written nested into
     results.json's settings; the fields finetune_causal_lm has no use for are refused, not silently dropped."""
     from datainf.experiments.common import settings_dict
@@ -110,6 +110,12 @@ def test_settings_hold_one_train_settings_and_refuse_fields_the_causal_lm_fine_t
             LLMIdentificationSettings(train=bad)
     with pytest.raises(DataInfError, match="TrainSettings"):
         LLMIdentificationSettings(train={"epochs": 1})
+    # the adapter's fields live in one LoraSettings the same way; a causal LM has no head to save
+    assert settings.lora == LoraSettings(rank=8, alpha=32.0, dropout=0.05, target_modules=("q_proj", "v_proj"),
+                                         modules_to_save=())
+    assert settings_dict(settings)["lora"]["rank"] == 8 and "rank" not in settings_dict(settings)
+    with pytest.raises(DataInfError, match="modules_to_save"):
+        LLMIdentificationSettings(lora=LoraSettings())
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -96,6 +96,8 @@ WEIGHT_RULE = ("interval_rates: mean learning rate of the optimizer steps from t
 
 #: the fine-tune's defaults (the paper's): ``LLMIdentificationSettings.train`` starts from these
 LLM_TRAINING = {"epochs": 2, "learning_rate": 1e-3, "batch_size": 8, "max_length": 128}
+#: the adapter's defaults (the paper's LoRA): ``LLMIdentificationSettings.lora`` starts from these
+LLM_LORA = {"rank": 8, "alpha": 32.0, "dropout": 0.05, "target_modules": ("q_proj", "v_proj"), "modules_to_save": ()}
 #: TrainSettings fields that finetune_causal_lm has no use for, with the only value it accepts
 UNUSED_TRAINING = {"weight_decay": 0.0, "head_learning_rate": None, "length_buckets": False}
 
@@ -104,9 +106,11 @@ UNUSED_TRAINING = {"weight_decay": 0.0, "head_learning_rate": None, "length_buck
 class LLMIdentificationSettings:
     """Settings of one run. Defaults: the paper's sizes and LoRA, on SmolLM2-135M-Instruct.
 
-    ``train`` is the fine-tune (epochs, learning rate, batch size, token limit ``max_length``, which the
-    gradients also use, warm-up and the batch order's seed); ``seed`` seeds the task's generation and the
-    LoRA initialisation (the CLI's ``--seed`` sets both seeds).
+    ``lora`` is the adapter (rank, alpha, dropout, target modules; no head to save); ``train`` the fine-tune
+    (epochs, learning rate, batch size, the token limit ``max_length``, which the gradients also use, warm-up
+    and the batch order's seed); ``seed`` seeds the task's generation and the LoRA initialisation (the CLI's
+    ``--seed`` sets both seeds). Both are written nested (``"lora"``, ``"train"``) into results.json's
+    settings.
     """
 
     task: str = "sentences"               # sentences, math, math-reasoning
@@ -115,10 +119,7 @@ class LLMIdentificationSettings:
     train_per_class: int = 90
     test_per_class: int = 10
     train: TrainSettings = field(default_factory=lambda: TrainSettings(**LLM_TRAINING))   # the fine-tune
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(**LLM_LORA))   # the adapter (no head)
     methods: tuple[str, ...] = LLM_IDENTIFICATION_METHODS
     damping: float | None = None          # None: the paper's rule per block
     protocol: str = "response"            # "paper": prompt-only LM loss, as the research code; "response"
@@ -135,7 +136,6 @@ class LLMIdentificationSettings:
     keep_store: bool = True               # False: delete out_dir/store after scoring (it is ~1.7 GB)
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
         self.methods = tuple(self.methods)
         if self.task not in TASKS:
             raise DataInfError(f"unknown task '{self.task}'; choose from {', '.join(TASKS)}")
@@ -157,6 +157,9 @@ class LLMIdentificationSettings:
             raise DataInfError(f"checkpoints must be an integer >= 0, got {self.checkpoints!r}")
         if not isinstance(self.train, TrainSettings):
             raise DataInfError(f"train must be a TrainSettings, got {type(self.train).__name__}")
+        if not isinstance(self.lora, LoraSettings) or self.lora.modules_to_save:
+            raise DataInfError("lora must be a LoraSettings with modules_to_save=() (a causal LM has no "
+                               f"classifier head), got {self.lora!r}")
         unused = [name for name, default in UNUSED_TRAINING.items() if getattr(self.train, name) != default]
         if unused:
             raise DataInfError(f"train.{', train.'.join(unused)}: the causal-LM fine-tune does not use "
@@ -348,9 +351,7 @@ def load_model(settings: LLMIdentificationSettings, model: Any, tokenizer: Any) 
     if model is not None:
         return model, tokenizer, "given model"
     model_dir = settings.model_dir or str(smollm2_dir())
-    lora = LoraSettings(rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
-                        target_modules=settings.target_modules, modules_to_save=())
-    model, tokenizer = load_causal_lm(model_dir, lora, load_in_8bit=settings.load_in_8bit,
+    model, tokenizer = load_causal_lm(model_dir, settings.lora, load_in_8bit=settings.load_in_8bit,
                                       load_in_4bit=settings.load_in_4bit, device=settings.device, seed=settings.seed)
     return model, tokenizer, str(model_dir)
 
@@ -605,7 +606,7 @@ def format_table(result: LLMIdentificationResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONTROL", "LLM_TRAINING", "PROTOCOLS", "WEIGHT_RULE", "ControlResult", "LLMIdentificationResult",
+__all__ = ["CONTROL", "LLM_LORA", "LLM_TRAINING", "PROTOCOLS", "WEIGHT_RULE", "ControlResult", "LLMIdentificationResult",
            "LLMIdentificationSettings", "LLMMethod", "format_table", "identification_metrics", "mean_column_correlation",
            "checkpoint_metrics", "mean_hidden_states", "method_arguments", "resemblance_scores", "run", "run_llm_identification",
            "score_along_run"]

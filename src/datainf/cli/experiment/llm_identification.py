@@ -10,8 +10,8 @@ from datainf.cli.common import setup
 from datainf.cli.options import declared, method_option, option
 from datainf.data.generation import TASKS
 from datainf.errors import DataInfError
-from datainf.experiments.llm_identification import LLMIdentificationSettings, format_table, run
-from datainf.models.finetune import TrainSettings
+from datainf.experiments.llm_identification import LLM_LORA, LLMIdentificationSettings, format_table, run
+from datainf.models.finetune import LoraSettings, TrainSettings
 from datainf.outputs import check_run_folder
 
 
@@ -88,7 +88,8 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         task=task, model_dir=model_dir, classes=classes, train_per_class=train_per_class,
         test_per_class=test_per_class,
         train=TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed),
-        rank=rank, alpha=alpha, target_modules=split_list(target_modules, "--target-modules"),
+        lora=LoraSettings(**(LLM_LORA | {"rank": rank, "alpha": alpha,
+                                         "target_modules": split_list(target_modules, "--target-modules")})),
         methods=methods, protocol=protocol, normalize=normalize, checkpoints=checkpoints,
         control=control, variants=variants, damping=damping,
         lissa_iterations=lissa_iterations, seed=seed,
