@@ -282,8 +282,8 @@ def _fill_legacy_diagnostics(diagnostics: dict[str, Any] | None, result: ScoreRe
     warnings.warn("the diagnostics= dict is deprecated: call datainf.estimators.score(...) for a ScoreResult "
                   "with .damping, .diagnostics and .seconds", DeprecationWarning, stacklevel=3)
     diagnostics.update(method=result.method, damping=dict(result.damping), seconds=result.seconds)
-    if result.method == "lissa":
-        diagnostics["lissa"] = result.diagnostics
+    if result.diagnostics:  # the method's per-block diagnostics under its name (LiSSA's: diagnostics["lissa"])
+        diagnostics[result.method] = result.diagnostics
 
 
 def influence(
