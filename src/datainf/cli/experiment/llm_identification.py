@@ -52,9 +52,7 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 @click.option("--control/--no-control", default=False,
               help="Also score the resemblance control (row 'resemblance'): minus the cosine of the base model's "
                    "mean last hidden states of prompt + response, training example vs test example.")
-@click.option("--variant", "variants", multiple=True, metavar="SPEC",
-              help="Also score this variant (repeatable; row named by the spec): METHOD:KEY=VALUE,... e.g. "
-                   "ekfac:damping_scale=10, identity:normalize, datainf:remove_top=2.")
+@option("--variant")
 @option("--damping")
 @option("--lissa-iterations", default=100, help="LiSSA's recursion steps.")
 @option("--seed")
