@@ -140,6 +140,7 @@ def run_mislabeled(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def run_llm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from datainf.experiments.llm_identification import (
+        LLM_TRAINING,
         LLMIdentificationSettings,
         finetune,
         identification_metrics,
@@ -149,10 +150,12 @@ def run_llm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         protocol_records,
         task_records,
     )
+    from datainf.models.finetune import TrainSettings
 
     sizes = (3, 4, 1) if args.quick else (args.llm_classes, args.llm_train, args.llm_test)
     settings = LLMIdentificationSettings(task=args.llm_task, classes=sizes[0], train_per_class=sizes[1],
-                                         test_per_class=sizes[2], epochs=1 if args.quick else 2)
+                                         test_per_class=sizes[2],
+                                         train=TrainSettings(**(LLM_TRAINING | {"epochs": 1 if args.quick else 2})))
     train, test = task_records(settings)
     train_pr, test_pr = prompts_and_responses(train), prompts_and_responses(test)
     model, tokenizer, name = load_model(settings, None, None)
@@ -170,8 +173,8 @@ def run_llm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             for dim in [None, *args.dims]]
     _compare(rows, lambda s: identification_metrics(s, train_labels, test_labels)["auc"])
     return {"task": "llm", "settings": {"task": settings.task, "classes": sizes[0], "train_per_class": sizes[1],
-                                        "test_per_class": sizes[2], "rank": settings.rank,
-                                        "protocol": settings.protocol, "epochs": settings.epochs},
+                                        "test_per_class": sizes[2], "rank": settings.lora.rank,
+                                        "protocol": settings.protocol, "epochs": settings.train.epochs},
             "model": name, "test_loss_after": loss_after, "finetune_s": stats["seconds"],
             "auc_label": "identification AUC", "rows": rows}
 

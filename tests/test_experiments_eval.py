@@ -23,7 +23,7 @@ from datainf.experiments.llm_identification import (  # noqa: E402
     run_llm_identification,
     task_records,
 )
-from datainf.models.finetune import LoraSettings  # noqa: E402
+from datainf.models.finetune import LoraSettings, TrainSettings  # noqa: E402
 from datainf.models.llm import finetune_causal_lm, load_causal_lm  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
 from reference import FLOAT32_TOL  # noqa: E402
@@ -77,7 +77,8 @@ def test_step0_and_run_sum_against_a_twin_fine_tune(tiny_llama_dir, tmp_path):
     learning rate of the steps from a checkpoint to the next; the final: its own step's), computed here from
     the rates the twin fine-tune used; "+step0" is step 0's scores alone, "+run" the weighted sum."""
     settings = LLMIdentificationSettings(task="sentences", classes=2, train_per_class=3, test_per_class=1,
-                                         epochs=2, batch_size=3, grad_batch_size=2, learning_rate=1e-2,
+                                         train=TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2),
+                                         grad_batch_size=2,
                                          methods=("identity", "datainf"), checkpoints=2)
     model, tok = load_causal_lm(tiny_llama_dir, LORA, seed=0)
     result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
@@ -132,8 +133,9 @@ def test_resemblance_control_is_the_base_models_hidden_state_cosine(tiny_llama_d
     computed again after fine-tuning (the adapter must be switched off for it)."""
     from transformers import AutoModelForCausalLM
 
-    settings = LLMIdentificationSettings(task="math", classes=2, train_per_class=3, test_per_class=2, epochs=2,
-                                         batch_size=3, grad_batch_size=2, learning_rate=5e-2,
+    settings = LLMIdentificationSettings(task="math", classes=2, train_per_class=3, test_per_class=2,
+                                         train=TrainSettings(epochs=2, batch_size=3, learning_rate=5e-2),
+                                         grad_batch_size=2,
                                          methods=("identity",), control=True)
     model, tok = load_causal_lm(tiny_llama_dir, LORA, seed=0)
     result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)

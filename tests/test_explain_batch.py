@@ -31,6 +31,7 @@ import datainf  # noqa: E402
 from cli_helpers import hashes, refused, write_jsonl  # noqa: E402
 from cli_helpers import run_cli as run  # noqa: E402
 from datainf.data.generation import chat_records, make_task  # noqa: E402
+from datainf.errors import DataInfError  # noqa: E402
 from reference import FLOAT64_TOL, assert_close_to  # noqa: E402
 
 PROMPT, RESPONSE = "the old fox finds the book", "book the finds fox old the"
@@ -202,6 +203,32 @@ def test_library_explain_answers_many_queries_against_backward_gradients(setup):
 
 
 # ------------------------------------------------------------------------------------------- the command
+
+
+def test_the_explainer_takes_each_methods_arguments_one_way(setup):
+    """Explainer has one way in for how each method scores: one ScoreArguments per method (the CLI's scoring
+    flags, or score_arguments from names and remedies, which datainf.explain uses); the old methods= and
+    remedies= keywords are gone, and a method given twice or something not a ScoreArguments is refused
+    before the model loads."""
+    from datainf.estimators import ScoreArguments
+    from datainf.explaining import Explainer, score_arguments
+
+    where = {"store": setup["stores"] / "checkpoint-2", "adapter": setup["run"]}
+    made = score_arguments("datainf, identity", {"damping_scale": 0.5, "remove_top": 1})
+    assert made == [ScoreArguments("datainf", damping_scale=0.5, remove_top=1),
+                    ScoreArguments("identity", damping_scale=0.5, remove_top=1)]
+    explainer = Explainer(setup["model"], **where, arguments=made)
+    assert explainer.arguments == {a.method: a for a in made}
+    assert Explainer(setup["model"], **where).arguments == {"datainf": ScoreArguments("datainf")}
+    for old in ({"methods": ["identity"]}, {"remedies": {"remove_top": 1}}):
+        with pytest.raises(TypeError):
+            Explainer(setup["model"], **where, **old)
+    for bad, words in (([ScoreArguments("identity"), ScoreArguments("identity", damping=0.1)], "given twice"),
+                       (["identity"], "ScoreArguments"), ([], "no method given")):
+        with pytest.raises(DataInfError, match=words):
+            Explainer(setup["model"], **where, arguments=bad)
+    with pytest.raises(DataInfError, match="unknown method 'nope'"):
+        score_arguments(["nope"])
 
 
 def test_explain_queries_file_over_a_run_writes_json_and_csv(setup, tmp_path, capsys):

@@ -25,7 +25,7 @@ from datainf.experiments.llm_identification import (  # noqa: E402
     identification_metrics,
     run_llm_identification,
 )
-from datainf.models.finetune import LoraSettings  # noqa: E402
+from datainf.models.finetune import LoraSettings, TrainSettings  # noqa: E402
 from datainf.models.llm import load_causal_lm  # noqa: E402
 from datainf.scoring import load_scores  # noqa: E402
 from reference import FLOAT32_TOL, FLOAT64_TOL  # noqa: E402
@@ -59,7 +59,8 @@ def test_run_llm_identification_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     lora = LoraSettings(rank=2, alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=())
     model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
     settings = LLMIdentificationSettings(task="sentences", classes=3, train_per_class=4, test_per_class=2,
-                                         epochs=1, batch_size=4, lissa_iterations=5, grad_batch_size=4)
+                                         train=TrainSettings(epochs=1, batch_size=4), lissa_iterations=5,
+                                         grad_batch_size=4)
     result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)
     _check_outputs(tmp_path, result.to_dict(), n_train=12, n_test=6)
     assert result.trainable_parameters == 2 * 2 * (2 * 32 + 2 * 32)  # layers x (q, v) x (A + B)
@@ -90,6 +91,31 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path):
             main(["--quiet", "experiment", "llm-identification", "--out", str(tmp_path / "o"), "--device", "cpu",
                   *extra])
         assert exc.value.code == 2, extra
+
+
+
+def test_settings_hold_one_train_and_one_lora_settings_and_refuse_fields_the_fine_tune_ignores():
+    """The fine-tune's fields live in one TrainSettings (defaults: the paper's), written nested into
+    results.json's settings; the fields finetune_causal_lm has no use for are refused, not silently dropped."""
+    from datainf.experiments.common import settings_dict
+
+    settings = LLMIdentificationSettings()
+    assert (settings.train.epochs, settings.train.learning_rate, settings.train.batch_size,
+            settings.train.max_length) == (2, 1e-3, 8, 128)
+    assert settings_dict(settings)["train"]["learning_rate"] == 1e-3 and "epochs" not in settings_dict(settings)
+    for bad, word in ((TrainSettings(weight_decay=0.1), "train.weight_decay"),
+                      (TrainSettings(head_learning_rate=1e-3), "train.head_learning_rate"),
+                      (TrainSettings(length_buckets=True), "train.length_buckets")):
+        with pytest.raises(DataInfError, match=word):
+            LLMIdentificationSettings(train=bad)
+    with pytest.raises(DataInfError, match="TrainSettings"):
+        LLMIdentificationSettings(train={"epochs": 1})
+    # the adapter's fields live in one LoraSettings the same way; a causal LM has no head to save
+    assert settings.lora == LoraSettings(rank=8, alpha=32.0, dropout=0.05, target_modules=("q_proj", "v_proj"),
+                                         modules_to_save=())
+    assert settings_dict(settings)["lora"]["rank"] == 8 and "rank" not in settings_dict(settings)
+    with pytest.raises(DataInfError, match="modules_to_save"):
+        LLMIdentificationSettings(lora=LoraSettings())
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -228,8 +254,9 @@ def test_paper_protocol_gradients_are_the_prompt_only_mean_lm_loss(tiny_llama_di
     model, tok = load_causal_lm(tiny_llama_dir, lora, seed=0)
     with torch.no_grad():  # make the EOS's NLL far from the other tokens' (a random model gives each ~log V)
         model.get_output_embeddings().weight[tok.eos_token_id] *= 300
-    settings = LLMIdentificationSettings(task="math", classes=2, train_per_class=3, test_per_class=1, epochs=1,
-                                         batch_size=3, grad_batch_size=2, protocol="paper", normalize=True,
+    settings = LLMIdentificationSettings(task="math", classes=2, train_per_class=3, test_per_class=1,
+                                         train=TrainSettings(epochs=1, batch_size=3), grad_batch_size=2,
+                                         protocol="paper", normalize=True,
                                          methods=("datainf", "identity", "lissa"), lissa_iterations=3,
                                          variants=("identity:normalize",))
     result = run_llm_identification(settings, tmp_path, progress=False, model=model, tokenizer=tok)

@@ -53,6 +53,38 @@ def test_a_toy_method_is_one_class_through_the_registry():
     assert "diagonal-test" not in method_names()
 
 
+def test_what_a_methods_diagnostics_mean_is_said_by_the_method():
+    """The scoring path hands each method its per-block diagnostics once (check_diagnostics) instead of
+    special-casing a method by name: a toy method records each block's width and sees them all after
+    scoring; LiSSA's not-converged warning comes from its own class the same way."""
+    seen = []
+
+    @register
+    class Noted(Estimator):
+        name = "noted-test"
+
+        def setup(self):
+            self.info["d"] = self.block.d
+
+        def precondition(self, V):
+            return V / self.damping
+
+        @classmethod
+        def check_diagnostics(cls, diagnostics):
+            seen.append(diagnostics)
+
+    try:
+        train, query = _problem()
+        score(train, query, ScoreArguments(method="noted-test"))
+        assert seen == [{"a": {"d": 7}, "b": {"d": 10}}]
+    finally:
+        unregister("noted-test")
+    from datainf.estimators.lissa import Lissa
+
+    with pytest.warns(UserWarning, match="lissa has not converged: block 'b'"):
+        Lissa.check_diagnostics({"a": {"relative_residual": 0.05}, "b": {"relative_residual": 0.5}})
+
+
 def test_registry_refuses_a_second_method_of_the_same_name_and_names_unknown_ones():
     with pytest.raises(DataInfError, match="already registered"):
         @register

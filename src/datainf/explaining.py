@@ -141,12 +141,21 @@ CSV_COLUMNS = ("query_index", "prompt", "response", "generated", "method", "kind
                "train_prompt", "train_response", "train_text", "train_label", "train_label_name")
 
 
-def score_arguments(method: str, remedies: Mapping[str, Any] | None = None) -> ScoreArguments:
-    """How explain scores with ``method``: the method's defaults, with the remedies asked for (ScoreArguments fields of :mod:`datainf.remedies`:
-    ``remove_top``, ``adam_moments``, ``damping_scale``, ``damping_rule``)."""
+def score_arguments(methods: Sequence[str] | str | None = None, remedies: Mapping[str, Any] | None = None
+                    ) -> list[ScoreArguments]:
+    """How :func:`explain` scores: each method (names, or comma-separated text; None: the default method) with
+    its defaults and the remedies asked for (ScoreArguments fields of :mod:`datainf.remedies`: ``remove_top``,
+    ``adam_moments``, ``damping_scale``, ``damping_rule``). The default is the one measured best on causal LM
+    stores (:func:`datainf.estimators.defaults.default_method`: EK-FAC). An unknown method is refused by
+    ScoreArguments."""
     from datainf.estimators import ScoreArguments
+    from datainf.estimators.defaults import default_method
 
-    return ScoreArguments(method=method, **dict(remedies or {}))
+    if methods is None:
+        methods = [default_method(token_level=True)]
+    elif isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    return [ScoreArguments(method=m, **dict(remedies or {})) for m in dict.fromkeys(methods)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,26 +400,29 @@ class Explainer:
     Everything that can be refused without the model is refused when it is made (stores that are not causal
     LM stores, that cannot be summed, or are preconditioned for another method; unknown methods); the model
     is loaded by :meth:`load` (or the first :meth:`explain`), and a store made with another model or adapter
-    is refused then, unless ``allow_mismatch``."""
+    is refused then, unless ``allow_mismatch``. How each method scores comes in one way: ``arguments``, one
+    :class:`~datainf.estimators.ScoreArguments` per method (the CLI's scoring flags, or :func:`score_arguments`
+    from method names and remedies; default: the default method as it is)."""
 
     def __init__(self, model: PathLike, *, store: PathLike | Sequence[PathLike],
                  adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None,
-                 weights: str = "lr", methods: Sequence[str] | None = None, k: int = 10, max_new_tokens: int = 64,
-                 allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
-                 remedies: Mapping[str, Any] | None = None, tokens: bool = False,
-                 arguments: Mapping[str, ScoreArguments] | None = None) -> None:
+                 weights: str = "lr", arguments: Sequence[ScoreArguments] | None = None, k: int = 10,
+                 max_new_tokens: int = 64, allow_mismatch: bool = False, model_dtype: str = "float32",
+                 device: str | None = None, tokens: bool = False) -> None:
         from datainf.combine import check_summable
-        from datainf.estimators import method_names
-        from datainf.estimators.defaults import default_method
+        from datainf.estimators import ScoreArguments, method_names
         from datainf.scoring import check_preconditioned
         from datainf.store import GradientStore
         from datainf.tasks import token_level
 
-        methods = (default_method(token_level=True),) if methods is None else methods  # explain: causal LM stores
-        unknown = [m for m in methods if m not in method_names()]
-        if unknown or not methods:
-            what = f"unknown method {unknown[0]!r}" if unknown else "no method given"
-            raise DataInfError(f"{what}; choose from {', '.join(method_names())}")
+        arguments = score_arguments() if arguments is None else list(arguments)
+        if not arguments:
+            raise DataInfError(f"no method given; choose from {', '.join(method_names())}")
+        if not all(isinstance(a, ScoreArguments) for a in arguments):
+            raise DataInfError("arguments: give one datainf ScoreArguments per method (see score_arguments)")
+        twice = [a.method for i, a in enumerate(arguments) if a.method in [b.method for b in arguments[:i]]]
+        if twice:
+            raise DataInfError(f"arguments: method {twice[0]!r} is given twice; give each method once")
         if model_dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise DataInfError(f"model_dtype must be float32, float16, bfloat16 or float64, got {model_dtype!r}")
         if k < 1 or max_new_tokens < 1:
@@ -419,9 +431,8 @@ class Explainer:
         self.checkpoints = checkpoints_of(adapter, store, run, weights)
         check_adapters(self.checkpoints)
         self.run_stores = _names(store)[0] if run is not None else None  # the folder of `grads --run`
-        # each method's ScoreArguments: given whole (the command line's scoring flags), or its defaults + remedies
-        self.arguments = ({m: score_arguments(m, remedies) for m in dict.fromkeys(methods)} if arguments is None
-                          else {m: arguments[m] for m in dict.fromkeys(methods)})
+        # each method's ScoreArguments (the command line's scoring flags, or score_arguments' defaults + remedies)
+        self.arguments = {a.method: a for a in arguments}
         self.k, self.max_new_tokens, self.allow_mismatch = k, max_new_tokens, allow_mismatch
         self.tokens = tokens  # also score every response token (datainf.tokens)
         self.model_dtype, self.device = model_dtype, device
@@ -643,11 +654,9 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
     one :class:`Answer` per query, in order."""
     if isinstance(queries, (str, Query)):
         queries = [queries]
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    explainer = Explainer(model, store=store, adapter=adapter, run=run, weights=weights, methods=methods, k=k,
-                          max_new_tokens=max_new_tokens, allow_mismatch=allow_mismatch, model_dtype=model_dtype,
-                          device=device, remedies=remedies, tokens=tokens)
+    explainer = Explainer(model, store=store, adapter=adapter, run=run, weights=weights,
+                          arguments=score_arguments(methods, remedies), k=k, max_new_tokens=max_new_tokens,
+                          allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=device, tokens=tokens)
     queries = [Query(q) if isinstance(q, str) else q for q in queries]
     explainer.check(queries)
     return explainer.explanation(explainer.explain(queries))

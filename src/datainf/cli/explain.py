@@ -166,10 +166,9 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     scoring = current_scoring()
     defaulted, scoring = not scoring.methods, scoring.or_default(token_level=True)  # explain: causal LM stores
     explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
-                          methods=scoring.methods, k=k, max_new_tokens=max_new_tokens,
-                          allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=setup(ctx, device)[1],
-                          arguments={m: scoring.arguments(m) for m in scoring.methods},
-                          tokens=tokens)
+                          arguments=[scoring.arguments(m) for m in scoring.methods], k=k,
+                          max_new_tokens=max_new_tokens, allow_mismatch=allow_mismatch, model_dtype=model_dtype,
+                          device=setup(ctx, device)[1], tokens=tokens)
     if queries:
         explainer.check(queries)  # refused before the model is loaded
     elif system is not None:

@@ -89,6 +89,10 @@ FLAGS: dict[str, dict[str, Any]] = {
                         "help": "Compute dtype; default float32 (float64 for a float64 store)."},
     "--lissa-iterations": {"type": click.IntRange(min=1), "default": None,
                            "help": "Same as --option iterations=N (LiSSA's recursion steps; default 100)."},
+    "--variant": {"dest": "variants", "multiple": True, "metavar": "SPEC",
+                  "help": "Also score this variant (repeatable; row named by the spec): METHOD:KEY=VALUE,... e.g. "
+                          "ekfac:damping_scale=10, identity:normalize, datainf:remove_top=2 (keys: damping, normalize, "
+                          "remove_top, damping_scale, damping_rule, dtype, or the method's options)."},
     "--option": {"dest": "method_options", "multiple": True, "metavar": "[METHOD.]NAME=VALUE",
                  "help": "A method's own option (e.g. iterations=50 for lissa), repeatable; a bare NAME goes to every "
                          "chosen method that has it. See each method's options in `datainf.estimators`."},

@@ -79,8 +79,9 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name not in ("arguments", "blocks", "defaults", "diagnostics", "registry"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-#: residual above which LiSSA warns that it has not converged
-LISSA_RESIDUAL_WARNING = 0.1
+#: residual above which LiSSA warns that it has not converged (declared in its module, imported above in
+#: registration order)
+LISSA_RESIDUAL_WARNING = importlib.import_module(f"{__name__}.lissa").RESIDUAL_WARNING
 
 
 @dataclass
@@ -209,7 +210,8 @@ def _scaled_back(part: Tensor, back: float, name: str, arguments: ScoreArguments
 
 def finish(partial: PartialScores, arguments: ScoreArguments, kind: str, seconds: float,
            world_size: int = 1, block_order: list[str] | None = None) -> ScoreResult:
-    """Normalize (if asked), warn about an unconverged LiSSA, and wrap the scores as a :class:`ScoreResult`."""
+    """Normalize (if asked), let the method warn about its diagnostics (an unconverged LiSSA), and wrap the
+    scores as a :class:`ScoreResult`."""
     if partial.scores is None:
         raise AllBlocksZeroError("every block has all-zero training gradients; nothing to score")
     scores = partial.scores
@@ -224,15 +226,7 @@ def finish(partial: PartialScores, arguments: ScoreArguments, kind: str, seconds
             f"{'rule' if arguments.damping is None else arguments.damping}); use a larger damping or "
             "dtype float64"
         )
-    if arguments.method == "lissa" and partial.diagnostics:
-        worst = max(partial.diagnostics.items(), key=lambda kv: kv[1].get("relative_residual", 0.0))
-        if worst[1].get("relative_residual", 0.0) > LISSA_RESIDUAL_WARNING:
-            warnings.warn(
-                f"lissa has not converged: block '{worst[0]}' has relative residual "
-                f"{worst[1]['relative_residual']:.2g}; raise iterations for scores closer to exact (when "
-                "n_train < d this overstates the score error: residual outside the gradients' span is unseen)",
-                stacklevel=3,
-            )
+    get_method(arguments.method).check_diagnostics(partial.diagnostics)  # e.g. LiSSA: not converged
     damping = partial.damping
     if block_order is not None:
         damping = {k: damping[k] for k in block_order if k in damping}
@@ -288,8 +282,8 @@ def _fill_legacy_diagnostics(diagnostics: dict[str, Any] | None, result: ScoreRe
     warnings.warn("the diagnostics= dict is deprecated: call datainf.estimators.score(...) for a ScoreResult "
                   "with .damping, .diagnostics and .seconds", DeprecationWarning, stacklevel=3)
     diagnostics.update(method=result.method, damping=dict(result.damping), seconds=result.seconds)
-    if result.method == "lissa":
-        diagnostics["lissa"] = result.diagnostics
+    if result.diagnostics:  # the method's per-block diagnostics under its name (LiSSA's: diagnostics["lissa"])
+        diagnostics[result.method] = result.diagnostics
 
 
 def influence(

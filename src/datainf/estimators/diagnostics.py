@@ -30,8 +30,7 @@ from torch import Tensor
 from datainf.errors import DataInfError
 from datainf.estimators.blocks import BlockRows, Blocks, Damping, as_blocks, pair_blocks, resolve_damping
 from datainf.estimators.kfac import BlockCurvature, KFACCurvature, KFACFactors, fit_curvature, precondition
-from datainf.estimators.lissa import LissaOptions, lissa_solve
-from datainf.estimators.registry import get_method, method_names
+from datainf.estimators.registry import accepted_options, get_method, method_names, parse_options
 
 
 def diagnosed_methods() -> tuple[str, ...]:
@@ -88,6 +87,8 @@ def approximation_report(
         damping: None for the paper's rule on the subsample; a float, sequence or mapping per block.
         n_sub: training examples sampled per block; n_vectors: query vectors per block.
         threshold: flag a method whose score correlation with exact is below this.
+        lissa_iterations, seed: the ``iterations`` and ``seed`` options of every method that declares them
+            (LiSSA); each method runs through its own preconditioner, K-FAC/EK-FAC on the given factors.
     Returns:
         ``{"settings": {...}, "blocks": {block: {"n_sub", "d", "damping", "methods": {method:
         {"score_correlation", "ihvp_relative_error": {"mean", "max"}, "far"} or {"skipped": reason}}}},
@@ -161,15 +162,11 @@ def _method_ihvp(
     method: str, name: str, G: Tensor, V: Tensor, lam: float, curvature: KFACCurvature | None,
     lissa_iterations: int, seed: int,
 ) -> Tensor | None:
-    if method == "datainf":
-        return datainf_ihvp(G, V, lam)
-    if method == "lissa":
-        block = BlockRows(name, G, torch.float64, torch.device("cpu"), 4096)
-        return lissa_solve(block, V, lam, LissaOptions(iterations=lissa_iterations, seed=seed), None)
     estimator = get_method(method)
-    if not estimator.needs_curvature:  # any other registered method, through its own preconditioner
+    if not estimator.needs_curvature:  # every such method through its own preconditioner and options
         block = BlockRows(name, G, torch.float64, torch.device("cpu"), 4096)
-        return estimator(block, lam, (G * G).sum(dim=1), None, None).precondition(V)
+        opts = parse_options(method, accepted_options(method, iterations=lissa_iterations, seed=seed))
+        return estimator(block, lam, (G * G).sum(dim=1), opts, None).precondition(V)
     if curvature is None:
         return None
     b = curvature.block(name)

@@ -8,7 +8,9 @@ block reports its residual so a user sees when they have not.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +18,9 @@ from torch import Tensor
 from datainf.errors import DataInfError
 from datainf.estimators.blocks import BlockRows
 from datainf.estimators.registry import Estimator, register
+
+#: the worst block's relative residual above which LiSSA warns that it has not converged
+RESIDUAL_WARNING = 0.1
 
 
 @dataclass(frozen=True)
@@ -108,3 +113,17 @@ class Lissa(Estimator):
 
     def precondition(self, V: Tensor) -> Tensor:
         return lissa_solve(self.block, V, self.damping, self.opts, self.info, scale=self.scale)
+
+    @classmethod
+    def check_diagnostics(cls, diagnostics: dict[str, dict[str, Any]]) -> None:
+        """Warn when the worst block's relative residual is above :data:`RESIDUAL_WARNING`."""
+        if not diagnostics:
+            return
+        worst = max(diagnostics.items(), key=lambda kv: kv[1].get("relative_residual", 0.0))
+        if worst[1].get("relative_residual", 0.0) > RESIDUAL_WARNING:
+            warnings.warn(
+                f"lissa has not converged: block '{worst[0]}' has relative residual "
+                f"{worst[1]['relative_residual']:.2g}; raise iterations for scores closer to exact (when "
+                "n_train < d this overstates the score error: residual outside the gradients' span is unseen)",
+                stacklevel=4,  # the caller of the scoring function (score -> finish -> here)
+            )

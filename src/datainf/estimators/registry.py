@@ -111,6 +111,12 @@ class Estimator:
         return None
 
     @classmethod
+    def check_diagnostics(cls, diagnostics: dict[str, dict[str, Any]]) -> None:
+        """Once per scoring call, after every block is scored: warn about what this method's per-block
+        ``diagnostics`` (block name -> what :attr:`info` gathered) say the user should know (LiSSA: a recursion
+        that has not converged). Default: nothing to say."""
+
+    @classmethod
     def state_settings(cls, arguments: Any) -> dict[str, Any]:
         """The part of ``arguments`` the fitted state depends on (JSON-able; e.g. the damping, the compute
         dtype, an option): recorded in the cache, which is fitted again when they differ. Default: nothing

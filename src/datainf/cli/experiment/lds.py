@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from datainf.cli.options import method_option, option
+from datainf.cli.options import FLAGS, method_option, option
 from datainf.data.generation import TASKS
 from datainf.data.text import DATASETS
 from datainf.experiments.classification import load_dataset_records
@@ -40,10 +40,7 @@ from datainf.outputs import check_apart
              "them (rows <method>+run).")
 @click.option("--control/--no-control", default=False,
               help="Generation tasks: also score the resemblance control (row 'resemblance').")
-@click.option("--variant", "variants", multiple=True, metavar="SPEC",
-              help="Also score this variant (repeatable): METHOD:KEY=VALUE,... e.g. ekfac:damping_scale=10, "
-                   "identity:normalize, datainf:remove_top=2 (keys: damping, normalize, remove_top, damping_scale, "
-                   "damping_rule, dtype, or the method's options). Cached by name; the retrains are reused.")
+@option("--variant", help=FLAGS["--variant"]["help"] + " Cached by name; the retrains are reused.")
 @option("--device", help="Causal LM only: cpu or cuda [default: cuda when available].")
 @option("--seed", show_default=True)
 @click.pass_context

@@ -10,7 +10,8 @@ from datainf.cli.common import setup
 from datainf.cli.options import declared, method_option, option
 from datainf.data.generation import TASKS
 from datainf.errors import DataInfError
-from datainf.experiments.llm_identification import LLMIdentificationSettings, format_table, run
+from datainf.experiments.llm_identification import LLM_LORA, LLMIdentificationSettings, format_table, run
+from datainf.models.finetune import LoraSettings, TrainSettings
 from datainf.outputs import check_run_folder
 
 
@@ -51,9 +52,7 @@ def split_list(value: str, what: str) -> tuple[str, ...]:
 @click.option("--control/--no-control", default=False,
               help="Also score the resemblance control (row 'resemblance'): minus the cosine of the base model's "
                    "mean last hidden states of prompt + response, training example vs test example.")
-@click.option("--variant", "variants", multiple=True, metavar="SPEC",
-              help="Also score this variant (repeatable; row named by the spec): METHOD:KEY=VALUE,... e.g. "
-                   "ekfac:damping_scale=10, identity:normalize, datainf:remove_top=2.")
+@option("--variant")
 @option("--damping")
 @option("--lissa-iterations", default=100, help="LiSSA's recursion steps.")
 @option("--seed")
@@ -85,8 +84,10 @@ def llm_identification_command(ctx: click.Context, task: str, out_dir: str, mode
         raise DataInfError(f"--model {model_dir} is not a transformers model folder (no config.json)")
     settings = LLMIdentificationSettings(
         task=task, model_dir=model_dir, classes=classes, train_per_class=train_per_class,
-        test_per_class=test_per_class, epochs=epochs, learning_rate=lr, batch_size=batch_size,
-        max_length=max_length, rank=rank, alpha=alpha, target_modules=split_list(target_modules, "--target-modules"),
+        test_per_class=test_per_class,
+        train=TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length, seed=seed),
+        lora=LoraSettings(**(LLM_LORA | {"rank": rank, "alpha": alpha,
+                                         "target_modules": split_list(target_modules, "--target-modules")})),
         methods=methods, protocol=protocol, normalize=normalize, checkpoints=checkpoints,
         control=control, variants=variants, damping=damping,
         lissa_iterations=lissa_iterations, seed=seed,
