@@ -219,7 +219,7 @@ def test_the_explainer_takes_each_methods_arguments_one_way(setup):
                     ScoreArguments("identity", damping_scale=0.5, remove_top=1)]
     explainer = Explainer(setup["model"], **where, arguments=made)
     assert explainer.arguments == {a.method: a for a in made}
-    assert Explainer(setup["model"], **where).arguments == {"datainf": ScoreArguments("datainf")}
+    assert Explainer(setup["model"], **where).arguments == {"ekfac": ScoreArguments("ekfac")}  # the causal-LM default
     for old in ({"methods": ["identity"]}, {"remedies": {"remove_top": 1}}):
         with pytest.raises(TypeError):
             Explainer(setup["model"], **where, **old)
