@@ -183,6 +183,11 @@ def data_options(f: Any) -> Any:
                      help="causal LM: the tokens that carried the loss in training: the answer's (assistant turns, "
                           "completion, response), or 'all' of them (TRL's SFT on 'messages' data without "
                           "assistant_only_loss, or with completion_only_loss=False)."),
+        click.option("--truncation", type=click.Choice(["auto", "keep_start", "keep_end"]), default="auto",
+                     show_default=True,
+                     help="causal LM: which tokens of an example longer than --max-length are kept: auto (the end of "
+                          "chat and prompt/response records, the start of text: as `datainf finetune` trains), or "
+                          "as TRL's SFTConfig.truncation_mode (keep_start, TRL's default; keep_end)."),
         click.option("--split", default=None, help="The split of a save_to_disk DatasetDict folder."),
     ]
     for option in reversed(options):
@@ -234,7 +239,8 @@ def scored_training_data(loaded: Any, data_path: str, *, extra_columns: tuple[st
 
 
 #: the collator settings that decide which tokens carry the loss (compared with what `finetune` recorded)
-TRAINING_TOKENIZATION = ("format", "chat_template", "assistant_turns", "append_eos", "loss_tokens", "max_length")
+TRAINING_TOKENIZATION = ("format", "chat_template", "assistant_turns", "append_eos", "loss_tokens", "max_length",
+                         "truncation")
 
 
 def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) -> list[str]:
@@ -250,7 +256,8 @@ def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) 
     trained = read_json_object(marker, "rewrite the adapter with `datainf finetune`").get("collate")
     if not isinstance(trained, dict):
         return []
-    defaults = {"loss_tokens": TextCollator.loss_tokens}  # left out of the settings when it is the default
+    # left out of the settings when they are the default
+    defaults = {"loss_tokens": TextCollator.loss_tokens, "truncation": TextCollator.truncation}
     out = []
     for key in TRAINING_TOKENIZATION:
         then, now = trained.get(key, defaults.get(key)), settings.get(key, defaults.get(key))
@@ -260,12 +267,13 @@ def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) 
 
 
 def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: bool = False,
-                  assistant_turns: str = "all", loss_tokens: str = "assistant", **_: Any) -> Any:
+                  assistant_turns: str = "all", loss_tokens: str = "assistant", truncation: str = "auto",
+                  **_: Any) -> Any:
     """The collator that tokenizes records as the model was trained on them."""
     from datainf.data.collate import TextCollator
 
     return TextCollator(tokenizer=tokenizer, task=task, max_length=max_length, chat_template=chat_template,
-                        assistant_turns=assistant_turns, loss_tokens=loss_tokens)
+                        assistant_turns=assistant_turns, loss_tokens=loss_tokens, truncation=truncation)
 
 
 __all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "data_options", "default_map", "device_option", "load_config", "overwrite_option",
