@@ -119,3 +119,28 @@ def test_an_unknown_group_by_column_is_refused_and_nothing_written(tagged_run, c
     assert "--group-by topic" in lines[0] and "no column 'topic'" in lines[0]
     assert "skill, source" in lines[0]  # the columns the records have
     assert not out.exists() and hashes(root) == before
+
+
+def test_top_rows_carry_the_records_data_columns(tagged_run, capsys):  # noqa: F811
+    """`datainf top` (JSON lines and CSV): each row has its training example's skill and source and its
+    query's skill (train_skill, train_source, query_skill), read here from the records by the row's indices;
+    writing the same --out again is allowed (the file is still recognised as a table of `top`)."""
+    import csv
+    import json
+
+    root, train, queries = tagged_run
+    names = {f"query {j}": j for j in range(len(queries))}
+    for fmt in ("jsonl", "csv"):
+        out = root / f"top.{fmt}"
+        for _ in range(2):
+            code, _, err = cli(["top", "--scores", str(root / "scores.safetensors"), "--k", "2", "--format", fmt,
+                                "--out", str(out)], capsys)
+            assert code == 0, err
+        text = out.read_text(encoding="utf-8")
+        rows = ([json.loads(line) for line in text.splitlines()] if fmt == "jsonl"
+                else list(csv.DictReader(text.splitlines())))
+        assert rows
+        for row in rows:
+            i, j = int(row["train_index"]), names[row["query"]]
+            assert (row["train_skill"], row["train_source"], row["query_skill"]) == (
+                train[i]["skill"], train[i]["source"], queries[j]["skill"])

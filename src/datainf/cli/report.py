@@ -20,17 +20,14 @@ from datainf.errors import DataInfError
 from datainf.outputs import check_apart, check_output
 
 GENERATION_TASKS = ("causal_lm", "causal_lm_mean")
-#: record keys the report shows in columns of their own (or reads the texts from); any other plain value in a
-#: record (e.g. "skill", "source", "id") is an extra data column of the report's tables
-RECORD_KEYS = frozenset({"prompt", "response", "completion", "messages", "text", "label", "label_name", "turns",
-                         "flipped", "true_label"})
 
 
 def _extras(record: Any) -> dict[str, Any]:
-    """The extra data columns of a record: its plain values (text, number, flag) under other keys."""
-    if not isinstance(record, dict):
-        return {}
-    return {k: v for k, v in record.items() if k not in RECORD_KEYS and isinstance(v, (str, int, float, bool))}
+    """The extra data columns of a record (e.g. "skill", "source", "id"), as `top`'s rows carry them:
+    :func:`datainf.ranking.data_columns` (imported here: the CLI starts without torch)."""
+    from datainf.ranking import data_columns
+
+    return data_columns(record)
 
 
 @click.command("report")
@@ -163,6 +160,8 @@ def command(scores_path: str | None, data_path: str | None, flipped_column: str,
         "settings": _settings(loaded, scores_path, data_path),
         "methods": methods,
     }
+    from datainf.ranking import RECORD_KEYS
+
     columns = list(dict.fromkeys(k for r in [*train, *(shown_queries or [])] for k in r if k not in RECORD_KEYS))
     if group_by is not None and group_by not in columns:
         where = f"--data {data_path}" if data_path is not None else "the training store's records"
