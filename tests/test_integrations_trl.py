@@ -81,6 +81,32 @@ def test_the_callbacks_collator_cuts_long_examples_as_the_sft_trainer_does(tok, 
     assert f"--truncation {mode}" in tokenization["grads_options"]
 
 
+def test_grads_on_a_callback_run_warns_when_its_options_cut_otherwise(tok, model_dir, tmp_path, capsys):  # noqa: F811
+    """`datainf grads --run` on a run the callback recorded: without the recorded --truncation it warns, naming
+    the setting in training and here; with the run's grads_options it does not."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from cli_helpers import run_cli, write_jsonl
+
+    rows = rows_of("text")
+    trainer = SFTTrainer(model=lora_model(model_dir), args=sft_args(tmp_path, max_length=MAX_LENGTH),
+                         train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[DatainfCallback(tmp_path / "run", checkpoints=1, train_data=rows)])
+    trainer.train()
+    options = json.loads((tmp_path / "run" / TRAINING_FILE).read_text())["tokenization"]["grads_options"].split()
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["grads", "--task", "causal_lm", "--model", str(model_dir), "--run", str(tmp_path / "run"), "--data",
+              str(data)]
+    code, _, err = run_cli([*common, "--store", str(tmp_path / "auto"), "--max-length", str(MAX_LENGTH)], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ") and "tokenized otherwise" in line]
+    assert len(warnings) == 2 and all("truncation: 'keep_start' in training, 'auto' here" in w for w in warnings)
+    code, _, err = run_cli([*common, "--store", str(tmp_path / "same"), *options], capsys)
+    assert code == 0, err
+    assert "tokenized otherwise" not in err
+
+
 def test_a_given_collator_that_cuts_the_other_end_is_refused(tok, model_dir, tmp_path):  # noqa: F811
     """A collate= of one's own that keeps the end while the SFTConfig keeps the start: one DataInfError naming
     both settings and the fix, before anything is written."""

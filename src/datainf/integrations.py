@@ -26,8 +26,11 @@ What RUN holds:
 * ``datainf_training.json``: the run as a whole: the trainer, the base model's path and fingerprint (the one
   gradient stores record), the LoRA settings, the optimizer, and the tokenization the trainer trained with
   (chat template, assistant-only / completion-only / every token, max length, which end of a longer
-  example is kept: TRL's ``truncation_mode``), as the ``datainf grads`` options that reproduce it. A TRL run
-  with ``packing=True`` is refused at the start of training: its rows are several examples concatenated.
+  example is kept: TRL's ``truncation_mode``), as the ``datainf grads`` options that reproduce it
+  (``grads_options``; ``datainf grads`` warns when its options tokenize otherwise). A TRL run with
+  ``packing=True`` is refused at the start of training: its rows are several examples concatenated. An
+  example TRL drops because truncation left it no loss token keeps its row in the stores, with a zero
+  gradient (no influence), so that row numbers stay those of ``train_data``.
 
 Every checkpoint folder appears whole or not at all (written under a temporary name and renamed, see
 :mod:`datainf.atomic`); one is written once its weight is known, i.e. once training has reached the next

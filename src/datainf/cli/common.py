@@ -238,6 +238,9 @@ def scored_training_data(loaded: Any, data_path: str, *, extra_columns: tuple[st
     return records
 
 
+#: the run record of datainf.integrations.DatainfCallback (its TRAINING_FILE; named here: the CLI starts without
+#: importing transformers)
+CALLBACK_RUN_FILE = "datainf_training.json"
 #: the collator settings that decide which tokens carry the loss (compared with what `finetune` recorded)
 TRAINING_TOKENIZATION = ("format", "chat_template", "assistant_turns", "append_eos", "loss_tokens", "max_length",
                          "truncation")
@@ -245,15 +248,23 @@ TRAINING_TOKENIZATION = ("format", "chat_template", "assistant_turns", "append_e
 
 def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) -> list[str]:
     """How ``settings`` (a TextCollator's) tokenize differently from the fine-tune that made the adapter, as
-    recorded by `datainf finetune` ("assistant_turns: 'last' in training, 'all' here"); empty for an adapter
-    from elsewhere or one that matches."""
-    marker = Path(adapter_dir) / FINETUNE_MARKER if adapter_dir is not None else None
-    if marker is None or not marker.is_file():
-        return []
+    recorded by `datainf finetune` or by DatainfCallback (its run's datainf_training.json, in the final
+    adapter's folder or above a checkpoint-N folder) ("truncation: 'keep_start' in training, 'auto' here");
+    empty for an adapter from elsewhere or one that matches."""
     from datainf.data.collate import TextCollator
     from datainf.data.tables import read_json_object
 
-    trained = read_json_object(marker, "rewrite the adapter with `datainf finetune`").get("collate")
+    if adapter_dir is None:
+        return []
+    marker = Path(adapter_dir) / FINETUNE_MARKER
+    callback_runs = [Path(adapter_dir) / CALLBACK_RUN_FILE, Path(adapter_dir).parent / CALLBACK_RUN_FILE]
+    if marker.is_file():
+        trained = read_json_object(marker, "rewrite the adapter with `datainf finetune`").get("collate")
+    elif (run := next((f for f in callback_runs if f.is_file()), None)) is not None:
+        tokenization = read_json_object(run, "record the run again with DatainfCallback").get("tokenization")
+        trained = tokenization.get("collate") if isinstance(tokenization, dict) else None
+    else:
+        return []
     if not isinstance(trained, dict):
         return []
     # left out of the settings when they are the default
