@@ -226,6 +226,7 @@ def test_sft_trainer_run_is_recorded_and_explain_run_sums_its_checkpoints(tok, m
     tokenization = record["tokenization"]
     assert tokenization["data_format"] == "conversational prompt-completion"
     assert tokenization["loss_tokens"] == "assistant" and tokenization["max_length"] == 64
+    assert tokenization["grads_options"] == "--max-length 64 --truncation keep_start"
     assert tokenization["trainer_settings"]["assistant_only_loss"] is False
     assert tokenization["tokenizer"]["chat_template_sha256"] == hashlib.sha256(tok.chat_template.encode()).hexdigest()
     assert [c["step"] for c in record["checkpoints"]] == [0, 3, 6]
@@ -233,7 +234,8 @@ def test_sft_trainer_run_is_recorded_and_explain_run_sums_its_checkpoints(tok, m
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     before = hashes(stores)
     code, _, err = run_cli(["grads", "--task", "causal_lm", "--model", str(model_dir), "--run", str(run), "--data",
-                            str(data), "--store", str(stores), "--max-length", "64"], capsys)
+                            str(data), "--store", str(stores), "--max-length", "64", "--truncation",
+                            "keep_start"], capsys)  # as recorded: tokenization["grads_options"]
     assert code == 0, err
     assert hashes(stores) == before and before  # complete stores of this run and data: nothing to redo
     prompt, response = "say sun", "sun sun"

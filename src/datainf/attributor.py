@@ -367,8 +367,7 @@ class Attributor:
         capped = longest >= limit * LENGTH_PROBE
         info = {"max_length": limit, "examples": len(over), "rows": rows[:20], "longest": longest,
                 "longest_is_a_lower_bound": capped}
-        side = ("from the left for chat and prompt/response records (the response is kept), from the right for "
-                "text" if self.collate.task.startswith("causal_lm") else "from the right")
+        side = self.collate.cut_side() if self.collate.task.startswith("causal_lm") else "from the right"
         log.warning("warning: %d of %d examples are longer than max_length=%d tokens (rows %s%s; the longest %s%d) and are "
                     "cut %s: their gradients are not those of the whole example; raise max_length (--max-length) "
                     "to the length the model was trained with", len(over), len(records), limit, rows[:10],

@@ -41,13 +41,16 @@ class Query:
 
     ``system``: a system turn before the prompt (chat stores). ``context``: the turns of a conversation
     before the reply explained (chat stores; then ``prompt`` is its last user turn, shown in the answer,
-    and ``system`` is left out). ``source`` names where the query came from in messages ("FILE: row 3")."""
+    and ``system`` is left out). ``source`` names where the query came from in messages ("FILE: row 3").
+    ``columns``: the data columns of its row in a queries file (e.g. ``(("skill", "add"),)``), carried into
+    the answer."""
 
     prompt: str
     response: str | None = None
     system: str | None = None
     context: tuple[dict[str, str], ...] | None = None
     source: str | None = None
+    columns: tuple[tuple[str, Any], ...] = ()
 
     def where(self) -> str:
         return self.source or "the query"
@@ -60,7 +63,8 @@ class Answer:
     :func:`datainf.ranking.top_examples` makes them: method, kind, rank, train_index, score and the training
     record's text), ``scores`` (method -> every training example's summed score, (n_train,)), the query's
     length in tokens before truncation, and ``seconds`` (method -> seconds of the scoring call that answered
-    it, shared by every query of that call)."""
+    it, shared by every query of that call); ``columns``: the query row's data columns (e.g. skill), also
+    in every CSV row as ``query_COLUMN``."""
 
     prompt: str
     response: str
@@ -74,12 +78,14 @@ class Answer:
     #: token by token (``tokens=True``): the :class:`datainf.tokens.TokenAttribution` of the response
     by_token: Any = field(default=None, repr=False)
     k: int = 10
+    columns: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The answer as ``explain --json`` writes it (the scores vectors left out; with token scores, each
         token's top-k lists under ``tokens``, as `datainf report --tokens` reads them)."""
         return {"system": self.system, "prompt": self.prompt, "response": self.response, "generated": self.generated,
                 **({"conversation": self.conversation} if self.conversation is not None else {}),
+                **({"columns": dict(self.columns)} if self.columns else {}),
                 "seconds": dict(self.seconds), "rows": list(self.rows),
                 **({"tokens": {**self.by_token.to_json(self.k), "seconds": self.by_token.seconds}}
                    if self.by_token is not None else {})}
@@ -132,7 +138,8 @@ class Explanation:
         for j, answer in enumerate(self.answers):
             for row in answer.rows:
                 out.append({"query_index": j, "prompt": answer.prompt, "response": answer.response,
-                            "generated": answer.generated, **{k: v for k, v in row.items() if k != "query"}})
+                            "generated": answer.generated, **{k: v for k, v in row.items() if k != "query"},
+                            **{f"query_{k}": v for k, v in answer.columns.items() if f"query_{k}" not in row}})
         return out
 
 
@@ -281,7 +288,13 @@ def read_queries(path: PathLike, *, messages_column: str = "messages", prompt_co
         out.append(Query(_text_cell(prompt, where, prompt_column, optional=False),
                          _text_cell(response, where, response_column, optional=True),
                          _text_cell(row.get(system_column), where, system_column, optional=True), source=where))
-    return out
+    from dataclasses import replace
+
+    from datainf.ranking import data_columns
+
+    formats = {messages_column, prompt_column, response_column, text_column, system_column}
+    return [replace(q, columns=tuple((k, v) for k, v in data_columns(row).items() if k not in formats))
+            for q, row in zip(out, rows)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -625,7 +638,7 @@ class Explainer:
             answers.append(Answer(prompt=q.prompt, response=response, generated=q.response is None, rows=rows,
                                   scores={m: s[:, j] for m, s in scores.items()}, tokens=lengths[j], system=q.system,
                                   conversation=None if q.context is None else [dict(t) for t in q.context],
-                                  seconds=dict(seconds), by_token=by_token[j], k=self.k))
+                                  seconds=dict(seconds), by_token=by_token[j], k=self.k, columns=dict(q.columns)))
         return answers
 
     def explanation(self, answers: list[Answer]) -> Explanation:

@@ -25,8 +25,12 @@ What RUN holds:
   none exist yet and the file says so with ``"exp_avg_sq": null`` and a note).
 * ``datainf_training.json``: the run as a whole: the trainer, the base model's path and fingerprint (the one
   gradient stores record), the LoRA settings, the optimizer, and the tokenization the trainer trained with
-  (chat template, assistant-only / completion-only / every token, max length, packing), as the
-  ``datainf grads`` options that reproduce it.
+  (chat template, assistant-only / completion-only / every token, max length, which end of a longer
+  example is kept: TRL's ``truncation_mode``), as the ``datainf grads`` options that reproduce it
+  (``grads_options``; ``datainf grads`` warns when its options tokenize otherwise). A TRL run with
+  ``packing=True`` is refused at the start of training: its rows are several examples concatenated. An
+  example TRL drops because truncation left it no loss token keeps its row in the stores, with a zero
+  gradient (no influence), so that row numbers stay those of ``train_data``.
 
 Every checkpoint folder appears whole or not at all (written under a temporary name and renamed, see
 :mod:`datainf.atomic`); one is written once its weight is known, i.e. once training has reached the next
@@ -152,6 +156,7 @@ class DatainfCallback(TrainerCallback):
         if state.global_step:
             raise DataInfError(f"training resumes at step {state.global_step}: the callback records a run from "
                                "step 0 (before the first optimizer step); train from the start")
+        _check_no_packing(args)
         self._check_apart_from(args, model)
         lora = adapter_parameters(model) if model is not None else {}
         if model is None or not hasattr(model, "peft_config") or not any("lora_" in n for n in lora):
@@ -338,14 +343,20 @@ class DatainfCallback(TrainerCallback):
                                              "truncation_mode", "packing", "padding_free", "dataset_text_field",
                                              "bf16", "fp16") if hasattr(args, k)}
         out: dict[str, Any] = {"data_format": data_format, "trainer_settings": _jsonable(trl)}
+        truncation = trl.get("truncation_mode")  # TRL cuts every format the same way (keep_start by default)
         if self.collate is None and "assistant_only_loss" in trl:
             loss_tokens, source = _trl_loss_tokens(trl, data_format)
             if loss_tokens is not None and self.tokenizer is not None:
                 max_length = trl.get("max_length") or NO_TRUNCATION
                 self.collate = TextCollator(tokenizer=self.tokenizer, task="causal_lm", max_length=int(max_length),
-                                            loss_tokens=loss_tokens)
+                                            loss_tokens=loss_tokens, truncation=truncation or "keep_start")
         elif self.collate is not None:
             source = "the collate given to the callback"
+            if truncation is not None and trl.get("max_length") is not None and self.collate.truncation != truncation:
+                raise DataInfError(f"the {type(args).__name__} cuts examples longer than max_length={trl['max_length']} "
+                                   f"with truncation_mode={truncation!r}, but collate cuts them with "
+                                   f"truncation={self.collate.truncation!r}: the gradients would be of other tokens "
+                                   f"than the trained ones; pass TextCollator(..., truncation={truncation!r})")
         else:
             source = "the Trainer's data collator decides (pass collate= to record it)"
         out["loss_tokens_source"] = source
@@ -353,6 +364,7 @@ class DatainfCallback(TrainerCallback):
             settings = self.collate.settings()
             out["loss_tokens"] = self.collate.loss_tokens
             out["max_length"] = self.collate.max_length
+            out["truncation"] = self.collate.truncation
             out["collate"] = settings
             out["grads_options"] = _grads_options(settings)
         else:
@@ -371,6 +383,18 @@ class DatainfCallback(TrainerCallback):
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_no_packing(args: Any) -> None:
+    """Refuse a TRL run that packs examples (``packing=True``): its training rows are several examples
+    concatenated (and, by the packing strategy, cut or split), so no training row is one example and a
+    per-example gradient is not of anything the model was trained on."""
+    if getattr(args, "packing", False):
+        strategy = getattr(args, "packing_strategy", None)
+        raise DataInfError(f"{type(args).__name__}(packing=True{f', packing_strategy={strategy!r}' if strategy else ''})"
+                           " concatenates training examples into packed rows, so per-example gradients and influence "
+                           f"do not describe what the model was trained on; set packing=False in the "
+                           f"{type(args).__name__} to record this run with DatainfCallback")
+
+
 def _check_new_folder(folder: Path, name: str) -> None:
     """Refuse a folder that exists and holds anything: the callback never writes over what it did not make."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -516,6 +540,8 @@ def _grads_options(settings: dict[str, Any]) -> str:
         parts.append("--chat-template")
     if settings.get("assistant_turns", "all") != "all":
         parts.append(f"--assistant-turns {settings['assistant_turns']}")
+    if settings.get("truncation", "auto") != "auto":
+        parts.append(f"--truncation {settings['truncation']}")
     return " ".join(parts)
 
 

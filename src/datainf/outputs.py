@@ -140,7 +140,8 @@ def is_explain_json(path: Path) -> bool:
 
 def is_top_table(path: Path) -> bool:
     """A table of `datainf top`: CSV whose header names only its columns, or JSON lines whose first row has
-    only its keys (method, kind, rank, train_index and score among them)."""
+    only its keys (method, kind, rank, train_index and score among them), besides the records' data columns
+    (``train_COLUMN``, ``query_COLUMN``)."""
     first = _head(path).split("\n", 1)[0].strip()
     needed = {"method", "kind", "rank", "train_index", "score"}
     if first.startswith("{"):
@@ -150,7 +151,7 @@ def is_top_table(path: Path) -> bool:
             return False
     else:
         keys = set(first.split(","))
-    return needed <= keys <= set(TOP_COLUMNS)
+    return needed <= keys and all(k in TOP_COLUMNS or k.startswith(("train_", "query_")) for k in keys)
 
 
 def is_explain_csv(path: Path) -> bool:

@@ -8,7 +8,12 @@ a score of exactly 0 is in neither), so it is shorter than k when fewer examples
 (JSON/CSV-ready)::
 
     {"method", "query", "kind" ("helpful" | "harmful"), "rank" (1..k), "train_index", "score",
-     "query_text"?, "train_text"?, "train_prompt"?, "train_response"?, "train_label"?}
+     "query_text"?, "train_text"?, "train_prompt"?, "train_response"?, "train_label"?,
+     "train_COLUMN"?, "query_COLUMN"?}
+
+where COLUMN is each data column of the records (:func:`data_columns`: a plain value under a key that is not
+the record's text, label or format, e.g. ``skill``, ``source``, ``id``); one whose name would take a key
+above (a column ``index``) is left out.
 
 Texts come from the records when given: a chat record (``messages``, or a prompt and a completion given as
 lists of turns) shows its last user turn as the prompt and its last assistant turn as the response; a
@@ -27,6 +32,18 @@ from datainf.errors import DataInfError
 
 #: the two lists of every query, in the order rows come
 KINDS = ("helpful", "harmful")
+#: record keys that are its text, label or format (rows show them as such): never a data column
+RECORD_KEYS = frozenset({"prompt", "response", "completion", "messages", "text", "text_pair", "label", "label_name",
+                         "turns", "flipped", "true_label", "input_ids", "labels", "attention_mask"})
+
+
+def data_columns(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The data columns the user added to a record (e.g. skill, source, id): its plain values (text, number,
+    flag) under keys other than :data:`RECORD_KEYS`."""
+    if not isinstance(record, Mapping):
+        return {}
+    return {str(k): v for k, v in record.items()
+            if k not in RECORD_KEYS and isinstance(v, (str, int, float, bool))}
 
 
 def record_parts(record: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -117,6 +134,11 @@ def hit_rows(hits: Sequence[tuple[int, float]], *, method: str, query: str, kind
             for key in ("prompt", "response", "text", "label", "label_name"):
                 if key in parts:
                     row[f"train_{key}"] = parts[key]
+            for key, value in data_columns(train_records[i]).items():
+                row.setdefault(f"train_{key}", value)
+        if query_record is not None:
+            for key, value in data_columns(query_record).items():
+                row.setdefault(f"query_{key}", value)
         rows.append(row)
     return rows
 
@@ -159,4 +181,4 @@ def sign_note(kind: str, count: int, n_train: int) -> str:
     return f"only {count} of {n_train} training examples {'has' if count == 1 else 'have'} a {kind} score ({sign})"
 
 
-__all__ = ["KINDS", "hit_rows", "query_name", "record_parts", "record_text", "short_lists", "sign_note", "top_examples"]
+__all__ = ["KINDS", "RECORD_KEYS", "data_columns", "hit_rows", "query_name", "record_parts", "record_text", "short_lists", "sign_note", "top_examples"]

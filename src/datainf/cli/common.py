@@ -183,6 +183,11 @@ def data_options(f: Any) -> Any:
                      help="causal LM: the tokens that carried the loss in training: the answer's (assistant turns, "
                           "completion, response), or 'all' of them (TRL's SFT on 'messages' data without "
                           "assistant_only_loss, or with completion_only_loss=False)."),
+        click.option("--truncation", type=click.Choice(["auto", "keep_start", "keep_end"]), default="auto",
+                     show_default=True,
+                     help="causal LM: which tokens of an example longer than --max-length are kept: auto (the end of "
+                          "chat and prompt/response records, the start of text: as `datainf finetune` trains), or "
+                          "as TRL's SFTConfig.truncation_mode (keep_start, TRL's default; keep_end)."),
         click.option("--split", default=None, help="The split of a save_to_disk DatasetDict folder."),
     ]
     for option in reversed(options):
@@ -233,24 +238,37 @@ def scored_training_data(loaded: Any, data_path: str, *, extra_columns: tuple[st
     return records
 
 
+#: the run record of datainf.integrations.DatainfCallback (its TRAINING_FILE; named here: the CLI starts without
+#: importing transformers)
+CALLBACK_RUN_FILE = "datainf_training.json"
 #: the collator settings that decide which tokens carry the loss (compared with what `finetune` recorded)
-TRAINING_TOKENIZATION = ("format", "chat_template", "assistant_turns", "append_eos", "loss_tokens", "max_length")
+TRAINING_TOKENIZATION = ("format", "chat_template", "assistant_turns", "append_eos", "loss_tokens", "max_length",
+                         "truncation")
 
 
 def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) -> list[str]:
     """How ``settings`` (a TextCollator's) tokenize differently from the fine-tune that made the adapter, as
-    recorded by `datainf finetune` ("assistant_turns: 'last' in training, 'all' here"); empty for an adapter
-    from elsewhere or one that matches."""
-    marker = Path(adapter_dir) / FINETUNE_MARKER if adapter_dir is not None else None
-    if marker is None or not marker.is_file():
-        return []
+    recorded by `datainf finetune` or by DatainfCallback (its run's datainf_training.json, in the final
+    adapter's folder or above a checkpoint-N folder) ("truncation: 'keep_start' in training, 'auto' here");
+    empty for an adapter from elsewhere or one that matches."""
     from datainf.data.collate import TextCollator
     from datainf.data.tables import read_json_object
 
-    trained = read_json_object(marker, "rewrite the adapter with `datainf finetune`").get("collate")
+    if adapter_dir is None:
+        return []
+    marker = Path(adapter_dir) / FINETUNE_MARKER
+    callback_runs = [Path(adapter_dir) / CALLBACK_RUN_FILE, Path(adapter_dir).parent / CALLBACK_RUN_FILE]
+    if marker.is_file():
+        trained = read_json_object(marker, "rewrite the adapter with `datainf finetune`").get("collate")
+    elif (run := next((f for f in callback_runs if f.is_file()), None)) is not None:
+        tokenization = read_json_object(run, "record the run again with DatainfCallback").get("tokenization")
+        trained = tokenization.get("collate") if isinstance(tokenization, dict) else None
+    else:
+        return []
     if not isinstance(trained, dict):
         return []
-    defaults = {"loss_tokens": TextCollator.loss_tokens}  # left out of the settings when it is the default
+    # left out of the settings when they are the default
+    defaults = {"loss_tokens": TextCollator.loss_tokens, "truncation": TextCollator.truncation}
     out = []
     for key in TRAINING_TOKENIZATION:
         then, now = trained.get(key, defaults.get(key)), settings.get(key, defaults.get(key))
@@ -260,12 +278,13 @@ def tokenization_differences(adapter_dir: str | None, settings: dict[str, Any]) 
 
 
 def make_collator(tokenizer: Any, task: str, max_length: int, *, chat_template: bool = False,
-                  assistant_turns: str = "all", loss_tokens: str = "assistant", **_: Any) -> Any:
+                  assistant_turns: str = "all", loss_tokens: str = "assistant", truncation: str = "auto",
+                  **_: Any) -> Any:
     """The collator that tokenizes records as the model was trained on them."""
     from datainf.data.collate import TextCollator
 
     return TextCollator(tokenizer=tokenizer, task=task, max_length=max_length, chat_template=chat_template,
-                        assistant_turns=assistant_turns, loss_tokens=loss_tokens)
+                        assistant_turns=assistant_turns, loss_tokens=loss_tokens, truncation=truncation)
 
 
 __all__ = ["FINETUNE_MARKER", "MODEL_DTYPES", "adapter_labels", "data_options", "default_map", "device_option", "load_config", "overwrite_option",

@@ -245,7 +245,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=[c for c in CSV_COLUMNS if c in ("query_index", "prompt", "response",
                                                                                  "generated", "method", "kind", "rank",
                                                                                  "train_index", "score")
-                                                or any(c in r for r in rows)], extrasaction="ignore")
+                                                or any(c in r for r in rows)]
+                            + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in CSV_COLUMNS],
+                            extrasaction="ignore")  # then the training records' data columns (train_skill ...)
     writer.writeheader()
     writer.writerows(rows)
     atomic.write_text(path, buffer.getvalue())

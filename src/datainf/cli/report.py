@@ -20,17 +20,14 @@ from datainf.errors import DataInfError
 from datainf.outputs import check_apart, check_output
 
 GENERATION_TASKS = ("causal_lm", "causal_lm_mean")
-#: record keys the report shows in columns of their own (or reads the texts from); any other plain value in a
-#: record (e.g. "skill", "source", "id") is an extra data column of the report's tables
-RECORD_KEYS = frozenset({"prompt", "response", "completion", "messages", "text", "label", "label_name", "turns",
-                         "flipped", "true_label"})
 
 
 def _extras(record: Any) -> dict[str, Any]:
-    """The extra data columns of a record: its plain values (text, number, flag) under other keys."""
-    if not isinstance(record, dict):
-        return {}
-    return {k: v for k, v in record.items() if k not in RECORD_KEYS and isinstance(v, (str, int, float, bool))}
+    """The extra data columns of a record (e.g. "skill", "source", "id"), as `top`'s rows carry them:
+    :func:`datainf.ranking.data_columns` (imported here: the CLI starts without torch)."""
+    from datainf.ranking import data_columns
+
+    return data_columns(record)
 
 
 @click.command("report")
@@ -51,8 +48,12 @@ def _extras(record: Any) -> dict[str, Any]:
 @click.option("--tokens", "tokens_path", type=click.Path(dir_okay=False), default=None,
               help="Instead of --scores: the JSON of `datainf explain --tokens --json FILE`; the page shows each "
                    "response with its tokens shaded by their influence and the top examples per token.")
+@click.option("--group-by", "group_by", default=None, metavar="COLUMN",
+              help="A data column of the records (e.g. skill, source): rows coloured by its value (a legend), each "
+                   "query's listed examples counted per value, and the share of them in the query's own value.")
 def command(scores_path: str | None, data_path: str | None, flipped_column: str, out_path: str, overwrite: bool,
-            top_k: int, title: str | None, tokens_path: str | None = None, **data: Any) -> None:
+            top_k: int, title: str | None, tokens_path: str | None = None, group_by: str | None = None,
+            **data: Any) -> None:
     """A self-contained HTML report from a scores file, laid out for its task (generations: each query's
     prompt and response first, with its most helpful and harmful training examples); or, with --tokens, of
     an explain --tokens file, token by token."""
@@ -67,6 +68,8 @@ def command(scores_path: str | None, data_path: str | None, flipped_column: str,
         if tokens_path is None or scores_path is not None:
             raise DataInfError("give --scores FILE (a scores file) or --tokens FILE (an `explain --tokens --json` "
                                "file), one of the two")
+        if group_by is not None:
+            raise DataInfError("--group-by groups the examples of a --scores report; leave it out with --tokens")
         check_apart(out_path, {"explain file": tokens_path})
         check_output(out_path, inputs={"explain file": tokens_path}, kind="report", overwrite=overwrite)
         write_token_report(out_path, read_explain_tokens(tokens_path), title)
@@ -157,11 +160,19 @@ def command(scores_path: str | None, data_path: str | None, flipped_column: str,
         "settings": _settings(loaded, scores_path, data_path),
         "methods": methods,
     }
+    from datainf.ranking import RECORD_KEYS
+
     columns = list(dict.fromkeys(k for r in [*train, *(shown_queries or [])] for k in r if k not in RECORD_KEYS))
+    if group_by is not None and group_by not in columns:
+        where = f"--data {data_path}" if data_path is not None else "the training store's records"
+        raise DataInfError(f"--group-by {group_by}: {where} have no column '{group_by}'; "
+                           + (f"their data columns: {', '.join(columns)}" if columns else
+                              "they have no data columns besides the text (add one, e.g. skill, to the data "
+                              "given to `datainf grads`)"))
     write_report(out_path, results=results, train=train, scores=overall, query_scores=per_query or None,
                  queries=shown_queries if per_query or generation else None, top_k=top_k,
                  title=title or f"datainf report: {Path(scores_path).name}", generation=generation,
-                 scores_over=_scores_over(kinds, targets, n_queries, queries), columns=columns)
+                 scores_over=_scores_over(kinds, targets, n_queries, queries), columns=columns, group_by=group_by)
     click.echo(f"wrote {out_path}")
 
 

@@ -110,7 +110,8 @@ def write_rows(rows: list[dict[str, Any]], out_format: str, out_path: str | None
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     else:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[c for c in COLUMNS if any(c in r for r in rows)],
+        data = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in COLUMNS]  # the records' columns
+        writer = csv.DictWriter(buffer, fieldnames=[c for c in COLUMNS if any(c in r for r in rows)] + data,
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows({key: neutralised(value) for key, value in row.items()} for row in rows)

@@ -23,7 +23,11 @@ seeds and prompt embeddings (or class labels) for :class:`datainf.tasks.Diffusio
 
 Long inputs are cut to ``CHARS_PER_TOKEN * max_length`` characters before they are tokenized (no tokenizer
 emits fewer than one character per token of ordinary text, so nothing within the token limit is lost), then
-to ``max_length`` tokens: for prompt-response and chat records from the left, so the response survives.
+to ``max_length`` tokens, on the side ``truncation`` says: "auto" (datainf's own fine-tunes) keeps the end of
+prompt-response and chat records, so the response survives, and the start of text; "keep_start" and
+"keep_end" cut every format as TRL's ``SFTConfig.truncation_mode`` does (TRL's default, "keep_start", keeps
+the first ``max_length`` tokens of the whole tokenized example, EOS included), so that the gradients are of the
+tokens a TRL run trained on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ ASSISTANT_TURNS = ("all", "last")
 #: which tokens of a causal LM example carry the loss: the answer's (assistant turns, completion, response) or
 #: every token (TRL's default for 'messages' data, without assistant_only_loss; completion_only_loss=False)
 LOSS_TOKENS = ("assistant", "all")
+#: which end of a too-long causal LM example is kept: "auto" (the end of chat and prompt-response records, the
+#: start of text), or for every format TRL's ``truncation_mode`` values "keep_start" (TRL's default), "keep_end"
+TRUNCATIONS = ("auto", "keep_start", "keep_end")
 #: characters kept per token of max_length before tokenizing (a cap that never cuts what the limit keeps)
 CHARS_PER_TOKEN = 64
 #: token_counts counts up to this many times max_length (enough to say how much longer to make it)
@@ -84,6 +91,8 @@ class TextCollator:
             response, as above) or "all" (on every token of the rendered example, as TRL's SFT trains on
             'messages' data unless ``assistant_only_loss=True``, and on prompt-completion data with
             ``completion_only_loss=False``).
+        truncation: which tokens of a causal LM example longer than ``max_length`` are kept (see
+            :data:`TRUNCATIONS`): "auto", or TRL's "keep_start" / "keep_end" for the gradients of a TRL run.
     """
 
     tokenizer: Any = None
@@ -99,6 +108,7 @@ class TextCollator:
     assistant_turns: str = "all"
     append_eos: bool = True
     loss_tokens: str = "assistant"
+    truncation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -107,16 +117,28 @@ class TextCollator:
             raise DataInfError(f"assistant_turns must be 'all' or 'last', got {self.assistant_turns!r}")
         if self.loss_tokens not in LOSS_TOKENS:
             raise DataInfError(f"loss_tokens must be 'assistant' or 'all', got {self.loss_tokens!r}")
+        if self.truncation not in TRUNCATIONS:
+            raise DataInfError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise DataInfError(f"max_length must be an integer >= 2 (tokens), got {self.max_length!r}")
 
     def settings(self) -> dict[str, Any]:
-        """What decides the tokenization (kept in the store's manifest and fingerprint); ``loss_tokens`` only
-        when it is not the default, so stores made before it existed keep their fingerprint."""
+        """What decides the tokenization (kept in the store's manifest and fingerprint); ``loss_tokens`` and
+        ``truncation`` only when they are not the default, so stores made before they existed keep their
+        fingerprint."""
         out = {k: v for k, v in asdict(self).items() if k != "tokenizer"}
-        if out["loss_tokens"] == "assistant":
-            del out["loss_tokens"]
+        for key, default in (("loss_tokens", "assistant"), ("truncation", "auto")):
+            if out[key] == default:
+                del out[key]
         return out
+
+    def cut_side(self) -> str:
+        """In words, how a causal LM example longer than ``max_length`` is cut ("from the right (...)")."""
+        if self.truncation == "keep_start":
+            return "from the right (the first max_length tokens are kept, as TRL's truncation_mode='keep_start')"
+        if self.truncation == "keep_end":
+            return "from the left (the last max_length tokens are kept, as TRL's truncation_mode='keep_end')"
+        return "from the left for chat and prompt/response records (the response is kept), from the right for text"
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if not records:
@@ -134,8 +156,8 @@ class TextCollator:
     def token_counts(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
         """Each record's length in tokens as this collator tokenizes it but before it is cut to
         ``max_length`` (counted up to ``LENGTH_PROBE * max_length``): a count above ``max_length`` means the
-        example is truncated (causal LM records from the left, so the response survives; classification
-        texts from the right). Pre-tokenized records are never cut: they count 0."""
+        example is truncated (causal LM records on the side :meth:`cut_side` says; classification texts
+        from the right). Pre-tokenized records are never cut: they count 0."""
         probe = replace(self, max_length=self.max_length * LENGTH_PROBE)
         out = []
         for i, record in enumerate(records):
@@ -206,18 +228,21 @@ class TextCollator:
 
     def _prompt_response(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         cap = CHARS_PER_TOKEN * self.max_length
-        prompt, response = prompt[-cap:], response[:cap]
+        prompt, response = (prompt[:cap] if self.truncation == "keep_start" else prompt[-cap:]), response[:cap]
         ids, offsets = self._encode(prompt + response, special=True)
         seam = len(prompt)
         labels = [i if end > seam and start < end else IGNORE_INDEX for i, (start, end) in zip(ids, offsets)]
         eos = self._eos()
-        return self._cut_left(ids + eos, labels + eos)
+        return self._cut(ids + eos, labels + eos)
 
     def _text(self, text: str) -> tuple[list[int], list[int]]:
-        ids, _ = self._encode(text[: CHARS_PER_TOKEN * self.max_length], special=True)
+        cap = CHARS_PER_TOKEN * self.max_length
+        ids, _ = self._encode(text[-cap:] if self.truncation == "keep_end" else text[:cap], special=True)
         eos = self._eos()
-        ids = ids[: self.max_length - len(eos)] + eos
-        return ids, list(ids)
+        if self.truncation == "auto":  # the start of the text, then EOS
+            ids = ids[: self.max_length - len(eos)] + eos
+            return ids, list(ids)
+        return self._cut(ids + eos, ids + eos)
 
     def _messages(self, messages: Any, index: int, last_only: bool) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
@@ -241,7 +266,7 @@ class TextCollator:
         ids, offsets = self._encode(full, special=False)
         labels = [i if any(start < b and end > a for a, b in spans) else IGNORE_INDEX
                   for i, (start, end) in zip(ids, offsets)]
-        return self._cut_left(ids, labels)
+        return self._cut(ids, labels)
 
     def _prompt_completion_turns(self, prompt: Any, completion: Any, index: int) -> tuple[list[int], list[int]]:
         """TRL's conversational prompt-completion: loss on every token after the prompt's rendering with its
@@ -264,7 +289,7 @@ class TextCollator:
         ids, offsets = self._encode(full, special=False)
         seam = len(before)
         labels = [i if end > seam and start < end else IGNORE_INDEX for i, (start, end) in zip(ids, offsets)]
-        return self._cut_left(ids, labels)
+        return self._cut(ids, labels)
 
     def _require_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -274,7 +299,10 @@ class TextCollator:
                 "(--data-format prompt-response) or plain text (--data-format text)"
             )
 
-    def _cut_left(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    def _cut(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """At most ``max_length`` tokens: the first ones for "keep_start", else the last ones."""
+        if self.truncation == "keep_start":
+            return ids[: self.max_length], labels[: self.max_length]
         excess = len(ids) - self.max_length
         return (ids[excess:], labels[excess:]) if excess > 0 else (ids, labels)
 

@@ -47,6 +47,8 @@ MAX_TEXT_CHARS = 300
 MISSING = "—"
 #: a query's name (headings, captions, the index) is its text cut to this many characters
 QUERY_NAME_CHARS = 90
+#: colours of the values of a ``group_by`` column (CSS classes g0..g7 of report.css); more values reuse them
+GROUP_COLOURS = 8
 
 _METRIC_COLUMNS = (
     ("auc", "AUC (flipped)"),
@@ -178,6 +180,7 @@ class _TrainInfo:
     label: bool  # every example has "label"
     prompt: bool  # some example has "prompt" (generation records): Prompt and Response columns, not Text
     columns: tuple[str, ...] = ()  # extra data columns (e.g. "skill", "source"), one table column each
+    groups: Groups | None = None  # the column the rows are grouped and coloured by (group_by)
 
 
 def _check_train(train: Sequence[dict], generation: bool = False) -> _TrainInfo:
@@ -328,6 +331,67 @@ def _column_cell(value: Any) -> Cell:
     return Cell(text, "na" if text == MISSING else "")
 
 
+@dataclass(frozen=True)
+class Groups:
+    """The values of the ``group_by`` data column, each with its colour (CSS class ``g0`` .. ``g7``, reused past
+    :data:`GROUP_COLOURS` values); an example without a value is in the group MISSING, uncoloured."""
+
+    column: str
+    values: tuple[str, ...]  # as shown (:func:`_column_value`), sorted, MISSING last
+
+    @classmethod
+    def of(cls, column: str, examples: Sequence[Mapping[str, Any]]) -> Groups:
+        shown = {_column_value(example.get(column)) for example in examples}
+        return cls(column, tuple(sorted(shown - {MISSING})) + ((MISSING,) if MISSING in shown else ()))
+
+    def value(self, raw: Any) -> str:
+        """The group of a raw value of the column (MISSING for none)."""
+        return _column_value(raw)
+
+    def css(self, raw: Any) -> str:
+        """The row class of an example with this raw value: "group gN", or "" when it has none."""
+        value = self.value(raw)
+        if value == MISSING or value not in self.values:
+            return ""
+        return f"group g{self.values.index(value) % GROUP_COLOURS}"
+
+    def counts(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+        """How many of ``examples`` have each value (every value listed, 0 included)."""
+        out = dict.fromkeys(self.values, 0)
+        for example in examples:
+            out[self.value(example.get(self.column))] += 1
+        return out
+
+
+def _group_cell(raw: Any, groups: Groups) -> Cell:
+    """The cell of the grouping column: the value on a swatch of its group's colour."""
+    text = groups.value(raw)
+    css = groups.css(raw)
+    return Cell(text, "na" if text == MISSING else "", span=f"swatch {css.split()[-1]}" if css else "")
+
+
+def _share(count: int, total: int) -> str:
+    return f"{count} of {total} ({count / total:.0%})" if total else MISSING
+
+
+def _group_table(groups: Groups, train: Sequence[dict], lists: Sequence[tuple[str, Sequence[int]]],
+                 caption: str, own: str | None = None) -> Table:
+    """Per value of the grouping column: how many training examples have it, and how many of each list
+    (``lists``: (heading, training indices)); the row of ``own`` (the query's value) marked."""
+    everyone = groups.counts(train)
+    listed = [(heading, groups.counts([train[i] for i in order]), len(order)) for heading, order in lists]
+    head = [Cell(groups.column), Cell("Training examples", "num")] + [Cell(h, "num") for h, _, _ in listed]
+    rows = []
+    for value in groups.values:
+        css = groups.css(value) if value != MISSING else ""
+        name = Cell(value, "na" if value == MISSING else "", span=f"swatch {css.split()[-1]}" if css else "",
+                    note="the query's →" if own is not None and value == own else "")
+        rows.append(Row([name, Cell(_share(everyone[value], len(train)), "num")]
+                        + [Cell(_share(counts[value], total), "num") for _, counts, total in listed],
+                        "own" if own is not None and value == own else ""))
+    return Table("groups", rows, head, caption)
+
+
 def _score_cell(value: float) -> Cell:
     kind = "harm" if value > 0 else "help" if value < 0 else ""
     return Cell(format_score(value), f"num score {kind}".strip())
@@ -359,7 +423,8 @@ def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict],
                 cells.append(Cell(format_value(example.get("true_label"))))
         if info.flipped:
             cells.append(Cell("yes", span="badge flip") if flipped else Cell("no", span="muted"))
-        cells += [_column_cell(example.get(column)) for column in info.columns]
+        cells += [_group_cell(example.get(column), info.groups) if info.groups and column == info.groups.column
+                  else _column_cell(example.get(column)) for column in info.columns]
         if info.prompt:
             if "prompt" in example:
                 cells.append(_text_cell(example["prompt"], text_limit, _turns_note(example)))
@@ -369,7 +434,8 @@ def _example_table(values: np.ndarray, order: np.ndarray, train: Sequence[dict],
                 cells.append(Cell(MISSING, "muted"))
         else:
             cells.append(_text_cell(example["text"], text_limit))
-        rows.append(Row(cells, "flipped" if flipped else ""))
+        group = info.groups.css(example.get(info.groups.column)) if info.groups else ""
+        rows.append(Row(cells, " ".join(c for c in ("flipped" if flipped else "", group) if c)))
     numeric = {"Rank", "#", "Score"}
     return Table("examples generation" if info.prompt else "examples", rows,
                  [Cell(name, "num" if name in numeric else "") for name in head], caption)
@@ -621,17 +687,29 @@ def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict
 
         def tables(method: str, j: int = j) -> list[Table]:
             column = query_scores[method][:, j]
-            return [_example_table(column, _top(column, top_k, harmful=False), train, info,
-                                   f"Most helpful for “{short[j]}”, most negative first ({method})"
-                                   + _sign_note(column, top_k, harmful=False), 200),
-                    _example_table(column, _top(column, top_k, harmful=True), train, info,
-                                   f"Most harmful for “{short[j]}”, most positive first ({method})"
-                                   + _sign_note(column, top_k, harmful=True), 200)]
+            helpful, harmful = _top(column, top_k, harmful=False), _top(column, top_k, harmful=True)
+            out = [_example_table(column, helpful, train, info,
+                                  f"Most helpful for “{short[j]}”, most negative first ({method})"
+                                  + _sign_note(column, top_k, harmful=False), 200),
+                   _example_table(column, harmful, train, info,
+                                  f"Most harmful for “{short[j]}”, most positive first ({method})"
+                                  + _sign_note(column, top_k, harmful=True), 200)]
+            if info.groups is not None:
+                groups = info.groups
+                own = queries[j].get(groups.column)
+                out.insert(0, _group_table(
+                    groups, train, [("Most helpful", helpful), ("Most harmful", harmful)],
+                    f"{groups.column} of the training examples listed for “{short[j]}” ({method})",
+                    groups.value(own) if _known(own) else None))
+            return out
 
         articles.append(_query_block(j, names[j], queries[j], generation, info.columns,
                                      [_per_method(methods, tables)]))
     indexed = len(queries) > QUERIES_PER_PAGE or (generation and len(queries) > 1)
     blocks, note = _paged(_query_index(names) if indexed else [], articles)
+    if info.groups is not None:
+        note = (f"Rows are coloured by {info.groups.column} (legend: “Groups by {info.groups.column}”); each "
+                f"query's first table counts its listed examples per {info.groups.column}. " + note).strip()
     if generation:
         intro = (("The query's" if len(queries) == 1 else "Each query's") + " prompt and response, then the "
                  "training examples that made that response more "
@@ -642,6 +720,41 @@ def _queries_section(query_scores: dict[str, np.ndarray], queries: Sequence[dict
                  "(harmful, most positive first) its loss the most. " + note)
     heading = "Queries" if len(queries) != 1 else "The query"
     return _section("queries", heading, blocks, intro.strip())
+
+
+def _groups_section(groups: Groups, train: Sequence[dict], queries: Sequence[dict] | None,
+                    query_scores: dict[str, np.ndarray] | None, top_k: int) -> dict[str, Any]:
+    """The legend of the ``group_by`` column (each value's colour and its share of the training examples) and,
+    when each query has its own lists and a value of the column, per method the mean share of a query's
+    listed examples that have the query's own value, beside the share of training examples that have it."""
+    column = groups.column
+    blocks: list[Block] = [_table(_group_table(groups, train, [], f"The colours of {column} and its values' share "
+                                                                  "of the training examples"))]
+    intro = f"Every table of training examples colours its rows by {column}."
+    own = [(j, groups.value(q.get(column))) for j, q in enumerate(queries or []) if _known(q.get(column))]
+    if query_scores and own:
+        everyone = groups.counts(train)
+        chance = float(np.mean([everyone.get(value, 0) / len(train) for _, value in own]))
+        head = [Cell("Method"), Cell(f"Queries with a {column}", "num"),
+                Cell(f"Most helpful with the query's {column}", "num"),
+                Cell(f"Most harmful with the query's {column}", "num"),
+                Cell(f"Training examples with the query's {column}", "num")]
+        rows = []
+        for method, matrix in query_scores.items():
+            cells = [Cell(method, header=True), Cell(str(len(own)), "num")]
+            for harmful in (False, True):
+                shares = [sum(groups.value(train[int(i)].get(column)) == value for i in order) / len(order)
+                          for j, value in own if len(order := _top(matrix[:, j], top_k, harmful))]
+                cells.append(Cell(f"{np.mean(shares):.2f}" if shares else MISSING, "num"))
+            cells.append(Cell(f"{chance:.2f}", "num"))
+            rows.append(Row(cells))
+        blocks.append(_table(Table("methods", rows, head,
+                                   f"Mean over the {len(own)} queries with a {column} of the share of their listed "
+                                   f"examples (top {top_k} of each list) with the query's own {column}; the last "
+                                   "column is that share among all training examples (chance)")))
+        intro += (f" The second table says how often a query's most helpful examples share its {column}: well above "
+                  "chance when the model learnt each value's answers from examples of that value.")
+    return _section("groups", f"Groups by {column}", blocks, intro)
 
 
 def _queries_list_section(queries: Sequence[dict], columns: Sequence[str]) -> dict[str, Any]:
@@ -658,7 +771,7 @@ def _queries_list_section(queries: Sequence[dict], columns: Sequence[str]) -> di
 def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, Any],
                   query_scores: Mapping[str, Any] | None = None, queries: Sequence[dict] | None = None,
                   top_k: int = 10, title: str = "datainf report", generation: bool = False,
-                  scores_over: str | None = None, columns: Sequence[str] = ()) -> str:
+                  scores_over: str | None = None, columns: Sequence[str] = (), group_by: str | None = None) -> str:
     """The report as one HTML string; arguments as in :func:`write_report`."""
     if not isinstance(results, Mapping):
         raise DataInfError("results: expected a dict like results.json (settings, methods, ...)")
@@ -667,6 +780,12 @@ def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, 
     if isinstance(columns, str) or not all(isinstance(c, str) and c for c in columns):
         raise DataInfError(f"columns: expected a list of column names (non-empty strings), got {columns!r}")
     info = replace(_check_train(train, generation), columns=tuple(dict.fromkeys(columns)))
+    if group_by is not None:
+        if group_by not in info.columns:
+            raise DataInfError(f"group_by: {group_by!r} is not one of the data columns "
+                               f"({', '.join(info.columns) or 'none'}); group by one of them")
+        valued = [q for q in queries or [] if isinstance(q, Mapping) and _known(q.get(group_by))]
+        info = replace(info, groups=Groups.of(group_by, [*train, *valued]))  # a query without one adds no group
     n_train = len(train)
     vectors = _check_scores(scores, n_train)
     per_query = _check_query_scores(query_scores, queries, n_train) if query_scores is not None else None
@@ -687,6 +806,8 @@ def render_report(*, results: dict, train: Sequence[dict], scores: Mapping[str, 
     if not isinstance(settings, Mapping):
         raise DataInfError("results['settings']: expected a flat dict of settings")
     methods_blocks, methods_intro = _methods_table(results, methods)
+    if info.groups is not None:
+        add(_groups_section(info.groups, train, queries, per_query, k), f"Groups by {group_by}")
 
     def add_settings() -> None:
         add(_section("settings", "Settings",
@@ -760,7 +881,7 @@ def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict
                  scores: Mapping[str, Any], query_scores: Mapping[str, Any] | None = None,
                  queries: Sequence[dict] | None = None, top_k: int = 10,
                  title: str = "datainf report", generation: bool = False,
-                 scores_over: str | None = None, columns: Sequence[str] = ()) -> Path:
+                 scores_over: str | None = None, columns: Sequence[str] = (), group_by: str | None = None) -> Path:
     """Writes the self-contained HTML report of an influence run to ``path`` (atomically); returns the path.
 
     results: JSON-able dict like the demo's results.json (library_version, created, task, settings,
@@ -785,10 +906,14 @@ def write_report(path: str | os.PathLike, *, results: dict, train: Sequence[dict
         (scores averaged over the 3 queries)"); default: no qualifier.
     columns: extra data columns of the examples and queries (e.g. "skill", "source") shown in every
         example table (a column each, MISSING where an example has no value) and beside each query's name.
+    group_by: one of ``columns`` (e.g. "skill"): every example table colours its rows by its value, a
+        "Groups by" section gives the legend and, with ``query_scores``, per method the mean share of a
+        query's listed examples that have the query's own value (against the share among all training
+        examples); each query's lists start with a table counting them per value.
     """
     document = render_report(results=results, train=train, scores=scores, query_scores=query_scores,
                              queries=queries, top_k=top_k, title=title, generation=generation,
-                             scores_over=scores_over, columns=columns)
+                             scores_over=scores_over, columns=columns, group_by=group_by)
     target = Path(path)
     atomic.write_text(target, document)
     return target

@@ -1,0 +1,150 @@
+"""DatainfCallback and TRL's SFTTrainer settings that decide which tokens a training row is: packing (refused)
+and the truncation of an example longer than max_length (followed).
+
+TRL 1.16 tokenizes each example whole, then keeps its first ``max_length`` tokens (``truncation_mode=
+"keep_start"``, the default; ``"keep_end"`` keeps the last ones) and drops the examples left without a loss
+token. The callback's collator must cut the same way, or the stored gradients are of tokens the model never
+saw. The reference here is TRL's own prepared dataset (``trainer.train_dataset``: input_ids and labels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("trl")
+
+from cli_helpers import hashes  # noqa: E402
+from datainf.errors import DataInfError  # noqa: E402
+from datainf.integrations import TRAINING_FILE, DatainfCallback  # noqa: E402
+from test_integrations import lora_model, model_dir, tok  # noqa: E402,F401  (the tiny Llama and its tokenizer)
+
+MAX_LENGTH = 12
+LONG = " ".join(["red green blue"] * 6)  # well over MAX_LENGTH tokens
+
+
+def sft_args(tmp_path, **settings):
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=2,
+                     learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                     **settings)
+
+
+def rows_of(data_format: str) -> list[dict]:
+    """Rows of one TRL format, each longer than MAX_LENGTH tokens in a different place."""
+    if data_format == "text":
+        return [{"text": f"the cat {LONG}"}, {"text": f"{LONG} the dog"}, {"text": "a short one"}]
+    if data_format == "prompt-completion":
+        return [{"prompt": "say sun", "completion": f" sun {LONG}"},  # the completion runs past max_length
+                {"prompt": f"{LONG} say moon", "completion": " moon"},  # the prompt alone fills max_length
+                {"prompt": "say tree", "completion": " tree tree"}]
+    return [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {LONG}"}]}
+            for w in ("cat", "dog")]
+
+
+@pytest.mark.parametrize("data_format,mode", [("text", "keep_start"), ("prompt-completion", "keep_start"),
+                                              ("messages", "keep_start"), ("prompt-completion", "keep_end")])
+def test_the_callbacks_collator_cuts_long_examples_as_the_sft_trainer_does(tok, model_dir, tmp_path,  # noqa: F811
+                                                                          data_format, mode):
+    """Every row, tokenized by the collator the callback derived from the SFTConfig, has the token ids and
+    labels of TRL's prepared row; the rows TRL dropped (no loss token left after the cut) are exactly those
+    whose labels the collator leaves all -100; the run's record names the side and the grads option."""
+    import warnings
+
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows = rows_of(data_format)
+    callback = DatainfCallback(tmp_path / "run", checkpoints=1, train_data=rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # keep_end is deprecated in TRL 1.16, still applied
+        args = sft_args(tmp_path, max_length=MAX_LENGTH, truncation_mode=mode)
+    trainer = SFTTrainer(model=lora_model(model_dir), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[callback])
+    trainer.train()
+    trl_rows = [(list(r["input_ids"]), list(r["labels"])) for r in trainer.train_dataset]
+    ours = [callback.collate.tokenize(r, i) for i, r in enumerate(callback.records)]
+    kept = [pair for pair in ours if any(label != -100 for label in pair[1])]
+    assert kept == trl_rows
+    assert callback.collate.truncation == mode
+    assert all(len(ids) <= MAX_LENGTH for ids, _ in ours)
+    assert any(len(ids) == MAX_LENGTH for ids, _ in ours)  # the rows were long enough to be cut
+    if data_format == "prompt-completion" and mode == "keep_start":
+        assert len(trl_rows) == len(rows) - 1  # the row whose prompt fills max_length carries no loss: dropped
+    tokenization = json.loads((tmp_path / "run" / TRAINING_FILE).read_text())["tokenization"]
+    assert tokenization["truncation"] == mode and tokenization["collate"]["truncation"] == mode
+    assert f"--truncation {mode}" in tokenization["grads_options"]
+
+
+def test_grads_on_a_callback_run_warns_when_its_options_cut_otherwise(tok, model_dir, tmp_path, capsys):  # noqa: F811
+    """`datainf grads --run` on a run the callback recorded: without the recorded --truncation it warns, naming
+    the setting in training and here; with the run's grads_options it does not."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from cli_helpers import run_cli, write_jsonl
+
+    rows = rows_of("text")
+    trainer = SFTTrainer(model=lora_model(model_dir), args=sft_args(tmp_path, max_length=MAX_LENGTH),
+                         train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[DatainfCallback(tmp_path / "run", checkpoints=1, train_data=rows)])
+    trainer.train()
+    options = json.loads((tmp_path / "run" / TRAINING_FILE).read_text())["tokenization"]["grads_options"].split()
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["grads", "--task", "causal_lm", "--model", str(model_dir), "--run", str(tmp_path / "run"), "--data",
+              str(data)]
+    code, _, err = run_cli([*common, "--store", str(tmp_path / "auto"), "--max-length", str(MAX_LENGTH)], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ") and "tokenized otherwise" in line]
+    assert len(warnings) == 2 and all("truncation: 'keep_start' in training, 'auto' here" in w for w in warnings)
+    code, _, err = run_cli([*common, "--store", str(tmp_path / "same"), *options], capsys)
+    assert code == 0, err
+    assert "tokenized otherwise" not in err
+
+
+def test_a_given_collator_that_cuts_the_other_end_is_refused(tok, model_dir, tmp_path):  # noqa: F811
+    """A collate= of one's own that keeps the end while the SFTConfig keeps the start: one DataInfError naming
+    both settings and the fix, before anything is written."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from datainf.data.collate import TextCollator
+
+    rows = rows_of("text")
+    before = hashes(tmp_path)
+    trainer = SFTTrainer(model=lora_model(model_dir), args=sft_args(tmp_path, max_length=MAX_LENGTH),
+                         train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[DatainfCallback(tmp_path / "run", checkpoints=1, train_data=rows,
+                                                    collate=TextCollator(tok, task="causal_lm", max_length=MAX_LENGTH,
+                                                                         truncation="keep_end"))])
+    with pytest.raises(DataInfError, match=r"truncation_mode='keep_start'.*truncation='keep_end'.*"
+                                           r"TextCollator\(\.\.\., truncation='keep_start'\)"):
+        trainer.train()
+    assert not (tmp_path / "run").exists()
+    assert {k: v for k, v in hashes(tmp_path).items() if k in before} == before
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+def test_packing_is_refused_at_the_start_of_training(tok, model_dir, tmp_path, strategy):  # noqa: F811
+    """SFTTrainer with packing=True (rows of several examples concatenated): the callback refuses at
+    on_train_begin with one DataInfError naming the setting to change; no run folder, no optimizer step."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows = rows_of("text") * 2
+    model = lora_model(model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    args = sft_args(tmp_path, max_length=MAX_LENGTH, packing=True, packing_strategy=strategy)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[DatainfCallback(tmp_path / "run", checkpoints=1, train_data=rows)])
+    with pytest.raises(DataInfError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "packing=True" in message and "set packing=False in the SFTConfig" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
+    assert all((p == before[n]).all() for n, p in model.named_parameters() if "lora_" in n)
