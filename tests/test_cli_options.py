@@ -150,3 +150,45 @@ def test_method_names_are_written_only_in_the_estimators_package():
                     continue
                 found.append(f"{path.relative_to(SRC)}:{node.lineno}:{node.value}")
     assert len(found) <= 3, found
+
+
+def datainf_reference(train: dict[str, torch.Tensor], query: dict[str, torch.Tensor], remove_top: int = 0
+                      ) -> torch.Tensor:
+    """DataInf in float64 from its formula (the paper's damping rule per block), after removing each block's
+    top right singular vectors of the training gradients (an explicit SVD) from both sides."""
+    total = 0
+    for name in train:
+        G = train[name].reshape(train[name].shape[0], -1)
+        V = query[name].reshape(query[name].shape[0], -1)
+        if remove_top:
+            top = torch.linalg.svd(G, full_matrices=False).Vh[:remove_top].T  # (d, r)
+            G, V = G - G @ top @ top.T, V - V @ top @ top.T
+        n, d = G.shape
+        lam = 0.1 * float((G * G).sum()) / (n * d)
+        coef = (V @ G.T) / (lam + (G * G).sum(1))[None, :]  # (m, n)
+        total = total - ((G @ V.T) - G @ G.T @ coef.T / n) / lam
+    return total
+
+
+@pytest.mark.parametrize("spec", ["datainf", "datainf:remove_top=1"])
+def test_score_without_method_uses_the_default_spec_of_the_stores_kind(stores, capsys, monkeypatch, spec):
+    """No --method on a store that is not over tokens: `score` uses DEFAULT_BY_TASK_KIND['classification'] (a
+    method and options; here each of two specs in turn), against DataInf from its formula in float64 (the
+    direction removal by an explicit SVD); a flag the user gives wins over the spec's option."""
+    from datainf.estimators import defaults
+
+    monkeypatch.setitem(defaults.DEFAULT_BY_TASK_KIND, "classification", spec)
+    tmp, train, query = stores
+    out = tmp / "s.safetensors"
+    code, printed, err = run(["score", "--store", str(tmp / "train"), "--queries", str(tmp / "queries"), "--out",
+                              str(out)], capsys)
+    assert code == 0, err
+    assert f"method: {spec} (the default for classification stores" in printed
+    got = load_scores(out).scores["datainf"].double()
+    want = datainf_reference(train, query, remove_top=1 if "remove_top" in spec else 0)
+    assert float((got - want).abs().max()) <= 1e-9 * float(want.abs().max())
+    code, _, err = run(["score", "--store", str(tmp / "train"), "--queries", str(tmp / "queries"), "--out",
+                        str(out), "--remove-top", "2"], capsys)
+    assert code == 0, err
+    want = datainf_reference(train, query, remove_top=2)
+    assert float((load_scores(out).scores["datainf"].double() - want).abs().max()) <= 1e-9 * float(want.abs().max())

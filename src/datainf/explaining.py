@@ -153,14 +153,14 @@ def score_arguments(methods: Sequence[str] | str | None = None, remedies: Mappin
     """How :func:`explain` scores: each method (names, or comma-separated text; None: the default method) with
     its defaults and the remedies asked for (ScoreArguments fields of :mod:`datainf.remedies`: ``remove_top``,
     ``adam_moments``, ``damping_scale``, ``damping_rule``). The default is the one measured best on causal LM
-    stores (:func:`datainf.estimators.defaults.default_method`: EK-FAC). An unknown method is refused by
-    ScoreArguments."""
-    from datainf.estimators import ScoreArguments
-    from datainf.estimators.defaults import default_method
+    stores (:func:`datainf.estimators.defaults.default_spec`: EK-FAC), the remedies asked for on top. An unknown
+    method is refused by ScoreArguments."""
+    from datainf.estimators import ScoreArguments, arguments_from_spec
+    from datainf.estimators.defaults import default_spec
 
     if methods is None:
-        methods = [default_method(token_level=True)]
-    elif isinstance(methods, str):
+        return [arguments_from_spec(default_spec(token_level=True)).replace(**dict(remedies or {}))]
+    if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     return [ScoreArguments(method=m, **dict(remedies or {})) for m in dict.fromkeys(methods)]
 

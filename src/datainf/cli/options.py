@@ -192,17 +192,27 @@ class Scoring:
     old_option_texts: tuple[str, ...] = ()
 
     def or_default(self, token_level: bool) -> Scoring:
-        """These flags with the default method of a store whose task is (or is not) over tokens
-        (:func:`datainf.estimators.defaults.default_method`) when no --method was given; the --option texts
-        are validated against it then."""
-        from datainf.estimators import options_from_text
-        from datainf.estimators.defaults import default_method
+        """These flags with the default of a store whose task is (or is not) over tokens
+        (:func:`datainf.estimators.defaults.default_spec`: a method and the options measured best with it,
+        each option applied where its flag was left at its default) when no --method was given; the --option
+        texts are validated against that method then."""
+        from datainf.estimators import ScoreArguments, arguments_from_spec, options_from_text
+        from datainf.estimators.defaults import default_spec
 
         if self.methods:
             return self
-        methods = (default_method(token_level),)
-        return replace(self, methods=methods,
-                       options=options_from_text(methods, self.option_texts, optional=self.old_option_texts))
+        spec = arguments_from_spec(default_spec(token_level))
+        plain = ScoreArguments(method=spec.method)
+        changed = {f: getattr(spec, f) for f in ("damping", "dtype", "normalize", *REMEDIES)
+                   if getattr(spec, f) != getattr(plain, f)}
+        methods = (spec.method,)
+        mine = {"damping": self.damping, "dtype": self.dtype, "normalize": self.normalize, **self.remedies}
+        untouched = {f: v for f, v in changed.items() if mine.get(f, getattr(plain, f)) == getattr(plain, f)}
+        options = options_from_text(methods, self.option_texts, optional=self.old_option_texts)
+        return replace(self, methods=methods, options={spec.method: {**spec.options, **options.get(spec.method, {})}},
+                       damping=untouched.get("damping", self.damping), dtype=untouched.get("dtype", self.dtype),
+                       normalize=untouched.get("normalize", self.normalize),
+                       remedies={**self.remedies, **{f: v for f, v in untouched.items() if f in REMEDIES}})
 
     def arguments(self, method: str, **fields: Any) -> Any:
         """The :class:`~datainf.estimators.ScoreArguments` of one method under these flags (``fields``: the

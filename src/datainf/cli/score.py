@@ -40,7 +40,7 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
     from datainf.combine import combine, debias_terms, is_run_stores, read_run_stores, run_terms
     from datainf.distributed import init_distributed, is_main_process
-    from datainf.estimators.defaults import task_kind
+    from datainf.estimators.defaults import default_spec, task_kind
     from datainf.scoring import save_scores, score_store
     from datainf.store import GradientStore
     from datainf.tasks import token_level
@@ -69,10 +69,10 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
         train = GradientStore.open(store_dir)
         queries = GradientStore.open(query_dir) if query_dir is not None else None
     base = None if debias is None else debias_stores(debias, queries is None, run)
-    if not scoring.methods:  # the default of the store's kind (EK-FAC for a causal LM, docs/results.md)
-        scoring = scoring.or_default(token_level(train.metadata.task))
-        click.echo(f"method: {scoring.methods[0]} (the default for {task_kind(token_level(train.metadata.task))} "
-                   "stores; choose with --method)")
+    if not scoring.methods:  # the default of the store's kind (docs/results.md, "The defaults and what they measured")
+        level = token_level(train.metadata.task)
+        scoring = scoring.or_default(level)
+        click.echo(f"method: {default_spec(level)} (the default for {task_kind(level)} stores; choose with --method)")
     results = {}
     for method in scoring.methods:
         arguments = scoring.arguments(method, device=device, mean_query=mean_query)

@@ -9,7 +9,8 @@ from __future__ import annotations
 #: the paper's method: what the library's low-level calls (influence, the Attributor) use without a method
 DEFAULT_METHOD = "datainf"
 #: what `score`, `explain` and `datainf.explain` use without --method, by the kind of task the store holds:
-#: the most accurate method measured on that kind (docs/results.md, "The defaults and what they measured")
+#: the most accurate variant measured on that kind (docs/results.md, "The defaults and what they measured"),
+#: each a spec of datainf.estimators.arguments_from_spec ("METHOD" or "METHOD:KEY=VALUE,...")
 DEFAULT_BY_TASK_KIND = {"causal_lm": "ekfac", "classification": "datainf"}
 #: one line each: what the default measured, printed by `explain` beside its answer
 DEFAULT_EVIDENCE = {
@@ -39,11 +40,17 @@ def task_kind(token_level: bool) -> str:
     return "causal_lm" if token_level else "classification"
 
 
-def default_method(token_level: bool) -> str:
-    """The method `score` and `explain` use when none is asked, for a store whose task is (``token_level``) or is
-    not over tokens (:data:`DEFAULT_BY_TASK_KIND`)."""
+def default_spec(token_level: bool) -> str:
+    """What `score` and `explain` use when no method is asked, for a store whose task is (``token_level``) or is
+    not over tokens: a spec of :func:`datainf.estimators.arguments_from_spec` (a method, and the options the
+    measurements chose for it), from :data:`DEFAULT_BY_TASK_KIND`."""
     return DEFAULT_BY_TASK_KIND[task_kind(token_level)]
 
 
-__all__ = ["DEFAULT_BY_TASK_KIND", "DEFAULT_EVIDENCE", "DEFAULT_METHOD", "default_method", "task_kind", "DIFFUSION_METHODS", "LDS_LEFT_OUT", "LLM_IDENTIFICATION_METHODS", "NOT_NORMALIZED",
+def default_method(token_level: bool) -> str:
+    """The method of :func:`default_spec`."""
+    return default_spec(token_level).partition(":")[0]
+
+
+__all__ = ["DEFAULT_BY_TASK_KIND", "DEFAULT_EVIDENCE", "DEFAULT_METHOD", "default_method", "default_spec", "task_kind", "DIFFUSION_METHODS", "LDS_LEFT_OUT", "LLM_IDENTIFICATION_METHODS", "NOT_NORMALIZED",
            "PLAIN_METHOD", "PRECONDITION_METHOD", "REFERENCE_METHOD"]
