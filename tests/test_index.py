@@ -23,6 +23,7 @@ from datainf.estimators import ScoreArguments
 from datainf.ranking import top_examples
 from datainf.scoring import precondition_store, score_store
 from datainf.store import GradientStore
+from test_explain_batch import setup  # noqa: F401  (the tiny Llama, its fine-tune and stores: explain --index)
 
 faiss = pytest.importorskip("faiss")
 
@@ -426,3 +427,30 @@ def test_score_with_an_index_of_a_preconditioned_store(stores, tmp_path, capsys)
              "identity", "--index", str(tmp_path / "ix"), "--top", "4", "--out", str(tmp_path / "other.jsonl")],
             capsys, "preconditioned for 'datainf', not 'identity'")
     assert not (tmp_path / "other.jsonl").exists()
+
+
+
+def test_explain_with_an_index_lists_what_the_full_pass_does(setup, tmp_path, capsys):  # noqa: F811
+    """`explain --index` (a flat identity index of the final checkpoint's store, a tiny Llama and its
+    fine-tune from tests/test_explain_batch.py) writes the rows the full pass writes (same examples and ranks,
+    scores to float32); an index asked for another method is refused before the model loads, nothing
+    written."""
+    store = setup["stores"] / "checkpoint-2"
+    save_index(build_store_index(GradientStore.open(store)), tmp_path / "ix")
+    base = ["explain", "--model", str(setup["model"]), "--adapter", str(setup["run"]), "--store", str(store),
+            "--prompt", "the old fox finds the book", "--response", "book the finds fox old the", "--k", "3",
+            "--model-dtype", "float64", "--device", "cpu"]
+    got = {}
+    for name, extra in (("full", []), ("index", ["--index", str(tmp_path / "ix")])):
+        code, _, err = run([*base, "--method", "identity", *extra, "--json", str(tmp_path / f"{name}.json")], capsys)
+        assert code == 0, err
+        got[name] = json.loads((tmp_path / f"{name}.json").read_text())["answers"][0]["rows"]
+    key = ("method", "kind", "rank", "train_index")
+    assert [tuple(r[c] for c in key) for r in got["index"]] == [tuple(r[c] for c in key) for r in got["full"]]
+    assert len(got["full"]) == 6
+    bound = 1e-5 * max(abs(r["score"]) for r in got["full"])
+    assert all(abs(a["score"] - b["score"]) <= bound for a, b in zip(got["index"], got["full"]))
+    before = sha(store, tmp_path / "ix")
+    refused([*base, "--method", "datainf", "--index", str(tmp_path / "ix"), "--json", str(tmp_path / "no.json")],
+            capsys, "datainf store precondition --method datainf")
+    assert not (tmp_path / "no.json").exists() and sha(store, tmp_path / "ix") == before
