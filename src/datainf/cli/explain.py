@@ -112,9 +112,7 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
               help="Also explain the response token by token: each token's own loss gradient scored against the "
                    "store (datainf.tokens); prints each token's most helpful and harmful example, and with --json "
                    "writes every token's top --k lists under the answer's 'tokens' (for `datainf report --tokens`).")
-@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A top-k index of --store (`datainf index build`, for the --method asked): the --k most helpful "
-                   "and harmful examples from it, without a pass over the store.")
+@option("--index", type=click.Path(exists=True, file_okay=False))
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,

@@ -48,8 +48,7 @@ def _default_out(store_dir: str) -> str:
 @click.option("--nlist", type=click.IntRange(min=1), default=None, help="IVF lists; default about sqrt(n).")
 @click.option("--dim", type=click.IntRange(min=1), default=None,
               help="compact: numbers per example (the basis' directions over all blocks); default 256.")
-@click.option("--candidates", type=click.IntRange(min=1), default=None,
-              help="compact: rows re-ranked exactly per list, times k; default 4.")
+@option("--candidates", help="compact: rows re-ranked by their exact scores per list, times k; default 4.")
 @option("--out", "out_dir", type=click.Path(file_okay=True), default=None,
         help="Index folder; default STORE.index beside the store. An existing folder is replaced only if it "
                    "is an index (or with --overwrite), and never when it holds other files.")
@@ -120,9 +119,8 @@ def _check(store: GradientStore, queries: GradientStore, top: TopIndex, k: int, 
 @option("--k", show_default=True)
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
               help="IVF lists searched (more: higher recall, slower); default 1.")
-@click.option("--candidates", type=click.IntRange(min=1), default=None,
-              help="compact: rows re-ranked exactly per list, times k (more: higher recall, slower); default: the "
-                   "index's.")
+@option("--candidates", help="compact: rows re-ranked by their exact scores per list, times k (more: higher "
+                             "recall, slower); default: the index's.")
 @click.option("--format", "out_format", type=click.Choice(["jsonl", "csv"]), default="jsonl")
 @option("--out", "out_path", default=None,
         help="Output file (the rows `datainf top` writes); default stdout.")

@@ -27,10 +27,9 @@ from datainf.outputs import check_output
               help="DDA's debias: subtract the scores of these stores, made at the model before fine-tuning (step 0: "
                    "`grads --initial`, or checkpoint-0's), from the scores (training store, then query store).")
 @option("--allow-mismatch")
-@click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
-              help="A top-k index of --store (`datainf index build`): write the --top K most helpful and harmful "
-                   "examples of every query from it, without a pass over the store (--out: .jsonl or .csv, the "
-                   "rows `datainf top` writes).")
+@option("--index", help="A top-k index of --store (`datainf index build`): write the --top K most helpful and "
+                        "harmful examples of every query from it, without a pass over the store (--out: .jsonl or "
+                        ".csv, the rows `datainf top` writes).")
 @click.option("--top", "top_k", type=click.IntRange(min=1), default=None, help="With --index: examples per list.")
 @option("--out", "out_path", required=True,
         help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside); an existing "
