@@ -351,7 +351,7 @@ def test_compact_index_saved_searched_from_disk_and_checked(low_rank, tmp_path, 
     before = sha(tmp_path / "ix", tmp_path / "train")
     line = refused(["index", "search", str(tmp_path / "ix"), "--queries", str(tmp_path / "queries")], capsys,
                    "basis.safetensors", "does not match the sha256")
-    assert "--kind compact --dim 9 --candidates 4" in line
+    assert "--kind compact --dim 9 --candidates 2" in line
     assert sha(tmp_path / "ix", tmp_path / "train") == before
 
 

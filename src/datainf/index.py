@@ -16,7 +16,7 @@ holds only the examples of its sign, as ``datainf top`` writes it.
 The index is faiss's (an optional dependency: ``pip install 'datainf[index]'``): ``flat`` (``IndexFlatIP``,
 exact top-k) or ``ivf`` (``IndexIVFFlat`` with the inner-product metric, its coarse quantizer trained on the
 rows; ``nprobe`` lists are searched, approximate), or ``compact``: each index vector reduced to ``dim`` numbers
-(default 256) by a basis learned from the store's rows (per block the top principal directions of a sample
+(default 768) by a basis learned from the store's rows (per block the top principal directions of a sample
 of rows, computed in float64, the ``dim`` with the largest eigenvalues over all blocks kept), held as
 float16 (faiss ``IndexScalarQuantizer``); a query is searched for ``candidates x k`` rows per list in the
 reduced space, then those rows are read from the store itself and re-ranked by their exact scores (so the
@@ -66,8 +66,8 @@ INDEX_FILES = (INDEX_FILE, MANIFEST_FILE, BASIS_FILE)
 INDEX_KINDS = ("flat", "ivf", "compact")
 #: a compact index's defaults: numbers per example, candidates re-ranked per list (times k), rows of the
 #: sample its basis is learned from (measured in docs/benchmarks.md, "The top-k index")
-COMPACT_DIM = 256
-COMPACT_CANDIDATES = 4
+COMPACT_DIM = 768
+COMPACT_CANDIDATES = 2
 BASIS_SAMPLE = 2048
 INSTALL_HINT = "install the optional dependency: pip install 'datainf[index]' (or pip install faiss-cpu)"
 

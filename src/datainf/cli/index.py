@@ -47,8 +47,8 @@ def _default_out(store_dir: str) -> str:
                    "measures its recall).")
 @click.option("--nlist", type=click.IntRange(min=1), default=None, help="IVF lists; default about sqrt(n).")
 @click.option("--dim", type=click.IntRange(min=1), default=None,
-              help="compact: numbers per example (the basis' directions over all blocks); default 256.")
-@option("--candidates", help="compact: rows re-ranked by their exact scores per list, times k; default 4.")
+              help="compact: numbers per example (the basis' directions over all blocks); default 768.")
+@option("--candidates", help="compact: rows re-ranked by their exact scores per list, times k; default 2.")
 @option("--out", "out_dir", type=click.Path(file_okay=True), default=None,
         help="Index folder; default STORE.index beside the store. An existing folder is replaced only if it "
                    "is an index (or with --overwrite), and never when it holds other files.")
