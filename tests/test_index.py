@@ -279,7 +279,7 @@ def write_low_rank(path: Path, g: dict[str, torch.Tensor], dtype: str) -> Gradie
 
 def held(g: dict[str, torch.Tensor], dtype: str) -> torch.Tensor:
     """The concatenated rows (n, d) a store of ``dtype`` holds, float64."""
-    cast = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    cast = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     return torch.cat([v.float().to(cast).double().reshape(v.shape[0], -1) for v in g.values()], dim=1)
 
 
@@ -291,7 +291,7 @@ def low_rank(tmp_path):
             "train_g": train_g, "query_g": query_g}
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_compact_index_returns_exact_scores_and_finds_the_top_k_of_a_low_rank_store(dtype, normalize, tmp_path):
     """A compact index (9 numbers per example for 192, 3 directions a block) of a rank-3-per-block store:
