@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -74,6 +75,7 @@ INSTALL_HINT = "install the optional dependency: pip install 'datainf[index]' (o
 
 def load_faiss() -> Any:
     """The faiss module, imported on first use; without it, one clear error saying how to install it."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines (which CPU build it loads)
     try:
         import faiss
     except ImportError:

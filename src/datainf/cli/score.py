@@ -131,7 +131,6 @@ def score_from_index(store_dir: str, query_dir: str | None, index_dir: str | Non
     write_rows(index_rows(found, method=method, train_records=train.records(), query_records=queries.records()),
                out_format, out_path)
     click.echo(f"{method}: top {k} of {queries.n_examples} queries from {top.kind} index {index_dir}")
-    click.echo(f"wrote {out_path}")
 
 
 def debias_stores(value: str, self_influence: bool, run: bool) -> tuple[Any, Any]:
