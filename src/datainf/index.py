@@ -360,10 +360,15 @@ class StoreRows:
         self._widened: list[Tensor] = []
         self._norms: np.ndarray | None = None  # every row's norm (normalized indexes), read once
 
+    #: memory maps kept at most (Linux allows 65,530 a process; a store of 10^6 examples has ~10^5 files)
+    MAX_MAPS = 32_768
+
     def _mapped(self, chunk: int, block: int) -> np.ndarray:
         key = (chunk, block)
         array = self.maps.get(key)
         if array is None:
+            if len(self.maps) >= self.MAX_MAPS:
+                self.maps.clear()  # unmapped once the gathered rows no longer refer to them
             array = self.maps[key] = self.store.mapped(chunk, self.files[block], verify=False)
         return array
 
