@@ -454,3 +454,16 @@ def test_explain_with_an_index_lists_what_the_full_pass_does(setup, tmp_path, ca
     refused([*base, "--method", "datainf", "--index", str(tmp_path / "ix"), "--json", str(tmp_path / "no.json")],
             capsys, "datainf store precondition --method datainf")
     assert not (tmp_path / "no.json").exists() and sha(store, tmp_path / "ix") == before
+
+
+def test_compact_reranking_with_few_memory_maps_kept_scores_the_same(low_rank, monkeypatch):
+    """With at most 2 chunk files kept mapped (of 15), the re-ranking reads the same rows: the same lists and
+    scores as with every file kept."""
+    import datainf.index as index_module
+
+    train, queries = low_rank["train"], low_rank["queries"]
+    want = build_store_index(train, kind="compact", dim=9).search(queries, 8)
+    monkeypatch.setattr(index_module.StoreRows, "MAX_MAPS", 2)
+    top = build_store_index(train, kind="compact", dim=9)
+    assert top.search(queries, 8) == want
+    assert len(top._rows.maps) <= 2
