@@ -23,7 +23,6 @@ from datainf.estimators import ScoreArguments
 from datainf.ranking import top_examples
 from datainf.scoring import precondition_store, score_store
 from datainf.store import GradientStore
-from test_explain_batch import setup  # noqa: F401  (the tiny Llama, its fine-tune and stores: explain --index)
 
 faiss = pytest.importorskip("faiss")
 
@@ -430,16 +429,35 @@ def test_score_with_an_index_of_a_preconditioned_store(stores, tmp_path, capsys)
 
 
 
-def test_explain_with_an_index_lists_what_the_full_pass_does(setup, tmp_path, capsys):  # noqa: F811
-    """`explain --index` (a flat identity index of the final checkpoint's store, a tiny Llama and its
-    fine-tune from tests/test_explain_batch.py) writes the rows the full pass writes (same examples and ranks,
-    scores to float32); an index asked for another method is refused before the model loads, nothing
-    written."""
-    store = setup["stores"] / "checkpoint-2"
-    save_index(build_store_index(GradientStore.open(store)), tmp_path / "ix")
-    base = ["explain", "--model", str(setup["model"]), "--adapter", str(setup["run"]), "--store", str(store),
-            "--prompt", "the old fox finds the book", "--response", "book the finds fox old the", "--k", "3",
-            "--model-dtype", "float64", "--device", "cpu"]
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama of conftest fine-tuned for one epoch on 6 prompt/response examples (a LoRA adapter), and
+    the float64 store of their gradients."""
+    from cli_helpers import write_jsonl
+    from datainf.cli import main
+    from datainf.data.generation import make_task
+
+    root = tmp_path_factory.mktemp("index-explain")
+    data = write_jsonl(root / "train.jsonl", make_task("sentences", classes=2, per_class=3, seed=0))
+    for argv in (["finetune", "--task", "causal_lm", "--model", str(tiny_llama_dir), "--train", str(data), "--out",
+                  str(root / "adapter"), "--epochs", "1", "--rank", "2", "--lr", "1e-2", "--device", "cpu"],
+                 ["grads", "--task", "causal_lm", "--model", str(tiny_llama_dir), "--adapter", str(root / "adapter"),
+                  "--data", str(data), "--store", str(root / "store"), "--dtype", "float64", "--model-dtype",
+                  "float64", "--chunk-size", "4", "--device", "cpu"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--quiet", *argv])
+        assert e.value.code == 0, argv
+    return {"model": tiny_llama_dir, "adapter": root / "adapter", "store": root / "store"}
+
+
+def test_explain_with_an_index_lists_what_the_full_pass_does(llm, tmp_path, capsys):
+    """`explain --index` (a flat identity index of the store) writes the rows the full pass writes (same
+    examples and ranks, scores to float32); an index asked for another method is refused before the model
+    loads, nothing written."""
+    save_index(build_store_index(GradientStore.open(llm["store"])), tmp_path / "ix")
+    base = ["explain", "--model", str(llm["model"]), "--adapter", str(llm["adapter"]), "--store", str(llm["store"]),
+            "--prompt", "the old fox finds the", "--response", "book", "--k", "2", "--model-dtype", "float64",
+            "--device", "cpu"]
     got = {}
     for name, extra in (("full", []), ("index", ["--index", str(tmp_path / "ix")])):
         code, _, err = run([*base, "--method", "identity", *extra, "--json", str(tmp_path / f"{name}.json")], capsys)
@@ -447,13 +465,13 @@ def test_explain_with_an_index_lists_what_the_full_pass_does(setup, tmp_path, ca
         got[name] = json.loads((tmp_path / f"{name}.json").read_text())["answers"][0]["rows"]
     key = ("method", "kind", "rank", "train_index")
     assert [tuple(r[c] for c in key) for r in got["index"]] == [tuple(r[c] for c in key) for r in got["full"]]
-    assert len(got["full"]) == 6
+    assert len(got["full"]) >= 2
     bound = 1e-5 * max(abs(r["score"]) for r in got["full"])
     assert all(abs(a["score"] - b["score"]) <= bound for a, b in zip(got["index"], got["full"]))
-    before = sha(store, tmp_path / "ix")
+    before = sha(llm["store"], tmp_path / "ix")
     refused([*base, "--method", "datainf", "--index", str(tmp_path / "ix"), "--json", str(tmp_path / "no.json")],
             capsys, "datainf store precondition --method datainf")
-    assert not (tmp_path / "no.json").exists() and sha(store, tmp_path / "ix") == before
+    assert not (tmp_path / "no.json").exists() and sha(llm["store"], tmp_path / "ix") == before
 
 
 def test_compact_reranking_with_few_memory_maps_kept_scores_the_same(low_rank, monkeypatch):
