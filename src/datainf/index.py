@@ -557,6 +557,9 @@ def _build_compact(store: GradientStore, settings: IndexSettings, dim: int, cand
     train_s = time.perf_counter() - t0
     offsets = _offsets(store)
     reduced_dim = sum(b.shape[1] for b in basis.values())
+    if reduced_dim == 0:
+        raise DataInfError(f"store {store.path}: the sampled rows are all zero, so a compact index has no direction "
+                           "to keep; build a flat index (--kind flat)")
     index = empty_compact(reduced_dim)
     for c in range(store.num_chunks):  # reduced chunk by chunk: the full rows are never all in memory
         rows = store.chunk_rows(c)
