@@ -392,7 +392,8 @@ def index_queries(path: Path, m: int, seed: int = 2) -> dict[str, torch.Tensor]:
 def index_targets(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The top-k index (datainf.index, identity over the store): build time, and per query (one at a time,
     one thread) the latency of its top-50 helpful and harmful lists and their recall@50 against the exhaustive
-    scores of ``score_store``, for a flat index and an IVF index at several nprobe."""
+    scores of ``score_store``, for the kinds of ``--index-kinds``: a flat index, an IVF index at several
+    nprobe, a compact index (``--index-dim`` numbers per example) at several candidate factors."""
     import faiss
 
     from datainf.estimators import ScoreArguments
@@ -410,6 +411,7 @@ def index_targets(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from datainf.store import GradientStore
 
     faiss.omp_set_num_threads(args.threads)
+    kinds = [k.strip() for k in args.index_kinds.split(",") if k.strip()]
     store = GradientStore.open(path)
     print(f"\n## top-k index: {store.n_examples:,} examples, identity, top-{INDEX_K} of {INDEX_QUERIES} queries "
           "(each a training row plus noise of its norm), one query at a time", flush=True)
@@ -417,72 +419,120 @@ def index_targets(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     exact = exhaustive_top(score_store(store, queries, ScoreArguments(method="identity")).scores, INDEX_K)
     exhaustive_s = time.perf_counter() - t0
-    settings = index_settings(store, "identity")
-    t0 = time.perf_counter()
-    vectors = training_vectors(store, settings)
-    read_s = time.perf_counter() - t0
     q = query_vectors(queries, store.block_names)
-    print(f"  exhaustive scores (score_store, {INDEX_QUERIES} queries): {exhaustive_s:.1f} s; index vectors read "
-          f"({vectors.nbytes / 1e9:.2f} GB float32): {read_s:.1f} s", flush=True)
+    print(f"  exhaustive scores (score_store, {INDEX_QUERIES} queries): {exhaustive_s:.1f} s", flush=True)
 
-    def timed(index: Any, nprobe: int | None) -> tuple[float, float]:
+    cpu: list[float] = []  # the CPU time of each timed() call's queries (median, ms): wall time less the waits
+    #                        for a core on this shared machine
+
+    def timed(one_query: Any) -> tuple[float, float]:
         found: dict[str, list] = {"helpful": [], "harmful": []}
-        times = []
+        times, cpu_times = [], []
         for j in range(len(q)):
-            t = time.perf_counter()
-            one = search(index, q[j : j + 1], INDEX_K, nprobe)
+            t, c = time.perf_counter(), time.process_time()
+            one = one_query(q[j : j + 1])
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
             for kind in found:
                 found[kind] += one[kind]
+        cpu.append(1000 * float(np.median(cpu_times)))
         return 1000 * float(np.median(times)), recall_at_k(found, exact)
 
-    out: dict[str, Any] = {"n": store.n_examples, "dim": int(vectors.shape[1]), "k": INDEX_K,
-                           "queries": INDEX_QUERIES, "exhaustive_s": exhaustive_s, "read_s": read_s}
+    out: dict[str, Any] = {"n": store.n_examples, "dim": int(q.shape[1]), "k": INDEX_K,
+                           "queries": INDEX_QUERIES, "exhaustive_s": exhaustive_s}
+    if "flat" in kinds or "ivf" in kinds:
+        t0 = time.perf_counter()
+        vectors = training_vectors(store, index_settings(store, "identity"))
+        out["read_s"] = time.perf_counter() - t0
+        print(f"  index vectors read ({vectors.nbytes / 1e9:.2f} GB float32): {out['read_s']:.1f} s", flush=True)
+    if "flat" in kinds:
+        t0 = time.perf_counter()
+        flat = build_index(vectors, "flat")
+        build_s = time.perf_counter() - t0
+        ms, recall = timed(lambda v: search(flat, v, INDEX_K))
+        out["flat"] = {"build_s": build_s, "ms": ms, "cpu_ms": cpu[-1], "recall": recall}
+        print(f"  flat: built in {build_s:.1f} s; top-{INDEX_K} (both lists) {ms:.1f} ms per query (CPU time "
+              f"{cpu[-1]:.1f} ms), "
+              f"recall@{INDEX_K} {recall:.4f}", flush=True)
+        del flat
+    if "ivf" in kinds:
+        nlist = default_nlist(store.n_examples)
+        t0 = time.perf_counter()
+        ivf = build_index(vectors, "ivf", nlist)
+        build_s = time.perf_counter() - t0
+        out["ivf"] = {"nlist": nlist, "build_s": build_s, "nprobe": {}}
+        print(f"  ivf: {nlist} lists, trained and built in {build_s:.1f} s", flush=True)
+        for nprobe in sorted({2 ** i for i in range(int(math.log2(nlist)) + 1)} | {nlist}):
+            ms, recall = timed(lambda v, p=nprobe: search(ivf, v, INDEX_K, p))
+            out["ivf"]["nprobe"][nprobe] = {"ms": ms, "recall": recall}
+            print(f"    nprobe {nprobe:>2}: {ms:.1f} ms per query, recall@{INDEX_K} {recall:.4f}", flush=True)
+        del ivf
+    if "flat" in kinds or "ivf" in kinds:
+        del vectors
+    if "compact" in kinds:
+        out["compact"] = compact_targets(store, args, timed, cpu)
+    return out
+
+
+def compact_targets(store: Any, args: argparse.Namespace, timed: Any, cpu: list[float]) -> dict[str, Any]:
+    """The compact index at ``--index-dim`` numbers per example: build (basis from a sample, float16 codes),
+    latency and recall at each candidate factor of ``--index-candidates`` (the first is the target line's),
+    and the memory it needs at this size and at 100,000 examples."""
+    from datainf.index import build_store_index
+
     t0 = time.perf_counter()
-    flat = build_index(vectors, "flat")
+    top = build_store_index(store, kind="compact", dim=args.index_dim)
     build_s = time.perf_counter() - t0
-    ms, recall = timed(flat, None)
-    out["flat"] = {"build_s": build_s, "ms": ms, "recall": recall}
-    print(f"  flat: built in {build_s:.1f} s; top-{INDEX_K} (both lists) {ms:.1f} ms per query, "
-          f"recall@{INDEX_K} {recall:.4f}", flush=True)
-    del flat
-    nlist = default_nlist(store.n_examples)
-    t0 = time.perf_counter()
-    ivf = build_index(vectors, "ivf", nlist)
-    build_s = time.perf_counter() - t0
-    del vectors
-    out["ivf"] = {"nlist": nlist, "build_s": build_s, "nprobe": {}}
-    print(f"  ivf: {nlist} lists, trained and built in {build_s:.1f} s", flush=True)
-    for nprobe in sorted({2 ** i for i in range(int(math.log2(nlist)) + 1)} | {nlist}):
-        ms, recall = timed(ivf, nprobe)
-        out["ivf"]["nprobe"][nprobe] = {"ms": ms, "recall": recall}
-        print(f"    nprobe {nprobe:>2}: {ms:.1f} ms per query, recall@{INDEX_K} {recall:.4f}", flush=True)
+    m = top.manifest
+    widths = [math.prod(s) for s in store.block_shapes.values()]
+    basis_bytes = 4 * sum(math.prod(b.shape) for b in top.basis.values())
+    factors = [int(c) for c in args.index_candidates.split(",")]
+
+    def memory(n: int, factor: int) -> int:
+        """float16 codes + the basis + the re-ranking buffers (2 lists x factor x k rows, stored + float32)."""
+        return 2 * n * m["dim"] + basis_bytes + 2 * factor * INDEX_K * sum(widths) * (2 + 4)
+
+    out = {"dim": m["dim"], "energy_kept": m["energy_kept"], "basis_s": m["seconds"]["train"], "build_s": build_s,
+           "basis_sample": m["basis_sample"], "candidates": {},
+           "bytes": memory(store.n_examples, factors[0]), "bytes_100k": memory(100_000, factors[0])}
+    print(f"  compact: {m['dim']} numbers per example (float16; {100 * m['energy_kept']:.1f}% of a "
+          f"{m['basis_sample']}-row sample's energy), basis {m['seconds']['train']:.1f} s, built in {build_s:.1f} s; "
+          f"memory {out['bytes'] / 1e6:.0f} MB here, {out['bytes_100k'] / 1e6:.0f} MB at 100,000 examples", flush=True)
+    for factor in factors:
+        top.search_vectors(np.zeros((1, sum(widths)), np.float32), INDEX_K, candidates=factor)  # maps, buffers
+        ms, recall = timed(lambda v, c=factor: top.search_vectors(v, INDEX_K, candidates=c))
+        out["candidates"][factor] = {"ms": ms, "cpu_ms": cpu[-1], "recall": recall}
+        print(f"    candidates {factor} x {INDEX_K} per list: {ms:.1f} ms per query (CPU time {cpu[-1]:.1f} ms), "
+              f"recall@{INDEX_K} {recall:.4f}", flush=True)
     return out
 
 
 def index_target_lines(index: dict[str, Any]) -> list[str]:
-    """The index's target lines: the flat index's, and the IVF index's at the smallest nprobe whose recall
-    reaches the goal (else its highest recall)."""
+    """The index's target lines: the flat index's, the IVF index's at the smallest nprobe whose recall
+    reaches the goal (else its highest recall), and the compact index's at the first candidate factor."""
     k = index["k"]
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
+    def pair(label: str, r: dict[str, float]) -> list[str]:
+        return [f"target {label} top-{k} latency: {r['ms']:.1f} ms (goal <= {INDEX_LATENCY_GOAL_MS:.0f} ms) "
+                f"{verdict(r['ms'] <= INDEX_LATENCY_GOAL_MS)}",
+                f"target {label} recall@{k}: {r['recall']:.4f} (goal >= {INDEX_RECALL_GOAL}) "
+                f"{verdict(r['recall'] >= INDEX_RECALL_GOAL)}"]
+
     lines = []
-    flat = index["flat"]
-    lines.append(f"target flat index top-{k} latency: {flat['ms']:.1f} ms (goal <= {INDEX_LATENCY_GOAL_MS:.0f} ms) "
-                 f"{verdict(flat['ms'] <= INDEX_LATENCY_GOAL_MS)}")
-    lines.append(f"target flat index recall@{k}: {flat['recall']:.4f} (goal >= {INDEX_RECALL_GOAL}) "
-                 f"{verdict(flat['recall'] >= INDEX_RECALL_GOAL)}")
-    probes = index["ivf"]["nprobe"]
+    if "flat" in index:
+        lines += pair("flat index", index["flat"])
+    probes = index.get("ivf", {}).get("nprobe")
     if probes:
         good = [p for p, r in probes.items() if r["recall"] >= INDEX_RECALL_GOAL]
         p = min(good) if good else max(probes, key=lambda x: probes[x]["recall"])
-        r = probes[p]
-        lines.append(f"target ivf index (nprobe {p}) top-{k} latency: {r['ms']:.1f} ms (goal <= "
-                     f"{INDEX_LATENCY_GOAL_MS:.0f} ms) {verdict(r['ms'] <= INDEX_LATENCY_GOAL_MS)}")
-        lines.append(f"target ivf index (nprobe {p}) recall@{k}: {r['recall']:.4f} (goal >= {INDEX_RECALL_GOAL}) "
-                     f"{verdict(r['recall'] >= INDEX_RECALL_GOAL)}")
+        lines += pair(f"ivf index (nprobe {p})", probes[p])
+    compact = index.get("compact")
+    if compact:
+        factor = next(iter(compact["candidates"]))
+        lines += pair(f"compact index (dim {compact['dim']}, candidates {factor})", compact["candidates"][factor])
     return lines
 
 
@@ -604,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--index-only", action="store_true",
                     help="only the projected store and its top-k index (no per-method passes)")
+    ap.add_argument("--index-kinds", default="flat,ivf,compact", help="index kinds measured (comma-separated)")
+    ap.add_argument("--index-dim", type=int, default=None, help="compact index: numbers per example (default: "
+                    "the library's)")
+    ap.add_argument("--index-candidates", default="2,1,4", help="compact index: candidate factors measured (the "
+                    "first gives the target line)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--datainf-state", action="store_true", help="only DataInf's cached d x d state vs without it")
     args = ap.parse_args(argv)

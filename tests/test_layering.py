@@ -59,7 +59,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 ALLOWED["datainf.explaining"] = ("datainf.errors", "datainf.atomic", "datainf.outputs", "datainf.tasks", "datainf.data",
                                  "datainf.gradients", "datainf.store", "datainf.estimators", "datainf.scoring",
                                  "datainf.combine", "datainf.attributor", "datainf.models", "datainf.ranking",
-                                 "datainf.tokens")
+                                 "datainf.tokens", "datainf.index")
 #: the application layers may import everything below them (never the CLI)
 ALLOWED["datainf.experiments"] = tuple(sorted({m for v in ALLOWED.values() for m in v} | set(ALLOWED))) + (
     "datainf.experiments",)

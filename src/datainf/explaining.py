@@ -61,7 +61,8 @@ class Answer:
     """The explanation of one query: its ``prompt`` and ``response`` (``generated`` when the model wrote it),
     ``rows`` (for every method, the most helpful and most harmful training examples, as
     :func:`datainf.ranking.top_examples` makes them: method, kind, rank, train_index, score and the training
-    record's text), ``scores`` (method -> every training example's summed score, (n_train,)), the query's
+    record's text), ``scores`` (method -> every training example's summed score, (n_train,); answered from
+    an index: the scores of the rows it returned, NaN elsewhere), the query's
     length in tokens before truncation, and ``seconds`` (method -> seconds of the scoring call that answered
     it, shared by every query of that call); ``columns``: the query row's data columns (e.g. skill), also
     in every CSV row as ``query_COLUMN``."""
@@ -421,7 +422,7 @@ class Explainer:
                  adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None,
                  weights: str = "lr", arguments: Sequence[ScoreArguments] | None = None, k: int = 10,
                  max_new_tokens: int = 64, allow_mismatch: bool = False, model_dtype: str = "float32",
-                 device: str | None = None, tokens: bool = False) -> None:
+                 device: str | None = None, tokens: bool = False, index: PathLike | None = None) -> None:
         from datainf.combine import check_summable
         from datainf.estimators import ScoreArguments, method_names
         from datainf.scoring import check_preconditioned
@@ -467,6 +468,14 @@ class Explainer:
         self.completion_turns = bool(self.records) and isinstance(self.records[0].get("prompt"), list)
         self.chat = (bool(self.collate_settings.get("chat_template")) or self.completion_turns
                      or bool(self.records and "messages" in self.records[0]))
+        self.index: dict[str, Any] = {}  # method -> its top-k index (datainf.index): answers without a pass
+        if index is not None:
+            from datainf.index import index_for
+
+            if len(self.stores) > 1:
+                raise DataInfError(f"--index {index} answers from one training store; leave it out to sum the "
+                                   "scores over checkpoints")
+            self.index = {m: index_for(index, first, a) for m, a in self.arguments.items()}
         self.mismatch: list[str] = []
         self.load_seconds: float | None = None
         self._model: Any = None
@@ -595,7 +604,7 @@ class Explainer:
         gradient at each checkpoint, and score them all at once per method (one weighted sum of terms,
         :func:`datainf.combine.combine`, one term per checkpoint)."""
         from datainf.combine import Term, combine, run_terms
-        from datainf.ranking import top_examples
+        from datainf.ranking import KINDS, hit_rows, top_examples
 
         queries = [Query(q) if isinstance(q, str) else q for q in queries]
         self.check(queries)
@@ -619,7 +628,14 @@ class Explainer:
         self._use(0)
         scores: dict[str, Tensor] = {}
         seconds: dict[str, float] = {}
+        found: dict[str, Any] = {}
         for method, arguments in self.arguments.items():
+            if method in self.index:  # the top k from the index; the scores of the rows it returns, NaN elsewhere
+                t0 = time.perf_counter()
+                found[method] = self.index[method].search(gradients[0], self.k)
+                seconds[method] = time.perf_counter() - t0
+                scores[method] = _index_scores(found[method], self.n_train, len(records))
+                continue
             if self.run_stores is not None:  # the run stores' own terms: paired by checkpoint, weighted by rate
                 by_name = {Path(c.store).name: g for c, g in zip(self.checkpoints, gradients)}
                 terms = run_terms(self.run_stores, by_name, arguments)
@@ -633,6 +649,11 @@ class Explainer:
         for j, (q, response) in enumerate(zip(queries, responses)):
             rows = []
             for method in self.arguments:
+                if method in found:
+                    rows += [row for kind in KINDS for row in hit_rows(
+                        found[method][kind][j], method=method, query=name or f"query {j}", kind=kind,
+                        train_records=self.records)]
+                    continue
                 rows += top_examples(scores[method][:, j], self.k, method=method, train_records=self.records,
                                      query_names=[name or f"query {j}"])
             answers.append(Answer(prompt=q.prompt, response=response, generated=q.response is None, rows=rows,
@@ -646,6 +667,18 @@ class Explainer:
         return Explanation(answers=answers, arguments=dict(self.arguments), checkpoints=list(self.checkpoints),
                            model=self.model_dir, k=self.k, n_train=self.n_train, run=self.run,
                            mismatch=list(self.mismatch))
+
+
+def _index_scores(found: Mapping[str, list[list[tuple[int, float]]]], n_train: int, m: int) -> Tensor:
+    """(n_train, m) float64: the scores of the rows an index returned, NaN for the rows it did not score."""
+    import torch
+
+    out = torch.full((n_train, m), float("nan"), dtype=torch.float64)
+    for lists in found.values():
+        for j, hits in enumerate(lists):
+            for i, score in hits:
+                out[i, j] = score
+    return out
 
 
 def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, store: PathLike | Sequence[PathLike],

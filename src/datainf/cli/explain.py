@@ -127,17 +127,19 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
               help="Also explain the response token by token: each token's own loss gradient scored against the "
                    "store (datainf.tokens); prints each token's most helpful and harmful example, and with --json "
                    "writes every token's top --k lists under the answer's 'tokens' (for `datainf report --tokens`).")
+@option("--index", type=click.Path(exists=True, file_okay=False))
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
             interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None,
-            queries_path: str | None, csv_path: str | None, tokens: bool) -> None:
+            queries_path: str | None, csv_path: str | None, tokens: bool, index_dir: str | None) -> None:
     """Which training examples made the model give this response to this prompt (or these, --queries)?"""
     from datainf.explaining import Explainer, Query, conversation_query, read_queries
 
     inputs = {"model folder": model_dir, "adapter folder": adapter_dirs, "run folder": run_dir,
-              "training store": store_dirs, "--conversation file": conversation_path, "--queries file": queries_path}
+              "training store": store_dirs, "--conversation file": conversation_path, "--queries file": queries_path,
+              "index": index_dir}
     for path, kind, flag in ((json_path, "explain", "--json"), (csv_path, "explain-csv", "--csv")):
         if path is not None:
             check_output(path, inputs=inputs, kind=kind, overwrite=overwrite, option=flag)
@@ -168,7 +170,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
                           arguments=[scoring.arguments(m) for m in scoring.methods], k=k,
                           max_new_tokens=max_new_tokens, allow_mismatch=allow_mismatch, model_dtype=model_dtype,
-                          device=setup(ctx, device)[1], tokens=tokens)
+                          device=setup(ctx, device)[1], tokens=tokens, index=index_dir)
     if queries:
         explainer.check(queries)  # refused before the model is loaded
     elif system is not None:

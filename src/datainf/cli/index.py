@@ -40,9 +40,15 @@ def _default_out(store_dir: str) -> str:
                help="The method whose scores the index reproduces: the one the store is preconditioned for "
                    "(`datainf store precondition`), identity for a plain store (the default).")
 @option("--normalize", help="Cosine similarity (identity only): rows and queries of norm 1.")
-@click.option("--kind", type=click.Choice(["flat", "ivf"]), default="flat", show_default=True,
-              help="flat: exact top-k; ivf: approximate, for large stores (search with --nprobe).")
+@click.option("--kind", type=click.Choice(["flat", "ivf", "compact"]), default="flat", show_default=True,
+              help="flat: exact top-k; ivf: approximate, for clustered rows (search with --nprobe); compact: each "
+                   "example reduced to --dim numbers by a basis learned from the rows, candidates re-ranked by "
+                   "their exact scores read from the store (fast and small for low-rank gradients; --check "
+                   "measures its recall).")
 @click.option("--nlist", type=click.IntRange(min=1), default=None, help="IVF lists; default about sqrt(n).")
+@click.option("--dim", type=click.IntRange(min=1), default=None,
+              help="compact: numbers per example (the basis' directions over all blocks); default 768.")
+@option("--candidates", help="compact: rows re-ranked by their exact scores per list, times k; default 2.")
 @option("--out", "out_dir", type=click.Path(file_okay=True), default=None,
         help="Index folder; default STORE.index beside the store. An existing folder is replaced only if it "
                    "is an index (or with --overwrite), and never when it holds other files.")
@@ -51,8 +57,9 @@ def _default_out(store_dir: str) -> str:
 @option("--k", default=50, show_default=True, help="k of --check's recall@k.")
 @option("--nprobe", help="IVF lists --check searches.")
 @overwrite_option
-def build(store_dir: str, method: str | None, normalize: bool, kind: str, nlist: int | None, out_dir: str | None,
-          check_dir: str | None, k: int, nprobe: int | None, overwrite: bool) -> None:
+def build(store_dir: str, method: str | None, normalize: bool, kind: str, nlist: int | None, dim: int | None,
+          candidates: int | None, out_dir: str | None, check_dir: str | None, k: int, nprobe: int | None,
+          overwrite: bool) -> None:
     """Write the top-k index of STORE_DIR (with --check, its recall@k too)."""
     from datainf.index import INDEX_FILES, build_store_index, check_queries_store, is_index_folder, save_index
     from datainf.store import GradientStore
@@ -66,13 +73,17 @@ def build(store_dir: str, method: str | None, normalize: bool, kind: str, nlist:
     if check_dir is not None:
         queries = GradientStore.open(check_dir)
         check_queries_store(store, queries)
-    top = build_store_index(store, method=method, normalize=normalize, kind=kind, nlist=nlist)
+    top = build_store_index(store, method=method, normalize=normalize, kind=kind, nlist=nlist, dim=dim,
+                            candidates=candidates)
     if queries is not None:
         top.manifest["check"] = _check(store, queries, top, k, nprobe)
     save_index(top, out_dir)
     seconds = top.manifest["seconds"]
-    click.echo(f"wrote {out_dir}: {kind} index of {store.n_examples} examples x {top.manifest['store']['dim']} "
-               f"numbers ({top.settings.method}{', normalized' if normalize else ''}) in "
+    numbers = top.manifest["dim"] if kind == "compact" else top.manifest["store"]["dim"]
+    kept = (f" (of {top.manifest['store']['dim']}: {100 * top.manifest['energy_kept']:.1f}% of a sample's energy)"
+            if kind == "compact" else "")
+    click.echo(f"wrote {out_dir}: {kind} index of {store.n_examples} examples x {numbers} numbers{kept} "
+               f"({top.settings.method}{', normalized' if normalize else ''}) in "
                f"{seconds['build']:.1f} s; search it with `datainf index search {out_dir} "
                "--queries QUERIES --k K`")
 
@@ -108,12 +119,14 @@ def _check(store: GradientStore, queries: GradientStore, top: TopIndex, k: int, 
 @option("--k", show_default=True)
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
               help="IVF lists searched (more: higher recall, slower); default 1.")
+@option("--candidates", help="compact: rows re-ranked by their exact scores per list, times k (more: higher "
+                             "recall, slower); default: the index's.")
 @click.option("--format", "out_format", type=click.Choice(["jsonl", "csv"]), default="jsonl")
 @option("--out", "out_path", default=None,
         help="Output file (the rows `datainf top` writes); default stdout.")
 @overwrite_option
-def search(index_dir: str, query_dir: str, store_dir: str | None, k: int, nprobe: int | None, out_format: str,
-           out_path: str | None, overwrite: bool) -> None:
+def search(index_dir: str, query_dir: str, store_dir: str | None, k: int, nprobe: int | None,
+           candidates: int | None, out_format: str, out_path: str | None, overwrite: bool) -> None:
     """The top k helpful and harmful training examples of every query, from the index."""
     from datainf.cli.top import write_rows
     from datainf.index import check_queries_store, index_rows, load_index, read_manifest
@@ -132,7 +145,7 @@ def search(index_dir: str, query_dir: str, store_dir: str | None, k: int, nprobe
     check_queries_store(store, queries)
     top = load_index(index_dir, store)
     t0 = time.perf_counter()
-    found = top.search(queries, k, nprobe)
+    found = top.search(queries, k, nprobe, candidates)
     seconds = time.perf_counter() - t0
     rows = index_rows(found, method=top.settings.method, train_records=store.records(),
                       query_records=queries.records())

@@ -77,6 +77,11 @@ FLAGS: dict[str, dict[str, Any]] = {
                 "help": "Storage dtype of the gradients."},
     "--k": {"type": click.IntRange(min=1), "default": 20, "help": "Examples per list (helpful, harmful)."},
     "--nprobe": {"type": click.IntRange(min=1), "default": None, "help": "IVF lists searched."},
+    "--index": {"dest": "index_dir", "type": click.Path(file_okay=False), "default": None,
+                "help": "A top-k index of --store (`datainf index build`, for the --method asked): the top examples "
+                        "from it, without a pass over the store."},
+    "--candidates": {"type": click.IntRange(min=1), "default": None,
+                     "help": "Compact index: rows re-ranked by their exact scores per list, times k."},
     "--format": {"dest": "out_format", "type": click.Choice(["jsonl", "csv"]), "default": "jsonl",
                  "help": "Output format."},
     "--allow-mismatch": {"is_flag": True, "help": "Score across stores made with another adapter or task (a "

@@ -28,6 +28,10 @@ from datainf.outputs import check_output
               help="DDA's debias: subtract the scores of these stores, made at the model before fine-tuning (step 0: "
                    "`grads --initial`, or checkpoint-0's), from the scores (training store, then query store).")
 @option("--allow-mismatch")
+@option("--index", help="A top-k index of --store (`datainf index build`): write the --top K most helpful and "
+                        "harmful examples of every query from it, without a pass over the store (--out: .jsonl or "
+                        ".csv, the rows `datainf top` writes).")
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=None, help="With --index: examples per list.")
 @option("--out", "out_path", required=True,
         help="Scores file (.safetensors: one tensor per method, settings and store fingerprints inside); an existing "
              "file is replaced only if it is a scores file (or with --overwrite).")
@@ -35,9 +39,12 @@ from datainf.outputs import check_output
 @device_option
 @click.pass_context
 def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, mean_query: bool,
-            scoring: Scoring, debias: str | None, allow_mismatch: bool, out_path: str, overwrite: bool,
-            device: str | None) -> None:
+            scoring: Scoring, debias: str | None, allow_mismatch: bool, index_dir: str | None, top_k: int | None,
+            out_path: str, overwrite: bool, device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
+    if index_dir is not None or top_k is not None:
+        return score_from_index(store_dir, query_dir, index_dir, top_k, scoring, self_inf or mean_query or
+                                debias is not None or allow_mismatch, out_path, overwrite)
     from datainf.combine import combine, debias_terms, is_run_stores, read_run_stores, run_terms
     from datainf.distributed import init_distributed, is_main_process
     from datainf.estimators.defaults import default_spec, task_kind
@@ -95,6 +102,42 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
         save_scores(out_path, results, train_store=train, query_store=queries,
                     extra={"allow_mismatch": allow_mismatch, **({"run_stores": str(store_dir)} if run else {})})
         click.echo(f"wrote {out_path}")
+
+
+def score_from_index(store_dir: str, query_dir: str | None, index_dir: str | None, k: int | None, scoring: Scoring,
+                     full_pass_only: bool, out_path: str, overwrite: bool) -> None:
+    """`score --index INDEX --top K`: the top K of every query from the index (datainf.index.index_for), as
+    the rows `datainf top` writes."""
+    from datainf.cli.top import write_rows
+    from datainf.index import index_for, index_rows
+    from datainf.store import GradientStore
+
+    if index_dir is None or k is None:
+        raise DataInfError("--index INDEX and --top K go together: the top K of every query from the index")
+    if query_dir is None or full_pass_only:
+        raise DataInfError("--index answers --queries only; --self, --mean-query, --debias and --allow-mismatch "
+                           "need the full pass: leave out --index and --top")
+    if len(scoring.methods) != 1:
+        raise DataInfError(f"--index gives one method's scores; give one --method, not {', '.join(scoring.methods)}")
+    out_format = Path(out_path).suffix.lstrip(".")
+    if out_format not in ("jsonl", "csv"):
+        raise DataInfError(f"--out {out_path}: with --index the top-k rows are written as .jsonl or .csv; name it "
+                           f"{Path(out_path).with_suffix('.jsonl')}")
+    check_output(out_path, inputs={"training store": store_dir, "query store": query_dir, "index": index_dir},
+                 kind="top", overwrite=overwrite)
+    if not Path(index_dir).is_dir():
+        raise DataInfError(f"--index {index_dir} does not exist; build it with `datainf index build {store_dir} "
+                           f"--out {index_dir}`")
+    train, queries = GradientStore.open(store_dir), GradientStore.open(query_dir)
+    from datainf.index import check_queries_store
+
+    check_queries_store(train, queries)
+    method = scoring.methods[0]
+    top = index_for(index_dir, train, scoring.arguments(method))
+    found = top.search(queries, k)
+    write_rows(index_rows(found, method=method, train_records=train.records(), query_records=queries.records()),
+               out_format, out_path)
+    click.echo(f"{method}: top {k} of {queries.n_examples} queries from {top.kind} index {index_dir}")
 
 
 def debias_stores(value: str, self_influence: bool, run: bool) -> tuple[Any, Any]:
