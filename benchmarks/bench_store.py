@@ -589,6 +589,141 @@ def datainf_state_only(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ the one-query pass
+#: the methods whose one-query pass is one sweep of sum over blocks of inner products (with their cached state)
+PASS_METHODS = ("identity", "datainf", "ekfac")
+#: cold one-query pass against the raw sequential read of the same files (issue 32)
+COLD_RATIO_GOAL = 1.5
+#: warm one-query pass, seconds per 100,000 examples (scaled linearly to --n)
+WARM_GOAL_S_PER_100K = 3.0
+
+
+def chunk_files(store_dir: Path) -> list[Path]:
+    """Every .npy file of the store's chunks in the order they lie on disk: chunk folder after chunk folder, each
+    folder's files in name order (its blocks, then sq_norms.npy)."""
+    chunks = sorted(p for p in (store_dir / "chunks").iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [f for c in chunks for f in sorted(c.glob("*.npy"))]
+
+
+def all_store_files(store_dir: Path) -> list[Path]:
+    """Every file under the store (chunks, manifests, cached states, stamps): what a cold pass evicts."""
+    return [p for p in store_dir.rglob("*") if p.is_file()]
+
+
+def pass_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One or more one-query passes in this (fresh) process, as ``datainf score`` runs one: open the store,
+    ``score_store`` with the method's cached state; ``evict``: drop the store's pages from the page cache before
+    each pass (cold), else leave them (warm). Returns the seconds of each pass and a checksum of the scores."""
+    import warnings
+
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    torch.set_num_threads(spec["threads"])
+    warnings.simplefilter("ignore")
+    path = Path(spec["store"])
+    store = GradientStore.open(path)
+    queries = query_grads(store.block_shapes, 1)
+    del store
+    files = all_store_files(path)
+    times, before, checksum = [], [], 0.0
+    for _ in range(spec.get("repeats", 1)):
+        if spec["evict"]:
+            evict(files)
+        before.append(resident_fraction(chunk_files(path)))
+        t0 = time.perf_counter()
+        result = score_store(GradientStore.open(path), queries, ScoreArguments(method=spec["method"]))
+        times.append(time.perf_counter() - t0)
+        checksum = float(result.scores.double().abs().sum())
+    return {"seconds": times, "resident_before": before, "checksum": checksum, "peak_rss_mb": vm_kb("VmHWM") / 1024}
+
+
+def measure_pass(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(HERE), "--pass-child", json.dumps(spec)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pass_targets(args: argparse.Namespace) -> int:
+    """``--pass``: issue 32's one-query pass on a projected store of ``--n`` examples. Per method (identity,
+    DataInf with its cached d x d state, EK-FAC with its cached curvature), each in fresh child processes as
+    ``datainf score`` runs it: a first pass (fits and caches the state; not a target), the cold pass (every file
+    of the store dropped from the page cache) against the raw sequential read of the store's chunk files measured
+    in this run (cold, in the order they lie on disk), and the warm pass (the store in the page cache; best of
+    ``repeats``). Ends with the target lines."""
+    from datainf.gradients import ProjectionSettings
+    from datainf.store import GradientStore
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = smollm2_blocks(2 if args.quick else LAYERS)
+    shapes = projected_blocks(blocks, args.dim)
+    layout = {**ProjectionSettings(dim=args.dim).to_dict(), "blocks": {
+        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in shapes.items()}}
+    path = out / f"store-k{args.dim}-pass-{args.n}"
+    try:
+        reused = GradientStore.open(path).n_examples == args.n
+    except Exception:  # noqa: BLE001  (no store there, or not this one: write it)
+        reused = False
+    if not reused:
+        synthetic_store(path, shapes, args.n, args.chunk_size, projection=layout)
+    files = chunk_files(path)
+    size = sum(p.stat().st_size for p in files)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; projected "
+          f"k={args.dim} store{' (reused)' if reused else ''}: {args.n:,} examples, {len(shapes)} blocks, "
+          f"{size / 1e9:.2f} GB in {len(files):,} files", flush=True)
+    raws = []
+    for _ in range(2):
+        evict(all_store_files(path))
+        raws.append(read_files(files)[1])
+    raw_s = min(raws)
+    print(f"  raw cold sequential read of the chunk files (disk order): {raw_s:.2f} s = {size / raw_s / 1e9:.3f} GB/s "
+          f"(best of {len(raws)}: {', '.join(f'{t:.2f}' for t in raws)})", flush=True)
+    result: dict[str, Any] = {"n": args.n, "bytes": size, "files": len(files), "raw_s": raw_s, "raws": raws,
+                              "threads": args.threads, "load_start": os.getloadavg(), "methods": {}}
+    repeats = 2 if args.quick else 3
+    for method in PASS_METHODS:
+        spec = {"store": str(path), "method": method, "threads": args.threads}
+        first = measure_pass({**spec, "evict": False})
+        cold = measure_pass({**spec, "evict": True, "repeats": 2})
+        warm = measure_pass({**spec, "evict": False, "repeats": repeats})
+        r = {"first_s": first["seconds"][0], "cold_s": min(cold["seconds"]), "colds": cold["seconds"],
+             "cold_resident": cold["resident_before"], "warm_s": min(warm["seconds"]), "warms": warm["seconds"],
+             "warm_resident": warm["resident_before"], "peak_rss_mb": max(cold["peak_rss_mb"], warm["peak_rss_mb"]),
+             "checksums": [first["checksum"], cold["checksum"], warm["checksum"]]}
+        result["methods"][method] = r
+        print(f"  {method:<9} first pass (fits/reads its state) {r['first_s']:.2f} s; cold {r['cold_s']:.2f} s "
+              f"(= {r['cold_s'] / raw_s:.2f}x the raw read; runs {', '.join(f'{t:.2f}' for t in r['colds'])}; "
+              f"cached before: {r['cold_resident'][0]}); warm {r['warm_s']:.2f} s (runs "
+              f"{', '.join(f'{t:.2f}' for t in r['warms'])}); peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    result["load_end"] = os.getloadavg()
+    (out / "bench_pass.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"load average at the end: {result['load_end'][0]:.1f}")
+    for line in pass_target_lines(result):
+        print(line)
+    if not args.keep:
+        shutil.rmtree(path)
+    return 0
+
+
+def pass_target_lines(result: dict[str, Any]) -> list[str]:
+    """``target <what>: <measured> (goal <goal>) PASS|MISS`` for the cold and warm one-query passes."""
+    lines = []
+    warm_goal = WARM_GOAL_S_PER_100K * result["n"] / 100_000
+    for method, r in result["methods"].items():
+        ratio = r["cold_s"] / result["raw_s"]
+        lines.append(f"target cold one-query pass, {method}: {r['cold_s']:.2f} s = {ratio:.2f}x the raw read "
+                     f"({result['raw_s']:.2f} s) (goal <= {COLD_RATIO_GOAL}x) "
+                     f"{'PASS' if ratio <= COLD_RATIO_GOAL else 'MISS'}")
+    for method, r in result["methods"].items():
+        lines.append(f"target warm one-query pass, {method}: {r['warm_s']:.2f} s (goal <= {warm_goal:.2f} s at "
+                     f"{result['n']:,} examples) {'PASS' if r['warm_s'] <= warm_goal else 'MISS'}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_store")
@@ -605,15 +740,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-only", action="store_true",
                     help="only the projected store and its top-k index (no per-method passes)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pass-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pass", dest="one_pass", action="store_true",
+                    help="only the one-query pass: cold and warm, identity/datainf/ekfac, with its target lines")
     ap.add_argument("--datainf-state", action="store_true", help="only DataInf's cached d x d state vs without it")
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.pass_child is not None:
+        print(json.dumps(pass_child(json.loads(args.pass_child))))
+        return 0
     if args.quick:
         args.n, args.full_n, args.chunk_size, args.disk_gb = 3000, 600, 512, 0.2
     if args.datainf_state:
         return datainf_state_only(args)
+    if args.one_pass:
+        return pass_targets(args)
     if args.index_only:
         args.full_n = 0
     torch.set_num_threads(args.threads)
