@@ -8,6 +8,8 @@ low-rank part with a decaying spectrum plus noise, so exact and EK-FAC have a re
 
     python benchmarks/bench_store.py --out /scratch/bench-store            # the full run (hours on 2 shared cores)
     python benchmarks/bench_store.py --quick --out /tmp/bs                 # smoke run (a minute)
+    python benchmarks/bench_store.py --pass --n 20000 --threads 2 --distinct 4 --out /tmp/bp
+        # issue 32's one-query pass only: cold and warm, identity / DataInf / EK-FAC, ends with target lines
 
 Measured, in this order, in one run (the ratios are against baselines measured in the same run):
 
@@ -160,12 +162,31 @@ def matmul_gflops(size: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the store
+def copy_chunk(path: Path, source: int, target: int, chunk_size: int) -> None:
+    """Chunk ``target`` of the store at ``path`` as a byte copy of full chunk ``source``'s files, with its own
+    chunk.json (index and rows), staged and renamed into place as the store writes a chunk. For throughput
+    measurements on a machine too loaded to generate and encode every chunk (``--distinct``)."""
+    chunks = path / "chunks"
+    tmp = chunks / f".{target:05d}.tmp-copy"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for f in sorted((chunks / f"{source:05d}").glob("*.npy")):
+        shutil.copyfile(f, tmp / f.name)
+    info = json.loads((chunks / f"{source:05d}" / "chunk.json").read_text())
+    info["chunk"], info["rows"] = target, [target * chunk_size, (target + 1) * chunk_size]
+    (tmp / "chunk.json").write_text(json.dumps(info, indent=1) + "\n")
+    tmp.rename(chunks / f"{target:05d}")
+
+
 def synthetic_store(path: Path, shapes: dict[str, tuple[int, ...]], n: int, chunk_size: int, seed: int = 0,
-                    projection: dict | None = None) -> dict[str, Any]:
-    """Write a float16 store of n synthetic examples; time write_chunk alone (generation excluded)."""
+                    projection: dict | None = None, distinct: int = 0) -> dict[str, Any]:
+    """Write a float16 store of n synthetic examples; time write_chunk alone (generation excluded). With
+    ``distinct`` > 0, only the first ``distinct`` chunks (and a short last one) are generated; every other
+    chunk is a byte copy of one of them (:func:`copy_chunk`), and a store left unfinished there is resumed."""
     from datainf.store import GradientStore
 
-    if path.exists():
+    if path.exists() and not distinct:
         shutil.rmtree(path)
     gen = torch.Generator().manual_seed(seed)
     rank = 32
@@ -176,8 +197,14 @@ def synthetic_store(path: Path, shapes: dict[str, tuple[int, ...]], n: int, chun
     with GradientStore.create(path, blocks=shapes, n_examples=n, fingerprints={"model": "synthetic-smollm2"},
                               chunk_size=chunk_size, dtype="float16", projection=projection,
                               meta={"task": "causal_lm", "synthetic": True}) as store:
+        missing = set(store.missing_chunks())
         for c in range(store.num_chunks):
             rows = len(store.chunk_rows(c))
+            if c not in missing:
+                continue
+            if distinct and c >= distinct and rows == chunk_size:
+                copy_chunk(path, c % distinct, c, chunk_size)
+                continue
             chunk = {}
             for name, basis in bases.items():
                 d = basis.shape[1]
@@ -669,12 +696,28 @@ def pass_targets(args: argparse.Namespace) -> int:
     except Exception:  # noqa: BLE001  (no store there, or not this one: write it)
         reused = False
     if not reused:
-        synthetic_store(path, shapes, args.n, args.chunk_size, projection=layout)
+        synthetic_store(path, shapes, args.n, args.chunk_size, projection=layout, distinct=args.distinct)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; projected "
+          f"k={args.dim} store{' (reused)' if reused else ''}", flush=True)
+    result = pass_measure(path, args)
+    (out / "bench_pass.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"load average at the end: {result['load_end'][0]:.1f}")
+    for line in pass_target_lines(result):
+        print(line)
+    if not args.keep:
+        shutil.rmtree(path)
+    return 0
+
+
+def pass_measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The one-query pass on the store at ``path`` (see :func:`pass_targets`): the raw read, then per method
+    the first, cold and warm passes."""
+    from datainf.store import GradientStore
+
     files = chunk_files(path)
     size = sum(p.stat().st_size for p in files)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; projected "
-          f"k={args.dim} store{' (reused)' if reused else ''}: {args.n:,} examples, {len(shapes)} blocks, "
-          f"{size / 1e9:.2f} GB in {len(files):,} files", flush=True)
+    n = GradientStore.open(path).n_examples
+    print(f"\n## the one-query pass: {n:,} examples, {size / 1e9:.2f} GB in {len(files):,} files", flush=True)
     raws = []
     for _ in range(2):
         evict(all_store_files(path))
@@ -682,7 +725,7 @@ def pass_targets(args: argparse.Namespace) -> int:
     raw_s = min(raws)
     print(f"  raw cold sequential read of the chunk files (disk order): {raw_s:.2f} s = {size / raw_s / 1e9:.3f} GB/s "
           f"(best of {len(raws)}: {', '.join(f'{t:.2f}' for t in raws)})", flush=True)
-    result: dict[str, Any] = {"n": args.n, "bytes": size, "files": len(files), "raw_s": raw_s, "raws": raws,
+    result: dict[str, Any] = {"n": n, "bytes": size, "files": len(files), "raw_s": raw_s, "raws": raws,
                               "threads": args.threads, "load_start": os.getloadavg(), "methods": {}}
     repeats = 2 if args.quick else 3
     for method in PASS_METHODS:
@@ -700,13 +743,7 @@ def pass_targets(args: argparse.Namespace) -> int:
               f"cached before: {r['cold_resident'][0]}); warm {r['warm_s']:.2f} s (runs "
               f"{', '.join(f'{t:.2f}' for t in r['warms'])}); peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     result["load_end"] = os.getloadavg()
-    (out / "bench_pass.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"load average at the end: {result['load_end'][0]:.1f}")
-    for line in pass_target_lines(result):
-        print(line)
-    if not args.keep:
-        shutil.rmtree(path)
-    return 0
+    return result
 
 
 def pass_target_lines(result: dict[str, Any]) -> list[str]:
@@ -741,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the projected store and its top-k index (no per-method passes)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pass-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--distinct", type=int, default=0,
+                    help="--pass: generate this many chunks, copy the others from them (0: generate all)")
     ap.add_argument("--pass", dest="one_pass", action="store_true",
                     help="only the one-query pass: cold and warm, identity/datainf/ekfac, with its target lines")
     ap.add_argument("--datainf-state", action="store_true", help="only DataInf's cached d x d state vs without it")
@@ -788,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         if projection is not None and not args.index_only:
             entry["latency"] = latency(path, args, result, entry["rows"])
             entry["datainf_state"] = datainf_state(path, args)
+            entry["pass"] = pass_measure(path, args)
         if projection is not None:
             entry["index"] = index_targets(path, args)
         result["stores"].append(entry)
@@ -817,6 +857,8 @@ def summarize(result: dict[str, Any]) -> None:
                 print(f"  {entry['label']}, {row['method']}, 100 queries at >= 40% of matmul throughput: "
                       f"{row['vs_matmul']:.0%} {ok}")
         for line in index_target_lines(entry["index"]) if "index" in entry else []:
+            print(line)
+        for line in pass_target_lines(entry["pass"]) if "pass" in entry else []:
             print(line)
 
 
