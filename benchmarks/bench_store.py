@@ -654,16 +654,18 @@ def pass_child(spec: dict[str, Any]) -> dict[str, Any]:
     queries = query_grads(store.block_shapes, 1)
     del store
     files = all_store_files(path)
-    times, before, checksum = [], [], 0.0
+    times, cpu, before, checksum = [], [], [], 0.0
     for _ in range(spec.get("repeats", 1)):
         if spec["evict"]:
             evict(files)
         before.append(resident_fraction(chunk_files(path)))
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         result = score_store(GradientStore.open(path), queries, ScoreArguments(method=spec["method"]))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # every thread of this process: what a loaded machine cannot hide
         checksum = float(result.scores.double().abs().sum())
-    return {"seconds": times, "resident_before": before, "checksum": checksum, "peak_rss_mb": vm_kb("VmHWM") / 1024}
+    return {"seconds": times, "cpu_seconds": cpu, "resident_before": before, "checksum": checksum,
+            "peak_rss_mb": vm_kb("VmHWM") / 1024}
 
 
 def measure_pass(spec: dict[str, Any]) -> dict[str, Any]:
@@ -736,12 +738,16 @@ def pass_measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         r = {"first_s": first["seconds"][0], "cold_s": min(cold["seconds"]), "colds": cold["seconds"],
              "cold_resident": cold["resident_before"], "warm_s": min(warm["seconds"]), "warms": warm["seconds"],
              "warm_resident": warm["resident_before"], "peak_rss_mb": max(cold["peak_rss_mb"], warm["peak_rss_mb"]),
-             "checksums": [first["checksum"], cold["checksum"], warm["checksum"]]}
+             "checksums": [first["checksum"], cold["checksum"], warm["checksum"]],
+             "first_cpu_s": first.get("cpu_seconds", [None])[0],
+             "cold_cpu_s": cold.get("cpu_seconds", [None, None])[cold["seconds"].index(min(cold["seconds"]))],
+             "warm_cpu_s": warm.get("cpu_seconds", [None] * repeats)[warm["seconds"].index(min(warm["seconds"]))]}
         result["methods"][method] = r
         print(f"  {method:<9} first pass (fits/reads its state) {r['first_s']:.2f} s; cold {r['cold_s']:.2f} s "
               f"(= {r['cold_s'] / raw_s:.2f}x the raw read; runs {', '.join(f'{t:.2f}' for t in r['colds'])}; "
               f"cached before: {r['cold_resident'][0]}); warm {r['warm_s']:.2f} s (runs "
-              f"{', '.join(f'{t:.2f}' for t in r['warms'])}); peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+              f"{', '.join(f'{t:.2f}' for t in r['warms'])}); peak RSS {r['peak_rss_mb']:.0f} MB; CPU seconds (all "
+              f"threads): first {r['first_cpu_s']}, cold {r['cold_cpu_s']}, warm {r['warm_cpu_s']}", flush=True)
     result["load_end"] = os.getloadavg()
     return result
 
