@@ -747,9 +747,14 @@ def pass_measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
               f"(= {r['cold_s'] / raw_s:.2f}x the raw read; runs {', '.join(f'{t:.2f}' for t in r['colds'])}; "
               f"cached before: {r['cold_resident'][0]}); warm {r['warm_s']:.2f} s (runs "
               f"{', '.join(f'{t:.2f}' for t in r['warms'])}); peak RSS {r['peak_rss_mb']:.0f} MB; CPU seconds (all "
-              f"threads): first {r['first_cpu_s']}, cold {r['cold_cpu_s']}, warm {r['warm_cpu_s']}", flush=True)
+              f"threads): first {seconds(r['first_cpu_s'])}, cold {seconds(r['cold_cpu_s'])}, warm "
+              f"{seconds(r['warm_cpu_s'])}", flush=True)
     result["load_end"] = os.getloadavg()
     return result
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def pass_target_lines(result: dict[str, Any]) -> list[str]:
