@@ -8,6 +8,8 @@ low-rank part with a decaying spectrum plus noise, so exact and EK-FAC have a re
 
     python benchmarks/bench_store.py --out /scratch/bench-store            # the full run (hours on 2 shared cores)
     python benchmarks/bench_store.py --quick --out /tmp/bs                 # smoke run (a minute)
+    python benchmarks/bench_store.py --pass --n 20000 --threads 2 --distinct 4 --out /tmp/bp
+        # issue 32's one-query pass only: cold and warm, identity / DataInf / EK-FAC, ends with target lines
 
 Measured, in this order, in one run (the ratios are against baselines measured in the same run):
 
@@ -160,12 +162,31 @@ def matmul_gflops(size: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the store
+def copy_chunk(path: Path, source: int, target: int, chunk_size: int) -> None:
+    """Chunk ``target`` of the store at ``path`` as a byte copy of full chunk ``source``'s files, with its own
+    chunk.json (index and rows), staged and renamed into place as the store writes a chunk. For throughput
+    measurements on a machine too loaded to generate and encode every chunk (``--distinct``)."""
+    chunks = path / "chunks"
+    tmp = chunks / f".{target:05d}.tmp-copy"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for f in sorted((chunks / f"{source:05d}").glob("*.npy")):
+        shutil.copyfile(f, tmp / f.name)
+    info = json.loads((chunks / f"{source:05d}" / "chunk.json").read_text())
+    info["chunk"], info["rows"] = target, [target * chunk_size, (target + 1) * chunk_size]
+    (tmp / "chunk.json").write_text(json.dumps(info, indent=1) + "\n")
+    tmp.rename(chunks / f"{target:05d}")
+
+
 def synthetic_store(path: Path, shapes: dict[str, tuple[int, ...]], n: int, chunk_size: int, seed: int = 0,
-                    projection: dict | None = None) -> dict[str, Any]:
-    """Write a float16 store of n synthetic examples; time write_chunk alone (generation excluded)."""
+                    projection: dict | None = None, distinct: int = 0) -> dict[str, Any]:
+    """Write a float16 store of n synthetic examples; time write_chunk alone (generation excluded). With
+    ``distinct`` > 0, only the first ``distinct`` chunks (and a short last one) are generated; every other
+    chunk is a byte copy of one of them (:func:`copy_chunk`), and a store left unfinished there is resumed."""
     from datainf.store import GradientStore
 
-    if path.exists():
+    if path.exists() and not distinct:
         shutil.rmtree(path)
     gen = torch.Generator().manual_seed(seed)
     rank = 32
@@ -176,8 +197,14 @@ def synthetic_store(path: Path, shapes: dict[str, tuple[int, ...]], n: int, chun
     with GradientStore.create(path, blocks=shapes, n_examples=n, fingerprints={"model": "synthetic-smollm2"},
                               chunk_size=chunk_size, dtype="float16", projection=projection,
                               meta={"task": "causal_lm", "synthetic": True}) as store:
+        missing = set(store.missing_chunks())
         for c in range(store.num_chunks):
             rows = len(store.chunk_rows(c))
+            if c not in missing:
+                continue
+            if distinct and c >= distinct and rows == chunk_size:
+                copy_chunk(path, c % distinct, c, chunk_size)
+                continue
             chunk = {}
             for name, basis in bases.items():
                 d = basis.shape[1]
@@ -639,6 +666,162 @@ def datainf_state_only(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ the one-query pass
+#: the methods whose one-query pass is one sweep of sum over blocks of inner products (with their cached state)
+PASS_METHODS = ("identity", "datainf", "ekfac")
+#: cold one-query pass against the raw sequential read of the same files (issue 32)
+COLD_RATIO_GOAL = 1.5
+#: warm one-query pass, seconds per 100,000 examples (scaled linearly to --n)
+WARM_GOAL_S_PER_100K = 3.0
+
+
+def chunk_files(store_dir: Path) -> list[Path]:
+    """Every .npy file of the store's chunks in the order they lie on disk: chunk folder after chunk folder, each
+    folder's files in name order (its blocks, then sq_norms.npy)."""
+    chunks = sorted(p for p in (store_dir / "chunks").iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [f for c in chunks for f in sorted(c.glob("*.npy"))]
+
+
+def all_store_files(store_dir: Path) -> list[Path]:
+    """Every file under the store (chunks, manifests, cached states, stamps): what a cold pass evicts."""
+    return [p for p in store_dir.rglob("*") if p.is_file()]
+
+
+def pass_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One or more one-query passes in this (fresh) process, as ``datainf score`` runs one: open the store,
+    ``score_store`` with the method's cached state; ``evict``: drop the store's pages from the page cache before
+    each pass (cold), else leave them (warm). Returns the seconds of each pass and a checksum of the scores."""
+    import warnings
+
+    from datainf.estimators import ScoreArguments
+    from datainf.scoring import score_store
+    from datainf.store import GradientStore
+
+    torch.set_num_threads(spec["threads"])
+    warnings.simplefilter("ignore")
+    path = Path(spec["store"])
+    store = GradientStore.open(path)
+    queries = query_grads(store.block_shapes, 1)
+    del store
+    files = all_store_files(path)
+    times, cpu, before, checksum = [], [], [], 0.0
+    for _ in range(spec.get("repeats", 1)):
+        if spec["evict"]:
+            evict(files)
+        before.append(resident_fraction(chunk_files(path)))
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = score_store(GradientStore.open(path), queries, ScoreArguments(method=spec["method"]))
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # every thread of this process: what a loaded machine cannot hide
+        checksum = float(result.scores.double().abs().sum())
+    return {"seconds": times, "cpu_seconds": cpu, "resident_before": before, "checksum": checksum,
+            "peak_rss_mb": vm_kb("VmHWM") / 1024}
+
+
+def measure_pass(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(HERE), "--pass-child", json.dumps(spec)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pass_targets(args: argparse.Namespace) -> int:
+    """``--pass``: issue 32's one-query pass on a projected store of ``--n`` examples. Per method (identity,
+    DataInf with its cached d x d state, EK-FAC with its cached curvature), each in fresh child processes as
+    ``datainf score`` runs it: a first pass (fits and caches the state; not a target), the cold pass (every file
+    of the store dropped from the page cache) against the raw sequential read of the store's chunk files measured
+    in this run (cold, in the order they lie on disk), and the warm pass (the store in the page cache; best of
+    ``repeats``). Ends with the target lines."""
+    from datainf.gradients import ProjectionSettings
+    from datainf.store import GradientStore
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = smollm2_blocks(2 if args.quick else LAYERS)
+    shapes = projected_blocks(blocks, args.dim)
+    layout = {**ProjectionSettings(dim=args.dim).to_dict(), "blocks": {
+        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in shapes.items()}}
+    path = out / f"store-k{args.dim}-pass-{args.n}"
+    try:
+        reused = GradientStore.open(path).n_examples == args.n
+    except Exception:  # noqa: BLE001  (no store there, or not this one: write it)
+        reused = False
+    if not reused:
+        synthetic_store(path, shapes, args.n, args.chunk_size, projection=layout, distinct=args.distinct)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; projected "
+          f"k={args.dim} store{' (reused)' if reused else ''}", flush=True)
+    result = pass_measure(path, args)
+    (out / "bench_pass.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"load average at the end: {result['load_end'][0]:.1f}")
+    for line in pass_target_lines(result):
+        print(line)
+    if not args.keep:
+        shutil.rmtree(path)
+    return 0
+
+
+def pass_measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The one-query pass on the store at ``path`` (see :func:`pass_targets`): the raw read, then per method
+    the first, cold and warm passes."""
+    from datainf.store import GradientStore
+
+    files = chunk_files(path)
+    size = sum(p.stat().st_size for p in files)
+    n = GradientStore.open(path).n_examples
+    print(f"\n## the one-query pass: {n:,} examples, {size / 1e9:.2f} GB in {len(files):,} files", flush=True)
+    raws = []
+    for _ in range(2):
+        evict(all_store_files(path))
+        raws.append(read_files(files)[1])
+    raw_s = min(raws)
+    print(f"  raw cold sequential read of the chunk files (disk order): {raw_s:.2f} s = {size / raw_s / 1e9:.3f} GB/s "
+          f"(best of {len(raws)}: {', '.join(f'{t:.2f}' for t in raws)})", flush=True)
+    result: dict[str, Any] = {"n": n, "bytes": size, "files": len(files), "raw_s": raw_s, "raws": raws,
+                              "threads": args.threads, "load_start": os.getloadavg(), "methods": {}}
+    repeats = 2 if args.quick else 3
+    for method in PASS_METHODS:
+        spec = {"store": str(path), "method": method, "threads": args.threads}
+        first = measure_pass({**spec, "evict": False})
+        cold = measure_pass({**spec, "evict": True, "repeats": 2})
+        warm = measure_pass({**spec, "evict": False, "repeats": repeats})
+        r = {"first_s": first["seconds"][0], "cold_s": min(cold["seconds"]), "colds": cold["seconds"],
+             "cold_resident": cold["resident_before"], "warm_s": min(warm["seconds"]), "warms": warm["seconds"],
+             "warm_resident": warm["resident_before"], "peak_rss_mb": max(cold["peak_rss_mb"], warm["peak_rss_mb"]),
+             "checksums": [first["checksum"], cold["checksum"], warm["checksum"]],
+             "first_cpu_s": first.get("cpu_seconds", [None])[0],
+             "cold_cpu_s": cold.get("cpu_seconds", [None, None])[cold["seconds"].index(min(cold["seconds"]))],
+             "warm_cpu_s": warm.get("cpu_seconds", [None] * repeats)[warm["seconds"].index(min(warm["seconds"]))]}
+        result["methods"][method] = r
+        print(f"  {method:<9} first pass (fits/reads its state) {r['first_s']:.2f} s; cold {r['cold_s']:.2f} s "
+              f"(= {r['cold_s'] / raw_s:.2f}x the raw read; runs {', '.join(f'{t:.2f}' for t in r['colds'])}; "
+              f"cached before: {r['cold_resident'][0]}); warm {r['warm_s']:.2f} s (runs "
+              f"{', '.join(f'{t:.2f}' for t in r['warms'])}); peak RSS {r['peak_rss_mb']:.0f} MB; CPU seconds (all "
+              f"threads): first {seconds(r['first_cpu_s'])}, cold {seconds(r['cold_cpu_s'])}, warm "
+              f"{seconds(r['warm_cpu_s'])}", flush=True)
+    result["load_end"] = os.getloadavg()
+    return result
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def pass_target_lines(result: dict[str, Any]) -> list[str]:
+    """``target <what>: <measured> (goal <goal>) PASS|MISS`` for the cold and warm one-query passes."""
+    lines = []
+    warm_goal = WARM_GOAL_S_PER_100K * result["n"] / 100_000
+    for method, r in result["methods"].items():
+        ratio = r["cold_s"] / result["raw_s"]
+        lines.append(f"target cold one-query pass, {method}: {r['cold_s']:.2f} s = {ratio:.2f}x the raw read "
+                     f"({result['raw_s']:.2f} s) (goal <= {COLD_RATIO_GOAL}x) "
+                     f"{'PASS' if ratio <= COLD_RATIO_GOAL else 'MISS'}")
+    for method, r in result["methods"].items():
+        lines.append(f"target warm one-query pass, {method}: {r['warm_s']:.2f} s (goal <= {warm_goal:.2f} s at "
+                     f"{result['n']:,} examples) {'PASS' if r['warm_s'] <= warm_goal else 'MISS'}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_store")
@@ -660,15 +843,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-candidates", default="2,1,4", help="compact index: candidate factors measured (the "
                     "first gives the target line)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pass-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--distinct", type=int, default=0,
+                    help="--pass: generate this many chunks, copy the others from them (0: generate all)")
+    ap.add_argument("--pass", dest="one_pass", action="store_true",
+                    help="only the one-query pass: cold and warm, identity/datainf/ekfac, with its target lines")
     ap.add_argument("--datainf-state", action="store_true", help="only DataInf's cached d x d state vs without it")
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.pass_child is not None:
+        print(json.dumps(pass_child(json.loads(args.pass_child))))
+        return 0
     if args.quick:
         args.n, args.full_n, args.chunk_size, args.disk_gb = 3000, 600, 512, 0.2
     if args.datainf_state:
         return datainf_state_only(args)
+    if args.one_pass:
+        return pass_targets(args)
     if args.index_only:
         args.full_n = 0
     torch.set_num_threads(args.threads)
@@ -700,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         if projection is not None and not args.index_only:
             entry["latency"] = latency(path, args, result, entry["rows"])
             entry["datainf_state"] = datainf_state(path, args)
+            entry["pass"] = pass_measure(path, args)
         if projection is not None:
             entry["index"] = index_targets(path, args)
         result["stores"].append(entry)
@@ -729,6 +923,8 @@ def summarize(result: dict[str, Any]) -> None:
                 print(f"  {entry['label']}, {row['method']}, 100 queries at >= 40% of matmul throughput: "
                       f"{row['vs_matmul']:.0%} {ok}")
         for line in index_target_lines(entry["index"]) if "index" in entry else []:
+            print(line)
+        for line in pass_target_lines(entry["pass"]) if "pass" in entry else []:
             print(line)
 
 

@@ -242,6 +242,7 @@ def score_store(
         result = _score_preconditioned(train, info, queries, arguments)
         if mismatch:
             result.diagnostics["mismatch"] = mismatch
+        _save_verified(train, queries)
         return result
     fit_seconds = 0.0
     fit: dict[str, Any] | None = None
@@ -269,11 +270,21 @@ def score_store(
     result.curvature_seconds += fit_seconds
     if state is not None:  # cached only now that the scores came out right: a refused call leaves the store as it was
         cache_state(train, arguments, state)
+    _save_verified(train, queries)
     if mismatch:
         result.diagnostics["mismatch"] = mismatch
     if fit is not None:  # the state's fit: its seconds are in result.seconds, whether fitted now or cached
         result.diagnostics["curvature_fit"] = fit
     return result
+
+
+def _save_verified(train: GradientStore, queries: Any) -> None:
+    """Record the chunk files this call verified (their sha256 matched) in the stores' ``verified/`` stamps, so
+    that the next call reads them without hashing them again (any change to a file voids its stamp); only once
+    the scores came out right, so a refused call leaves the stores as they were."""
+    for store in (train, queries):
+        if isinstance(store, GradientStore):
+            store.save_verified()
 
 
 def uses_remedies(arguments: ScoreArguments) -> bool:

@@ -51,6 +51,7 @@ from datainf.estimators.blocks import (
     pair_blocks,
     resolve_damping,
     scaled,
+    stream_dots,
 )
 from datainf.estimators.registry import (
     Estimator,
@@ -82,6 +83,9 @@ for _info in pkgutil.iter_modules(__path__):
 #: residual above which LiSSA warns that it has not converged (declared in its module, imported above in
 #: registration order)
 LISSA_RESIDUAL_WARNING = importlib.import_module(f"{__name__}.lissa").RESIDUAL_WARNING
+#: the most bytes of preconditioned queries (R per block) held for the one sweep over the training rows of every
+#: block (:func:`~datainf.estimators.blocks.stream_dots`); blocks beyond it are scored one by one as before
+DEFER_BYTES = 256 << 20
 
 
 @dataclass
@@ -126,6 +130,8 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
     shared = method.prepare(train, curvature, arguments.chunk_size)
     out = PartialScores(None, curvature_seconds=time.perf_counter() - t0 if method.needs_curvature else 0.0)
     zero: list[str] = []
+    deferred: list[tuple[BlockRows, Tensor]] = []  # blocks scored -G R^T, in one sweep after the loop
+    deferred_bytes = 0
     for (name, g, v), lam in zip(pairs, lams):
         cd = compute_dtype(g, arguments.torch_dtype)
         dev = torch.device(arguments.device) if arguments.device is not None else getattr(
@@ -167,12 +173,22 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
                 out.train_quadratic.dtype)
             out.query_quadratic = qq if out.query_quadratic is None else out.query_quadratic + qq.to(
                 out.query_quadratic.dtype)
+        elif back == 1.0 and type(estimator).scores is Estimator.scores and deferred_bytes < DEFER_BYTES:
+            # the block's part is -G R^T: its product waits for the one sweep over every such block's rows
+            R = estimator.precondition(V)
+            deferred.append((b, R))
+            deferred_bytes += R.numel() * R.element_size()
+            part = None
         else:
             part = _scaled_back(estimator.scores(V), back, name, arguments)
-        out.scores = part if out.scores is None else out.scores + part.to(out.scores.dtype)
+        if part is not None:
+            out.scores = part if out.scores is None else out.scores + part.to(out.scores.dtype)
         out.damping[name] = float(lam) / (c * c)
         if estimator.info:
             out.diagnostics[name] = dict(estimator.info)
+    if deferred:
+        part = -stream_dots(deferred)
+        out.scores = part if out.scores is None else out.scores + part.to(out.scores.dtype)
     if zero:  # one line for all of them (at step 0, where LoRA's B = 0, every A block is one)
         warnings.warn(ZeroBlocksWarning(zero), stacklevel=3)
     return out

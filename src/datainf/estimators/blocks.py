@@ -213,8 +213,11 @@ class BlockRows:
         self.n, self.d = int(g.shape[0]), int(g.shape[1])
         self.scale = float(scale)
 
-    def rows(self) -> Iterator[tuple[slice, Tensor]]:
-        for s in chunks(self.n, rows_per_chunk(self.g, self.chunk, self.dtype, self.device)):
+    def rows(self, within: slice | None = None) -> Iterator[tuple[slice, Tensor]]:
+        """``(slice, rows)`` chunk after chunk over all rows, or over the rows of ``within`` (a slice)."""
+        start, stop = (0, self.n) if within is None else (within.start, within.stop)
+        for s in chunks(stop - start, rows_per_chunk(self.g, self.chunk, self.dtype, self.device)):
+            s = slice(s.start + start, s.stop + start)
             yield s, scaled(self.g[s], self.scale, self.dtype, self.device)
 
     def take(self, rows: Tensor) -> Tensor:
@@ -278,6 +281,43 @@ class BlockRows:
         H /= self.n
         H.diagonal().add_(lam)
         return H
+
+
+def span_rows(blocks: Sequence[BlockRows]) -> int:
+    """How many rows :func:`stream_dots` reads of every block in turn: the rows per file of row sources that
+    say so (``chunk_rows``, a store's chunk size) when they all agree, else the first block's chunk."""
+    sizes = {getattr(b.g, "chunk_rows", None) for b in blocks}
+    size = sizes.pop() if len(sizes) == 1 else None
+    return int(size) if isinstance(size, int) and size > 0 else blocks[0].chunk
+
+
+def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -> Tensor:
+    """``sum_l G_l R_l^T`` over the given blocks (each ``(BlockRows, R)`` with R (m, d_l)): (n, m) in the first
+    block's compute dtype, in one sweep over the rows. The rows are read span by span (:func:`span_rows`), every
+    block's rows of a span in turn: for a store, chunk folder after chunk folder, the order its files lie on
+    disk, rather than each block across all chunk folders. Row sources with ``prefetch(rows)`` (a store's
+    blocks) are asked to start reading the next ``lookahead`` spans in the background while this one is
+    converted and multiplied (on torch's threads). Equal to summing ``b.dot(R)`` over the blocks, up to the
+    order of the floating-point sums."""
+    first = parts[0][0]
+    out = torch.zeros(first.n, parts[0][1].shape[0], dtype=first.dtype, device=first.device)
+    spans = list(chunks(first.n, span_rows([b for b, _ in parts])))
+
+    def ahead(i: int) -> None:
+        if i < len(spans):
+            for b, _ in parts:
+                fetch = getattr(b.g, "prefetch", None)
+                if callable(fetch) and not isinstance(b.g, Tensor):
+                    fetch(spans[i])
+
+    for i in range(lookahead):
+        ahead(i)
+    for i, span in enumerate(spans):
+        ahead(i + lookahead)
+        for b, R in parts:
+            for s, gc in b.rows(span):
+                out[s] += (gc @ R.T).to(out.dtype)
+    return out
 
 
 #: the largest block (entries per example) whose d x d matrix a fitted state holds (4096: 64 MiB in float32);
@@ -387,4 +427,6 @@ __all__ = [
     "resolve_damping",
     "rows_per_chunk",
     "scaled",
+    "span_rows",
+    "stream_dots",
 ]

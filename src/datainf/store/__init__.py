@@ -30,6 +30,8 @@ so that scoring never recomputes them::
                         every file its size, shape, dtype and sha256)
       records.jsonl     (optional) the examples themselves, one JSON object a line, in row order, when they
                         are plain JSON (texts, chat messages, labels): what `explain`, `top` and `report` show
+      verified/00000.json  (written by scoring) one per chunk: every file's size, mtime, ctime, inode and device
+                        when its sha256 last matched (``verified stamps``; see Integrity)
       lock              present while a writer holds the store: {"pid", "host", "token"}
       .writer.lock      the OS lock (``filelock``) under which a writer reads, takes over or releases ``lock``
 
@@ -40,7 +42,10 @@ whole or not at all. Re-running :meth:`GradientStore.create` with the same setti
 Integrity: :meth:`GradientStore.open` checks every chunk cheaply (its chunk.json names this chunk and its
 rows, every file has the size, shape and dtype it was written with; no chunk folder lies beyond
 ``n_examples``; a complete store lacks none), reading a chunk file checks its sha256 the first time this
-store object touches it, and :meth:`GradientStore.verify` (``datainf store verify``) checks everything,
+store object touches it (or, when the file's verified stamp is unchanged, trusts the check recorded
+there: any write to the file changes its ctime and voids the stamp; stamps are recorded by a scoring call
+that succeeded, for files last changed more than ``STAMP_MARGIN_S`` before they were hashed), and
+:meth:`GradientStore.verify` (``datainf store verify``) checks everything,
 squared norms included. A failure names the chunk. Resuming (:meth:`GradientStore.create` on an existing
 store) checks every stored chunk's checksums and moves a bad one aside to ``chunks/.corrupt-NNNNN-<time>``
 (nothing is deleted), so the rerun recomputes just that chunk. A 16-bit store refuses, by block and chunk,

@@ -41,6 +41,10 @@ class BlockSource(Protocol):
         """``file`` of chunk ``index``, memory-mapped and checked: (rows of the chunk, d), storage dtype."""
         ...
 
+    def prefetch(self, index: int, file: str) -> None:
+        """Start reading ``file`` of chunk ``index`` in the background (its checksum, the page cache)."""
+        ...
+
     def sq_norms_table(self) -> Tensor:
         """Every example's squared norm per block, float64 (n_examples, n_blocks), columns in block order."""
         ...
@@ -66,6 +70,19 @@ class StoredBlock:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk file: a pass over several blocks reads them fastest span by span of this many rows,
+        every block's file of a chunk in turn (the order the store's files lie on disk)."""
+        return self.store.chunk_size
+
+    def prefetch(self, rows: slice) -> None:
+        """Start reading the files that hold ``rows`` (a slice with a start and a stop) in the background, so
+        that a later ``block[rows]`` finds them verified and in memory (see ``StoreReader.prefetch``)."""
+        size = self.store.chunk_size
+        for c in range(rows.start // size, min(self.store.num_chunks, -(-rows.stop // size))):
+            self.store.prefetch(c, self._file)
 
     def __repr__(self) -> str:
         return f"StoredBlock({self.name!r}, shape={self.shape}, dtype={self.dtype}, store={str(self.store.path)!r})"

@@ -24,6 +24,13 @@ RECORDS_FILE = "records.jsonl"
 CHUNK_MANIFEST = "chunk.json"
 #: the checksum of every chunk file (recorded as the manifest's ``integrity``)
 CHECKSUM = "sha256"
+#: the folder of a store's verified stamps (one JSON file per chunk, named like the chunk folder): each file's
+#: size, mtime, ctime, inode and device when its sha256 was last checked and matched, so that a later read
+#: trusts the check while none of them changed (any write to the file changes its ctime)
+VERIFIED_DIR = "verified"
+#: how long ago (seconds) a file must have last changed for its check to be recorded: a write within the
+#: same tick of the file system's coarse clock could leave mtime and ctime as they were (git's "racy clean")
+STAMP_MARGIN_S = 2.0
 #: the OS lock guarding the JSON ``lock`` file (never deleted while the store lives)
 WRITER_LOCK = ".writer.lock"
 #: how long a writer waits for another's short critical section on the lock
@@ -88,6 +95,11 @@ def norms_tolerance(sq: np.ndarray, d: int, dtype: str) -> np.ndarray:
 def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, CHECKSUM).hexdigest()
+
+
+def file_stamp(st: os.stat_result) -> list[int]:
+    """What a verified stamp records of a file (:data:`VERIFIED_DIR`): size, mtime, ctime, inode, device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:

@@ -50,6 +50,10 @@ class StoreLayout:
         #: check each chunk file's sha256 the first time it is read through this object
         self.checksums = checksums
         self._verified: set[tuple[int, str]] = set()
+        self._stamps: dict[int, dict[str, list]] = {}  # chunk -> file -> its verified stamp (recorded or new)
+        self._unsaved: dict[int, list[str]] = {}  # chunks with new stamps not recorded yet -> their files
+        self._fetching: dict[tuple[int, str], Any] = {}  # (chunk, file) -> the background read started for it
+        self._reader: Any = None  # the thread pool of those reads, started on the first
         self._chunk_info: dict[int, dict[str, Any] | None] = {}
         self._release = None
         if lock_token is not None:

@@ -5,9 +5,13 @@ reading API that :class:`~datainf.store.blocks.StoredBlock` uses (:meth:`~StoreR
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import time
+import weakref
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,9 +19,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from datainf import atomic
 from datainf.errors import DataInfError, json_lines, parse_json
 from datainf.store.blocks import StoredBlock
-from datainf.store.files import AUTO, CHECKSUM, RECORDS_FILE, TORCH_STORAGE, file_digest
+from datainf.store.files import (
+    AUTO,
+    CHECKSUM,
+    RECORDS_FILE,
+    STAMP_MARGIN_S,
+    TORCH_STORAGE,
+    VERIFIED_DIR,
+    file_digest,
+    file_stamp,
+)
 from datainf.store.layout import StoreLayout
 from datainf.store.manifest import ChunkProblem, problems_message, read_manifest
 
@@ -64,7 +78,12 @@ class StoreReader(StoreLayout, ABC):
 
     def checked_file(self, index: int, file: str, *, verify: bool | None = None) -> Path:
         """The path of a file of chunk ``index``, refused when it is missing and, the first time this object
-        touches it and ``checksums`` is on (or ``verify``), when its bytes do not match their sha256."""
+        touches it and ``checksums`` is on (or ``verify``), when its bytes do not match their sha256 (see
+        :meth:`_verify`). Waits for the background read :meth:`prefetch` started for it, if any, and raises
+        what that found."""
+        fetching = self._fetching.pop((index, file), None)
+        if fetching is not None:
+            fetching.result()
         path = self._chunk_dir(index) / file
         if not path.is_file():
             rows = self.chunk_rows(index)
@@ -76,16 +95,107 @@ class StoreReader(StoreLayout, ABC):
             )
         verify = self.checksums if verify is None else verify
         if verify and (index, file) not in self._verified:
-            try:
-                info = self._read_chunk_manifest(index)
-            except ChunkProblem as e:
-                raise self._chunk_error(index, str(e)) from None
-            entry = (info or {}).get("files", {}).get(file)
-            if info is not None and (not isinstance(entry, dict) or file_digest(path) != entry.get(CHECKSUM)):
-                raise self._chunk_error(
-                    index, f"{file} does not match its {CHECKSUM} checksum (its bytes changed after it was written)")
-            self._verified.add((index, file))
+            self._verify(index, file, path)
         return path
+
+    def _verify(self, index: int, file: str, path: Path) -> bool:
+        """Check ``file`` of chunk ``index`` against the sha256 its chunk.json records (refused, named, when it
+        does not match); returns whether it read the file to do so. A file whose verified stamp (its size,
+        mtime, ctime, inode and device, and the sha256 it matched, :data:`~datainf.store.files.VERIFIED_DIR`)
+        is unchanged since an earlier check is trusted without reading it; any write to the file changes its
+        ctime, so the stamp then no longer matches and the bytes are hashed again. A check is recorded once every
+        file of the chunk has one (:meth:`save_verified`), and only for files last changed more than
+        ``STAMP_MARGIN_S`` before the check."""
+        try:
+            info = self._read_chunk_manifest(index)
+        except ChunkProblem as e:
+            raise self._chunk_error(index, str(e)) from None
+        if info is None:  # an old store without checksums: nothing to check
+            self._verified.add((index, file))
+            return False
+        entry = info.get("files", {}).get(file)
+        expected = entry.get(CHECKSUM) if isinstance(entry, dict) else None
+        before = os.stat(path)
+        stamp = [*file_stamp(before), expected]
+        if expected is not None and self._recorded(index).get(file) == stamp:
+            self._verified.add((index, file))
+            return False
+        started = time.time_ns()
+        if expected is None or file_digest(path) != expected:
+            raise self._chunk_error(
+                index, f"{file} does not match its {CHECKSUM} checksum (its bytes changed after it was written)")
+        self._verified.add((index, file))
+        settled = before.st_ctime_ns < started - int(STAMP_MARGIN_S * 1e9)
+        if settled and file_stamp(os.stat(path)) == stamp[:-1]:
+            self._record(index, info, file, stamp)
+        return True
+
+    def _stamp_file(self, index: int) -> Path:
+        return self.path / VERIFIED_DIR / f"{index:05d}.json"
+
+    def _recorded(self, index: int) -> dict[str, list]:
+        """The verified stamps recorded for chunk ``index`` (file -> stamp), read once; an unreadable record is
+        no record (its files are hashed again)."""
+        stamps = self._stamps.get(index)
+        if stamps is None:
+            try:
+                data = json.loads(self._stamp_file(index).read_bytes())
+                stamps = dict(data["files"]) if data.get("chunk") == index else {}
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                stamps = {}
+            self._stamps[index] = stamps
+        return stamps
+
+    def _record(self, index: int, info: dict[str, Any], file: str, stamp: list) -> None:
+        """Keep ``file``'s new verified stamp in memory, for :meth:`save_verified`."""
+        self._recorded(index)[file] = stamp
+        self._unsaved[index] = sorted(info["files"])
+
+    def save_verified(self) -> int:
+        """Record the checks this object made (see :meth:`_verify`) for every chunk all of whose files now have
+        a stamp, each chunk's record written atomically into the store's ``verified/`` folder; returns how many
+        chunks were recorded. Scoring calls it once its scores came out right, so a refused command leaves the
+        store as it was; a store on a read-only disk keeps no record (its files are hashed on every first read)."""
+        saved = 0
+        for index, files in sorted(self._unsaved.items()):
+            stamps = self._recorded(index)
+            if not set(files) <= set(stamps):
+                continue
+            try:
+                atomic.write_json(self._stamp_file(index), {"format": "datainf-verified", "chunk": index,
+                                                            "files": {f: stamps[f] for f in files}})
+                saved += 1
+            except OSError as e:
+                logger.debug("store %s: verified stamps of chunk %d not recorded (%s)", self.path, index, e)
+                break
+        self._unsaved.clear()
+        return saved
+
+    def prefetch(self, index: int, file: str) -> None:
+        """Start reading ``file`` of chunk ``index`` in a background thread (one per store object), so that it
+        is read while the caller computes on the files before it: its sha256 checked if it needs one (hashing
+        reads it into the page cache; hashlib releases the GIL), else the kernel asked to read it ahead
+        (``posix_fadvise(WILLNEED)``). :meth:`checked_file` waits for it and raises what it found."""
+        key = (index, file)
+        if key in self._fetching or (key in self._verified and not hasattr(os, "posix_fadvise")):
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="datainf-store-read")
+            weakref.finalize(self, self._reader.shutdown, wait=False, cancel_futures=True)
+        self._fetching[key] = self._reader.submit(self._fetch, index, file)
+
+    def _fetch(self, index: int, file: str) -> None:
+        path = self._chunk_dir(index) / file
+        if not path.is_file():
+            return  # checked_file names what is missing
+        if self.checksums and (index, file) not in self._verified and self._verify(index, file, path):
+            return
+        if hasattr(os, "posix_fadvise"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     @abstractmethod
     def mapped(self, index: int, file: str, *, verify: bool | None = None) -> np.ndarray:
