@@ -14,7 +14,7 @@ export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 say() { echo "[$(date -u +%FT%TZ)] $* (load: $(cut -d' ' -f1-3 /proc/loadavg))"; }
 VARIANTS=(--variant ekfac:damping_scale=0.1 --variant ekfac:damping_scale=10 --variant ekfac:normalize
           --variant datainf:damping_scale=10 --variant datainf:normalize --variant identity:normalize
-          --variant datainf:remove_top=1 --variant lissa:damping_scale=10)
+          --variant datainf:remove_top=1 --variant identity:remove_top=1 --variant lissa:damping_scale=10)
 LDS="$OUT/lds-sentences"
 if [ -f "$LDS/lds-40-variants.json" ]; then say "LDS variants: done already"; else
     say "LDS variants over 40 subsets: start"

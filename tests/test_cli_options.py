@@ -170,25 +170,41 @@ def datainf_reference(train: dict[str, torch.Tensor], query: dict[str, torch.Ten
     return total
 
 
+@pytest.mark.parametrize("question", ["per_query", "mean_query"])
 @pytest.mark.parametrize("spec", ["datainf", "datainf:remove_top=1"])
-def test_score_without_method_uses_the_default_spec_of_the_stores_kind(stores, capsys, monkeypatch, spec):
-    """No --method on a store that is not over tokens: `score` uses DEFAULT_BY_TASK_KIND['classification'] (a
-    method and options; here each of two specs in turn), against DataInf from its formula in float64 (the
-    direction removal by an explicit SVD); a flag the user gives wins over the spec's option."""
+def test_score_without_method_uses_the_default_spec_of_the_stores_kind(stores, capsys, monkeypatch, spec, question):
+    """No --method on a store that is not over tokens: `score` uses DEFAULTS['classification'][question] (a
+    method and options; here each of two specs in turn, for each queries and --mean-query), against DataInf
+    from its formula in float64 (the direction removal by an explicit SVD); a flag the user gives wins over the
+    spec's option."""
     from datainf.estimators import defaults
 
-    monkeypatch.setitem(defaults.DEFAULT_BY_TASK_KIND, "classification", spec)
+    monkeypatch.setitem(defaults.DEFAULTS, "classification", {**defaults.DEFAULTS["classification"], question: spec})
     tmp, train, query = stores
+    if question == "mean_query":
+        query = {k: v.mean(0, keepdim=True) for k, v in query.items()}  # influence is linear in the query
+    flags = ["--mean-query"] if question == "mean_query" else []
     out = tmp / "s.safetensors"
     code, printed, err = run(["score", "--store", str(tmp / "train"), "--queries", str(tmp / "queries"), "--out",
-                              str(out)], capsys)
+                              str(out), *flags], capsys)
     assert code == 0, err
-    assert f"method: {spec} (the default for classification stores" in printed
+    assert f"method: {spec} (the default for classification stores, {question.replace('_', ' ')}" in printed
     got = load_scores(out).scores["datainf"].double()
     want = datainf_reference(train, query, remove_top=1 if "remove_top" in spec else 0)
     assert float((got - want).abs().max()) <= 1e-9 * float(want.abs().max())
     code, _, err = run(["score", "--store", str(tmp / "train"), "--queries", str(tmp / "queries"), "--out",
-                        str(out), "--remove-top", "2"], capsys)
+                        str(out), "--remove-top", "2", *flags], capsys)
     assert code == 0, err
     want = datainf_reference(train, query, remove_top=2)
     assert float((load_scores(out).scores["datainf"].double() - want).abs().max()) <= 1e-9 * float(want.abs().max())
+
+
+def test_the_declared_defaults_are_valid_specs_of_every_question():
+    """Every default in estimators.defaults.DEFAULTS is a spec ScoreArguments accepts, for every kind and question."""
+    from datainf.estimators import arguments_from_spec
+    from datainf.estimators.defaults import DEFAULTS, QUESTIONS
+
+    for kind, table in DEFAULTS.items():
+        assert set(table) == set(QUESTIONS), kind
+        for question, spec in table.items():
+            arguments_from_spec(spec, mean_query=question == "mean_query")

@@ -197,3 +197,32 @@ def test_runs_record_the_clean_and_majority_accuracy_and_flag_a_model_that_did_n
     assert f"{majority:.3f} ± 0.000" in table and "| 2 | " in table
     assert table.splitlines()[2].endswith(f"| {flagged} |")
     assert result.clean_validation_accuracy == saved["clean_validation_accuracy"]
+
+
+def test_mislabeled_variant_rows_score_their_spec_and_reach_the_table(tiny_bert_dir, local_data, tmp_path):
+    """A variant row (`variants`, as the demo adds the classifier's mean-query default) is scored on the same
+    fine-tune: `identity:normalize` is the identity row divided by both gradients' norms (checked with the stored
+    training gradients' norms: identity / variant / ||g_k|| is one number, ||v||); its AUC is the one its scores
+    give; the printed table has the row; a variant naming a plain method is that method's row already."""
+    import torch
+
+    from datainf.experiments.mislabeled import MislabeledSettings, format_table, run_mislabeled
+    from datainf.metrics import roc_auc
+    from datainf.scoring import load_scores
+    from datainf.store import GradientStore
+
+    rows = [json.loads(line) for line in local_data.read_text().splitlines()]
+    settings = MislabeledSettings(model_dir=str(tiny_bert_dir), n_train=24, n_val=8, epochs=1, methods=("identity",),
+                                  variants=("identity:normalize", "identity"), diagnose=False)
+    assert settings.variants == ("identity:normalize",)
+    result = run_mislabeled(settings, tmp_path, progress=False, records=(rows[:24], rows[24:32]))
+    assert set(result.methods) == {"identity", "identity:normalize"}
+    scores = load_scores(tmp_path / "scores.safetensors").scores
+    store = GradientStore.open(tmp_path / "store")
+    g_norm = torch.cat([store.load(n, dtype=torch.float64).reshape(24, -1) for n in store.block_names], 1).norm(dim=1)
+    got = scores["identity:normalize"].double()[:, 0]
+    v_norm = scores["identity"].double()[:, 0] / (got * g_norm)
+    assert float((v_norm - v_norm[0]).abs().max()) <= 1e-5 * float(v_norm.abs().max())
+    flipped = [json.loads(line)["flipped"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert result.methods["identity:normalize"].auc == pytest.approx(roc_auc(got.numpy(), flipped), abs=1e-6)
+    assert "identity:normalize" in format_table(result)

@@ -694,7 +694,7 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
     first answers; scores summed with ``weights``: 'lr', 'equal' or comma-separated numbers); or ``run``: a
     fine-tuning run folder with ``store`` the run stores of ``datainf grads --run`` (every checkpoint,
     weighted by its learning rate). ``methods``: registered method names (default EK-FAC, the most accurate measured
-    on LoRA causal LMs: :data:`datainf.estimators.defaults.DEFAULT_BY_TASK_KIND`); ``remedies``: ScoreArguments fields
+    on LoRA causal LMs: :data:`datainf.estimators.defaults.DEFAULTS`); ``remedies``: ScoreArguments fields
     of :mod:`datainf.remedies` applied to every method (e.g. ``{"remove_top": 1}``); ``tokens``: also score
     every response token (:mod:`datainf.tokens`; each answer's ``by_token``). Returns an :class:`Explanation`:
     one :class:`Answer` per query, in order."""

@@ -43,7 +43,7 @@ from datainf.combine import Term, combine
 from datainf.data.collate import TextCollator
 from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments
-from datainf.estimators.defaults import DEFAULT_BY_TASK_KIND
+from datainf.estimators.defaults import DEFAULTS
 from datainf.gradients import GradientDict
 from datainf.ranking import KINDS, hit_rows, record_parts
 from datainf.tasks import IGNORE_INDEX, NAMED_TASKS, token_level
@@ -250,7 +250,7 @@ def _arguments(methods: str | ScoreArguments | Sequence[str | ScoreArguments]) -
 def token_attribution(
     attributors: Attributor | Sequence[Attributor],
     record: Mapping[str, Any],
-    methods: str | ScoreArguments | Sequence[str | ScoreArguments] = DEFAULT_BY_TASK_KIND["causal_lm"],
+    methods: str | ScoreArguments | Sequence[str | ScoreArguments] = DEFAULTS["causal_lm"]["per_query"],
     *,
     weights: Sequence[float] | None = None,
     load: Callable[[int], None] | None = None,

@@ -196,8 +196,8 @@ class Scoring:
     option_texts: tuple[str, ...] = ()
     old_option_texts: tuple[str, ...] = ()
 
-    def or_default(self, token_level: bool) -> Scoring:
-        """These flags with the default of a store whose task is (or is not) over tokens
+    def or_default(self, token_level: bool, question: str = "per_query") -> Scoring:
+        """These flags with the default of a store whose task is (or is not) over tokens, for the question asked
         (:func:`datainf.estimators.defaults.default_spec`: a method and the options measured best with it,
         each option applied where its flag was left at its default) when no --method was given; the --option
         texts are validated against that method then."""
@@ -206,7 +206,7 @@ class Scoring:
 
         if self.methods:
             return self
-        spec = arguments_from_spec(default_spec(token_level))
+        spec = arguments_from_spec(default_spec(token_level, question))
         plain = ScoreArguments(method=spec.method)
         changed = {f: getattr(spec, f) for f in ("damping", "dtype", "normalize", *REMEDIES)
                    if getattr(spec, f) != getattr(plain, f)}

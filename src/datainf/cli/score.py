@@ -78,8 +78,10 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
     base = None if debias is None else debias_stores(debias, queries is None, run)
     if not scoring.methods:  # the default of the store's kind (docs/results.md, "The defaults and what they measured")
         level = token_level(train.metadata.task)
-        scoring = scoring.or_default(level)
-        click.echo(f"method: {default_spec(level)} (the default for {task_kind(level)} stores; choose with --method)")
+        question = "self" if self_inf else "mean_query" if mean_query else "per_query"
+        scoring = scoring.or_default(level, question)
+        click.echo(f"method: {default_spec(level, question)} (the default for {task_kind(level)} stores, "
+                   f"{question.replace('_', ' ')}; docs/results.md; choose with --method)")
     results = {}
     for method in scoring.methods:
         arguments = scoring.arguments(method, device=device, mean_query=mean_query)

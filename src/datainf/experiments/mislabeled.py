@@ -23,7 +23,7 @@ from datainf.attributor import Attributor
 from datainf.data.noise import flip_labels
 from datainf.data.text import load_text_dataset, sample_split
 from datainf.errors import DataInfError
-from datainf.estimators import ScoreResult, get_method, method_names
+from datainf.estimators import ScoreResult, arguments_from_spec, get_method, method_names
 from datainf.estimators.defaults import REFERENCE_METHOD
 from datainf.experiments import common
 from datainf.metrics import pearson, roc_auc, spearman
@@ -60,6 +60,7 @@ class MislabeledSettings:
     batch_size: int = 32
     max_length: int = 64
     methods: tuple[str, ...] = field(default_factory=method_names)
+    variants: tuple[str, ...] = ()        # more rows, each a spec of arguments_from_spec ("datainf:remove_top=1")
     damping: float | None = None          # None: the paper's rule per block
     lissa_iterations: int = 100
     grad_batch_size: int = 32
@@ -74,6 +75,9 @@ class MislabeledSettings:
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
         common.check_methods(self.methods)
+        self.variants = tuple(v for v in self.variants if v not in self.methods)  # a plain method is a row already
+        for spec in self.variants:
+            arguments_from_spec(spec, damping=self.damping, mean_query=True)
         if not 0 <= self.noise_fraction < 1:
             raise DataInfError(f"noise_fraction must be in [0, 1), got {self.noise_fraction}")
         if self.n_train < 2 or self.n_val < 1:
@@ -244,9 +248,13 @@ def gradients(settings: MislabeledSettings, model: Any, tokenizer: Any, train: l
 
 def score_methods(settings: MislabeledSettings, attributor: Attributor, val_grads: dict[str, torch.Tensor],
                   ) -> dict[str, ScoreResult]:
-    """Each method's influence of every training example on the mean validation loss."""
-    return {m: attributor.score(val_grads, method=m, damping=settings.damping, mean_query=True,
-                                **common.method_options(m, settings.lissa_iterations)) for m in settings.methods}
+    """Each method's (and variant's) influence of every training example on the mean validation loss."""
+    scored = {m: attributor.score(val_grads, method=m, damping=settings.damping, mean_query=True,
+                                  **common.method_options(m, settings.lissa_iterations)) for m in settings.methods}
+    for spec in settings.variants:
+        scored[spec] = attributor.score(val_grads, arguments_from_spec(spec, damping=settings.damping,
+                                                                       mean_query=True))
+    return scored
 
 
 def method_outcomes(settings: MislabeledSettings, scored: dict[str, ScoreResult], scores: dict[str, np.ndarray],
@@ -315,15 +323,16 @@ def model_record(r: dict) -> dict:
 
 
 def format_table(result: MislabeledResult) -> str:
-    """The printed table: one row per method."""
-    lines = [f"{'method':<10} {'AUC':>7} {'seconds':>9} {'pearson':>9} {'spearman':>9}",
-             "-" * 48]
+    """The printed table: one row per method (and variant)."""
+    w = max(10, *(len(m) for m in result.methods))
+    lines = [f"{'method':<{w}} {'AUC':>7} {'seconds':>9} {'pearson':>9} {'spearman':>9}",
+             "-" * (w + 38)]
 
     def f(x: Any, fmt: str) -> str:
         return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
 
     for m, r in result.methods.items():
-        lines.append(f"{m:<10} {f(r.auc, '7.3f')} {f(r.seconds, '9.3f')} "
+        lines.append(f"{m:<{w}} {f(r.auc, '7.3f')} {f(r.seconds, '9.3f')} "
                      f"{f(r.pearson_with_exact, '9.3f')} {f(r.spearman_with_exact, '9.3f')}")
     lines.append("(AUC of finding the flipped labels, ranked most harmful first; pearson/spearman: with exact)")
     return "\n".join(lines)
