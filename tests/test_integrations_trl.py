@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 pytest.importorskip("trl")
 
@@ -81,30 +83,68 @@ def test_the_callbacks_collator_cuts_long_examples_as_the_sft_trainer_does(tok, 
     assert f"--truncation {mode}" in tokenization["grads_options"]
 
 
-def test_grads_on_a_callback_run_warns_when_its_options_cut_otherwise(tok, model_dir, tmp_path, capsys):  # noqa: F811
-    """`datainf grads --run` on a run the callback recorded: without the recorded --truncation it warns, naming
-    the setting in training and here; with the run's grads_options it does not."""
+def relative_hashes(folder) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by its path relative to it."""
+    return {str(Path(k).relative_to(folder)): v for k, v in hashes(folder).items()}
+
+
+def test_grads_on_a_callback_run_applies_the_recorded_options(tok, model_dir, tmp_path, capsys):  # noqa: F811
+    """`datainf grads --run` on a run the callback recorded, with no tokenization option: it tokenizes as the
+    run trained (TRL's keep_start and max_length, from datainf_training.json): every file of its stores is
+    sha256-identical to those of `grads --run ... --truncation keep_start`, and their gradients are those of
+    the token ids TRL trained on (TRL's own prepared rows, single-example backward calls in float64, compared
+    as Gram matrices, which do not depend on how the store lays out its blocks). An explicit option that
+    contradicts the record still wins, with one `warning:` line stating it and the recorded options."""
     from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
     from cli_helpers import run_cli, write_jsonl
+    from datainf.models.checkpoints import run_checkpoints
+    from datainf.store import GradientStore
+    from reference import FLOAT32_TOL
+    from test_integrations import single_example_gradients
 
     rows = rows_of("text")
     trainer = SFTTrainer(model=lora_model(model_dir), args=sft_args(tmp_path, max_length=MAX_LENGTH),
                          train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[DatainfCallback(tmp_path / "run", checkpoints=1, train_data=rows)])
     trainer.train()
-    options = json.loads((tmp_path / "run" / TRAINING_FILE).read_text())["tokenization"]["grads_options"].split()
+    trained = [(list(r["input_ids"]), list(r["labels"])) for r in trainer.train_dataset]
+    assert len(trained) == len(rows) and max(len(ids) for ids, _ in trained) == MAX_LENGTH  # every row kept, cut
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    before = hashes(tmp_path / "run", data)
     common = ["grads", "--task", "causal_lm", "--model", str(model_dir), "--run", str(tmp_path / "run"), "--data",
               str(data)]
-    code, _, err = run_cli([*common, "--store", str(tmp_path / "auto"), "--max-length", str(MAX_LENGTH)], capsys)
+    code, _, err = run_cli([*common, "--store", str(tmp_path / "applied")], capsys)
     assert code == 0, err
-    warnings = [line for line in err.splitlines() if line.startswith("warning: ") and "tokenized otherwise" in line]
-    assert len(warnings) == 2 and all("truncation: 'keep_start' in training, 'auto' here" in w for w in warnings)
-    code, _, err = run_cli([*common, "--store", str(tmp_path / "same"), *options], capsys)
+    assert not [line for line in err.splitlines() if line.startswith("warning: ")], err
+    code, _, err = run_cli([*common, "--store", str(tmp_path / "explicit"), "--truncation", "keep_start"], capsys)
     assert code == 0, err
-    assert "tokenized otherwise" not in err
+    applied = relative_hashes(tmp_path / "applied")
+    assert applied and applied == relative_hashes(tmp_path / "explicit")
+
+    for checkpoint in run_checkpoints(tmp_path / "run"):
+        store = GradientStore.open(tmp_path / "applied" / f"checkpoint-{checkpoint.step}")
+        gram = sum(b.double().reshape(len(rows), -1) @ b.double().reshape(len(rows), -1).T
+                   for b in (store.load(name) for name in store.block_names))
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
+        model = PeftModel.from_pretrained(base, str(checkpoint.adapter), is_trainable=True).eval()
+        reference = single_example_gradients(model, trained)
+        want = reference @ reference.T
+        scale = reference.norm(dim=1)[:, None] * reference.norm(dim=1)[None, :]
+        assert bool((scale > 0).all())
+        assert bool(((gram - want).abs() <= FLOAT32_TOL * scale).all()), (checkpoint.step, gram, want)
+
+    code, _, err = run_cli([*common, "--store", str(tmp_path / "override"), "--truncation", "auto"], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, err
+    assert "--truncation auto given here" in warnings[0] and TRAINING_FILE in warnings[0]
+    assert "trained with --max-length 12 --loss-tokens all --truncation keep_start" in warnings[0]
+    assert relative_hashes(tmp_path / "override") != applied
+    assert hashes(tmp_path / "run", data) == before
 
 
 def test_a_given_collator_that_cuts_the_other_end_is_refused(tok, model_dir, tmp_path):  # noqa: F811

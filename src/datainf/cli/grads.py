@@ -90,6 +90,9 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
         jobs = run_jobs(run_dir, adapter_dir, store_dir)
         adapter_dir = jobs[0][0]
     task, said = task_for(task, adapter_dir)
+    recorded = None
+    if task != "classification":  # a run DatainfCallback recorded: tokenize as it trained, unless told otherwise
+        recorded = callback_tokenization(run_dir, adapter_dir)
     progress, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     progress = progress and is_main_process()
@@ -115,13 +118,22 @@ def command(ctx: click.Context, model_dir: str, adapter_dir: str | None, run_dir
                        f"({seed_source})")
     else:
         model, tokenizer = load_model(model_dir, adapter_dir, task, num_labels, device, model_dtype)
+    if recorded is not None:
+        max_length, data, applied, overridden = apply_recorded(ctx, recorded[1], max_length, data)
+        if is_main_process():
+            if overridden:
+                click.echo(f"warning: {' '.join(overridden)} given here, but {recorded[0]} records that the run "
+                           f"trained with {recorded[1]['grads_options']}: these gradients are not of its training "
+                           "loss; leave those options out to use the recorded ones", err=True)
+            if applied and progress:
+                click.echo(f"tokenized as the run trained ({recorded[0]}): {' '.join(applied)}", err=True)
     collate = make_collator(tokenizer, task, max_length, **data)
     for i, (adapter_dir, store_dir) in enumerate(jobs):
         if i:
             from datainf.models.checkpoints import load_adapter_weights
 
             load_adapter_weights(model, adapter_dir)
-        if task != "classification" and is_main_process():
+        if task != "classification" and recorded is None and is_main_process():
             differences = tokenization_differences(adapter_dir, collate.settings())
             if differences:
                 click.echo(f"warning: {adapter_dir} was fine-tuned on examples tokenized otherwise "
@@ -192,3 +204,63 @@ def run_jobs(run_dir: str, adapter_dir: str | None, store_dir: str) -> list[tupl
         stores = [folder / f"checkpoint-{c.step}" for c in checkpoints]
     paths = [str(getattr(s, "path", s)) for s in stores]
     return [(str(c.adapter), p) for c, p in reversed(list(zip(checkpoints, paths)))]
+
+
+#: the `datainf grads` options that decide how a causal LM example is tokenized, by their TextCollator setting
+#: (name, default when the recorded settings leave it out, option)
+TOKENIZATION_OPTIONS = (("max_length", None, "--max-length"), ("loss_tokens", "assistant", "--loss-tokens"),
+                        ("chat_template", False, "--chat-template"), ("assistant_turns", "all", "--assistant-turns"),
+                        ("truncation", "auto", "--truncation"))
+
+
+def callback_tokenization(run_dir: str | None, adapter_dir: str | None) -> tuple[str, dict[str, Any]] | None:
+    """(the file, its tokenization record) of a run DatainfCallback recorded: ``datainf_training.json`` in
+    the --run folder, or in the adapter's folder or the one above it (a checkpoint-N of such a run); None
+    for an adapter from elsewhere, or a record without the collator's settings (a plain Trainer's run
+    recorded without collate=)."""
+    from datainf.cli.common import CALLBACK_RUN_FILE
+    from datainf.data.tables import read_json_object
+
+    folders = [Path(run_dir)] if run_dir is not None else []
+    if adapter_dir is not None:
+        folders += [Path(adapter_dir), Path(adapter_dir).parent]
+    found = next((f / CALLBACK_RUN_FILE for f in folders if (f / CALLBACK_RUN_FILE).is_file()), None)
+    if found is None:
+        return None
+    tokenization = read_json_object(found, "record the run again with DatainfCallback").get("tokenization")
+    if not isinstance(tokenization, dict) or not isinstance(tokenization.get("collate"), dict):
+        return None
+    if not isinstance(tokenization.get("grads_options"), str):
+        raise DataInfError(f"{found} records the run's tokenization without its grads_options; record the run "
+                           "again with DatainfCallback")
+    return str(found), tokenization
+
+
+def apply_recorded(ctx: click.Context, tokenization: dict[str, Any], max_length: int,
+                   data: dict[str, Any]) -> tuple[int, dict[str, Any], list[str], list[str]]:
+    """The recorded tokenization applied to the options not given on the command line (a value from the
+    defaults or a config file is not given): (max_length, the data options, the options applied, the
+    options given that contradict the record, each as "--option value")."""
+    from click.core import ParameterSource
+
+    collate = tokenization["collate"]
+    values = {"max_length": max_length, **data}
+    applied, overridden = [], []
+    for key, default, flag in TOKENIZATION_OPTIONS:
+        want = collate.get(key, default)
+        if want is None or values[key] == want:
+            continue
+        if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            values[key] = want
+            applied.append(_shown(flag, want))
+        else:
+            overridden.append(_shown(flag, values[key]))
+    max_length = values.pop("max_length")
+    return max_length, values, applied, overridden
+
+
+def _shown(flag: str, value: Any) -> str:
+    """An option as typed: a flag alone (or "no --flag" when off), else "--option value"."""
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
