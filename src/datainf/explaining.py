@@ -526,8 +526,10 @@ class Explainer:
         model, tokenizer = load_causal_lm_adapter(self.model_dir, self.checkpoints[0].adapter,
                                                   dtype=getattr(torch, self.model_dtype), device=device)
         self.load_seconds = time.perf_counter() - t0
-        # every store was tokenized alike (check_summable): the first one's settings tokenize the queries
-        kept = {key: self.collate_settings[key] for key in ("max_length", "append_eos") if key in self.collate_settings}
+        # every store was tokenized alike (check_summable): the first one's settings tokenize the queries, and a
+        # query longer than max_length is cut on the side the training rows were (TRL's keep_start, say)
+        kept = {key: self.collate_settings[key] for key in ("max_length", "append_eos", "truncation")
+                if key in self.collate_settings}
         self.collate = TextCollator(tokenizer=tokenizer, task=self.task, assistant_turns="last", **kept)
         self.attributors = [Attributor(model, task=self.task, store=c.store, collate=self.collate, progress=False,
                                        projection=ProjectionSettings.from_dict(s.projection))  # as the store was made
