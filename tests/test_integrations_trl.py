@@ -188,3 +188,26 @@ def test_packing_is_refused_at_the_start_of_training(tok, model_dir, tmp_path, s
     assert "packing=True" in message and "set packing=False in the SFTConfig" in message and "\n" not in message
     assert not (tmp_path / "run").exists()
     assert all((p == before[n]).all() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_padding_free_is_refused_at_the_start_of_training(tok, model_dir, tmp_path):  # noqa: F811
+    """SFTTrainer with padding_free=True without packing (each batch flattened into one row of its examples;
+    TRL requires max_length=None with it): the callback refuses at on_train_begin with one DataInfError naming
+    the setting to change; no run folder, no optimizer step."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows = rows_of("text")
+    model = lora_model(model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    args = sft_args(tmp_path, max_length=None, padding_free=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[DatainfCallback(tmp_path / "run", checkpoints=1, train_data=rows)])
+    assert trainer.padding_free and not args.packing  # TRL accepted the setting on this CPU
+    with pytest.raises(DataInfError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "padding_free=True" in message and "set padding_free=False in the SFTConfig" in message
+    assert "\n" not in message
+    assert not (tmp_path / "run").exists()
+    assert all((p == before[n]).all() for n, p in model.named_parameters() if "lora_" in n)

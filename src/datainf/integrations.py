@@ -27,8 +27,9 @@ What RUN holds:
   gradient stores record), the LoRA settings, the optimizer, and the tokenization the trainer trained with
   (chat template, assistant-only / completion-only / every token, max length, which end of a longer
   example is kept: TRL's ``truncation_mode``), as the ``datainf grads`` options that reproduce it
-  (``grads_options``; ``datainf grads`` warns when its options tokenize otherwise). A TRL run with
-  ``packing=True`` is refused at the start of training: its rows are several examples concatenated. An
+  (``grads_options``; ``datainf grads --run`` applies them unless told otherwise). A TRL run with
+  ``packing=True`` or ``padding_free=True`` is refused at the start of training: its rows are several
+  examples concatenated. An
   example TRL drops because truncation left it no loss token keeps its row in the stores, with a zero
   gradient (no influence), so that row numbers stay those of ``train_data``.
 
@@ -386,13 +387,20 @@ class DatainfCallback(TrainerCallback):
 def _check_no_packing(args: Any) -> None:
     """Refuse a TRL run that packs examples (``packing=True``): its training rows are several examples
     concatenated (and, by the packing strategy, cut or split), so no training row is one example and a
-    per-example gradient is not of anything the model was trained on."""
+    per-example gradient is not of anything the model was trained on. The same for ``padding_free=True``
+    without packing: each batch is one row of its examples concatenated (TRL relies on FlashAttention to keep
+    them apart; other attention kernels let them attend across each other)."""
     if getattr(args, "packing", False):
         strategy = getattr(args, "packing_strategy", None)
         raise DataInfError(f"{type(args).__name__}(packing=True{f', packing_strategy={strategy!r}' if strategy else ''})"
                            " concatenates training examples into packed rows, so per-example gradients and influence "
                            f"do not describe what the model was trained on; set packing=False in the "
                            f"{type(args).__name__} to record this run with DatainfCallback")
+    if getattr(args, "padding_free", False):
+        raise DataInfError(f"{type(args).__name__}(padding_free=True) flattens each batch of training examples into "
+                           "one concatenated row, so per-example gradients and influence do not describe what the "
+                           f"model was trained on; set padding_free=False in the {type(args).__name__} to record this "
+                           "run with DatainfCallback")
 
 
 def _check_new_folder(folder: Path, name: str) -> None:
