@@ -31,7 +31,9 @@ from datainf.outputs import check_apart
 @option("--run", help="A fine-tuning run folder instead of --adapter (`datainf finetune --checkpoints K`'s --out, or a "
                    "Trainer / TRL output_dir with checkpoint-N folders): one store per checkpoint, --store/"
                    "checkpoint-STEP, and datainf_run.json saying each one's learning rate; complete stores are "
-                   "kept, interrupted ones resumed.")
+                   "kept, interrupted ones resumed. A run DatainfCallback recorded is tokenized as it trained "
+                   "(its datainf_training.json: --max-length, --loss-tokens, --truncation...) unless these "
+                   "options are given.")
 @option("--data", required=True)
 @option("--store", required=True, help="Gradient store folder (created, or resumed when it exists); with --run, the folder of the run's "
                    "stores.")
