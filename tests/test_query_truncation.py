@@ -104,4 +104,10 @@ def test_a_long_query_is_cut_on_the_side_the_store_was(tiny_llama_dir, adapter, 
     assert bool((scale > 0).all())
     error = (got @ got.T - want @ want.T).abs()
     assert bool((error <= 1e-6 * scale).all()), (error / scale).max()
+
+    code, _, err = run_cli(["explain", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--store", str(store),
+                            "--prompt", PROMPT, "--response", RESPONSE, "--method", "identity", "--model-dtype",
+                            "float64"], capsys)
+    assert code == 0, err
+    assert f"its gradient is that of the first {MAX_LENGTH} tokens, as the training examples' were" in err
     assert hashes(store, adapter, data) == before
