@@ -21,7 +21,7 @@ from datainf.store import gradient_store as gradient_store_module
 from datainf.store import reader as reader_module
 from datainf.store.files import file_stamp
 from stores import write_store
-from test_one_pass import CHUNK, N, SHAPES, datainf_reference, flat, gradients
+from test_one_pass import CHUNK, SHAPES, N, datainf_reference, flat, gradients
 
 
 @pytest.fixture()
