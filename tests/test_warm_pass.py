@@ -26,9 +26,10 @@ from test_one_pass import CHUNK, SHAPES, N, datainf_reference, flat, gradients
 
 @pytest.fixture()
 def settled(monkeypatch):
-    """Files written just now count as settled (no 2 s wait), and no map is kept from another test."""
+    """Files written just now count as settled (no 2 s wait), maps are kept, and none from another test."""
     for module in (reader_module, gradient_store_module, fitted_module):
         monkeypatch.setattr(module, "STAMP_MARGIN_S", 0.0)
+    monkeypatch.setattr(reader_module, "MAX_CACHED_MAPS", 1000)  # off by default (memory caps): on here
     reader_module.forget_maps()
     yield
     reader_module.forget_maps()
@@ -52,8 +53,8 @@ def test_a_second_pass_reuses_the_maps_and_refuses_a_file_changed_since(tmp_path
     assert block_files <= set(reader_module._MAPS)  # every block file kept by its stamp
 
     maps: list[str] = []  # a second pass in this process maps no file again
-    real = gradient_store_module.map_npy_fd
-    monkeypatch.setattr(gradient_store_module, "map_npy_fd", lambda fd, *a: maps.append(fd) or real(fd, *a))
+    real = gradient_store_module.map_npy
+    monkeypatch.setattr(gradient_store_module, "map_npy", lambda path, *a, **k: maps.append(path) or real(path, *a, **k))
     again = score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
     assert maps == []
     torch.testing.assert_close(again.scores, first.scores, rtol=0, atol=0)

@@ -113,11 +113,15 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
         return tuple(int(x) for x in shape), dtype.str, f.tell()
 
 
-def map_npy(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+def map_npy(path: Path | str, shape: tuple[int, int], dtype: np.dtype, *, fd: int | None = None,
+            size: int | None = None) -> np.ndarray | None:
     """Memory-map a .npy file this store wrote, when its header says exactly what we expect (version 1.0,
     C order, ``dtype``, ``shape``, data to the end of the file); None otherwise (the caller uses np.load).
     np.load parses the header with ast and builds an np.memmap, ~0.5 ms per file: at 10^4-10^5 chunk files
-    per pass that costs more than reading them."""
+    per pass that costs more than reading them. ``fd`` and ``size``: the file already open, and its size from
+    the caller's fstat (:func:`map_npy_fd`)."""
+    if fd is not None and size is not None:
+        return map_npy_fd(fd, size, shape, dtype)
     fd = os.open(path, os.O_RDONLY)
     try:
         return map_npy_fd(fd, os.fstat(fd).st_size, shape, dtype)

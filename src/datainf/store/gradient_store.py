@@ -17,7 +17,7 @@ import numpy as np
 
 from datainf import atomic
 from datainf.errors import DataInfError
-from datainf.store.files import CHECKSUM, CHUNK_MANIFEST, STAMP_MARGIN_S, file_stamp, map_npy_fd, save_npy
+from datainf.store.files import CHECKSUM, CHUNK_MANIFEST, STAMP_MARGIN_S, file_stamp, map_npy, save_npy
 from datainf.store.reader import cached_map, keep_map
 from datainf.store.writer import StoreWriter
 
@@ -104,7 +104,7 @@ class GradientStore(StoreWriter):
                     self._verify(index, file, Path(path), st)
                 # the header this store wrote is parsed by hand and the data mapped directly (np.load's header
                 # parsing and np.memmap cost more than reading a small chunk file); np.load is the fallback
-                array = map_npy_fd(fd, st.st_size, shape, np.dtype(dtype))
+                array = map_npy(path, shape, np.dtype(dtype), fd=fd, size=st.st_size)
                 if array is None:
                     array = np.load(path, mmap_mode="r", allow_pickle=False)
                 elif verify and st.st_ctime_ns < time.time_ns() - int(STAMP_MARGIN_S * 1e9):

@@ -41,10 +41,13 @@ from datainf.store.manifest import ChunkProblem, problems_message, read_manifest
 logger = logging.getLogger(__name__)
 Reader = TypeVar("Reader", bound="StoreReader")
 
-#: how many memory-mapped chunk files this process keeps across store objects (:func:`cached_map`): a second
-#: pass in the same process (a long-lived ``explain`` or API session) re-opens and re-maps none of them. Well
-#: under Linux's default limit of 65,530 maps per process.
-MAX_CACHED_MAPS = 16384
+#: how many memory-mapped chunk files this process keeps across store objects (:func:`cached_map`), so that a
+#: second pass in the same process (a long-lived ``explain`` or API session) re-maps none of them. 0 (the
+#: default): keep none, because kept maps hold the store in the process's address space and resident memory,
+#: which a memory cap (``ulimit -v``, a container's limit) counts, while the measured gain is small (about 7%
+#: of a warm pass's CPU, docs/benchmarks.md); a session with the memory to spare may raise it (below Linux's
+#: 65,530 maps per process).
+MAX_CACHED_MAPS = 0
 _MAPS: OrderedDict[str, tuple[list[int], np.ndarray]] = OrderedDict()
 _MAPS_LOCK = threading.Lock()
 
@@ -67,6 +70,8 @@ def cached_map(path: str, stamp: list[int]) -> np.ndarray | None:
 def keep_map(path: str, stamp: list[int], array: np.ndarray) -> None:
     """Keep ``array``, the map of the verified chunk file at ``path`` with ``stamp``, for :func:`cached_map`
     (the least recently used one is dropped beyond :data:`MAX_CACHED_MAPS`)."""
+    if MAX_CACHED_MAPS <= 0:
+        return
     with _MAPS_LOCK:
         _MAPS[path] = (stamp, array)
         _MAPS.move_to_end(path)
