@@ -731,8 +731,9 @@ def pass_targets(args: argparse.Namespace) -> int:
     DataInf with its cached d x d state, EK-FAC with its cached curvature), each in fresh child processes as
     ``datainf score`` runs it: a first pass (fits and caches the state; not a target), the cold pass (every file
     of the store dropped from the page cache) against the raw sequential read of the store's chunk files measured
-    in this run (cold, in the order they lie on disk), and the warm pass (the store in the page cache; best of
-    ``repeats``). Ends with the target lines."""
+    in this run (cold, in the order they lie on disk), the warm pass (the store in the page cache; best of
+    ``repeats`` fresh processes) and the warm pass of a long-lived process (best of its passes 2..``repeats``,
+    which reuse the memory maps kept by the first). Ends with the target lines."""
     from datainf.gradients import ProjectionSettings
     from datainf.store import GradientStore
 
@@ -784,21 +785,31 @@ def pass_measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         spec = {"store": str(path), "method": method, "threads": args.threads}
         first = measure_pass({**spec, "evict": False})
         cold = measure_pass({**spec, "evict": True, "repeats": 2})
-        warm = measure_pass({**spec, "evict": False, "repeats": repeats})
+        # warm as `datainf score` runs: each pass in a fresh process (nothing kept from an earlier pass but the
+        # page cache and the store's verified stamps); then passes 2.. of one long-lived process (its maps kept)
+        warms = [measure_pass({**spec, "evict": False}) for _ in range(repeats)]
+        warm = {key: [w[key][0] for w in warms] for key in ("seconds", "cpu_seconds", "resident_before")}
+        warm["peak_rss_mb"] = max(w["peak_rss_mb"] for w in warms)
+        warm["checksum"] = warms[-1]["checksum"]
+        held = measure_pass({**spec, "evict": False, "repeats": repeats})
         r = {"first_s": first["seconds"][0], "cold_s": min(cold["seconds"]), "colds": cold["seconds"],
              "cold_resident": cold["resident_before"], "warm_s": min(warm["seconds"]), "warms": warm["seconds"],
              "warm_resident": warm["resident_before"], "peak_rss_mb": max(cold["peak_rss_mb"], warm["peak_rss_mb"]),
              "checksums": [first["checksum"], cold["checksum"], warm["checksum"]],
              "first_cpu_s": first.get("cpu_seconds", [None])[0],
              "cold_cpu_s": cold.get("cpu_seconds", [None, None])[cold["seconds"].index(min(cold["seconds"]))],
-             "warm_cpu_s": warm.get("cpu_seconds", [None] * repeats)[warm["seconds"].index(min(warm["seconds"]))]}
+             "warm_cpu_s": warm.get("cpu_seconds", [None] * repeats)[warm["seconds"].index(min(warm["seconds"]))],
+             "held_s": min(held["seconds"][1:]), "helds": held["seconds"],
+             "held_cpu_s": min(held.get("cpu_seconds", [None, None])[1:] or [None])}
         result["methods"][method] = r
         print(f"  {method:<9} first pass (fits/reads its state) {r['first_s']:.2f} s; cold {r['cold_s']:.2f} s "
               f"(= {r['cold_s'] / raw_s:.2f}x the raw read; runs {', '.join(f'{t:.2f}' for t in r['colds'])}; "
               f"cached before: {r['cold_resident'][0]}); warm {r['warm_s']:.2f} s (runs "
-              f"{', '.join(f'{t:.2f}' for t in r['warms'])}); peak RSS {r['peak_rss_mb']:.0f} MB; CPU seconds (all "
-              f"threads): first {seconds(r['first_cpu_s'])}, cold {seconds(r['cold_cpu_s'])}, warm "
-              f"{seconds(r['warm_cpu_s'])}", flush=True)
+              f"{', '.join(f'{t:.2f}' for t in r['warms'])}, each a fresh process); in one process, passes 2..: "
+              f"{r['held_s']:.2f} s (all passes {', '.join(f'{t:.2f}' for t in r['helds'])}); peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB; CPU seconds (all threads): first {seconds(r['first_cpu_s'])}, cold "
+              f"{seconds(r['cold_cpu_s'])}, warm {seconds(r['warm_cpu_s'])}, warm in one process "
+              f"{seconds(r['held_cpu_s'])}", flush=True)
     result["load_end"] = os.getloadavg()
     return result
 
@@ -819,6 +830,10 @@ def pass_target_lines(result: dict[str, Any]) -> list[str]:
     for method, r in result["methods"].items():
         lines.append(f"target warm one-query pass, {method}: {r['warm_s']:.2f} s (goal <= {warm_goal:.2f} s at "
                      f"{result['n']:,} examples) {'PASS' if r['warm_s'] <= warm_goal else 'MISS'}")
+    for method, r in result["methods"].items():
+        if "held_s" in r:  # a second pass in a long-lived process (explain's session, the API)
+            lines.append(f"target warm one-query pass in one process, {method}: {r['held_s']:.2f} s (goal <= "
+                         f"{warm_goal:.2f} s) {'PASS' if r['held_s'] <= warm_goal else 'MISS'}")
     return lines
 
 

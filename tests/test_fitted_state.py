@@ -205,14 +205,21 @@ def dense_exact(grads, queries):
 def rows_read(monkeypatch):
     """Count the training rows read from stores (every StoredBlock read)."""
     count = [0]
-    original = StoredBlock.__getitem__
+    original, original_into = StoredBlock.__getitem__, StoredBlock.read_into
 
-    def counting(self, rows):
+    def counting(self, rows):  # index reads; slices (and single rows) are counted by read_into
         out = original(self, rows)
-        count[0] += out.shape[0] if out.ndim == 2 else 1
+        if not isinstance(rows, (slice, int)):
+            count[0] += out.shape[0]
         return out
 
+    def counting_into(self, rows, out):  # every slice read, the pass's buffer reads included
+        view = original_into(self, rows, out)
+        count[0] += view.shape[0]
+        return view
+
     monkeypatch.setattr(StoredBlock, "__getitem__", counting)
+    monkeypatch.setattr(StoredBlock, "read_into", counting_into)
     return count
 
 

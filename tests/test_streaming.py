@@ -270,7 +270,15 @@ def test_rows_read_from_a_store_come_in_small_buffers_and_score_the_same(tmp_pat
         sizes.append((self.name, out.shape[0]))
         return out
 
+    real_into = StoredBlock.read_into
+
+    def spy_into(self, rows, out):  # the one-query pass reads into one reused buffer
+        view = real_into(self, rows, out)
+        sizes.append((self.name, view.shape[0]))
+        return view
+
     monkeypatch.setattr(StoredBlock, "__getitem__", spy)
+    monkeypatch.setattr(StoredBlock, "read_into", spy_into)
     queries = {k: torch.randn(3, *v.shape[1:], dtype=torch.float64) for k, v in grads.items()}
     options = {"iterations": 50} if method == "lissa" else {}
     args = ScoreArguments(method=method, chunk_size=16, options=options)

@@ -32,6 +32,7 @@ from datainf.distributed import is_main_process
 from datainf.errors import DataInfError, parse_json
 from datainf.estimators import Estimator, FittedState, ScoreArguments, get_method, method_names
 from datainf.store import CHECKSUM, GradientStore
+from datainf.store.files import STAMP_MARGIN_S, file_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +75,24 @@ def save_state(path: str | os.PathLike, state: FittedState, *, method: type[Esti
     return atomic.save_safetensors(path, tensors, {"datainf": json.dumps(meta)})
 
 
-def read_state_file(path: str | os.PathLike, formats: tuple[str, ...] | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_state_file(path: str | os.PathLike, formats: tuple[str, ...] | None = None, *,
+                    store: GradientStore | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, tensors) of a cache whose content matches its recorded sha256; raises
     :class:`CorruptStateError` for any other file (unreadable, not a cache of one of ``formats`` (default: any
-    registered method's), no or a wrong checksum)."""
+    registered method's), no or a wrong checksum). With ``store`` (the store the cache lies in), a cache whose
+    verified stamp there (size, mtime, ctime, inode, device and checksum, as a chunk file's) is unchanged since
+    its sha256 last matched is trusted without hashing it again (126 MB for DataInf's state of a SmolLM2
+    store: most of a warm one-query pass); any write to it changes its ctime and voids the stamp. A new
+    stamp is recorded by ``store.save_verified()`` once the call succeeded."""
     from safetensors import safe_open
 
     path = Path(path)
     formats = formats or _known_formats()
+    try:
+        before = os.stat(path)
+    except OSError as e:
+        raise CorruptStateError(f"{path} is unreadable ({e.strerror or e})") from None
+    started = time.time_ns()
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = parse_json((f.metadata() or {}).get("datainf", "{}"), f"{path}'s metadata")
@@ -96,14 +106,20 @@ def read_state_file(path: str | os.PathLike, formats: tuple[str, ...] | None = N
     if recorded is None:
         raise CorruptStateError(f"{path} has no {CHECKSUM} checksum (written by an older datainf), so it cannot be "
                                 "checked")
+    stamp = [*file_stamp(before), recorded]
+    unchanged = file_stamp(os.stat(path)) == stamp[:-1]  # not replaced or written while it was read
+    if store is not None and unchanged and store.recorded_file(path.name) == stamp:
+        return meta, tensors
     if state_digest(tensors, meta) != recorded:
         raise CorruptStateError(f"{path} does not match its {CHECKSUM} checksum (its bytes changed after it was "
                                 "written)")
+    if store is not None and unchanged and before.st_ctime_ns < started - int(STAMP_MARGIN_S * 1e9):
+        store.note_verified_file(path.name, stamp)
     return meta, tensors
 
 
 def load_state(path: str | os.PathLike, method: type[Estimator], *, fingerprints: Mapping[str, str] | None = None,
-               settings: Mapping[str, Any] | None = None) -> FittedState:
+               settings: Mapping[str, Any] | None = None, store: GradientStore | None = None) -> FittedState:
     """Read ``method``'s cache at ``path`` (see :func:`save_state`). A file whose content does not match its
     checksum is refused (:class:`CorruptStateError`); with ``fingerprints`` / ``settings``, so is one made for
     another model, adapter, task or dataset, or under other settings, or by another version of the method's
@@ -111,7 +127,7 @@ def load_state(path: str | os.PathLike, method: type[Estimator], *, fingerprints
     path = Path(path)
     if not path.is_file():
         raise DataInfError(f"no fitted state of method '{method.name}' at {path}")
-    meta, tensors = read_state_file(path, (method.state_format,))
+    meta, tensors = read_state_file(path, (method.state_format,), store=store)
     if meta.get("version") != method.state_version:
         raise DataInfError(f"{path} holds version {meta.get('version')} of method '{method.name}''s state, not "
                            f"{method.state_version}; delete it to fit it again")
@@ -150,7 +166,7 @@ def fitted_state(store: GradientStore, arguments: ScoreArguments, *, save: bool 
     settings = method.state_settings(arguments)
     if path.exists():
         try:
-            return load_state(path, method, fingerprints=store.fingerprints, settings=settings)
+            return load_state(path, method, fingerprints=store.fingerprints, settings=settings, store=store)
         except CorruptStateError as e:
             if is_main_process():
                 set_aside(path, str(e))

@@ -157,7 +157,7 @@ def rows_per_chunk(g: Any, chunk: int, dtype: torch.dtype, device: torch.device)
     fresh = not isinstance(g, Tensor) or g.dtype != dtype or g.device != device
     if not fresh or device.type != "cpu":
         return chunk
-    row_bytes = int(g.shape[1]) * torch.empty((), dtype=dtype).element_size()
+    row_bytes = int(g.shape[1]) * dtype.itemsize
     return max(1, min(chunk, ROW_BUFFER_BYTES // max(1, row_bytes)))
 
 
@@ -310,12 +310,34 @@ def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -
                 if callable(fetch) and not isinstance(b.g, Tensor):
                     fetch(spans[i])
 
+    # rows of a row source that can copy them into a given buffer (a store's block, read in its compute dtype
+    # on the CPU, unscaled) land in one buffer reused for every span, not a fresh one per span
+    direct = [callable(getattr(b.g, "read_into", None)) and b.scale == 1.0 and b.device.type == "cpu"
+              and getattr(b.g, "dtype", None) == b.dtype for b, _ in parts]
+    # each block's rows at most ROW_BUFFER_BYTES at once (rows_per_chunk), so the buffer stays in cache
+    pieces = [rows_per_chunk(b.g, b.chunk, b.dtype, b.device) if d else 0 for (b, _), d in zip(parts, direct)]
+    span = spans[0].stop - spans[0].start if spans else 0
+    size = max((min(span, p) * b.d for (b, _), p in zip(parts, pieces)), default=0)
+    buffers: dict[torch.dtype, Tensor] = {}
     for i in range(lookahead):
         ahead(i)
-    for i, span in enumerate(spans):
+    for i, span_i in enumerate(spans):
         ahead(i + lookahead)
-        for b, R in parts:
-            for s, gc in b.rows(span):
+        for (b, R), fast, piece in zip(parts, direct, pieces):
+            if fast:
+                buffer = buffers.get(b.dtype)
+                if buffer is None:
+                    buffer = buffers[b.dtype] = torch.empty(size, dtype=b.dtype)
+                for s in chunks(span_i.stop - span_i.start, piece):
+                    s = slice(s.start + span_i.start, s.stop + span_i.start)
+                    rows = s.stop - s.start
+                    gc = b.g.read_into(s, buffer[: rows * b.d].view(rows, b.d))
+                    if R.dtype == out.dtype == gc.dtype:
+                        out[s].addmm_(gc, R.T)
+                    else:
+                        out[s] += (gc @ R.T).to(out.dtype)
+                continue
+            for s, gc in b.rows(span_i):
                 out[s] += (gc @ R.T).to(out.dtype)
     return out
 

@@ -118,6 +118,22 @@ class StoredBlock:
                 self.store.checked_file(c, self._file)
         return self.store.sq_norms_table()[:, self.store.block_names.index(self.name)]
 
+    def read_into(self, rows: slice, out: Tensor) -> Tensor:
+        """Rows ``rows.start:rows.stop`` (within range, step 1) copied into the first rows of ``out`` (a
+        contiguous CPU tensor of ``dtype`` with ``d`` columns and at least that many rows), converted as they
+        are copied; returns that view of ``out``. A pass reuses one buffer for every chunk instead of a fresh
+        one per chunk (whose pages the OS would zero and fault in each time)."""
+        start, stop = rows.start, rows.stop
+        size = self.store.chunk_size
+        view = out[: stop - start]
+        pos = start
+        while pos < stop:
+            c = pos // size
+            end = min(stop, (c + 1) * size)
+            self._copy_rows(view[pos - start : end - start], self._chunk(c)[pos - c * size : end - c * size])
+            pos = end
+        return view
+
     def __getitem__(self, rows: slice | int | Tensor | np.ndarray | list[int]) -> Tensor:
         n, d = self.shape
         size = self.store.chunk_size
@@ -130,14 +146,7 @@ class StoredBlock:
             start, stop, step = rows.indices(n)
             if step != 1:
                 return self[np.arange(start, stop, step)]
-            out = torch.empty(max(stop - start, 0), d, dtype=self.dtype)
-            pos = start
-            while pos < stop:
-                c = pos // size
-                end = min(stop, (c + 1) * size)
-                self._copy_rows(out[pos - start : end - start], self._chunk(c)[pos - c * size : end - c * size])
-                pos = end
-            return out
+            return self.read_into(slice(start, stop), torch.empty(max(stop - start, 0), d, dtype=self.dtype))
         idx = rows.detach().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
         if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
             raise DataInfError(

@@ -113,23 +113,39 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
         return tuple(int(x) for x in shape), dtype.str, f.tell()
 
 
-def map_npy(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+def map_npy(path: Path | str, shape: tuple[int, int], dtype: np.dtype, *, fd: int | None = None,
+            size: int | None = None) -> np.ndarray | None:
     """Memory-map a .npy file this store wrote, when its header says exactly what we expect (version 1.0,
     C order, ``dtype``, ``shape``, data to the end of the file); None otherwise (the caller uses np.load).
     np.load parses the header with ast and builds an np.memmap, ~0.5 ms per file: at 10^4-10^5 chunk files
-    per pass that costs more than reading them."""
-    with open(path, "rb") as f:
-        head = f.read(10)
-        if len(head) < 10 or head[:8] != b"\x93NUMPY\x01\x00":
-            return None
-        length = int.from_bytes(head[8:10], "little")
-        header = f.read(length).decode("latin1")
-        offset = 10 + length
-        size = os.fstat(f.fileno()).st_size
-        expected = f"'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({shape[0]}, {shape[1]}), }}"
-        if not header.startswith("{" + expected) or size - offset != shape[0] * shape[1] * dtype.itemsize:
-            return None
-        if size == offset:
-            return np.empty(shape, dtype=dtype)
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    per pass that costs more than reading them. ``fd`` and ``size``: the file already open, and its size from
+    the caller's fstat (:func:`map_npy_fd`)."""
+    if fd is not None and size is not None:
+        return map_npy_fd(fd, size, shape, dtype)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return map_npy_fd(fd, os.fstat(fd).st_size, shape, dtype)
+    finally:
+        os.close(fd)
+
+
+def map_npy_fd(fd: int, size: int, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+    """:func:`map_npy` of an open file (``size`` bytes, from the caller's fstat): the header read with one
+    ``pread``, the data mapped with ``MAP_POPULATE`` where the OS has it (its pages entered into the map in
+    one call, not faulted in one by one by the first read: the warm pass's largest per-file cost). The map
+    outlives ``fd``."""
+    head = os.pread(fd, 256, 0)
+    if len(head) < 10 or head[:8] != b"\x93NUMPY\x01\x00":
+        return None
+    length = int.from_bytes(head[8:10], "little")
+    if 10 + length > len(head):
+        head = os.pread(fd, 10 + length, 0)
+    header = head[10 : 10 + length].decode("latin1")
+    offset = 10 + length
+    expected = f"'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({shape[0]}, {shape[1]}), }}"
+    if not header.startswith("{" + expected) or size - offset != shape[0] * shape[1] * dtype.itemsize:
+        return None
+    if size == offset:
+        return np.empty(shape, dtype=dtype)
+    buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
     return np.frombuffer(buffer, dtype=dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)

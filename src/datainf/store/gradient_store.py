@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import numpy as np
 
 from datainf import atomic
 from datainf.errors import DataInfError
-from datainf.store.files import CHECKSUM, CHUNK_MANIFEST, map_npy, save_npy
+from datainf.store.files import CHECKSUM, CHUNK_MANIFEST, STAMP_MARGIN_S, file_stamp, map_npy, save_npy
+from datainf.store.reader import cached_map, keep_map
 from datainf.store.writer import StoreWriter
 
 
@@ -82,19 +84,40 @@ class GradientStore(StoreWriter):
         """A file of chunk ``index``, memory-mapped, checked against what the chunk must hold (and, the
         first time this object reads it and ``checksums`` is on, against its sha256): see
         :meth:`StoreReader.mapped <datainf.store.reader.StoreReader.mapped>`."""
-        path = self.checked_file(index, file, verify=verify)
+        key = (index, file)
+        self._await_fetch(key)  # the background read's check of this file, and what it found
+        verify = self.checksums if verify is None else verify
+        path = self._file_path(index, file)
         shape, dtype = self._expected_file(index, file)
         try:
-            # the header this store wrote is parsed by hand and the data mapped directly (np.load's header
-            # parsing and np.memmap cost more than reading a small chunk file); np.load is the fallback
-            array = map_npy(path, shape, np.dtype(dtype))
-            if array is None:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._missing_file(index, file) from None
+        try:
+            st = os.fstat(fd)
+            stamp = file_stamp(st)
+            array = cached_map(path, stamp)  # kept by an earlier verified read in this process, file unchanged
+            if array is not None:
+                self._verified.add(key)
+            else:
+                if verify and key not in self._verified:
+                    self._verify(index, file, Path(path), st)
+                # the header this store wrote is parsed by hand and the data mapped directly (np.load's header
+                # parsing and np.memmap cost more than reading a small chunk file); np.load is the fallback
+                array = map_npy(path, shape, np.dtype(dtype), fd=fd, size=st.st_size)
+                if array is None:
+                    array = np.load(path, mmap_mode="r", allow_pickle=False)
+                elif verify and st.st_ctime_ns < time.time_ns() - int(STAMP_MARGIN_S * 1e9):
+                    keep_map(path, stamp, array)  # verified and settled (see StoreReader._verify)
+        except DataInfError:
+            raise  # the file's check refused it, by name
         except (OSError, ValueError, EOFError) as e:
             if isinstance(e, OSError) and e.errno == errno.ENOMEM:
                 raise  # the memory map was refused (address space or memory exhausted): not a bad chunk
             reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
             raise self._chunk_error(index, f"{file} is unreadable ({reason})") from None
+        finally:
+            os.close(fd)
         if tuple(array.shape) != shape or array.dtype.str != dtype:
             raise self._chunk_error(index, f"{file} holds {array.dtype.str} {tuple(array.shape)}, expected {dtype} {shape}")
         return array

@@ -52,9 +52,11 @@ class StoreLayout:
         self._verified: set[tuple[int, str]] = set()
         self._stamps: dict[int, dict[str, list]] = {}  # chunk -> file -> its verified stamp (recorded or new)
         self._unsaved: dict[int, list[str]] = {}  # chunks with new stamps not recorded yet -> their files
+        self._unsaved_files: dict[str, list] = {}  # the store's own files (fitted states) -> new stamp to record
         self._fetching: dict[tuple[int, str], Any] = {}  # (chunk, file) -> the background read started for it
         self._reader: Any = None  # the thread pool of those reads, started on the first
         self._chunk_info: dict[int, dict[str, Any] | None] = {}
+        self._chunk_dirs: dict[int, str] = {}  # chunk -> its folder's path as a string (the pass's hot path)
         self._release = None
         if lock_token is not None:
             self._release = weakref.finalize(self, release_lock, path / "lock", lock_token)

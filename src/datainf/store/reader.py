@@ -8,10 +8,13 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +40,94 @@ from datainf.store.manifest import ChunkProblem, problems_message, read_manifest
 
 logger = logging.getLogger(__name__)
 Reader = TypeVar("Reader", bound="StoreReader")
+
+#: how many memory-mapped chunk files this process keeps across store objects (:func:`cached_map`), so that a
+#: second pass in the same process (a long-lived ``explain`` or API session) re-maps none of them. 0 (the
+#: default): keep none, because kept maps hold the store in the process's address space and resident memory,
+#: which a memory cap (``ulimit -v``, a container's limit) counts, while the measured gain is small (about 7%
+#: of a warm pass's CPU, docs/benchmarks.md); a session with the memory to spare may raise it (below Linux's
+#: 65,530 maps per process).
+MAX_CACHED_MAPS = 0
+_MAPS: OrderedDict[str, tuple[list[int], np.ndarray]] = OrderedDict()
+_MAPS_LOCK = threading.Lock()
+
+
+def cached_map(path: str, stamp: list[int]) -> np.ndarray | None:
+    """The map of the chunk file at ``path`` this process kept, when the file's stamp (size, mtime, ctime,
+    inode, device: :func:`~datainf.store.files.file_stamp`) is still ``stamp``; only files whose sha256 was
+    checked (or whose verified record matched) are kept, so a hit is a verified, unchanged file."""
+    with _MAPS_LOCK:
+        entry = _MAPS.get(path)
+        if entry is None:
+            return None
+        if entry[0] != stamp:
+            del _MAPS[path]  # the file changed: its old map must not be used again
+            return None
+        _MAPS.move_to_end(path)
+        return entry[1]
+
+
+def keep_map(path: str, stamp: list[int], array: np.ndarray) -> None:
+    """Keep ``array``, the map of the verified chunk file at ``path`` with ``stamp``, for :func:`cached_map`
+    (the least recently used one is dropped beyond :data:`MAX_CACHED_MAPS`)."""
+    if MAX_CACHED_MAPS <= 0:
+        return
+    with _MAPS_LOCK:
+        _MAPS[path] = (stamp, array)
+        _MAPS.move_to_end(path)
+        while len(_MAPS) > MAX_CACHED_MAPS:
+            _MAPS.popitem(last=False)
+
+
+def forget_maps() -> None:
+    """Drop every map :func:`keep_map` kept (tests; a process that wants the address space back)."""
+    with _MAPS_LOCK:
+        _MAPS.clear()
+
+
+class _ReadAhead:
+    """One background thread running a store's read-ahead jobs in the order they were submitted; a job is
+    waited for by its ticket (one condition for all, not a Future and its lock per job: at one job per 1 MB
+    chunk file, a ThreadPoolExecutor's per-job bookkeeping cost as much as the job)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._finished = 0  # the ticket of the last job finished
+        self._submitted = 0
+        self._errors: dict[int, BaseException] = {}
+        threading.Thread(target=self._run, name="datainf-store-read", daemon=True).start()
+
+    def submit(self, job: Callable[..., Any], *args: Any) -> int:
+        """Queue ``job(*args)``; returns its ticket for :meth:`wait`."""
+        self._submitted += 1
+        self._jobs.put((self._submitted, job, args))
+        return self._submitted
+
+    def wait(self, ticket: int) -> None:
+        """Wait for job ``ticket`` to finish; raise what it raised."""
+        with self._done:
+            while self._finished < ticket:
+                self._done.wait()
+        error = self._errors.pop(ticket, None)
+        if error is not None:
+            raise error
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            ticket, job, args = item
+            del item
+            try:
+                job(*args)
+            except BaseException as e:  # noqa: BLE001  (raised to whoever waits for this job)
+                self._errors[ticket] = e
+            del job, args
+            with self._done:
+                self._finished = ticket
+                self._done.notify_all()
 
 
 class StoreReader(StoreLayout, ABC):
@@ -76,36 +167,55 @@ class StoreReader(StoreLayout, ABC):
 
     # ---------------------------------------------------------------- chunk files
 
+    def _await_fetch(self, key: tuple[int, str]) -> None:
+        """Wait for the background read :meth:`prefetch` started for ``key`` (chunk, file), if any, and raise
+        what it found."""
+        ticket = self._fetching.pop(key, None)
+        if ticket is not None:
+            self._reader.wait(ticket)
+
+    def _file_path(self, index: int, file: str) -> str:
+        """The path of ``file`` of chunk ``index`` as a string (built without pathlib: this is on the pass's
+        path, once per file)."""
+        folder = self._chunk_dirs.get(index)
+        if folder is None:
+            folder = self._chunk_dirs[index] = str(self._chunk_dir(index))
+        return os.path.join(folder, file)
+
+    def _missing_file(self, index: int, file: str) -> DataInfError:
+        """The refusal of a chunk file that is not there (its chunk folder is, or is not written yet)."""
+        rows = self.chunk_rows(index)
+        if self._chunk_dir(index).is_dir():
+            return self._chunk_error(index, f"lacks {file}")
+        return DataInfError(
+            f"chunk {index} (examples {rows.start}..{rows.stop - 1}) of store {self.path} is not "
+            "written yet; finish computing the store (rerun the same command to resume)"
+        )
+
     def checked_file(self, index: int, file: str, *, verify: bool | None = None) -> Path:
         """The path of a file of chunk ``index``, refused when it is missing and, the first time this object
         touches it and ``checksums`` is on (or ``verify``), when its bytes do not match their sha256 (see
         :meth:`_verify`). Waits for the background read :meth:`prefetch` started for it, if any, and raises
         what that found."""
-        fetching = self._fetching.pop((index, file), None)
-        if fetching is not None:
-            fetching.result()
-        path = self._chunk_dir(index) / file
-        if not path.is_file():
-            rows = self.chunk_rows(index)
-            if self._chunk_dir(index).is_dir():
-                raise self._chunk_error(index, f"lacks {file}")
-            raise DataInfError(
-                f"chunk {index} (examples {rows.start}..{rows.stop - 1}) of store {self.path} is not "
-                "written yet; finish computing the store (rerun the same command to resume)"
-            )
+        self._await_fetch((index, file))
+        path = self._file_path(index, file)
+        try:
+            before = os.stat(path)
+        except FileNotFoundError:
+            raise self._missing_file(index, file) from None
         verify = self.checksums if verify is None else verify
         if verify and (index, file) not in self._verified:
-            self._verify(index, file, path)
-        return path
+            self._verify(index, file, Path(path), before)
+        return Path(path)
 
-    def _verify(self, index: int, file: str, path: Path) -> bool:
+    def _verify(self, index: int, file: str, path: Path, before: os.stat_result | None = None) -> bool:
         """Check ``file`` of chunk ``index`` against the sha256 its chunk.json records (refused, named, when it
         does not match); returns whether it read the file to do so. A file whose verified stamp (its size,
         mtime, ctime, inode and device, and the sha256 it matched, :data:`~datainf.store.files.VERIFIED_DIR`)
         is unchanged since an earlier check is trusted without reading it; any write to the file changes its
         ctime, so the stamp then no longer matches and the bytes are hashed again. A check is recorded once every
         file of the chunk has one (:meth:`save_verified`), and only for files last changed more than
-        ``STAMP_MARGIN_S`` before the check."""
+        ``STAMP_MARGIN_S`` before the check. ``before``: the file's stat, when the caller has it."""
         try:
             info = self._read_chunk_manifest(index)
         except ChunkProblem as e:
@@ -115,7 +225,7 @@ class StoreReader(StoreLayout, ABC):
             return False
         entry = info.get("files", {}).get(file)
         expected = entry.get(CHECKSUM) if isinstance(entry, dict) else None
-        before = os.stat(path)
+        before = os.stat(path) if before is None else before
         stamp = [*file_stamp(before), expected]
         if expected is not None and self._recorded(index).get(file) == stamp:
             self._verified.add((index, file))
@@ -151,6 +261,21 @@ class StoreReader(StoreLayout, ABC):
         self._recorded(index)[file] = stamp
         self._unsaved[index] = sorted(info["files"])
 
+    def recorded_file(self, name: str) -> list | None:
+        """The verified stamp recorded for the store's own file ``name`` (a fitted-state cache beside the
+        chunks): its size, mtime, ctime, inode, device and the checksum it matched; None when there is none or
+        it is unreadable."""
+        try:
+            data = json.loads((self.path / VERIFIED_DIR / f"{name}.json").read_bytes())
+            return list(data["stamp"]) if data.get("file") == name else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def note_verified_file(self, name: str, stamp: list) -> None:
+        """Keep the new verified stamp of the store's own file ``name`` (see :meth:`recorded_file`), written by
+        :meth:`save_verified` once the call succeeded."""
+        self._unsaved_files[name] = stamp
+
     def save_verified(self) -> int:
         """Record the checks this object made (see :meth:`_verify`) for every chunk all of whose files now have
         a stamp, each chunk's record written atomically into the store's ``verified/`` folder; returns how many
@@ -169,6 +294,14 @@ class StoreReader(StoreLayout, ABC):
                 logger.debug("store %s: verified stamps of chunk %d not recorded (%s)", self.path, index, e)
                 break
         self._unsaved.clear()
+        for name, stamp in sorted(self._unsaved_files.items()):
+            try:
+                atomic.write_json(self.path / VERIFIED_DIR / f"{name}.json",
+                                  {"format": "datainf-verified", "file": name, "stamp": stamp})
+            except OSError as e:
+                logger.debug("store %s: verified stamp of %s not recorded (%s)", self.path, name, e)
+                break
+        self._unsaved_files.clear()
         return saved
 
     def prefetch(self, index: int, file: str) -> None:
@@ -180,22 +313,24 @@ class StoreReader(StoreLayout, ABC):
         if key in self._fetching or (key in self._verified and not hasattr(os, "posix_fadvise")):
             return
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="datainf-store-read")
-            weakref.finalize(self, self._reader.shutdown, wait=False, cancel_futures=True)
+            self._reader = _ReadAhead()
+            weakref.finalize(self, self._reader.shutdown)
         self._fetching[key] = self._reader.submit(self._fetch, index, file)
 
     def _fetch(self, index: int, file: str) -> None:
-        path = self._chunk_dir(index) / file
-        if not path.is_file():
-            return  # checked_file names what is missing
-        if self.checksums and (index, file) not in self._verified and self._verify(index, file, path):
-            return
-        if hasattr(os, "posix_fadvise"):
+        path = self._file_path(index, file)
+        try:
             fd = os.open(path, os.O_RDONLY)
-            try:
+        except FileNotFoundError:
+            return  # checked_file names what is missing
+        try:
+            if self.checksums and (index, file) not in self._verified and self._verify(
+                    index, file, Path(path), os.fstat(fd)):
+                return
+            if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
+        finally:
+            os.close(fd)
 
     @abstractmethod
     def mapped(self, index: int, file: str, *, verify: bool | None = None) -> np.ndarray:

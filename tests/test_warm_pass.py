@@ -1,0 +1,101 @@
+"""Issue 32, the warm one-query pass: a second pass in the same process reuses the memory maps of the chunk
+files it verified (kept by their stamp: size, mtime, ctime, inode, device), and DataInf's fitted state is
+trusted by its verified stamp instead of being hashed on every call. Neither may weaken integrity: a file
+changed after it was mapped or stamped is checked again and refused (or, for a damaged state, set aside and
+fitted again), and the scores stay equal to the float64 sums written out here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from datainf import fitted as fitted_module
+from datainf.errors import DataInfError
+from datainf.estimators import ScoreArguments
+from datainf.scoring import score_store
+from datainf.store import GradientStore
+from datainf.store import gradient_store as gradient_store_module
+from datainf.store import reader as reader_module
+from datainf.store.files import file_stamp
+from stores import write_store
+from test_one_pass import CHUNK, SHAPES, N, datainf_reference, flat, gradients
+
+
+@pytest.fixture()
+def settled(monkeypatch):
+    """Files written just now count as settled (no 2 s wait), maps are kept, and none from another test."""
+    for module in (reader_module, gradient_store_module, fitted_module):
+        monkeypatch.setattr(module, "STAMP_MARGIN_S", 0.0)
+    monkeypatch.setattr(reader_module, "MAX_CACHED_MAPS", 1000)  # off by default (memory caps): on here
+    reader_module.forget_maps()
+    yield
+    reader_module.forget_maps()
+
+
+def identity_reference(grads: dict, queries: dict) -> torch.Tensor:
+    return sum(-(flat(grads[k]) @ flat(queries[k]).T) for k in SHAPES)
+
+
+def chunk_file(root: Path, chunk: int, block: int) -> Path:
+    return root / "chunks" / f"{chunk:05d}" / f"b{block:04d}.npy"
+
+
+def test_a_second_pass_reuses_the_maps_and_refuses_a_file_changed_since(tmp_path, settled, monkeypatch):
+    grads, queries = gradients(), gradients(2, seed=1)
+    write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype="float64")
+    arguments = ScoreArguments(method="identity")
+    first = score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+    torch.testing.assert_close(first.scores, identity_reference(grads, queries), rtol=1e-12, atol=1e-12)
+    block_files = {str(chunk_file(tmp_path / "s", c, b)) for c in range(-(-N // CHUNK)) for b in range(len(SHAPES))}
+    assert block_files <= set(reader_module._MAPS)  # every block file kept by its stamp
+
+    maps: list[str] = []  # a second pass in this process maps no file again
+    real = gradient_store_module.map_npy
+    monkeypatch.setattr(gradient_store_module, "map_npy", lambda path, *a, **k: maps.append(path) or real(path, *a, **k))
+    again = score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+    assert maps == []
+    torch.testing.assert_close(again.scores, first.scores, rtol=0, atol=0)
+
+    target = chunk_file(tmp_path / "s", 2, 0)  # change one entry in place: same size, same inode
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x40
+    target.write_bytes(bytes(data))
+    with pytest.raises(DataInfError, match=r"chunk 2 .*b0000\.npy does not match its sha256"):
+        score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+    # the map kept under the old stamp is never served for the changed file (and is dropped on the lookup)
+    assert reader_module.cached_map(str(target), file_stamp(os.stat(target))) is None
+    assert str(target) not in reader_module._MAPS
+
+
+def test_the_fitted_state_is_trusted_by_its_stamp_until_it_changes(tmp_path, settled, monkeypatch):
+    grads, queries = gradients(), gradients(2, seed=1)
+    write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype="float64")
+    arguments = ScoreArguments(method="datainf")
+    state = tmp_path / "s" / "fitted-datainf.safetensors"
+    record = tmp_path / "s" / "verified" / f"{state.name}.json"
+    score_store(GradientStore.open(tmp_path / "s"), queries, arguments)  # fits and caches the state
+    assert state.is_file() and not record.exists()  # a state just fitted is not read back, so not stamped
+
+    hashed: list[int] = []
+    real = fitted_module.state_digest
+    monkeypatch.setattr(fitted_module, "state_digest", lambda *a: hashed.append(1) or real(*a))
+    second = score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+    assert second.diagnostics["curvature_fit"]["cached"] and len(hashed) == 1 and record.is_file()
+    third = score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+    assert third.diagnostics["curvature_fit"]["cached"] and len(hashed) == 1  # trusted by its stamp: not hashed
+
+    expected = sum(datainf_reference(flat(grads[k]), flat(queries[k]), third.damping[k]) for k in SHAPES)
+    for result in (second, third):
+        torch.testing.assert_close(result.scores, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+
+    data = bytearray(state.read_bytes())  # damage one byte of the tensors: the stamp no longer matches
+    data[-5] ^= 0x10
+    state.write_bytes(bytes(data))
+    fourth = score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+    assert len(hashed) == 3  # hashed again (found damaged), then once more to save the state fitted again
+    assert not fourth.diagnostics["curvature_fit"]["cached"]  # set aside and fitted again
+    assert list((tmp_path / "s").glob(f".{state.name}.corrupt-*"))
+    torch.testing.assert_close(fourth.scores, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
