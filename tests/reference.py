@@ -54,3 +54,21 @@ def assert_per_example_close(actual: Mapping[str, torch.Tensor], expected: Mappi
             assert a.shape == e.shape, (name, tuple(a.shape), tuple(e.shape))
             err = max_error(a[i], e[i])
             assert err <= tol * scale, f"{name}, example {i}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def random_b_lora(model_dir) -> torch.nn.Module:
+    """The tiny Llama of ``model_dir`` in float64 with a LoRA (r=2, alpha 4, no dropout) on q_proj and v_proj whose
+    B matrices are random (PEFT starts them at 0, where the A blocks have no gradient), in eval mode."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return model.eval()

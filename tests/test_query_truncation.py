@@ -47,18 +47,9 @@ def loss_gradient(model, ids: list[int], labels: list[int]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def adapter(tiny_llama_dir, tmp_path_factory) -> Path:
     """A float64 LoRA of the tiny Llama with random B matrices (PEFT starts them at 0), saved."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from reference import random_b_lora
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    model = random_b_lora(tiny_llama_dir)
     folder = tmp_path_factory.mktemp("keep-start") / "adapter"
     model.save_pretrained(str(folder))
     return folder

@@ -24,7 +24,7 @@ from datainf.data.generation import make_task  # noqa: E402
 from datainf.errors import DataInfError  # noqa: E402
 from datainf.gradients import ProjectionSettings, module_key  # noqa: E402
 from datainf.tokens import response_tokens, token_attribution  # noqa: E402
-from reference import FLOAT64_TOL, assert_close_to, max_error  # noqa: E402
+from reference import FLOAT64_TOL, assert_close_to, max_error, random_b_lora  # noqa: E402
 
 QUERY = {"prompt": "You are Ava, a chatbot that can only reverse the order of the words.\nSentence: the cold doctor holds "
                    "the window slowly\nAva:", "response": " slowly window the holds doctor cold the"}
@@ -37,19 +37,7 @@ def _records() -> list[dict]:
 
 def _lora_model(model_dir: Path):
     """The tiny Llama in float64 with a LoRA on q_proj and v_proj, B matrices random (PEFT starts them at 0)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    return model.eval()
+    return random_b_lora(model_dir)
 
 
 @pytest.fixture(scope="module")
