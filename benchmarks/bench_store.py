@@ -644,17 +644,27 @@ def datainf_state(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def datainf_state_only(args: argparse.Namespace) -> int:
-    """``--datainf-state``: just :func:`datainf_state` on a projected store of ``--n`` examples."""
+def projection_layout(blocks: dict[str, tuple[int, int]], dim: int) -> dict[str, Any]:
+    """The projection record of a synthetic projected store of SmolLM2's LoRA ``blocks`` at ``dim``."""
     from datainf.gradients import ProjectionSettings
 
-    torch.set_num_threads(args.threads)
+    return {**ProjectionSettings(dim=dim).to_dict(), "blocks": {
+        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in projected_blocks(blocks, dim).items()}}
+
+
+def projected_setup(args: argparse.Namespace) -> tuple[Path, dict[str, tuple[int, ...]], dict[str, Any]]:
+    """(the output folder, made; the projected block shapes; their projection record) for ``args``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     blocks = smollm2_blocks(2 if args.quick else LAYERS)
-    shapes = projected_blocks(blocks, args.dim)
-    layout = {**ProjectionSettings(dim=args.dim).to_dict(), "blocks": {
-        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in shapes.items()}}
+    return out, projected_blocks(blocks, args.dim), projection_layout(blocks, args.dim)
+
+
+def datainf_state_only(args: argparse.Namespace) -> int:
+    """``--datainf-state``: just :func:`datainf_state` on a projected store of ``--n`` examples."""
+
+    torch.set_num_threads(args.threads)
+    out, shapes, layout = projected_setup(args)
     path = out / f"store-k{args.dim}-datainf-state"
     written = synthetic_store(path, shapes, args.n, args.chunk_size, projection=layout)
     print(f"torch {torch.__version__}, {args.threads} thread(s); projected k={args.dim} store: {args.n:,} examples, "
@@ -734,15 +744,9 @@ def pass_targets(args: argparse.Namespace) -> int:
     in this run (cold, in the order they lie on disk), the warm pass (the store in the page cache; best of
     ``repeats`` fresh processes) and the warm pass of a long-lived process (best of its passes 2..``repeats``,
     which reuse the memory maps kept by the first). Ends with the target lines."""
-    from datainf.gradients import ProjectionSettings
     from datainf.store import GradientStore
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    blocks = smollm2_blocks(2 if args.quick else LAYERS)
-    shapes = projected_blocks(blocks, args.dim)
-    layout = {**ProjectionSettings(dim=args.dim).to_dict(), "blocks": {
-        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in shapes.items()}}
+    out, shapes, layout = projected_setup(args)
     path = out / f"store-k{args.dim}-pass-{args.n}"
     try:
         reused = GradientStore.open(path).n_examples == args.n
@@ -896,10 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     stores = []
     if args.full_n:
         stores.append(("unprojected", blocks, args.full_n, None, PLAN_FULL))
-    from datainf.gradients import ProjectionSettings
 
-    layout = {**ProjectionSettings(dim=args.dim).to_dict(), "blocks": {
-        n: {"shape": list(s), "full_shape": list(blocks[n])} for n, s in projected_blocks(blocks, args.dim).items()}}
+    layout = projection_layout(blocks, args.dim)
     stores.append((f"projected k={args.dim}", projected_blocks(blocks, args.dim), args.n, layout, PLAN_PROJECTED))
     result["stores"] = []
     for label, shapes, n, projection, slow in stores:
