@@ -22,8 +22,10 @@ from datainf.outputs import check_output
 @click.option("--self", "self_inf", is_flag=True, help="Self-influence of each training example instead.")
 @click.option("--mean-query", is_flag=True,
               help="Score against the mean query gradient: influence on the average query loss.")
-@scoring_options(method_help="Methods, comma-separated or repeated; default by the store's task: ekfac for a causal "
-                             "LM, datainf for a classifier (the most accurate measured: docs/results.md).")
+@scoring_options(method_help="Methods, comma-separated or repeated; default by the store's task and the question, "
+                             "the most accurate measured (datainf.estimators.defaults.DEFAULTS, docs/results.md): "
+                             "ekfac for a causal LM; for a classifier identity:normalize per query, "
+                             "datainf:remove_top=1 with --mean-query, datainf with --self.")
 @click.option("--debias", "debias", default=None, metavar="BASE_STORE[,BASE_QUERIES]",
               help="DDA's debias: subtract the scores of these stores, made at the model before fine-tuning (step 0: "
                    "`grads --initial`, or checkpoint-0's), from the scores (training store, then query store).")
@@ -111,7 +113,7 @@ def score_from_index(store_dir: str, query_dir: str | None, index_dir: str | Non
     """`score --index INDEX --top K`: the top K of every query from the index (datainf.index.index_for), as
     the rows `datainf top` writes."""
     from datainf.cli.top import write_rows
-    from datainf.index import index_for, index_rows
+    from datainf.index import check_queries_store, index_for, index_rows
     from datainf.store import GradientStore
 
     if index_dir is None or k is None:
@@ -131,8 +133,6 @@ def score_from_index(store_dir: str, query_dir: str | None, index_dir: str | Non
         raise DataInfError(f"--index {index_dir} does not exist; build it with `datainf index build {store_dir} "
                            f"--out {index_dir}`")
     train, queries = GradientStore.open(store_dir), GradientStore.open(query_dir)
-    from datainf.index import check_queries_store
-
     check_queries_store(train, queries)
     method = scoring.methods[0]
     top = index_for(index_dir, train, scoring.arguments(method))

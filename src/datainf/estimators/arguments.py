@@ -203,9 +203,6 @@ class ScoreResult:
                 "curvature_seconds": self.curvature_seconds, "world_size": self.world_size}
 
 
-__all__ = ["ScoreArguments", "ScoreResult"]
-
-
 #: the fields of ScoreArguments a variant spec may set (the others belong to the call: device, chunk size, ...)
 SPEC_FIELDS = ("damping", "normalize", "remove_top", "damping_scale", "damping_rule", "dtype")
 
@@ -219,9 +216,9 @@ def arguments_from_spec(spec: str, **fields: Any) -> ScoreArguments:
     naming the spec and what is allowed."""
     method, _, rest = str(spec).partition(":")
     method = method.strip()
-    get_method(method)
+    options_class = get_method(method).options
     hints = typing.get_type_hints(ScoreArguments)
-    option_hints = typing.get_type_hints(get_method(method).options) if get_method(method).options else {}
+    option_hints = typing.get_type_hints(options_class) if options_class else {}
     allowed = [*SPEC_FIELDS, *allowed_options(method)]
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
@@ -238,3 +235,6 @@ def arguments_from_spec(spec: str, **fields: Any) -> ScoreArguments:
         except ValueError:
             raise DataInfError(f"variant '{spec}': '{text}' is not a valid value for '{key}'") from None
     return ScoreArguments(method=method, options=options, **{**fields, **values})
+
+
+__all__ = ["SPEC_FIELDS", "ScoreArguments", "ScoreResult", "arguments_from_spec"]

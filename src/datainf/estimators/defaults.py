@@ -60,10 +60,6 @@ def default_spec(token_level: bool, question: str = "per_query") -> str:
     return DEFAULTS[task_kind(token_level)][question]
 
 
-def default_method(token_level: bool, question: str = "per_query") -> str:
-    """The method of :func:`default_spec`."""
-    return default_spec(token_level, question).partition(":")[0]
-
-
-__all__ = ["DEFAULTS", "DEFAULT_EVIDENCE", "QUESTIONS", "DEFAULT_METHOD", "default_method", "default_spec", "task_kind", "DIFFUSION_METHODS", "LDS_LEFT_OUT", "LLM_IDENTIFICATION_METHODS", "NOT_NORMALIZED",
-           "PLAIN_METHOD", "PRECONDITION_METHOD", "REFERENCE_METHOD"]
+__all__ = ["DEFAULTS", "DEFAULT_EVIDENCE", "DEFAULT_METHOD", "DIFFUSION_METHODS", "LDS_LEFT_OUT",
+           "LLM_IDENTIFICATION_METHODS", "NOT_NORMALIZED", "PLAIN_METHOD", "PRECONDITION_METHOD", "QUESTIONS",
+           "REFERENCE_METHOD", "default_spec", "task_kind"]
