@@ -190,10 +190,20 @@ def test_lds_scores_step0_run_and_control_and_correlates_them_like_scipy(tiny_ll
     res = json.loads((out / "lds.json").read_text())
     rows = {f"{m}{x}" for m in ("identity", "datainf") for x in ("", "+step0", "+run")} | {CONTROL}
     dda = {f"{m}+dda" for m in ("identity", "datainf")}  # DDA's debias: final minus step 0, by hand below
-    assert set(res["methods"]) == rows | dda
+    scores = json.loads((out / "scores.json").read_text())
+    # each checkpoint alone (step 0 and the final adapter here), whose weighted sum is the run's row
+    steps = {k for k in scores if "@step" in k and ":" not in k}
+    assert len(steps) == 4 and set(res["methods"]) == rows | dda | steps
+    for m in ("identity", "datainf"):
+        ours = sorted((k for k in steps if k.startswith(m + "@")), key=lambda k: int(k.rpartition("step")[2]))
+        as_array = {k: torch.tensor(scores[k], dtype=torch.float64) for k in [*ours, m, m + "+step0", m + "+run"]}
+        assert torch.equal(as_array[ours[0]], as_array[m + "+step0"]) and torch.equal(as_array[ours[-1]],
+                                                                                     as_array[m])
+        by_hand = sum(scores[k + ":weight"] * as_array[k] for k in ours)
+        assert float((by_hand - as_array[m + "+run"]).abs().max()) <= 1e-5 * float(by_hand.abs().max())
+    rows |= steps
     assert not (out / "loo").exists() and res["loo"]["examples"] == []
     assert all(r["loo_pearson"] is None for r in res["methods"].values())
-    scores = json.loads((out / "scores.json").read_text())
     settings = lds_module.LdsSettings(task="math", classes=2, n_train=6, n_query=2, rank=2, epochs=1,
                                       learning_rate=1e-2, subsets=3, loo_examples=0, loo_seeds=1,
                                       methods=("identity", "datainf"), checkpoints=1, control=True)
@@ -233,7 +243,7 @@ def test_lds_scores_step0_run_and_control_and_correlates_them_like_scipy(tiny_ll
     old = {k: v for k, v in saved.items() if k not in ("checkpoints", "control")}
     (out / "settings.json").write_text(json.dumps(old))
     (out / "scores.json").write_text(json.dumps({k: v for k, v in scores.items() if "+" not in k
-                                                 and not k.startswith(CONTROL)}))
+                                                 and "@" not in k and not k.startswith(CONTROL)}))
     fits = []
     real_fit = lds_module.CausalLMTrainer.fit
     monkeypatch.setattr(lds_module.CausalLMTrainer, "fit", lambda self, *a, **k: fits.append(a) or real_fit(

@@ -19,8 +19,9 @@ each query's summed NLL of its response tokens (the loss its gradient, and so it
 On a generation task, ``checkpoints`` K > 0 scores the full model along its fine-tune as well
 (:func:`datainf.experiments.llm_identification.score_along_run`): each method at the final adapter
 (``"<method>"``), at step 0 (``"<method>+step0"``: the initial adapter, B = 0) and summed over step 0 and K
-evenly spaced checkpoints with ``datainf finetune``'s learning-rate weights (``"<method>+run"``); the retrains
-are the same. ``control`` adds the resemblance control as the row ``"resemblance"`` (minus the cosine of the
+evenly spaced checkpoints with ``datainf finetune``'s learning-rate weights (``"<method>+run"``), and each
+checkpoint alone (``"<method>@step<S>"``, its weight in scores.json as ``"<method>@step<S>:weight"``: another
+weighting of the run can be judged afterwards from the cached retrains); the retrains are the same. ``control`` adds the resemblance control as the row ``"resemblance"`` (minus the cosine of the
 base model's mean last hidden states; a method must beat it to count as attribution). ``loo_examples=0``
 skips leave-one-out.
 
@@ -335,6 +336,7 @@ def run(settings: LdsSettings, out_dir: str | os.PathLike, *, progress: bool = T
     full.update(variant_scores(s, trainer, train, queries, out, progress))
     scores = {m: np.array(full[m]) for m in score_names(s)}
     scores.update(debiased(s, scores, full))
+    scores.update(checkpoint_rows(s, full))
     masks = subset_masks(s, len(train))
     losses = subset_losses(s, trainer, masks, out, progress)
     loo_idx = loo_examples(s, len(train))
@@ -452,8 +454,9 @@ def run_scores(s: LdsSettings, trainer: CausalLMTrainer, train: list[dict], quer
         return att.store, att.gradients(queries)
 
     final = gradients_at(out / "store")
+    per_step: list[dict[str, Any]] = []
     if s.checkpoints:
-        scored, _ = score_along_run(snapshots, gradients_at, arguments, final, out / "store-run")
+        scored, per_step = score_along_run(snapshots, gradients_at, arguments, final, out / "store-run")
     else:
         scored = {m: score_store(final[0], final[1], a) for m, a in arguments.items()}
     if control is not None:
@@ -462,7 +465,18 @@ def run_scores(s: LdsSettings, trainer: CausalLMTrainer, train: list[dict], quer
     for name, result in scored.items():
         res[name] = result.scores.double().numpy().tolist()
         res[name + ":seconds"] = result.seconds
+    for row in per_step:  # each checkpoint alone, "<row>@step<S>", and the weight it had in the run's sum
+        for name, result in row["scores"].items():
+            res[f"{name}@step{row['step']}"] = result.scores.double().numpy().tolist()
+            res[f"{name}@step{row['step']}:seconds"] = result.seconds
+            res[f"{name}@step{row['step']}:weight"] = row["lr"]
     return res
+
+
+def checkpoint_rows(s: LdsSettings, full: dict[str, Any]) -> dict[str, np.ndarray]:
+    """With ``checkpoints``: the rows "<row>@step<S>" of :func:`run_scores` (each checkpoint's scores alone,
+    whose weight in "<row>+run" is ``full["<row>@step<S>:weight"]``), as arrays."""
+    return {k: np.array(v) for k, v in full.items() if "@step" in k and ":" not in k} if s.checkpoints else {}
 
 
 def subset_masks(s: LdsSettings, n_train: int) -> np.ndarray:
