@@ -272,8 +272,8 @@ def test_rows_read_from_a_store_come_in_small_buffers_and_score_the_same(tmp_pat
 
     real_into = StoredBlock.read_into
 
-    def spy_into(self, rows, out):  # the one-query pass reads into one reused buffer
-        view = real_into(self, rows, out)
+    def spy_into(self, rows, out, **kw):  # the one-query pass reads into one reused buffer (per thread)
+        view = real_into(self, rows, out, **kw)
         sizes.append((self.name, view.shape[0]))
         return view
 

@@ -99,3 +99,55 @@ def test_the_fitted_state_is_trusted_by_its_stamp_until_it_changes(tmp_path, set
     assert not fourth.diagnostics["curvature_fit"]["cached"]  # set aside and fitted again
     assert list((tmp_path / "s").glob(f".{state.name}.corrupt-*"))
     torch.testing.assert_close(fourth.scores, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_a_pass_shared_out_among_threads_scores_as_one_thread_and_refuses_a_damaged_file(tmp_path, monkeypatch,
+                                                                                         dtype):
+    """With more than one torch thread the spans of a pass go to worker threads that read their rows with
+    pread (not memory maps): the scores equal the float64 sums (float64 store) or one thread's scores of the
+    same store bit for bit (float16: each span's sums are in the same order), every block file is read that
+    way, a file damaged in the last chunk is refused by name, a refusal raised inside a worker reaches the
+    caller, and the caller's torch thread count is as it was."""
+    from datainf.estimators import blocks as blocks_module
+
+    grads, queries = gradients(), gradients(2, seed=1)
+    write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype=dtype)
+    arguments = ScoreArguments(method="identity")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = score_store(GradientStore.open(tmp_path / "s"), queries, arguments).scores
+        torch.set_num_threads(3)
+        monkeypatch.setattr(blocks_module, "MAX_PASS_WORKERS", 3)
+        reads: list[tuple[int, str]] = []
+        real = GradientStore.read_rows
+        monkeypatch.setattr(GradientStore, "read_rows",
+                            lambda self, c, f, *a: reads.append((c, f)) or real(self, c, f, *a))
+        shared = score_store(GradientStore.open(tmp_path / "s"), queries, arguments).scores
+        assert torch.get_num_threads() == 3
+        chunks = -(-N // CHUNK)
+        assert chunks >= 3 and {(c, f"b{b:04d}.npy") for c in range(chunks) for b in range(len(SHAPES))} == set(reads)
+        if dtype == "float64":
+            torch.testing.assert_close(shared, identity_reference(grads, queries), rtol=1e-12, atol=1e-12)
+        assert torch.equal(shared, alone)
+        target = chunk_file(tmp_path / "s", chunks - 1, 1)
+        data = bytearray(target.read_bytes())
+        data[-2] ^= 0x10
+        target.write_bytes(bytes(data))
+        with pytest.raises(DataInfError, match=rf"chunk {chunks - 1} .*b0001\.npy does not match its sha256"):
+            score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+        assert torch.get_num_threads() == 3
+        # a refusal raised inside a worker (here: the pread of the last chunk's first block) reaches the caller
+        def refuse(self, c, f, *a):
+            if c == chunks - 1:
+                raise DataInfError(f"chunk {c} refused in a worker")
+            return real(self, c, f, *a)
+
+        monkeypatch.setattr(GradientStore, "read_rows", refuse)
+        target.write_bytes(bytes(data[:-2] + bytes([data[-2] ^ 0x10]) + data[-1:]))  # the file as written
+        with pytest.raises(DataInfError, match=rf"chunk {chunks - 1} refused in a worker"):
+            score_store(GradientStore.open(tmp_path / "s"), queries, arguments)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -291,14 +291,29 @@ def span_rows(blocks: Sequence[BlockRows]) -> int:
     return int(size) if isinstance(size, int) and size > 0 else blocks[0].chunk
 
 
+def pass_workers(n_spans: int) -> int:
+    """How many threads :func:`stream_dots` gives a pass over a store: one per torch thread (the cores torch
+    was told to use), at most one per span, at most :data:`MAX_PASS_WORKERS`."""
+    return max(1, min(torch.get_num_threads(), n_spans, MAX_PASS_WORKERS))
+
+
+#: the most threads one pass over a store's spans uses (each reads, converts and multiplies its own spans)
+MAX_PASS_WORKERS = 8
+#: the key of a pass worker's staging buffer (rows read with pread, in the storage dtype) among its buffers
+STAGING = "staging"
+
+
 def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -> Tensor:
     """``sum_l G_l R_l^T`` over the given blocks (each ``(BlockRows, R)`` with R (m, d_l)): (n, m) in the first
     block's compute dtype, in one sweep over the rows. The rows are read span by span (:func:`span_rows`), every
     block's rows of a span in turn: for a store, chunk folder after chunk folder, the order its files lie on
     disk, rather than each block across all chunk folders. Row sources with ``prefetch(rows)`` (a store's
     blocks) are asked to start reading the next ``lookahead`` spans in the background while this one is
-    converted and multiplied (on torch's threads). Equal to summing ``b.dot(R)`` over the blocks, up to the
-    order of the floating-point sums."""
+    converted and multiplied. When every block is a store's (rows copied into a reused buffer), the spans are
+    shared out among :func:`pass_workers` threads, each with its own buffer and one torch thread, each span's
+    rows of ``out`` written by one thread: the memory maps, the float16 -> float32 copies and the products run
+    on every core torch may use, and the sums are the same as on one thread. Equal to summing ``b.dot(R)`` over
+    the blocks, up to the order of the floating-point sums."""
     first = parts[0][0]
     out = torch.zeros(first.n, parts[0][1].shape[0], dtype=first.dtype, device=first.device)
     spans = list(chunks(first.n, span_rows([b for b, _ in parts])))
@@ -318,20 +333,19 @@ def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -
     pieces = [rows_per_chunk(b.g, b.chunk, b.dtype, b.device) if d else 0 for (b, _), d in zip(parts, direct)]
     span = spans[0].stop - spans[0].start if spans else 0
     size = max((min(span, p) * b.d for (b, _), p in zip(parts, pieces)), default=0)
-    buffers: dict[torch.dtype, Tensor] = {}
-    for i in range(lookahead):
-        ahead(i)
-    for i, span_i in enumerate(spans):
-        ahead(i + lookahead)
+
+    def one_span(span_i: slice, buffers: dict[Any, Tensor]) -> None:
         for (b, R), fast, piece in zip(parts, direct, pieces):
             if fast:
                 buffer = buffers.get(b.dtype)
                 if buffer is None:
                     buffer = buffers[b.dtype] = torch.empty(size, dtype=b.dtype)
+                staging = buffers.get(STAGING) if STAGING in buffers else None
                 for s in chunks(span_i.stop - span_i.start, piece):
                     s = slice(s.start + span_i.start, s.stop + span_i.start)
                     rows = s.stop - s.start
-                    gc = b.g.read_into(s, buffer[: rows * b.d].view(rows, b.d))
+                    view = buffer[: rows * b.d].view(rows, b.d)
+                    gc = b.g.read_into(s, view) if staging is None else b.g.read_into(s, view, staging=staging)
                     if R.dtype == out.dtype == gc.dtype:
                         out[s].addmm_(gc, R.T)
                     else:
@@ -339,6 +353,57 @@ def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -
                 continue
             for s, gc in b.rows(span_i):
                 out[s] += (gc @ R.T).to(out.dtype)
+
+    workers = pass_workers(len(spans)) if all(direct) else 1
+    if workers == 1:
+        buffers: dict[Any, Tensor] = {}
+        for i in range(lookahead):
+            ahead(i)
+        for i, span_i in enumerate(spans):
+            ahead(i + lookahead)
+            one_span(span_i, buffers)
+        return out
+    # each worker reads its rows with pread into a staging buffer (8 bytes a number: any storage dtype)
+    return _shared_out(spans, one_span, ahead, max(lookahead, workers + 1), workers, out, size * 8)
+
+
+def _shared_out(spans: list[slice], one_span: Any, ahead: Any, lookahead: int, workers: int, out: Tensor,
+                staging_bytes: int) -> Tensor:
+    """:func:`stream_dots`' spans computed by ``workers`` threads (each with one torch thread, its own
+    buffers and a staging buffer of ``staging_bytes`` for ``pread``), spans handed out in order, the next
+    ``lookahead`` read ahead as each is handed out."""
+    import threading
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def work(span_i: slice) -> None:
+        buffers = getattr(local, "buffers", None)
+        if buffers is None:
+            torch.set_num_threads(1)  # this thread's own torch thread count: the workers share the cores
+            buffers = local.buffers = {STAGING: torch.empty(staging_bytes, dtype=torch.uint8)}
+        one_span(span_i, buffers)
+
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="datainf-pass") as pool:
+            for i in range(lookahead):
+                ahead(i)
+            pending: deque = deque()
+            try:
+                for i, span_i in enumerate(spans):
+                    ahead(i + lookahead)
+                    pending.append(pool.submit(work, span_i))
+                    while len(pending) > workers:
+                        pending.popleft().result()
+                while pending:
+                    pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -37,6 +37,10 @@ class BlockSource(Protocol):
         """The path of ``file`` of chunk ``index``, refused when missing or (first read) not matching its sha256."""
         ...
 
+    def check_file(self, index: int, file: str, *, verify: bool | None = None) -> str:
+        """:meth:`checked_file`, the path as a string."""
+        ...
+
     def mapped(self, index: int, file: str, *, verify: bool | None = None) -> np.ndarray:
         """``file`` of chunk ``index``, memory-mapped and checked: (rows of the chunk, d), storage dtype."""
         ...
@@ -67,6 +71,7 @@ class StoredBlock:
         self.dtype = dtype
         self.device = torch.device("cpu")
         self._file = store.block_file(name)
+        self._checked = False
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -113,24 +118,31 @@ class StoredBlock:
         They stand for this block's rows, so (with the store's ``checksums`` on) the rows' files are checked
         against their sha256 as a read of them would be: a damaged block is refused, not scored by its old
         norms."""
-        if self.store.checksums:
+        if self.store.checksums and not self._checked:
             for c in range(self.store.num_chunks):
-                self.store.checked_file(c, self._file)
+                self.store.check_file(c, self._file)
+            self._checked = True  # this object's files checked once (scoring asks for the norms twice)
         return self.store.sq_norms_table()[:, self.store.block_names.index(self.name)]
 
-    def read_into(self, rows: slice, out: Tensor) -> Tensor:
+    def read_into(self, rows: slice, out: Tensor, staging: Tensor | None = None) -> Tensor:
         """Rows ``rows.start:rows.stop`` (within range, step 1) copied into the first rows of ``out`` (a
         contiguous CPU tensor of ``dtype`` with ``d`` columns and at least that many rows), converted as they
         are copied; returns that view of ``out``. A pass reuses one buffer for every chunk instead of a fresh
-        one per chunk (whose pages the OS would zero and fault in each time)."""
+        one per chunk (whose pages the OS would zero and fault in each time). With ``staging`` (a contiguous
+        CPU tensor of at least the rows' stored bytes) the stored rows are read into it with ``pread`` and
+        converted from there (what threads reading at once use, see ``GradientStore.read_rows``), else
+        converted straight from the file's memory map."""
         start, stop = rows.start, rows.stop
         size = self.store.chunk_size
         view = out[: stop - start]
+        read = getattr(self.store, "read_rows", None) if staging is not None else None
         pos = start
         while pos < stop:
             c = pos // size
             end = min(stop, (c + 1) * size)
-            self._copy_rows(view[pos - start : end - start], self._chunk(c)[pos - c * size : end - c * size])
+            target = view[pos - start : end - start]
+            raw = read(c, self._file, pos - c * size, end - c * size, staging) if read is not None else None
+            self._copy_rows(target, raw if raw is not None else self._chunk(c)[pos - c * size : end - c * size])
             pos = end
         return view
 

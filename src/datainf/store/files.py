@@ -129,11 +129,10 @@ def map_npy(path: Path | str, shape: tuple[int, int], dtype: np.dtype, *, fd: in
         os.close(fd)
 
 
-def map_npy_fd(fd: int, size: int, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
-    """:func:`map_npy` of an open file (``size`` bytes, from the caller's fstat): the header read with one
-    ``pread``, the data mapped with ``MAP_POPULATE`` where the OS has it (its pages entered into the map in
-    one call, not faulted in one by one by the first read: the warm pass's largest per-file cost). The map
-    outlives ``fd``."""
+def npy_data_offset(fd: int, size: int, shape: tuple[int, int], dtype: np.dtype) -> int | None:
+    """Where the data of an open ``.npy`` file (``size`` bytes) written by this store begins, its header read
+    with one ``pread`` and checked to describe exactly ``shape`` and ``dtype`` (C order) with the file's size;
+    None for any other header (the caller falls back to ``np.load``)."""
     head = os.pread(fd, 256, 0)
     if len(head) < 10 or head[:8] != b"\x93NUMPY\x01\x00":
         return None
@@ -144,6 +143,16 @@ def map_npy_fd(fd: int, size: int, shape: tuple[int, int], dtype: np.dtype) -> n
     offset = 10 + length
     expected = f"'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({shape[0]}, {shape[1]}), }}"
     if not header.startswith("{" + expected) or size - offset != shape[0] * shape[1] * dtype.itemsize:
+        return None
+    return offset
+
+
+def map_npy_fd(fd: int, size: int, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+    """:func:`map_npy` of an open file (``size`` bytes, from the caller's fstat): the header read with one
+    ``pread`` (:func:`npy_data_offset`), the data mapped with ``MAP_POPULATE`` where the OS has it (its pages
+    entered into the map in one call, not faulted in one by one by the first read). The map outlives ``fd``."""
+    offset = npy_data_offset(fd, size, shape, dtype)
+    if offset is None:
         return None
     if size == offset:
         return np.empty(shape, dtype=dtype)

@@ -14,10 +14,21 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from datainf import atomic
 from datainf.errors import DataInfError
-from datainf.store.files import CHECKSUM, CHUNK_MANIFEST, STAMP_MARGIN_S, file_stamp, map_npy, save_npy
+from datainf.store import reader as _reader
+from datainf.store.files import (
+    CHECKSUM,
+    CHUNK_MANIFEST,
+    STAMP_MARGIN_S,
+    file_stamp,
+    map_npy,
+    npy_data_offset,
+    save_npy,
+)
 from datainf.store.reader import cached_map, keep_map
 from datainf.store.writer import StoreWriter
 
@@ -121,6 +132,46 @@ class GradientStore(StoreWriter):
         if tuple(array.shape) != shape or array.dtype.str != dtype:
             raise self._chunk_error(index, f"{file} holds {array.dtype.str} {tuple(array.shape)}, expected {dtype} {shape}")
         return array
+
+    def read_rows(self, index: int, file: str, start: int, stop: int, staging: Tensor) -> np.ndarray | None:
+        """Rows ``start:stop`` (of the chunk's own rows) of a file of chunk ``index``, read with one ``pread``
+        into the first bytes of ``staging`` (a contiguous CPU tensor of at least that many bytes) and returned
+        as a numpy view of it, (stop - start, d) in the storage dtype; checked as :meth:`mapped` checks (the
+        file's sha256 the first time this object touches it with ``checksums`` on; its header against the shape
+        and dtype the chunk must hold). None when the file's header is not one this store writes, or when this
+        process keeps its maps (:data:`datainf.store.reader.MAX_CACHED_MAPS`): read it with :meth:`mapped`.
+        Unlike a memory map, reads from several threads at once scale: a map's page-table set-up serializes on
+        the process's address-space lock."""
+        if _reader.MAX_CACHED_MAPS > 0:
+            return None
+        key = (index, file)
+        self._await_fetch(key)
+        path = self._file_path(index, file)
+        shape, dtype_str = self._expected_file(index, file)
+        dtype = np.dtype(dtype_str)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._missing_file(index, file) from None
+        try:
+            st = os.fstat(fd)
+            if self.checksums and key not in self._verified:
+                self._verify(index, file, Path(path), st)
+            offset = npy_data_offset(fd, st.st_size, shape, dtype)
+            if offset is None:
+                return None
+            rows, row_bytes = stop - start, shape[1] * dtype.itemsize
+            out = staging.view(torch.uint8)[: rows * row_bytes].numpy()
+            if os.preadv(fd, [out], offset + start * row_bytes) != rows * row_bytes:
+                raise self._chunk_error(index, f"{file} is shorter than its header says")
+        except DataInfError:
+            raise
+        except (OSError, ValueError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise self._chunk_error(index, f"{file} is unreadable ({reason})") from None
+        finally:
+            os.close(fd)
+        return out.view(dtype).reshape(rows, shape[1])
 
     # ---------------------------------------------------------------- writing a chunk's files
 

@@ -197,6 +197,11 @@ class StoreReader(StoreLayout, ABC):
         touches it and ``checksums`` is on (or ``verify``), when its bytes do not match their sha256 (see
         :meth:`_verify`). Waits for the background read :meth:`prefetch` started for it, if any, and raises
         what that found."""
+        return Path(self.check_file(index, file, verify=verify))
+
+    def check_file(self, index: int, file: str, *, verify: bool | None = None) -> str:
+        """:meth:`checked_file` returning the path as a string (no ``Path`` built: a pass asks this of every
+        chunk file)."""
         self._await_fetch((index, file))
         path = self._file_path(index, file)
         try:
@@ -206,7 +211,7 @@ class StoreReader(StoreLayout, ABC):
         verify = self.checksums if verify is None else verify
         if verify and (index, file) not in self._verified:
             self._verify(index, file, Path(path), before)
-        return Path(path)
+        return path
 
     def _verify(self, index: int, file: str, path: Path, before: os.stat_result | None = None) -> bool:
         """Check ``file`` of chunk ``index`` against the sha256 its chunk.json records (refused, named, when it
