@@ -151,3 +151,23 @@ def test_a_pass_shared_out_among_threads_scores_as_one_thread_and_refuses_a_dama
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_chunk_read_ahead_as_one_job_raises_each_files_problem_when_that_file_is_read(tmp_path):
+    """prefetch_chunk (a pass's read-ahead of a whole chunk folder, one background job): a damaged file's
+    refusal is raised by the read of that file, by name, and not by the reads of the chunk's other files."""
+    grads = gradients()
+    write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype="float32")
+    damaged = chunk_file(tmp_path / "s", 1, 0)
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    store = GradientStore.open(tmp_path / "s")
+    files = [store.block_file(name) for name in SHAPES]
+    store.prefetch_chunk(1, files)
+    for name, f in zip(SHAPES, files):
+        if f != damaged.name:
+            got = torch.from_numpy(store.mapped(1, f).astype("float64"))
+            torch.testing.assert_close(got, flat(grads[name])[CHUNK : 2 * CHUNK].float().double(), rtol=0, atol=0)
+    with pytest.raises(DataInfError, match=rf"chunk 1 .*{damaged.name} does not match its sha256"):
+        store.mapped(1, damaged.name)

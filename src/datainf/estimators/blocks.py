@@ -318,12 +318,20 @@ def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -
     out = torch.zeros(first.n, parts[0][1].shape[0], dtype=first.dtype, device=first.device)
     spans = list(chunks(first.n, span_rows([b for b, _ in parts])))
 
+    # row sources that read ahead, by store: a store's blocks ask together (one background job per chunk folder)
+    readers: dict[int, list[Any]] = {}
+    for b, _ in parts:
+        if callable(getattr(b.g, "prefetch", None)) and not isinstance(b.g, Tensor):
+            readers.setdefault(id(getattr(b.g, "store", b.g)), []).append(b.g)
+
     def ahead(i: int) -> None:
         if i < len(spans):
-            for b, _ in parts:
-                fetch = getattr(b.g, "prefetch", None)
-                if callable(fetch) and not isinstance(b.g, Tensor):
-                    fetch(spans[i])
+            for first, *rest in readers.values():
+                if rest and all(hasattr(g, "file") for g in (first, *rest)):
+                    first.prefetch(spans[i], together=rest)
+                else:
+                    for g in (first, *rest):
+                        g.prefetch(spans[i])
 
     # rows of a row source that can copy them into a given buffer (a store's block, read in its compute dtype
     # on the CPU, unscaled) land in one buffer reused for every span, not a fresh one per span

@@ -5,7 +5,9 @@ one). This module imports nothing else of the store: the store imports it."""
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -14,6 +16,9 @@ import torch
 from torch import Tensor
 
 from datainf.errors import DataInfError
+
+#: held while the warnings filter is changed to read a map (catch_warnings is not thread-safe)
+_QUIET = threading.Lock()
 
 
 class BlockSource(Protocol):
@@ -82,12 +87,24 @@ class StoredBlock:
         every block's file of a chunk in turn (the order the store's files lie on disk)."""
         return self.store.chunk_size
 
-    def prefetch(self, rows: slice) -> None:
+    @property
+    def file(self) -> str:
+        """This block's file name inside each chunk folder."""
+        return self._file
+
+    def prefetch(self, rows: slice, together: Sequence[StoredBlock] = ()) -> None:
         """Start reading the files that hold ``rows`` (a slice with a start and a stop) in the background, so
-        that a later ``block[rows]`` finds them verified and in memory (see ``StoreReader.prefetch``)."""
+        that a later ``block[rows]`` finds them verified and in memory (see ``StoreReader.prefetch``); with
+        ``together`` (other blocks of the same store) their files of those chunks too, one job per chunk."""
         size = self.store.chunk_size
+        files = [self._file, *(b.file for b in together)]
+        batch = getattr(self.store, "prefetch_chunk", None)
         for c in range(rows.start // size, min(self.store.num_chunks, -(-rows.stop // size))):
-            self.store.prefetch(c, self._file)
+            if batch is not None:
+                batch(c, files)
+            else:
+                for f in files:
+                    self.store.prefetch(c, f)
 
     def __repr__(self) -> str:
         return f"StoredBlock({self.name!r}, shape={self.shape}, dtype={self.dtype}, store={str(self.store.path)!r})"
@@ -105,9 +122,12 @@ class StoredBlock:
     def _copy_rows(self, out: Tensor, array: np.ndarray) -> None:
         """``out[:] = rows`` straight from the memory map: one pass that converts as it copies (no
         intermediate copies, no fresh allocation), the streaming read's hot loop."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns that the (read-only) map is not writable; we only read
+        if array.flags.writeable:  # rows read into a staging buffer
             t = torch.from_numpy(np.ascontiguousarray(array))
+        else:  # a read-only map: torch warns that it is not writable (we only read); the filter is global
+            with _QUIET, warnings.catch_warnings():  # state, so threads take turns setting and restoring it
+                warnings.simplefilter("ignore")
+                t = torch.from_numpy(np.ascontiguousarray(array))
         if self.store.storage_dtype == "bfloat16":
             t = t.view(torch.int16).view(torch.bfloat16)
         out.copy_(t)

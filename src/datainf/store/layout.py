@@ -4,6 +4,7 @@ rows, the files each chunk must hold) and the cheap checks of a written chunk ag
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class StoreLayout:
         self._unsaved_files: dict[str, list] = {}  # the store's own files (fitted states) -> new stamp to record
         self._fetching: dict[tuple[int, str], Any] = {}  # (chunk, file) -> the background read started for it
         self._reader: Any = None  # the thread pool of those reads, started on the first
+        self._fetch_errors: dict[tuple[int, str], BaseException] = {}  # what a batch of those reads found
         self._chunk_info: dict[int, dict[str, Any] | None] = {}
         self._chunk_dirs: dict[int, str] = {}  # chunk -> its folder's path as a string (the pass's hot path)
         self._release = None
@@ -210,17 +212,21 @@ class StoreLayout:
         files = info["files"]
         if set(files) != set(expected):
             return f"{CHUNK_MANIFEST} lists files {sorted(files)}, expected {sorted(expected)}"
+        try:  # the folder listed once (names and types), each file's size by one stat: no Path per file
+            present = {e.name: e for e in os.scandir(folder)}
+        except OSError:
+            present = {}
         for name, (shape, dtype) in expected.items():
             entry = files[name]
-            file = folder / name
             if not isinstance(entry, dict) or (list(shape), dtype) != (entry.get("shape"), entry.get("dtype")):
                 return f"{name} was written as {entry.get('dtype')} {entry.get('shape')}, expected {dtype} {list(shape)}"
-            if not file.is_file():
+            found = present.get(name)
+            if found is None or not found.is_file():
                 return f"lacks {name}"
-            size = file.stat().st_size
+            size = found.stat().st_size
             if size != entry.get("bytes"):
                 return f"{name} has {size} bytes, {entry.get('bytes')} when it was written (truncated or overwritten)"
-            if checksums and file_digest(file) != entry.get(CHECKSUM):
+            if checksums and file_digest(folder / name) != entry.get(CHECKSUM):
                 return f"{name} does not match its {CHECKSUM} checksum (its bytes changed after it was written)"
         return None
 

@@ -14,7 +14,7 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,6 +173,9 @@ class StoreReader(StoreLayout, ABC):
         ticket = self._fetching.pop(key, None)
         if ticket is not None:
             self._reader.wait(ticket)
+            error = self._fetch_errors.pop(key, None)  # this file's, from a batch (prefetch_chunk)
+            if error is not None:
+                raise error
 
     def _file_path(self, index: int, file: str) -> str:
         """The path of ``file`` of chunk ``index`` as a string (built without pathlib: this is on the pass's
@@ -210,10 +213,10 @@ class StoreReader(StoreLayout, ABC):
             raise self._missing_file(index, file) from None
         verify = self.checksums if verify is None else verify
         if verify and (index, file) not in self._verified:
-            self._verify(index, file, Path(path), before)
+            self._verify(index, file, path, before)
         return path
 
-    def _verify(self, index: int, file: str, path: Path, before: os.stat_result | None = None) -> bool:
+    def _verify(self, index: int, file: str, path: Path | str, before: os.stat_result | None = None) -> bool:
         """Check ``file`` of chunk ``index`` against the sha256 its chunk.json records (refused, named, when it
         does not match); returns whether it read the file to do so. A file whose verified stamp (its size,
         mtime, ctime, inode and device, and the sha256 it matched, :data:`~datainf.store.files.VERIFIED_DIR`)
@@ -322,6 +325,27 @@ class StoreReader(StoreLayout, ABC):
             weakref.finalize(self, self._reader.shutdown)
         self._fetching[key] = self._reader.submit(self._fetch, index, file)
 
+    def prefetch_chunk(self, index: int, files: Sequence[str]) -> None:
+        """:meth:`prefetch` of several files of chunk ``index`` as one background job (a pass over every block
+        asks for a whole chunk folder at a time: one job and one wake-up per folder instead of per file); what
+        the job finds about each file is raised by :meth:`checked_file` / :meth:`mapped` of that file."""
+        keys = [(index, f) for f in files if (index, f) not in self._fetching]
+        if not keys:
+            return
+        if self._reader is None:
+            self._reader = _ReadAhead()
+            weakref.finalize(self, self._reader.shutdown)
+        ticket = self._reader.submit(self._fetch_each, keys)
+        for key in keys:
+            self._fetching[key] = ticket
+
+    def _fetch_each(self, keys: list[tuple[int, str]]) -> None:
+        for index, file in keys:
+            try:
+                self._fetch(index, file)
+            except BaseException as e:  # noqa: BLE001  (raised to whoever reads that file)
+                self._fetch_errors[(index, file)] = e
+
     def _fetch(self, index: int, file: str) -> None:
         path = self._file_path(index, file)
         try:
@@ -377,7 +401,13 @@ class StoreReader(StoreLayout, ABC):
         stale)."""
         table = self._sq_table
         if table is None:
-            table = torch.stack(list(self.sq_norms().values()), dim=1)
+            table = torch.empty(self.n_examples, len(self.block_names), dtype=torch.float64)
+            rows = table.numpy()
+            for i in range(self.num_chunks):  # each chunk's table copied once, straight into its rows
+                if not self._chunk_dir(i).is_dir():
+                    raise DataInfError(f"store {self.path}: chunk {i} is not written yet; finish computing the store")
+                span = self.chunk_rows(i)
+                rows[span.start : span.stop] = self.mapped(i, "sq_norms.npy")
             if self.complete and not self._writable:
                 self._sq_table = table
         return table
@@ -385,12 +415,7 @@ class StoreReader(StoreLayout, ABC):
     def sq_norms(self) -> dict[str, Tensor]:
         """Squared gradient norm of every example per block, name -> float64 tensor (n_examples,), computed
         from the float32 values before any down-cast to the storage dtype."""
-        parts = []
-        for i in range(self.num_chunks):
-            if not self._chunk_dir(i).is_dir():
-                raise DataInfError(f"store {self.path}: chunk {i} is not written yet; finish computing the store")
-            parts.append(np.array(self.mapped(i, "sq_norms.npy")))
-        sq = torch.from_numpy(np.concatenate(parts, axis=0))
+        sq = self.sq_norms_table()
         return {name: sq[:, j].clone() for j, name in enumerate(self.block_names)}
 
     # ---------------------------------------------------------------- records
