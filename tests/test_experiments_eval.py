@@ -112,7 +112,8 @@ def test_step0_and_run_sum_against_a_twin_fine_tune(tiny_llama_dir, tmp_path):
         want["identity"][step], want["datainf"][step] = _identity(G, V), _dense_datainf(G, V)
     saved = load_scores(tmp_path / "scores.safetensors").scores
     for m in ("identity", "datainf"):
-        expected = {"": want[m][4], "+step0": want[m][0], "+run": sum(weights[s] * want[m][s] for s in weights)}
+        expected = {"": want[m][4], "+step0": want[m][0], "+run": sum(weights[s] * want[m][s] for s in weights),
+                    **{f"@step{s}": want[m][s] for s in weights}}  # each checkpoint alone, kept for re-weighting
         for suffix, ref in expected.items():
             got = saved[m + suffix].double()
             err = float((got - ref).abs().max())

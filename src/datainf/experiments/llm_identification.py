@@ -38,6 +38,7 @@ is what results.json holds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -299,7 +300,7 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
                                                                       test_pr, out / "store", progress)
-    per_checkpoint = None
+    per_checkpoint, per_step = None, []
     if settings.checkpoints:
         def gradients_at(store: Path) -> tuple[GradientStore, dict[str, torch.Tensor]]:
             at, queries, *_ = gradients(settings, model, tokenizer, train_pr, test_pr, store, progress)
@@ -320,7 +321,13 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
         query_gradient_seconds=query_seconds,
         methods=method_outcomes(settings, scored, scores, train_labels, test_labels),
         protocol=settings.protocol, checkpoints=per_checkpoint, **losses)
-    write_outputs(result, out, settings, train, test, scored, scores, attributor)
+    # each checkpoint alone goes into scores.safetensors too ("<variant>@step<S>"; its weight in the run's sum is
+    # results.json's checkpoints[i]["lr"]): another weighting of the run can be judged from the file afterwards
+    saved = dict(scored)
+    for row in per_step if settings.checkpoints else []:
+        for name, term in row["scores"].items():
+            saved[f"{name}@step{row['step']}"] = dataclasses.replace(term, scores=term.scores.clone())  # own tensor
+    write_outputs(result, out, settings, train, test, saved, scores, attributor)
     if not settings.keep_store:
         shutil.rmtree(out / "store", ignore_errors=True)
     result.wall_seconds = time.perf_counter() - t_start
