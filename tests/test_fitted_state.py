@@ -213,8 +213,8 @@ def rows_read(monkeypatch):
             count[0] += out.shape[0]
         return out
 
-    def counting_into(self, rows, out):  # every slice read, the pass's buffer reads included
-        view = original_into(self, rows, out)
+    def counting_into(self, rows, out, **kw):  # every slice read, the pass's buffer reads included
+        view = original_into(self, rows, out, **kw)
         count[0] += view.shape[0]
         return view
 

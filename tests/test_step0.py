@@ -212,3 +212,39 @@ def test_explain_takes_the_remedies(setup, tmp_path, capsys):
     assert rows
     for r in rows:
         assert r["score"] == pytest.approx(float(want[r["train_index"], 0]), rel=1e-8, abs=1e-12)
+
+
+def test_explain_initial_answers_with_the_final_adapter_and_scores_at_step_0(setup, tmp_path, capsys):
+    """`explain --adapter FINAL --initial --store S0` (S0 from `grads --initial`): every score equals minus the
+    inner product of S0's rows with the query's own `grads --initial` gradient (read back from a store made by
+    that command, float64); the response it generates is the final adapter's (the same as without --initial);
+    without --initial the step-0 store is refused as made with another model or adapter."""
+    grads(setup, capsys, setup["adapter"], tmp_path / "s0", "--initial")
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": PROMPT, "response": RESPONSE}])
+    grads(setup, capsys, setup["adapter"], tmp_path / "q0", "--initial", data=queries)
+    train, query = GradientStore.open(tmp_path / "s0"), GradientStore.open(tmp_path / "q0")
+    want = -sum(train.block(n)[0 : train.n_examples].double() @ query.block(n)[0:1].double().T
+                for n in train.block_names)[:, 0]
+    base = ["explain", "--model", str(setup["model"]), "--adapter", str(setup["adapter"]), "--store",
+            str(tmp_path / "s0"), "--method", "identity", "--k", "3", "--model-dtype", "float64"]
+    out = tmp_path / "e.json"
+    code, stdout, err = run([*base, "--initial", "--prompt", PROMPT, "--response", RESPONSE, "--json", str(out)],
+                            capsys)
+    assert code == 0, err
+    assert "gradients at step 0 of" in stdout and "seed 3 (recorded in" in stdout
+    rows = json.loads(out.read_text())["answers"][0]["rows"]
+    assert len(rows) >= 3  # up to 3 helpful and 3 harmful of the 6 training examples
+    for r in rows:
+        assert r["score"] == pytest.approx(float(want[r["train_index"]]), rel=1e-8, abs=1e-12)
+    # the generated response is the final adapter's
+    grads(setup, capsys, setup["adapter"], tmp_path / "final")
+    answers = {}
+    for flag, store in (("--initial", "s0"), (None, "final")):
+        path = tmp_path / f"{store}.json"
+        argv = [*base, "--prompt", PROMPT, "--max-new-tokens", "6", "--json", str(path)]
+        argv[argv.index("--store") + 1] = str(tmp_path / store)
+        code, _, err = run(argv + ([flag] if flag else []), capsys)
+        assert code == 0, err
+        answers[store] = json.loads(path.read_text())["answers"][0]["response"]
+    assert answers["s0"] == answers["final"]
+    refused([*base, "--prompt", PROMPT, "--response", RESPONSE], capsys, "was made with a different")

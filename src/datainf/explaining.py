@@ -422,7 +422,8 @@ class Explainer:
                  adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None,
                  weights: str = "lr", arguments: Sequence[ScoreArguments] | None = None, k: int = 10,
                  max_new_tokens: int = 64, allow_mismatch: bool = False, model_dtype: str = "float32",
-                 device: str | None = None, tokens: bool = False, index: PathLike | None = None) -> None:
+                 device: str | None = None, tokens: bool = False, index: PathLike | None = None,
+                 initial: bool = False, initial_seed: int | None = None) -> None:
         from datainf.combine import check_summable
         from datainf.estimators import ScoreArguments, method_names
         from datainf.scoring import check_preconditioned
@@ -443,6 +444,17 @@ class Explainer:
             raise DataInfError(f"k and max_new_tokens must be >= 1, got {k} and {max_new_tokens}")
         self.model_dir, self.run = str(model), None if run is None else str(run)
         self.checkpoints = checkpoints_of(adapter, store, run, weights)
+        # step 0 from the final adapter alone (`datainf grads --initial`): the answer is the final adapter's,
+        # the gradients are taken at the LoRA it started from (B = 0, A from the recorded seed or initial_seed)
+        self.initial, self.initial_seed, self.initial_note = initial, initial_seed, ""
+        if initial_seed is not None and not initial:
+            raise DataInfError("the seed is --initial's (the seed of step 0's LoRA A): give --initial too, or drop "
+                               "--seed")
+        if initial and (run is not None or len(self.checkpoints) != 1):
+            raise DataInfError("--initial explains from one final --adapter and the training store `datainf grads "
+                               "--initial` made with it; a run (--run) has its own step 0 (checkpoint-0)")
+        self._states: dict[str, dict[str, Any]] = {}  # with initial: the LoRA weights, "final" and "initial"
+        self._initial_fingerprint: dict[str, Any] = {}
         check_adapters(self.checkpoints)
         self.run_stores = _names(store)[0] if run is not None else None  # the folder of `grads --run`
         # each method's ScoreArguments (the command line's scoring flags, or score_arguments' defaults + remedies)
@@ -479,7 +491,7 @@ class Explainer:
         self.mismatch: list[str] = []
         self.load_seconds: float | None = None
         self._model: Any = None
-        self._current = 0  # which checkpoint's weights the model holds
+        self._current: int | str = 0  # which checkpoint's weights the model holds ("final"/"initial": initial)
 
     @property
     def n_train(self) -> int:
@@ -535,8 +547,10 @@ class Explainer:
                                        projection=ProjectionSettings.from_dict(s.projection))  # as the store was made
                             for c, s in zip(self.checkpoints, self.stores)]
         self._model, self.tokenizer = model, tokenizer
+        if self.initial:
+            self._initial_weights(device)
         for i, (c, s) in enumerate(zip(self.checkpoints, self.stores)):
-            self._use(i)
+            self._use(i, scoring=True)
             found = self.differences(s, c)
             if found and not self.allow_mismatch:
                 self._model = None
@@ -550,15 +564,51 @@ class Explainer:
         with: "adapter (fingerprint F in the store, G for ADAPTER on MODEL as float32)", the store's first."""
         from datainf.store import fingerprint_model
 
-        mine = fingerprint_model(self._model)
-        loaded = f"{checkpoint.adapter} on {self.model_dir} as {self.model_dtype}"
+        mine = self._initial_fingerprint if self._states else fingerprint_model(self._model)
+        loaded = (f"step 0 of {checkpoint.adapter}" if self._states else checkpoint.adapter) + (
+            f" on {self.model_dir} as {self.model_dtype}")
         return [f"{key} (fingerprint {store.fingerprints[key]} in the store, {mine[key]} for {loaded})"
                 for key in ("model", "adapter") if store.fingerprints.get(key) not in (None, mine[key])]
 
-    def _use(self, i: int) -> None:
-        """Put checkpoint ``i``'s LoRA weights into the model (the answering adapter is checkpoint 0)."""
+    def _initial_weights(self, device: str) -> None:
+        """With ``initial``: step 0's LoRA weights rebuilt from the answering adapter's config
+        (:func:`datainf.models.initial.initial_lora`, as ``datainf grads --initial`` builds them; the base model
+        is loaded a second time for it and let go), kept beside the final ones."""
+        import torch
+
+        from datainf.models.initial import initial_lora
+
+        adapter = self.checkpoints[0].adapter
+        step0, _, used, source = initial_lora(self.model_dir, adapter, seed=self.initial_seed,
+                                              dtype=getattr(torch, self.model_dtype), device=device)
+        from datainf.store import fingerprint_model
+
+        lora = {n: p for n, p in self._model.named_parameters() if "lora_" in n}
+        start = {n: p.detach().clone() for n, p in step0.named_parameters() if "lora_" in n}
+        self._initial_fingerprint = fingerprint_model(step0)  # what `grads --initial` recorded in its store
+        del step0
+        if set(start) != set(lora):
+            raise DataInfError(f"step 0 of {adapter} does not have the adapter's LoRA parameters (first missing: "
+                               f"{sorted(set(lora) ^ set(start))[0]}); --initial applies to adapters of one LoRA")
+        self._states = {"final": {n: p.detach().clone() for n, p in lora.items()}, "initial": start}
+        self.initial_note = f"step 0 of {adapter}: B = 0, A drawn with seed {used} ({source})"
+
+    def _use(self, i: int, scoring: bool = False) -> None:
+        """Put checkpoint ``i``'s LoRA weights into the model (the answering adapter is checkpoint 0); with
+        ``scoring`` the weights its store's gradients were taken at (with ``initial``: step 0's)."""
         from datainf.models.checkpoints import load_adapter_weights
 
+        if self._states:
+            want = "initial" if scoring else "final"
+            if want != self._current:
+                import torch
+
+                with torch.no_grad():
+                    for n, p in self._model.named_parameters():
+                        if n in self._states[want]:
+                            p.copy_(self._states[want][n])
+                self._current = want
+            return
         if i != self._current:
             load_adapter_weights(self._model, self.checkpoints[i].adapter)
             self._current = i
@@ -622,10 +672,10 @@ class Explainer:
             for j, record in enumerate(records):
                 by_token[j] = token_attribution(
                     self.attributors, record, list(self.arguments.values()), weights=[c.weight for c in self.checkpoints],
-                    load=self._use, allow_mismatch=self.allow_mismatch)
+                    load=lambda i: self._use(i, scoring=True), allow_mismatch=self.allow_mismatch)
         gradients = []
         for i, attributor in enumerate(self.attributors):
-            self._use(i)
+            self._use(i, scoring=True)
             gradients.append(attributor.gradients(records, desc=None))
         self._use(0)
         scores: dict[str, Tensor] = {}
@@ -687,7 +737,8 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
             adapter: PathLike | Sequence[PathLike] | None = None, run: PathLike | None = None, weights: str = "lr",
             methods: Sequence[str] | str | None = None, k: int = 10, max_new_tokens: int = 64,
             allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
-            remedies: Mapping[str, Any] | None = None, tokens: bool = False) -> Explanation:
+            remedies: Mapping[str, Any] | None = None, tokens: bool = False, initial: bool = False,
+            initial_seed: int | None = None) -> Explanation:
     """Which training examples made the model give these responses to these prompts?
 
     ``queries``: :class:`Query` objects (or prompt strings, answered by the model), e.g. from
@@ -698,13 +749,16 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
     weighted by its learning rate). ``methods``: registered method names (default EK-FAC, the most accurate measured
     on LoRA causal LMs: :data:`datainf.estimators.defaults.DEFAULTS`); ``remedies``: ScoreArguments fields
     of :mod:`datainf.remedies` applied to every method (e.g. ``{"remove_top": 1}``); ``tokens``: also score
-    every response token (:mod:`datainf.tokens`; each answer's ``by_token``). Returns an :class:`Explanation`:
+    every response token (:mod:`datainf.tokens`; each answer's ``by_token``); ``initial``: the gradients at step 0
+    of ``adapter``'s fine-tune, with ``store`` made by ``datainf grads --initial`` (``initial_seed`` for an adapter
+    that records no seed). Returns an :class:`Explanation`:
     one :class:`Answer` per query, in order."""
     if isinstance(queries, (str, Query)):
         queries = [queries]
     explainer = Explainer(model, store=store, adapter=adapter, run=run, weights=weights,
                           arguments=score_arguments(methods, remedies), k=k, max_new_tokens=max_new_tokens,
-                          allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=device, tokens=tokens)
+                          allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=device, tokens=tokens,
+                          initial=initial, initial_seed=initial_seed)
     queries = [Query(q) if isinstance(q, str) else q for q in queries]
     explainer.check(queries)
     return explainer.explanation(explainer.explain(queries))

@@ -46,8 +46,8 @@ def method_line(methods: tuple[str, ...], defaulted: bool, checkpoints: int) -> 
     if defaulted:
         line += f" (the default; --method datainf for the paper's method). Measured: {DEFAULT_EVIDENCE['causal_lm']}"
         if checkpoints == 1:
-            line += (". One checkpoint here: give --run RUN (the run's checkpoints, step 0 included) or step 0's "
-                     "store (`datainf grads --initial`) for the measured accuracy")
+            line += (". One checkpoint here: give --run RUN (the run's checkpoints, step 0 included), or --initial "
+                     "with step 0's store (`datainf grads --initial`), for the measured accuracy")
     return line
 
 
@@ -128,12 +128,21 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
                    "store (datainf.tokens); prints each token's most helpful and harmful example, and with --json "
                    "writes every token's top --k lists under the answer's 'tokens' (for `datainf report --tokens`).")
 @option("--index", type=click.Path(exists=True, file_okay=False))
+@click.option("--initial", is_flag=True,
+              help="Explain from step 0 of the --adapter's fine-tune (its final adapter alone): the response is the "
+                   "adapter's, the query's gradient is taken at the LoRA training started from (B = 0, A from the "
+                   "seed finetune recorded), as `datainf grads --initial` made --store. What a converged model's "
+                   "final gradients have lost (docs/results.md, issue 29).")
+@click.option("--seed", "initial_seed", type=click.IntRange(min=0), default=None,
+              help="With --initial, for an adapter that records no seed: the seed A was drawn with (as given to "
+                   "`datainf grads --initial --seed`).")
 @click.pass_context
 def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], run_dir: str | None,
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
             interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None,
-            queries_path: str | None, csv_path: str | None, tokens: bool, index_dir: str | None) -> None:
+            queries_path: str | None, csv_path: str | None, tokens: bool, index_dir: str | None, initial: bool,
+            initial_seed: int | None) -> None:
     """Which training examples made the model give this response to this prompt (or these, --queries)?"""
     from datainf.explaining import Explainer, Query, conversation_query, read_queries
 
@@ -170,7 +179,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     explainer = Explainer(model_dir, store=store_dirs, adapter=adapter_dirs, run=run_dir, weights=weights,
                           arguments=[scoring.arguments(m) for m in scoring.methods], k=k,
                           max_new_tokens=max_new_tokens, allow_mismatch=allow_mismatch, model_dtype=model_dtype,
-                          device=setup(ctx, device)[1], tokens=tokens, index=index_dir)
+                          device=setup(ctx, device)[1], tokens=tokens, index=index_dir, initial=initial,
+                          initial_seed=initial_seed)
     if queries:
         explainer.check(queries)  # refused before the model is loaded
     elif system is not None:
@@ -179,9 +189,11 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     first = explainer.checkpoints[0]
     click.echo(f"loaded {model_dir} + {first.adapter} in {seconds:.1f} s; store: {explainer.n_train} training "
                f"examples, {len(explainer.stores[0].block_names)} blocks{' (chat)' if explainer.chat else ''}")
+    if explainer.initial_note:
+        click.echo(f"gradients at {explainer.initial_note}")
     for note in explainer.notes():
         click.echo(f"note: {note}")
-    click.echo(method_line(scoring.methods, defaulted, len(explainer.checkpoints)))
+    click.echo(method_line(scoring.methods, defaulted, 2 if initial else len(explainer.checkpoints)))
     if len(explainer.checkpoints) > 1:
         click.echo(f"scores summed over {len(explainer.checkpoints)} checkpoints, weighted by "
                    f"{'lr' if run_dir is not None else weights}: " + ", ".join(
