@@ -91,19 +91,24 @@ class GradientStore(StoreWriter):
 
     # ---------------------------------------------------------------- reading a chunk file
 
+    def _open_chunk_file(self, index: int, file: str) -> tuple[int, str, tuple[int, int], str]:
+        """(open fd, path, the shape and numpy dtype str the file must hold) of a file of chunk ``index``, once the
+        background read's check of it (and what it found) is in; a missing file refused by name."""
+        self._await_fetch((index, file))
+        path = self._file_path(index, file)
+        shape, dtype = self._expected_file(index, file)
+        try:
+            return os.open(path, os.O_RDONLY), path, shape, dtype
+        except FileNotFoundError:
+            raise self._missing_file(index, file) from None
+
     def mapped(self, index: int, file: str, *, verify: bool | None = None) -> np.ndarray:
         """A file of chunk ``index``, memory-mapped, checked against what the chunk must hold (and, the
         first time this object reads it and ``checksums`` is on, against its sha256): see
         :meth:`StoreReader.mapped <datainf.store.reader.StoreReader.mapped>`."""
         key = (index, file)
-        self._await_fetch(key)  # the background read's check of this file, and what it found
         verify = self.checksums if verify is None else verify
-        path = self._file_path(index, file)
-        shape, dtype = self._expected_file(index, file)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise self._missing_file(index, file) from None
+        fd, path, shape, dtype = self._open_chunk_file(index, file)
         try:
             st = os.fstat(fd)
             stamp = file_stamp(st)
@@ -145,14 +150,8 @@ class GradientStore(StoreWriter):
         if _reader.MAX_CACHED_MAPS > 0:
             return None
         key = (index, file)
-        self._await_fetch(key)
-        path = self._file_path(index, file)
-        shape, dtype_str = self._expected_file(index, file)
+        fd, path, shape, dtype_str = self._open_chunk_file(index, file)
         dtype = np.dtype(dtype_str)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise self._missing_file(index, file) from None
         try:
             st = os.fstat(fd)
             if self.checksums and key not in self._verified:
