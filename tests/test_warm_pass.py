@@ -171,3 +171,103 @@ def test_a_chunk_read_ahead_as_one_job_raises_each_files_problem_when_that_file_
             torch.testing.assert_close(got, flat(grads[name])[CHUNK : 2 * CHUNK].float().double(), rtol=0, atol=0)
     with pytest.raises(DataInfError, match=rf"chunk 1 .*{damaged.name} does not match its sha256"):
         store.mapped(1, damaged.name)
+
+
+def test_a_first_read_hashes_each_file_within_the_pass_not_in_a_pass_before_it(tmp_path, monkeypatch):
+    """With no verified stamps (a store just written), each chunk file is hashed once, by the read-ahead of the
+    pass: when the first rows are read, at most the chunk folders read ahead (3 of 5 on one thread) have been
+    hashed, not every file (the stored norms used before the pass no longer hash the rows' files first). The
+    scores equal the float64 sums; Hessian-free self-influence, answered from the norms alone, still checks
+    the rows (a damaged block is refused)."""
+    from datainf.store.blocks import StoredBlock
+    from test_one_pass import counting_digests
+
+    seen = counting_digests(monkeypatch)
+    grads = gradients()
+    write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype="float32")
+    queries = gradients(1, seed=1)
+    hashed_at_first_read: list[int] = []
+    real_read = StoredBlock.read_into
+
+    def read_into(self, rows, out, staging=None):
+        if not hashed_at_first_read:
+            hashed_at_first_read.append(len({p.parent for p in seen if p.name != "sq_norms.npy"}))
+        return real_read(self, rows, out, staging=staging)
+
+    monkeypatch.setattr(StoredBlock, "read_into", read_into)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = score_store(GradientStore.open(tmp_path / "s"), queries, ScoreArguments(method="identity")).scores
+    finally:
+        torch.set_num_threads(before)
+    files = sorted((tmp_path / "s" / "chunks").rglob("*.npy"))
+    assert sorted(seen) == files  # every file hashed, each once
+    assert hashed_at_first_read and hashed_at_first_read[0] <= 3, hashed_at_first_read
+    expected = identity_reference({k: v.float().double() for k, v in grads.items()}, queries)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+    damaged = chunk_file(tmp_path / "s", 2, 1)
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataInfError, match=rf"chunk 2 .*{damaged.name} does not match its sha256"):
+        score_store(GradientStore.open(tmp_path / "s"), None, ScoreArguments(method="identity"))
+
+
+def test_the_read_ahead_skips_a_chunk_in_memory_whose_checks_need_no_hash(tmp_path, monkeypatch):
+    """prefetch_chunk starts no background job for a chunk folder whose files are in the page cache and whose
+    checks need no sha256 pass (verified stamps recorded); it still does when a file would need hashing or
+    is not in memory."""
+    monkeypatch.setattr(reader_module, "STAMP_MARGIN_S", 0.0)
+    write_store(tmp_path / "s", gradients(), chunk_size=CHUNK, dtype="float32")
+    queries = gradients(1, seed=1)
+    score_store(GradientStore.open(tmp_path / "s"), queries, ScoreArguments(method="identity"))  # records stamps
+    files = [GradientStore.open(tmp_path / "s").block_file(name) for name in SHAPES]
+
+    def asks(resident: bool, stamps: bool = True) -> bool:
+        monkeypatch.setattr(reader_module.StoreReader, "_in_page_cache", lambda self, index, names: resident)
+        store = GradientStore.open(tmp_path / "s")
+        if not stamps:
+            store._stamps[1] = {}  # as if chunk 1 had never been verified
+        store.prefetch_chunk(1, files)
+        return bool(store._fetching)
+
+    assert not asks(resident=True)
+    assert asks(resident=False)
+    assert asks(resident=True, stamps=False)
+
+
+def test_the_page_cache_probe_sees_an_evicted_file(tmp_path):
+    """_in_page_cache: True for files just read, False once their pages are dropped (where the file system
+    honours POSIX_FADV_DONTNEED and RWF_NOWAIT; skipped elsewhere)."""
+    write_store(tmp_path / "s", gradients(), chunk_size=CHUNK, dtype="float32")
+    store = GradientStore.open(tmp_path / "s")
+    files = [store.block_file(name) for name in SHAPES]
+    paths = [tmp_path / "s" / "chunks" / "00001" / f for f in files]
+    for p in paths:
+        p.read_bytes()
+    if not store._in_page_cache(1, files):
+        pytest.skip("this file system does not answer RWF_NOWAIT reads")
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if any(_resident(p) for p in paths):
+        pytest.skip("this file system keeps the pages after POSIX_FADV_DONTNEED")
+    assert not store._in_page_cache(1, files)
+
+
+def _resident(path: Path) -> bool:
+    """Whether the last byte of ``path`` is in the page cache (an independent probe: mmap + mincore is not in
+    Python's standard library, so a non-blocking read of that byte)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(1)], os.fstat(fd).st_size - 1, os.RWF_NOWAIT) == 1
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

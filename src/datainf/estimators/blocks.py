@@ -224,6 +224,14 @@ class BlockRows:
         """The rows of ``G`` at the (sorted) indices ``rows``, in the compute dtype."""
         return scaled(self.g[rows], self.scale, self.dtype, self.device)
 
+    def check_rows(self) -> None:
+        """For an answer drawn from :meth:`sq_norms` alone (no row read): a row source that knows its rows'
+        norms without reading them (a store's block, ``check_rows()``) checks that the rows are intact, as a
+        read of them would (a store: every file's sha256); nothing to do for rows in memory."""
+        check = getattr(self.g, "check_rows", None)
+        if callable(check) and not isinstance(self.g, Tensor):
+            check()
+
     def sq_norms(self) -> Tensor:
         """Squared norm of every example's gradient, (n,); names the first non-finite example. A row source
         that knows its rows' squared norms (a store's block: ``sq_norms()``, written with the rows) saves the

@@ -76,7 +76,7 @@ class StoredBlock:
         self.dtype = dtype
         self.device = torch.device("cpu")
         self._file = store.block_file(name)
-        self._checked = False
+        self._column = store.block_names.index(name)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -135,14 +135,19 @@ class StoredBlock:
     def sq_norms(self) -> Tensor:
         """The stored squared norm of every example's gradient in this block, float64 (n,): computed when the
         store was written from the float32 (float64) values, so scoring needs no pass over the rows for it.
-        They stand for this block's rows, so (with the store's ``checksums`` on) the rows' files are checked
-        against their sha256 as a read of them would be: a damaged block is refused, not scored by its old
-        norms."""
-        if self.store.checksums and not self._checked:
+        They come from the chunks' ``sq_norms.npy`` (checked against their sha256 like any chunk file); the rows'
+        own files are checked when they are read, which every scoring pass does before it returns (an answer from
+        the norms alone asks :meth:`check_rows`), so a damaged block is still refused, and a first read is not
+        preceded by a separate pass that hashes every file."""
+        return self.store.sq_norms_table()[:, self._column]
+
+    def check_rows(self) -> None:
+        """Check every file of this block against its sha256 (with the store's ``checksums`` on), as reading its
+        rows would: what an answer drawn from :meth:`sq_norms` alone (Hessian-free self-influence) asks first,
+        so that a damaged block is refused rather than answered by its norms."""
+        if self.store.checksums:
             for c in range(self.store.num_chunks):
                 self.store.check_file(c, self._file)
-            self._checked = True  # this object's files checked once (scoring asks for the norms twice)
-        return self.store.sq_norms_table()[:, self.store.block_names.index(self.name)]
 
     def read_into(self, rows: slice, out: Tensor, staging: Tensor | None = None) -> Tensor:
         """Rows ``rows.start:rows.stop`` (within range, step 1) copied into the first rows of ``out`` (a

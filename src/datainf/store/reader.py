@@ -332,12 +332,46 @@ class StoreReader(StoreLayout, ABC):
         keys = [(index, f) for f in files if (index, f) not in self._fetching]
         if not keys:
             return
+        if self._checks_without_hashing(index, keys) and self._in_page_cache(index, [f for _, f in keys]):
+            return  # nothing to read ahead (a warm pass: the job would only cost its thread's time)
         if self._reader is None:
             self._reader = _ReadAhead()
             weakref.finalize(self, self._reader.shutdown)
         ticket = self._reader.submit(self._fetch_each, keys)
         for key in keys:
             self._fetching[key] = ticket
+
+    def _checks_without_hashing(self, index: int, keys: list[tuple[int, str]]) -> bool:
+        """Whether the first read of each of these files needs no sha256 pass (checked already by this object,
+        checksums off, or a verified stamp recorded for it: comparing the stamp is a ``stat``)."""
+        if not self.checksums:
+            return True
+        recorded = self._recorded(index)
+        return all(key in self._verified or key[1] in recorded for key in keys)
+
+    def _in_page_cache(self, index: int, files: Sequence[str]) -> bool:
+        """Whether the first, middle and last of ``files`` (of chunk ``index``) are in the page cache, probed with
+        a one-byte ``pread`` at the middle and the end of each that may not wait for the disk
+        (``RWF_NOWAIT``); False where that is not supported or a file cannot be read (its read says why)."""
+        flag = getattr(os, "RWF_NOWAIT", None)
+        if flag is None or not files:
+            return False
+        byte = bytearray(1)
+        for file in {files[0], files[len(files) // 2], files[-1]}:
+            try:
+                fd = os.open(self._file_path(index, file), os.O_RDONLY)
+            except OSError:
+                return False
+            try:
+                size = os.fstat(fd).st_size
+                for offset in (size // 2, size - 1):
+                    if offset >= 0 and os.preadv(fd, [byte], offset, flag) != 1:
+                        return False
+            except OSError:  # BlockingIOError: those bytes are not in memory
+                return False
+            finally:
+                os.close(fd)
+        return True
 
     def _fetch_each(self, keys: list[tuple[int, str]]) -> None:
         for index, file in keys:
