@@ -118,15 +118,27 @@ def test_the_sweep_reads_chunk_after_chunk_and_prefetches_ahead():
 
 
 def counting_digests(monkeypatch) -> list[Path]:
-    """Record every sha256 computation of a chunk file (the reader's file_digest)."""
+    """Record every sha256 computation of a chunk file: each check that hashed the file's bytes (the reader's
+    file_digest, or a pass worker hashing the bytes it read, both through StoreReader._verify, which says
+    whether it hashed)."""
     seen: list[Path] = []
-    real = reader_module.file_digest
+    real_digest, real_verify = reader_module.file_digest, reader_module.StoreReader._verify
 
-    def digest(path: Path) -> str:
+    def file_digest(path: Path) -> str:
         seen.append(Path(path))
-        return real(path)
+        return real_digest(path)
 
-    monkeypatch.setattr(reader_module, "file_digest", digest)
+    def verify(self, index, file, path, before=None, digest=None):
+        if digest is not None:
+            own = digest
+
+            def digest() -> str:
+                seen.append(Path(path))
+                return own()
+        return real_verify(self, index, file, path, before, digest)
+
+    monkeypatch.setattr(reader_module, "file_digest", file_digest)
+    monkeypatch.setattr(reader_module.StoreReader, "_verify", verify)
     monkeypatch.setattr(reader_module, "STAMP_MARGIN_S", 0.0, raising=False)  # files written just now count as settled
     return seen
 

@@ -271,3 +271,49 @@ def _resident(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def test_pass_workers_hash_the_bytes_they_read_on_a_first_read(tmp_path, monkeypatch):
+    """Two pass workers, no verified stamps: each block file is hashed once, from the bytes the worker read
+    into its staging buffer (no file_digest, i.e. no second read of the file); the scores equal the float64
+    sums; a file damaged before the first read is refused by name, and nothing is returned."""
+    seen_files: list[Path] = []
+    real_digest = reader_module.file_digest
+    monkeypatch.setattr(reader_module, "file_digest", lambda p: (seen_files.append(Path(p)), real_digest(p))[1])
+    monkeypatch.setattr(reader_module, "MAX_CACHED_MAPS", 0)
+    hashed: list[str] = []
+    real_verify = reader_module.StoreReader._verify
+
+    def verify(self, index, file, path, before=None, digest=None):
+        if digest is not None:
+            own = digest
+
+            def digest() -> str:
+                hashed.append(f"{index}/{file}")
+                return own()
+        return real_verify(self, index, file, path, before, digest)
+
+    monkeypatch.setattr(reader_module.StoreReader, "_verify", verify)
+    grads = gradients()
+    write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype="float32")
+    queries = gradients(1, seed=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = score_store(GradientStore.open(tmp_path / "s"), queries, ScoreArguments(method="identity")).scores
+        store = GradientStore.open(tmp_path / "s")
+        block_files = {f"{c}/{store.block_file(n)}" for c in range(store.num_chunks) for n in SHAPES}
+        assert sorted(hashed) == sorted(block_files)  # each block file once, by the worker that read it
+        assert all(p.name == "sq_norms.npy" for p in seen_files)  # only the norms' files read a second way
+        expected = identity_reference({k: v.float().double() for k, v in grads.items()}, queries)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+        write_store(tmp_path / "t", grads, chunk_size=CHUNK, dtype="float32")
+        damaged = chunk_file(tmp_path / "t", 3, 2)
+        data = bytearray(damaged.read_bytes())
+        data[-3] ^= 0x01
+        damaged.write_bytes(bytes(data))
+        with pytest.raises(DataInfError, match=rf"chunk 3 .*{damaged.name} does not match its sha256"):
+            score_store(GradientStore.open(tmp_path / "t"), queries, ScoreArguments(method="identity"))
+    finally:
+        torch.set_num_threads(before)

@@ -336,7 +336,10 @@ def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -
         if i < len(spans):
             for first, *rest in readers.values():
                 if rest and all(hasattr(g, "file") for g in (first, *rest)):
-                    first.prefetch(spans[i], together=rest)
+                    if hash_on_read:  # the workers hash each file as they read it: read ahead, no hashing
+                        first.prefetch(spans[i], together=rest, verify=False)
+                    else:
+                        first.prefetch(spans[i], together=rest)
                 else:
                     for g in (first, *rest):
                         g.prefetch(spans[i])
@@ -371,6 +374,8 @@ def stream_dots(parts: Sequence[tuple[BlockRows, Tensor]], lookahead: int = 2) -
                 out[s] += (gc @ R.T).to(out.dtype)
 
     workers = pass_workers(len(spans)) if all(direct) else 1
+    hash_on_read = workers > 1 and all(callable(getattr(b.g, "read_rows", None)) or
+                                       callable(getattr(getattr(b.g, "store", None), "read_rows", None)) for b, _ in parts)
     if workers == 1:
         buffers: dict[Any, Tensor] = {}
         for i in range(lookahead):

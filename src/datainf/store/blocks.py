@@ -92,16 +92,17 @@ class StoredBlock:
         """This block's file name inside each chunk folder."""
         return self._file
 
-    def prefetch(self, rows: slice, together: Sequence[StoredBlock] = ()) -> None:
+    def prefetch(self, rows: slice, together: Sequence[StoredBlock] = (), *, verify: bool = True) -> None:
         """Start reading the files that hold ``rows`` (a slice with a start and a stop) in the background, so
         that a later ``block[rows]`` finds them verified and in memory (see ``StoreReader.prefetch``); with
-        ``together`` (other blocks of the same store) their files of those chunks too, one job per chunk."""
+        ``together`` (other blocks of the same store) their files of those chunks too, one job per chunk;
+        ``verify=False``: read ahead without hashing (the reads that use the files hash them)."""
         size = self.store.chunk_size
         files = [self._file, *(b.file for b in together)]
         batch = getattr(self.store, "prefetch_chunk", None)
         for c in range(rows.start // size, min(self.store.num_chunks, -(-rows.stop // size))):
             if batch is not None:
-                batch(c, files)
+                batch(c, files, verify=verify)
             else:
                 for f in files:
                     self.store.prefetch(c, f)

@@ -6,6 +6,7 @@ written whole or not at all, a chunk file memory-mapped back."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -146,7 +147,9 @@ class GradientStore(StoreWriter):
         and dtype the chunk must hold). None when the file's header is not one this store writes, or when this
         process keeps its maps (:data:`datainf.store.reader.MAX_CACHED_MAPS`): read it with :meth:`mapped`.
         Unlike a memory map, reads from several threads at once scale: a map's page-table set-up serializes on
-        the process's address-space lock."""
+        the process's address-space lock. A file not yet checked (and without a verified stamp) is read whole into
+        ``staging`` when it fits, hashed there and its rows taken from those bytes: the bytes scored are the bytes
+        checked, and the file is read once, by the thread that uses it."""
         if _reader.MAX_CACHED_MAPS > 0:
             return None
         key = (index, file)
@@ -154,14 +157,26 @@ class GradientStore(StoreWriter):
         dtype = np.dtype(dtype_str)
         try:
             st = os.fstat(fd)
+            buffer = staging.view(torch.uint8).numpy()
+            whole = 0  # bytes of the whole file read into the staging buffer (to hash them) on its first read
             if self.checksums and key not in self._verified:
-                self._verify(index, file, Path(path), st)
+                def digest() -> str:  # the file read once, whole, into the staging buffer and hashed there
+                    nonlocal whole
+                    whole = os.preadv(fd, [buffer[: st.st_size]], 0)
+                    return hashlib.sha256(buffer[:whole]).hexdigest()
+
+                self._verify(index, file, Path(path), st, digest=digest if st.st_size <= buffer.nbytes else None)
             offset = npy_data_offset(fd, st.st_size, shape, dtype)
             if offset is None:
                 return None
             rows, row_bytes = stop - start, shape[1] * dtype.itemsize
-            out = staging.view(torch.uint8)[: rows * row_bytes].numpy()
-            if os.preadv(fd, [out], offset + start * row_bytes) != rows * row_bytes:
+            first = offset + start * row_bytes
+            if whole:  # the rows are in the bytes just hashed
+                if first + rows * row_bytes > whole:
+                    raise self._chunk_error(index, f"{file} is shorter than its header says")
+                return buffer[first : first + rows * row_bytes].view(dtype).reshape(rows, shape[1])
+            out = buffer[: rows * row_bytes]
+            if os.preadv(fd, [out], first) != rows * row_bytes:
                 raise self._chunk_error(index, f"{file} is shorter than its header says")
         except DataInfError:
             raise

@@ -86,17 +86,20 @@ def forget_maps() -> None:
 
 
 class _ReadAhead:
-    """One background thread running a store's read-ahead jobs in the order they were submitted; a job is
+    """Background threads running a store's read-ahead jobs, taken in the order they were submitted; a job is
     waited for by its ticket (one condition for all, not a Future and its lock per job: at one job per 1 MB
-    chunk file, a ThreadPoolExecutor's per-job bookkeeping cost as much as the job)."""
+    chunk file, a ThreadPoolExecutor's per-job bookkeeping cost as much as the job). ``threads`` > 1 lets jobs
+    that hash (a store's first read: sha256 releases the interpreter lock) run on several cores at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Condition()
-        self._finished = 0  # the ticket of the last job finished
+        self._finished: set[int] = set()  # tickets of the jobs finished
         self._submitted = 0
         self._errors: dict[int, BaseException] = {}
-        threading.Thread(target=self._run, name="datainf-store-read", daemon=True).start()
+        self._threads = max(1, threads)
+        for _ in range(self._threads):
+            threading.Thread(target=self._run, name="datainf-store-read", daemon=True).start()
 
     def submit(self, job: Callable[..., Any], *args: Any) -> int:
         """Queue ``job(*args)``; returns its ticket for :meth:`wait`."""
@@ -107,14 +110,15 @@ class _ReadAhead:
     def wait(self, ticket: int) -> None:
         """Wait for job ``ticket`` to finish; raise what it raised."""
         with self._done:
-            while self._finished < ticket:
+            while ticket not in self._finished:
                 self._done.wait()
         error = self._errors.pop(ticket, None)
         if error is not None:
             raise error
 
     def shutdown(self) -> None:
-        self._jobs.put(None)
+        for _ in range(self._threads):
+            self._jobs.put(None)
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
@@ -126,8 +130,13 @@ class _ReadAhead:
                 self._errors[ticket] = e
             del job, args
             with self._done:
-                self._finished = ticket
+                self._finished.add(ticket)
                 self._done.notify_all()
+
+
+#: the most background threads a store's read-ahead uses (one per torch thread up to this): more than one only
+#: helps while files are hashed (a first read), which is bound by sha256 on each core
+MAX_READ_AHEAD_THREADS = 4
 
 
 class StoreReader(StoreLayout, ABC):
@@ -216,14 +225,16 @@ class StoreReader(StoreLayout, ABC):
             self._verify(index, file, path, before)
         return path
 
-    def _verify(self, index: int, file: str, path: Path | str, before: os.stat_result | None = None) -> bool:
+    def _verify(self, index: int, file: str, path: Path | str, before: os.stat_result | None = None,
+                digest: Callable[[], str] | None = None) -> bool:
         """Check ``file`` of chunk ``index`` against the sha256 its chunk.json records (refused, named, when it
         does not match); returns whether it read the file to do so. A file whose verified stamp (its size,
         mtime, ctime, inode and device, and the sha256 it matched, :data:`~datainf.store.files.VERIFIED_DIR`)
         is unchanged since an earlier check is trusted without reading it; any write to the file changes its
         ctime, so the stamp then no longer matches and the bytes are hashed again. A check is recorded once every
         file of the chunk has one (:meth:`save_verified`), and only for files last changed more than
-        ``STAMP_MARGIN_S`` before the check. ``before``: the file's stat, when the caller has it."""
+        ``STAMP_MARGIN_S`` before the check. ``before``: the file's stat, when the caller has it; ``digest``: the
+        sha256 of the bytes the caller read (its own read, hashed: no second read of the file), else the file's."""
         try:
             info = self._read_chunk_manifest(index)
         except ChunkProblem as e:
@@ -239,7 +250,7 @@ class StoreReader(StoreLayout, ABC):
             self._verified.add((index, file))
             return False
         started = time.time_ns()
-        if expected is None or file_digest(path) != expected:
+        if expected is None or (file_digest(path) if digest is None else digest()) != expected:
             raise self._chunk_error(
                 index, f"{file} does not match its {CHECKSUM} checksum (its bytes changed after it was written)")
         self._verified.add((index, file))
@@ -321,23 +332,25 @@ class StoreReader(StoreLayout, ABC):
         if key in self._fetching or (key in self._verified and not hasattr(os, "posix_fadvise")):
             return
         if self._reader is None:
-            self._reader = _ReadAhead()
+            self._reader = _ReadAhead(max(1, min(torch.get_num_threads(), MAX_READ_AHEAD_THREADS)))
             weakref.finalize(self, self._reader.shutdown)
         self._fetching[key] = self._reader.submit(self._fetch, index, file)
 
-    def prefetch_chunk(self, index: int, files: Sequence[str]) -> None:
+    def prefetch_chunk(self, index: int, files: Sequence[str], *, verify: bool = True) -> None:
         """:meth:`prefetch` of several files of chunk ``index`` as one background job (a pass over every block
         asks for a whole chunk folder at a time: one job and one wake-up per folder instead of per file); what
-        the job finds about each file is raised by :meth:`checked_file` / :meth:`mapped` of that file."""
+        the job finds about each file is raised by :meth:`checked_file` / :meth:`mapped` of that file.
+        ``verify=False``: the job only asks the kernel to read the files ahead, leaving their sha256 to the read
+        that uses them (a pass whose workers hash what they read, :meth:`read_rows`)."""
         keys = [(index, f) for f in files if (index, f) not in self._fetching]
         if not keys:
             return
-        if self._checks_without_hashing(index, keys) and self._in_page_cache(index, [f for _, f in keys]):
+        if (not verify or self._checks_without_hashing(index, keys)) and self._in_page_cache(index, [f for _, f in keys]):
             return  # nothing to read ahead (a warm pass: the job would only cost its thread's time)
         if self._reader is None:
-            self._reader = _ReadAhead()
+            self._reader = _ReadAhead(max(1, min(torch.get_num_threads(), MAX_READ_AHEAD_THREADS)))
             weakref.finalize(self, self._reader.shutdown)
-        ticket = self._reader.submit(self._fetch_each, keys)
+        ticket = self._reader.submit(self._fetch_each, keys, verify)
         for key in keys:
             self._fetching[key] = ticket
 
@@ -373,21 +386,21 @@ class StoreReader(StoreLayout, ABC):
                 os.close(fd)
         return True
 
-    def _fetch_each(self, keys: list[tuple[int, str]]) -> None:
+    def _fetch_each(self, keys: list[tuple[int, str]], verify: bool = True) -> None:
         for index, file in keys:
             try:
-                self._fetch(index, file)
+                self._fetch(index, file, verify)
             except BaseException as e:  # noqa: BLE001  (raised to whoever reads that file)
                 self._fetch_errors[(index, file)] = e
 
-    def _fetch(self, index: int, file: str) -> None:
+    def _fetch(self, index: int, file: str, verify: bool = True) -> None:
         path = self._file_path(index, file)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return  # checked_file names what is missing
         try:
-            if self.checksums and (index, file) not in self._verified and self._verify(
+            if verify and self.checksums and (index, file) not in self._verified and self._verify(
                     index, file, Path(path), os.fstat(fd)):
                 return
             if hasattr(os, "posix_fadvise"):
