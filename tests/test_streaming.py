@@ -240,6 +240,39 @@ def test_exact_takes_the_d_by_d_route_for_many_examples_and_refuses_a_huge_matri
         exact_module.Exact(many, 0.1, torch.ones(300))
 
 
+def test_exact_on_its_d_by_d_route_is_scored_in_the_one_pass_and_equals_a_dense_solve(monkeypatch):
+    """With n > d exact's scores are -G (V H^{-1})^T: the scoring path preconditions the queries and takes the
+    product in its one sweep (stream_dots) instead of block by block; the scores equal a float64 dense solve
+    of (G^T G / n + lambda I) per block. With n < d (the Gram route) the block is scored on its own."""
+    from datainf.estimators import blocks as blocks_module
+    from datainf.estimators import exact as exact_module
+    from datainf.estimators import score
+
+    gen = torch.Generator().manual_seed(3)
+    grads = {"a": torch.randn(50, 6, generator=gen, dtype=torch.float64),
+             "b": torch.randn(50, 3, 4, generator=gen, dtype=torch.float64)}
+    queries = {k: torch.randn(3, *v.shape[1:], generator=gen, dtype=torch.float64) for k, v in grads.items()}
+    swept, own = [], []
+    real_stream = blocks_module.stream_dots
+    monkeypatch.setattr("datainf.estimators.stream_dots",
+                        lambda parts: swept.extend(b.name for b, _ in parts) or real_stream(parts))
+    real_scores = exact_module.Exact.scores
+    monkeypatch.setattr(exact_module.Exact, "scores", lambda self, V: own.append(self.block.name) or real_scores(self, V))
+    lam = 0.05
+    got = score(grads, queries, ScoreArguments(method="exact", damping=lam)).scores
+    assert sorted(swept) == ["a", "b"] and own == []
+    expected = torch.zeros(50, 3, dtype=torch.float64)
+    for name, g in grads.items():
+        G, V = g.reshape(50, -1), queries[name].reshape(3, -1)
+        H = G.T @ G / 50 + lam * torch.eye(G.shape[1], dtype=torch.float64)
+        expected -= G @ torch.linalg.solve(H, V.T)
+    assert_close_to(got, expected, FLOAT64_TOL)
+    few = {k: v[:4] for k, v in grads.items()}  # n = 4 < d: the Gram route, scored block by block
+    swept.clear()
+    score(few, queries, ScoreArguments(method="exact", damping=lam))
+    assert sorted(own) == ["a", "b"] and swept == []
+
+
 def test_curvature_fit_is_timed_broken_down_and_cached(tmp_path):
     store, grads = _small_store(tmp_path / "s", n=40)
     queries = {k: torch.randn(2, *v.shape[1:], dtype=torch.float64) for k, v in grads.items()}

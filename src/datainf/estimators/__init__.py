@@ -173,7 +173,7 @@ def partial_scores(train_grads: Blocks, query_grads: Blocks | None, arguments: S
                 out.train_quadratic.dtype)
             out.query_quadratic = qq if out.query_quadratic is None else out.query_quadratic + qq.to(
                 out.query_quadratic.dtype)
-        elif back == 1.0 and type(estimator).scores is Estimator.scores and deferred_bytes < DEFER_BYTES:
+        elif back == 1.0 and estimator.one_pass and deferred_bytes < DEFER_BYTES:
             # the block's part is -G R^T: its product waits for the one sweep over every such block's rows
             R = estimator.precondition(V)
             deferred.append((b, R))

@@ -100,6 +100,10 @@ class Exact(Estimator):
             U += Z[s].T @ gc
         return (V - U) / self.damping
 
+    @property
+    def one_pass(self) -> bool:  # d <= n: scores are -G (V H^{-1})^T, taken in the pass over every block's rows
+        return not self.gram_route
+
     def scores(self, V: Tensor) -> Tensor:
         if not self.gram_route:
             return super().scores(V)

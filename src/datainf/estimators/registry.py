@@ -148,6 +148,14 @@ class Estimator:
         (``datainf.scoring.precondition_store``); a method may override it with a cheaper route for many rows."""
         return self.precondition(rows)
 
+    @property
+    def one_pass(self) -> bool:
+        """True when this block's scores are ``-G precondition(V)^T``: the scoring path then preconditions the
+        queries and takes the product in its one sweep over every such block's rows (instead of calling
+        :meth:`scores` block by block). Default: the method does not override :meth:`scores`; a method whose
+        override is only for some blocks (exact's Gram route) says so here."""
+        return type(self).scores is Estimator.scores
+
     def scores(self, V: Tensor) -> Tensor:
         """This block's part of the scores, ``-G R^T``: (n, m) for queries V (m, d)."""
         return -self.block.dot(self.precondition(V))
