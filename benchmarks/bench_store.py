@@ -323,11 +323,16 @@ def bench_store(label: str, path: Path, shapes: dict[str, tuple[int, ...]], n: i
           f"= {written['write_gb_s']:.3f} GB/s ({written['write_gb_s'] / base['disk']['write_gb_s']:.0%} of the disk's "
           f"sequential write), {written['total_s']:.1f} s with generation", flush=True)
     files = store_files(path)
-    evict(files)
-    raw_bytes, raw_s = read_files(files)
-    raw = {"bytes": raw_bytes, "seconds": raw_s, "gb_s": raw_bytes / raw_s / 1e9}
+    runs = []
+    for _ in range(2):  # best of 2: the first read after writing competes with the write-back (0.4-1.3 GB/s)
+        evict(files)
+        raw_bytes, raw_s = read_files(files)
+        runs.append(raw_s)
+    raw_s = min(runs)
+    raw = {"bytes": raw_bytes, "seconds": raw_s, "gb_s": raw_bytes / raw_s / 1e9, "runs": runs}
     print(f"  raw cold read of every block file in scoring order: {raw_s:.1f} s = {raw['gb_s']:.3f} GB/s "
-          f"({raw['gb_s'] / base['disk']['read_gb_s']:.0%} of the disk's sequential read)", flush=True)
+          f"({raw['gb_s'] / base['disk']['read_gb_s']:.0%} of the disk's sequential read; best of 2: "
+          f"{', '.join(f'{s:.1f}' for s in runs)})", flush=True)
     ds = [math.prod(s) for s in shapes.values()]
     names = list(shapes)
     rows = []

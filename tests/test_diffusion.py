@@ -265,3 +265,38 @@ def test_prompt_encoder_caches_minilm_embeddings():
         direct = encoder.model(**tokens).last_hidden_state[0]
     # float32: a batch of 2 and a batch of 1 may use other kernels; under FLOAT32_TOL (tests/reference.py)
     assert_close_to(a[1], direct, tol=FLOAT32_TOL, what="cached vs direct embedding")
+
+
+def test_style_experiment_along_the_run_sums_its_checkpoints_and_step_0_is_the_initial_lora(tmp_path):
+    """With checkpoints, '<m>+step0' equals the scores of a LoRA freshly added with the run's seed (B = 0,
+    gradients taken by an independent Attributor), '<m>+run' equals the learning-rate-weighted sum of the
+    saved per-checkpoint scores, and the control is minus the pixel cosine computed here."""
+    import copy
+
+    from datainf.attributor import Attributor
+    from datainf.experiments.diffusion import image_records
+    from datainf.models.diffusion import make_scheduler
+
+    settings = DiffusionSettings(experiment="style", n_train_per_style=3, n_test_per_style=1, steps=4,
+                                 batch_size=4, timesteps=(525,), grad_batch_size=9, methods=("identity",),
+                                 checkpoints=2, control=True, seed=3)
+    base = tiny_text_unet()
+    encoder = _HashEncoder()
+    result = run_diffusion(settings, tmp_path, unet=base, encoder=encoder, progress=False)
+    assert set(result.methods) == {"identity", "identity+step0", "identity+run", "resemblance"}
+    assert [row["step"] for row in result.checkpoints] == [0, 2, 4]
+    saved = load_scores(tmp_path / "scores.safetensors").scores
+    weights = {row["step"]: row["lr"] for row in result.checkpoints}
+    by_hand = sum(weights[s] * saved[f"identity@step{s}"].double() for s in weights)
+    assert_close_to(saved["identity+run"].double(), by_hand, FLOAT32_TOL)
+    # step 0: the same LoRA drawn again with the run's seed, gradients by a fresh attributor, identity by hand
+    train, test, _ = image_records(settings, int(base.config.sample_size))
+    model = add_lora(copy.deepcopy(base), rank=settings.rank, seed=settings.seed)
+    task = DiffusionLoss(make_scheduler(), settings.timesteps, settings.noise_draws, seed=settings.seed)
+    at = Attributor(model, task=task, collate=DiffusionCollate(encoder), batch_size=4, progress=False)
+    g, q = at.gradients(train), at.gradients(test)
+    expected = -sum(g[k].double().flatten(1) @ q[k].double().flatten(1).T for k in g)
+    assert_close_to(saved["identity+step0"].double(), expected, FLOAT32_TOL)
+    pixels = torch.nn.functional.normalize(torch.stack([r["image"].double().flatten() for r in train]), dim=1)
+    queries = torch.nn.functional.normalize(torch.stack([r["image"].double().flatten() for r in test]), dim=1)
+    assert_close_to(saved["resemblance"].double(), -(pixels @ queries.T), FLOAT32_TOL)

@@ -20,6 +20,7 @@ its ``to_dict()`` is what results.json holds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -33,10 +34,11 @@ import torch
 from datainf.attributor import Attributor
 from datainf.data.collate import DiffusionCollate
 from datainf.errors import DataInfError
-from datainf.estimators import ScoreResult
+from datainf.estimators import ScoreArguments, ScoreResult
 from datainf.estimators.defaults import DEFAULT_METHOD, DIFFUSION_METHODS, PLAIN_METHOD, REFERENCE_METHOD
 from datainf.experiments.common import check_methods, present, settings_dict, write_results
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
+from datainf.models.checkpoints import Snapshots, snapshot_steps
 from datainf.models.diffusion import PromptEncoder, add_lora, base_model, make_scheduler, train_denoiser
 from datainf.scoring import save_scores
 from datainf.tasks import PAPER_TIMESTEPS, DiffusionLoss
@@ -71,6 +73,8 @@ class DiffusionSettings:
     grad_batch_size: int = 16
     seed: int = 0
     base: str | None = None                # None: the cached pre-trained base (built if missing)
+    checkpoints: int = 0                   # > 0: also score at step 0 and this many steps, and summed (issue 29)
+    control: bool = False                  # also the resemblance control (pixel cosine; not influence)
 
     def __post_init__(self) -> None:
         if self.experiment not in ("style", "subject"):
@@ -80,6 +84,8 @@ class DiffusionSettings:
             raise DataInfError("give at least one method")
         if self.steps < 1 or self.rank < 1 or self.batch_size < 1 or self.grad_batch_size < 1:
             raise DataInfError("steps, rank, batch_size and grad_batch_size must be >= 1")
+        if self.checkpoints < 0:
+            raise DataInfError(f"checkpoints must be >= 0, got {self.checkpoints}")
 
 
 @dataclass
@@ -121,6 +127,7 @@ class DiffusionResult:
     train_gradient_seconds: float
     query_gradient_seconds: float
     methods: dict[str, DiffusionMethod]
+    checkpoints: list[dict[str, Any]] | None = None   # with settings.checkpoints: each checkpoint alone
     wall_seconds: float | None = None
     library_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -137,7 +144,7 @@ class DiffusionResult:
                "query_gradient_seconds": self.query_gradient_seconds,
                "methods": {m: r.to_dict() for m, r in self.methods.items()}, "paper": PAPER[self.experiment],
                "torch_threads": self.torch_threads}
-        return out | present(self, "wall_seconds")
+        return out | present(self, "checkpoints", "wall_seconds")
 
 
 def image_records(settings: DiffusionSettings, image_size: int) -> tuple[list[dict], list[dict], str]:
@@ -209,9 +216,27 @@ def run(settings: DiffusionSettings, out_dir: str | os.PathLike, *, device: str 
     attributor = Attributor(tuned.model, task=tuned.task, store=out / "store", collate=collate,
                             batch_size=settings.grad_batch_size, progress=progress, device=device)
     query_grads, train_seconds, query_seconds = gradients(attributor, train, test)
-    scored = {m: attributor.score(query_grads, method=m, damping=settings.damping, save=False)
-              for m in settings.methods}
+    arguments = {m: ScoreArguments(method=m, damping=settings.damping) for m in settings.methods}
+    per_step: list[dict[str, Any]] = []
+    if tuned.snapshots is not None:
+        from datainf.experiments.llm_identification import score_along_run
+
+        def gradients_at(store: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+            at = Attributor(tuned.model, task=tuned.task, store=store, collate=collate,
+                            batch_size=settings.grad_batch_size, progress=progress, device=device)
+            queries, _, _ = gradients(at, train, test)
+            return at.store, queries
+
+        scored, per_step = score_along_run(tuned.snapshots, gradients_at, arguments,
+                                           (attributor.store, query_grads), out / "store-run")
+    else:
+        scored = {m: attributor.score(query_grads, a, save=False) for m, a in arguments.items()}
+    if settings.control:
+        from datainf.experiments.llm_identification import CONTROL
+
+        scored[CONTROL] = pixel_resemblance(train, test)
     scores = {m: r.scores.double().cpu().numpy() for m, r in scored.items()}
+    groups = [r[group_key] for r in train], [r[group_key] for r in test]
     result = DiffusionResult(
         experiment=settings.experiment, settings=settings_dict(settings),
         base=str(base_dir) if base_dir is not None else "given", image_size=image_size, n_train=len(train),
@@ -220,8 +245,16 @@ def run(settings: DiffusionSettings, out_dir: str | os.PathLike, *, device: str 
         test_loss_base=tuned.base_test_loss, test_loss_lora=tuned.test_loss,
         finetune_first_last_loss=[float(np.mean(tuned.losses[:10])), float(np.mean(tuned.losses[-10:]))],
         finetune_seconds=tuned.seconds, train_gradient_seconds=train_seconds, query_gradient_seconds=query_seconds,
-        methods=method_outcomes(scored, scores, [r[group_key] for r in train], [r[group_key] for r in test]))
-    write_outputs(result, out, settings, train, test, group_key, scored, scores, attributor)
+        methods=method_outcomes(scored, scores, *groups),
+        checkpoints=[{"step": row["step"], "lr": row["lr"], "methods": {
+            name: {k: v for k, v in attribution_metrics(term.scores.double().cpu().numpy(), *groups).items()
+                   if not k.startswith("chance")}
+            for name, term in row["scores"].items()}} for row in per_step] or None)
+    saved = dict(scored)  # each checkpoint alone too ("<method>@step<S>"), as experiment llm-identification
+    for row in per_step:
+        for name, term in row["scores"].items():
+            saved[f"{name}@step{row['step']}"] = dataclasses.replace(term, scores=term.scores.clone())
+    write_outputs(result, out, settings, train, test, group_key, saved, scores, attributor)
     result.wall_seconds = time.perf_counter() - t_start
     write_results(out / "results.json", result.to_dict())
     return result
@@ -241,6 +274,7 @@ class FineTuned:
     seconds: float
     base_test_loss: float                 # the queries' loss under the base model (adapter off)
     test_loss: float                      # and after LoRA fine-tuning
+    snapshots: Snapshots | None = None    # with settings.checkpoints: step 0 and the snapshots' weights
 
 
 def finetune(settings: DiffusionSettings, unet: torch.nn.Module, collate: DiffusionCollate, train: list[dict],
@@ -250,13 +284,29 @@ def finetune(settings: DiffusionSettings, unet: torch.nn.Module, collate: Diffus
     task = DiffusionLoss(make_scheduler(), settings.timesteps, settings.noise_draws, seed=settings.seed)
     with model.disable_adapter():
         base_test_loss = mean_loss(model, task, collate, test, device, settings.grad_batch_size)
+    snapshots = (Snapshots(model, snapshot_steps(settings.checkpoints, settings.steps), initial=True)
+                 if settings.checkpoints else None)
     t0 = time.perf_counter()
     losses = train_denoiser(model, train, collate, steps=settings.steps, batch_size=settings.batch_size,
                             learning_rate=settings.learning_rate, seed=settings.seed, device=device,
-                            progress=progress)
+                            progress=progress, on_step=snapshots.on_step if snapshots is not None else None)
     seconds = time.perf_counter() - t0
     test_loss = mean_loss(model, task, collate, test, device, settings.grad_batch_size)
-    return FineTuned(model, task, losses, seconds, base_test_loss, test_loss)
+    return FineTuned(model, task, losses, seconds, base_test_loss, test_loss, snapshots)
+
+
+def pixel_resemblance(train: list[dict], test: list[dict]) -> ScoreResult:
+    """The resemblance control: minus the cosine of the images' pixels, training image vs query (n_train,
+    n_query); negative = helpful, as influence scores. Look-alikes, not influence: an attribution method
+    must do better than this on what resemblance cannot see (retraining)."""
+    from datainf.experiments.llm_identification import ControlResult
+
+    t0 = time.perf_counter()
+    a = torch.nn.functional.normalize(torch.stack([r["image"].double().flatten() for r in train]), dim=1)
+    b = torch.nn.functional.normalize(torch.stack([r["image"].double().flatten() for r in test]), dim=1)
+    return ControlResult(scores=-(a @ b.T), arguments=ScoreArguments(method=PLAIN_METHOD), kind="control",
+                         damping={}, seconds=time.perf_counter() - t0,
+                         definition="-cosine of the images' pixels, training image vs query")
 
 
 def gradients(attributor: Attributor, train: list[dict], test: list[dict]):
@@ -301,11 +351,12 @@ def write_outputs(result: DiffusionResult, out: Path, settings: DiffusionSetting
 def format_table(result: DiffusionResult) -> str:
     """The printed table: one row per method, the paper's numbers beside."""
     paper_numbers = PAPER[result.experiment]
-    lines = [f"{'method':<10} {'AUC':>7} {'recall':>7} {'top1':>6} {'seconds':>8}  paper AUC / recall", "-" * 62]
+    w = max(10, *(len(m) for m in result.methods))
+    lines = [f"{'method':<{w}} {'AUC':>7} {'recall':>7} {'top1':>6} {'seconds':>8}  paper AUC / recall", "-" * (w + 52)]
     for m, r in result.methods.items():
         p = paper_numbers.get(m, {})
         paper = f"{p['auc']:.3f} / {p['recall']:.3f}" if p else "n/a"
-        lines.append(f"{m:<10} {r.auc:7.3f} {r.recall:7.3f} {r.top1:6.3f} {r.seconds:8.2f}  {paper}")
+        lines.append(f"{m:<{w}} {r.auc:7.3f} {r.recall:7.3f} {r.top1:6.3f} {r.seconds:8.2f}  {paper}")
     first = next(iter(result.methods.values()))
     lines.append(f"(chance: AUC 0.5, recall {first.chance_recall:.3f}; identity = Hessian-free)")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -147,9 +147,12 @@ def make_scheduler() -> Any:
 
 def train_denoiser(model: nn.Module, records: Sequence[Mapping[str, Any]], collate: DiffusionCollate, *,
                    steps: int, batch_size: int, learning_rate: float, seed: int = 0,
-                   device: str | torch.device = "cpu", progress: bool = True, log_every: int = 10) -> list[float]:
+                   device: str | torch.device = "cpu", progress: bool = True, log_every: int = 10,
+                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train the trainable parameters of ``model`` with the usual diffusion loss (random timestep and noise)
-    for ``steps`` steps of ``batch_size`` records sampled without replacement per epoch.
+    for ``steps`` steps of ``batch_size`` records sampled without replacement per epoch. ``on_step(step,
+    lr)`` is called after each optimizer step (counted from 1) with the learning rate that step used
+    (:class:`datainf.models.checkpoints.Snapshots`' hook).
 
     Returns the loss of every step. The model is left in eval mode.
     """
@@ -181,6 +184,8 @@ def train_denoiser(model: nn.Module, records: Sequence[Mapping[str, Any]], colla
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if on_step is not None:
+            on_step(step + 1, float(optimizer.param_groups[0]["lr"]))
         lr_schedule.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):

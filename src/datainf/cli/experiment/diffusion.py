@@ -34,6 +34,13 @@ def common_options(f):
                      help="Fixed timesteps of the attribution loss."),
         method_option(declared("DIFFUSION_METHODS"), "Comma-separated or repeated: datainf, identity, exact, lissa."),
         option("--damping"),
+        option("--checkpoints",
+               help="Also score at step 0 (the initial LoRA, B = 0; rows <method>+step0) and at this many evenly "
+                    "spaced steps (the last the final model), and sum each method's scores over them, each weighted "
+                    "by the mean learning rate of the steps from it to the next (rows <method>+run)."),
+        click.option("--control/--no-control", default=False,
+                     help="Also score the resemblance control (row 'resemblance'): minus the cosine of the images' "
+                          "pixels, training image vs query."),
         click.option("--grad-batch-size", default=16, show_default=True, help="Examples per gradient pass."),
         option("--seed", show_default=True),
         click.option("--base", default=None, type=click.Path(file_okay=False),
