@@ -48,3 +48,10 @@ def hashes(*paths: Path, follow_links: bool = True) -> dict[str, str]:
         out |= {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
                 if follow_links or not p.is_symlink()}
     return out
+
+
+def without_stamps(found: dict[str, str]) -> dict[str, str]:
+    """``hashes`` without a store's verified stamps (``verified/``): the record of checks a successful read
+    may add (once its files are older than STAMP_MARGIN_S, so whether one is written depends on timing), not
+    a change to the store's data."""
+    return {path: digest for path, digest in found.items() if "/verified/" not in path}

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cli_helpers import hashes, run_cli, write_jsonl  # noqa: E402
+from cli_helpers import hashes, run_cli, without_stamps, write_jsonl  # noqa: E402
 
 MAX_LENGTH = 12
 PROMPT = "Sentence: the cold doctor"  # 5 tokens
@@ -101,4 +101,4 @@ def test_a_long_query_is_cut_on_the_side_the_store_was(tiny_llama_dir, adapter, 
                             "float64"], capsys)
     assert code == 0, err
     assert f"its gradient is that of the first {MAX_LENGTH} tokens, as the training examples' were" in err
-    assert hashes(store, adapter, data) == before
+    assert without_stamps(hashes(store, adapter, data)) == without_stamps(before)
