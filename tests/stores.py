@@ -36,3 +36,10 @@ def write_store(path: Path, grads: Mapping[str, torch.Tensor], *, chunk_size: in
             store.write_records([{"text": f"example {i}", "label": i % 2} for i in range(n)])
         store.finalize()
     return GradientStore.open(path)
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    """Damage a file in place: flip the lowest bit of the byte at ``offset`` (what its sha256 must catch)."""
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0x01
+    Path(path).write_bytes(bytes(data))

@@ -25,7 +25,7 @@ from datainf.fitted import fitted_state
 from datainf.scoring import load_scores, score_store
 from datainf.store import GradientStore
 from datainf.store import reader as reader_module
-from stores import write_store
+from stores import flip_byte, write_store
 
 SHAPES = {"w": (4, 5), "b": (3,), "v": (2, 6)}
 N, CHUNK = 37, 8  # five chunk folders, the last one short
@@ -164,9 +164,7 @@ def test_a_verified_stamp_skips_the_hash_until_the_file_changes(tmp_path, monkey
 
     target = tmp_path / "s" / "chunks" / "00003" / "b0001.npy"
     st = os.stat(target)
-    data = bytearray(target.read_bytes())
-    data[-2] ^= 0x01
-    target.write_bytes(bytes(data))
+    flip_byte(target, -2)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only ctime tells
     assert os.stat(target).st_mtime_ns == st.st_mtime_ns and os.stat(target).st_size == st.st_size
     with pytest.raises(DataInfError, match=r"chunk 3 .*b0001.npy does not match its sha256 checksum"):

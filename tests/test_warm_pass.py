@@ -20,7 +20,7 @@ from datainf.store import GradientStore
 from datainf.store import gradient_store as gradient_store_module
 from datainf.store import reader as reader_module
 from datainf.store.files import file_stamp
-from stores import write_store
+from stores import flip_byte, write_store
 from test_one_pass import CHUNK, SHAPES, N, datainf_reference, flat, gradients
 
 
@@ -159,9 +159,7 @@ def test_a_chunk_read_ahead_as_one_job_raises_each_files_problem_when_that_file_
     grads = gradients()
     write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype="float32")
     damaged = chunk_file(tmp_path / "s", 1, 0)
-    data = bytearray(damaged.read_bytes())
-    data[-1] ^= 0x01
-    damaged.write_bytes(bytes(data))
+    flip_byte(damaged, -1)
     store = GradientStore.open(tmp_path / "s")
     files = [store.block_file(name) for name in SHAPES]
     store.prefetch_chunk(1, files)
@@ -208,9 +206,7 @@ def test_a_first_read_hashes_each_file_within_the_pass_not_in_a_pass_before_it(t
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
     damaged = chunk_file(tmp_path / "s", 2, 1)
-    data = bytearray(damaged.read_bytes())
-    data[-1] ^= 0x01
-    damaged.write_bytes(bytes(data))
+    flip_byte(damaged, -1)
     with pytest.raises(DataInfError, match=rf"chunk 2 .*{damaged.name} does not match its sha256"):
         score_store(GradientStore.open(tmp_path / "s"), None, ScoreArguments(method="identity"))
 
@@ -310,9 +306,7 @@ def test_pass_workers_hash_the_bytes_they_read_on_a_first_read(tmp_path, monkeyp
 
         write_store(tmp_path / "t", grads, chunk_size=CHUNK, dtype="float32")
         damaged = chunk_file(tmp_path / "t", 3, 2)
-        data = bytearray(damaged.read_bytes())
-        data[-3] ^= 0x01
-        damaged.write_bytes(bytes(data))
+        flip_byte(damaged, -3)
         with pytest.raises(DataInfError, match=rf"chunk 3 .*{damaged.name} does not match its sha256"):
             score_store(GradientStore.open(tmp_path / "t"), queries, ScoreArguments(method="identity"))
     finally:
