@@ -255,18 +255,32 @@ def test_the_page_cache_probe_sees_an_evicted_file(tmp_path):
     if any(_resident(p) for p in paths):
         pytest.skip("this file system keeps the pages after POSIX_FADV_DONTNEED")
     assert not store._in_page_cache(1, files)
+    for p in paths:
+        p.read_bytes()
+    assert all(_resident(p) for p in paths) and store._in_page_cache(1, files)  # read again: both see them
 
 
 def _resident(path: Path) -> bool:
-    """Whether the last byte of ``path`` is in the page cache (an independent probe: mmap + mincore is not in
-    Python's standard library, so a non-blocking read of that byte)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Whether any page of ``path`` is in the page cache, asked with ``mincore`` on a private map of it (an
+    independent probe that reads nothing: a non-blocking read of an absent byte starts the kernel's read-ahead,
+    which brought the pages back before the probe under test looked, and made this test flaky)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
     try:
-        return os.preadv(fd, [bytearray(1)], os.fstat(fd).st_size - 1, os.RWF_NOWAIT) == 1
-    except BlockingIOError:
-        return False
+        anchor = ctypes.c_char.from_buffer(mm)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        del anchor
+        return any(v & 1 for v in vec)
     finally:
-        os.close(fd)
+        mm.close()
 
 
 def test_pass_workers_hash_the_bytes_they_read_on_a_first_read(tmp_path, monkeypatch):
