@@ -172,6 +172,45 @@ def test_run_scores_are_the_checkpoints_scores_weighted_by_their_learning_rates(
                for t in provenance)
 
 
+@pytest.mark.parametrize("weighting", ["standardized", "squared-standardized"])
+def test_run_scores_standardized_are_each_checkpoints_scores_over_their_sd(setup, tmp_path, capsys, weighting):
+    """`score --weighting`: each checkpoint's scores (scored alone with score_store) divided by their standard
+    deviation over all entries (numpy's, ddof 0), times its learning rate (squared for squared-standardized),
+    summed; the scores file records the weighting. Refused without run stores."""
+    import numpy as np
+
+    out = tmp_path / "scores.safetensors"
+    code, text, err = run(["score", "--store", str(setup["stores"]), "--queries", str(setup["query_stores"]),
+                           "--method", "identity", "--compute-dtype", "float64", "--weighting", weighting,
+                           "--out", str(out)], capsys)
+    assert code == 0, err
+    assert f"summed over 3 checkpoints ({weighting})" in text
+    want = 0
+    for name, adapter in (("checkpoint-0", setup["run"] / "checkpoint-0"),
+                          ("checkpoint-6", setup["run"] / "checkpoint-6"), ("checkpoint-12", setup["run"])):
+        lr = json.loads((adapter / "datainf_checkpoint.json").read_text())["learning_rate"]
+        train, queries = GradientStore.open(setup["stores"] / name), GradientStore.open(setup["query_stores"] / name)
+        scores = score_store(train, queries, ScoreArguments(method="identity", dtype="float64")).scores.numpy()
+        want = want + (lr if weighting == "standardized" else lr * lr) * scores / np.std(scores)
+    loaded = load_scores(out)
+    torch.testing.assert_close(loaded.scores["identity"].double(), torch.from_numpy(want), rtol=FLOAT64_TOL,
+                               atol=1e-300)
+    assert loaded.settings["identity"]["weighting"] == weighting
+    single = setup["stores"] / "checkpoint-6"
+    code, _, err = run(["score", "--store", str(single), "--queries", str(setup["query_stores"] / "checkpoint-6"),
+                        "--weighting", weighting, "--out", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and "--weighting" in err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_combine_refuses_an_unknown_weighting_before_scoring(setup, monkeypatch):
+    import datainf.combine as combine_module
+
+    monkeypatch.setattr(combine_module, "_scored", lambda *a: pytest.fail("scored before the weighting was checked"))
+    terms = combine_module.run_terms(setup["stores"], setup["query_stores"], ScoreArguments(method="identity"))
+    with pytest.raises(DataInfError, match=r"unknown weighting 'squared'.*weights, standardized, squared-standardized"):
+        combine_module.combine(terms, weighting="squared")
+
+
 def test_checkpoint_0_gradients_live_in_the_b_blocks_only(setup):
     """At step 0, B = 0: the A blocks' gradients are zero, the B blocks' are not."""
     store = GradientStore.open(setup["stores"] / "checkpoint-0")

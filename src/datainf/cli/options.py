@@ -84,6 +84,12 @@ FLAGS: dict[str, dict[str, Any]] = {
                      "help": "Compact index: rows re-ranked by their exact scores per list, times k."},
     "--format": {"dest": "out_format", "type": click.Choice(["jsonl", "csv"]), "default": "jsonl",
                  "help": "Output format."},
+    "--weighting": {"type": click.Choice(["weights", "standardized", "squared-standardized"]), "default": "weights",
+                    "show_default": True,
+                    "help": "With --run: how the checkpoints' scores are summed: by learning rate (weights); each "
+                            "checkpoint's scores divided by their standard deviation first (standardized); or that "
+                            "with the learning rates squared (squared-standardized: math identification 0.917 "
+                            "against 0.836, docs/results.md)."},
     "--allow-mismatch": {"is_flag": True, "help": "Score across stores made with another adapter or task (a "
                                                   "cross-checkpoint comparison); the differences are recorded."},
     "--normalize": {"is_flag": True, "help": "Cosine similarity after preconditioning: divide each score by both "

@@ -29,6 +29,7 @@ from datainf.outputs import check_output
 @click.option("--debias", "debias", default=None, metavar="BASE_STORE[,BASE_QUERIES]",
               help="DDA's debias: subtract the scores of these stores, made at the model before fine-tuning (step 0: "
                    "`grads --initial`, or checkpoint-0's), from the scores (training store, then query store).")
+@option("--weighting")
 @option("--allow-mismatch")
 @option("--index", help="A top-k index of --store (`datainf index build`): write the --top K most helpful and "
                         "harmful examples of every query from it, without a pass over the store (--out: .jsonl or "
@@ -41,7 +42,7 @@ from datainf.outputs import check_output
 @device_option
 @click.pass_context
 def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, mean_query: bool,
-            scoring: Scoring, debias: str | None, allow_mismatch: bool, index_dir: str | None, top_k: int | None,
+            scoring: Scoring, debias: str | None, weighting: str, allow_mismatch: bool, index_dir: str | None, top_k: int | None,
             out_path: str, overwrite: bool, device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
     if index_dir is not None or top_k is not None:
@@ -64,6 +65,9 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
     _, device = setup(ctx, device)
     device = rank_device(device, init_distributed())
     run = is_run_stores(store_dir)
+    if weighting != "weights" and not run:
+        raise DataInfError(f"--weighting {weighting} sums a run's checkpoints: give --store the run stores of "
+                           "`datainf grads --run` (or drop --weighting)")
     if run:  # a run: one term per checkpoint, the first checkpoint's stores stand for the run in the file's meta
         if query_dir is not None and not is_run_stores(query_dir):
             raise DataInfError(f"--store {store_dir} holds a run's stores, --queries {query_dir} one store; make the "
@@ -90,13 +94,15 @@ def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf:
         if base is not None:
             result = combine(debias_terms(train, queries, base[0], base[1], arguments), allow_mismatch=allow_mismatch)
         elif run:
-            result = combine(run_terms(store_dir, query_dir, arguments), allow_mismatch=allow_mismatch)
+            result = combine(run_terms(store_dir, query_dir, arguments), allow_mismatch=allow_mismatch,
+                             weighting=weighting)
         else:
             result = score_store(train, queries, arguments, allow_mismatch=allow_mismatch)
         results[method] = result
         if is_main_process():
             fit = f" (curvature fit {result.curvature_seconds:.2f} s)" if result.curvature_seconds else ""
             summed = f", summed over {len(result.terms)} checkpoints" if run else ""
+            summed += f" ({weighting})" if run and weighting != "weights" else ""
             summed += ", minus the scores before fine-tuning (DDA's debias)" if base is not None else ""
             click.echo(f"{method}: {tuple(result.scores.shape)} scores in {result.seconds:.2f} s{fit}{summed}")
             if "mismatch" in result.diagnostics:
