@@ -351,8 +351,8 @@ def bench_store(label: str, path: Path, shapes: dict[str, tuple[int, ...]], n: i
                "peak_rss_mb": r["peak_rss_mb"], "resident_before": r["resident_before"],
                "read_gb_s": sub_bytes / score_s / 1e9 if score_s > 0 else None}
         row["read_vs_disk"] = row["read_gb_s"] / base["disk"]["read_gb_s"] if row["read_gb_s"] else None
-        # against the cold read of the same files in this run (the disk probe, one large file, read 1.1-2.3 GB/s
-        # within one run while these 2,420 files read at 1.1-1.3)
+        # against the cold read of the same files in this run (the disk probe, one large file, read 1.4-2.3 GB/s
+        # while these 2,420 files read at 0.4-1.3 GB/s in the same runs)
         row["read_vs_raw"] = row["read_gb_s"] / raw["gb_s"] if row["read_gb_s"] else None
         f = flops(method, n, max(m, 1), sub_ds)
         row["gflops"] = f / score_s / 1e9 if f and m else None

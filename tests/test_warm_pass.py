@@ -273,11 +273,11 @@ def _resident(path: Path) -> bool:
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
     try:
         anchor = ctypes.c_char.from_buffer(mm)
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        if libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0:
+        vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0
+        del anchor  # the map cannot close while a ctypes object holds its buffer
+        if failed:
             raise OSError(ctypes.get_errno(), "mincore failed")
-        del anchor
         return any(v & 1 for v in vec)
     finally:
         mm.close()

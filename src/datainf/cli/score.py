@@ -42,8 +42,8 @@ from datainf.outputs import check_output
 @device_option
 @click.pass_context
 def command(ctx: click.Context, store_dir: str, query_dir: str | None, self_inf: bool, mean_query: bool,
-            scoring: Scoring, debias: str | None, weighting: str, allow_mismatch: bool, index_dir: str | None, top_k: int | None,
-            out_path: str, overwrite: bool, device: str | None) -> None:
+            scoring: Scoring, debias: str | None, weighting: str, allow_mismatch: bool, index_dir: str | None,
+            top_k: int | None, out_path: str, overwrite: bool, device: str | None) -> None:
     """Scores of training examples against queries (n_train x n_query), or self-influence (n_train)."""
     if index_dir is not None or top_k is not None:
         return score_from_index(store_dir, query_dir, index_dir, top_k, scoring, self_inf or mean_query or

@@ -20,7 +20,6 @@ its ``to_dict()`` is what results.json holds.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from datainf.errors import DataInfError
 from datainf.estimators import ScoreArguments, ScoreResult
 from datainf.estimators.defaults import DEFAULT_METHOD, DIFFUSION_METHODS, PLAIN_METHOD, REFERENCE_METHOD
 from datainf.experiments.common import check_methods, present, settings_dict, write_results
+from datainf.experiments.llm_identification import CONTROL, cosine_control, score_along_run, with_checkpoints
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
 from datainf.models.checkpoints import Snapshots, snapshot_steps
 from datainf.models.diffusion import PromptEncoder, add_lora, base_model, make_scheduler, train_denoiser
@@ -219,8 +219,6 @@ def run(settings: DiffusionSettings, out_dir: str | os.PathLike, *, device: str 
     arguments = {m: ScoreArguments(method=m, damping=settings.damping) for m in settings.methods}
     per_step: list[dict[str, Any]] = []
     if tuned.snapshots is not None:
-        from datainf.experiments.llm_identification import score_along_run
-
         def gradients_at(store: Path) -> tuple[Any, dict[str, torch.Tensor]]:
             at = Attributor(tuned.model, task=tuned.task, store=store, collate=collate,
                             batch_size=settings.grad_batch_size, progress=progress, device=device)
@@ -232,8 +230,6 @@ def run(settings: DiffusionSettings, out_dir: str | os.PathLike, *, device: str 
     else:
         scored = {m: attributor.score(query_grads, a, save=False) for m, a in arguments.items()}
     if settings.control:
-        from datainf.experiments.llm_identification import CONTROL
-
         scored[CONTROL] = pixel_resemblance(train, test)
     scores = {m: r.scores.double().cpu().numpy() for m, r in scored.items()}
     groups = [r[group_key] for r in train], [r[group_key] for r in test]
@@ -250,11 +246,8 @@ def run(settings: DiffusionSettings, out_dir: str | os.PathLike, *, device: str 
             name: {k: v for k, v in attribution_metrics(term.scores.double().cpu().numpy(), *groups).items()
                    if not k.startswith("chance")}
             for name, term in row["scores"].items()}} for row in per_step] or None)
-    saved = dict(scored)  # each checkpoint alone too ("<method>@step<S>"), as experiment llm-identification
-    for row in per_step:
-        for name, term in row["scores"].items():
-            saved[f"{name}@step{row['step']}"] = dataclasses.replace(term, scores=term.scores.clone())
-    write_outputs(result, out, settings, train, test, group_key, saved, scores, attributor)
+    write_outputs(result, out, settings, train, test, group_key, with_checkpoints(scored, per_step), scores,
+                  attributor)
     result.wall_seconds = time.perf_counter() - t_start
     write_results(out / "results.json", result.to_dict())
     return result
@@ -299,14 +292,10 @@ def pixel_resemblance(train: list[dict], test: list[dict]) -> ScoreResult:
     """The resemblance control: minus the cosine of the images' pixels, training image vs query (n_train,
     n_query); negative = helpful, as influence scores. Look-alikes, not influence: an attribution method
     must do better than this on what resemblance cannot see (retraining)."""
-    from datainf.experiments.llm_identification import ControlResult
-
     t0 = time.perf_counter()
-    a = torch.nn.functional.normalize(torch.stack([r["image"].double().flatten() for r in train]), dim=1)
-    b = torch.nn.functional.normalize(torch.stack([r["image"].double().flatten() for r in test]), dim=1)
-    return ControlResult(scores=-(a @ b.T), arguments=ScoreArguments(method=PLAIN_METHOD), kind="control",
-                         damping={}, seconds=time.perf_counter() - t0,
-                         definition="-cosine of the images' pixels, training image vs query")
+    return cosine_control(torch.stack([r["image"].double().flatten() for r in train]),
+                          torch.stack([r["image"].double().flatten() for r in test]), t0,
+                          "-cosine of the images' pixels, training image vs query")
 
 
 def gradients(attributor: Attributor, train: list[dict], test: list[dict]):

@@ -321,13 +321,7 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
         query_gradient_seconds=query_seconds,
         methods=method_outcomes(settings, scored, scores, train_labels, test_labels),
         protocol=settings.protocol, checkpoints=per_checkpoint, **losses)
-    # each checkpoint alone goes into scores.safetensors too ("<variant>@step<S>"; its weight in the run's sum is
-    # results.json's checkpoints[i]["lr"]): another weighting of the run can be judged from the file afterwards
-    saved = dict(scored)
-    for row in per_step if settings.checkpoints else []:
-        for name, term in row["scores"].items():
-            saved[f"{name}@step{row['step']}"] = dataclasses.replace(term, scores=term.scores.clone())  # own tensor
-    write_outputs(result, out, settings, train, test, saved, scores, attributor)
+    write_outputs(result, out, settings, train, test, with_checkpoints(scored, per_step), scores, attributor)
     if not settings.keep_store:
         shutil.rmtree(out / "store", ignore_errors=True)
     result.wall_seconds = time.perf_counter() - t_start
@@ -486,6 +480,17 @@ def score_along_run(snapshots: Snapshots, gradients_at: Callable[[Path], tuple[G
     return scored, per_step
 
 
+def with_checkpoints(scored: dict[str, ScoreResult], per_step: list[dict[str, Any]]) -> dict[str, ScoreResult]:
+    """What scores.safetensors keeps: ``scored`` and each checkpoint of :func:`score_along_run` alone
+    ("<variant>@step<S>", each its own tensor; its weight in the run's sum is results.json's
+    ``checkpoints[i]["lr"]``), so that another weighting of the run can be judged from the file afterwards."""
+    saved = dict(scored)
+    for row in per_step:
+        for name, term in row["scores"].items():
+            saved[f"{name}@step{row['step']}"] = dataclasses.replace(term, scores=term.scores.clone())
+    return saved
+
+
 def checkpoint_metrics(per_step: list[dict[str, Any]], train_labels: list[int], test_labels: list[int],
                        ) -> list[dict[str, Any]]:
     """Per checkpoint of :func:`score_along_run`: {"step", "lr", "methods": {variant: {"auc", "recall"}}}."""
@@ -547,11 +552,19 @@ def resemblance_scores(model: Any, tokenizer: Any, train: list[dict], queries: l
     ranks first."""
     t0 = time.perf_counter()
     collate = TextCollator(tokenizer, task="causal_lm", max_length=max_length)
-    a = torch.nn.functional.normalize(mean_hidden_states(model, collate, train, batch_size), dim=1)
-    b = torch.nn.functional.normalize(mean_hidden_states(model, collate, queries, batch_size), dim=1)
+    return cosine_control(mean_hidden_states(model, collate, train, batch_size),
+                          mean_hidden_states(model, collate, queries, batch_size), t0,
+                          "-cosine of the base model's mean last hidden states of prompt + response")
+
+
+def cosine_control(train: torch.Tensor, queries: torch.Tensor, t0: float, definition: str) -> ControlResult:
+    """A resemblance control from features of the training examples (n_train, f) and of the queries (n_query,
+    f): ``score[k, j] = -cos(train_k, query_j)`` (n_train, n_query), negative = helpful as influence scores;
+    ``t0``: when computing the features began (its seconds count them)."""
+    a = torch.nn.functional.normalize(train, dim=1)
+    b = torch.nn.functional.normalize(queries, dim=1)
     return ControlResult(scores=-(a @ b.T), arguments=ScoreArguments(method=PLAIN_METHOD), kind="control", damping={},
-                         seconds=time.perf_counter() - t0,
-                         definition="-cosine of the base model's mean last hidden states of prompt + response")
+                         seconds=time.perf_counter() - t0, definition=definition)
 
 
 def method_outcomes(settings: LLMIdentificationSettings, scored: dict[str, ScoreResult],
