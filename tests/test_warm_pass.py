@@ -325,3 +325,34 @@ def test_pass_workers_hash_the_bytes_they_read_on_a_first_read(tmp_path, monkeyp
             score_store(GradientStore.open(tmp_path / "t"), queries, ScoreArguments(method="identity"))
     finally:
         torch.set_num_threads(before)
+
+
+def test_pass_workers_trust_the_header_of_a_file_whose_stamp_matches_and_read_it_otherwise(tmp_path, settled,
+                                                                                          monkeypatch):
+    """A file whose bytes matched their recorded sha256 (here: by its verified stamp, in a fresh store object) has
+    the header this store wrote, so the workers take its rows at ``size - rows x row bytes`` without reading the
+    header: the scores still equal the float64 sums. With checksums off nothing vouches for the header, and it is
+    read for every block file."""
+    monkeypatch.setattr(reader_module, "MAX_CACHED_MAPS", 0)
+    headers: list[int] = []
+    real = gradient_store_module.npy_data_offset
+    monkeypatch.setattr(gradient_store_module, "npy_data_offset", lambda fd, *a: headers.append(fd) or real(fd, *a))
+    grads, queries = gradients(), gradients(2, seed=1)
+    write_store(tmp_path / "s", grads, chunk_size=CHUNK, dtype="float64")
+    expected = identity_reference(grads, queries)
+    arguments = ScoreArguments(method="identity")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = score_store(GradientStore.open(tmp_path / "s"), queries, arguments).scores  # hashes, stamps
+        assert GradientStore.open(tmp_path / "s")._recorded(0)  # the stamps this test relies on were recorded
+        headers.clear()
+        stamped = score_store(GradientStore.open(tmp_path / "s"), queries, arguments).scores
+        assert headers == []
+        unchecked = score_store(GradientStore.open(tmp_path / "s", checksums=False), queries, arguments).scores
+        chunks = -(-N // CHUNK)
+        assert len(headers) == chunks * len(SHAPES)
+    finally:
+        torch.set_num_threads(before)
+    for got in (first, stamped, unchecked):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -403,7 +403,8 @@ def _shared_out(spans: list[slice], one_span: Any, ahead: Any, lookahead: int, w
         buffers = getattr(local, "buffers", None)
         if buffers is None:
             torch.set_num_threads(1)  # this thread's own torch thread count: the workers share the cores
-            buffers = local.buffers = {STAGING: torch.empty(staging_bytes, dtype=torch.uint8)}
+            # the staging buffer as the numpy array ``pread`` fills (no tensor-to-array view per file read)
+            buffers = local.buffers = {STAGING: torch.empty(staging_bytes, dtype=torch.uint8).numpy()}
         one_span(span_i, buffers)
 
     threads = torch.get_num_threads()

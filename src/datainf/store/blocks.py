@@ -150,7 +150,7 @@ class StoredBlock:
             for c in range(self.store.num_chunks):
                 self.store.check_file(c, self._file)
 
-    def read_into(self, rows: slice, out: Tensor, staging: Tensor | None = None) -> Tensor:
+    def read_into(self, rows: slice, out: Tensor, staging: Tensor | np.ndarray | None = None) -> Tensor:
         """Rows ``rows.start:rows.stop`` (within range, step 1) copied into the first rows of ``out`` (a
         contiguous CPU tensor of ``dtype`` with ``d`` columns and at least that many rows), converted as they
         are copied; returns that view of ``out``. A pass reuses one buffer for every chunk instead of a fresh

@@ -139,9 +139,11 @@ class GradientStore(StoreWriter):
             raise self._chunk_error(index, f"{file} holds {array.dtype.str} {tuple(array.shape)}, expected {dtype} {shape}")
         return array
 
-    def read_rows(self, index: int, file: str, start: int, stop: int, staging: Tensor) -> np.ndarray | None:
+    def read_rows(self, index: int, file: str, start: int, stop: int, staging: Tensor | np.ndarray
+                  ) -> np.ndarray | None:
         """Rows ``start:stop`` (of the chunk's own rows) of a file of chunk ``index``, read with one ``pread``
-        into the first bytes of ``staging`` (a contiguous CPU tensor of at least that many bytes) and returned
+        into the first bytes of ``staging`` (a contiguous CPU tensor or numpy array of at least that many bytes; a
+        uint8 array is used as it is, saving a view per call) and returned
         as a numpy view of it, (stop - start, d) in the storage dtype; checked as :meth:`mapped` checks (the
         file's sha256 the first time this object touches it with ``checksums`` on; its header against the shape
         and dtype the chunk must hold). None when the file's header is not one this store writes, or when this
@@ -157,7 +159,8 @@ class GradientStore(StoreWriter):
         dtype = np.dtype(dtype_str)
         try:
             st = os.fstat(fd)
-            buffer = staging.view(torch.uint8).numpy()
+            buffer = staging if isinstance(staging, np.ndarray) and staging.dtype == np.uint8 else (
+                torch.as_tensor(staging).view(torch.uint8).numpy())
             whole = 0  # bytes of the whole file read into the staging buffer (to hash them) on its first read
             if self.checksums and key not in self._verified:
                 def digest() -> str:  # the file read once, whole, into the staging buffer and hashed there
@@ -165,11 +168,16 @@ class GradientStore(StoreWriter):
                     whole = os.preadv(fd, [buffer[: st.st_size]], 0)
                     return hashlib.sha256(buffer[:whole]).hexdigest()
 
-                self._verify(index, file, Path(path), st, digest=digest if st.st_size <= buffer.nbytes else None)
-            offset = npy_data_offset(fd, st.st_size, shape, dtype)
+                self._verify(index, file, path, st, digest=digest if st.st_size <= buffer.nbytes else None)
+            rows, row_bytes = stop - start, shape[1] * dtype.itemsize
+            if not whole and self.checksums and self.has_checksums and key in self._verified:
+                # its bytes matched the sha256 recorded when this store wrote it (now or by an unchanged
+                # verified stamp), so its header is the one written for this shape and dtype: no read of it
+                offset = st.st_size - shape[0] * row_bytes
+            else:
+                offset = npy_data_offset(fd, st.st_size, shape, dtype)
             if offset is None:
                 return None
-            rows, row_bytes = stop - start, shape[1] * dtype.itemsize
             first = offset + start * row_bytes
             if whole:  # the rows are in the bytes just hashed
                 if first + rows * row_bytes > whole:

@@ -59,6 +59,7 @@ class StoreLayout:
         self._fetch_errors: dict[tuple[int, str], BaseException] = {}  # what a batch of those reads found
         self._chunk_info: dict[int, dict[str, Any] | None] = {}
         self._chunk_dirs: dict[int, str] = {}  # chunk -> its folder's path as a string (the pass's hot path)
+        self._file_columns: dict[str, tuple[int, str]] | None = None  # file -> (entries per row, numpy dtype str)
         self._release = None
         if lock_token is not None:
             self._release = weakref.finalize(self, release_lock, path / "lock", lock_token)
@@ -132,19 +133,19 @@ class StoreLayout:
         return out
 
     def _expected_file(self, index: int, file: str) -> tuple[tuple[int, int], str]:
-        """(shape, numpy dtype str) of one file of chunk ``index`` (what :meth:`_expected_files` lists, without
-        building the whole table: this is on the streaming read's path)."""
+        """(shape, numpy dtype str) of one file of chunk ``index`` (what :meth:`_expected_files` lists, from a
+        table of the files built once per object: this is on the streaming read's path, once per file)."""
         rows = len(self.chunk_rows(index))
-        if file == "sq_norms.npy":
-            return (rows, len(self.block_names)), np.dtype(np.float64).str
-        try:
-            j = int(file[1:5]) if file.startswith("b") and file.endswith(".npy") and len(file) == 9 else -1
-        except ValueError:
-            j = -1
-        if not 0 <= j < len(self.block_names):
+        columns = self._file_columns
+        if columns is None:
+            storage = np.dtype(NUMPY_STORAGE[self.storage_dtype]).str
+            columns = {self.block_file(name): (math.prod(self.block_shapes[name]), storage) for name in self.block_names}
+            columns["sq_norms.npy"] = (len(self.block_names), np.dtype(np.float64).str)
+            self._file_columns = columns
+        found = columns.get(file)
+        if found is None:
             raise DataInfError(f"store {self.path}: chunk {index} has no file {file!r}")
-        return ((rows, math.prod(self.block_shapes[self.block_names[j]])),
-                np.dtype(NUMPY_STORAGE[self.storage_dtype]).str)
+        return (rows, found[0]), found[1]
 
     def _read_chunk_manifest(self, index: int) -> dict[str, Any] | None:
         """The chunk's chunk.json (None when it has none); raises ChunkProblem when it is unreadable."""
