@@ -448,7 +448,9 @@ class StoreReader(StoreLayout, ABC):
         stale)."""
         table = self._sq_table
         if table is None:
-            table = torch.empty(self.n_examples, len(self.block_names), dtype=torch.float64)
+            # held block by block ((n_blocks, n) in memory, its transpose returned): each block's column is
+            # contiguous, so the per-block reads of a pass (norms, their largest, finiteness) run at full speed
+            table = torch.empty(len(self.block_names), self.n_examples, dtype=torch.float64).T
             rows = table.numpy()
             for i in range(self.num_chunks):  # each chunk's table copied once, straight into its rows
                 if not self._chunk_dir(i).is_dir():
