@@ -271,3 +271,74 @@ def test_lds_refuses_step0_and_control_on_a_classifier(tiny_bert_dir, tmp_path, 
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
         assert "generation tasks only" in err[0]
         assert not out.exists()
+
+
+def test_a_run_stopped_part_way_picks_up_its_kept_work_and_scores_as_a_whole_run(tiny_llama_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A run stopped while it makes its second checkpoint's gradients, started again with the same settings:
+    it does not fine-tune again (the kept snapshots are put back), reuses the stores it finished (only the
+    missing checkpoint's training gradients are computed), scores as a run never stopped, and leaves no kept
+    work behind."""
+    from datainf.attributor import Attributor
+    from datainf.experiments import llm_identification as experiment
+
+    settings = LLMIdentificationSettings(task="sentences", classes=2, train_per_class=3, test_per_class=1,
+                                         train=TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2),
+                                         grad_batch_size=2, methods=("identity", "datainf"), checkpoints=2)
+    model, tok = load_causal_lm(tiny_llama_dir, LORA, seed=0)
+    run_llm_identification(settings, tmp_path / "whole", progress=False, model=model, tokenizer=tok)
+
+    computed: list[int] = []  # training-gradient chunks computed (the query gradients pass no progress bar)
+    real_grads = Attributor._grads_in_order
+    monkeypatch.setattr(Attributor, "_grads_in_order", lambda self, records, rows, **kw: (
+        computed.append(len(rows)) if kw.get("bar") is not None else None, real_grads(self, records, rows, **kw))[1])
+    real_gradients, calls = experiment.gradients, []
+
+    def stopping(*args):
+        calls.append(args[-2])
+        if len(calls) == 3:  # the final store, checkpoint 0's, then checkpoint 2's: stopped before it
+            raise KeyboardInterrupt
+        return real_gradients(*args)
+
+    monkeypatch.setattr(experiment, "gradients", stopping)
+    out = tmp_path / "stopped"
+    model, tok = load_causal_lm(tiny_llama_dir, LORA, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_llm_identification(settings, out, progress=False, model=model, tokenizer=tok)
+    assert (out / "progress" / "finetune.safetensors").is_file() and (out / "store-run" / "checkpoint-0").is_dir()
+    assert not (out / "results.json").exists() and len(computed) == 2
+
+    computed.clear()
+    monkeypatch.setattr(experiment, "gradients", real_gradients)
+    monkeypatch.setattr(experiment, "finetune", lambda *a, **k: pytest.fail("fine-tuned again"))
+    model, tok = load_causal_lm(tiny_llama_dir, LORA, seed=0)
+    run_llm_identification(settings, out, progress=False, model=model, tokenizer=tok)
+    assert computed == [settings.train_per_class * settings.classes]  # checkpoint 2's store alone
+    assert not (out / "progress").exists() and not (out / "store-run").exists()
+    whole, resumed = load_scores(tmp_path / "whole" / "scores.safetensors").scores, load_scores(
+        out / "scores.safetensors").scores
+    assert set(whole) == set(resumed)
+    for name in whole:
+        ref = whole[name].double()
+        assert float((resumed[name].double() - ref).abs().max()) <= FLOAT32_TOL * float(ref.abs().max()), name
+    saved = {p: json.loads((tmp_path / p / "results.json").read_text()) for p in ("whole", "stopped")}
+    assert saved["whole"]["checkpoints"] == saved["stopped"]["checkpoints"]
+    assert saved["whole"]["test_loss_after"] == saved["stopped"]["test_loss_after"]
+
+
+def test_kept_work_of_another_run_is_replaced_and_a_folder_datainf_did_not_write_is_refused(tmp_path):
+    from datainf.errors import DataInfError
+    from datainf.experiments.progress import RunProgress
+
+    first = RunProgress(tmp_path, "a", work=("store",))
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "chunk").write_text("kept")
+    assert not first.resumed and RunProgress(tmp_path, "a", work=("store",)).resumed
+    assert (tmp_path / "store" / "chunk").read_text() == "kept"
+    assert not RunProgress(tmp_path, "b", work=("store",)).resumed and not (tmp_path / "store").exists()
+    other = tmp_path / "other"
+    (other / "progress").mkdir(parents=True)
+    (other / "progress" / "notes.txt").write_text("mine")
+    with pytest.raises(DataInfError, match="not a run's kept work"):
+        RunProgress(other, "a", work=("store",))
+    assert (other / "progress" / "notes.txt").read_text() == "mine"

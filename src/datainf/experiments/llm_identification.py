@@ -73,12 +73,14 @@ from datainf.experiments.common import (
     write_jsonl,
     write_results,
 )
+from datainf.experiments.progress import RunProgress, run_key
 from datainf.metrics import pearson, recall_at_k, roc_auc, spearman
 from datainf.models.checkpoints import Snapshots, snapshot_steps
 from datainf.models.finetune import LoraSettings, TrainSettings, optimizer_steps
 from datainf.models.llm import finetune_causal_lm, load_causal_lm, response_loss, smollm2_dir
 from datainf.scoring import save_scores
 from datainf.store import GradientStore
+from datainf.store.fingerprint import fingerprint_model
 from datainf.version import __version__
 
 log = logging.getLogger("datainf.experiments")
@@ -90,6 +92,8 @@ PROTOCOLS = ("paper", "response")
 NORMALIZED_EXCLUDED = NOT_NORMALIZED
 #: the resemblance control's row
 CONTROL = "resemblance"
+#: the run's folders of kept work in its output folder (gradient stores), reused by a stopped run started again
+WORK_FOLDERS = ("store", "store-run")
 #: how each checkpoint's weight in ``"<method>+run"`` is chosen (as ``datainf finetune --checkpoints`` records it)
 WEIGHT_RULE = ("interval_rates: mean learning rate of the optimizer steps from this checkpoint to the next one "
                "(the final adapter: its own step's rate)")
@@ -280,7 +284,9 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
 
     Args:
         settings: the run's settings.
-        out_dir: output folder; the training gradients go to ``out_dir/store`` (rebuilt every run).
+        out_dir: output folder; the training gradients go to ``out_dir/store``. While the run lasts its work is
+            kept there (:class:`datainf.experiments.progress.RunProgress`: the fine-tune, each checkpoint's
+            store): started again with the same settings, model and data after a stop, it picks up from there.
         model, tokenizer: an already LoRA-wrapped causal LM and its tokenizer (tests pass tiny ones);
             default: ``load_causal_lm(settings.model_dir or smollm2_dir(), ...)``.
     """
@@ -293,11 +299,19 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
     train_labels, test_labels = [r["label"] for r in train], [r["label"] for r in test]
     model, tokenizer, model_name = load_model(settings, model, tokenizer)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # a run stopped part-way and started again with the same settings, model and data picks up its kept work
+    kept = RunProgress(out, run_key(settings=settings_dict(settings), model=fingerprint_model(model),
+                                    train=train_pr, test=test_pr, version=__version__), work=WORK_FOLDERS)
     control = (resemblance_scores(model, tokenizer, train_pr, test_pr, settings.train.max_length,
                                   settings.grad_batch_size) if settings.control else None)
     steps = optimizer_steps(len(train_pr), settings.train.batch_size, settings.train.epochs)
     snapshots = Snapshots(model, snapshot_steps(settings.checkpoints, steps), initial=True)
-    stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
+    done = kept.load_finetune(snapshots)
+    if done is None:
+        stats, losses = finetune(settings, model, tokenizer, train_pr, test_pr, progress, on_step=snapshots.on_step)
+        kept.save_finetune(snapshots, {"stats": stats, "losses": losses})
+    else:
+        stats, losses = done["stats"], done["losses"]
     attributor, query_grads, train_seconds, query_seconds = gradients(settings, model, tokenizer, train_pr,
                                                                       test_pr, out / "store", progress)
     per_checkpoint, per_step = None, []
@@ -326,6 +340,7 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
         shutil.rmtree(out / "store", ignore_errors=True)
     result.wall_seconds = time.perf_counter() - t_start
     write_results(out / "results.json", result.to_dict())
+    kept.finish()
     return result
 
 
@@ -407,10 +422,9 @@ def finetune(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, tr
 
 def gradients(settings: LLMIdentificationSettings, model: Any, tokenizer: Any, train_pr: list[dict],
               test_pr: list[dict], store: Path, progress: bool):
-    """Training gradients into a fresh ``store``, test gradients in memory, both of the protocol's loss:
-    (attributor, query gradients, training seconds, query seconds)."""
-    if store.exists():
-        shutil.rmtree(store)
+    """Training gradients into ``store``, test gradients in memory, both of the protocol's loss: (attributor,
+    query gradients, training seconds, query seconds). A store kept by an earlier, stopped start of this run
+    (:class:`RunProgress`; a store of another run was removed when this one began) is resumed or reused."""
     collate = protocol_collator(settings, tokenizer, "gradients")
     attributor = Attributor(model, task=collate.task, store=store, tokenizer=tokenizer, collate=collate,
                             batch_size=settings.grad_batch_size, progress=progress)
@@ -449,7 +463,7 @@ def score_along_run(snapshots: Snapshots, gradients_at: Callable[[Path], tuple[G
     ``snapshots`` was taken with ``initial=True`` during the fine-tune; the model now holds its final weights,
     whose training store and query gradients are ``final``. For each earlier checkpoint the model is given
     its weights and ``gradients_at(store_root / "checkpoint-STEP")`` makes its (training store, query
-    gradients) (the stores are deleted at the end). Each variant is then scored by one
+    gradients) (the stores are deleted once every variant is scored; a run stopped before then reuses them). Each variant is then scored by one
     :func:`datainf.combine.combine` call over the checkpoints, each weighing :meth:`Snapshots.checkpoints`'
     weight (:data:`WEIGHT_RULE`, as ``datainf finetune --checkpoints`` records it). Returns ({"<variant>":
     the final score, "<variant>+step0": step 0's, "<variant>+run": the weighted sum}, per checkpoint {"step",
@@ -476,7 +490,7 @@ def score_along_run(snapshots: Snapshots, gradients_at: Callable[[Path], tuple[G
                 row["scores"][name] = term
     finally:
         snapshots.load(final_state)
-        shutil.rmtree(store_root, ignore_errors=True)
+    shutil.rmtree(store_root, ignore_errors=True)  # kept until scored: a run stopped before then reuses them
     return scored, per_step
 
 
