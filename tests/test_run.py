@@ -348,6 +348,46 @@ def test_explain_run_sums_every_checkpoint_with_its_learning_rate(setup, tmp_pat
              "--store", str(setup["stores"]), "--prompt", PROMPT], capsys, "--adapter", "--run")
 
 
+@pytest.mark.parametrize("weighting", ["standardized", "squared-standardized"])
+def test_explain_run_weighting_divides_each_checkpoints_scores_by_their_sd(setup, tmp_path, capsys, weighting):
+    """`explain --run --weighting`: the query's scores at each checkpoint (a model loaded afresh from the
+    checkpoint's folder, float64) divided by their standard deviation (numpy's, ddof 0, over the training rows
+    of this one query), times the learning rate (squared for squared-standardized), summed; the JSON records
+    the weighting. With --tokens, or one adapter alone, refused before any scoring."""
+    import numpy as np
+
+    from datainf.attributor import Attributor
+    from datainf.data.collate import TextCollator
+    from datainf.models.llm import load_causal_lm_adapter
+
+    out = tmp_path / "e.json"
+    base = ["explain", "--model", str(setup["model"]), "--prompt", PROMPT, "--response", RESPONSE, "--method",
+            "identity", "--weighting", weighting]
+    code, text, err = run([*base, "--run", str(setup["run"]), "--store", str(setup["stores"]), "--k", "3",
+                           "--json", str(out), "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    assert f"scores summed over 3 checkpoints, weighted by lr ({weighting})" in text
+    want = 0
+    for name, adapter in (("checkpoint-0", setup["run"] / "checkpoint-0"),
+                          ("checkpoint-6", setup["run"] / "checkpoint-6"), ("checkpoint-12", setup["run"])):
+        lr = json.loads((adapter / "datainf_checkpoint.json").read_text())["learning_rate"]
+        model, tok = load_causal_lm_adapter(setup["model"], adapter, dtype=torch.float64)
+        query = Attributor(model, task="causal_lm", collate=TextCollator(tok, task="causal_lm"), progress=False
+                           ).gradients([{"prompt": PROMPT, "response": RESPONSE}])
+        scores = datainf.influence(GradientStore.open(setup["stores"] / name).blocks(), query, "identity")[:, 0]
+        scores = scores.double().numpy()
+        want = want + (lr if weighting == "standardized" else lr * lr) * scores / np.std(scores)
+    answer = json.loads(out.read_text())
+    assert answer["weighting"] == weighting and answer["answers"][0]["rows"]
+    for r in answer["answers"][0]["rows"]:
+        assert r["score"] == pytest.approx(float(want[r["train_index"]]), rel=FLOAT64_TOL, abs=1e-300)
+    capsys.readouterr()
+    refused([*base, "--run", str(setup["run"]), "--store", str(setup["stores"]), "--tokens"], capsys, "--tokens",
+            "--weighting")
+    refused([*base, "--adapter", str(setup["run"]), "--store", str(setup["stores"] / "checkpoint-12")], capsys,
+            "--weighting", "--run")
+
+
 def test_step_0_zero_blocks_are_one_warning_per_checkpoint(setup):
     """Scoring checkpoint-0 (B = 0: the 4 A blocks have no gradient) through combine warns once, naming the
     store and the count, not once per block."""

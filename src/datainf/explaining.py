@@ -105,8 +105,8 @@ class Checkpoint:
 class Explanation:
     """What :func:`explain` returns: one :class:`Answer` per query, in order, and what answered them: the
     methods and the :class:`ScoreArguments` each was scored with, the checkpoints summed (the first one
-    answers), the model folder, the run folder (``run``), ``k``, and what differs between the stores and the
-    model (with ``allow_mismatch``)."""
+    answers), the model folder, the run folder (``run``), ``k``, what differs between the stores and the
+    model (with ``allow_mismatch``), and how the checkpoints' scores were summed (``weighting``)."""
 
     answers: list[Answer]
     arguments: dict[str, ScoreArguments]
@@ -116,6 +116,7 @@ class Explanation:
     n_train: int
     run: str | None = None
     mismatch: list[str] = field(default_factory=list)
+    weighting: str = "weights"
 
     @property
     def methods(self) -> list[str]:
@@ -130,7 +131,8 @@ class Explanation:
         return {"format": EXPLAIN_FORMAT, "store": first.store, "model": self.model, "adapter": first.adapter,
                 "k": self.k, "methods": {m: a.to_dict() for m, a in self.arguments.items()},
                 "answers": [a.to_json() for a in self.answers], "mismatch": list(self.mismatch),
-                **({"checkpoints": [vars(c) for c in self.checkpoints]} if len(self.checkpoints) > 1 else {}),
+                **({"checkpoints": [vars(c) for c in self.checkpoints], "weighting": self.weighting}
+                   if len(self.checkpoints) > 1 else {}),
                 **({"run": self.run} if self.run is not None else {})}
 
     def csv_rows(self) -> list[dict[str, Any]]:
@@ -423,8 +425,8 @@ class Explainer:
                  weights: str = "lr", arguments: Sequence[ScoreArguments] | None = None, k: int = 10,
                  max_new_tokens: int = 64, allow_mismatch: bool = False, model_dtype: str = "float32",
                  device: str | None = None, tokens: bool = False, index: PathLike | None = None,
-                 initial: bool = False, initial_seed: int | None = None) -> None:
-        from datainf.combine import check_summable
+                 initial: bool = False, initial_seed: int | None = None, weighting: str = "weights") -> None:
+        from datainf.combine import WEIGHTINGS, check_summable
         from datainf.estimators import ScoreArguments, method_names
         from datainf.scoring import check_preconditioned
         from datainf.store import GradientStore
@@ -461,6 +463,15 @@ class Explainer:
         self.arguments = {a.method: a for a in arguments}
         self.k, self.max_new_tokens, self.allow_mismatch = k, max_new_tokens, allow_mismatch
         self.tokens = tokens  # also score every response token (datainf.tokens)
+        if weighting not in WEIGHTINGS:
+            raise DataInfError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if weighting != "weights" and len(self.checkpoints) < 2:
+            raise DataInfError(f"--weighting {weighting} sums a run's checkpoints: give --run (or several --adapter "
+                               "and --store), or drop --weighting")
+        if weighting != "weights" and tokens:
+            raise DataInfError(f"--tokens sums the checkpoints by their weights alone; drop --tokens or --weighting "
+                               f"{weighting}")
+        self.weighting = weighting  # how the checkpoints' scores are summed (datainf.combine.WEIGHTINGS)
         self.model_dtype, self.device = model_dtype, device
         self.stores = [GradientStore.open(c.store) for c in self.checkpoints]
         for s, c in zip(self.stores, self.checkpoints):
@@ -694,7 +705,7 @@ class Explainer:
             else:
                 terms = [Term(s, g, arguments, c.weight, label=c.adapter)
                          for c, s, g in zip(self.checkpoints, self.stores, gradients)]
-            result = combine(terms, allow_mismatch=self.allow_mismatch)
+            result = combine(terms, allow_mismatch=self.allow_mismatch, weighting=self.weighting)
             scores[method], seconds[method] = result.scores, sum(r.seconds for r in result.results)
         name = "query" if len(queries) == 1 else None
         answers = []
@@ -718,7 +729,7 @@ class Explainer:
         """The answers with what answered them."""
         return Explanation(answers=answers, arguments=dict(self.arguments), checkpoints=list(self.checkpoints),
                            model=self.model_dir, k=self.k, n_train=self.n_train, run=self.run,
-                           mismatch=list(self.mismatch))
+                           mismatch=list(self.mismatch), weighting=self.weighting)
 
 
 def _index_scores(found: Mapping[str, list[list[tuple[int, float]]]], n_train: int, m: int) -> Tensor:
@@ -738,7 +749,7 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
             methods: Sequence[str] | str | None = None, k: int = 10, max_new_tokens: int = 64,
             allow_mismatch: bool = False, model_dtype: str = "float32", device: str | None = None,
             remedies: Mapping[str, Any] | None = None, tokens: bool = False, initial: bool = False,
-            initial_seed: int | None = None) -> Explanation:
+            initial_seed: int | None = None, weighting: str = "weights") -> Explanation:
     """Which training examples made the model give these responses to these prompts?
 
     ``queries``: :class:`Query` objects (or prompt strings, answered by the model), e.g. from
@@ -751,14 +762,16 @@ def explain(queries: Iterable[Query | str] | Query | str, *, model: PathLike, st
     of :mod:`datainf.remedies` applied to every method (e.g. ``{"remove_top": 1}``); ``tokens``: also score
     every response token (:mod:`datainf.tokens`; each answer's ``by_token``); ``initial``: the gradients at step 0
     of ``adapter``'s fine-tune, with ``store`` made by ``datainf grads --initial`` (``initial_seed`` for an adapter
-    that records no seed). Returns an :class:`Explanation`:
-    one :class:`Answer` per query, in order."""
+    that records no seed); ``weighting``: how several checkpoints' scores are summed
+    (:data:`datainf.combine.WEIGHTINGS`: by their weights, or each checkpoint's scores divided by their standard
+    deviation over this call's entries first, optionally with the weights squared). Returns an
+    :class:`Explanation`: one :class:`Answer` per query, in order."""
     if isinstance(queries, (str, Query)):
         queries = [queries]
     explainer = Explainer(model, store=store, adapter=adapter, run=run, weights=weights,
                           arguments=score_arguments(methods, remedies), k=k, max_new_tokens=max_new_tokens,
                           allow_mismatch=allow_mismatch, model_dtype=model_dtype, device=device, tokens=tokens,
-                          initial=initial, initial_seed=initial_seed)
+                          initial=initial, initial_seed=initial_seed, weighting=weighting)
     queries = [Query(q) if isinstance(q, str) else q for q in queries]
     explainer.check(queries)
     return explainer.explanation(explainer.explain(queries))

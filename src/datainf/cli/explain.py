@@ -128,6 +128,7 @@ def render(rows: list[dict[str, Any]], method: str, k: int, width: int, n_train:
                    "store (datainf.tokens); prints each token's most helpful and harmful example, and with --json "
                    "writes every token's top --k lists under the answer's 'tokens' (for `datainf report --tokens`).")
 @option("--index", type=click.Path(exists=True, file_okay=False))
+@option("--weighting")
 @click.option("--initial", is_flag=True,
               help="Explain from step 0 of the --adapter's fine-tune (its final adapter alone): the response is the "
                    "adapter's, the query's gradient is taken at the LoRA training started from (B = 0, A from the "
@@ -141,8 +142,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
             store_dirs: tuple[str, ...], weights: str, prompt: str | None, response: str | None, system: str | None,
             conversation_path: str | None, methods: tuple[str, ...], k: int, json_path: str | None, overwrite: bool,
             interactive: bool, max_new_tokens: int, allow_mismatch: bool, model_dtype: str, device: str | None,
-            queries_path: str | None, csv_path: str | None, tokens: bool, index_dir: str | None, initial: bool,
-            initial_seed: int | None) -> None:
+            queries_path: str | None, csv_path: str | None, tokens: bool, index_dir: str | None, weighting: str,
+            initial: bool, initial_seed: int | None) -> None:
     """Which training examples made the model give this response to this prompt (or these, --queries)?"""
     from datainf.explaining import Explainer, Query, conversation_query, read_queries
 
@@ -180,7 +181,7 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
                           arguments=[scoring.arguments(m) for m in scoring.methods], k=k,
                           max_new_tokens=max_new_tokens, allow_mismatch=allow_mismatch, model_dtype=model_dtype,
                           device=setup(ctx, device)[1], tokens=tokens, index=index_dir, initial=initial,
-                          initial_seed=initial_seed)
+                          initial_seed=initial_seed, weighting=weighting)
     if queries:
         explainer.check(queries)  # refused before the model is loaded
     elif system is not None:
@@ -196,7 +197,8 @@ def command(ctx: click.Context, model_dir: str, adapter_dirs: tuple[str, ...], r
     click.echo(method_line(scoring.methods, defaulted, 2 if initial else len(explainer.checkpoints)))
     if len(explainer.checkpoints) > 1:
         click.echo(f"scores summed over {len(explainer.checkpoints)} checkpoints, weighted by "
-                   f"{'lr' if run_dir is not None else weights}: " + ", ".join(
+                   f"{'lr' if run_dir is not None else weights}"
+                   f"{'' if weighting == 'weights' else f' ({weighting})'}: " + ", ".join(
                        f"{c.adapter} x {c.weight:.3g}" for c in explainer.checkpoints))
     width = shutil.get_terminal_size((120, 24)).columns
     answers = []

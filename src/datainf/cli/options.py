@@ -86,7 +86,7 @@ FLAGS: dict[str, dict[str, Any]] = {
                  "help": "Output format."},
     "--weighting": {"type": click.Choice(["weights", "standardized", "squared-standardized"]), "default": "weights",
                     "show_default": True,
-                    "help": "With --run: how the checkpoints' scores are summed: by learning rate (weights); each "
+                    "help": "With a run's checkpoints: how their scores are summed: by learning rate (weights); each "
                             "checkpoint's scores divided by their standard deviation first (standardized); or that "
                             "with the learning rates squared (squared-standardized: math identification 0.917 "
                             "against 0.836, docs/results.md)."},
