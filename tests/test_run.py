@@ -313,28 +313,36 @@ def test_score_refuses_a_run_beside_a_single_store(setup, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_explain_run_sums_every_checkpoint_with_its_learning_rate(setup, tmp_path, capsys):
-    """`explain --run RUN --store STORES` = sum_c lr_c x the query's scores at checkpoint c, each computed
-    from a model loaded afresh from the checkpoint's own folder (no weight swapping), float64."""
+def query_scores_per_checkpoint(setup) -> list[tuple[float, torch.Tensor]]:
+    """(learning rate, identity scores of PROMPT/RESPONSE against the checkpoint's training store, float64 (n,))
+    per checkpoint of the run, the query's gradient from a model loaded afresh from the checkpoint's own folder
+    (no weight swapping)."""
     from datainf.attributor import Attributor
     from datainf.data.collate import TextCollator
     from datainf.models.llm import load_causal_lm_adapter
 
-    out = tmp_path / "e.json"
-    code, text, err = run(["explain", "--model", str(setup["model"]), "--run", str(setup["run"]), "--store",
-                           str(setup["stores"]), "--prompt", PROMPT, "--response", RESPONSE, "--method",
-                           "identity", "--k", "3", "--json", str(out), "--model-dtype", "float64"], capsys)
-    assert code == 0, err
-    assert "scores summed over 3 checkpoints" in text
-    want = 0
+    out = []
     for name, adapter in (("checkpoint-0", setup["run"] / "checkpoint-0"),
                           ("checkpoint-6", setup["run"] / "checkpoint-6"), ("checkpoint-12", setup["run"])):
         lr = json.loads((adapter / "datainf_checkpoint.json").read_text())["learning_rate"]
         model, tok = load_causal_lm_adapter(setup["model"], adapter, dtype=torch.float64)
         query = Attributor(model, task="causal_lm", collate=TextCollator(tok, task="causal_lm"), progress=False
                            ).gradients([{"prompt": PROMPT, "response": RESPONSE}])
-        want = want + lr * datainf.influence(GradientStore.open(setup["stores"] / name).blocks(), query,
-                                             "identity")[:, 0]
+        scores = datainf.influence(GradientStore.open(setup["stores"] / name).blocks(), query, "identity")[:, 0]
+        out.append((lr, scores.double()))
+    return out
+
+
+def test_explain_run_sums_every_checkpoint_with_its_learning_rate(setup, tmp_path, capsys):
+    """`explain --run RUN --store STORES` = sum_c lr_c x the query's scores at checkpoint c, each computed
+    from a model loaded afresh from the checkpoint's own folder (no weight swapping), float64."""
+    out = tmp_path / "e.json"
+    code, text, err = run(["explain", "--model", str(setup["model"]), "--run", str(setup["run"]), "--store",
+                           str(setup["stores"]), "--prompt", PROMPT, "--response", RESPONSE, "--method",
+                           "identity", "--k", "3", "--json", str(out), "--model-dtype", "float64"], capsys)
+    assert code == 0, err
+    assert "scores summed over 3 checkpoints" in text
+    want = sum(lr * scores for lr, scores in query_scores_per_checkpoint(setup))
     answer = json.loads(out.read_text())
     rows = answer["answers"][0]["rows"]
     assert rows and answer["run"] == str(setup["run"])
@@ -356,10 +364,6 @@ def test_explain_run_weighting_divides_each_checkpoints_scores_by_their_sd(setup
     the weighting. With --tokens, or one adapter alone, refused before any scoring."""
     import numpy as np
 
-    from datainf.attributor import Attributor
-    from datainf.data.collate import TextCollator
-    from datainf.models.llm import load_causal_lm_adapter
-
     out = tmp_path / "e.json"
     base = ["explain", "--model", str(setup["model"]), "--prompt", PROMPT, "--response", RESPONSE, "--method",
             "identity", "--weighting", weighting]
@@ -367,16 +371,8 @@ def test_explain_run_weighting_divides_each_checkpoints_scores_by_their_sd(setup
                            "--json", str(out), "--model-dtype", "float64"], capsys)
     assert code == 0, err
     assert f"scores summed over 3 checkpoints, weighted by lr ({weighting})" in text
-    want = 0
-    for name, adapter in (("checkpoint-0", setup["run"] / "checkpoint-0"),
-                          ("checkpoint-6", setup["run"] / "checkpoint-6"), ("checkpoint-12", setup["run"])):
-        lr = json.loads((adapter / "datainf_checkpoint.json").read_text())["learning_rate"]
-        model, tok = load_causal_lm_adapter(setup["model"], adapter, dtype=torch.float64)
-        query = Attributor(model, task="causal_lm", collate=TextCollator(tok, task="causal_lm"), progress=False
-                           ).gradients([{"prompt": PROMPT, "response": RESPONSE}])
-        scores = datainf.influence(GradientStore.open(setup["stores"] / name).blocks(), query, "identity")[:, 0]
-        scores = scores.double().numpy()
-        want = want + (lr if weighting == "standardized" else lr * lr) * scores / np.std(scores)
+    want = sum((lr if weighting == "standardized" else lr * lr) * s / np.std(s.numpy())
+               for lr, s in query_scores_per_checkpoint(setup))
     answer = json.loads(out.read_text())
     assert answer["weighting"] == weighting and answer["answers"][0]["rows"]
     for r in answer["answers"][0]["rows"]:
