@@ -321,7 +321,7 @@ def run(settings: LLMIdentificationSettings, out_dir: str | os.PathLike, progres
             return at.store, queries
 
         scored, per_step = score_along_run(snapshots, gradients_at, method_arguments(settings),
-                                           (attributor.store, query_grads), out / "store-run")
+                                           (attributor.store, query_grads), out / "store-run", keep_stopped=True)
         per_checkpoint = checkpoint_metrics(per_step, train_labels, test_labels)
     else:
         scored = score_methods(settings, attributor, query_grads)
@@ -457,13 +457,14 @@ def score_methods(settings: LLMIdentificationSettings, attributor: Attributor,
 
 def score_along_run(snapshots: Snapshots, gradients_at: Callable[[Path], tuple[GradientStore, dict[str, torch.Tensor]]],
                     arguments: dict[str, ScoreArguments], final: tuple[GradientStore, dict[str, torch.Tensor]],
-                    store_root: Path) -> tuple[dict[str, ScoreResult], list[dict[str, Any]]]:
+                    store_root: Path, keep_stopped: bool = False) -> tuple[dict[str, ScoreResult], list[dict[str, Any]]]:
     """Every variant of ``arguments`` scored along the fine-tune: at step 0, at each snapshot, and summed.
 
     ``snapshots`` was taken with ``initial=True`` during the fine-tune; the model now holds its final weights,
     whose training store and query gradients are ``final``. For each earlier checkpoint the model is given
     its weights and ``gradients_at(store_root / "checkpoint-STEP")`` makes its (training store, query
-    gradients) (the stores are deleted once every variant is scored; a run stopped before then reuses them). Each variant is then scored by one
+    gradients) (the stores are deleted at the end; with ``keep_stopped``, only once every variant is scored, so
+    that a run stopped before then reuses them). Each variant is then scored by one
     :func:`datainf.combine.combine` call over the checkpoints, each weighing :meth:`Snapshots.checkpoints`'
     weight (:data:`WEIGHT_RULE`, as ``datainf finetune --checkpoints`` records it). Returns ({"<variant>":
     the final score, "<variant>+step0": step 0's, "<variant>+run": the weighted sum}, per checkpoint {"step",
@@ -488,9 +489,13 @@ def score_along_run(snapshots: Snapshots, gradients_at: Callable[[Path], tuple[G
                                                                               combined.results[0], combined)
             for row, term in zip(per_step, combined.results):
                 row["scores"][name] = term
+    except BaseException:
+        if not keep_stopped:
+            shutil.rmtree(store_root, ignore_errors=True)
+        raise
     finally:
         snapshots.load(final_state)
-    shutil.rmtree(store_root, ignore_errors=True)  # kept until scored: a run stopped before then reuses them
+    shutil.rmtree(store_root, ignore_errors=True)
     return scored, per_step
 
 
