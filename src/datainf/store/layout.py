@@ -126,26 +126,26 @@ class StoreLayout:
     def _expected_files(self, index: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """File name -> (shape, numpy dtype str) of what chunk ``index`` must hold."""
         rows = len(self.chunk_rows(index))
-        storage = np.dtype(NUMPY_STORAGE[self.storage_dtype]).str
-        out = {self.block_file(name): ((rows, math.prod(self.block_shapes[name])), storage)
-               for name in self.block_names}
-        out["sq_norms.npy"] = ((rows, len(self.block_names)), np.dtype(np.float64).str)
-        return out
+        return {file: ((rows, columns), dtype) for file, (columns, dtype) in self._file_table().items()}
 
     def _expected_file(self, index: int, file: str) -> tuple[tuple[int, int], str]:
-        """(shape, numpy dtype str) of one file of chunk ``index`` (what :meth:`_expected_files` lists, from a
-        table of the files built once per object: this is on the streaming read's path, once per file)."""
+        """(shape, numpy dtype str) of one file of chunk ``index`` (what :meth:`_expected_files` lists, without
+        building the chunk's whole table: this is on the streaming read's path, once per file)."""
         rows = len(self.chunk_rows(index))
-        columns = self._file_columns
-        if columns is None:
-            storage = np.dtype(NUMPY_STORAGE[self.storage_dtype]).str
-            columns = {self.block_file(name): (math.prod(self.block_shapes[name]), storage) for name in self.block_names}
-            columns["sq_norms.npy"] = (len(self.block_names), np.dtype(np.float64).str)
-            self._file_columns = columns
-        found = columns.get(file)
+        found = self._file_table().get(file)
         if found is None:
             raise DataInfError(f"store {self.path}: chunk {index} has no file {file!r}")
         return (rows, found[0]), found[1]
+
+    def _file_table(self) -> dict[str, tuple[int, str]]:
+        """Every chunk's file name -> (entries per row, numpy dtype str): its blocks in order, then sq_norms.npy;
+        built once per object."""
+        if self._file_columns is None:
+            storage = np.dtype(NUMPY_STORAGE[self.storage_dtype]).str
+            table = {self.block_file(name): (math.prod(self.block_shapes[name]), storage) for name in self.block_names}
+            table["sq_norms.npy"] = (len(self.block_names), np.dtype(np.float64).str)
+            self._file_columns = table
+        return self._file_columns
 
     def _read_chunk_manifest(self, index: int) -> dict[str, Any] | None:
         """The chunk's chunk.json (None when it has none); raises ChunkProblem when it is unreadable."""
